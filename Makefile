@@ -1,0 +1,38 @@
+# One command each: `make demo` (set up everything, run the main job) and
+# `make test` (set up everything, pass the tests). CI runs `make check test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+RUNTIME ?= $(or $(CODECAGE_RUNTIME),/var/lib/codecage/runtime)
+export CODECAGE_RUNTIME := $(RUNTIME)
+STAMP := $(VENV)/.installed
+
+.PHONY: all demo test check bench runtime clean
+
+all: test
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/python -c 'import codecage, pydantic, pytest'
+	touch $@
+
+runtime:
+	scripts/build-runtime $(RUNTIME)
+
+demo: $(STAMP) runtime
+	$(BIN)/codecage run examples/analysis.py
+
+test: $(STAMP) runtime
+	$(BIN)/pytest
+
+check: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
+	$(BIN)/mypy
+
+bench: $(STAMP) runtime
+	$(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache

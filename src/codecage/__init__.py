@@ -1,0 +1,75 @@
+"""codecage: run untrusted Python in a locked-down sandbox.
+
+The public surface is re-exported here; everything else lives in private modules.
+Imports are lazy so that the in-jail code (codecage._inside) never pulls in the
+service's dependencies.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._api import run
+    from ._errors import (
+        ApprovalDenied,
+        BackendUnavailable,
+        ExecutionTimeout,
+        FileNotFoundInSandbox,
+        PolicyError,
+        SandboxError,
+        SandboxNotFound,
+        TransportError,
+    )
+    from ._models import Execution, ExecutionError, Logs, Result
+    from ._policy import Policy
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ApprovalDenied": "_errors",
+    "BackendUnavailable": "_errors",
+    "Execution": "_models",
+    "ExecutionError": "_models",
+    "ExecutionTimeout": "_errors",
+    "FileNotFoundInSandbox": "_errors",
+    "Logs": "_models",
+    "Policy": "_policy",
+    "PolicyError": "_errors",
+    "Result": "_models",
+    "SandboxError": "_errors",
+    "SandboxNotFound": "_errors",
+    "TransportError": "_errors",
+    "run": "_api",
+}
+
+__all__ = [
+    "ApprovalDenied",
+    "BackendUnavailable",
+    "Execution",
+    "ExecutionError",
+    "ExecutionTimeout",
+    "FileNotFoundInSandbox",
+    "Logs",
+    "Policy",
+    "PolicyError",
+    "Result",
+    "SandboxError",
+    "SandboxNotFound",
+    "TransportError",
+    "run",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'codecage' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"codecage.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return [*globals(), *__all__]

@@ -1,0 +1,3 @@
+from codecage._cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,52 @@
+"""One-shot runs: a fresh sandbox, one run, destroyed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ._jail import get_jail
+from ._models import Execution
+from ._policy import Policy
+
+MAX_CODE_BYTES = 16 << 20
+
+
+def prepare_code(code: str | bytes) -> str:
+    """Decode and size-check code; invalid UTF-8 is refused with a clear message."""
+    from ._errors import PolicyError
+
+    if isinstance(code, bytes):
+        try:
+            code = code.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PolicyError(f"code is not valid UTF-8 (byte {exc.start})") from None
+    if len(code.encode("utf-8", "surrogatepass")) > MAX_CODE_BYTES:
+        raise PolicyError(f"code is larger than {MAX_CODE_BYTES >> 20} MiB")
+    return code
+
+
+def run(
+    code: str | bytes,
+    policy: Policy | None = None,
+    *,
+    envs: dict[str, str] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+) -> Execution:
+    """Run `code` in a fresh sandbox as a program (`__main__`), then destroy the sandbox.
+
+    `exit_code` is the program's status: 0, 1 after an uncaught exception, the value of
+    `sys.exit(n)`, or 128+signal when the jail killed it (`killed_by` says why).
+    """
+    policy = policy or Policy()
+    text = prepare_code(code)
+    jail = get_jail(policy.isolation)
+    jail.check(policy)
+    sandbox = jail.create(policy, envs)
+    try:
+        kwargs: dict[str, Any] = {"mode": "main", "recover": False}
+        if on_event is not None:
+            kwargs["on_event"] = on_event
+        return sandbox.execute(text, **kwargs)
+    finally:
+        sandbox.kill()

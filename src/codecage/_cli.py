@@ -1,0 +1,118 @@
+"""The `codecage` command: run, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+from ._errors import SandboxError
+from ._policy import Policy
+
+# CSI/OSC/other escape sequences and C0 controls but newline and tab: sandbox output must
+# never drive the operator's terminal.
+_ESCAPES = re.compile(
+    r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])|[\x00-\x08\x0b-\x1f\x7f]"
+)
+
+
+def sanitize(text: str) -> str:
+    return _ESCAPES.sub("", text)
+
+
+def _writer(stream: TextIO) -> Any:
+    clean = stream.isatty()
+
+    def write(text: str) -> None:
+        stream.write(sanitize(text) if clean else text)
+        stream.flush()
+
+    return write
+
+
+def load_policy(args: argparse.Namespace) -> Policy:
+    policy = Policy.from_toml(args.config) if args.config else Policy()
+    return policy.with_overrides(args.set or [])
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ._api import run
+
+    policy = load_policy(args)
+    if args.code is not None:
+        code: str | bytes = args.code
+    elif args.file == "-":
+        code = sys.stdin.buffer.read()
+    elif args.file:
+        try:
+            code = Path(args.file).read_bytes()
+        except OSError as exc:
+            raise SandboxError(f"cannot read {args.file}: {exc.strerror}") from None
+    else:
+        raise SandboxError("give a FILE, '-' for standard input, or -c CODE")
+    out, err = _writer(sys.stdout), _writer(sys.stderr)
+
+    def on_event(event: dict[str, Any]) -> None:
+        if args.json:
+            return
+        if event.get("ev") == "stdout":
+            out(str(event.get("text", "")))
+        elif event.get("ev") == "stderr":
+            err(str(event.get("text", "")))
+
+    ex = run(code, policy, on_event=on_event)
+    if args.json:
+        print(json.dumps(ex.to_dict(), indent=2))
+    else:
+        if ex.error is not None:
+            err(
+                ex.error.traceback if ex.error.traceback else f"{ex.error.name}: {ex.error.value}\n"
+            )
+        if ex.killed_by:
+            err(f"codecage: killed by {ex.killed_by} after {ex.duration_ms:.0f} ms\n")
+        elif ex.truncated:
+            err(f"codecage: output cut at {policy.output_bytes} bytes\n")
+    return ex.exit_code if ex.exit_code is not None else 1
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from ._doctor import checks
+
+    worst = 0
+    for check in checks():
+        print(check.line())
+        if check.status == "missing" and check.required:
+            worst = 1
+    return worst
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="codecage", description="Run untrusted Python in a sandbox."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a file or -c CODE in a fresh sandbox")
+    run.add_argument("file", nargs="?", help="a Python file, or - for standard input")
+    run.add_argument("-c", dest="code", help="code to run")
+    run.add_argument("--config", help="a TOML policy file")
+    run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a policy field")
+    run.add_argument("--json", action="store_true", help="print the whole Execution as JSON")
+    run.set_defaults(func=cmd_run)
+    doctor = sub.add_parser("doctor", help="which protections this host supports")
+    doctor.set_defaults(func=cmd_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except SandboxError as exc:
+        print(f"codecage: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

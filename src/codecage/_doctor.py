@@ -1,0 +1,138 @@
+"""`codecage doctor`: which protections this host supports, one line each, and what to do."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+from ._inside import landlock
+from ._jail import cgroups
+from ._jail.template import Runtime
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "ok", "missing", "weak"
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+    def line(self) -> str:
+        text = f"{self.status:<8} {self.name:<22} {self.detail}"
+        return text + (f"  -> {self.fix}" if self.fix and self.status != "ok" else "")
+
+
+def _capability(bit: int) -> bool:
+    with open("/proc/self/status") as f:
+        lines = f.read().splitlines()
+    for line in lines:
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> bit & 1)
+    return False
+
+
+def checks() -> list[Check]:
+    out = []
+    root = os.geteuid() == 0
+    out.append(
+        Check(
+            "root",
+            "ok" if root else "missing",
+            f"running as uid {os.geteuid()}",
+            "run as root (user-namespace mode is not implemented yet)",
+        )
+    )
+    ns = (
+        subprocess.run(
+            [
+                "unshare",
+                "--mount",
+                "--pid",
+                "--net",
+                "--ipc",
+                "--uts",
+                "--cgroup",
+                "--fork",
+                "true",
+            ],
+            capture_output=True,
+        )
+        if shutil.which("unshare")
+        else None
+    )
+    out.append(
+        Check(
+            "namespaces",
+            "ok" if ns and ns.returncode == 0 else "missing",
+            "mount, pid, net, ipc, uts, cgroup",
+            "a kernel with namespaces and root",
+        )
+    )
+    version = cgroups.detect_version()
+    out.append(
+        Check(
+            "cgroups",
+            "ok" if version else "missing",
+            f"v{version} (memory, pids, cpu, freezer)" if version else "no usable controllers",
+            "mount cgroup v1 controllers or enable them in cgroup v2",
+        )
+    )
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2")
+        ver = "libseccomp present"
+        del lib
+        out.append(Check("seccomp", "ok", ver))
+    except OSError:
+        out.append(
+            Check("seccomp", "missing", "libseccomp.so.2 not found", "apt-get install libseccomp2")
+        )
+    abi = landlock.abi_version()
+    out.append(
+        Check(
+            "landlock",
+            "ok" if abi else "missing",
+            f"ABI {abi}" if abi else "not enabled",
+            "boot with lsm=...,landlock (or set allow_weaker=true)",
+        )
+    )
+    oom = _capability(24)
+    out.append(
+        Check(
+            "oom priority",
+            "ok" if oom else "weak",
+            "CAP_SYS_RESOURCE: template protected from the OOM killer"
+            if oom
+            else "no CAP_SYS_RESOURCE: the template cannot lower its OOM score (sandbox kernels still go first)",
+            "grant CAP_SYS_RESOURCE to the service",
+            required=False,
+        )
+    )
+    runtime = Runtime.default()
+    out.append(
+        Check(
+            "runtime",
+            "ok" if runtime.python.exists() else "missing",
+            str(runtime.path),
+            "make runtime (scripts/build-runtime)",
+        )
+    )
+    for tool, what, package in (
+        ("bwrap", "bubblewrap backend (later)", "bubblewrap"),
+        ("runsc", "gVisor backend (later)", "runsc"),
+        ("podman", "container backend (later)", "podman"),
+    ):
+        path = shutil.which(tool)
+        out.append(
+            Check(
+                tool,
+                "ok" if path else "missing",
+                path or what,
+                f"apt-get install {package}",
+                required=False,
+            )
+        )
+    return out

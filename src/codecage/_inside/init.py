@@ -1,0 +1,99 @@
+"""PID 1 of a sandbox: starts the kernel, reaps orphans, restarts the kernel on request.
+
+Talks to the host over the supervisor channel (SOCK_SEQPACKET, one JSON object per
+message). Each kernel generation gets a fresh stream socket, passed to the host with
+SCM_RIGHTS, so a kernel killed mid-frame never corrupts the next one's stream.
+If the host goes away, init kills everything in the sandbox and exits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import socket
+from typing import Any
+
+
+def message(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def run(spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any]) -> None:
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    generation = 0
+    kernel = _start_kernel(spec, supervisor, ctx, generation)
+    while True:
+        ready, _, _ = select.select([supervisor.fileno(), wake_r], [], [])
+        if wake_r in ready:
+            _drain(wake_r)
+            kernel = _reap(supervisor, kernel, generation)
+        if supervisor.fileno() in ready:
+            data = supervisor.recv(4096)
+            if not data:  # the host is gone: nothing may outlive it
+                _kill_all_and_exit()
+            if json.loads(data).get("op") == "restart":
+                _kill_others()
+                generation += 1
+                kernel = _start_kernel(spec, supervisor, ctx, generation)
+
+
+def _start_kernel(
+    spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any], generation: int
+) -> int:
+    host_end, kernel_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            supervisor.close()
+            host_end.close()
+            from . import kernel
+
+            kernel.main(kernel_end, spec, ctx)
+        finally:
+            os._exit(70)
+    kernel_end.close()
+    socket.send_fds(supervisor, [message(ev="kernel", generation=generation)], [host_end.fileno()])
+    host_end.close()
+    return pid
+
+
+def _reap(supervisor: socket.socket, kernel: int, generation: int) -> int:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return kernel
+        if pid == 0:
+            return kernel
+        if pid == kernel:
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
+            supervisor.send(message(ev="exit", generation=generation, signal=sig, code=code))
+            kernel = -1
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _kill_others() -> None:
+    # From PID 1, kill(-1) reaches every other process of the namespace.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, signal.SIGKILL)
+
+
+def _kill_all_and_exit() -> None:
+    _kill_others()
+    os._exit(0)

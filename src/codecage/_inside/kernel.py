@@ -1,0 +1,280 @@
+"""The kernel: runs code in a persistent namespace and streams events to the host.
+
+Requests and events are described in docs/protocol.md. Output is capped here (and again
+on the host, which does not trust this count).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import linecache
+import os
+import random
+import secrets
+import socket
+import sys
+import threading
+import time
+import traceback
+import types
+from typing import Any
+
+from . import caps, libc
+from .protocol import PROTOCOL_VERSION, FrameReader, Message, encode
+
+CHUNK = 64 * 1024
+
+
+class Channel:
+    """The kernel's end of its stream to the host; writes are whole frames under a lock."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.reader = FrameReader()
+        self.pending: list[Message] = []
+
+    def send(self, **message: Any) -> None:
+        data = encode(message)
+        with self.lock:
+            self.sock.sendall(data)
+
+    def recv(self) -> Message | None:
+        while not self.pending:
+            data = self.sock.recv(CHUNK)
+            if not data:
+                return None
+            self.pending.extend(self.reader.feed(data))
+        return self.pending.pop(0)
+
+
+class Output:
+    """Per-run output budget shared by stdout, stderr and descriptor-level output."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.lock = threading.Lock()
+        self.remaining = 0
+        self.truncated = False
+
+    def reset(self, budget: int) -> None:
+        with self.lock:
+            self.remaining, self.truncated = budget, False
+
+    def emit(self, stream: str, text: str) -> None:
+        data = text.encode("utf-8", "replace")
+        with self.lock:
+            if len(data) > self.remaining:
+                data = data[: self.remaining]
+                self.truncated = True
+            self.remaining -= len(data)
+        text = data.decode("utf-8", "ignore")  # a character cut at the budget's edge
+        step = CHUNK // 4  # at most 4 bytes a character: a frame stays under CHUNK
+        for start in range(0, len(text), step):
+            self.channel.send(ev=stream, text=text[start : start + step])
+
+
+class Stream(io.TextIOBase):
+    """sys.stdout / sys.stderr, line-buffered: a line is an event as soon as it ends, so a
+    long cell streams; the rest goes at flush() (end of a cell, or an explicit flush)."""
+
+    def __init__(self, output: Output, name: str) -> None:
+        self.output, self._name = output, name
+        self._buf: list[str] = []
+        self._size = 0
+
+    @property
+    def name(self) -> str:
+        return f"<{self._name}>"
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, s: str) -> int:
+        if not isinstance(s, str):
+            raise TypeError(f"write() argument must be str, not {type(s).__name__}")
+        if s:
+            self._buf.append(s)
+            self._size += len(s)
+            if "\n" in s or self._size >= CHUNK:
+                self.flush()
+        return len(s)
+
+    def flush(self) -> None:
+        if self._buf:
+            text = "".join(self._buf)
+            self._buf.clear()
+            self._size = 0
+            self.output.emit(self._name, text)
+
+    def isatty(self) -> bool:
+        return False
+
+
+class DescriptorCapture:
+    """Output written to descriptors 1 and 2 (C code, subprocesses) forwarded as events."""
+
+    def __init__(self, output: Output) -> None:
+        self.output = output
+        self.done = threading.Event()
+        self.pipes: dict[int, int] = {}
+        for fd in (1, 2):
+            r, w = os.pipe2(os.O_CLOEXEC)
+            os.dup2(w, fd)
+            os.close(w)
+            self.pipes[r] = fd
+        self.token = b""
+        for r, fd in self.pipes.items():
+            threading.Thread(target=self._pump, args=(r, fd), daemon=True).start()
+
+    def _pump(self, r: int, fd: int) -> None:
+        name = "stdout" if fd == 1 else "stderr"
+        while data := os.read(r, CHUNK):
+            if fd == 1 and self.token and data.endswith(self.token):
+                data = data[: -len(self.token)]
+                if data:
+                    self.output.emit(name, data.decode("utf-8", "replace"))
+                self.done.set()
+                continue
+            self.output.emit(name, data.decode("utf-8", "replace"))
+
+    def flush(self) -> None:
+        """Wait until everything written to descriptor 1 so far has been forwarded."""
+        self.token = b"\0codecage-" + secrets.token_hex(8).encode() + b"\0"
+        self.done.clear()
+        os.write(1, self.token)
+        self.done.wait(1.0)
+        self.token = b""
+
+
+class Executor:
+    """Runs cells in one namespace; the last expression of a cell is its result."""
+
+    def __init__(self) -> None:
+        self.module = types.ModuleType("__main__")
+        self.module.__dict__["__builtins__"] = __builtins__
+        sys.modules["__main__"] = self.module
+        self.execution_count = 0
+
+    def run(self, code: str, mode: str) -> tuple[Message | None, Message | None, int]:
+        """Returns (result bundle, error, exit code)."""
+        self.execution_count += 1
+        filename = f"<cell {self.execution_count}>"
+        # Registered so that tracebacks show the cell's source lines.
+        linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)
+        try:
+            tree = ast.parse(code, filename=filename, mode="exec")
+            last = None
+            if mode == "session" and tree.body and isinstance(tree.body[-1], ast.Expr):
+                last = ast.Expression(tree.body.pop().value)  # type: ignore[attr-defined]
+            exec(compile(tree, filename, "exec"), self.module.__dict__)
+            if last is not None:
+                value = eval(compile(last, filename, "eval"), self.module.__dict__)
+                if value is not None:
+                    self.module.__dict__["_"] = value
+                    return {"text/plain": repr(value)}, None, 0
+            return None, None, 0
+        except SystemExit as exc:
+            return None, None, _exit_code(exc)
+        except BaseException as exc:
+            return None, _error(exc), 1
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    sys.stderr.write(f"{exc.code}\n")
+    return 1
+
+
+def _error(exc: BaseException) -> Message:
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next  # hide the kernel's own frames
+    lines = traceback.format_exception(type(exc), exc, tb)
+    return {"name": type(exc).__name__, "value": str(exc), "traceback": "".join(lines)}
+
+
+def _reseed() -> None:
+    # Python reseeds `random` after fork, numpy does not: never share randomness.
+    random.seed(os.urandom(32))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
+
+
+def _environment(spec: dict[str, Any]) -> None:
+    os.environ.clear()
+    os.environ.update(spec["env"])
+
+
+def main(sock: socket.socket, spec: dict[str, Any], ctx: dict[str, Any]) -> None:
+    caps.set_oom_score_adj(1000)  # under memory pressure, the kernel goes before init
+    libc.prctl(libc.PR_SET_DUMPABLE, 1)  # init is not dumpable; the kernel needs its own /proc/self
+    _environment(spec)
+    os.chdir("/home/user")
+    _reseed()
+    channel = Channel(sock)
+    output = Output(channel)
+    capture = DescriptorCapture(output)
+    sys.stdout = Stream(output, "stdout")
+    sys.stderr = Stream(output, "stderr")
+    sys.stdin = io.StringIO("")
+    executor = Executor()
+    channel.send(ev="hello", protocol=PROTOCOL_VERSION, pid=os.getpid())
+    serve(channel, output, capture, executor)
+
+
+def serve(channel: Channel, output: Output, capture: DescriptorCapture, executor: Executor) -> None:
+    while True:
+        try:
+            request = channel.recv()
+        except KeyboardInterrupt:
+            continue  # an interrupt that arrived between runs
+        if request is None or request.get("op") == "shutdown":
+            os._exit(0)
+        if request.get("op") == "execute":
+            _execute(channel, output, capture, executor, request)
+        else:
+            channel.send(ev="error", id=request.get("id"), name="ProtocolError", value="unknown op")
+
+
+def _execute(
+    channel: Channel,
+    output: Output,
+    capture: DescriptorCapture,
+    executor: Executor,
+    request: Message,
+) -> None:
+    run_id = request.get("id")
+    output.reset(int(request.get("output_bytes", 1 << 20)))
+    saved = dict(os.environ)
+    os.environ.update({str(k): str(v) for k, v in (request.get("envs") or {}).items()})
+    started = time.perf_counter()
+    try:
+        result, error, exit_code = executor.run(
+            str(request.get("code", "")), str(request.get("mode"))
+        )
+        if result is not None:
+            channel.send(ev="result", id=run_id, data=result, is_main_result=True)
+        if error is not None:
+            channel.send(ev="error", id=run_id, **error)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # user code may have replaced them
+                stream.flush()
+        capture.flush()
+    channel.send(
+        ev="end",
+        id=run_id,
+        execution_count=executor.execution_count,
+        exit_code=exit_code,
+        truncated=output.truncated,
+        duration_ms=(time.perf_counter() - started) * 1000,
+    )

@@ -1,0 +1,73 @@
+"""The namespace jail as one ordered pipeline (DESIGN.md section 4), like nsjail's contain.cc.
+
+    template --fork--> setup --(cgroups, namespaces, root)--fork--> init (PID 1)
+        init: /proc, pivot_root, rlimits, identity, Landlock, seccomp --fork--> kernel
+
+`setup` runs on the host side of the new PID namespace and exits once init exists; init
+re-forks the kernel when the host asks for a restart, so the workspace outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import traceback
+from typing import Any
+
+from . import caps, init, landlock, libc, mounts, namespaces, seccomp
+
+ROOT_MOUNTPOINT = "/run/codecage/root"
+
+
+def setup(
+    spec: dict[str, Any], supervisor: socket.socket, report_fd: int, ctx: dict[str, Any]
+) -> None:
+    """Runs in the forked child of the template; never returns."""
+    try:
+        namespaces.join_cgroups(spec["cgroup_procs"])
+        namespaces.enter_namespaces()
+        mounts.build_root(ROOT_MOUNTPOINT, spec)
+        pid = os.fork()
+    except BaseException:
+        os.write(report_fd, ("E" + traceback.format_exc()[-4000:]).encode())
+        os._exit(1)
+    if pid:
+        os.write(report_fd, f"P{pid}".encode())
+        os._exit(0)
+    os.close(report_fd)
+    try:
+        confine(spec, ctx)
+    except BaseException:
+        supervisor.send(init.message(ev="error", message=traceback.format_exc()[-4000:]))
+        os._exit(1)
+    init.run(spec, supervisor, ctx)
+
+
+def confine(spec: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """PID 1 of the new namespace: everything from the new root to seccomp, in order."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+        signal.signal(sig, signal.SIG_DFL)  # as PID 1, default means: ignored
+    libc.prctl(libc.PR_SET_PDEATHSIG, 0)
+    mounts.enter_root(ROOT_MOUNTPOINT)
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1, 2):  # never a host file, never the operator's terminal
+        os.dup2(null, fd)
+    os.close(null)
+    caps.set_rlimits(spec["rlimits"])
+    caps.set_oom_score_adj(0)  # the kernel (1000) goes first
+    close_descriptors(keep={ctx["supervisor_fd"], *ctx["template_fds"]})
+    caps.drop_privileges(spec["uid"], spec["gid"])
+    if spec["landlock"]:
+        landlock.restrict()
+    seccomp.load(ctx["seccomp_program"])
+
+
+def close_descriptors(keep: set[int]) -> None:
+    """Close every inherited descriptor but those on the allowlist (never a blind close)."""
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):  # the directory's own descriptor, already gone
+                os.close(fd)

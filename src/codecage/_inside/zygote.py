@@ -1,0 +1,163 @@
+"""The template (zygote): imports the preload list once, then forks sandboxes on request.
+
+Started by the host with execve and an environment built from an allowlist, never
+forked from the service: its memory holds no secret of the host. It never runs user
+code and never sees tenant data; it is single-threaded when it forks.
+
+Requests arrive on a SOCK_SEQPACKET socket, one JSON object each:
+    {"op": "spawn", "spec": {...}} -> {"ok": true, "init_pid": N} + [supervisor, init pidfd]
+    {"op": "ping"}                 -> {"ok": true, "threads": N, "pid": N}
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import traceback
+from typing import Any
+
+from . import caps, landlock, libc, pipeline, seccomp
+
+MAX_REQUEST = 1 << 20
+
+
+def preload(modules: list[str]) -> None:
+    for name in modules:
+        importlib.import_module(name)
+        if name == "matplotlib":
+            importlib.import_module("matplotlib").use("Agg")
+    _warm()
+    gc.collect()
+    gc.freeze()  # keep copy-on-write pages shared: the collector never touches them again
+
+
+def _warm() -> None:
+    """Do once here what the first run in every sandbox would otherwise pay for."""
+    from . import kernel
+
+    executor = kernel.Executor()
+    executor.run("x = 1\nx + 1", "session")
+    try:
+        raise ValueError("warm")
+    except ValueError as exc:
+        kernel._error(exc)
+
+
+def thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def serve(sock: socket.socket, ctx: dict[str, Any]) -> None:
+    libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    own = {sock.fileno(), wake_r, wake_w}
+    ctx["template_fds"] = sorted(set(map(int, os.listdir("/proc/self/fd"))) - own - {0, 1, 2})
+    while True:
+        ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
+        if wake_r in ready:
+            _reap(wake_r)
+        if sock.fileno() in ready:
+            data = sock.recv(MAX_REQUEST)
+            if not data:
+                return  # the host is gone
+            _handle(sock, json.loads(data), ctx)
+
+
+def _reap(wake_r: int) -> None:
+    try:
+        while os.read(wake_r, 4096):
+            pass
+    except BlockingIOError:
+        pass
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def _handle(sock: socket.socket, request: dict[str, Any], ctx: dict[str, Any]) -> None:
+    op = request.get("op")
+    if op == "ping":
+        sock.send(json.dumps({"ok": True, "threads": thread_count(), "pid": os.getpid()}).encode())
+    elif op == "spawn":
+        try:
+            fds, reply = _spawn(request["spec"], ctx)
+        except Exception as exc:
+            sock.send(json.dumps({"ok": False, "error": str(exc)}).encode())
+            return
+        try:
+            socket.send_fds(sock, [json.dumps(reply).encode()], fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    else:
+        sock.send(json.dumps({"ok": False, "error": f"unknown op {op!r}"}).encode())
+
+
+def _spawn(spec: dict[str, Any], ctx: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+    if thread_count() != 1:
+        raise RuntimeError("the template has more than one thread; refusing to fork")
+    host_end, sandbox_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            host_end.close()
+            os.close(report_r)
+            ctx["supervisor_fd"] = sandbox_end.fileno()
+            pipeline.setup(spec, sandbox_end, report_w, ctx)
+        finally:
+            os._exit(1)
+    sandbox_end.close()
+    os.close(report_w)
+    try:
+        report = os.read(report_r, 8192).decode(errors="replace")
+    finally:
+        os.close(report_r)
+    if not report.startswith("P"):
+        host_end.close()
+        raise RuntimeError(f"sandbox set-up failed: {report[1:] or 'no report'}")
+    init_pid = int(report[1:])
+    pidfd = os.pidfd_open(init_pid)
+    fd = os.dup(host_end.fileno())
+    host_end.close()
+    return [fd, pidfd], {"ok": True, "init_pid": init_pid}
+
+
+def main() -> None:
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    config = json.loads(sys.argv[2])
+    os.makedirs(pipeline.ROOT_MOUNTPOINT, exist_ok=True)
+    caps.set_oom_score_adj(-900)  # the template is among the last the OOM killer picks
+    try:
+        preload(config["preload"])
+        ctx: dict[str, Any] = {
+            "seccomp_program": seccomp.build(),
+            "landlock_abi": landlock.abi_version(),
+        }
+    except BaseException:
+        sock.send(json.dumps({"ok": False, "error": traceback.format_exc()}).encode())
+        raise
+    if threading.active_count() != 1 or thread_count() != 1:
+        sock.send(json.dumps({"ok": False, "error": "preload started threads"}).encode())
+        return
+    sock.send(
+        json.dumps({"ok": True, "pid": os.getpid(), "landlock_abi": ctx["landlock_abi"]}).encode()
+    )
+    serve(sock, ctx)
+
+
+if __name__ == "__main__":
+    main()

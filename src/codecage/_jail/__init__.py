@@ -1,0 +1,62 @@
+"""Jail backends: one small interface (create a sandbox; run, signal, kill it).
+
+Backends are loaded by name from the policy's `isolation` field.
+"""
+
+from __future__ import annotations
+
+import atexit
+import threading
+from typing import Protocol
+
+from .._errors import BackendUnavailable
+from .._models import Execution
+from .._policy import Policy
+
+
+class JailedSandbox(Protocol):
+    id: str
+
+    def execute(
+        self,
+        code: str,
+        *,
+        mode: str = "session",
+        timeout_s: float | None = None,
+        envs: dict[str, str] | None = None,
+        recover: bool = True,
+    ) -> Execution: ...
+
+    def kill(self) -> None: ...
+
+
+class Jail(Protocol):
+    name: str
+
+    def check(self, policy: Policy) -> None: ...
+
+    def create(self, policy: Policy, envs: dict[str, str] | None = None) -> JailedSandbox: ...
+
+    def close(self) -> None: ...
+
+
+_jails: dict[str, Jail] = {}
+_lock = threading.Lock()
+
+
+def get_jail(name: str) -> Jail:
+    """The process-wide jail for a backend, started on first use and closed at exit."""
+    with _lock:
+        if name not in _jails:
+            _jails[name] = _load(name)
+        return _jails[name]
+
+
+def _load(name: str) -> Jail:
+    if name == "namespace":
+        from .namespace import NamespaceJail
+
+        jail = NamespaceJail()
+        atexit.register(jail.close)
+        return jail
+    raise BackendUnavailable(f"isolation backend {name!r} is not available in this version")

@@ -1,0 +1,239 @@
+"""Host-side cgroups of a sandbox: limits, the host's own readings, freeze-kill, removal.
+
+Layout: <controller>/codecage/<owner>/<sandbox>, where <owner> names the process that
+created it (pid and start time), so a start-up sweep can tell leftovers of a crashed
+process from the live sandboxes of another one. cgroup v1 (memory, pids, cpu, cpuacct,
+freezer) as on this machine; cgroup v2 where the host's unified hierarchy has controllers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._policy import Policy
+
+ROOT = Path("/sys/fs/cgroup")
+V1_CONTROLLERS = ("memory", "pids", "cpu", "cpuacct", "freezer")
+CPU_PERIOD_US = 100_000
+
+
+def _read(path: Path) -> str:
+    return path.read_text()
+
+
+def _write(path: Path, value: str) -> None:
+    path.write_text(value)
+
+
+def _keyed(text: str) -> dict[str, int]:
+    out = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[key] = int(value)
+    return out
+
+
+def detect_version() -> int | None:
+    """2 if the unified hierarchy has our controllers, 1 if the v1 ones are mounted, else None."""
+    for base in (ROOT, ROOT / "unified"):
+        controllers = base / "cgroup.controllers"
+        if controllers.exists():
+            have = set(controllers.read_text().split())
+            if {"memory", "pids", "cpu"} <= have:
+                return 2
+    if all((ROOT / c / "cgroup.procs").exists() for c in V1_CONTROLLERS):
+        return 1
+    return None
+
+
+def owner_name() -> str:
+    start = _read(Path("/proc/self/stat")).rsplit(")", 1)[1].split()[19]
+    return f"{os.getpid()}-{start}"
+
+
+@dataclass
+class Usage:
+    memory_peak_bytes: int
+    oom_kills: int
+    pids_max_events: int
+    cpu_s: float
+
+
+class SandboxCgroups:
+    """The cgroups of one sandbox (v1: one directory per controller)."""
+
+    def __init__(self, version: int, sandbox_id: str, owner: str) -> None:
+        self.version = version
+        if version == 1:
+            self.dirs = {c: ROOT / c / "codecage" / owner / sandbox_id for c in V1_CONTROLLERS}
+        else:
+            base = ROOT if (ROOT / "cgroup.controllers").exists() else ROOT / "unified"
+            self.dirs = {"unified": base / "codecage" / owner / sandbox_id}
+
+    @property
+    def mount_names(self) -> list[str]:
+        """Controllers to show read-only inside the sandbox."""
+        return ["memory", "pids", "cpu"] if self.version == 1 else ["unified"]
+
+    def procs_files(self) -> list[str]:
+        return [str(d / "cgroup.procs") for d in self.dirs.values()]
+
+    def create(self, policy: Policy) -> None:
+        if self.version == 2:
+            _enable_v2_controllers(next(iter(self.dirs.values())))
+        for d in self.dirs.values():
+            d.mkdir(parents=True, exist_ok=True)
+        try:
+            self._limit(policy)
+        except OSError:
+            self.remove()
+            raise
+
+    def _limit(self, policy: Policy) -> None:
+        d = self.dirs
+        if self.version == 1:
+            if policy.memory_mb is not None:
+                _write(d["memory"] / "memory.limit_in_bytes", str(policy.memory_mb << 20))
+                with contextlib.suppress(FileNotFoundError):  # without swap accounting
+                    _write(d["memory"] / "memory.memsw.limit_in_bytes", str(policy.memory_mb << 20))
+            _write(
+                d["pids"] / "pids.max", "max" if policy.pids_max is None else str(policy.pids_max)
+            )
+            if policy.cpu_cores is not None:
+                _write(d["cpu"] / "cpu.cfs_period_us", str(CPU_PERIOD_US))
+                _write(d["cpu"] / "cpu.cfs_quota_us", str(int(policy.cpu_cores * CPU_PERIOD_US)))
+        else:
+            u = d["unified"]
+            if policy.memory_mb is not None:
+                _write(u / "memory.max", str(policy.memory_mb << 20))
+                with contextlib.suppress(FileNotFoundError):
+                    _write(u / "memory.swap.max", "0")
+            _write(u / "pids.max", "max" if policy.pids_max is None else str(policy.pids_max))
+            if policy.cpu_cores is not None:
+                _write(u / "cpu.max", f"{int(policy.cpu_cores * CPU_PERIOD_US)} {CPU_PERIOD_US}")
+
+    def usage(self) -> Usage:
+        d = self.dirs
+        if self.version == 1:
+            return Usage(
+                memory_peak_bytes=int(_read(d["memory"] / "memory.max_usage_in_bytes")),
+                oom_kills=_keyed(_read(d["memory"] / "memory.oom_control")).get("oom_kill", 0),
+                pids_max_events=_keyed(_read(d["pids"] / "pids.events")).get("max", 0),
+                cpu_s=int(_read(d["cpuacct"] / "cpuacct.usage")) / 1e9,
+            )
+        u = d["unified"]
+        peak = u / "memory.peak"
+        return Usage(
+            memory_peak_bytes=int(_read(peak if peak.exists() else u / "memory.current")),
+            oom_kills=_keyed(_read(u / "memory.events")).get("oom_kill", 0),
+            pids_max_events=_keyed(_read(u / "pids.events")).get("max", 0),
+            cpu_s=_keyed(_read(u / "cpu.stat")).get("usage_usec", 0) / 1e6,
+        )
+
+    def reset_peak(self) -> None:
+        if self.version == 1:
+            _write(self.dirs["memory"] / "memory.max_usage_in_bytes", "0")
+        else:
+            with contextlib.suppress(OSError):  # resettable since Linux 6.12
+                _write(self.dirs["unified"] / "memory.peak", "0")
+
+    def pids(self) -> list[int]:
+        path = self.dirs["pids" if self.version == 1 else "unified"] / "cgroup.procs"
+        try:
+            return [int(p) for p in _read(path).split()]
+        except FileNotFoundError:
+            return []
+
+    def kill(self, spare: int | None = None, sig: int = signal.SIGKILL) -> None:
+        """Signal every process of the sandbox but `spare`, frozen so no pid can be reused meanwhile."""
+        if self.version == 2 and spare is None and sig == signal.SIGKILL:
+            kill_file = self.dirs["unified"] / "cgroup.kill"
+            if kill_file.exists():
+                _write(kill_file, "1")
+                return
+        self._freeze(True)
+        try:
+            for pid in self.pids():
+                if pid != spare:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+        finally:
+            self._freeze(False)
+
+    def _freeze(self, frozen: bool) -> None:
+        if self.version == 1:
+            path, want = self.dirs["freezer"] / "freezer.state", "FROZEN" if frozen else "THAWED"
+            _write(path, want)
+            deadline = time.monotonic() + 2.0
+            while frozen and _read(path).strip() != want and time.monotonic() < deadline:
+                time.sleep(0.0005)
+        else:
+            _write(self.dirs["unified"] / "cgroup.freeze", "1" if frozen else "0")
+
+    def remove(self, timeout_s: float = 5.0) -> None:
+        """Kill what is left and remove the directories (a cgroup with tasks cannot be removed)."""
+        deadline = time.monotonic() + timeout_s
+        for d in self.dirs.values():
+            while d.exists():
+                try:
+                    d.rmdir()
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    with contextlib.suppress(OSError):
+                        self.kill()
+                    time.sleep(0.002)
+
+
+def _enable_v2_controllers(leaf: Path) -> None:
+    """Enable memory, pids and cpu for children along the path from the root to `leaf`."""
+    base = leaf.parents[2]
+    for parent in (base.parent, base, leaf.parent.parent, leaf.parent):
+        parent.mkdir(exist_ok=True)
+        with contextlib.suppress(OSError):
+            _write(parent / "cgroup.subtree_control", "+memory +pids +cpu")
+
+
+def sweep(version: int, keep_owner: str) -> int:
+    """Remove the cgroups of owners that are no longer alive. Returns how many were removed."""
+    removed = 0
+    bases = (
+        [ROOT / c / "codecage" for c in V1_CONTROLLERS]
+        if version == 1
+        else [(ROOT if (ROOT / "cgroup.controllers").exists() else ROOT / "unified") / "codecage"]
+    )
+    owners = {p.name for b in bases if b.exists() for p in b.iterdir() if p.is_dir()}
+    for owner in owners:
+        if owner == keep_owner or _alive(owner):
+            continue
+        sandboxes = {
+            s.name
+            for b in bases
+            if (b / owner).exists()
+            for s in (b / owner).iterdir()
+            if s.is_dir()
+        }
+        for sid in sandboxes:
+            SandboxCgroups(version, sid, owner).remove()
+            removed += 1
+        for b in bases:
+            with contextlib.suppress(OSError):
+                (b / owner).rmdir()
+    return removed
+
+
+def _alive(owner: str) -> bool:
+    pid, _, start = owner.partition("-")
+    try:
+        stat = _read(Path(f"/proc/{pid}/stat"))
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat.rsplit(")", 1)[1].split()[19] == start

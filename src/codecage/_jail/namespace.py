@@ -1,0 +1,467 @@
+"""The namespace jail, host side: create a sandbox from the template, run code, kill it.
+
+Everything read from a sandbox is untrusted: frames are size-capped and validated, and
+outcomes (killed_by, limits_hit, peak memory, duration) come from the host's own timer
+and cgroup readings, never from the kernel's word.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._errors import BackendUnavailable, PolicyError, SandboxError, TransportError
+from .._inside.protocol import FrameReader, Message, ProtocolError, encode
+from .._models import Execution, ExecutionError, Result
+from .._policy import Policy
+from . import cgroups
+from .template import Runtime, Template, package_dir
+
+EventCallback = Callable[[Message], None]
+POLL_S = 0.05
+UID_BASE, UID_SPAN = 1 << 20, (1 << 31) - (1 << 21)
+
+
+@dataclass
+class _Uids:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    used: set[int] = field(default_factory=set)
+
+    def take(self) -> int:
+        with self.lock:
+            while True:
+                uid = UID_BASE + secrets.randbelow(UID_SPAN)
+                if uid not in self.used:
+                    self.used.add(uid)
+                    return uid
+
+    def give_back(self, uid: int) -> None:
+        with self.lock:
+            self.used.discard(uid)
+
+
+_uids = _Uids()
+
+
+class NamespaceJail:
+    """Backend `namespace`: forks sandboxes from one template process."""
+
+    name = "namespace"
+
+    def __init__(
+        self, runtime: Runtime | None = None, preload: tuple[str, ...] | None = None
+    ) -> None:
+        if os.geteuid() != 0:
+            raise BackendUnavailable(
+                "the namespace jail needs root here (user-namespace mode is not implemented yet)"
+            )
+        version = cgroups.detect_version()
+        if version is None:
+            raise BackendUnavailable("no usable cgroups (v1 memory/pids/cpu/cpuacct/freezer or v2)")
+        self.cgroup_version = version
+        self.owner = cgroups.owner_name()
+        cgroups.sweep(version, self.owner)
+        self.runtime = runtime or Runtime.default()
+        kwargs = {"preload": preload} if preload is not None else {}
+        self.template = Template(self.runtime, **kwargs)
+
+    def check(self, policy: Policy) -> None:
+        if policy.isolation != "namespace":
+            raise PolicyError(
+                f"policy field 'isolation': this backend is 'namespace', not {policy.isolation!r}"
+            )
+        if self.template.landlock_abi < 1 and not policy.allow_weaker:
+            raise PolicyError("this host has no Landlock; set allow_weaker=true to run without it")
+
+    def create(self, policy: Policy, envs: dict[str, str] | None = None) -> NamespaceSandbox:
+        self.check(policy)
+        return NamespaceSandbox(self, policy, envs or {})
+
+    def close(self) -> None:
+        self.template.close()
+
+
+class NamespaceSandbox:
+    """One live sandbox: its cgroups, its init (PID 1) and the current kernel's channel."""
+
+    def __init__(self, jail: NamespaceJail, policy: Policy, envs: dict[str, str]) -> None:
+        self.id = secrets.token_hex(16)
+        self.policy = policy
+        self.jail = jail
+        self.uid = _uids.take()
+        self.cgroups = cgroups.SandboxCgroups(jail.cgroup_version, self.id, jail.owner)
+        self._closed = False
+        self.generation = -1
+        self._kernel: socket.socket | None = None
+        self._reader = FrameReader()
+        self._pending: list[Message] = []
+        try:
+            self.cgroups.create(policy)
+            spec = self._spec(envs)
+            self._supervisor, self._init_pidfd, self.init_pid = jail.template.spawn(spec)
+            self._await_kernel(time.monotonic() + 30)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _spec(self, envs: dict[str, str]) -> dict[str, Any]:
+        p, runtime = self.policy, self.jail.runtime
+        env = runtime.base_env() | {
+            "HOME": "/home/user",
+            "MPLCONFIGDIR": "/home/user/.config/matplotlib",
+            "IPYTHONDIR": "/home/user/.ipython",
+            "TMPDIR": "/tmp",
+            "PYTHONUNBUFFERED": "1",
+        }
+        env |= {k: os.environ[k] for k in p.env_allowlist if k in os.environ}
+        env |= envs
+        binds = ["/usr", str(runtime.path.resolve()), str(package_dir())]
+        return {
+            "id": self.id,
+            "uid": self.uid,
+            "gid": self.uid,
+            "cgroup_procs": self.cgroups.procs_files(),
+            "cgroup_controllers": self.cgroups.mount_names,
+            "ro_binds": [
+                b for b in dict.fromkeys(binds) if not b.startswith("/usr/") or b == "/usr"
+            ],
+            "workspace_mb": p.disk_mb,
+            "tmp_mb": p.tmp_mb,
+            "shm_mb": p.shm_mb,
+            "env": env,
+            "rlimits": {
+                "nofile": p.open_files_max,
+                "core": 0,
+                "stack": 8 << 20,
+                "fsize": max(p.disk_mb, p.tmp_mb, p.shm_mb) << 20,
+            },
+            "landlock": self.jail.template.landlock_abi >= 1,
+        }
+
+    # -- supervisor channel -------------------------------------------------------------
+
+    def _supervisor_message(self) -> tuple[Message, list[int]]:
+        data, fds, _flags, _addr = socket.recv_fds(self._supervisor, 65536, 1)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            raise TransportError("the sandbox's init exited")
+        try:
+            message = json.loads(data)
+            if not isinstance(message, dict):
+                raise ValueError("not an object")
+        except ValueError as exc:
+            for fd in fds:
+                os.close(fd)
+            raise TransportError(f"bad message from the sandbox's init: {exc}") from None
+        return message, fds
+
+    def _await_kernel(self, deadline: float) -> None:
+        """Wait for init to hand over a new kernel's channel, then for the kernel's hello."""
+        self._supervisor.settimeout(max(0.001, deadline - time.monotonic()))
+        while True:
+            message, fds = self._supervisor_message()
+            if message.get("ev") == "error":
+                raise SandboxError(f"sandbox set-up failed: {message.get('message')}")
+            if message.get("ev") == "kernel" and len(fds) == 1:
+                break
+            for fd in fds:
+                os.close(fd)
+        self._supervisor.setblocking(False)
+        if self._kernel is not None:
+            self._kernel.close()
+        self._kernel = socket.socket(fileno=fds[0])
+        self._kernel.setblocking(False)
+        self._reader, self._pending = FrameReader(), []
+        self.generation = int(message.get("generation", 0))
+        hello = self._next_frame(deadline)
+        if hello is None or hello.get("ev") != "hello":
+            raise TransportError(f"the kernel did not greet: {hello!r}")
+
+    def _next_frame(self, deadline: float) -> Message | None:
+        assert self._kernel is not None
+        while not self._pending:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return None
+            ready, _, _ = select.select([self._kernel], [], [], timeout)
+            if ready:
+                self._pending.extend(self._read_kernel())
+        return self._pending.pop(0)
+
+    def _read_kernel(self) -> list[Message]:
+        assert self._kernel is not None
+        try:
+            data = self._kernel.recv(1 << 18)
+        except BlockingIOError:
+            return []
+        except OSError as exc:
+            raise TransportError(f"kernel channel: {exc}") from None
+        if not data:
+            return []
+        try:
+            return self._reader.feed(data)
+        except ProtocolError as exc:
+            raise TransportError(str(exc)) from None
+
+    # -- running code -------------------------------------------------------------------
+
+    def execute(
+        self,
+        code: str,
+        *,
+        mode: str = "session",
+        timeout_s: float | None = None,
+        envs: dict[str, str] | None = None,
+        on_event: EventCallback | None = None,
+        recover: bool = True,
+    ) -> Execution:
+        """Run code in the kernel. With `recover`, a timeout interrupts (SIGINT) and, after
+        the policy's grace, kills and restarts the kernel; a dead kernel is restarted. Without
+        it (one-shot runs, whose sandbox is destroyed next), the run just stops waiting."""
+        if self._closed:
+            raise SandboxError(f"sandbox {self.id} has been killed")
+        run = _Run(self, on_event)
+        limit = self.policy.timeout_s
+        if timeout_s is not None:
+            limit = timeout_s if limit is None else min(limit, timeout_s)
+        return run.go(code, mode, limit, envs or {}, recover)
+
+    def restart_kernel(self, deadline: float) -> None:
+        self._supervisor.send(b'{"op": "restart"}')
+        self._supervisor.setblocking(True)
+        self._await_kernel(deadline)
+
+    def kill_kernel(self) -> None:
+        """Kill the kernel and everything it started; init (PID 1) stays."""
+        self.cgroups.kill(spare=self.init_pid)
+
+    def interrupt(self) -> None:
+        """SIGINT to every process but init, like Ctrl-C to a terminal's foreground group."""
+        self.cgroups.kill(spare=self.init_pid, sig=signal.SIGINT)
+
+    def send(self, message: Message) -> None:
+        assert self._kernel is not None
+        self._kernel.setblocking(True)
+        try:
+            self._kernel.sendall(encode(message))
+        except OSError as exc:
+            raise TransportError(f"kernel channel: {exc}") from None
+        finally:
+            self._kernel.setblocking(False)
+
+    def usage(self) -> cgroups.Usage:
+        return self.cgroups.usage()
+
+    def workspace_full(self) -> bool:
+        """Whether a memory-backed filesystem of the sandbox is full (host's own statvfs)."""
+        for path in ("home/user", "tmp", "dev/shm"):
+            try:
+                st = os.statvfs(f"/proc/{self.init_pid}/root/{path}")
+            except OSError:
+                continue
+            if st.f_bavail * st.f_frsize < 64 * 1024:
+                return True
+        return False
+
+    # -- ending -------------------------------------------------------------------------
+
+    def kill(self) -> None:
+        """Stop the whole tree (freeze, SIGKILL, thaw) and remove the cgroups. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self.cgroups.kill()
+        if hasattr(self, "_init_pidfd"):
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+            select.select([self._init_pidfd], [], [], 5.0)
+            os.close(self._init_pidfd)
+            self._supervisor.close()
+        if self._kernel is not None:
+            self._kernel.close()
+        self.cgroups.remove()
+        _uids.give_back(self.uid)
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed
+
+
+class _Run:
+    """One execution: send the request, pump events, enforce the deadline and CPU budget."""
+
+    def __init__(self, sandbox: NamespaceSandbox, on_event: EventCallback | None) -> None:
+        self.sbx = sandbox
+        self.on_event = on_event
+        self.ex = Execution()
+        self.budget = sandbox.policy.output_bytes
+        self.id = secrets.token_hex(8)
+        self.ended = False
+
+    def go(
+        self, code: str, mode: str, limit: float | None, envs: dict[str, str], recover: bool
+    ) -> Execution:
+        sbx, policy = self.sbx, self.sbx.policy
+        sbx.cgroups.reset_peak()
+        before = sbx.usage()
+        started = time.monotonic()
+        deadline = None if limit is None else started + limit
+        request: dict[str, Any] = {"op": "execute", "id": self.id, "code": code, "mode": mode}
+        request |= {"envs": envs, "output_bytes": policy.output_bytes}
+        sbx.send(request)
+        outcome = self._pump(deadline, before)
+        if recover and outcome != "end":
+            outcome = self._recover(outcome, before)
+        self.ex.duration_ms = (time.monotonic() - started) * 1000
+        after = sbx.usage()
+        self._account(before, after, outcome)
+        return self.ex
+
+    def _recover(self, outcome: str, before: cgroups.Usage) -> str:
+        """Keep the session usable: interrupt first, then kill and restart the kernel."""
+        sbx = self.sbx
+        grace = sbx.policy.interrupt_grace_s
+        if outcome == "timeout" and grace > 0:
+            sbx.interrupt()
+            if self._pump(time.monotonic() + grace, before) == "end":
+                return "timeout"  # interrupted; the session's state is intact
+        if outcome != "died":
+            sbx.kill_kernel()
+        sbx.restart_kernel(time.monotonic() + 30)
+        self.ex.state_lost = True
+        return outcome
+
+    def _pump(self, deadline: float | None, before: cgroups.Usage) -> str:
+        """Returns how the run ended: "end", "timeout", "cpu_limit" or "died"."""
+        sbx = self.sbx
+        assert sbx._kernel is not None
+        next_cpu_check = time.monotonic() + 0.25
+        while not self.ended:
+            while sbx._pending and not self.ended:
+                self._handle(sbx._pending.pop(0))
+            if self.ended:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return "timeout"
+            if now >= next_cpu_check:
+                next_cpu_check = now + 0.25
+                if self._over_cpu():
+                    return "cpu_limit"
+            wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
+            ready, _, _ = select.select([sbx._kernel, sbx._supervisor], [], [], max(wait, 0))
+            if sbx._kernel in ready:
+                frames = sbx._read_kernel()
+                sbx._pending.extend(frames)
+                if not frames and not sbx._pending and self._kernel_eof():
+                    return "died"
+            if sbx._supervisor in ready and not sbx._pending:
+                status = self._supervisor_event()
+                if status is not None:
+                    self._died(status)
+                    return "died"
+        return "end"
+
+    def _kernel_eof(self) -> bool:
+        assert self.sbx._kernel is not None
+        try:
+            return self.sbx._kernel.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _supervisor_event(self) -> Message | None:
+        try:
+            message, fds = self.sbx._supervisor_message()
+        except BlockingIOError:
+            return None
+        for fd in fds:
+            os.close(fd)
+        return message if message.get("ev") == "exit" else None
+
+    def _over_cpu(self) -> bool:
+        cap = self.sbx.policy.cpu_s
+        return cap is not None and self.sbx.usage().cpu_s > cap
+
+    def _handle(self, frame: Message) -> None:
+        ev = frame.get("ev")
+        if frame.get("id") not in (None, self.id):
+            return  # a reply to something else: never trusted as ours
+        if ev in ("stdout", "stderr"):
+            self._stream(ev, frame.get("text"))
+        elif ev == "result" and isinstance(frame.get("data"), dict):
+            self.ex.results.append(
+                Result.from_bundle(frame["data"], bool(frame.get("is_main_result")))
+            )
+        elif ev == "error":
+            self.ex.error = ExecutionError(
+                str(frame.get("name", "Error")),
+                str(frame.get("value", "")),
+                str(frame.get("traceback", "")),
+            )
+        elif ev == "end":
+            self.ended = True
+            count, code = frame.get("execution_count"), frame.get("exit_code")
+            self.ex.execution_count = count if isinstance(count, int) else None
+            self.ex.exit_code = code if isinstance(code, int) else None
+            if frame.get("truncated") is True:
+                self.ex.truncated = True
+        if self.on_event is not None:
+            self.on_event(frame)
+
+    def _stream(self, name: str, text: object) -> None:
+        if not isinstance(text, str) or not text:
+            return
+        data = text.encode("utf-8", "replace")
+        if len(data) > self.budget:
+            data = data[: self.budget]
+            text = data.decode("utf-8", "ignore")
+            self.ex.truncated = True
+        self.budget -= len(data)
+        if text:
+            (self.ex.logs.stdout if name == "stdout" else self.ex.logs.stderr).append(text)
+
+    def _died(self, status: Message) -> None:
+        sig = status.get("signal")
+        if sig == signal.SIGSYS:
+            self.ex.killed_by = "seccomp"
+        elif isinstance(sig, int):
+            self.ex.killed_by = "signal"
+            self.ex.exit_code = 128 + sig
+        elif isinstance(status.get("code"), int):
+            self.ex.exit_code = status["code"]
+
+    def _account(self, before: cgroups.Usage, after: cgroups.Usage, outcome: str) -> None:
+        sbx, ex = self.sbx, self.ex
+        if outcome in ("timeout", "cpu_limit"):
+            ex.killed_by = "timeout" if outcome == "timeout" else "cpu_limit"
+        if after.oom_kills > before.oom_kills:
+            ex.limits_hit.append("memory_limit")
+            if outcome == "died" or ex.killed_by == "signal":
+                ex.killed_by = "memory_limit"
+        if ex.killed_by is not None and ex.killed_by not in ex.limits_hit:
+            ex.limits_hit.append(ex.killed_by)
+        if after.pids_max_events > before.pids_max_events:
+            ex.limits_hit.append("pids_limit")
+        if sbx.workspace_full():
+            ex.limits_hit.append("disk_quota")
+        if ex.truncated:
+            ex.limits_hit.append("output_limit")
+        ex.peak_memory_mb = after.memory_peak_bytes / (1 << 20)
+        if ex.killed_by is not None and ex.exit_code is None:
+            ex.exit_code = 128 + signal.SIGKILL
+        if outcome == "died" and ex.killed_by is None and ex.exit_code is None:
+            ex.killed_by = "signal"

@@ -1,0 +1,154 @@
+"""The host's handle on the template process (the zygote of DESIGN.md section 4, step 1).
+
+The template is started with execve from the runtime environment's interpreter, with an
+environment built from scratch: never a fork of this process, whose memory and
+environment may hold the operator's secrets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._errors import BackendUnavailable, SandboxError
+
+DEFAULT_RUNTIME = "/var/lib/codecage/runtime"
+DEFAULT_PRELOAD = ("numpy", "pandas", "matplotlib", "matplotlib.pyplot", "IPython")
+START_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """The sandbox's own Python environment (built by scripts/build-runtime)."""
+
+    path: Path
+
+    @classmethod
+    def default(cls) -> Runtime:
+        return cls(Path(os.environ.get("CODECAGE_RUNTIME", DEFAULT_RUNTIME)))
+
+    @property
+    def python(self) -> Path:
+        return self.path / "bin" / "python"
+
+    def check(self) -> None:
+        if not self.python.exists():
+            raise BackendUnavailable(
+                f"no sandbox runtime at {self.path}: run `make runtime` "
+                "(or scripts/build-runtime), or set CODECAGE_RUNTIME"
+            )
+
+    def base_env(self) -> dict[str, str]:
+        """The environment every template and sandbox starts from: nothing of the host."""
+        return {
+            "PATH": f"{self.path}/bin:/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "OPENBLAS_NUM_THREADS": "1",
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "MPLBACKEND": "Agg",
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+
+
+def package_dir() -> Path:
+    """The directory of the `codecage` package, bound read-only into every sandbox."""
+    return Path(__file__).resolve().parent.parent
+
+
+class Template:
+    """One template process. spawn() is serialized: the template forks one sandbox at a time."""
+
+    def __init__(self, runtime: Runtime, preload: tuple[str, ...] = DEFAULT_PRELOAD) -> None:
+        runtime.check()
+        self.runtime = runtime
+        self.preload = preload
+        self._lock = threading.Lock()
+        self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        env = runtime.base_env() | {
+            "HOME": "/home/user",
+            "MPLCONFIGDIR": str(runtime.path / "share" / "mplconfig"),
+        }
+        bootstrap = (
+            f"import sys; sys.path.insert(0, {str(package_dir().parent)!r}); "
+            "from codecage._inside.zygote import main; main()"
+        )
+        config = json.dumps({"preload": list(preload)})
+        # The template's own diagnostics; sandboxes never inherit it (init points 0-2 at /dev/null).
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the template
+        self.process = subprocess.Popen(
+            [str(runtime.python), "-I", "-c", bootstrap, str(child.fileno()), config],
+            env=env,
+            pass_fds=[child.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self._log,
+            start_new_session=True,
+            cwd="/",
+        )
+        child.close()
+        self._sock.settimeout(START_TIMEOUT_S)
+        try:
+            ready = self._recv()
+        except (TimeoutError, SandboxError):
+            self.close()
+            raise
+        if not ready.get("ok"):
+            self.close()
+            raise BackendUnavailable(f"the template failed to start: {ready.get('error')}")
+        self.pid: int = ready["pid"]
+        self.landlock_abi: int = ready.get("landlock_abi", 0)
+
+    def _recv(self, fds: int = 0) -> dict[str, Any]:
+        data, received, _flags, _addr = socket.recv_fds(self._sock, 1 << 20, fds)
+        if not data:
+            raise SandboxError(f"the template exited: {self.diagnostics()}")
+        reply: dict[str, Any] = json.loads(data)
+        reply["_fds"] = received
+        return reply
+
+    def spawn(
+        self, spec: dict[str, Any], timeout_s: float = 30.0
+    ) -> tuple[socket.socket, int, int]:
+        """Fork a sandbox. Returns (supervisor socket, init pidfd, init's host pid)."""
+        with self._lock:
+            self._sock.settimeout(timeout_s)
+            self._sock.send(json.dumps({"op": "spawn", "spec": spec}).encode())
+            reply = self._recv(fds=2)
+        fds: list[int] = reply["_fds"]
+        if not reply.get("ok") or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise SandboxError(f"could not start a sandbox: {reply.get('error')}")
+        supervisor = socket.socket(fileno=fds[0])
+        return supervisor, fds[1], int(reply["init_pid"])
+
+    def ping(self) -> dict[str, Any]:
+        with self._lock:
+            self._sock.settimeout(10)
+            self._sock.send(b'{"op": "ping"}')
+            return self._recv()
+
+    def diagnostics(self) -> str:
+        """The end of the template's stderr, for error messages."""
+        with contextlib.suppress(OSError, ValueError):
+            self._log.seek(0, os.SEEK_END)
+            self._log.seek(max(0, self._log.tell() - 2000))
+            return self._log.read().decode(errors="replace").strip()
+        return ""
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self._sock.close()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()

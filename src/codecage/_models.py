@@ -1,0 +1,92 @@
+"""What a run returns: Execution and its parts (close to E2B's code-interpreter SDK)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+KilledBy = Literal["timeout", "memory_limit", "cpu_limit", "seccomp", "signal"]
+
+# MIME type -> attribute name on Result
+MIME_FIELDS = {
+    "text/plain": "text",
+    "text/html": "html",
+    "text/markdown": "markdown",
+    "image/png": "png",
+    "image/jpeg": "jpeg",
+    "image/svg+xml": "svg",
+    "text/latex": "latex",
+    "application/json": "json",
+}
+
+
+@dataclass
+class ExecutionError:
+    """An exception raised by user code: its class name, message and formatted traceback."""
+
+    name: str
+    value: str
+    traceback: str
+
+
+@dataclass
+class Logs:
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    """One rich output (a MIME bundle). `.png`/`.jpeg` are base64 strings."""
+
+    text: str | None = None
+    html: str | None = None
+    markdown: str | None = None
+    png: str | None = None
+    jpeg: str | None = None
+    svg: str | None = None
+    latex: str | None = None
+    json: Any = None
+    is_main_result: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_bundle(cls, bundle: dict[str, Any], is_main_result: bool) -> Result:
+        known = {MIME_FIELDS[k]: v for k, v in bundle.items() if k in MIME_FIELDS}
+        extra = {k: v for k, v in bundle.items() if k not in MIME_FIELDS}
+        return cls(**known, is_main_result=is_main_result, extra=extra)
+
+    def formats(self) -> list[str]:
+        """The representations present besides plain text, e.g. ["png"] or ["html"]."""
+        names = [n for n in MIME_FIELDS.values() if n != "text" and getattr(self, n) is not None]
+        return names + list(self.extra)
+
+
+@dataclass
+class Execution:
+    """The outcome of running code. User-code failures and limits hit are values here."""
+
+    results: list[Result] = field(default_factory=list)
+    logs: Logs = field(default_factory=Logs)
+    error: ExecutionError | None = None
+    execution_count: int | None = None
+    duration_ms: float = 0.0
+    exit_code: int | None = None
+    killed_by: KilledBy | None = None
+    limits_hit: list[str] = field(default_factory=list)
+    truncated: bool = False
+    peak_memory_mb: float | None = None
+    state_lost: bool = False
+
+    @property
+    def text(self) -> str | None:
+        """text/plain of the main result, or None."""
+        for result in self.results:
+            if result.is_main_result:
+                return result.text
+        return None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["text"] = self.text
+        return data
