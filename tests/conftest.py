@@ -20,19 +20,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.skip(reason="needs root"))
 
 
-def sandbox_processes() -> list[str]:
-    """Host processes running as a sandbox uid (every sandbox gets one >= UID_BASE)."""
+def sandbox_processes(owner: str | None = None) -> list[str]:
+    """Host processes running as a sandbox uid (every sandbox gets one >= UID_BASE) that
+    belong to `owner` (default: this process), or to no codecage cgroup at all (escaped).
+    Sandboxes of other processes (a parallel run) are not this test's business."""
+    owner = owner or cgroups.owner_name()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             status = (entry / "status").read_text()
+            membership = (entry / "cgroup").read_text()
         except OSError:
             continue
         uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
-        if uid >= UID_BASE:
-            found.append(f"{entry.name}: {status.splitlines()[0]}")
+        if uid < UID_BASE:
+            continue
+        if f"/codecage/{owner}/" in membership or "/codecage/" not in membership:
+            found.append(f"{entry.name}: {status.splitlines()[0]} {membership.split()[0]}")
     return found
 
 

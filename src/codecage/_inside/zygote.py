@@ -20,6 +20,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -67,8 +68,9 @@ def serve(sock: socket.socket, ctx: dict[str, Any]) -> None:
             _reap(wake_r)
         if sock.fileno() in ready:
             data = sock.recv(MAX_REQUEST)
-            if not data:
-                return  # the host is gone
+            if not data:  # the host is gone: its sandboxes' inits see it too and exit
+                _reap_all(deadline_s=10.0)
+                return
             _handle(sock, json.loads(data), ctx)
 
 
@@ -85,6 +87,19 @@ def _reap(wake_r: int) -> None:
             return
         if pid == 0:
             return
+
+
+def _reap_all(deadline_s: float) -> None:
+    """Wait for every child before exiting, so none is left a zombie of the host's PID 1."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            time.sleep(0.01)
 
 
 def _handle(sock: socket.socket, request: dict[str, Any], ctx: dict[str, Any]) -> None:

@@ -147,8 +147,12 @@ class Template:
         return ""
 
     def close(self) -> None:
+        """Closing the channel tells the template to reap its children and exit."""
         with contextlib.suppress(OSError):
             self._sock.close()
-        if self.process.poll() is None:
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
             self.process.kill()
-        self.process.wait()
+            self.process.wait()
+        self._log.close()
