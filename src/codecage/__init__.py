@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._api import run
+    from ._async import AsyncSandbox
     from ._errors import (
         ApprovalDenied,
         BackendUnavailable,
@@ -24,10 +25,16 @@ if TYPE_CHECKING:
     )
     from ._models import Execution, ExecutionError, Logs, Result
     from ._policy import Policy
+    from ._sandbox import CommandResult, EntryInfo, OutputMessage, Sandbox
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AsyncSandbox": "_async",
+    "CommandResult": "_sandbox",
+    "EntryInfo": "_sandbox",
+    "OutputMessage": "_sandbox",
+    "Sandbox": "_sandbox",
     "ApprovalDenied": "_errors",
     "BackendUnavailable": "_errors",
     "Execution": "_models",
@@ -46,15 +53,20 @@ _EXPORTS = {
 
 __all__ = [
     "ApprovalDenied",
+    "AsyncSandbox",
     "BackendUnavailable",
+    "CommandResult",
+    "EntryInfo",
     "Execution",
     "ExecutionError",
     "ExecutionTimeout",
     "FileNotFoundInSandbox",
     "Logs",
+    "OutputMessage",
     "Policy",
     "PolicyError",
     "Result",
+    "Sandbox",
     "SandboxError",
     "SandboxNotFound",
     "TransportError",

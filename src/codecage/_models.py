@@ -56,6 +56,11 @@ class Result:
         extra = {k: v for k, v in bundle.items() if k not in MIME_FIELDS}
         return cls(**known, is_main_result=is_main_result, extra=extra)
 
+    def __repr__(self) -> str:
+        main = ", main" if self.is_main_result else ""
+        text = self.text if self.text is None or len(self.text) < 60 else self.text[:57] + "..."
+        return f"Result(text={text!r}, formats={self.formats()}{main})"
+
     def formats(self) -> list[str]:
         """The representations present besides plain text, e.g. ["png"] or ["html"]."""
         names = [n for n in MIME_FIELDS.values() if n != "text" and getattr(self, n) is not None]

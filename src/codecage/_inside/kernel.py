@@ -13,6 +13,7 @@ import linecache
 import os
 import random
 import secrets
+import signal
 import socket
 import sys
 import threading
@@ -21,7 +22,7 @@ import traceback
 import types
 from typing import Any
 
-from . import caps, libc
+from . import caps, commands, files, libc
 from .protocol import PROTOCOL_VERSION, FrameReader, Message, encode
 
 CHUNK = 64 * 1024
@@ -130,6 +131,8 @@ class DescriptorCapture:
             threading.Thread(target=self._pump, args=(r, fd), daemon=True).start()
 
     def _pump(self, r: int, fd: int) -> None:
+        # An interrupt must reach the main thread, or a blocking call there never sees it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         name = "stdout" if fd == 1 else "stderr"
         while data := os.read(r, CHUNK):
             if fd == 1 and self.token and data.endswith(self.token):
@@ -218,63 +221,127 @@ def main(sock: socket.socket, spec: dict[str, Any], ctx: dict[str, Any]) -> None
     _environment(spec)
     os.chdir("/home/user")
     _reseed()
-    channel = Channel(sock)
-    output = Output(channel)
-    capture = DescriptorCapture(output)
-    sys.stdout = Stream(output, "stdout")
-    sys.stderr = Stream(output, "stderr")
-    sys.stdin = io.StringIO("")
-    executor = Executor()
-    channel.send(ev="hello", protocol=PROTOCOL_VERSION, pid=os.getpid())
-    serve(channel, output, capture, executor)
+    Kernel(Channel(sock)).serve()
 
 
-def serve(channel: Channel, output: Output, capture: DescriptorCapture, executor: Executor) -> None:
-    while True:
+class Kernel:
+    """Dispatches requests; one at a time, in order."""
+
+    def __init__(self, channel: Channel) -> None:
+        self.channel = channel
+        self.output = Output(channel)
+        self.capture = DescriptorCapture(self.output)
+        sys.stdout = Stream(self.output, "stdout")
+        sys.stderr = Stream(self.output, "stderr")
+        sys.stdin = io.StringIO("")
+        self.executor = Executor()
+        self.shell: Any = None
+        channel.send(ev="hello", protocol=PROTOCOL_VERSION, pid=os.getpid())
+
+    def serve(self) -> None:
+        while True:
+            try:
+                request = self.channel.recv()
+            except KeyboardInterrupt:
+                continue  # an interrupt that arrived between runs
+            if request is None or request.get("op") == "shutdown":
+                os._exit(0)
+            op = request.get("op")
+            try:
+                if op == "execute":
+                    self.execute(request)
+                elif op in files.OPS:
+                    self.file_op(request)
+                elif op == "command":
+                    self.command(request)
+                else:
+                    self.channel.send(
+                        ev="failed",
+                        id=request.get("id"),
+                        error="ProtocolError",
+                        message=f"unknown op {op!r}",
+                    )
+            except KeyboardInterrupt:
+                self.channel.send(
+                    ev="failed",
+                    id=request.get("id"),
+                    error="KeyboardInterrupt",
+                    message="interrupted",
+                )
+
+    def file_op(self, request: Message) -> None:
+        op, args = str(request["op"]), dict(request.get("args") or {})
         try:
-            request = channel.recv()
-        except KeyboardInterrupt:
-            continue  # an interrupt that arrived between runs
-        if request is None or request.get("op") == "shutdown":
-            os._exit(0)
-        if request.get("op") == "execute":
-            _execute(channel, output, capture, executor, request)
-        else:
-            channel.send(ev="error", id=request.get("id"), name="ProtocolError", value="unknown op")
+            reply = files.OPS[op](**args)
+        except (OSError, ValueError, TypeError) as exc:
+            self.channel.send(
+                ev="failed",
+                id=request.get("id"),
+                error=type(exc).__name__,
+                errno=getattr(exc, "errno", None),
+                message=str(exc),
+            )
+            return
+        self.channel.send(ev="done", id=request.get("id"), **reply)
 
-
-def _execute(
-    channel: Channel,
-    output: Output,
-    capture: DescriptorCapture,
-    executor: Executor,
-    request: Message,
-) -> None:
-    run_id = request.get("id")
-    output.reset(int(request.get("output_bytes", 1 << 20)))
-    saved = dict(os.environ)
-    os.environ.update({str(k): str(v) for k, v in (request.get("envs") or {}).items()})
-    started = time.perf_counter()
-    try:
-        result, error, exit_code = executor.run(
-            str(request.get("code", "")), str(request.get("mode"))
+    def command(self, request: Message) -> None:
+        timeout = request.get("timeout_s")
+        reply = commands.run(
+            str(request.get("cmd", "")),
+            float(timeout) if timeout is not None else None,
+            {str(k): str(v) for k, v in (request.get("envs") or {}).items()},
+            int(request.get("output_bytes", 1 << 20)),
         )
-        if result is not None:
-            channel.send(ev="result", id=run_id, data=result, is_main_result=True)
-        if error is not None:
-            channel.send(ev="error", id=run_id, **error)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # user code may have replaced them
-                stream.flush()
-        capture.flush()
-    channel.send(
-        ev="end",
-        id=run_id,
-        execution_count=executor.execution_count,
-        exit_code=exit_code,
-        truncated=output.truncated,
-        duration_ms=(time.perf_counter() - started) * 1000,
-    )
+        self.channel.send(ev="done", id=request.get("id"), **reply)
+
+    def session_shell(self) -> Any:
+        if self.shell is None:
+            from . import shell
+
+            self.shell = shell.make_shell()
+        return self.shell
+
+    def execute(self, request: Message) -> None:
+        run_id = request.get("id")
+        self.output.reset(int(request.get("output_bytes", 1 << 20)))
+        saved = dict(os.environ)
+        os.environ.update({str(k): str(v) for k, v in (request.get("envs") or {}).items()})
+        started = time.perf_counter()
+        code, mode = str(request.get("code", "")), str(request.get("mode"))
+        exit_code: int | None = None
+        try:
+            if mode == "session":
+                count, error = self._cell(run_id, code)
+            else:
+                result, error, exit_code = self.executor.run(code, mode)
+                count = self.executor.execution_count
+                if result is not None:
+                    self.channel.send(ev="result", id=run_id, data=result, is_main_result=True)
+            if error is not None:
+                self.channel.send(ev="error", id=run_id, **error)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):  # user code may have replaced them
+                    stream.flush()
+            self.capture.flush()
+        self.channel.send(
+            ev="end",
+            id=run_id,
+            execution_count=count,
+            exit_code=exit_code,
+            truncated=self.output.truncated,
+            duration_ms=(time.perf_counter() - started) * 1000,
+        )
+
+    def _cell(self, run_id: Any, code: str) -> tuple[int, Message | None]:
+        from . import shell
+
+        def sink(kind: str, payload: dict[str, Any]) -> None:
+            for stream in (sys.stdout, sys.stderr):  # output printed before a result comes first
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            self.channel.send(ev=kind, id=run_id, **payload)
+
+        return shell.run_cell(self.session_shell(), code, sink)

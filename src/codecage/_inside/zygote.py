@@ -43,6 +43,11 @@ def _warm() -> None:
     """Do once here what the first run in every sandbox would otherwise pay for."""
     from . import kernel
 
+    if "IPython" in sys.modules:
+        from . import shell
+
+        shell.warm(shell.make_shell())
+
     executor = kernel.Executor()
     executor.run("x = 1\nx + 1", "session")
     try:

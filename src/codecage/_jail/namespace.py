@@ -20,7 +20,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .._errors import BackendUnavailable, PolicyError, SandboxError, TransportError
+from .._errors import (
+    BackendUnavailable,
+    ExecutionTimeout,
+    PolicyError,
+    SandboxError,
+    SandboxNotFound,
+    TransportError,
+)
 from .._inside.protocol import FrameReader, Message, ProtocolError, encode
 from .._models import Execution, ExecutionError, Result
 from .._policy import Policy
@@ -101,6 +108,8 @@ class NamespaceSandbox:
         self.uid = _uids.take()
         self.cgroups = cgroups.SandboxCgroups(jail.cgroup_version, self.id, jail.owner)
         self._closed = False
+        self.ended_because = "it was killed"
+        self.last_usage = cgroups.Usage(0, 0, 0, 0.0)
         self.generation = -1
         self._kernel: socket.socket | None = None
         self._reader = FrameReader()
@@ -230,12 +239,57 @@ class NamespaceSandbox:
         the policy's grace, kills and restarts the kernel; a dead kernel is restarted. Without
         it (one-shot runs, whose sandbox is destroyed next), the run just stops waiting."""
         if self._closed:
-            raise SandboxError(f"sandbox {self.id} has been killed")
+            raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
         run = _Run(self, on_event)
         limit = self.policy.timeout_s
         if timeout_s is not None:
             limit = timeout_s if limit is None else min(limit, timeout_s)
         return run.go(code, mode, limit, envs or {}, recover)
+
+    def request(self, message: Message, timeout_s: float | None) -> Message:
+        """Send a file or command request and wait for its reply ("done" or "failed").
+
+        If the kernel dies meanwhile it is restarted and TransportError is raised; past the
+        deadline the kernel is interrupted, then killed and restarted."""
+        if self._closed:
+            raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
+        message = {**message, "id": secrets.token_hex(8)}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.send(message)
+        while True:
+            while self._pending:
+                frame = self._pending.pop(0)
+                if frame.get("id") == message["id"] and frame.get("ev") in ("done", "failed"):
+                    return frame
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                self.kill_kernel()
+                self.restart_kernel(time.monotonic() + 30)
+                raise ExecutionTimeout(
+                    f"{message.get('op')} did not finish within {timeout_s} s; the kernel was restarted"
+                )
+            wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
+            assert self._kernel is not None
+            ready, _, _ = select.select([self._kernel, self._supervisor], [], [], max(wait, 0))
+            if self._kernel in ready:
+                self._pending.extend(self._read_kernel())
+            if self._supervisor in ready and not self._pending:
+                status = self._exit_event()
+                if status is not None:
+                    self.restart_kernel(time.monotonic() + 30)
+                    raise TransportError(
+                        f"the kernel died during {message.get('op')} ({status}); it was restarted"
+                    )
+
+    def _exit_event(self) -> Message | None:
+        """A kernel-exit report from init, if one is waiting."""
+        try:
+            message, fds = self._supervisor_message()
+        except BlockingIOError:
+            return None
+        for fd in fds:
+            os.close(fd)
+        return message if message.get("ev") == "exit" else None
 
     def restart_kernel(self, deadline: float) -> None:
         self._supervisor.send(b'{"op": "restart"}')
@@ -276,6 +330,13 @@ class NamespaceSandbox:
 
     # -- ending -------------------------------------------------------------------------
 
+    def end(self, reason: str) -> None:
+        """Kill the sandbox for a reason that later calls will report."""
+        with contextlib.suppress(OSError):
+            self.last_usage = self.cgroups.usage()
+        self.ended_because = reason
+        self.kill()
+
     def kill(self) -> None:
         """Stop the whole tree (freeze, SIGKILL, thaw) and remove the cgroups. Idempotent."""
         if self._closed:
@@ -309,6 +370,7 @@ class _Run:
         self.budget = sandbox.policy.output_bytes
         self.id = secrets.token_hex(8)
         self.ended = False
+        self.limit: float | None = None
 
     def go(
         self, code: str, mode: str, limit: float | None, envs: dict[str, str], recover: bool
@@ -318,6 +380,7 @@ class _Run:
         before = sbx.usage()
         started = time.monotonic()
         deadline = None if limit is None else started + limit
+        self.limit = limit
         request: dict[str, Any] = {"op": "execute", "id": self.id, "code": code, "mode": mode}
         request |= {"envs": envs, "output_bytes": policy.output_bytes}
         sbx.send(request)
@@ -325,7 +388,7 @@ class _Run:
         if recover and outcome != "end":
             outcome = self._recover(outcome, before)
         self.ex.duration_ms = (time.monotonic() - started) * 1000
-        after = sbx.usage()
+        after = sbx.usage() if sbx.alive else sbx.last_usage
         self._account(before, after, outcome)
         return self.ex
 
@@ -333,6 +396,10 @@ class _Run:
         """Keep the session usable: interrupt first, then kill and restart the kernel."""
         sbx = self.sbx
         grace = sbx.policy.interrupt_grace_s
+        if outcome == "cpu_limit":  # the budget is for the whole session: it is over
+            sbx.end("its cpu_s budget was used")
+            self.ex.state_lost = True
+            return outcome
         if outcome == "timeout" and grace > 0:
             sbx.interrupt()
             if self._pump(time.monotonic() + grace, before) == "end":
@@ -368,7 +435,7 @@ class _Run:
                 if not frames and not sbx._pending and self._kernel_eof():
                     return "died"
             if sbx._supervisor in ready and not sbx._pending:
-                status = self._supervisor_event()
+                status = self.sbx._exit_event()
                 if status is not None:
                     self._died(status)
                     return "died"
@@ -382,15 +449,6 @@ class _Run:
             return False
         except OSError:
             return True
-
-    def _supervisor_event(self) -> Message | None:
-        try:
-            message, fds = self.sbx._supervisor_message()
-        except BlockingIOError:
-            return None
-        for fd in fds:
-            os.close(fd)
-        return message if message.get("ev") == "exit" else None
 
     def _over_cpu(self) -> bool:
         cap = self.sbx.policy.cpu_s
@@ -465,3 +523,23 @@ class _Run:
             ex.exit_code = 128 + signal.SIGKILL
         if outcome == "died" and ex.killed_by is None and ex.exit_code is None:
             ex.killed_by = "signal"
+        if ex.killed_by is not None and (ex.error is None or ex.state_lost):
+            ex.error = self._kill_error(ex.killed_by)
+
+    def _kill_error(self, killed_by: str) -> ExecutionError:
+        policy, ex = self.sbx.policy, self.ex
+        what = {
+            "timeout": ("TimeoutError", f"the run exceeded its time limit ({self.limit} s)"),
+            "memory_limit": (
+                "MemoryLimitExceeded",
+                f"the code exceeded memory_mb={policy.memory_mb}",
+            ),
+            "cpu_limit": ("CpuLimitExceeded", f"the sandbox used its cpu_s={policy.cpu_s} budget"),
+            "seccomp": (
+                "SeccompViolation",
+                "a forbidden system call (non-native ABI) killed the process",
+            ),
+            "signal": ("KernelDied", f"the kernel died (exit status {ex.exit_code})"),
+        }[killed_by]
+        after = "; the kernel was restarted and its variables are lost" if ex.state_lost else ""
+        return ExecutionError(what[0], what[1] + after, "")

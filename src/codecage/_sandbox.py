@@ -1,0 +1,330 @@
+"""The Sandbox SDK: a persistent Python session in the jail (close to E2B's code interpreter).
+
+One implementation, synchronous and without a thread or event-loop hop per call;
+`AsyncSandbox` (in _async.py) is derived from it.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+from ._api import prepare_code
+from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound
+from ._jail import get_jail
+from ._jail.namespace import NamespaceSandbox
+from ._models import Execution, ExecutionError, Result
+from ._policy import Policy
+
+FILE_CHUNK = 4 << 20
+
+
+@dataclass
+class OutputMessage:
+    """One chunk of stdout or stderr, as passed to on_stdout / on_stderr."""
+
+    line: str
+    timestamp: float
+    error: bool = False
+
+    def __str__(self) -> str:
+        return self.line
+
+
+@dataclass
+class EntryInfo:
+    name: str
+    path: str
+    type: str  # "file", "dir", "symlink" or "other"
+    size: int
+
+
+@dataclass
+class CommandResult:
+    stdout: str
+    stderr: str
+    exit_code: int
+    error: str | None = None
+    truncated: bool = False
+
+
+class Sandbox:
+    """A live sandbox. `with Sandbox() as sbx: sbx.run_code("1 + 1").text  # "2"`."""
+
+    def __init__(
+        self,
+        policy: Policy | None = None,
+        *,
+        envs: dict[str, str] | None = None,
+    ) -> None:
+        self.policy = policy or Policy()
+        self._lock = threading.RLock()
+        self._jailed: NamespaceSandbox = get_jail(self.policy.isolation).create(self.policy, envs)  # type: ignore[assignment]
+        self.last_activity = time.monotonic()
+        self.busy = False
+        self.files = Files(self)
+        self.commands = Commands(self)
+        _registry.add(self)
+
+    @classmethod
+    def create(cls, policy: Policy | None = None, *, envs: dict[str, str] | None = None) -> Sandbox:
+        return cls(policy, envs=envs)
+
+    @property
+    def id(self) -> str:
+        return self._jailed.id
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._jailed.id
+
+    @property
+    def alive(self) -> bool:
+        return self._jailed.alive
+
+    def __enter__(self) -> Sandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    def __repr__(self) -> str:
+        return f"<Sandbox {self.id} {'alive' if self.alive else 'ended'}>"
+
+    def _use(self) -> NamespaceSandbox:
+        if not self._jailed.alive:
+            raise SandboxNotFound(f"sandbox {self.id} has ended: {self._jailed.ended_because}")
+        return self._jailed
+
+    def run_code(
+        self,
+        code: str,
+        *,
+        on_stdout: Callable[[OutputMessage], Any] | None = None,
+        on_stderr: Callable[[OutputMessage], Any] | None = None,
+        on_result: Callable[[Result], Any] | None = None,
+        on_error: Callable[[ExecutionError], Any] | None = None,
+        timeout: float | None = None,
+        envs: dict[str, str] | None = None,
+    ) -> Execution:
+        """Run a cell. The last expression is the main result; state persists between calls.
+        `timeout` can only lower the policy's `timeout_s`. Runs on one sandbox are serialized."""
+        text = prepare_code(code)
+        callbacks = (on_stdout, on_stderr, on_result, on_error)
+        on_event = _dispatcher(*callbacks) if any(callbacks) else None
+        with self._lock:
+            jailed = self._use()
+            self.busy = True
+            try:
+                return jailed.execute(
+                    text, mode="session", timeout_s=timeout, envs=envs, on_event=on_event
+                )
+            finally:
+                self.busy = False
+                self.last_activity = time.monotonic()
+
+    def _request(self, message: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+        with self._lock:
+            jailed = self._use()
+            self.busy = True
+            try:
+                limit = self.policy.timeout_s if timeout_s is None else timeout_s
+                return jailed.request(message, limit)
+            finally:
+                self.busy = False
+                self.last_activity = time.monotonic()
+
+    def kill(self) -> None:
+        """End the sandbox: every process, its cgroups and its workspace are gone."""
+        with self._lock:
+            self._jailed.kill()
+        _registry.discard(self)
+
+    close = kill
+
+
+def _dispatcher(
+    on_stdout: Callable[[OutputMessage], Any] | None,
+    on_stderr: Callable[[OutputMessage], Any] | None,
+    on_result: Callable[[Result], Any] | None,
+    on_error: Callable[[ExecutionError], Any] | None,
+) -> Callable[[dict[str, Any]], None]:
+    def on_event(event: dict[str, Any]) -> None:
+        ev = event.get("ev")
+        if ev == "stdout" and on_stdout and isinstance(event.get("text"), str):
+            on_stdout(OutputMessage(event["text"], time.time()))
+        elif ev == "stderr" and on_stderr and isinstance(event.get("text"), str):
+            on_stderr(OutputMessage(event["text"], time.time(), error=True))
+        elif ev == "result" and on_result and isinstance(event.get("data"), dict):
+            on_result(Result.from_bundle(event["data"], bool(event.get("is_main_result"))))
+        elif ev == "error" and on_error:
+            on_error(
+                ExecutionError(
+                    str(event.get("name")), str(event.get("value")), str(event.get("traceback"))
+                )
+            )
+
+    return on_event
+
+
+def _failed(reply: dict[str, Any], path: str) -> None:
+    if reply.get("ev") != "failed":
+        return
+    message = f"{path}: {reply.get('message')}"
+    if reply.get("error") == "FileNotFoundError":
+        raise FileNotFoundInSandbox(message)
+    raise SandboxError(message)
+
+
+class Files:
+    """Files inside the sandbox: relative paths are under /home/user. The kernel inside the
+    jail performs every operation, so the jail confines them."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sbx = sandbox
+
+    def _op(self, op: str, path: str, **args: Any) -> dict[str, Any]:
+        reply = self._sbx._request({"op": op, "args": {"path": path, **args}})
+        _failed(reply, path)
+        return reply
+
+    @overload
+    def read(self, path: str, format: Literal["bytes"] = "bytes") -> bytes: ...
+    @overload
+    def read(self, path: str, format: Literal["text"]) -> str: ...
+
+    def read(self, path: str, format: Literal["bytes", "text"] = "bytes") -> bytes | str:
+        chunks, offset = [], 0
+        while True:
+            reply = self._op("read", path, offset=offset, length=FILE_CHUNK)
+            chunk = base64.b64decode(str(reply.get("data", "")))
+            chunks.append(chunk)
+            offset += len(chunk)
+            if reply.get("eof") is not False or not chunk:
+                break
+        data = b"".join(chunks)
+        return data.decode("utf-8", "replace") if format == "text" else data
+
+    def write(self, path: str, data: bytes | str) -> EntryInfo:
+        """Write a file, creating its parent directories."""
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        reply: dict[str, Any] = {}
+        for start in range(0, max(len(raw), 1), FILE_CHUNK):
+            chunk = base64.b64encode(raw[start : start + FILE_CHUNK]).decode()
+            reply = self._op("write", path, data=chunk, append=start > 0)
+        return _entry(reply)
+
+    def list(self, path: str = ".") -> list[EntryInfo]:
+        return [_entry(e) for e in self._op("list", path).get("entries", [])]
+
+    def exists(self, path: str) -> bool:
+        return bool(self._op("stat", path).get("exists"))
+
+    def remove(self, path: str) -> None:
+        self._op("remove", path)
+
+    def make_dir(self, path: str) -> bool:
+        """Create a directory (and its parents); False if it already existed."""
+        return bool(self._op("mkdir", path).get("created"))
+
+
+def _entry(data: dict[str, Any]) -> EntryInfo:
+    return EntryInfo(
+        str(data.get("name")),
+        str(data.get("path")),
+        str(data.get("type")),
+        int(data.get("size", 0)),
+    )
+
+
+class Commands:
+    """Shell commands inside the same sandbox."""
+
+    def __init__(self, sandbox: Sandbox) -> None:
+        self._sbx = sandbox
+
+    def run(
+        self, cmd: str, *, timeout: float | None = None, envs: dict[str, str] | None = None
+    ) -> CommandResult:
+        limit = self._sbx.policy.timeout_s
+        if timeout is not None:
+            limit = timeout if limit is None else min(limit, timeout)
+        message = {"op": "command", "cmd": cmd, "timeout_s": limit, "envs": envs or {}}
+        message["output_bytes"] = self._sbx.policy.output_bytes
+        # The kernel enforces the timeout; the host waits a little longer as a backstop.
+        reply = self._sbx._request(message, None if limit is None else limit + 5)
+        _failed(reply, cmd)
+        return CommandResult(
+            stdout=str(reply.get("stdout", "")),
+            stderr=str(reply.get("stderr", "")),
+            exit_code=int(reply.get("exit_code", -1)),
+            error=f"timed out after {limit} s" if reply.get("timed_out") else None,
+            truncated=bool(reply.get("truncated")),
+        )
+
+
+class _Registry:
+    """Live sandboxes of this process, watched for idle time and for their CPU budget
+    (a thread left spinning between runs counts)."""
+
+    def __init__(self) -> None:
+        self._live: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, sandbox: Sandbox) -> None:
+        with self._lock:
+            self._live.add(sandbox)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._watch, name="codecage-watchdog", daemon=True
+                )
+                self._thread.start()
+
+    def discard(self, sandbox: Sandbox) -> None:
+        with self._lock:
+            self._live.discard(sandbox)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(0.5)
+            with self._lock:
+                live = list(self._live)
+            for sandbox in live:
+                self.check(sandbox)
+
+    def check(self, sandbox: Sandbox) -> None:
+        policy, jailed = sandbox.policy, sandbox._jailed
+        if not jailed.alive or sandbox.busy:
+            return
+        idle = time.monotonic() - sandbox.last_activity
+        if policy.idle_timeout_s is not None and idle > policy.idle_timeout_s:
+            reason = f"idle for more than idle_timeout_s={policy.idle_timeout_s}"
+        else:
+            try:
+                used = jailed.usage().cpu_s
+            except OSError:
+                return
+            if policy.cpu_s is None or used <= policy.cpu_s:
+                return
+            reason = f"it used its cpu_s={policy.cpu_s} budget (between runs)"
+        if sandbox._lock.acquire(blocking=False):
+            try:
+                jailed.end(reason)
+            finally:
+                sandbox._lock.release()
+            self.discard(sandbox)
+
+    def kill_all(self) -> None:
+        with self._lock:
+            live = list(self._live)
+        for sandbox in live:
+            sandbox.kill()
+
+
+_registry = _Registry()
