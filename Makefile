@@ -21,7 +21,7 @@ runtime:
 	scripts/build-runtime $(RUNTIME)
 
 demo: $(STAMP) runtime
-	$(BIN)/codecage run examples/analysis.py
+	$(BIN)/python examples/demo.py
 
 test: $(STAMP) runtime
 	$(BIN)/pytest

@@ -89,6 +89,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return worst
 
 
+def cmd_shell(args: argparse.Namespace) -> int:
+    from ._shell import run_shell
+
+    return run_shell(load_policy(args), Path(args.images))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="codecage", description="Run untrusted Python in a sandbox."
@@ -101,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a policy field")
     run.add_argument("--json", action="store_true", help="print the whole Execution as JSON")
     run.set_defaults(func=cmd_run)
+    shell = sub.add_parser("shell", help="an interactive session in a sandbox")
+    shell.add_argument("--config", help="a TOML policy file")
+    shell.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a policy field"
+    )
+    shell.add_argument("--images", default="codecage-images", help="where images are saved")
+    shell.set_defaults(func=cmd_shell)
     doctor = sub.add_parser("doctor", help="which protections this host supports")
     doctor.set_defaults(func=cmd_doctor)
     return parser

@@ -38,6 +38,8 @@ def run(spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any]) ->
                 _kill_all_and_exit()
             if json.loads(data).get("op") == "restart":
                 _kill_others()
+                _reap_all_children()  # no zombie of the old kernel outlives the restart
+                kernel = -1
                 generation += 1
                 kernel = _start_kernel(spec, supervisor, ctx, generation)
 
@@ -78,6 +80,14 @@ def _reap(supervisor: socket.socket, kernel: int, generation: int) -> int:
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
             supervisor.send(message(ev="exit", generation=generation, signal=sig, code=code))
             kernel = -1
+
+
+def _reap_all_children() -> None:
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
 
 
 def _drain(fd: int) -> None:

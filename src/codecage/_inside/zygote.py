@@ -11,6 +11,7 @@ Requests arrive on a SOCK_SEQPACKET socket, one JSON object each:
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
@@ -109,7 +110,11 @@ def _reap_all(deadline_s: float) -> None:
 
 def _handle(sock: socket.socket, request: dict[str, Any], ctx: dict[str, Any]) -> None:
     op = request.get("op")
-    if op == "ping":
+    if op == "reap":
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(int(request["pid"]), 0)
+        sock.send(b'{"ok": true}')
+    elif op == "ping":
         sock.send(json.dumps({"ok": True, "threads": thread_count(), "pid": os.getpid()}).encode())
     elif op == "spawn":
         try:

@@ -281,6 +281,18 @@ class NamespaceSandbox:
                         f"the kernel died during {message.get('op')} ({status}); it was restarted"
                     )
 
+    def wait_exit_event(self, deadline: float) -> Message | None:
+        """Wait for init's report that the kernel ended."""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select(
+                [self._supervisor], [], [], max(0.0, deadline - time.monotonic())
+            )
+            if ready:
+                status = self._exit_event()
+                if status is not None:
+                    return status
+        return None
+
     def _exit_event(self) -> Message | None:
         """A kernel-exit report from init, if one is waiting."""
         try:
@@ -347,8 +359,11 @@ class NamespaceSandbox:
         if hasattr(self, "_init_pidfd"):
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
-            select.select([self._init_pidfd], [], [], 5.0)
+            dead, _, _ = select.select([self._init_pidfd], [], [], 5.0)
             os.close(self._init_pidfd)
+            if dead:  # init is now a zombie of the template: have it reaped before we return
+                with contextlib.suppress(OSError, SandboxError):
+                    self.jail.template.reap(self.init_pid)
             self._supervisor.close()
         if self._kernel is not None:
             self._kernel.close()
@@ -433,6 +448,10 @@ class _Run:
                 frames = sbx._read_kernel()
                 sbx._pending.extend(frames)
                 if not frames and not sbx._pending and self._kernel_eof():
+                    # The kernel is gone; init's report says how (a signal, an exit code).
+                    status = sbx.wait_exit_event(time.monotonic() + 2.0)
+                    if status is not None:
+                        self._died(status)
                     return "died"
             if sbx._supervisor in ready and not sbx._pending:
                 status = self.sbx._exit_event()
@@ -494,10 +513,8 @@ class _Run:
 
     def _died(self, status: Message) -> None:
         sig = status.get("signal")
-        if sig == signal.SIGSYS:
-            self.ex.killed_by = "seccomp"
-        elif isinstance(sig, int):
-            self.ex.killed_by = "signal"
+        if isinstance(sig, int):
+            self.ex.killed_by = "seccomp" if sig == signal.SIGSYS else "signal"
             self.ex.exit_code = 128 + sig
         elif isinstance(status.get("code"), int):
             self.ex.exit_code = status["code"]

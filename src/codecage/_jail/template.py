@@ -132,6 +132,13 @@ class Template:
         supervisor = socket.socket(fileno=fds[0])
         return supervisor, fds[1], int(reply["init_pid"])
 
+    def reap(self, pid: int) -> None:
+        """Have the template reap a sandbox's init (already dead), so no zombie remains."""
+        with self._lock:
+            self._sock.settimeout(10)
+            self._sock.send(json.dumps({"op": "reap", "pid": pid}).encode())
+            self._recv()
+
     def ping(self) -> dict[str, Any]:
         with self._lock:
             self._sock.settimeout(10)
