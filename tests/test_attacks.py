@@ -27,6 +27,7 @@ import pytest
 
 import codecage
 from codecage import Policy
+from codecage._jail import get_jail
 from codecage._jail.namespace import UID_BASE, NamespaceJail
 
 pytestmark = [
@@ -346,7 +347,8 @@ report(site_dir=site, **out)
 
 def test_write_usr_etc_and_runtime() -> None:
     token = secrets.token_hex(6)
-    pkg = str(Path(codecage.__file__).resolve().parent)
+    # The codecage package where sandboxes see it (a staged copy, bound read-only).
+    pkg = str(get_jail("namespace").template.package)  # type: ignore[attr-defined]
     probe = f"TOKEN = {token!r}\nPKG = {pkg!r}\n" + WRITE_DIRS
     host = on_host(probe, python=RUNTIME_PYTHON)  # the sandbox's own interpreter, as root
     keys = ["usr", "usr_bin", "etc", "site", "numpy", "runtime", "codecage", "existing", "chmod"]

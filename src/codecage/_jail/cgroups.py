@@ -70,6 +70,7 @@ class SandboxCgroups:
 
     def __init__(self, version: int, sandbox_id: str, owner: str) -> None:
         self.version = version
+        self._fds: dict[str, int] = {}
         if version == 1:
             self.dirs = {c: ROOT / c / "codecage" / owner / sandbox_id for c in V1_CONTROLLERS}
         else:
@@ -118,30 +119,47 @@ class SandboxCgroups:
             if policy.cpu_cores is not None:
                 _write(u / "cpu.max", f"{int(policy.cpu_cores * CPU_PERIOD_US)} {CPU_PERIOD_US}")
 
+    def _file(self, controller: str, name: str) -> int:
+        """A descriptor kept open on a cgroup file: re-read with pread, no path walk per run."""
+        key = f"{controller}/{name}"
+        fd = self._fds.get(key)
+        if fd is None:
+            fd = os.open(self.dirs[controller] / name, os.O_RDWR | os.O_CLOEXEC)
+            self._fds[key] = fd
+        return fd
+
+    def _get(self, controller: str, name: str) -> str:
+        return os.pread(self._file(controller, name), 4096, 0).decode()
+
     def usage(self) -> Usage:
-        d = self.dirs
         if self.version == 1:
             return Usage(
-                memory_peak_bytes=int(_read(d["memory"] / "memory.max_usage_in_bytes")),
-                oom_kills=_keyed(_read(d["memory"] / "memory.oom_control")).get("oom_kill", 0),
-                pids_max_events=_keyed(_read(d["pids"] / "pids.events")).get("max", 0),
-                cpu_s=int(_read(d["cpuacct"] / "cpuacct.usage")) / 1e9,
+                memory_peak_bytes=int(self._get("memory", "memory.max_usage_in_bytes")),
+                oom_kills=_keyed(self._get("memory", "memory.oom_control")).get("oom_kill", 0),
+                pids_max_events=_keyed(self._get("pids", "pids.events")).get("max", 0),
+                cpu_s=int(self._get("cpuacct", "cpuacct.usage")) / 1e9,
             )
-        u = d["unified"]
-        peak = u / "memory.peak"
+        peak = (
+            "memory.peak" if (self.dirs["unified"] / "memory.peak").exists() else "memory.current"
+        )
         return Usage(
-            memory_peak_bytes=int(_read(peak if peak.exists() else u / "memory.current")),
-            oom_kills=_keyed(_read(u / "memory.events")).get("oom_kill", 0),
-            pids_max_events=_keyed(_read(u / "pids.events")).get("max", 0),
-            cpu_s=_keyed(_read(u / "cpu.stat")).get("usage_usec", 0) / 1e6,
+            memory_peak_bytes=int(self._get("unified", peak)),
+            oom_kills=_keyed(self._get("unified", "memory.events")).get("oom_kill", 0),
+            pids_max_events=_keyed(self._get("unified", "pids.events")).get("max", 0),
+            cpu_s=_keyed(self._get("unified", "cpu.stat")).get("usage_usec", 0) / 1e6,
         )
 
     def reset_peak(self) -> None:
         if self.version == 1:
-            _write(self.dirs["memory"] / "memory.max_usage_in_bytes", "0")
+            os.pwrite(self._file("memory", "memory.max_usage_in_bytes"), b"0", 0)
         else:
             with contextlib.suppress(OSError):  # resettable since Linux 6.12
-                _write(self.dirs["unified"] / "memory.peak", "0")
+                os.pwrite(self._file("unified", "memory.peak"), b"0", 0)
+
+    def close_files(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def pids(self) -> list[int]:
         path = self.dirs["pids" if self.version == 1 else "unified"] / "cgroup.procs"
@@ -178,6 +196,7 @@ class SandboxCgroups:
 
     def remove(self, timeout_s: float = 5.0) -> None:
         """Kill what is left and remove the directories (a cgroup with tasks cannot be removed)."""
+        self.close_files()
         deadline = time.monotonic() + timeout_s
         for d in self.dirs.values():
             while d.exists():

@@ -32,7 +32,7 @@ from .._inside.protocol import FrameReader, Message, ProtocolError, encode
 from .._models import Execution, ExecutionError, Result
 from .._policy import Policy
 from . import cgroups
-from .template import Runtime, Template, package_dir
+from .template import Runtime, Template
 
 EventCallback = Callable[[Message], None]
 POLL_S = 0.05
@@ -108,6 +108,7 @@ class NamespaceSandbox:
         self.uid = _uids.take()
         self.cgroups = cgroups.SandboxCgroups(jail.cgroup_version, self.id, jail.owner)
         self._closed = False
+        self._mount_fds: list[int] = []
         self.ended_because = "it was killed"
         self.last_usage = cgroups.Usage(0, 0, 0, 0.0)
         self.generation = -1
@@ -119,6 +120,7 @@ class NamespaceSandbox:
             spec = self._spec(envs)
             self._supervisor, self._init_pidfd, self.init_pid = jail.template.spawn(spec)
             self._await_kernel(time.monotonic() + 30)
+            self._open_mounts()
         except BaseException:
             self.kill()
             raise
@@ -134,7 +136,7 @@ class NamespaceSandbox:
         }
         env |= {k: os.environ[k] for k in p.env_allowlist if k in os.environ}
         env |= envs
-        binds = ["/usr", str(runtime.path.resolve()), str(package_dir())]
+        binds = ["/usr", str(runtime.path.resolve()), str(self.jail.template.package)]
         return {
             "id": self.id,
             "uid": self.uid,
@@ -330,15 +332,19 @@ class NamespaceSandbox:
         return self.cgroups.usage()
 
     def workspace_full(self) -> bool:
-        """Whether a memory-backed filesystem of the sandbox is full (host's own statvfs)."""
-        for path in ("home/user", "tmp", "dev/shm"):
-            try:
-                st = os.statvfs(f"/proc/{self.init_pid}/root/{path}")
-            except OSError:
-                continue
+        """Whether a memory-backed filesystem of the sandbox is full (the host's own statvfs
+        on descriptors it opened when the sandbox started, before any code ran)."""
+        for fd in self._mount_fds:
+            st = os.fstatvfs(fd)
             if st.f_bavail * st.f_frsize < 64 * 1024:
                 return True
         return False
+
+    def _open_mounts(self) -> None:
+        for path in ("home/user", "tmp", "dev/shm"):
+            self._mount_fds.append(
+                os.open(f"/proc/{self.init_pid}/root/{path}", os.O_PATH | os.O_CLOEXEC)
+            )
 
     # -- ending -------------------------------------------------------------------------
 
@@ -367,6 +373,8 @@ class NamespaceSandbox:
             self._supervisor.close()
         if self._kernel is not None:
             self._kernel.close()
+        for fd in self._mount_fds:
+            os.close(fd)
         self.cgroups.remove()
         _uids.give_back(self.uid)
 

@@ -8,8 +8,10 @@ environment may hold the operator's secrets.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -40,6 +42,11 @@ class Runtime:
         return self.path / "bin" / "python"
 
     def check(self) -> None:
+        if _shadowed(self.path.resolve()):
+            raise BackendUnavailable(
+                f"the sandbox runtime {self.path} lies under a path the jail mounts over "
+                f"({', '.join(SHADOWED)}): build it elsewhere (CODECAGE_RUNTIME)"
+            )
         if not self.python.exists():
             raise BackendUnavailable(
                 f"no sandbox runtime at {self.path}: run `make runtime` "
@@ -60,9 +67,34 @@ class Runtime:
         }
 
 
+# Paths the jail mounts its own filesystems over: nothing it needs may live under them.
+SHADOWED = ("/tmp", "/home", "/dev", "/proc", "/sys", "/run/codecage/root")
+STAGE = Path("/run/codecage/pkg")
+
+
+def _shadowed(path: Path) -> bool:
+    return any(path == Path(p) or Path(p) in path.parents for p in SHADOWED)
+
+
 def package_dir() -> Path:
-    """The directory of the `codecage` package, bound read-only into every sandbox."""
-    return Path(__file__).resolve().parent.parent
+    """The `codecage` package as the template imports it and every sandbox sees it (bound
+    read-only at the same path). A copy staged under /run/codecage/pkg/<content hash>, so
+    that the checkout may live anywhere, /tmp included, which the jail hides behind its own."""
+    source = Path(__file__).resolve().parent.parent
+    files = sorted(p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes())
+    target = STAGE / digest.hexdigest()[:20] / "codecage"
+    if not target.exists():
+        STAGE.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=STAGE))
+        shutil.copytree(source, scratch / "codecage", ignore=shutil.ignore_patterns("__pycache__"))
+        try:
+            (scratch / "codecage").parent.rename(target.parent)  # atomic: racing copies are equal
+        except OSError:
+            shutil.rmtree(scratch)
+    return target
 
 
 class Template:
@@ -78,8 +110,9 @@ class Template:
             "HOME": "/home/user",
             "MPLCONFIGDIR": str(runtime.path / "share" / "mplconfig"),
         }
+        self.package = package_dir()
         bootstrap = (
-            f"import sys; sys.path.insert(0, {str(package_dir().parent)!r}); "
+            f"import sys; sys.path.insert(0, {str(self.package.parent)!r}); "
             "from codecage._inside.zygote import main; main()"
         )
         config = json.dumps({"preload": list(preload)})
