@@ -32,6 +32,7 @@ check: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP) runtime
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python benchmarks/run.py
 
 clean:

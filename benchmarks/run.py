@@ -11,17 +11,37 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from codecage import Policy
-from codecage._jail import get_jail
-from codecage._jail.template import DEFAULT_PRELOAD, Runtime
-
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from baselines import (  # noqa: E402
+    Jupyter,
+    PipeRepl,
+    fresh_interpreter_memory,
+    jupyter_start,
+    memory_kb,
+    python_c_same_imports,
+    timed,
+)
+
+from codecage import Policy, Sandbox  # noqa: E402
+from codecage._jail import get_jail  # noqa: E402
+from codecage._jail.namespace import NamespaceJail  # noqa: E402
+
+Figures = dict[str, dict[str, float]]
+
+# A tree that tries to outlive the deadline: SIGTERM ignored, setsid, double fork.
+ESCAPING_TREE = (
+    "import os, signal\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        while True: pass\n"
+    "while True: pass\n"
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -38,31 +58,12 @@ def measure(fn: Callable[[], float | None], n: int) -> dict[str, float]:
     return {"p50_ms": statistics.median(samples), "p99_ms": percentile(samples, 0.99), "n": n}
 
 
-def python_c_baseline() -> None:
-    imports = ", ".join(m for m in DEFAULT_PRELOAD)
-    code = f"import {imports}; print(1)"
-    env = Runtime.default().base_env()
-    subprocess.run(
-        [str(Runtime.default().python), "-c", code], env=env, check=True, capture_output=True
-    )
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    args = parser.parse_args()
-    n = 10 if args.quick else 40
+def jail_start(results: Figures, ratios: dict[str, float], n: int) -> None:
     jail = get_jail("namespace")
+    assert isinstance(jail, NamespaceJail)
     policy = Policy()
-    results: dict[str, dict[str, float]] = {}
 
-    def start_to_first_output() -> None:
-        sandbox = jail.create(policy)
-        ex = sandbox.execute("print(1)", mode="main", recover=False)
-        assert ex.logs.stdout == ["1\n"], ex
-        sandbox.kill()
-
-    def first_output_only() -> float:
+    def first_output() -> float:
         t = time.perf_counter()
         sandbox = jail.create(policy)
         ex = sandbox.execute("print(1)", mode="main", recover=False)
@@ -71,47 +72,93 @@ def main() -> None:
         sandbox.kill()
         return elapsed
 
+    def one_shot() -> None:
+        sandbox = jail.create(policy)
+        sandbox.execute("print(1)", mode="main", recover=False)
+        sandbox.kill()
+
     def deadline_to_tree_gone() -> float:
         limit = 0.2
         sandbox = jail.create(policy)
-        # A tree that tries to outlive the deadline: setsid, double fork, SIGTERM ignored.
-        code = (
-            "import os, signal\n"
-            "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-            "if os.fork() == 0:\n    os.setsid()\n    if os.fork() == 0:\n        while True: pass\n"
-            "while True: pass\n"
-        )
         t = time.perf_counter()
-        sandbox.execute(code, mode="main", timeout_s=limit, recover=False)
+        sandbox.execute(ESCAPING_TREE, mode="main", timeout_s=limit, recover=False)
         sandbox.kill()
         return (time.perf_counter() - t - limit) * 1000
 
-    print("warming up ...", flush=True)
     for _ in range(3):
-        start_to_first_output()
+        one_shot()
     print("sandbox start -> first output (template running, no pool)", flush=True)
-    results["start_to_first_output"] = measure(first_output_only, n)
-    results["one_shot_total_incl_teardown"] = measure(lambda: start_to_first_output(), n)
+    results["start_to_first_output"] = measure(first_output, n)
+    results["one_shot_total_incl_teardown"] = measure(one_shot, n)
     print("baseline: python -c with the same imports", flush=True)
-    results["baseline_python_c_same_imports"] = measure(python_c_baseline, max(5, n // 4))
+    results["baseline_python_c_same_imports"] = measure(python_c_same_imports, max(5, n // 4))
     print("deadline -> process tree gone", flush=True)
     results["deadline_to_tree_gone"] = measure(deadline_to_tree_gone, n)
-    ratio = (
+    ratios["start_vs_python_c_speedup"] = (
         results["baseline_python_c_same_imports"]["p50_ms"]
         / results["start_to_first_output"]["p50_ms"]
     )
-    write(results, {"start_vs_python_c_speedup": ratio})
 
 
-def write(results: dict[str, dict[str, float]], ratios: dict[str, float]) -> None:
+def round_trips(results: Figures, ratios: dict[str, float], n: int) -> None:
+    print("run_code('1+1') round trip: codecage, a pipe REPL, a Jupyter kernel", flush=True)
+    with Sandbox() as sbx:
+        for _ in range(50):
+            sbx.run_code("1+1")
+        results["run_code_round_trip_in_process"] = measure(
+            lambda: timed(lambda: sbx.run_code("1+1")), n
+        )
+    repl = PipeRepl()
+    for _ in range(50):
+        repl.run("1+1")
+    results["baseline_pipe_repl_round_trip"] = measure(lambda: timed(lambda: repl.run("1+1")), n)
+    repl.close()
+    kernel = Jupyter()
+    for _ in range(20):
+        kernel.run("1+1")
+    results["baseline_jupyter_round_trip"] = measure(
+        lambda: timed(lambda: kernel.run("1+1")), max(50, n // 5)
+    )
+    kernel.close()
+    results["baseline_jupyter_start_to_first_output"] = measure(jupyter_start, 5)
+    ours = results["run_code_round_trip_in_process"]["p50_ms"]
+    ratios["round_trip_pipe_repl_over_codecage"] = (
+        results["baseline_pipe_repl_round_trip"]["p50_ms"] / ours
+    )
+    ratios["round_trip_jupyter_over_codecage"] = (
+        results["baseline_jupyter_round_trip"]["p50_ms"] / ours
+    )
+
+
+def sandbox_memory(memory: dict[str, float]) -> None:
+    """Memory of its own (USS) of a sandbox that ran print(1), default preload."""
+    print("memory per idle sandbox", flush=True)
+    sandboxes = [Sandbox() for _ in range(10)]
+    try:
+        uss, charged = [], []
+        for sbx in sandboxes:
+            sbx.run_code("print(1)")
+            cg = sbx._jailed.cgroups
+            uss.append(sum(memory_kb(pid)["uss"] for pid in cg.pids()) / 1024)
+            charged.append(int(cg._get("memory", "memory.usage_in_bytes")) / (1 << 20))
+        memory["sandbox_uss_mb_median"] = statistics.median(uss)
+        memory["sandbox_memory_cgroup_usage_mb_median"] = statistics.median(charged)
+    finally:
+        for sbx in sandboxes:
+            sbx.kill()
+    fresh = fresh_interpreter_memory()
+    memory["baseline_fresh_interpreter_uss_mb"] = fresh["uss"] / 1024
+    memory["baseline_fresh_interpreter_pss_mb"] = fresh["pss"] / 1024
+
+
+def write(results: Figures, ratios: dict[str, float], memory: dict[str, float]) -> None:
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {platform.node()}, Python {platform.python_version()}",
         "command": "make bench",
     }
-    (HERE / "results.json").write_text(
-        json.dumps({"meta": meta, "results": results, "ratios": ratios}, indent=2)
-    )
+    data = {"meta": meta, "results": results, "ratios": ratios, "memory": memory}
+    (HERE / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     lines = [
         "# Benchmark results",
         "",
@@ -125,10 +172,26 @@ def write(results: dict[str, dict[str, float]], ratios: dict[str, float]) -> Non
         for k, v in results.items()
     ]
     lines += ["", "| ratio | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:.1f}x |" for k, v in ratios.items()]
+    lines += [f"| {k} | {v:.2f}x |" for k, v in ratios.items()]
+    lines += ["", "| memory | MiB |", "|---|---:|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in memory.items()]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = parser.parse_args()
+    n = 10 if args.quick else 40
+    results: Figures = {}
+    ratios: dict[str, float] = {}
+    memory: dict[str, float] = {}
+    jail_start(results, ratios, n)
+    round_trips(results, ratios, n * 25)
+    sandbox_memory(memory)
+    write(results, ratios, memory)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -6,6 +6,7 @@ Backends are loaded by name from the policy's `isolation` field.
 from __future__ import annotations
 
 import atexit
+import os
 import threading
 from typing import Protocol
 
@@ -56,7 +57,14 @@ def _load(name: str) -> Jail:
     if name == "namespace":
         from .namespace import NamespaceJail
 
-        jail = NamespaceJail()
+        # The template's preload list: CODECAGE_PRELOAD="numpy,pandas" (default: the data stack).
+        preload = os.environ.get("CODECAGE_PRELOAD")
+        modules = (
+            tuple(m.strip() for m in preload.split(",") if m.strip())
+            if preload is not None
+            else None
+        )
+        jail = NamespaceJail(preload=modules)
         atexit.register(jail.close)
         return jail
     raise BackendUnavailable(f"isolation backend {name!r} is not available in this version")
