@@ -123,7 +123,9 @@ def warm(shell: CageShell) -> None:
     )
     import pandas
 
-    shell.display_formatter.format(pandas.DataFrame({"a": [1]}))
+    formatter = shell.display_formatter
+    assert formatter is not None
+    formatter.format(pandas.DataFrame({"a": [1]}))
     shell.run_cell("%time 1", store_history=True)
     buf = io.BytesIO()
     import matplotlib.pyplot as plt
