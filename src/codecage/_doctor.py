@@ -41,9 +41,15 @@ def checks() -> list[Check]:
     out.append(
         Check(
             "root",
-            "ok" if root else "missing",
-            f"running as uid {os.geteuid()}",
-            "run as root (user-namespace mode is not implemented yet)",
+            "ok" if root else "weak",
+            f"running as uid {os.geteuid()}"
+            + (
+                ""
+                if root
+                else ": user-namespace mode, no cgroups (rlimits only), one host uid for all sandboxes"
+            ),
+            "run as root for cgroup limits and a uid per sandbox, or set allow_weaker=true",
+            required=False,
         )
     )
     ns = (
@@ -57,6 +63,7 @@ def checks() -> list[Check]:
                 "--uts",
                 "--cgroup",
                 "--fork",
+                *([] if root else ["--user", "--map-user=1000"]),
                 "true",
             ],
             capture_output=True,
@@ -68,17 +75,19 @@ def checks() -> list[Check]:
         Check(
             "namespaces",
             "ok" if ns and ns.returncode == 0 else "missing",
-            "mount, pid, net, ipc, uts, cgroup",
-            "a kernel with namespaces and root",
+            "mount, pid, net, ipc, uts, cgroup" + ("" if root else ", user"),
+            "a kernel with namespaces (and unprivileged user namespaces when not root)",
         )
     )
     version = cgroups.detect_version()
     out.append(
         Check(
             "cgroups",
-            "ok" if version else "missing",
-            f"v{version} (memory, pids, cpu, freezer)" if version else "no usable controllers",
-            "mount cgroup v1 controllers or enable them in cgroup v2",
+            "ok" if version and root else "missing",
+            (f"v{version} (memory, pids, cpu, freezer)" if version else "no usable controllers")
+            + ("" if root else "; not usable without root"),
+            "mount cgroup v1 controllers or enable them in cgroup v2; run as root",
+            required=root,
         )
     )
     try:

@@ -25,14 +25,15 @@ def set_oom_score_adj(value: int) -> bool:
     return True
 
 
-def drop_privileges(uid: int, gid: int) -> None:
+def drop_privileges(uid: int, gid: int, userns: bool = False) -> None:
     """Become `uid`:`gid` with no groups, no capabilities (bounding set included) and
     no way to gain any back (no_new_privs; not dumpable, so /proc/<pid>/mem stays closed)."""
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last_cap = int(f.read())
     for cap in range(last_cap + 1):
         libc.prctl(libc.PR_CAPBSET_DROP, cap)
-    os.setgroups([])
+    if not userns:  # a user namespace denies setgroups; the service's own groups remain
+        os.setgroups([])
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     libc.capset_zero()

@@ -29,12 +29,27 @@ def join_cgroups(procs_files: list[str]) -> None:
             f.write("0")
 
 
-def enter_namespaces() -> None:
-    """New mount, PID (for children), network, IPC, UTS and cgroup namespaces; no terminal."""
+def enter_namespaces(userns: dict[str, int] | None) -> None:
+    """New mount, PID (for children), network, IPC, UTS and cgroup namespaces; no terminal.
+
+    Not root: a new user namespace too, in which the caller's uid and gid become 1000 (the
+    only ids it may map) and it holds, inside that namespace only, the capabilities the
+    rest of the pipeline needs."""
     os.setsid()
-    libc.unshare(SANDBOX_NAMESPACES)
+    if userns is None:
+        libc.unshare(SANDBOX_NAMESPACES)
+    else:
+        libc.unshare(SANDBOX_NAMESPACES | libc.CLONE_NEWUSER)
+        _write("/proc/self/setgroups", "deny")
+        _write("/proc/self/uid_map", f"1000 {userns['uid']} 1")
+        _write("/proc/self/gid_map", f"1000 {userns['gid']} 1")
     socket.sethostname("sandbox")
     _loopback_up()
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
 
 
 def _loopback_up() -> None:

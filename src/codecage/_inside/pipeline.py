@@ -18,8 +18,6 @@ from typing import Any
 
 from . import caps, init, landlock, libc, mounts, namespaces, seccomp
 
-ROOT_MOUNTPOINT = "/run/codecage/root"
-
 
 def setup(
     spec: dict[str, Any], supervisor: socket.socket, report_fd: int, ctx: dict[str, Any]
@@ -27,8 +25,8 @@ def setup(
     """Runs in the forked child of the template; never returns."""
     try:
         namespaces.join_cgroups(spec["cgroup_procs"])
-        namespaces.enter_namespaces()
-        mounts.build_root(ROOT_MOUNTPOINT, spec)
+        namespaces.enter_namespaces(spec["userns"])
+        mounts.build_root(spec["root_mountpoint"], spec)
         pid = os.fork()
     except BaseException:
         os.write(report_fd, ("E" + traceback.format_exc()[-4000:]).encode())
@@ -50,7 +48,7 @@ def confine(spec: dict[str, Any], ctx: dict[str, Any]) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)  # as PID 1, default means: ignored
     libc.prctl(libc.PR_SET_PDEATHSIG, 0)
-    mounts.enter_root(ROOT_MOUNTPOINT)
+    mounts.enter_root(spec["root_mountpoint"])
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):  # never a host file, never the operator's terminal
         os.dup2(null, fd)
@@ -58,7 +56,7 @@ def confine(spec: dict[str, Any], ctx: dict[str, Any]) -> None:
     caps.set_rlimits(spec["rlimits"])
     caps.set_oom_score_adj(0)  # the kernel (1000) goes first
     close_descriptors(keep={ctx["supervisor_fd"], *ctx["template_fds"]})
-    caps.drop_privileges(spec["uid"], spec["gid"])
+    caps.drop_privileges(spec["uid"], spec["gid"], userns=spec["userns"] is not None)
     if spec["landlock"]:
         landlock.restrict()
     seccomp.load(ctx["seccomp_program"])

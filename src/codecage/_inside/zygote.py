@@ -161,10 +161,17 @@ def _spawn(spec: dict[str, Any], ctx: dict[str, Any]) -> tuple[list[int], dict[s
     return [fd, pidfd], {"ok": True, "init_pid": init_pid}
 
 
+def _vm_data() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmData:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     config = json.loads(sys.argv[2])
-    os.makedirs(pipeline.ROOT_MOUNTPOINT, exist_ok=True)
     caps.set_oom_score_adj(-900)  # the template is among the last the OOM killer picks
     try:
         preload(config["preload"])
@@ -178,9 +185,13 @@ def main() -> None:
     if threading.active_count() != 1 or thread_count() != 1:
         sock.send(json.dumps({"ok": False, "error": "preload started threads"}).encode())
         return
-    sock.send(
-        json.dumps({"ok": True, "pid": os.getpid(), "landlock_abi": ctx["landlock_abi"]}).encode()
-    )
+    ready = {
+        "ok": True,
+        "pid": os.getpid(),
+        "landlock_abi": ctx["landlock_abi"],
+        "data_bytes": _vm_data(),
+    }
+    sock.send(json.dumps(ready).encode())
     serve(sock, ctx)
 
 

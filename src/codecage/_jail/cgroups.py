@@ -59,7 +59,7 @@ def owner_name() -> str:
 
 @dataclass
 class Usage:
-    memory_peak_bytes: int
+    memory_peak_bytes: int | None  # None where it cannot be read (rootless)
     oom_kills: int
     pids_max_events: int
     cpu_s: float

@@ -32,6 +32,7 @@ from .._inside.protocol import FrameReader, Message, ProtocolError, encode
 from .._models import Execution, ExecutionError, Result
 from .._policy import Policy
 from . import cgroups
+from .proctree import ProcessTree
 from .template import Runtime, Template
 
 EventCallback = Callable[[Message], None]
@@ -68,16 +69,15 @@ class NamespaceJail:
     def __init__(
         self, runtime: Runtime | None = None, preload: tuple[str, ...] | None = None
     ) -> None:
-        if os.geteuid() != 0:
-            raise BackendUnavailable(
-                "the namespace jail needs root here (user-namespace mode is not implemented yet)"
-            )
-        version = cgroups.detect_version()
-        if version is None:
+        # Not root: a user namespace replaces root, and a process tree replaces cgroups.
+        self.rootless = os.geteuid() != 0
+        version = None if self.rootless else cgroups.detect_version()
+        if version is None and not self.rootless:
             raise BackendUnavailable("no usable cgroups (v1 memory/pids/cpu/cpuacct/freezer or v2)")
-        self.cgroup_version = version
+        self.cgroup_version = version or 0
         self.owner = cgroups.owner_name()
-        cgroups.sweep(version, self.owner)
+        if version is not None:
+            cgroups.sweep(version, self.owner)
         self.runtime = runtime or Runtime.default()
         kwargs = {"preload": preload} if preload is not None else {}
         self.template = Template(self.runtime, **kwargs)
@@ -89,6 +89,13 @@ class NamespaceJail:
             )
         if self.template.landlock_abi < 1 and not policy.allow_weaker:
             raise PolicyError("this host has no Landlock; set allow_weaker=true to run without it")
+        if self.rootless and not policy.allow_weaker:
+            raise PolicyError(
+                "not running as root: sandboxes would run in a user namespace without cgroups, "
+                "so memory_mb, pids_max, cpu_s become per-process rlimits, cpu_cores is not "
+                "enforced, and all sandboxes share this user's host uid; set allow_weaker=true "
+                "to accept that (see docs/threat-model.md)"
+            )
 
     def create(self, policy: Policy, envs: dict[str, str] | None = None) -> NamespaceSandbox:
         self.check(policy)
@@ -106,7 +113,11 @@ class NamespaceSandbox:
         self.policy = policy
         self.jail = jail
         self.uid = _uids.take()
-        self.cgroups = cgroups.SandboxCgroups(jail.cgroup_version, self.id, jail.owner)
+        self.cgroups: cgroups.SandboxCgroups | ProcessTree = (
+            ProcessTree()
+            if jail.rootless
+            else cgroups.SandboxCgroups(jail.cgroup_version, self.id, jail.owner)
+        )
         self._closed = False
         self._mount_fds: list[int] = []
         self.ended_because = "it was killed"
@@ -119,6 +130,8 @@ class NamespaceSandbox:
             self.cgroups.create(policy)
             spec = self._spec(envs)
             self._supervisor, self._init_pidfd, self.init_pid = jail.template.spawn(spec)
+            if isinstance(self.cgroups, ProcessTree):
+                self.cgroups.attach(self.init_pid)
             self._await_kernel(time.monotonic() + 30)
             self._open_mounts()
         except BaseException:
@@ -137,10 +150,25 @@ class NamespaceSandbox:
         env |= {k: os.environ[k] for k in p.env_allowlist if k in os.environ}
         env |= envs
         binds = ["/usr", str(runtime.path.resolve()), str(self.jail.template.package)]
+        rlimits = {
+            "nofile": p.open_files_max,
+            "core": 0,
+            "stack": 8 << 20,
+            "fsize": max(p.disk_mb, p.tmp_mb, p.shm_mb) << 20,
+        }
+        if self.jail.rootless:  # no cgroups: per-process rlimits are all there is
+            if p.pids_max is not None:
+                rlimits["nproc"] = p.pids_max
+            if p.cpu_s is not None:
+                rlimits["cpu"] = int(p.cpu_s)
+            if p.memory_mb is not None:
+                rlimits["data"] = self.jail.template.data_bytes + (p.memory_mb << 20)
         return {
             "id": self.id,
-            "uid": self.uid,
-            "gid": self.uid,
+            "uid": 1000 if self.jail.rootless else self.uid,
+            "gid": 1000 if self.jail.rootless else self.uid,
+            "userns": {"uid": os.geteuid(), "gid": os.getegid()} if self.jail.rootless else None,
+            "root_mountpoint": str(self.jail.template.root_mountpoint),
             "cgroup_procs": self.cgroups.procs_files(),
             "cgroup_controllers": self.cgroups.mount_names,
             "ro_binds": [
@@ -150,12 +178,7 @@ class NamespaceSandbox:
             "tmp_mb": p.tmp_mb,
             "shm_mb": p.shm_mb,
             "env": env,
-            "rlimits": {
-                "nofile": p.open_files_max,
-                "core": 0,
-                "stack": 8 << 20,
-                "fsize": max(p.disk_mb, p.tmp_mb, p.shm_mb) << 20,
-            },
+            "rlimits": rlimits,
             "landlock": self.jail.template.landlock_abi >= 1,
         }
 
@@ -341,6 +364,8 @@ class NamespaceSandbox:
         return False
 
     def _open_mounts(self) -> None:
+        if self.jail.rootless:  # another user namespace's init: its root is closed to us
+            return
         for path in ("home/user", "tmp", "dev/shm"):
             self._mount_fds.append(
                 os.open(f"/proc/{self.init_pid}/root/{path}", os.O_PATH | os.O_CLOEXEC)
@@ -543,7 +568,8 @@ class _Run:
             ex.limits_hit.append("disk_quota")
         if ex.truncated:
             ex.limits_hit.append("output_limit")
-        ex.peak_memory_mb = after.memory_peak_bytes / (1 << 20)
+        if after.memory_peak_bytes is not None:
+            ex.peak_memory_mb = after.memory_peak_bytes / (1 << 20)
         if ex.killed_by is not None and ex.exit_code is None:
             ex.exit_code = 128 + signal.SIGKILL
         if outcome == "died" and ex.killed_by is None and ex.exit_code is None:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import tempfile
 import threading
@@ -69,14 +70,28 @@ class Runtime:
 
 # Paths the jail mounts its own filesystems over: nothing it needs may live under them.
 SHADOWED = ("/tmp", "/home", "/dev", "/proc", "/sys", "/run/codecage/root")
-STAGE = Path("/run/codecage/pkg")
+
+
+def state_dir() -> Path:
+    """Where the staged package and the (empty) root mount point live: /run/codecage for
+    root; for anyone else a private directory of theirs that the jail does not hide."""
+    if os.geteuid() == 0:
+        path = Path("/run/codecage")
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    path = Path(f"/var/tmp/codecage-{os.geteuid()}")
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise BackendUnavailable(f"{path} is not a private directory of this user")
+    return path
 
 
 def _shadowed(path: Path) -> bool:
     return any(path == Path(p) or Path(p) in path.parents for p in SHADOWED)
 
 
-def package_dir() -> Path:
+def package_dir(stage: Path) -> Path:
     """The `codecage` package as the template imports it and every sandbox sees it (bound
     read-only at the same path). A copy staged under /run/codecage/pkg/<content hash>, so
     that the checkout may live anywhere, /tmp included, which the jail hides behind its own."""
@@ -85,10 +100,10 @@ def package_dir() -> Path:
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes())
-    target = STAGE / digest.hexdigest()[:20] / "codecage"
+    target = stage / digest.hexdigest()[:20] / "codecage"
     if not target.exists():
-        STAGE.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(dir=STAGE))
+        stage.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(dir=stage))
         shutil.copytree(source, scratch / "codecage", ignore=shutil.ignore_patterns("__pycache__"))
         try:
             (scratch / "codecage").parent.rename(target.parent)  # atomic: racing copies are equal
@@ -110,7 +125,10 @@ class Template:
             "HOME": "/home/user",
             "MPLCONFIGDIR": str(runtime.path / "share" / "mplconfig"),
         }
-        self.package = package_dir()
+        state = state_dir()
+        self.package = package_dir(state / "pkg")
+        self.root_mountpoint = state / "root"
+        self.root_mountpoint.mkdir(exist_ok=True)
         bootstrap = (
             f"import sys; sys.path.insert(0, {str(self.package.parent)!r}); "
             "from codecage._inside.zygote import main; main()"
@@ -140,6 +158,7 @@ class Template:
             raise BackendUnavailable(f"the template failed to start: {ready.get('error')}")
         self.pid: int = ready["pid"]
         self.landlock_abi: int = ready.get("landlock_abi", 0)
+        self.data_bytes: int = ready.get("data_bytes", 0)  # the template's own data segment
 
     def _recv(self, fds: int = 0) -> dict[str, Any]:
         data, received, _flags, _addr = socket.recv_fds(self._sock, 1 << 20, fds)
