@@ -62,13 +62,33 @@ class ProcessTree:
         pass
 
     def kill(self, spare: int | None = None, sig: int = signal.SIGKILL) -> None:
+        """Signal through pidfds, and only processes still inside a nested PID namespace:
+        there is no freezer here, so a pid read a moment ago may have been reused."""
         for pid in self.pids():
-            if pid != spare:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
+            if pid == spare:
+                continue
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                if _nested(pid):  # checked after the pidfd pins the process
+                    signal.pidfd_send_signal(pidfd, sig)
+            except OSError:
+                pass
+            finally:
+                os.close(pidfd)
 
     def remove(self, timeout_s: float = 5.0) -> None:
         pass
 
     def close_files(self) -> None:
         pass
+
+
+def _nested(pid: int) -> bool:
+    """Whether `pid` lives in a PID namespace below ours, as every sandbox process does."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("NSpid:"):
+            return len(line.split()) > 2
+    return False
