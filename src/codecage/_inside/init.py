@@ -30,7 +30,7 @@ def run(spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any]) ->
     while True:
         ready, _, _ = select.select([supervisor.fileno(), wake_r], [], [])
         if wake_r in ready:
-            _drain(wake_r)
+            drain(wake_r)
             kernel = _reap(supervisor, kernel, generation)
         if supervisor.fileno() in ready:
             data = supervisor.recv(4096)
@@ -90,7 +90,8 @@ def _reap_all_children() -> None:
             return
 
 
-def _drain(fd: int) -> None:
+def drain(fd: int) -> None:
+    """Empty a non-blocking signal wake-up pipe."""
     try:
         while os.read(fd, 4096):
             pass

@@ -25,7 +25,7 @@ import time
 import traceback
 from typing import Any
 
-from . import caps, landlock, libc, pipeline, seccomp
+from . import caps, init, landlock, libc, pipeline, seccomp
 
 MAX_REQUEST = 1 << 20
 
@@ -81,11 +81,7 @@ def serve(sock: socket.socket, ctx: dict[str, Any]) -> None:
 
 
 def _reap(wake_r: int) -> None:
-    try:
-        while os.read(wake_r, 4096):
-            pass
-    except BlockingIOError:
-        pass
+    init.drain(wake_r)
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
