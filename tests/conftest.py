@@ -4,13 +4,23 @@ host mount may outlive the test that started it."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
+import codecage
 from codecage._jail import cgroups
 from codecage._jail.namespace import UID_BASE
+
+from .openapi_check import validate
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -63,3 +73,91 @@ def leak_check() -> Iterator[None]:
     leaks = sandbox_processes() + sandbox_cgroups()
     leaks += [f"mount {m}" for m in host_mounts() - mounts_before]
     assert not leaks, f"left behind by this test: {leaks}"
+
+
+# -- a real service on loopback ---------------------------------------------------------------
+
+
+@dataclass
+class Service:
+    url: str
+    db: Path
+    keys: dict[str, str]
+    process: subprocess.Popen[bytes]
+    config: Path | None = None
+
+    def client(self, tenant: str = "alice") -> codecage.Client:
+        """A client whose every response is checked against docs/openapi.json."""
+        client = codecage.connect(self.url, self.keys[tenant])
+        client._http.event_hooks["response"].append(validate)
+        return client
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cli(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "codecage", *args], capture_output=True, text=True, check=True
+    )
+    return out.stdout.strip()
+
+
+def start_service(
+    db: Path, tenants: tuple[str, ...] = ("alice", "bob"), config: Path | None = None
+) -> Service:
+    keys = {t: cli("keys", "create", "--tenant", t, "--db", str(db)) for t in tenants}
+    port = free_port()
+    extra = ["--config", str(config)] if config else []
+    process = subprocess.Popen(
+        [sys.executable, "-m", "codecage", "serve", "--db", str(db), "--port", str(port), *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return Service(url, db, keys, process, config)
+        except httpx.HTTPError:
+            time.sleep(0.1)
+        if process.poll() is not None:
+            break
+    process.kill()
+    raise RuntimeError(f"the service did not start: {process.communicate()[1].decode()[-2000:]}")
+
+
+def stop_service(service: Service) -> None:
+    if service.process.poll() is None:
+        service.process.send_signal(signal.SIGTERM)
+        try:
+            service.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            service.process.kill()
+            service.process.wait()
+    if service.process.stderr is not None:
+        service.process.stderr.close()
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    svc = start_service(tmp_path_factory.mktemp("service") / "audit.db")
+    try:
+        yield svc
+    finally:
+        stop_service(svc)
+
+
+@pytest.fixture
+def alice(service: Service) -> Iterator[codecage.Client]:
+    """A client of tenant alice; after the test, alice must have no sandbox left."""
+    with service.client("alice") as client:
+        yield client
+        left = client.request("GET", "/v1/sandboxes").json()
+        for sandbox in left:
+            client.request("DELETE", f"/v1/sandboxes/{sandbox['id']}")
+        assert left == [], f"sandboxes left on the service: {left}"

@@ -15,21 +15,28 @@ if TYPE_CHECKING:
     from ._async import AsyncSandbox
     from ._errors import (
         ApprovalDenied,
+        AuditUnavailable,
         BackendUnavailable,
         ExecutionTimeout,
         FileNotFoundInSandbox,
         PolicyError,
+        QuotaExceeded,
         SandboxError,
         SandboxNotFound,
         TransportError,
     )
     from ._models import Execution, ExecutionError, Logs, Result
     from ._policy import Policy
+    from ._remote import Client, connect
     from ._sandbox import CommandResult, EntryInfo, OutputMessage, Sandbox
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AuditUnavailable": "_errors",
+    "Client": "_remote",
+    "QuotaExceeded": "_errors",
+    "connect": "_remote",
     "AsyncSandbox": "_async",
     "CommandResult": "_sandbox",
     "EntryInfo": "_sandbox",
@@ -54,7 +61,9 @@ _EXPORTS = {
 __all__ = [
     "ApprovalDenied",
     "AsyncSandbox",
+    "AuditUnavailable",
     "BackendUnavailable",
+    "Client",
     "CommandResult",
     "EntryInfo",
     "Execution",
@@ -65,11 +74,13 @@ __all__ = [
     "OutputMessage",
     "Policy",
     "PolicyError",
+    "QuotaExceeded",
     "Result",
     "Sandbox",
     "SandboxError",
     "SandboxNotFound",
     "TransportError",
+    "connect",
     "run",
 ]
 

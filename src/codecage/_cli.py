@@ -95,6 +95,104 @@ def cmd_shell(args: argparse.Namespace) -> int:
     return run_shell(load_policy(args), Path(args.images))
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ._config import ServerConfig
+    from ._server import serve
+
+    config = ServerConfig.load(args.config, host=args.host, port=args.port, db=args.db)
+    print(
+        f"codecage: serving on http://{config.host}:{config.port} (audit log {config.db})",
+        file=sys.stderr,
+    )
+    serve(config)
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    import secrets
+
+    from ._audit import AuditLog
+    from ._config import ServerConfig
+
+    config = ServerConfig.load(args.config, db=args.db)
+    key = "cc_" + secrets.token_urlsafe(32)
+    log = AuditLog(config.db)
+    try:
+        log.add_key(key, args.tenant)
+    finally:
+        log.close()
+    print(key)  # shown once; only its hash is stored
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import time as _time
+
+    from ._audit import AuditLog
+    from ._config import ServerConfig
+
+    config = ServerConfig.load(args.config, db=args.db)
+    log = AuditLog(config.db)
+    tty = sys.stdout.isatty()
+
+    def show(text: str) -> str:
+        return sanitize(text) if tty else text
+
+    try:
+        if args.action == "show":
+            run = log.run(args.run_id)
+            if run is None:
+                raise SandboxError(f"no run {args.run_id!r}")
+            for key, value in run.items():
+                print(show(f"{key}: {value}"))
+            return 0
+        filters = {
+            "tenant": args.tenant,
+            "sandbox_id": args.sandbox,
+            "outcome": args.outcome,
+            "since": _when(args.since),
+            "until": _when(args.until),
+        }
+        last = 0
+        while True:
+            rows = log.runs(after_rowid=last, **filters)
+            for row in rows:
+                last = row["rowid"]
+                if args.action == "export":
+                    print(json.dumps(row))
+                else:
+                    when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(row["started_at"]))
+                    first = (row["code"] or "").splitlines()[0][:60] if row["code"] else ""
+                    line = f"{when} {row['id'][:12]} {row['tenant']:<12} {row['kind']:<13} {row['status']:<11} {row['outcome'] or '-':<8} {row['killed_by'] or '-':<12} {first}"
+                    print(show(line))
+            if args.action != "tail":
+                return 0
+            sys.stdout.flush()
+            _time.sleep(0.5)
+    finally:
+        log.close()
+
+
+def _when(value: str | None) -> float | None:
+    """A Unix time, or an ISO date/time."""
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        from datetime import datetime
+
+        return datetime.fromisoformat(value).timestamp()
+
+
+def cmd_openapi(args: argparse.Namespace) -> int:
+    from ._config import ServerConfig
+    from ._server import create_app
+
+    print(json.dumps(create_app(ServerConfig()).openapi(), indent=2, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="codecage", description="Run untrusted Python in a sandbox."
@@ -114,6 +212,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shell.add_argument("--images", default="codecage-images", help="where images are saved")
     shell.set_defaults(func=cmd_shell)
+    serve = sub.add_parser("serve", help="the HTTP service")
+    serve.add_argument("--config", help="a TOML service config")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--db", help="the audit log (SQLite file)")
+    serve.set_defaults(func=cmd_serve)
+    keys = sub.add_parser("keys", help="API keys")
+    keys_sub = keys.add_subparsers(dest="keys_action", required=True)
+    create = keys_sub.add_parser("create", help="create a key for a tenant (printed once)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--config")
+    create.add_argument("--db")
+    create.set_defaults(func=cmd_keys)
+    audit = sub.add_parser("audit", help="the audit log: list, show, tail, export")
+    audit.add_argument(
+        "action", choices=["list", "show", "tail", "export"], nargs="?", default="list"
+    )
+    audit.add_argument("run_id", nargs="?")
+    audit.add_argument("--config")
+    audit.add_argument("--db")
+    audit.add_argument("--tenant")
+    audit.add_argument("--sandbox")
+    audit.add_argument("--outcome", choices=["ok", "error", "killed", "failed", "interrupted"])
+    audit.add_argument("--since", help="Unix time or ISO date")
+    audit.add_argument("--until", help="Unix time or ISO date")
+    audit.set_defaults(func=cmd_audit)
+    openapi = sub.add_parser("openapi", help="print the HTTP API's OpenAPI document")
+    openapi.set_defaults(func=cmd_openapi)
     doctor = sub.add_parser("doctor", help="which protections this host supports")
     doctor.set_defaults(func=cmd_doctor)
     return parser

@@ -41,5 +41,13 @@ class TransportError(SandboxError):
     """The channel to a sandbox or to a service broke or carried invalid data."""
 
 
+class QuotaExceeded(SandboxError):
+    """A tenant's quota is used up (HTTP 429)."""
+
+
+class AuditUnavailable(SandboxError):
+    """The audit log cannot be written: no work may run unrecorded (HTTP 503)."""
+
+
 class ExecutionTimeout(SandboxError, TimeoutError):
     """A deadline passed where it is raised rather than reported as a value."""

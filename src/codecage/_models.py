@@ -95,3 +95,27 @@ class Execution:
         data = asdict(self)
         data["text"] = self.text
         return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Execution:
+        """The inverse of to_dict (used by the remote SDK)."""
+        error = data.get("error")
+        logs = data.get("logs") or {}
+        return cls(
+            results=[
+                Result(**{k: v for k, v in r.items() if k in Result.__dataclass_fields__})
+                for r in data.get("results") or []
+            ],
+            logs=Logs(list(logs.get("stdout") or []), list(logs.get("stderr") or [])),
+            error=ExecutionError(error["name"], error["value"], error["traceback"])
+            if error
+            else None,
+            execution_count=data.get("execution_count"),
+            duration_ms=float(data.get("duration_ms") or 0.0),
+            exit_code=data.get("exit_code"),
+            killed_by=data.get("killed_by"),
+            limits_hit=list(data.get("limits_hit") or []),
+            truncated=bool(data.get("truncated")),
+            peak_memory_mb=data.get("peak_memory_mb"),
+            state_lost=bool(data.get("state_lost")),
+        )

@@ -114,9 +114,20 @@ class Sandbox:
     ) -> Execution:
         """Run a cell. The last expression is the main result; state persists between calls.
         `timeout` can only lower the policy's `timeout_s`. Runs on one sandbox are serialized."""
-        text = prepare_code(code)
         callbacks = (on_stdout, on_stderr, on_result, on_error)
         on_event = _dispatcher(*callbacks) if any(callbacks) else None
+        return self._run(code, timeout=timeout, envs=envs, on_event=on_event)
+
+    def _run(
+        self,
+        code: str,
+        *,
+        timeout: float | None = None,
+        envs: dict[str, str] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> Execution:
+        """run_code with the raw protocol events (for the service's NDJSON stream)."""
+        text = prepare_code(code)
         with self._lock:
             jailed = self._use()
             self.busy = True

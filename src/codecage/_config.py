@@ -1,0 +1,70 @@
+"""The service's configuration (`codecage serve --config FILE`, TOML)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ._errors import PolicyError
+from ._policy import Policy
+
+
+class Quotas(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    live_sandboxes: int = Field(20, ge=1)
+    runs_per_minute: int = Field(600, ge=1)
+
+
+class ServerConfig(BaseModel):
+    """Defaults are safe for one machine on loopback."""
+
+    model_config = ConfigDict(extra="forbid")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    db: str = "/var/lib/codecage/audit.db"
+    max_code_bytes: int = Field(10 << 20, ge=1)
+    max_upload_bytes: int = Field(100 << 20, ge=1)
+    # Sandboxes start from `policy`; a tenant may override fields up to `ceiling`.
+    policy: Policy = Policy()
+    ceiling: Policy = Policy(
+        memory_mb=4096, cpu_cores=2.0, cpu_s=3600, pids_max=512, disk_mb=4096, tmp_mb=1024,
+        shm_mb=1024, timeout_s=600, idle_timeout_s=3600, output_bytes=16 << 20,
+    )  # fmt: skip
+    quotas: Quotas = Field(default_factory=lambda: Quotas(live_sandboxes=20, runs_per_minute=600))
+
+    @classmethod
+    def load(cls, path: str | Path | None, **overrides: Any) -> ServerConfig:
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except (OSError, tomllib.TOMLDecodeError) as exc:
+                raise PolicyError(f"cannot read config {path}: {exc}") from None
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            raise PolicyError(f"config: {exc}") from None
+
+
+def within(base: Policy, requested: dict[str, Any], ceiling: Policy) -> Policy:
+    """`base` with a tenant's overrides, each no looser than the operator's ceiling."""
+    policy = Policy(**(base.model_dump() | requested))
+    for name in requested:
+        value, cap = getattr(policy, name), getattr(ceiling, name)
+        if isinstance(cap, bool) or isinstance(value, bool):
+            ok = cap or not value
+        elif isinstance(value, (int, float)) or value is None:
+            ok = cap is None or (value is not None and value <= cap)
+        elif isinstance(value, tuple):
+            ok = set(value) <= set(cap)
+        else:
+            ok = value == cap
+        if not ok:
+            raise PolicyError(
+                f"policy field {name!r}: {value!r} is beyond what this service allows ({cap!r})"
+            )
+    return policy

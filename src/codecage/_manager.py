@@ -1,0 +1,279 @@
+"""The Manager: a tenant's sandboxes, its quotas, and an audit record around every run.
+
+Node-local state lives here and nowhere else, so that it can move (DESIGN.md section 7).
+A tenant only ever sees its own sandboxes: anything else is SandboxNotFound, exactly as
+if it did not exist.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._api import run as run_once
+from ._audit import AuditLog
+from ._config import ServerConfig, within
+from ._errors import QuotaExceeded, SandboxNotFound
+from ._models import Execution
+from ._policy import Policy
+from ._sandbox import CommandResult, EntryInfo, Sandbox
+
+EventCallback = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Entry:
+    tenant: str
+    sandbox: Sandbox
+    created_at: float = field(default_factory=time.time)
+
+
+class Metrics:
+    """Counters the /metrics endpoint renders (prometheus_client objects)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        self.registry = CollectorRegistry()
+        self.live = Gauge("codecage_sandboxes_live", "Sandboxes alive", registry=self.registry)
+        self.runs = Counter(
+            "codecage_runs",
+            "Runs by outcome",
+            ["kind", "outcome", "killed_by"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "codecage_run_seconds",
+            "Wall time of runs, as the host measured it",
+            ["kind"],
+            buckets=(0.001, 0.002, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 120),
+            registry=self.registry,
+        )
+
+
+class Manager:
+    def __init__(self, config: ServerConfig, audit: AuditLog) -> None:
+        self.config = config
+        self.audit = audit
+        self.metrics = Metrics()
+        self._lock = threading.Lock()
+        self._sandboxes: dict[str, Entry] = {}
+        self._recent: dict[str, collections.deque[float]] = collections.defaultdict(
+            collections.deque
+        )
+
+    # -- sandboxes -------------------------------------------------------------------------
+
+    def create(self, tenant: str, overrides: dict[str, Any], envs: dict[str, str]) -> Entry:
+        policy = within(self.config.policy, overrides, self.config.ceiling)
+        with self._lock:
+            self._prune()
+            live = sum(1 for e in self._sandboxes.values() if e.tenant == tenant)
+            if live >= self.config.quotas.live_sandboxes:
+                raise QuotaExceeded(f"tenant already has {live} live sandboxes (quota)")
+        entry = Entry(tenant, Sandbox(policy, envs=envs))
+        with self._lock:
+            self._sandboxes[entry.sandbox.id] = entry
+            self.metrics.live.set(len(self._sandboxes))
+        return entry
+
+    def get(self, tenant: str, sandbox_id: str) -> Entry:
+        with self._lock:
+            entry = self._sandboxes.get(sandbox_id)
+            if entry is None or entry.tenant != tenant:
+                raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+            if not entry.sandbox.alive:  # its owner learns why, once
+                del self._sandboxes[sandbox_id]
+                raise SandboxNotFound(
+                    f"sandbox {sandbox_id} has ended: {entry.sandbox._jailed.ended_because}"
+                )
+        return entry
+
+    def entries(self, tenant: str) -> list[Entry]:
+        with self._lock:
+            self._prune()
+            return [e for e in self._sandboxes.values() if e.tenant == tenant]
+
+    def delete(self, tenant: str, sandbox_id: str) -> None:
+        entry = self.get(tenant, sandbox_id)
+        entry.sandbox.kill()
+        with self._lock:
+            self._sandboxes.pop(sandbox_id, None)
+            self.metrics.live.set(len(self._sandboxes))
+
+    def _prune(self) -> None:
+        for sid in [sid for sid, e in self._sandboxes.items() if not e.sandbox.alive]:
+            del self._sandboxes[sid]
+        self.metrics.live.set(len(self._sandboxes))
+
+    def shutdown(self) -> None:
+        """Kill every sandbox (runs in flight end as killed and are recorded by their callers)."""
+        with self._lock:
+            entries = list(self._sandboxes.values())
+            self._sandboxes.clear()
+        for entry in entries:
+            entry.sandbox.kill()
+
+    # -- quotas ----------------------------------------------------------------------------
+
+    def _admit(self, tenant: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            recent = self._recent[tenant]
+            while recent and recent[0] < now - 60:
+                recent.popleft()
+            if len(recent) >= self.config.quotas.runs_per_minute:
+                raise QuotaExceeded(
+                    f"more than {self.config.quotas.runs_per_minute} runs per minute (quota)"
+                )
+            recent.append(now)
+
+    # -- recorded operations ---------------------------------------------------------------
+
+    def begin(
+        self, tenant: str, sandbox_id: str | None, kind: str, code: str, policy: Policy
+    ) -> str:
+        """Admit and durably record a run before it starts. Returns the run id."""
+        self._admit(tenant)
+        run_id = secrets.token_hex(16)
+        self.audit.start_run(
+            run_id=run_id,
+            tenant=tenant,
+            sandbox_id=sandbox_id,
+            kind=kind,
+            code=code,
+            policy=policy.model_dump(),
+        )
+        return run_id
+
+    def finish(
+        self, run_id: str, kind: str, ex: Execution, files: list[dict[str, Any]] | None = None
+    ) -> None:
+        output = "".join(ex.logs.stdout) + "".join(ex.logs.stderr)
+        if ex.killed_by:
+            outcome = "killed"
+        elif ex.error is not None:
+            outcome = "error"
+        else:
+            outcome = "ok"
+        self.audit.complete_run(
+            run_id,
+            outcome=outcome,
+            error_name=ex.error.name if ex.error else None,
+            killed_by=ex.killed_by,
+            limits_hit=ex.limits_hit,
+            duration_ms=ex.duration_ms,
+            peak_memory_mb=ex.peak_memory_mb,
+            output=output,
+            output_truncated=ex.truncated,
+            files=files,
+            # What the sandbox itself reported, kept apart from the host's readings.
+            claims={"execution_count": ex.execution_count, "exit_code": ex.exit_code},
+        )
+        self.metrics.runs.labels(kind, outcome, ex.killed_by or "").inc()
+        self.metrics.latency.labels(kind).observe(ex.duration_ms / 1000)
+
+    def fail(self, run_id: str, kind: str, exc: BaseException) -> None:
+        self.audit.complete_run(
+            run_id, outcome="failed", error_name=type(exc).__name__, output=str(exc)[:2000]
+        )
+        self.metrics.runs.labels(kind, "failed", "").inc()
+
+    def execute(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        run_id: str,
+        code: str,
+        timeout: float | None,
+        envs: dict[str, str],
+        on_event: EventCallback | None = None,
+    ) -> Execution:
+        sandbox = self.get(tenant, sandbox_id).sandbox
+        try:
+            ex = sandbox._run(code, timeout=timeout, envs=envs, on_event=on_event)
+        except BaseException as exc:
+            self.fail(run_id, "execute", exc)
+            raise
+        self.finish(run_id, "execute", ex)
+        return ex
+
+    def run(
+        self,
+        tenant: str,
+        run_id: str,
+        code: str,
+        policy: Policy,
+        envs: dict[str, str],
+        on_event: EventCallback | None,
+    ) -> Execution:
+        try:
+            ex = run_once(code, policy, envs=envs, on_event=on_event)
+        except BaseException as exc:
+            self.fail(run_id, "run", exc)
+            raise
+        self.finish(run_id, "run", ex)
+        return ex
+
+    def command(
+        self, tenant: str, sandbox_id: str, cmd: str, timeout: float | None, envs: dict[str, str]
+    ) -> CommandResult:
+        entry = self.get(tenant, sandbox_id)
+        run_id = self.begin(tenant, sandbox_id, "command", cmd, entry.sandbox.policy)
+        started = time.monotonic()
+        try:
+            result = entry.sandbox.commands.run(cmd, timeout=timeout, envs=envs)
+        except BaseException as exc:
+            self.fail(run_id, "command", exc)
+            raise
+        ex = Execution(duration_ms=(time.monotonic() - started) * 1000, exit_code=result.exit_code)
+        ex.logs.stdout, ex.logs.stderr, ex.truncated = (
+            [result.stdout],
+            [result.stderr],
+            result.truncated,
+        )
+        if result.error:
+            ex.limits_hit.append("timeout")
+        self.finish(run_id, "command", ex)
+        return result
+
+    def upload(self, tenant: str, sandbox_id: str, path: str, data: bytes) -> EntryInfo:
+        entry = self.get(tenant, sandbox_id)
+        record = [_file_record("upload", path, data)]
+        run_id = self.begin(tenant, sandbox_id, "file_upload", path, entry.sandbox.policy)
+        try:
+            info = entry.sandbox.files.write(path, data)
+        except BaseException as exc:
+            self.fail(run_id, "file_upload", exc)
+            raise
+        self.finish(run_id, "file_upload", Execution(), files=record)
+        return info
+
+    def download(self, tenant: str, sandbox_id: str, path: str) -> bytes:
+        entry = self.get(tenant, sandbox_id)
+        run_id = self.begin(tenant, sandbox_id, "file_download", path, entry.sandbox.policy)
+        try:
+            data = entry.sandbox.files.read(path)
+        except BaseException as exc:
+            self.fail(run_id, "file_download", exc)
+            raise
+        self.finish(
+            run_id, "file_download", Execution(), files=[_file_record("download", path, data)]
+        )
+        return data
+
+
+def _file_record(direction: str, path: str, data: bytes) -> dict[str, Any]:
+    """As the host saw the bytes, not as the sandbox described them."""
+    return {
+        "direction": direction,
+        "path": path,
+        "size": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }

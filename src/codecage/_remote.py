@@ -1,0 +1,263 @@
+"""The remote SDK: `codecage.connect(url, api_key)` gives sandboxes with exactly the
+Sandbox / AsyncSandbox API, served by `codecage serve` (built on httpx)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Literal, overload
+
+import httpx
+
+from ._async import AsyncSandbox, _in_thread
+from ._errors import (
+    AuditUnavailable,
+    FileNotFoundInSandbox,
+    PolicyError,
+    QuotaExceeded,
+    SandboxError,
+    SandboxNotFound,
+    TransportError,
+)
+from ._models import Execution, ExecutionError, Result
+from ._policy import Policy
+from ._sandbox import CommandResult, EntryInfo, OutputMessage, _dispatcher
+
+NDJSON = "application/x-ndjson"
+_ERRORS: dict[str, type[SandboxError]] = {
+    "SandboxNotFound": SandboxNotFound,
+    "FileNotFound": FileNotFoundInSandbox,
+    "PolicyError": PolicyError,
+    "ValidationError": PolicyError,
+    "QuotaExceeded": QuotaExceeded,
+    "AuditUnavailable": AuditUnavailable,
+}
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        error = response.json()["error"]
+        kind, message = str(error["type"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        kind, message = "HTTP", f"HTTP {response.status_code}"
+    raise _ERRORS.get(kind, SandboxError)(message)
+
+
+def _overrides(policy: Policy | None) -> dict[str, Any]:
+    """Only the fields the caller set: the service applies them to its own defaults."""
+    return {} if policy is None else policy.model_dump(mode="json", exclude_unset=True)
+
+
+class Client:
+    """A connection to a codecage service."""
+
+    def __init__(self, url: str, api_key: str, *, timeout_s: float = 660.0) -> None:
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"),
+            headers={"Authorization": f"Bearer {api_key}"},
+            timeout=httpx.Timeout(timeout_s, connect=10.0),
+        )
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise TransportError(f"{method} {path}: {exc}") from exc
+        _raise_for(response)
+        return response
+
+    @contextmanager
+    def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        try:
+            with self._http.stream(method, path, **kwargs) as response:
+                if not response.is_success:
+                    response.read()
+                    _raise_for(response)
+                yield response
+        except httpx.HTTPError as exc:
+            raise TransportError(f"{method} {path}: {exc}") from exc
+
+    def Sandbox(
+        self, policy: Policy | None = None, *, envs: dict[str, str] | None = None
+    ) -> RemoteSandbox:
+        return RemoteSandbox(self, policy, envs)
+
+    def create(
+        self, policy: Policy | None = None, *, envs: dict[str, str] | None = None
+    ) -> RemoteSandbox:
+        return RemoteSandbox(self, policy, envs)
+
+    async def create_async(
+        self, policy: Policy | None = None, *, envs: dict[str, str] | None = None
+    ) -> AsyncSandbox:
+        sandbox = await _in_thread(RemoteSandbox, self, policy, envs)
+        return AsyncSandbox(sandbox)
+
+    def run(
+        self, code: str, policy: Policy | None = None, *, envs: dict[str, str] | None = None
+    ) -> Execution:
+        """A one-shot run on the service."""
+        body = {"code": code, "policy": _overrides(policy), "envs": envs or {}}
+        return Execution.from_dict(self.request("POST", "/v1/run", json=body).json())
+
+    def audit(self, **filters: Any) -> list[dict[str, Any]]:
+        """This tenant's audit records."""
+        result: list[dict[str, Any]] = self.request("GET", "/v1/audit", params=filters).json()
+        return result
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(url: str, api_key: str) -> Client:
+    """Connect to `codecage serve`; `client.Sandbox(...)` then works like `codecage.Sandbox`."""
+    return Client(url, api_key)
+
+
+class RemoteSandbox:
+    """The Sandbox API over HTTP."""
+
+    def __init__(self, client: Client, policy: Policy | None, envs: dict[str, str] | None) -> None:
+        self._client = client
+        body = {"policy": _overrides(policy), "envs": envs or {}}
+        data = client.request("POST", "/v1/sandboxes", json=body).json()
+        self._id: str = data["id"]
+        self.policy = Policy(**data["policy"])
+        self._alive = True
+        self.files = RemoteFiles(self)
+        self.commands = RemoteCommands(self)
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def sandbox_id(self) -> str:
+        return self._id
+
+    @property
+    def alive(self) -> bool:
+        return self._alive
+
+    def __enter__(self) -> RemoteSandbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    def __repr__(self) -> str:
+        return f"<RemoteSandbox {self._id}>"
+
+    @property
+    def _base(self) -> str:
+        return f"/v1/sandboxes/{self._id}"
+
+    def run_code(
+        self,
+        code: str,
+        *,
+        on_stdout: Callable[[OutputMessage], Any] | None = None,
+        on_stderr: Callable[[OutputMessage], Any] | None = None,
+        on_result: Callable[[Result], Any] | None = None,
+        on_error: Callable[[ExecutionError], Any] | None = None,
+        timeout: float | None = None,
+        envs: dict[str, str] | None = None,
+    ) -> Execution:
+        body = {"code": code, "timeout": timeout, "envs": envs or {}}
+        callbacks = (on_stdout, on_stderr, on_result, on_error)
+        if not any(callbacks):
+            return Execution.from_dict(
+                self._client.request("POST", f"{self._base}/execute", json=body).json()
+            )
+        dispatch = _dispatcher(*callbacks)
+        with self._client.stream(
+            "POST", f"{self._base}/execute", json=body, headers={"Accept": NDJSON}
+        ) as response:
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event.get("ev") == "execution":
+                    return Execution.from_dict(event["execution"])
+                if event.get("ev") == "failed":
+                    raise _ERRORS.get(str(event.get("type")), SandboxError)(
+                        str(event.get("message"))
+                    )
+                dispatch(event)
+        raise TransportError("the stream ended without an execution")
+
+    def kill(self) -> None:
+        if self._alive:
+            self._alive = False
+            with contextlib.suppress(SandboxNotFound):  # already gone (idle timeout, elsewhere)
+                self._client.request("DELETE", self._base)
+
+    close = kill
+
+
+class RemoteFiles:
+    def __init__(self, sandbox: RemoteSandbox) -> None:
+        self._sbx = sandbox
+
+    def _url(self, suffix: str = "") -> str:
+        return f"{self._sbx._base}/files{suffix}"
+
+    @overload
+    def read(self, path: str, format: Literal["bytes"] = "bytes") -> bytes: ...
+    @overload
+    def read(self, path: str, format: Literal["text"]) -> str: ...
+
+    def read(self, path: str, format: Literal["bytes", "text"] = "bytes") -> bytes | str:
+        data = self._sbx._client.request("GET", self._url(), params={"path": path}).content
+        return data.decode("utf-8", "replace") if format == "text" else data
+
+    def write(self, path: str, data: bytes | str) -> EntryInfo:
+        raw = data.encode() if isinstance(data, str) else bytes(data)
+        info = self._sbx._client.request(
+            "PUT", self._url(), params={"path": path}, content=raw
+        ).json()
+        return EntryInfo(**info)
+
+    def list(self, path: str = ".") -> list[EntryInfo]:
+        entries = self._sbx._client.request("GET", self._url("/list"), params={"path": path}).json()
+        return [EntryInfo(**e) for e in entries]
+
+    def exists(self, path: str) -> bool:
+        return bool(
+            self._sbx._client.request("GET", self._url("/exists"), params={"path": path}).json()[
+                "exists"
+            ]
+        )
+
+    def remove(self, path: str) -> None:
+        self._sbx._client.request("DELETE", self._url(), params={"path": path})
+
+    def make_dir(self, path: str) -> bool:
+        return bool(
+            self._sbx._client.request("POST", self._url("/mkdir"), json={"path": path}).json()[
+                "created"
+            ]
+        )
+
+
+class RemoteCommands:
+    def __init__(self, sandbox: RemoteSandbox) -> None:
+        self._sbx = sandbox
+
+    def run(
+        self, cmd: str, *, timeout: float | None = None, envs: dict[str, str] | None = None
+    ) -> CommandResult:
+        body = {"cmd": cmd, "timeout": timeout, "envs": envs or {}}
+        return CommandResult(
+            **self._sbx._client.request("POST", f"{self._sbx._base}/commands", json=body).json()
+        )

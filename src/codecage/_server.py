@@ -1,0 +1,512 @@
+"""`codecage serve`: the HTTP API (FastAPI). See docs/openapi.json for the contract.
+
+Every error is a JSON body {"error": {"type", "message"}} with a 4xx/5xx status: never a
+stack trace, never a host path. Another tenant's sandbox is the same 404 as a missing one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ._api import prepare_code
+from ._audit import AuditLog
+from ._config import ServerConfig, within
+from ._errors import (
+    AuditUnavailable,
+    FileNotFoundInSandbox,
+    PolicyError,
+    QuotaExceeded,
+    SandboxError,
+    SandboxNotFound,
+)
+from ._manager import Manager
+from ._models import Execution
+
+NDJSON = "application/x-ndjson"
+STREAM_EVENTS = {
+    "stdout": ("text",),
+    "stderr": ("text",),
+    "result": ("data", "is_main_result"),
+    "error": ("name", "value", "traceback"),
+    "end": ("execution_count",),
+}
+
+
+# -- request and response bodies (the OpenAPI contract) --------------------------------------
+
+
+class CreateSandbox(BaseModel):
+    policy: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the service's default policy"
+    )
+    envs: dict[str, str] = Field(default_factory=dict)
+
+
+class ExecuteBody(BaseModel):
+    code: str
+    timeout: float | None = Field(
+        None, gt=0, description="seconds; can only lower the policy's timeout_s"
+    )
+    envs: dict[str, str] = Field(default_factory=dict)
+
+
+class RunBody(ExecuteBody):
+    policy: dict[str, Any] = Field(default_factory=dict)
+
+
+class CommandBody(BaseModel):
+    cmd: str
+    timeout: float | None = Field(None, gt=0)
+    envs: dict[str, str] = Field(default_factory=dict)
+
+
+class PathBody(BaseModel):
+    path: str
+
+
+class SandboxOut(BaseModel):
+    id: str
+    created_at: float
+    policy: dict[str, Any]
+
+
+class ErrorOut(BaseModel):
+    name: str
+    value: str
+    traceback: str
+
+
+class LogsOut(BaseModel):
+    stdout: list[str]
+    stderr: list[str]
+
+
+class ResultOut(BaseModel):
+    text: str | None = None
+    html: str | None = None
+    markdown: str | None = None
+    png: str | None = None
+    jpeg: str | None = None
+    svg: str | None = None
+    latex: str | None = None
+    json_: Any = Field(None, alias="json")
+    is_main_result: bool = False
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExecutionOut(BaseModel):
+    results: list[ResultOut]
+    logs: LogsOut
+    error: ErrorOut | None
+    execution_count: int | None
+    duration_ms: float
+    exit_code: int | None
+    killed_by: str | None
+    limits_hit: list[str]
+    truncated: bool
+    peak_memory_mb: float | None
+    state_lost: bool
+    text: str | None
+
+
+class CommandOut(BaseModel):
+    stdout: str
+    stderr: str
+    exit_code: int
+    error: str | None
+    truncated: bool
+
+
+class EntryOut(BaseModel):
+    name: str
+    path: str
+    type: str
+    size: int
+
+
+class ExistsOut(BaseModel):
+    exists: bool
+
+
+class MadeOut(BaseModel):
+    created: bool
+
+
+class ErrorBody(BaseModel):
+    type: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class HealthOut(BaseModel):
+    status: str
+    sandboxes: int
+
+
+def _execution_json(ex: Execution) -> dict[str, Any]:
+    return ex.to_dict()
+
+
+def _error(status: int, kind: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"type": kind, "message": message}}, status_code=status)
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 500, 503)
+}
+
+
+# -- the app ---------------------------------------------------------------------------------
+
+
+def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        import anyio.to_thread
+
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 256
+        log = audit or AuditLog(config.db)
+        log.mark_interrupted()  # runs of a previous process that never completed
+        state["audit"] = log
+        state["manager"] = Manager(config, log)
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state["manager"].shutdown)
+            if audit is None:
+                log.close()
+
+    app = FastAPI(
+        title="codecage",
+        version="1",
+        description="Run untrusted Python in locked-down sandboxes.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(
+        BodyLimit, default=config.max_code_bytes + (1 << 20), upload=config.max_upload_bytes
+    )
+    _handlers(app)
+
+    def manager() -> Manager:
+        return state["manager"]  # type: ignore[no-any-return]
+
+    def tenant(authorization: str | None = Header(None)) -> str:
+        scheme, _, key = (authorization or "").partition(" ")
+        found = (
+            state["audit"].tenant_for(key.strip()) if scheme.lower() == "bearer" and key else None
+        )
+        if found is None:
+            raise Unauthorized()
+        return str(found)
+
+    def sandbox_out(entry: Any) -> SandboxOut:
+        return SandboxOut(
+            id=entry.sandbox.id,
+            created_at=entry.created_at,
+            policy=entry.sandbox.policy.model_dump(),
+        )
+
+    @app.get("/healthz", response_model=HealthOut)
+    def healthz() -> HealthOut:
+        return HealthOut(status="ok", sandboxes=len(manager()._sandboxes))
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics() -> PlainTextResponse:
+        from prometheus_client import generate_latest
+
+        return PlainTextResponse(generate_latest(manager().metrics.registry).decode())
+
+    @app.post("/v1/sandboxes", response_model=SandboxOut, status_code=201, responses=ERRORS)
+    def create_sandbox(body: CreateSandbox, who: str = Depends(tenant)) -> SandboxOut:
+        return sandbox_out(manager().create(who, body.policy, body.envs))
+
+    @app.get("/v1/sandboxes", response_model=list[SandboxOut], responses=ERRORS)
+    def list_sandboxes(who: str = Depends(tenant)) -> list[SandboxOut]:
+        return [sandbox_out(e) for e in manager().entries(who)]
+
+    @app.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxOut, responses=ERRORS)
+    def get_sandbox(sandbox_id: str, who: str = Depends(tenant)) -> SandboxOut:
+        return sandbox_out(manager().get(who, sandbox_id))
+
+    @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS)
+    def delete_sandbox(sandbox_id: str, who: str = Depends(tenant)) -> Response:
+        manager().delete(who, sandbox_id)
+        return Response(status_code=204)
+
+    @app.post(
+        "/v1/sandboxes/{sandbox_id}/execute",
+        response_model=ExecutionOut,
+        responses={**ERRORS, 200: {"content": {NDJSON: {}}}},
+    )
+    async def execute(
+        sandbox_id: str, body: ExecuteBody, request: Request, who: str = Depends(tenant)
+    ) -> Response:
+        code = prepare_code(body.code)
+        entry = manager().get(who, sandbox_id)
+        run_id = await run_in_threadpool(
+            manager().begin, who, sandbox_id, "execute", code, entry.sandbox.policy
+        )
+
+        def work(on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
+            return manager().execute(
+                who, sandbox_id, run_id, code, body.timeout, body.envs, on_event
+            )
+
+        return await _answer(request, work)
+
+    @app.post(
+        "/v1/run", response_model=ExecutionOut, responses={**ERRORS, 200: {"content": {NDJSON: {}}}}
+    )
+    async def run(body: RunBody, request: Request, who: str = Depends(tenant)) -> Response:
+        code = prepare_code(body.code)
+        policy = within(config.policy, body.policy, config.ceiling)
+        run_id = await run_in_threadpool(manager().begin, who, None, "run", code, policy)
+
+        def work(on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
+            return manager().run(who, run_id, code, policy, body.envs, on_event)
+
+        return await _answer(request, work)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/commands", response_model=CommandOut, responses=ERRORS)
+    def command(sandbox_id: str, body: CommandBody, who: str = Depends(tenant)) -> CommandOut:
+        result = manager().command(who, sandbox_id, body.cmd, body.timeout, body.envs)
+        return CommandOut(**vars(result))
+
+    @app.put("/v1/sandboxes/{sandbox_id}/files", response_model=EntryOut, responses=ERRORS)
+    async def upload(
+        sandbox_id: str, request: Request, path: str = Query(...), who: str = Depends(tenant)
+    ) -> EntryOut:
+        _check_path(path)
+        data = await request.body()
+        info = await run_in_threadpool(manager().upload, who, sandbox_id, path, data)
+        return EntryOut(**vars(info))
+
+    @app.get(
+        "/v1/sandboxes/{sandbox_id}/files",
+        responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+        response_class=Response,
+    )
+    def download(sandbox_id: str, path: str = Query(...), who: str = Depends(tenant)) -> Response:
+        _check_path(path)
+        return Response(
+            manager().download(who, sandbox_id, path), media_type="application/octet-stream"
+        )
+
+    @app.get(
+        "/v1/sandboxes/{sandbox_id}/files/list", response_model=list[EntryOut], responses=ERRORS
+    )
+    def list_files(
+        sandbox_id: str, path: str = Query("."), who: str = Depends(tenant)
+    ) -> list[EntryOut]:
+        _check_path(path)
+        return [
+            EntryOut(**vars(e)) for e in manager().get(who, sandbox_id).sandbox.files.list(path)
+        ]
+
+    @app.get("/v1/sandboxes/{sandbox_id}/files/exists", response_model=ExistsOut, responses=ERRORS)
+    def exists(sandbox_id: str, path: str = Query(...), who: str = Depends(tenant)) -> ExistsOut:
+        _check_path(path)
+        return ExistsOut(exists=manager().get(who, sandbox_id).sandbox.files.exists(path))
+
+    @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, responses=ERRORS)
+    def remove(sandbox_id: str, path: str = Query(...), who: str = Depends(tenant)) -> Response:
+        _check_path(path)
+        manager().get(who, sandbox_id).sandbox.files.remove(path)
+        return Response(status_code=204)
+
+    @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", response_model=MadeOut, responses=ERRORS)
+    def make_dir(sandbox_id: str, body: PathBody, who: str = Depends(tenant)) -> MadeOut:
+        _check_path(body.path)
+        return MadeOut(created=manager().get(who, sandbox_id).sandbox.files.make_dir(body.path))
+
+    @app.get("/v1/audit", responses=ERRORS)
+    def audit_runs(
+        sandbox_id: str | None = None,
+        outcome: str | None = None,
+        since: float | None = None,
+        until: float | None = None,
+        after: int = Query(0, ge=0),
+        limit: int = Query(100, ge=1, le=1000),
+        who: str = Depends(tenant),
+    ) -> list[dict[str, Any]]:
+        return state["audit"].runs(  # type: ignore[no-any-return]
+            tenant=who,
+            sandbox_id=sandbox_id,
+            outcome=outcome,
+            since=since,
+            until=until,
+            after_rowid=after,
+            limit=limit,
+        )
+
+    return app
+
+
+async def _answer(
+    request: Request, work: Callable[[Callable[[dict[str, Any]], None] | None], Execution]
+) -> Response:
+    """One JSON Execution, or (Accept: application/x-ndjson) the events as they happen, then
+    {"ev": "execution", "execution": {...}} once the completion record is durable."""
+    if NDJSON not in request.headers.get("accept", ""):
+        ex = await run_in_threadpool(work, None)
+        return JSONResponse(_execution_json(ex))
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+
+    def on_event(event: dict[str, Any]) -> None:
+        fields = STREAM_EVENTS.get(str(event.get("ev")))
+        if fields is not None:  # only known events and fields: the sandbox's frames are untrusted
+            clean = {"ev": event["ev"], **{f: event.get(f) for f in fields}}
+            loop.call_soon_threadsafe(events.put_nowait, clean)
+
+    task = loop.run_in_executor(None, work, on_event)
+    task.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
+
+    async def lines() -> AsyncIterator[bytes]:
+        while (event := await events.get()) is not None:
+            yield json.dumps(event).encode() + b"\n"
+        try:
+            ex = task.result()
+        except SandboxError as exc:
+            yield (
+                json.dumps(
+                    {"ev": "failed", "type": type(exc).__name__, "message": str(exc)}
+                ).encode()
+                + b"\n"
+            )
+            return
+        yield json.dumps({"ev": "execution", "execution": _execution_json(ex)}).encode() + b"\n"
+
+    return StreamingResponse(lines(), media_type=NDJSON)
+
+
+def _check_path(path: str) -> None:
+    if not path or "\0" in path or len(path.encode("utf-8", "surrogatepass")) > 4096:
+        raise BadRequest("a path must be non-empty, without NUL bytes, and at most 4096 bytes")
+
+
+class Unauthorized(Exception):
+    pass
+
+
+class BadRequest(Exception):
+    pass
+
+
+def _handlers(app: FastAPI) -> None:
+    mapping: list[tuple[type[BaseException], int]] = [
+        (Unauthorized, 401),
+        (BadRequest, 400),
+        (SandboxNotFound, 404),
+        (FileNotFoundInSandbox, 404),
+        (PolicyError, 422),
+        (QuotaExceeded, 429),
+        (AuditUnavailable, 503),
+        (SandboxError, 409),
+    ]
+    for exc_type, status in mapping:
+        app.add_exception_handler(exc_type, _handler(status))  # type: ignore[arg-type]
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()))
+            parts.append(f"{where}: {err.get('msg')}")
+        return _error(422, "ValidationError", "; ".join(parts))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return _error(500, "InternalError", "internal error (details are in the server's log)")
+
+
+def _handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    async def handle(request: Request, exc: Exception) -> JSONResponse:
+        kind = {"Unauthorized": "Unauthorized", "BadRequest": "BadRequest"}.get(
+            type(exc).__name__, type(exc).__name__
+        )
+        if isinstance(exc, FileNotFoundInSandbox):
+            kind = "FileNotFound"
+        response = _error(status, kind, str(exc) if status != 401 else "missing or invalid API key")
+        if status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"
+        return response
+
+    return handle
+
+
+class BodyLimit:
+    """413 for bodies over the limit: file uploads get their own, larger one."""
+
+    def __init__(self, app: ASGIApp, default: int, upload: int) -> None:
+        self.app, self.default, self.upload = app, default, upload
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.upload if scope["method"] == "PUT" else self.default
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(send, limit)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await _too_large(send, limit)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = json.dumps(
+        {"error": {"type": "TooLarge", "message": f"body over {limit} bytes"}}
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def serve(config: ServerConfig) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        access_log=False,
+    )
