@@ -26,6 +26,18 @@ def prepare_code(code: str | bytes) -> str:
     return code
 
 
+def check_envs(envs: dict[str, str] | None) -> dict[str, str]:
+    """Environment variables must be representable: a clear error here, not a broken sandbox."""
+    from ._errors import PolicyError
+
+    for key, value in (envs or {}).items():
+        if not isinstance(key, str) or not key or "=" in key or "\0" in key:
+            raise PolicyError(f"envs: {key!r} is not a valid variable name")
+        if not isinstance(value, str) or "\0" in value:
+            raise PolicyError(f"envs: the value of {key!r} must be a string without NUL bytes")
+    return dict(envs or {})
+
+
 def run(
     code: str | bytes,
     policy: Policy | None = None,
@@ -42,7 +54,7 @@ def run(
     text = prepare_code(code)
     jail = get_jail(policy.isolation)
     jail.check(policy)
-    sandbox = jail.create(policy, envs)
+    sandbox = jail.create(policy, check_envs(envs))
     try:
         kwargs: dict[str, Any] = {"mode": "main", "recover": False}
         if on_event is not None:

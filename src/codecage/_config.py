@@ -27,6 +27,8 @@ class ServerConfig(BaseModel):
     db: str = "/var/lib/codecage/audit.db"
     max_code_bytes: int = Field(10 << 20, ge=1)
     max_upload_bytes: int = Field(100 << 20, ge=1)
+    # On SIGTERM, runs in flight get this long to finish; then their sandboxes are killed.
+    shutdown_grace_s: float = Field(5.0, ge=0)
     # Sandboxes start from `policy`; a tenant may override fields up to `ceiling`.
     policy: Policy = Policy()
     ceiling: Policy = Policy(

@@ -8,11 +8,12 @@ if it did not exist.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +68,8 @@ class Manager:
         self._recent: dict[str, collections.deque[float]] = collections.defaultdict(
             collections.deque
         )
+        self._busy = 0
+        self._idle = threading.Condition(self._lock)
 
     # -- sandboxes -------------------------------------------------------------------------
 
@@ -112,13 +115,26 @@ class Manager:
             del self._sandboxes[sid]
         self.metrics.live.set(len(self._sandboxes))
 
-    def shutdown(self) -> None:
-        """Kill every sandbox (runs in flight end as killed and are recorded by their callers)."""
+    def shutdown(self, wait_s: float = 15.0) -> None:
+        """Kill every sandbox, then wait until the runs that were in flight are recorded."""
         with self._lock:
             entries = list(self._sandboxes.values())
             self._sandboxes.clear()
         for entry in entries:
             entry.sandbox.kill()
+        with self._idle:
+            self._idle.wait_for(lambda: self._busy == 0, timeout=wait_s)
+
+    @contextlib.contextmanager
+    def _operation(self) -> Iterator[None]:
+        with self._lock:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
 
     # -- quotas ----------------------------------------------------------------------------
 
@@ -195,14 +211,15 @@ class Manager:
         envs: dict[str, str],
         on_event: EventCallback | None = None,
     ) -> Execution:
-        sandbox = self.get(tenant, sandbox_id).sandbox
-        try:
-            ex = sandbox._run(code, timeout=timeout, envs=envs, on_event=on_event)
-        except BaseException as exc:
-            self.fail(run_id, "execute", exc)
-            raise
-        self.finish(run_id, "execute", ex)
-        return ex
+        with self._operation():
+            try:
+                sandbox = self.get(tenant, sandbox_id).sandbox
+                ex = sandbox._run(code, timeout=timeout, envs=envs, on_event=on_event)
+            except BaseException as exc:
+                self.fail(run_id, "execute", exc)
+                raise
+            self.finish(run_id, "execute", ex)
+            return ex
 
     def run(
         self,
@@ -213,13 +230,14 @@ class Manager:
         envs: dict[str, str],
         on_event: EventCallback | None,
     ) -> Execution:
-        try:
-            ex = run_once(code, policy, envs=envs, on_event=on_event)
-        except BaseException as exc:
-            self.fail(run_id, "run", exc)
-            raise
-        self.finish(run_id, "run", ex)
-        return ex
+        with self._operation():
+            try:
+                ex = run_once(code, policy, envs=envs, on_event=on_event)
+            except BaseException as exc:
+                self.fail(run_id, "run", exc)
+                raise
+            self.finish(run_id, "run", ex)
+            return ex
 
     def command(
         self, tenant: str, sandbox_id: str, cmd: str, timeout: float | None, envs: dict[str, str]

@@ -37,6 +37,7 @@ class Policy(BaseModel):
     idle_timeout_s: float | None = Field(600.0, gt=0)
     interrupt_grace_s: float = Field(2.0, ge=0, le=600)
     output_bytes: int = Field(1 << 20, ge=0, le=1 << 30)
+    results_bytes: int = Field(16 << 20, ge=0, le=1 << 30)
     open_files_max: int = Field(1024, ge=16, le=1 << 20)
     env_allowlist: tuple[str, ...] = ()
     isolation: Isolation = "namespace"

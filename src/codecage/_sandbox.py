@@ -14,8 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
-from ._api import prepare_code
-from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound
+from ._api import check_envs, prepare_code
+from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound, TransportError
 from ._jail import get_jail
 from ._jail.namespace import NamespaceSandbox
 from ._models import Execution, ExecutionError, Result
@@ -64,7 +64,8 @@ class Sandbox:
     ) -> None:
         self.policy = policy or Policy()
         self._lock = threading.RLock()
-        self._jailed: NamespaceSandbox = get_jail(self.policy.isolation).create(self.policy, envs)  # type: ignore[assignment]
+        jail = get_jail(self.policy.isolation)
+        self._jailed: NamespaceSandbox = jail.create(self.policy, check_envs(envs))  # type: ignore[assignment]
         self.last_activity = time.monotonic()
         self.busy = False
         self.files = Files(self)
@@ -128,6 +129,7 @@ class Sandbox:
     ) -> Execution:
         """run_code with the raw protocol events (for the service's NDJSON stream)."""
         text = prepare_code(code)
+        envs = check_envs(envs)
         with self._lock:
             jailed = self._use()
             self.busy = True
@@ -138,6 +140,8 @@ class Sandbox:
             finally:
                 self.busy = False
                 self.last_activity = time.monotonic()
+                if jailed._dying:  # ended meanwhile (kill(), the watchdog): release the rest
+                    jailed.kill()
 
     def _request(self, message: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
         with self._lock:
@@ -149,9 +153,13 @@ class Sandbox:
             finally:
                 self.busy = False
                 self.last_activity = time.monotonic()
+                if jailed._dying:  # ended meanwhile (kill(), the watchdog): release the rest
+                    jailed.kill()
 
     def kill(self) -> None:
-        """End the sandbox: every process, its cgroups and its workspace are gone."""
+        """End the sandbox: every process, its cgroups and its workspace are gone. Never
+        waits for a run in progress: its processes die first, then the run returns."""
+        self._jailed.terminate("it was killed")
         with self._lock:
             self._jailed.kill()
         _registry.discard(self)
@@ -210,13 +218,26 @@ class Files:
     def read(self, path: str, format: Literal["text"]) -> str: ...
 
     def read(self, path: str, format: Literal["bytes", "text"] = "bytes") -> bytes | str:
-        chunks, offset = [], 0
+        """Read a file. The kernel's replies are untrusted: the size it states first bounds
+        the transfer, as do the sandbox's own disk sizes and one deadline for the whole."""
+        policy = self._sbx.policy
+        limit = (policy.disk_mb + policy.tmp_mb + policy.shm_mb) << 20
+        deadline = time.monotonic() + (policy.timeout_s or 600)
+        chunks: list[bytes] = []
+        offset, size = 0, None
         while True:
             reply = self._op("read", path, offset=offset, length=FILE_CHUNK)
-            chunk = base64.b64decode(str(reply.get("data", "")))
+            try:
+                chunk = base64.b64decode(str(reply.get("data", "")), validate=True)
+                stated = int(reply["size"])
+            except (ValueError, KeyError, TypeError):
+                raise TransportError(f"{path}: a malformed reply from the sandbox") from None
+            size = stated if size is None else size
+            if offset + len(chunk) > min(size, limit) or time.monotonic() > deadline:
+                raise TransportError(f"{path}: the sandbox sent more than the file's size or limit")
             chunks.append(chunk)
             offset += len(chunk)
-            if reply.get("eof") is not False or not chunk:
+            if reply.get("eof") is not False or not chunk or offset >= size:
                 break
         data = b"".join(chunks)
         return data.decode("utf-8", "replace") if format == "text" else data
@@ -245,12 +266,10 @@ class Files:
 
 
 def _entry(data: dict[str, Any]) -> EntryInfo:
-    return EntryInfo(
-        str(data.get("name")),
-        str(data.get("path")),
-        str(data.get("type")),
-        int(data.get("size", 0)),
-    )
+    try:
+        return EntryInfo(str(data["name"]), str(data["path"]), str(data["type"]), int(data["size"]))
+    except (KeyError, TypeError, ValueError):
+        raise TransportError("a malformed file entry from the sandbox") from None
 
 
 class Commands:
@@ -265,15 +284,18 @@ class Commands:
         limit = self._sbx.policy.timeout_s
         if timeout is not None:
             limit = timeout if limit is None else min(limit, timeout)
-        message = {"op": "command", "cmd": cmd, "timeout_s": limit, "envs": envs or {}}
+        message = {"op": "command", "cmd": cmd, "timeout_s": limit, "envs": check_envs(envs)}
         message["output_bytes"] = self._sbx.policy.output_bytes
         # The kernel enforces the timeout; the host waits a little longer as a backstop.
         reply = self._sbx._request(message, None if limit is None else limit + 5)
         _failed(reply, cmd)
+        code = reply.get("exit_code")
+        if not isinstance(code, int):
+            raise TransportError("a malformed command reply from the sandbox")
         return CommandResult(
-            stdout=str(reply.get("stdout", "")),
-            stderr=str(reply.get("stderr", "")),
-            exit_code=int(reply.get("exit_code", -1)),
+            stdout=str(reply.get("stdout", ""))[: self._sbx.policy.output_bytes],
+            stderr=str(reply.get("stderr", ""))[: self._sbx.policy.output_bytes],
+            exit_code=code,
             error=f"timed out after {limit} s" if reply.get("timed_out") else None,
             truncated=bool(reply.get("truncated")),
         )
@@ -311,25 +333,26 @@ class _Registry:
 
     def check(self, sandbox: Sandbox) -> None:
         policy, jailed = sandbox.policy, sandbox._jailed
-        if not jailed.alive or sandbox.busy:
+        if not jailed.alive:
             return
         idle = time.monotonic() - sandbox.last_activity
-        if policy.idle_timeout_s is not None and idle > policy.idle_timeout_s:
+        if not sandbox.busy and policy.idle_timeout_s is not None and idle > policy.idle_timeout_s:
             reason = f"idle for more than idle_timeout_s={policy.idle_timeout_s}"
-        else:
+        else:  # busy or not: a sandbox's CPU budget covers everything it ever ran
             try:
                 used = jailed.usage().cpu_s
             except OSError:
                 return
             if policy.cpu_s is None or used <= policy.cpu_s:
                 return
-            reason = f"it used its cpu_s={policy.cpu_s} budget (between runs)"
+            reason = f"it used its cpu_s={policy.cpu_s} budget"
+        jailed.terminate(reason)  # never waits for a run in progress
         if sandbox._lock.acquire(blocking=False):
             try:
-                jailed.end(reason)
+                jailed.kill()
             finally:
                 sandbox._lock.release()
-            self.discard(sandbox)
+        self.discard(sandbox)
 
     def kill_all(self) -> None:
         with self._lock:

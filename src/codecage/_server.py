@@ -30,6 +30,7 @@ from ._errors import (
     SandboxError,
     SandboxNotFound,
 )
+from ._jail import close_jails, get_jail
 from ._manager import Manager
 from ._models import Execution
 
@@ -183,12 +184,16 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         anyio.to_thread.current_default_thread_limiter().total_tokens = 256
         log = audit or AuditLog(config.db)
         log.mark_interrupted()  # runs of a previous process that never completed
+        # Start the jail now: its template is warm for the first request, and its start-up
+        # sweep removes whatever a crashed predecessor left behind.
+        await run_in_threadpool(get_jail, config.policy.isolation)
         state["audit"] = log
         state["manager"] = Manager(config, log)
         try:
             yield
         finally:
             await run_in_threadpool(state["manager"].shutdown)
+            await run_in_threadpool(close_jails)
             if audit is None:
                 log.close()
 
@@ -509,4 +514,5 @@ def serve(config: ServerConfig) -> None:
         port=config.port,
         log_level="warning",
         access_log=False,
+        timeout_graceful_shutdown=max(1, round(config.shutdown_grace_s)),
     )

@@ -26,6 +26,7 @@ def run(spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any]) ->
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     generation = 0
+    ctx["init_fds"] = (wake_r, wake_w)  # init's own: the kernel must not inherit them
     kernel = _start_kernel(spec, supervisor, ctx, generation)
     while True:
         ready, _, _ = select.select([supervisor.fileno(), wake_r], [], [])
@@ -52,6 +53,8 @@ def _start_kernel(
     if pid == 0:
         try:
             signal.set_wakeup_fd(-1)
+            for fd in ctx.get("init_fds", ()):
+                os.close(fd)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             supervisor.close()

@@ -58,11 +58,22 @@ class Output:
         self.channel = channel
         self.lock = threading.Lock()
         self.remaining = 0
+        self.results_remaining = 0
         self.truncated = False
+        self.run_id: Any = None
 
-    def reset(self, budget: int) -> None:
+    def reset(self, budget: int, results_budget: int, run_id: Any) -> None:
         with self.lock:
             self.remaining, self.truncated = budget, False
+            self.results_remaining, self.run_id = results_budget, run_id
+
+    def take_result(self, size: int) -> bool:
+        with self.lock:
+            if size > self.results_remaining:
+                self.truncated = True
+                return False
+            self.results_remaining -= size
+            return True
 
     def emit(self, stream: str, text: str) -> None:
         data = text.encode("utf-8", "replace")
@@ -74,7 +85,7 @@ class Output:
         text = data.decode("utf-8", "ignore")  # a character cut at the budget's edge
         step = CHUNK // 4  # at most 4 bytes a character: a frame stays under CHUNK
         for start in range(0, len(text), step):
-            self.channel.send(ev=stream, text=text[start : start + step])
+            self.channel.send(ev=stream, id=self.run_id, text=text[start : start + step])
 
 
 class Stream(io.TextIOBase):
@@ -219,7 +230,10 @@ def main(sock: socket.socket, spec: dict[str, Any], ctx: dict[str, Any]) -> None
     caps.set_oom_score_adj(1000)  # under memory pressure, the kernel goes before init
     libc.prctl(libc.PR_SET_DUMPABLE, 1)  # init is not dumpable; the kernel needs its own /proc/self
     _environment(spec)
-    os.chdir("/home/user")
+    try:
+        os.chdir("/home/user")
+    except OSError:  # code may have made its workspace unusable; the kernel must still start
+        os.chdir("/")
     _reseed()
     Kernel(Channel(sock)).serve()
 
@@ -303,7 +317,11 @@ class Kernel:
 
     def execute(self, request: Message) -> None:
         run_id = request.get("id")
-        self.output.reset(int(request.get("output_bytes", 1 << 20)))
+        self.output.reset(
+            int(request.get("output_bytes", 1 << 20)),
+            int(request.get("results_bytes", 16 << 20)),
+            run_id,
+        )
         saved = dict(os.environ)
         os.environ.update({str(k): str(v) for k, v in (request.get("envs") or {}).items()})
         started = time.perf_counter()
@@ -342,6 +360,9 @@ class Kernel:
             for stream in (sys.stdout, sys.stderr):  # output printed before a result comes first
                 with contextlib.suppress(Exception):
                     stream.flush()
-            self.channel.send(ev=kind, id=run_id, **payload)
+            data = payload.get("data") or {}
+            size = sum(len(v) if isinstance(v, str) else 64 for v in data.values())
+            if self.output.take_result(size):
+                self.channel.send(ev=kind, id=run_id, **payload)
 
         return shell.run_cell(self.session_shell(), code, sink)

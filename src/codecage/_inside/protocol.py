@@ -54,8 +54,8 @@ class FrameReader:
 def decode(body: bytes) -> Message:
     try:
         message = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise ProtocolError(f"frame is not JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ProtocolError(f"frame is not JSON: {type(exc).__name__}") from None
     if not isinstance(message, dict):
         raise ProtocolError("frame is not a JSON object")
     return message

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import struct
 
 from . import libc
 
@@ -108,6 +109,14 @@ NAMESPACE_FLAGS = (
     | libc.CLONE_NEWPID
     | libc.CLONE_NEWNET
 )
+AF_NETLINK, AF_VSOCK = 16, 40
+NETLINK_KOBJECT_UEVENT = 15
+SCMP_CMP_EQ = 4
+# The highest x86_64 system call number the filter answers for: any number libseccomp
+# cannot name (a kernel newer than the library) answers ENOSYS instead of running unfiltered.
+MAX_SYSCALL = 1023
+AUDIT_ARCH_X86_64 = 0xC000003E
+X32_SYSCALL_BIT = 0x40000000
 TIOCSTI = 0x5412  # push bytes into a terminal's input queue: typing into the operator's shell
 TIOCLINUX = 0x541C  # the virtual console's selection paste, same effect
 
@@ -137,6 +146,9 @@ def _lib() -> ctypes.CDLL:
         ctypes.POINTER(_ArgCmp),
     ]
     lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_syscall_resolve_num_arch.argtypes = [ctypes.c_uint32, ctypes.c_int]
+    lib.seccomp_syscall_resolve_num_arch.restype = ctypes.c_void_p  # char*, freed by us
+    lib.seccomp_arch_native.restype = ctypes.c_uint32
     lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
     lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
@@ -157,7 +169,9 @@ def build() -> bytes:
 
 def _rule(lib: ctypes.CDLL, ctx: int, action: int, name: str, *cmps: _ArgCmp) -> None:
     nr = lib.seccomp_syscall_resolve_name(name.encode())
-    if nr < 0:  # not a system call of this architecture
+    if nr == -1:
+        raise OSError(f"seccomp: libseccomp does not know the system call {name!r}")
+    if nr < 0:  # a pseudo number: not a system call of this architecture
         return
     array = (_ArgCmp * len(cmps))(*cmps) if cmps else None
     rc = lib.seccomp_rule_add_array(ctx, action, nr, len(cmps), array)
@@ -180,6 +194,17 @@ def _build(lib: ctypes.CDLL, ctx: int) -> bytes:
     # clone3 passes its flags in memory that BPF cannot read: answer ENOSYS so that
     # glibc falls back to clone(), which the rule above can inspect.
     _rule(lib, ctx, SCMP_ACT_ERRNO(errno.ENOSYS), "clone3")
+    # vsock ignores network namespaces (it reaches the hypervisor and host services), and
+    # kernel uevents are broadcast into every network namespace of the host's user namespace.
+    _rule(lib, ctx, eperm, "socket", _ArgCmp(0, SCMP_CMP_EQ, AF_VSOCK, 0))
+    _rule(
+        lib,
+        ctx,
+        eperm,
+        "socket",
+        _ArgCmp(0, SCMP_CMP_EQ, AF_NETLINK, 0),
+        _ArgCmp(2, SCMP_CMP_EQ, NETLINK_KOBJECT_UEVENT, 0),
+    )
     for request in (TIOCSTI, TIOCLINUX):
         _rule(lib, ctx, eperm, "ioctl", _ArgCmp(1, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, request))
     read_fd, write_fd = os.pipe()
@@ -192,11 +217,39 @@ def _build(lib: ctypes.CDLL, ctx: int) -> bytes:
         chunks = []
         while chunk := os.read(read_fd, 65536):
             chunks.append(chunk)
-        return b"".join(chunks)
+        return _unknown_prefix(_highest_known(lib) + 1) + b"".join(chunks)
     finally:
         os.close(read_fd)
         if write_fd >= 0:
             os.close(write_fd)
+
+
+def _highest_known(lib: ctypes.CDLL) -> int:
+    libc_free = ctypes.CDLL(None).free
+    libc_free.argtypes = [ctypes.c_void_p]
+    arch, highest = lib.seccomp_arch_native(), 0
+    for nr in range(MAX_SYSCALL + 1):
+        name = lib.seccomp_syscall_resolve_num_arch(arch, nr)
+        if name:
+            libc_free(name)
+            highest = nr
+    return highest
+
+
+def _unknown_prefix(first_unknown: int) -> bytes:
+    """BPF run before libseccomp's program: a native call numbered above everything this
+    libseccomp can name answers ENOSYS, so a newer kernel's calls (listmount, open_tree_attr,
+    ...) never run unfiltered. Other ABIs and x32 numbers fall through to libseccomp."""
+    ld_abs, jeq, jge, ret = 0x20, 0x15, 0x35, 0x06
+    insns = [
+        (ld_abs, 0, 0, 4),  # A = seccomp_data.arch
+        (jeq, 0, 4, AUDIT_ARCH_X86_64),  # another ABI: straight to libseccomp (kills it)
+        (ld_abs, 0, 0, 0),  # A = seccomp_data.nr
+        (jge, 2, 0, X32_SYSCALL_BIT),  # x32: to libseccomp
+        (jge, 0, 1, first_unknown),
+        (ret, 0, 0, SCMP_ACT_ERRNO(errno.ENOSYS)),
+    ]
+    return b"".join(struct.pack("=HBBI", *insn) for insn in insns)
 
 
 def load(program: bytes) -> None:

@@ -11,7 +11,6 @@ Requests arrive on a SOCK_SEQPACKET socket, one JSON object each:
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import importlib
 import json
@@ -82,6 +81,10 @@ def serve(sock: socket.socket, ctx: dict[str, Any]) -> None:
 
 def _reap(wake_r: int) -> None:
     init.drain(wake_r)
+    _reap_dead()
+
+
+def _reap_dead() -> None:
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -105,26 +108,27 @@ def _reap_all(deadline_s: float) -> None:
 
 
 def _handle(sock: socket.socket, request: dict[str, Any], ctx: dict[str, Any]) -> None:
-    op = request.get("op")
+    op, rid = request.get("op"), request.get("rid")
     if op == "reap":
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(int(request["pid"]), 0)
-        sock.send(b'{"ok": true}')
+        # Reap every dead child without blocking: never wait on a pid that may be reused.
+        _reap_dead()
+        sock.send(json.dumps({"ok": True, "rid": rid}).encode())
     elif op == "ping":
-        sock.send(json.dumps({"ok": True, "threads": thread_count(), "pid": os.getpid()}).encode())
+        reply = {"ok": True, "threads": thread_count(), "pid": os.getpid(), "rid": rid}
+        sock.send(json.dumps(reply).encode())
     elif op == "spawn":
         try:
             fds, reply = _spawn(request["spec"], ctx)
         except Exception as exc:
-            sock.send(json.dumps({"ok": False, "error": str(exc)}).encode())
+            sock.send(json.dumps({"ok": False, "error": str(exc), "rid": rid}).encode())
             return
         try:
-            socket.send_fds(sock, [json.dumps(reply).encode()], fds)
+            socket.send_fds(sock, [json.dumps({**reply, "rid": rid}).encode()], fds)
         finally:
             for fd in fds:
                 os.close(fd)
     else:
-        sock.send(json.dumps({"ok": False, "error": f"unknown op {op!r}"}).encode())
+        sock.send(json.dumps({"ok": False, "error": f"unknown op {op!r}", "rid": rid}).encode())
 
 
 def _spawn(spec: dict[str, Any], ctx: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:

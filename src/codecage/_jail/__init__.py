@@ -53,6 +53,15 @@ def get_jail(name: str) -> Jail:
         return _jails[name]
 
 
+def close_jails() -> None:
+    """Stop every template this process started (the service calls it on shutdown)."""
+    with _lock:
+        jails = list(_jails.values())
+        _jails.clear()
+    for jail in jails:
+        jail.close()
+
+
 def _load(name: str) -> Jail:
     if name == "namespace":
         from .namespace import NamespaceJail

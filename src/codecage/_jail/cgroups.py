@@ -224,11 +224,7 @@ def _enable_v2_controllers(leaf: Path) -> None:
 def sweep(version: int, keep_owner: str) -> int:
     """Remove the cgroups of owners that are no longer alive. Returns how many were removed."""
     removed = 0
-    bases = (
-        [ROOT / c / "codecage" for c in V1_CONTROLLERS]
-        if version == 1
-        else [(ROOT if (ROOT / "cgroup.controllers").exists() else ROOT / "unified") / "codecage"]
-    )
+    bases = _bases(version)
     owners = {p.name for b in bases if b.exists() for p in b.iterdir() if p.is_dir()}
     for owner in owners:
         if owner == keep_owner or _alive(owner):
@@ -247,6 +243,19 @@ def sweep(version: int, keep_owner: str) -> int:
             with contextlib.suppress(OSError):
                 (b / owner).rmdir()
     return removed
+
+
+def remove_owner(version: int, owner: str) -> None:
+    """Remove this owner's (empty) parent cgroups when it closes cleanly."""
+    for base in _bases(version):
+        with contextlib.suppress(OSError):
+            (base / owner).rmdir()
+
+
+def _bases(version: int) -> list[Path]:
+    if version == 1:
+        return [ROOT / c / "codecage" for c in V1_CONTROLLERS]
+    return [(ROOT if (ROOT / "cgroup.controllers").exists() else ROOT / "unified") / "codecage"]
 
 
 def _alive(owner: str) -> bool:

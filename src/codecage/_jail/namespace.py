@@ -103,6 +103,8 @@ class NamespaceJail:
 
     def close(self) -> None:
         self.template.close()
+        if self.cgroup_version:
+            cgroups.remove_owner(self.cgroup_version, self.owner)
 
 
 class NamespaceSandbox:
@@ -119,6 +121,7 @@ class NamespaceSandbox:
             else cgroups.SandboxCgroups(jail.cgroup_version, self.id, jail.owner)
         )
         self._closed = False
+        self._dying = False
         self._mount_fds: list[int] = []
         self.ended_because = "it was killed"
         self.last_usage = cgroups.Usage(0, 0, 0, 0.0)
@@ -194,10 +197,13 @@ class NamespaceSandbox:
             message = json.loads(data)
             if not isinstance(message, dict):
                 raise ValueError("not an object")
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             for fd in fds:
                 os.close(fd)
-            raise TransportError(f"bad message from the sandbox's init: {exc}") from None
+            self.terminate("its init sent a malformed message")
+            raise TransportError(
+                f"bad message from the sandbox's init: {type(exc).__name__}"
+            ) from None
         return message, fds
 
     def _await_kernel(self, deadline: float) -> None:
@@ -230,8 +236,20 @@ class NamespaceSandbox:
                 return None
             ready, _, _ = select.select([self._kernel], [], [], timeout)
             if ready:
-                self._pending.extend(self._read_kernel())
+                frames = self._read_kernel()
+                if not frames and self._eof():
+                    raise TransportError("the kernel exited before it greeted")
+                self._pending.extend(frames)
         return self._pending.pop(0)
+
+    def _eof(self) -> bool:
+        assert self._kernel is not None
+        try:
+            return self._kernel.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
 
     def _read_kernel(self) -> list[Message]:
         assert self._kernel is not None
@@ -246,7 +264,8 @@ class NamespaceSandbox:
         try:
             return self._reader.feed(data)
         except ProtocolError as exc:
-            raise TransportError(str(exc)) from None
+            self.terminate("its control stream was malformed")
+            raise TransportError(f"malformed frame from the sandbox: {exc}") from None
 
     # -- running code -------------------------------------------------------------------
 
@@ -263,7 +282,7 @@ class NamespaceSandbox:
         """Run code in the kernel. With `recover`, a timeout interrupts (SIGINT) and, after
         the policy's grace, kills and restarts the kernel; a dead kernel is restarted. Without
         it (one-shot runs, whose sandbox is destroyed next), the run just stops waiting."""
-        if self._closed:
+        if self._closed or self._dying:
             raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
         run = _Run(self, on_event)
         limit = self.policy.timeout_s
@@ -276,7 +295,7 @@ class NamespaceSandbox:
 
         If the kernel dies meanwhile it is restarted and TransportError is raised; past the
         deadline the kernel is interrupted, then killed and restarted."""
-        if self._closed:
+        if self._closed or self._dying:
             raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
         message = {**message, "id": secrets.token_hex(8)}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -329,9 +348,13 @@ class NamespaceSandbox:
         return message if message.get("ev") == "exit" else None
 
     def restart_kernel(self, deadline: float) -> None:
-        self._supervisor.send(b'{"op": "restart"}')
-        self._supervisor.setblocking(True)
-        self._await_kernel(deadline)
+        try:
+            self._supervisor.send(b'{"op": "restart"}')
+            self._supervisor.setblocking(True)
+            self._await_kernel(deadline)
+        except (OSError, SandboxError) as exc:
+            self.terminate(f"its kernel could not be restarted ({exc})")
+            raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}") from None
 
     def kill_kernel(self) -> None:
         """Kill the kernel and everything it started; init (PID 1) stays."""
@@ -341,15 +364,31 @@ class NamespaceSandbox:
         """SIGINT to every process but init, like Ctrl-C to a terminal's foreground group."""
         self.cgroups.kill(spare=self.init_pid, sig=signal.SIGINT)
 
-    def send(self, message: Message) -> None:
+    def send(self, message: Message, timeout_s: float = 30.0) -> None:
+        """Send a request; a kernel that stops reading cannot block the host for ever."""
         assert self._kernel is not None
-        self._kernel.setblocking(True)
-        try:
-            self._kernel.sendall(encode(message))
-        except OSError as exc:
-            raise TransportError(f"kernel channel: {exc}") from None
-        finally:
-            self._kernel.setblocking(False)
+        data = memoryview(encode(message))
+        deadline = time.monotonic() + timeout_s
+        while data:
+            if self._dying:
+                raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
+            _, writable, _ = select.select(
+                [], [self._kernel], [], min(POLL_S * 4, max(0.0, deadline - time.monotonic()))
+            )
+            if not writable:
+                if time.monotonic() >= deadline:
+                    self.terminate("its kernel stopped reading requests")
+                    raise TransportError(
+                        "the kernel stopped reading requests; the sandbox was ended"
+                    )
+                continue
+            try:
+                sent = self._kernel.send(data)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise TransportError(f"kernel channel: {exc}") from None
+            data = data[sent:]
 
     def usage(self) -> cgroups.Usage:
         return self.cgroups.usage()
@@ -373,23 +412,33 @@ class NamespaceSandbox:
 
     # -- ending -------------------------------------------------------------------------
 
-    def end(self, reason: str) -> None:
-        """Kill the sandbox for a reason that later calls will report."""
+    def terminate(self, reason: str) -> None:
+        """Kill every process of the sandbox now, from any thread, without waiting for a run
+        in progress (it sees its kernel die and returns); kill() then releases the rest."""
+        if self._dying:
+            return
         with contextlib.suppress(OSError):
             self.last_usage = self.cgroups.usage()
         self.ended_because = reason
+        self._dying = True
+        with contextlib.suppress(OSError):
+            self.cgroups.kill()
+        if hasattr(self, "_init_pidfd"):
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+
+    def end(self, reason: str) -> None:
+        """Kill the sandbox for a reason that later calls will report."""
+        self.terminate(reason)
         self.kill()
 
     def kill(self) -> None:
         """Stop the whole tree (freeze, SIGKILL, thaw) and remove the cgroups. Idempotent."""
         if self._closed:
             return
+        self.terminate(self.ended_because)
         self._closed = True
-        with contextlib.suppress(OSError):
-            self.cgroups.kill()
         if hasattr(self, "_init_pidfd"):
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
             dead, _, _ = select.select([self._init_pidfd], [], [], 5.0)
             os.close(self._init_pidfd)
             if dead:  # init is now a zombie of the template: have it reaped before we return
@@ -405,7 +454,7 @@ class NamespaceSandbox:
 
     @property
     def alive(self) -> bool:
-        return not self._closed
+        return not self._closed and not self._dying
 
 
 class _Run:
@@ -416,9 +465,14 @@ class _Run:
         self.on_event = on_event
         self.ex = Execution()
         self.budget = sandbox.policy.output_bytes
+        self.results_budget = sandbox.policy.results_bytes
+        self.dropped = (
+            0  # bytes refused after a budget ran out: a sandbox that keeps sending is ended
+        )
         self.id = secrets.token_hex(8)
         self.ended = False
         self.limit: float | None = None
+        self.mode = "session"
 
     def go(
         self, code: str, mode: str, limit: float | None, envs: dict[str, str], recover: bool
@@ -428,17 +482,26 @@ class _Run:
         before = sbx.usage()
         started = time.monotonic()
         deadline = None if limit is None else started + limit
-        self.limit = limit
+        self.limit, self.mode = limit, mode
         request: dict[str, Any] = {"op": "execute", "id": self.id, "code": code, "mode": mode}
-        request |= {"envs": envs, "output_bytes": policy.output_bytes}
+        request |= {
+            "envs": envs,
+            "output_bytes": policy.output_bytes,
+            "results_bytes": policy.results_bytes,
+        }
         sbx.send(request)
         outcome = self._pump(deadline, before)
+        self._check_alive()
         if recover and outcome != "end":
             outcome = self._recover(outcome, before)
         self.ex.duration_ms = (time.monotonic() - started) * 1000
         after = sbx.usage() if sbx.alive else sbx.last_usage
         self._account(before, after, outcome)
         return self.ex
+
+    def _check_alive(self) -> None:
+        if self.sbx._dying:  # killed from outside (kill(), the watchdog, a protocol error)
+            raise SandboxNotFound(f"sandbox {self.sbx.id} has ended: {self.sbx.ended_because}")
 
     def _recover(self, outcome: str, before: cgroups.Usage) -> str:
         """Keep the session usable: interrupt first, then kill and restart the kernel."""
@@ -452,6 +515,7 @@ class _Run:
             sbx.interrupt()
             if self._pump(time.monotonic() + grace, before) == "end":
                 return "timeout"  # interrupted; the session's state is intact
+            self._check_alive()
         if outcome != "died":
             sbx.kill_kernel()
         sbx.restart_kernel(time.monotonic() + 30)
@@ -480,7 +544,7 @@ class _Run:
             if sbx._kernel in ready:
                 frames = sbx._read_kernel()
                 sbx._pending.extend(frames)
-                if not frames and not sbx._pending and self._kernel_eof():
+                if not frames and not sbx._pending and sbx._eof():
                     # The kernel is gone; init's report says how (a signal, an exit code).
                     status = sbx.wait_exit_event(time.monotonic() + 2.0)
                     if status is not None:
@@ -493,29 +557,22 @@ class _Run:
                     return "died"
         return "end"
 
-    def _kernel_eof(self) -> bool:
-        assert self.sbx._kernel is not None
-        try:
-            return self.sbx._kernel.recv(1, socket.MSG_PEEK) == b""
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-
     def _over_cpu(self) -> bool:
         cap = self.sbx.policy.cpu_s
         return cap is not None and self.sbx.usage().cpu_s > cap
 
     def _handle(self, frame: Message) -> None:
         ev = frame.get("ev")
-        if frame.get("id") not in (None, self.id):
-            return  # a reply to something else: never trusted as ours
+        if frame.get("id") != self.id:
+            return  # not this run's: never trusted as ours (an "end" without id included)
         if ev in ("stdout", "stderr"):
-            self._stream(ev, frame.get("text"))
-        elif ev == "result" and isinstance(frame.get("data"), dict):
-            self.ex.results.append(
-                Result.from_bundle(frame["data"], bool(frame.get("is_main_result")))
-            )
+            kept = self._stream(ev, frame.get("text"))
+            if kept is None:
+                return
+            frame = {**frame, "text": kept}  # callbacks get what the budget kept, no more
+        elif ev == "result":
+            if not self._result(frame.get("data"), bool(frame.get("is_main_result"))):
+                return
         elif ev == "error":
             self.ex.error = ExecutionError(
                 str(frame.get("name", "Error")),
@@ -532,17 +589,39 @@ class _Run:
         if self.on_event is not None:
             self.on_event(frame)
 
-    def _stream(self, name: str, text: object) -> None:
+    def _stream(self, name: str, text: object) -> str | None:
+        """Keep what fits in the output budget; returns the kept text, or None."""
         if not isinstance(text, str) or not text:
-            return
+            return None
         data = text.encode("utf-8", "replace")
         if len(data) > self.budget:
+            self._drop(len(data) - self.budget)
             data = data[: self.budget]
             text = data.decode("utf-8", "ignore")
-            self.ex.truncated = True
         self.budget -= len(data)
-        if text:
-            (self.ex.logs.stdout if name == "stdout" else self.ex.logs.stderr).append(text)
+        if not text:
+            return None
+        (self.ex.logs.stdout if name == "stdout" else self.ex.logs.stderr).append(text)
+        return text
+
+    def _result(self, data: object, is_main: bool) -> bool:
+        """Keep a MIME bundle if it fits in the results budget."""
+        if not isinstance(data, dict):
+            return False
+        size = sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in data.values())
+        if size > self.results_budget:
+            self._drop(size)
+            return False
+        self.results_budget -= size
+        self.ex.results.append(Result.from_bundle(data, is_main))
+        return True
+
+    def _drop(self, size: int) -> None:
+        self.ex.truncated = True
+        self.dropped += size
+        policy = self.sbx.policy
+        if self.dropped > 64 * (1 << 20) + 4 * (policy.output_bytes + policy.results_bytes):
+            self.sbx.terminate("it kept sending output far beyond its budget")
 
     def _died(self, status: Message) -> None:
         sig = status.get("signal")
@@ -570,8 +649,14 @@ class _Run:
             ex.limits_hit.append("output_limit")
         if after.memory_peak_bytes is not None:
             ex.peak_memory_mb = after.memory_peak_bytes / (1 << 20)
-        if ex.killed_by is not None and ex.exit_code is None:
-            ex.exit_code = 128 + signal.SIGKILL
+        if (
+            ex.killed_by is not None
+            and ex.exit_code is None
+            and (self.mode == "main" or ex.state_lost)
+        ):
+            ex.exit_code = (
+                128 + signal.SIGKILL
+            )  # a process was killed; an interrupted cell has none
         if outcome == "died" and ex.killed_by is None and ex.exit_code is None:
             ex.killed_by = "signal"
         if ex.killed_by is not None and (ex.error is None or ex.state_lost):

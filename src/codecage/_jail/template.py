@@ -120,6 +120,7 @@ class Template:
         self.runtime = runtime
         self.preload = preload
         self._lock = threading.Lock()
+        self._rid = 0
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = runtime.base_env() | {
             "HOME": "/home/user",
@@ -160,22 +161,31 @@ class Template:
         self.landlock_abi: int = ready.get("landlock_abi", 0)
         self.data_bytes: int = ready.get("data_bytes", 0)  # the template's own data segment
 
-    def _recv(self, fds: int = 0) -> dict[str, Any]:
-        data, received, _flags, _addr = socket.recv_fds(self._sock, 1 << 20, fds)
-        if not data:
-            raise SandboxError(f"the template exited: {self.diagnostics()}")
-        reply: dict[str, Any] = json.loads(data)
-        reply["_fds"] = received
-        return reply
+    def _recv(self, fds: int = 0, rid: int | None = None) -> dict[str, Any]:
+        """The reply to request `rid`; late replies to requests that timed out are dropped."""
+        while True:
+            data, received, _flags, _addr = socket.recv_fds(self._sock, 1 << 20, fds)
+            if not data:
+                raise SandboxError(f"the template exited: {self.diagnostics()}")
+            reply: dict[str, Any] = json.loads(data)
+            if rid is None or reply.get("rid") == rid:
+                reply["_fds"] = received
+                return reply
+            for fd in received:
+                os.close(fd)
+
+    def _call(self, request: dict[str, Any], timeout_s: float, fds: int = 0) -> dict[str, Any]:
+        with self._lock:
+            self._rid += 1
+            self._sock.settimeout(timeout_s)
+            self._sock.send(json.dumps({**request, "rid": self._rid}).encode())
+            return self._recv(fds, self._rid)
 
     def spawn(
         self, spec: dict[str, Any], timeout_s: float = 30.0
     ) -> tuple[socket.socket, int, int]:
         """Fork a sandbox. Returns (supervisor socket, init pidfd, init's host pid)."""
-        with self._lock:
-            self._sock.settimeout(timeout_s)
-            self._sock.send(json.dumps({"op": "spawn", "spec": spec}).encode())
-            reply = self._recv(fds=2)
+        reply = self._call({"op": "spawn", "spec": spec}, timeout_s, fds=2)
         fds: list[int] = reply["_fds"]
         if not reply.get("ok") or len(fds) != 2:
             for fd in fds:
@@ -186,16 +196,10 @@ class Template:
 
     def reap(self, pid: int) -> None:
         """Have the template reap a sandbox's init (already dead), so no zombie remains."""
-        with self._lock:
-            self._sock.settimeout(10)
-            self._sock.send(json.dumps({"op": "reap", "pid": pid}).encode())
-            self._recv()
+        self._call({"op": "reap", "pid": pid}, 10)
 
     def ping(self) -> dict[str, Any]:
-        with self._lock:
-            self._sock.settimeout(10)
-            self._sock.send(b'{"op": "ping"}')
-            return self._recv()
+        return self._call({"op": "ping"}, 10)
 
     def diagnostics(self) -> str:
         """The end of the template's stderr, for error messages."""
