@@ -192,6 +192,8 @@ class NamespaceSandbox:
         if not data:
             for fd in fds:
                 os.close(fd)
+            if self._dying:  # we killed it: say why, not how the channel looked
+                raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
             raise TransportError("the sandbox's init exited")
         try:
             message = json.loads(data)
