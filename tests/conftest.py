@@ -68,10 +68,20 @@ def host_mounts() -> set[str]:
 
 @pytest.fixture(autouse=True)
 def leak_check() -> Iterator[None]:
+    """What this test started must be gone when it ends (processes, cgroups, mounts).
+    Processes that were there before it (e.g. a crashed run's, swept and awaiting their
+    reaper) are not its leaks; exiting ones get a moment to be reaped."""
     mounts_before = host_mounts()
+    processes_before = {p.split(":")[0] for p in sandbox_processes()}
     yield
-    leaks = sandbox_processes() + sandbox_cgroups()
-    leaks += [f"mount {m}" for m in host_mounts() - mounts_before]
+    deadline = time.monotonic() + 3
+    while True:
+        leaks = [p for p in sandbox_processes() if p.split(":")[0] not in processes_before]
+        leaks += sandbox_cgroups()
+        leaks += [f"mount {m}" for m in host_mounts() - mounts_before]
+        if not leaks or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert not leaks, f"left behind by this test: {leaks}"
 
 
@@ -112,11 +122,22 @@ def start_service(
     keys = {t: cli("keys", "create", "--tenant", t, "--db", str(db)) for t in tenants}
     port = free_port()
     extra = ["--config", str(config)] if config else []
-    process = subprocess.Popen(
-        [sys.executable, "-m", "codecage", "serve", "--db", str(db), "--port", str(port), *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
+    with open(db.with_suffix(".log"), "ab") as log:  # a file, not a pipe nobody reads
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "codecage",
+                "serve",
+                "--db",
+                str(db),
+                "--port",
+                str(port),
+                *extra,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -128,7 +149,8 @@ def start_service(
         if process.poll() is not None:
             break
     process.kill()
-    raise RuntimeError(f"the service did not start: {process.communicate()[1].decode()[-2000:]}")
+    process.wait()
+    raise RuntimeError(f"the service did not start: {db.with_suffix('.log').read_text()[-2000:]}")
 
 
 def stop_service(service: Service) -> None:
@@ -139,13 +161,14 @@ def stop_service(service: Service) -> None:
         except subprocess.TimeoutExpired:
             service.process.kill()
             service.process.wait()
-    if service.process.stderr is not None:
-        service.process.stderr.close()
 
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    svc = start_service(tmp_path_factory.mktemp("service") / "audit.db")
+    where = tmp_path_factory.mktemp("service")
+    config = where / "service.toml"  # room for the many-sessions test; quotas have their own
+    config.write_text("[quotas]\nlive_sandboxes = 400\nruns_per_minute = 100000\n")
+    svc = start_service(where / "audit.db", ("alice", "bob", "fuzz"), config)
     try:
         yield svc
     finally:

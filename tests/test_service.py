@@ -239,19 +239,30 @@ def test_one_shot_run_and_metrics(alice: codecage.Client, service: Service) -> N
 
 
 def test_many_sessions_from_many_threads(service: Service) -> None:
+    """200 sessions alive at once, driven by 20 client threads, all answering correctly."""
     errors: list[str] = []
+    all_alive = threading.Barrier(20, timeout=120)
+    live: list[int] = []
 
     def worker(n: int) -> None:
         with service.client("alice") as client:
-            for i in range(10):
-                try:
-                    with client.Sandbox() as sbx:
-                        sbx.run_code(f"v = {n * 100 + i}")
-                        got = sbx.run_code("v * 2").text
-                        if got != str((n * 100 + i) * 2):
-                            errors.append(f"{n}/{i}: {got}")
-                except Exception as exc:  # collected, then asserted
-                    errors.append(f"{n}/{i}: {exc!r}")
+            sandboxes = []
+            try:
+                for i in range(10):
+                    sbx = client.Sandbox()
+                    sandboxes.append(sbx)
+                    sbx.run_code(f"v = {n * 100 + i}")
+                all_alive.wait()
+                live.append(len(client.request("GET", "/v1/sandboxes").json()))
+                for i, sbx in enumerate(sandboxes):
+                    got = sbx.run_code("v * 2").text
+                    if got != str((n * 100 + i) * 2):
+                        errors.append(f"{n}/{i}: {got}")
+            except Exception as exc:  # collected, then asserted
+                errors.append(f"{n}: {exc!r}")
+            finally:
+                for sbx in sandboxes:
+                    sbx.kill()
 
     threads = [threading.Thread(target=worker, args=(n,)) for n in range(20)]
     for t in threads:
@@ -259,7 +270,7 @@ def test_many_sessions_from_many_threads(service: Service) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    assert len([r for r in runs(service.db, tenant="alice", kind="execute")]) >= 400
+    assert max(live) >= 200
 
 
 @pytest.fixture
@@ -341,8 +352,6 @@ def test_kill_9_then_restart_loses_nothing(tmp_path: Path) -> None:
         svc.process.send_signal(signal.SIGKILL)
         svc.process.wait()
         in_flight.join()
-        assert svc.process.stderr is not None
-        svc.process.stderr.close()
     deadline = time.monotonic() + 15
     while _server_sandboxes(svc.process.pid) and time.monotonic() < deadline:
         time.sleep(0.1)

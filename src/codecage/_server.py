@@ -346,7 +346,7 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         outcome: str | None = None,
         since: float | None = None,
         until: float | None = None,
-        after: int = Query(0, ge=0),
+        after: int = Query(0, ge=0, le=2**62),
         limit: int = Query(100, ge=1, le=1000),
         who: str = Depends(tenant),
     ) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import secrets
 import select
 import signal
@@ -61,6 +62,25 @@ class _Uids:
 _uids = _Uids()
 
 
+def _readable(
+    files: list[socket.socket | int], timeout_s: float | None, events: int = select.POLLIN
+) -> set[int]:
+    """The descriptors ready for `events` (or hung up) within the timeout. poll, not select:
+    a service with hundreds of sandboxes holds descriptors far above select's 1024."""
+    poller = select.poll()
+    for f in files:
+        poller.register(f, events)
+    ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
+    return {fd for fd, _ in poller.poll(ms)}
+
+
+def _raise_nofile() -> None:
+    """Each sandbox holds about a dozen descriptors here: use all the host allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class NamespaceJail:
     """Backend `namespace`: forks sandboxes from one template process."""
 
@@ -69,6 +89,7 @@ class NamespaceJail:
     def __init__(
         self, runtime: Runtime | None = None, preload: tuple[str, ...] | None = None
     ) -> None:
+        _raise_nofile()
         # Not root: a user namespace replaces root, and a process tree replaces cgroups.
         self.rootless = os.geteuid() != 0
         version = None if self.rootless else cgroups.detect_version()
@@ -236,8 +257,7 @@ class NamespaceSandbox:
             timeout = deadline - time.monotonic()
             if timeout <= 0:
                 return None
-            ready, _, _ = select.select([self._kernel], [], [], timeout)
-            if ready:
+            if _readable([self._kernel], timeout):
                 frames = self._read_kernel()
                 if not frames and self._eof():
                     raise TransportError("the kernel exited before it greeted")
@@ -316,10 +336,10 @@ class NamespaceSandbox:
                 )
             wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
             assert self._kernel is not None
-            ready, _, _ = select.select([self._kernel, self._supervisor], [], [], max(wait, 0))
-            if self._kernel in ready:
+            ready = _readable([self._kernel, self._supervisor], wait)
+            if self._kernel.fileno() in ready:
                 self._pending.extend(self._read_kernel())
-            if self._supervisor in ready and not self._pending:
+            if self._supervisor.fileno() in ready and not self._pending:
                 status = self._exit_event()
                 if status is not None:
                     self.restart_kernel(time.monotonic() + 30)
@@ -330,10 +350,7 @@ class NamespaceSandbox:
     def wait_exit_event(self, deadline: float) -> Message | None:
         """Wait for init's report that the kernel ended."""
         while time.monotonic() < deadline:
-            ready, _, _ = select.select(
-                [self._supervisor], [], [], max(0.0, deadline - time.monotonic())
-            )
-            if ready:
+            if _readable([self._supervisor], deadline - time.monotonic()):
                 status = self._exit_event()
                 if status is not None:
                     return status
@@ -374,10 +391,8 @@ class NamespaceSandbox:
         while data:
             if self._dying:
                 raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
-            _, writable, _ = select.select(
-                [], [self._kernel], [], min(POLL_S * 4, max(0.0, deadline - time.monotonic()))
-            )
-            if not writable:
+            wait = min(POLL_S * 4, deadline - time.monotonic())
+            if not _readable([self._kernel], wait, select.POLLOUT):
                 if time.monotonic() >= deadline:
                     self.terminate("its kernel stopped reading requests")
                     raise TransportError(
@@ -441,7 +456,7 @@ class NamespaceSandbox:
         self.terminate(self.ended_because)
         self._closed = True
         if hasattr(self, "_init_pidfd"):
-            dead, _, _ = select.select([self._init_pidfd], [], [], 5.0)
+            dead = _readable([self._init_pidfd], 5.0)
             os.close(self._init_pidfd)
             if dead:  # init is now a zombie of the template: have it reaped before we return
                 with contextlib.suppress(OSError, SandboxError):
@@ -542,8 +557,8 @@ class _Run:
                 if self._over_cpu():
                     return "cpu_limit"
             wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
-            ready, _, _ = select.select([sbx._kernel, sbx._supervisor], [], [], max(wait, 0))
-            if sbx._kernel in ready:
+            ready = _readable([sbx._kernel, sbx._supervisor], wait)
+            if sbx._kernel.fileno() in ready:
                 frames = sbx._read_kernel()
                 sbx._pending.extend(frames)
                 if not frames and not sbx._pending and sbx._eof():
@@ -552,7 +567,7 @@ class _Run:
                     if status is not None:
                         self._died(status)
                     return "died"
-            if sbx._supervisor in ready and not sbx._pending:
+            if sbx._supervisor.fileno() in ready and not sbx._pending:
                 status = self.sbx._exit_event()
                 if status is not None:
                     self._died(status)

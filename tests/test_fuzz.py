@@ -1,0 +1,37 @@
+"""Schemathesis fuzzes the running service from its checked-in OpenAPI document: no input
+may produce a server error (5xx)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import Service
+
+pytestmark = [pytest.mark.requires_root, pytest.mark.slow]
+DOC = Path(__file__).resolve().parent.parent / "docs" / "openapi.json"
+
+
+def test_no_input_makes_the_service_fail(service: Service, tmp_path: Path) -> None:
+    schemathesis = Path(sys.executable).parent / "schemathesis"
+    proc = subprocess.run(
+        [
+            str(schemathesis), "run", str(DOC),
+            "--url", service.url,
+            "--header", f"Authorization: Bearer {service.keys['fuzz']}",
+            "--checks", "not_a_server_error",
+            "--max-examples", "10",
+            "--seed", "1",
+            "--max-time", "90",
+            "--report-dir", str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # fmt: skip
+    summary = proc.stdout[-3000:]
+    assert proc.returncode == 0, summary
+    assert "Server error" not in proc.stdout and "generated" in proc.stdout, summary
