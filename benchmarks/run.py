@@ -28,6 +28,7 @@ from baselines import (  # noqa: E402
     python_c_same_imports,
     timed,
 )
+from service import audit_figures, http_figures  # noqa: E402
 
 from codecage import Policy, Sandbox  # noqa: E402
 from codecage._jail import get_jail  # noqa: E402
@@ -189,6 +190,8 @@ def main() -> None:
     memory: dict[str, float] = {}
     jail_start(results, ratios, n)
     round_trips(results, ratios, n * 25)
+    http_figures(results, ratios, measure, n * 25)
+    audit_figures(results, ratios)
     sandbox_memory(memory)
     write(results, ratios, memory)
 

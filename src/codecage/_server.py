@@ -264,16 +264,16 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     ) -> Response:
         code = prepare_code(body.code)
         entry = manager().get(who, sandbox_id)
-        run_id = await run_in_threadpool(
-            manager().begin, who, sandbox_id, "execute", code, entry.sandbox.policy
-        )
 
-        def work(on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
+        def begin() -> str:
+            return manager().begin(who, sandbox_id, "execute", code, entry.sandbox.policy)
+
+        def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
             return manager().execute(
                 who, sandbox_id, run_id, code, body.timeout, body.envs, on_event
             )
 
-        return await _answer(request, work)
+        return await _answer(request, begin, work)
 
     @app.post(
         "/v1/run", response_model=ExecutionOut, responses={**ERRORS, 200: {"content": {NDJSON: {}}}}
@@ -281,12 +281,14 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     async def run(body: RunBody, request: Request, who: str = Depends(tenant)) -> Response:
         code = prepare_code(body.code)
         policy = within(config.policy, body.policy, config.ceiling)
-        run_id = await run_in_threadpool(manager().begin, who, None, "run", code, policy)
 
-        def work(on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
+        def begin() -> str:
+            return manager().begin(who, None, "run", code, policy)
+
+        def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
             return manager().run(who, run_id, code, policy, body.envs, on_event)
 
-        return await _answer(request, work)
+        return await _answer(request, begin, work)
 
     @app.post("/v1/sandboxes/{sandbox_id}/commands", response_model=CommandOut, responses=ERRORS)
     def command(sandbox_id: str, body: CommandBody, who: str = Depends(tenant)) -> CommandOut:
@@ -364,13 +366,17 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
 
 
 async def _answer(
-    request: Request, work: Callable[[Callable[[dict[str, Any]], None] | None], Execution]
+    request: Request,
+    begin: Callable[[], str],
+    work: Callable[[str, Callable[[dict[str, Any]], None] | None], Execution],
 ) -> Response:
-    """One JSON Execution, or (Accept: application/x-ndjson) the events as they happen, then
-    {"ev": "execution", "execution": {...}} once the completion record is durable."""
+    """Record the run (durably) before it starts, then answer with one JSON Execution, or
+    (Accept: application/x-ndjson) the events as they happen and {"ev": "execution", ...}
+    once the completion record is durable. A log that cannot be written is a 503 first."""
     if NDJSON not in request.headers.get("accept", ""):
-        ex = await run_in_threadpool(work, None)
+        ex = await run_in_threadpool(lambda: work(begin(), None))  # one thread hop per run
         return JSONResponse(_execution_json(ex))
+    run_id = await run_in_threadpool(begin)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
@@ -380,7 +386,7 @@ async def _answer(
             clean = {"ev": event["ev"], **{f: event.get(f) for f in fields}}
             loop.call_soon_threadsafe(events.put_nowait, clean)
 
-    task = loop.run_in_executor(None, work, on_event)
+    task = loop.run_in_executor(None, work, run_id, on_event)
     task.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
 
     async def lines() -> AsyncIterator[bytes]:

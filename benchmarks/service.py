@@ -1,0 +1,162 @@
+"""Service figures: HTTP execute latency, audit-log throughput (group commit)."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+
+import codecage
+from codecage._audit import AuditLog
+
+Figures = dict[str, dict[str, float]]
+
+
+def start(db: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+    key = subprocess.run(
+        [sys.executable, "-m", "codecage", "keys", "create", "--tenant", "bench", "--db", str(db)],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    config = db.with_suffix(".toml")
+    config.write_text("[quotas]\nlive_sandboxes = 100\nruns_per_minute = 10000000\n")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "codecage", "serve", "--db", str(db), "--port", str(port), "--config", str(config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return proc, url, key
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("the service did not start")
+
+
+def http_figures(
+    results: Figures, ratios: dict[str, float], measure: Callable[..., dict[str, float]], n: int
+) -> None:
+    print(
+        "HTTP: execute 1+1 on a warm sandbox (audit records included), vs GET /healthz", flush=True
+    )
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        proc, url, key = start(Path(tmp) / "audit.db")
+        try:
+            with codecage.connect(url, key) as client, client.Sandbox() as sbx:
+                for _ in range(50):
+                    sbx.run_code("1+1")
+                results["http_execute_round_trip"] = measure(
+                    lambda: _ms(lambda: sbx.run_code("1+1")), n
+                )
+                http = client._http
+                results["baseline_http_empty_route"] = measure(
+                    lambda: _ms(lambda: http.get("/healthz")), n
+                )
+                results["recorded_runs_per_second_8_clients"] = _throughput(client, 8, 6.0)
+        finally:
+            proc.terminate()
+            proc.wait()
+    ratios["http_execute_over_empty_route"] = (
+        results["http_execute_round_trip"]["p50_ms"]
+        / results["baseline_http_empty_route"]["p50_ms"]
+    )
+
+
+def _ms(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1000
+
+
+def _throughput(client: codecage.Client, clients: int, seconds: float) -> dict[str, float]:
+    sandboxes = [client.Sandbox() for _ in range(clients)]
+    counts = [0] * clients
+    stop = time.monotonic() + seconds
+
+    def work(i: int) -> None:
+        while time.monotonic() < stop:
+            sandboxes[i].run_code("1+1")
+            counts[i] += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for sbx in sandboxes:
+        sbx.kill()
+    return {"p50_ms": sum(counts) / seconds, "p99_ms": float("nan"), "n": sum(counts)}
+
+
+def audit_figures(results: Figures, ratios: dict[str, float]) -> None:
+    print(
+        "audit log: recorded runs per second, 16 writer threads, group commit vs one commit each",
+        flush=True,
+    )
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        log = AuditLog(Path(tmp) / "audit.db")
+        grouped = _audit_rate(lambda i: _record(log, i), threads=16, seconds=4.0)
+        log.close()
+        plain = _audit_rate(_plain_writer(Path(tmp) / "plain.db"), threads=1, seconds=4.0)
+    results["audit_runs_per_second_group_commit"] = {
+        "p50_ms": grouped,
+        "p99_ms": float("nan"),
+        "n": 0,
+    }
+    results["baseline_audit_runs_per_second_commit_each"] = {
+        "p50_ms": plain,
+        "p99_ms": float("nan"),
+        "n": 0,
+    }
+    ratios["audit_group_commit_over_commit_each"] = grouped / plain
+
+
+def _record(log: AuditLog, i: int) -> None:
+    run_id = f"{threading.get_ident()}-{i}"
+    log.start_run(run_id=run_id, tenant="t", sandbox_id="s", kind="execute", code="1+1", policy={})
+    log.complete_run(run_id, outcome="ok", output="2")
+
+
+def _plain_writer(path: Path) -> Callable[[int], None]:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, status TEXT, output TEXT)")
+
+    def write(i: int) -> None:  # the same two durable writes a run needs, one commit each
+        conn.execute("INSERT INTO runs VALUES (?, 'started', '')", (str(i),))
+        conn.execute("UPDATE runs SET status='completed', output='2' WHERE id=?", (str(i),))
+
+    return write
+
+
+def _audit_rate(record: Callable[[int], None], threads: int, seconds: float) -> float:
+    counts = [0] * threads
+    stop = time.monotonic() + seconds
+
+    def work(t: int) -> None:
+        i = 0
+        while time.monotonic() < stop:
+            record(t * 10_000_000 + i)
+            i += 1
+        counts[t] = i
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return sum(counts) / seconds
