@@ -28,6 +28,7 @@ from baselines import (  # noqa: E402
     python_c_same_imports,
     timed,
 )
+from density import bwrap_baseline, pool_figures, scaling, throughput  # noqa: E402
 from service import audit_figures, http_figures  # noqa: E402
 
 from codecage import Policy, Sandbox  # noqa: E402
@@ -152,13 +153,18 @@ def sandbox_memory(memory: dict[str, float]) -> None:
     memory["baseline_fresh_interpreter_pss_mb"] = fresh["pss"] / 1024
 
 
-def write(results: Figures, ratios: dict[str, float], memory: dict[str, float]) -> None:
+def write(
+    results: Figures,
+    ratios: dict[str, float],
+    memory: dict[str, float],
+    rows: list[dict[str, float]],
+) -> None:
     meta = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": f"{platform.machine()}, {platform.node()}, Python {platform.python_version()}",
         "command": "make bench",
     }
-    data = {"meta": meta, "results": results, "ratios": ratios, "memory": memory}
+    data = {"meta": meta, "results": results, "ratios": ratios, "memory": memory, "scaling": rows}
     (HERE / "results.json").write_text(json.dumps(data, indent=2) + "\n")
     lines = [
         "# Benchmark results",
@@ -176,6 +182,16 @@ def write(results: Figures, ratios: dict[str, float], memory: dict[str, float]) 
     lines += [f"| {k} | {v:.2f}x |" for k, v in ratios.items()]
     lines += ["", "| memory | MiB |", "|---|---:|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in memory.items()]
+    lines += ["", "Live sandboxes (each ran print(1), default preload); plot: scaling.png", ""]
+    lines += [
+        "| live | create p50 ms | USS MiB per sandbox | memory cgroups charged MiB | host memory used MiB |"
+    ]
+    lines += ["|---:|---:|---:|---:|---:|"]
+    lines += [
+        f"| {int(r['live'])} | {r['create_p50_ms']:.1f} | {r['uss_mb_per_sandbox_median']:.1f} |"
+        f" {r['cgroup_charged_mb_total']:.0f} | {r['host_used_mb_delta']:.0f} |"
+        for r in rows
+    ]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -189,11 +205,15 @@ def main() -> None:
     ratios: dict[str, float] = {}
     memory: dict[str, float] = {}
     jail_start(results, ratios, n)
+    bwrap_baseline(results, measure, n)
+    pool_figures(results, ratios, measure, n)
     round_trips(results, ratios, n * 25)
     http_figures(results, ratios, measure, n * 25)
+    throughput(results, ratios)
     audit_figures(results, ratios)
     sandbox_memory(memory)
-    write(results, ratios, memory)
+    rows = scaling(HERE, (1, 10, 100) if args.quick else (1, 10, 100, 500, 1000))
+    write(results, ratios, memory, rows)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,10 @@ def test_one_shot_run_and_metrics(alice: codecage.Client, service: Service) -> N
     assert ex.logs.stdout == ["once\n"] and ex.exit_code == 3
     (record,) = [r for r in runs(service.db, kind="run") if "once" in r["code"]]
     assert record["outcome"] == "ok" and json.loads(record["policy"])["timeout_s"] == 10
+    with alice.Sandbox() as sbx:
+        live = httpx.get(f"{service.url}/metrics").text
+        assert f'codecage_sandbox_memory_bytes{{sandbox="{sbx.id}",tenant="alice"}}' in live
+        assert "codecage_pool_ready" in live and "codecage_pool_hits" in live
     text = httpx.get(f"{service.url}/metrics").text
     assert (
         "codecage_sandboxes_live" in text

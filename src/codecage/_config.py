@@ -27,6 +27,10 @@ class ServerConfig(BaseModel):
     db: str = "/var/lib/codecage/audit.db"
     max_code_bytes: int = Field(10 << 20, ge=1)
     max_upload_bytes: int = Field(100 << 20, ge=1)
+    # The warm pool: sandboxes of the default policy forked ahead of demand (0: none).
+    pool_size: int = Field(4, ge=0, le=10000)
+    pool_refill_per_s: float = Field(50.0, gt=0)
+    template_max_age_s: float = Field(3600.0, gt=0)
     # On SIGTERM, runs in flight get this long to finish; then their sandboxes are killed.
     shutdown_grace_s: float = Field(5.0, ge=0)
     # Sandboxes start from `policy`; a tenant may override fields up to `ceiling`.

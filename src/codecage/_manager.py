@@ -21,6 +21,7 @@ from ._api import run as run_once
 from ._audit import AuditLog
 from ._config import ServerConfig, within
 from ._errors import QuotaExceeded, SandboxNotFound
+from ._jail.pool import Pool
 from ._models import Execution
 from ._policy import Policy
 from ._sandbox import CommandResult, EntryInfo, Sandbox
@@ -49,6 +50,7 @@ class Metrics:
             ["kind", "outcome", "killed_by"],
             registry=self.registry,
         )
+        self._gauge = Gauge
         self.latency = Histogram(
             "codecage_run_seconds",
             "Wall time of runs, as the host measured it",
@@ -57,12 +59,49 @@ class Metrics:
             registry=self.registry,
         )
 
+    def watch_sandboxes(self, manager: Manager) -> None:
+        """Per-sandbox memory (the host's reading of each memory cgroup), at scrape time."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        class Collector:
+            def collect(self) -> Iterator[GaugeMetricFamily]:
+                family = GaugeMetricFamily(
+                    "codecage_sandbox_memory_bytes",
+                    "Memory charged to each sandbox",
+                    labels=["tenant", "sandbox"],
+                )
+                for entry in list(manager._sandboxes.values()):
+                    jailed = entry.sandbox._jailed
+                    if not jailed.alive:
+                        continue
+                    try:
+                        current = jailed.cgroups.memory_current()
+                    except OSError:
+                        continue  # ended meanwhile
+                    if current is not None:
+                        family.add_metric([entry.tenant, entry.sandbox.id], float(current))
+                yield family
+
+        self.registry.register(Collector())
+
+    def watch_pool(self, pool: Pool) -> None:
+        """Pool state, read when /metrics is scraped."""
+        for name, doc, read in (
+            ("codecage_pool_target", "Sandboxes the warm pool keeps ready", lambda: pool.size),
+            ("codecage_pool_ready", "Sandboxes ready in the warm pool", lambda: pool.ready),
+            ("codecage_pool_hits", "Creates served from the pool", lambda: pool.hits),
+            ("codecage_pool_misses", "Creates that started cold", lambda: pool.misses),
+            ("codecage_pool_replaced", "Pooled sandboxes that died waiting", lambda: pool.replaced),
+        ):
+            self._gauge(name, doc, registry=self.registry).set_function(read)
+
 
 class Manager:
     def __init__(self, config: ServerConfig, audit: AuditLog) -> None:
         self.config = config
         self.audit = audit
         self.metrics = Metrics()
+        self.metrics.watch_sandboxes(self)
         self._lock = threading.Lock()
         self._sandboxes: dict[str, Entry] = {}
         self._recent: dict[str, collections.deque[float]] = collections.defaultdict(

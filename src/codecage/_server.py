@@ -31,6 +31,7 @@ from ._errors import (
     SandboxNotFound,
 )
 from ._jail import close_jails, get_jail
+from ._jail.namespace import NamespaceJail
 from ._manager import Manager
 from ._models import Execution
 
@@ -186,9 +187,16 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         log.mark_interrupted()  # runs of a previous process that never completed
         # Start the jail now: its template is warm for the first request, and its start-up
         # sweep removes whatever a crashed predecessor left behind.
-        await run_in_threadpool(get_jail, config.policy.isolation)
+        jail = await run_in_threadpool(get_jail, config.policy.isolation)
+        pool = None
+        if config.pool_size and isinstance(jail, NamespaceJail):
+            pool = jail.start_pool(
+                config.pool_size, config.policy, config.pool_refill_per_s, config.template_max_age_s
+            )
         state["audit"] = log
         state["manager"] = Manager(config, log)
+        if pool is not None:
+            state["manager"].metrics.watch_pool(pool)
         try:
             yield
         finally:

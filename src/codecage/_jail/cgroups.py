@@ -149,6 +149,11 @@ class SandboxCgroups:
             cpu_s=_keyed(self._get("unified", "cpu.stat")).get("usage_usec", 0) / 1e6,
         )
 
+    def memory_current(self) -> int:
+        if self.version == 1:
+            return int(self._get("memory", "memory.usage_in_bytes"))
+        return int(self._get("unified", "memory.current"))
+
     def reset_peak(self) -> None:
         if self.version == 1:
             os.pwrite(self._file("memory", "memory.max_usage_in_bytes"), b"0", 0)
@@ -243,6 +248,27 @@ def sweep(version: int, keep_owner: str) -> int:
             with contextlib.suppress(OSError):
                 (b / owner).rmdir()
     return removed
+
+
+def cap_owner(version: int, owner: str, total_mb: int) -> None:
+    """One parent memory cgroup over all of this process's sandboxes, capping their total:
+    a thousand sandboxes each within its own limit can still not take the host's memory."""
+    if version == 1:
+        parent = ROOT / "memory" / "codecage" / owner
+        parent.mkdir(parents=True, exist_ok=True)
+        _write(parent / "memory.limit_in_bytes", str(total_mb << 20))
+    else:
+        base = _bases(2)[0] / owner
+        base.mkdir(parents=True, exist_ok=True)
+        _enable_v2_controllers(base / "x")
+        _write(base / "memory.max", str(total_mb << 20))
+
+
+def default_total_mb() -> int:
+    """80% of the host's memory, for all sandboxes together."""
+    with open("/proc/meminfo") as f:
+        total_kb = int(f.readline().split()[1])
+    return total_kb * 8 // 10 // 1024
 
 
 def remove_owner(version: int, owner: str) -> None:

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import (
     BackendUnavailable,
@@ -35,6 +35,9 @@ from .._policy import Policy
 from . import cgroups
 from .proctree import ProcessTree
 from .template import Runtime, Template
+
+if TYPE_CHECKING:
+    from .pool import Pool
 
 EventCallback = Callable[[Message], None]
 POLL_S = 0.05
@@ -99,9 +102,14 @@ class NamespaceJail:
         self.owner = cgroups.owner_name()
         if version is not None:
             cgroups.sweep(version, self.owner)
+            total = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
+            cgroups.cap_owner(version, self.owner, total)
+            self.total_memory_mb = total
         self.runtime = runtime or Runtime.default()
         kwargs = {"preload": preload} if preload is not None else {}
         self.template = Template(self.runtime, **kwargs)
+        self._templates_lock = threading.Lock()
+        self.pool: Pool | None = None
 
     def check(self, policy: Policy) -> None:
         if policy.isolation != "namespace":
@@ -120,9 +128,48 @@ class NamespaceJail:
 
     def create(self, policy: Policy, envs: dict[str, str] | None = None) -> NamespaceSandbox:
         self.check(policy)
+        pooled = self.pool.take(policy) if self.pool is not None else None
+        if pooled is not None:
+            if envs:
+                pooled.set_envs(envs)
+            return pooled
         return NamespaceSandbox(self, policy, envs or {})
 
+    def start_pool(
+        self,
+        size: int,
+        policy: Policy,
+        refill_per_s: float = 50.0,
+        template_max_age_s: float = 3600.0,
+    ) -> Pool:
+        """Keep `size` sandboxes of `policy` forked, prefaulted and waiting."""
+        from .pool import Pool
+
+        if self.pool is not None:
+            self.pool.stop()
+        self.check(policy)
+        self.pool = Pool(self, size, policy, refill_per_s, template_max_age_s)
+        return self.pool
+
+    def renew_template(self) -> None:
+        """Re-execute the template, so sandboxes do not share one address-space layout,
+        stack canary and hash secret for ever. Sandboxes of the old one live on; it stops
+        when the last of them ends."""
+        fresh = Template(self.runtime, self.template.preload)
+        with self._templates_lock:
+            old, self.template = self.template, fresh
+            old.retired = True
+        self.maybe_close(old)
+
+    def maybe_close(self, template: Template) -> None:
+        with self._templates_lock:
+            done = template.retired and template.live == 0 and template is not self.template
+        if done:
+            template.close()
+
     def close(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
         self.template.close()
         if self.cgroup_version:
             cgroups.remove_owner(self.cgroup_version, self.owner)
@@ -135,6 +182,8 @@ class NamespaceSandbox:
         self.id = secrets.token_hex(16)
         self.policy = policy
         self.jail = jail
+        self.template = jail.template  # its own: the jail may re-execute a newer one meanwhile
+        self.template.acquire()
         self.uid = _uids.take()
         self.cgroups: cgroups.SandboxCgroups | ProcessTree = (
             ProcessTree()
@@ -153,7 +202,7 @@ class NamespaceSandbox:
         try:
             self.cgroups.create(policy)
             spec = self._spec(envs)
-            self._supervisor, self._init_pidfd, self.init_pid = jail.template.spawn(spec)
+            self._supervisor, self._init_pidfd, self.init_pid = self.template.spawn(spec)
             if isinstance(self.cgroups, ProcessTree):
                 self.cgroups.attach(self.init_pid)
             self._await_kernel(time.monotonic() + 30)
@@ -173,7 +222,7 @@ class NamespaceSandbox:
         }
         env |= {k: os.environ[k] for k in p.env_allowlist if k in os.environ}
         env |= envs
-        binds = ["/usr", str(runtime.path.resolve()), str(self.jail.template.package)]
+        binds = ["/usr", str(runtime.path.resolve()), str(self.template.package)]
         rlimits = {
             "nofile": p.open_files_max,
             "core": 0,
@@ -186,13 +235,13 @@ class NamespaceSandbox:
             if p.cpu_s is not None:
                 rlimits["cpu"] = int(p.cpu_s)
             if p.memory_mb is not None:
-                rlimits["data"] = self.jail.template.data_bytes + (p.memory_mb << 20)
+                rlimits["data"] = self.template.data_bytes + (p.memory_mb << 20)
         return {
             "id": self.id,
             "uid": 1000 if self.jail.rootless else self.uid,
             "gid": 1000 if self.jail.rootless else self.uid,
             "userns": {"uid": os.geteuid(), "gid": os.getegid()} if self.jail.rootless else None,
-            "root_mountpoint": str(self.jail.template.root_mountpoint),
+            "root_mountpoint": str(self.template.root_mountpoint),
             "cgroup_procs": self.cgroups.procs_files(),
             "cgroup_controllers": self.cgroups.mount_names,
             "ro_binds": [
@@ -203,7 +252,7 @@ class NamespaceSandbox:
             "shm_mb": p.shm_mb,
             "env": env,
             "rlimits": rlimits,
-            "landlock": self.jail.template.landlock_abi >= 1,
+            "landlock": self.template.landlock_abi >= 1,
         }
 
     # -- supervisor channel -------------------------------------------------------------
@@ -366,6 +415,17 @@ class NamespaceSandbox:
             os.close(fd)
         return message if message.get("ev") == "exit" else None
 
+    def prefault(self) -> None:
+        self.request({"op": "prefault"}, 30)
+
+    def set_envs(self, envs: dict[str, str]) -> None:
+        """A pooled sandbox's own environment, set when it is handed out (no code ran yet)."""
+        self.request({"op": "setenv", "envs": envs}, 30)
+
+    def dead(self) -> bool:
+        """Whether the sandbox died on its own (its init is gone)."""
+        return self._dying or self._closed or bool(_readable([self._init_pidfd], 0))
+
     def restart_kernel(self, deadline: float) -> None:
         try:
             self._supervisor.send(b'{"op": "restart"}')
@@ -460,7 +520,7 @@ class NamespaceSandbox:
             os.close(self._init_pidfd)
             if dead:  # init is now a zombie of the template: have it reaped before we return
                 with contextlib.suppress(OSError, SandboxError):
-                    self.jail.template.reap(self.init_pid)
+                    self.template.reap(self.init_pid)
             self._supervisor.close()
         if self._kernel is not None:
             self._kernel.close()
@@ -468,6 +528,8 @@ class NamespaceSandbox:
             os.close(fd)
         self.cgroups.remove()
         _uids.give_back(self.uid)
+        self.template.release()
+        self.jail.maybe_close(self.template)
 
     @property
     def alive(self) -> bool:

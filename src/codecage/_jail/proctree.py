@@ -58,6 +58,9 @@ class ProcessTree:
                 cpu += sum(int(x) for x in fields[11:15]) / TICKS  # utime stime cutime cstime
         return Usage(memory_peak_bytes=None, oom_kills=0, pids_max_events=0, cpu_s=cpu)
 
+    def memory_current(self) -> int | None:
+        return None
+
     def reset_peak(self) -> None:
         pass
 

@@ -17,6 +17,7 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,9 @@ class Template:
         self.preload = preload
         self._lock = threading.Lock()
         self._rid = 0
+        self.started = time.monotonic()
+        self.live = 0  # sandboxes forked from this template and not yet killed
+        self.retired = False
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = runtime.base_env() | {
             "HOME": "/home/user",
@@ -193,6 +197,14 @@ class Template:
             raise SandboxError(f"could not start a sandbox: {reply.get('error')}")
         supervisor = socket.socket(fileno=fds[0])
         return supervisor, fds[1], int(reply["init_pid"])
+
+    def acquire(self) -> None:
+        with self._lock:
+            self.live += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.live -= 1
 
     def reap(self, pid: int) -> None:
         """Have the template reap a sandbox's init (already dead), so no zombie remains."""

@@ -1,0 +1,115 @@
+"""The warm pool: sandboxes forked ahead of demand, already in their namespaces and cgroups,
+prefaulted by a first (uncounted) cell, handed out once and never reused.
+
+A pool serves one policy shape (its tmpfs sizes and limits are fixed when it is forked); a
+request for any other policy, or an empty pool, starts a sandbox cold. A background thread
+refills it at a bounded rate, replaces sandboxes that died while waiting, and re-executes the
+template once it is older than `template_max_age_s`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from .._errors import SandboxError
+from .._policy import Policy
+
+if TYPE_CHECKING:
+    from .namespace import NamespaceJail, NamespaceSandbox
+
+
+class Pool:
+    def __init__(
+        self,
+        jail: NamespaceJail,
+        size: int,
+        policy: Policy,
+        refill_per_s: float,
+        template_max_age_s: float,
+    ) -> None:
+        self.jail, self.size, self.policy = jail, size, policy
+        self.refill_interval = 1.0 / refill_per_s if refill_per_s > 0 else 0.0
+        self.template_max_age_s = template_max_age_s
+        self._ready: deque[NamespaceSandbox] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.hits = self.misses = self.replaced = self.failures = 0
+        self._thread = threading.Thread(target=self._fill, name="codecage-pool", daemon=True)
+        self._thread.start()
+
+    def take(self, policy: Policy) -> NamespaceSandbox | None:
+        """A ready sandbox for exactly this policy, or None (the caller starts one cold)."""
+        if policy != self.policy:
+            return None
+        with self._lock:
+            while self._ready:
+                sandbox = self._ready.popleft()
+                if not sandbox.dead():
+                    self.hits += 1
+                    self._wake.set()
+                    return sandbox
+                self._discard(sandbox)
+            self.misses += 1
+        self._wake.set()
+        return None
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+    def _discard(self, sandbox: NamespaceSandbox) -> None:
+        self.replaced += 1
+        with contextlib.suppress(OSError, SandboxError):
+            sandbox.kill()
+
+    def _fill(self) -> None:
+        from .namespace import NamespaceSandbox
+
+        while not self._stop.is_set():
+            if time.monotonic() - self.jail.template.started > self.template_max_age_s:
+                with contextlib.suppress(OSError, SandboxError):
+                    self.jail.renew_template()
+                    self._drain()  # forks of the old template go; fresh ones replace them
+            self._prune()
+            if len(self._ready) >= self.size:
+                self._wake.wait(1.0)
+                self._wake.clear()
+                continue
+            try:
+                sandbox = NamespaceSandbox(self.jail, self.policy, {})
+                sandbox.prefault()
+            except (OSError, SandboxError):
+                self.failures += 1
+                self._stop.wait(1.0)  # a host in trouble: do not spin
+                continue
+            with self._lock:
+                self._ready.append(sandbox)
+            if self.refill_interval:
+                self._stop.wait(self.refill_interval)
+
+    def _prune(self) -> None:
+        with self._lock:
+            dead = [s for s in self._ready if s.dead()]
+            for sandbox in dead:
+                self._ready.remove(sandbox)
+        for sandbox in dead:
+            self._discard(sandbox)
+
+    def _drain(self) -> None:
+        with self._lock:
+            waiting = list(self._ready)
+            self._ready.clear()
+        for sandbox in waiting:
+            with contextlib.suppress(OSError, SandboxError):
+                sandbox.kill()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=60)
+        self._drain()
