@@ -306,14 +306,14 @@ class Kernel:
         self.channel.send(ev="done", id=request.get("id"), **reply)
 
     def prefault(self, request: Message) -> None:
-        """Touch what a first cell touches, without counting as one: a fresh fork pays its
-        copy-on-write page faults here, in the pool, not on the user's first run."""
+        """Take the path a first cell takes (IPython, output streams, the descriptor flush,
+        events), then forget it: a fresh fork pays its copy-on-write page faults here, in the
+        pool, not on the user's first run, whose execution_count is still 1."""
+        run = {"id": request.get("id"), "code": "print(end='')\nNone", "mode": "session"}
+        self.execute({**run, "output_bytes": 1024, "results_bytes": 1024})
         shell = self.session_shell()
-        from . import shell as shell_module
-
-        sink_state = shell_module.state
-        shell.run_cell("None", store_history=False, silent=True)
-        sink_state.error = None
+        shell.reset(new_session=False)
+        shell.execution_count = 1
         self.channel.send(ev="done", id=request.get("id"))
 
     def command(self, request: Message) -> None:
