@@ -111,6 +111,27 @@ def fresh_interpreter_memory() -> dict[str, int]:
 
 
 def timed(fn: Callable[[], object]) -> float:
+    """Milliseconds one call of `fn` takes."""
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1000
+
+
+def rate(fn: Callable[[int], object], clients: int, seconds: float) -> float:
+    """Calls per second of `fn(client_index)` from `clients` threads for `seconds`."""
+    import threading
+
+    counts = [0] * clients
+    stop = time.monotonic() + seconds
+
+    def work(i: int) -> None:
+        while time.monotonic() < stop:
+            fn(i)
+            counts[i] += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / seconds

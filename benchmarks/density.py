@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from baselines import memory_kb, python_c_same_imports
+from baselines import memory_kb, python_c_same_imports, rate, timed
 
 import codecage
 from codecage import Policy, Sandbox
@@ -20,12 +19,6 @@ from codecage._jail.template import DEFAULT_PRELOAD, Runtime
 
 Figures = dict[str, dict[str, float]]
 Measure = Callable[[Callable[[], float | None], int], dict[str, float]]
-
-
-def _ms(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1000
 
 
 def _first_result() -> float:
@@ -82,15 +75,15 @@ def bwrap_baseline(results: Figures, measure: Measure, n: int) -> None:
     ]  # fmt: skip
     print("baseline: bubblewrap + python with the same imports, per run", flush=True)
     results["baseline_bwrap_python_per_run"] = measure(
-        lambda: _ms(lambda: subprocess.run(argv, check=True, capture_output=True)), max(5, n // 4)
+        lambda: timed(lambda: subprocess.run(argv, check=True, capture_output=True)), max(5, n // 4)
     )
 
 
 def throughput(results: Figures, ratios: dict[str, float]) -> None:
     for clients in (2, 8):
         print(f"one-shot runs per second, {clients} concurrent clients (and python -c)", flush=True)
-        ours = _rate(lambda: codecage.run("print(1)"), clients, 8.0)
-        theirs = _rate(python_c_same_imports, clients, 8.0)
+        ours = rate(lambda _: codecage.run("print(1)"), clients, 8.0)
+        theirs = rate(lambda _: python_c_same_imports(), clients, 8.0)
         results[f"one_shot_runs_per_second_{clients}_clients"] = {
             "p50_ms": ours,
             "p99_ms": float("nan"),
@@ -102,23 +95,6 @@ def throughput(results: Figures, ratios: dict[str, float]) -> None:
             "n": 0,
         }
         ratios[f"one_shot_throughput_vs_python_c_{clients}_clients"] = ours / theirs
-
-
-def _rate(fn: Callable[[], object], clients: int, seconds: float) -> float:
-    counts = [0] * clients
-    stop = time.monotonic() + seconds
-
-    def work(i: int) -> None:
-        while time.monotonic() < stop:
-            fn()
-            counts[i] += 1
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(counts) / seconds
 
 
 def scaling(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+from baselines import rate, timed
 
 import codecage
 from codecage._audit import AuditLog
@@ -59,11 +61,11 @@ def http_figures(
                 for _ in range(50):
                     sbx.run_code("1+1")
                 results["http_execute_round_trip"] = measure(
-                    lambda: _ms(lambda: sbx.run_code("1+1")), n
+                    lambda: timed(lambda: sbx.run_code("1+1")), n
                 )
                 http = client._http
                 results["baseline_http_empty_route"] = measure(
-                    lambda: _ms(lambda: http.get("/healthz")), n
+                    lambda: timed(lambda: http.get("/healthz")), n
                 )
                 results["recorded_runs_per_second_8_clients"] = _throughput(client, 8, 6.0)
         finally:
@@ -75,30 +77,14 @@ def http_figures(
     )
 
 
-def _ms(fn: Callable[[], object]) -> float:
-    t = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t) * 1000
-
-
 def _throughput(client: codecage.Client, clients: int, seconds: float) -> dict[str, float]:
     sandboxes = [client.Sandbox() for _ in range(clients)]
-    counts = [0] * clients
-    stop = time.monotonic() + seconds
-
-    def work(i: int) -> None:
-        while time.monotonic() < stop:
-            sandboxes[i].run_code("1+1")
-            counts[i] += 1
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for sbx in sandboxes:
-        sbx.kill()
-    return {"p50_ms": sum(counts) / seconds, "p99_ms": float("nan"), "n": sum(counts)}
+    try:
+        runs = rate(lambda i: sandboxes[i].run_code("1+1"), clients, seconds)
+    finally:
+        for sbx in sandboxes:
+            sbx.kill()
+    return {"p50_ms": runs, "p99_ms": float("nan"), "n": round(runs * seconds)}
 
 
 def audit_figures(results: Figures, ratios: dict[str, float]) -> None:
@@ -144,19 +130,5 @@ def _plain_writer(path: Path) -> Callable[[int], None]:
 
 
 def _audit_rate(record: Callable[[int], None], threads: int, seconds: float) -> float:
-    counts = [0] * threads
-    stop = time.monotonic() + seconds
-
-    def work(t: int) -> None:
-        i = 0
-        while time.monotonic() < stop:
-            record(t * 10_000_000 + i)
-            i += 1
-        counts[t] = i
-
-    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return sum(counts) / seconds
+    ids = itertools.count()  # unique run ids across threads
+    return rate(lambda _: record(next(ids)), threads, seconds)

@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from ._api import run as run_once
 from ._audit import AuditLog
@@ -27,6 +27,7 @@ from ._policy import Policy
 from ._sandbox import CommandResult, EntryInfo, Sandbox
 
 EventCallback = Callable[[dict[str, Any]], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -240,6 +241,16 @@ class Manager:
         )
         self.metrics.runs.labels(kind, "failed", "").inc()
 
+    def _recorded(self, run_id: str, kind: str, work: Callable[[], T]) -> T:
+        """Run `work` (the operation and its completion record) so that a failure is recorded
+        as well, and a shutdown waits for it."""
+        with self._operation():
+            try:
+                return work()
+            except BaseException as exc:
+                self.fail(run_id, kind, exc)
+                raise
+
     def execute(
         self,
         tenant: str,
@@ -250,15 +261,13 @@ class Manager:
         envs: dict[str, str],
         on_event: EventCallback | None = None,
     ) -> Execution:
-        with self._operation():
-            try:
-                sandbox = self.get(tenant, sandbox_id).sandbox
-                ex = sandbox._run(code, timeout=timeout, envs=envs, on_event=on_event)
-            except BaseException as exc:
-                self.fail(run_id, "execute", exc)
-                raise
+        def work() -> Execution:
+            sandbox = self.get(tenant, sandbox_id).sandbox
+            ex = sandbox._run(code, timeout=timeout, envs=envs, on_event=on_event)
             self.finish(run_id, "execute", ex)
             return ex
+
+        return self._recorded(run_id, "execute", work)
 
     def run(
         self,
@@ -269,61 +278,62 @@ class Manager:
         envs: dict[str, str],
         on_event: EventCallback | None,
     ) -> Execution:
-        with self._operation():
-            try:
-                ex = run_once(code, policy, envs=envs, on_event=on_event)
-            except BaseException as exc:
-                self.fail(run_id, "run", exc)
-                raise
+        def work() -> Execution:
+            ex = run_once(code, policy, envs=envs, on_event=on_event)
             self.finish(run_id, "run", ex)
             return ex
+
+        return self._recorded(run_id, "run", work)
 
     def command(
         self, tenant: str, sandbox_id: str, cmd: str, timeout: float | None, envs: dict[str, str]
     ) -> CommandResult:
         entry = self.get(tenant, sandbox_id)
         run_id = self.begin(tenant, sandbox_id, "command", cmd, entry.sandbox.policy)
-        started = time.monotonic()
-        try:
+
+        def work() -> CommandResult:
+            started = time.monotonic()
             result = entry.sandbox.commands.run(cmd, timeout=timeout, envs=envs)
-        except BaseException as exc:
-            self.fail(run_id, "command", exc)
-            raise
-        ex = Execution(duration_ms=(time.monotonic() - started) * 1000, exit_code=result.exit_code)
-        ex.logs.stdout, ex.logs.stderr, ex.truncated = (
-            [result.stdout],
-            [result.stderr],
-            result.truncated,
-        )
-        if result.error:
-            ex.limits_hit.append("timeout")
-        self.finish(run_id, "command", ex)
-        return result
+            ex = Execution(
+                duration_ms=(time.monotonic() - started) * 1000, exit_code=result.exit_code
+            )
+            ex.logs.stdout, ex.logs.stderr, ex.truncated = (
+                [result.stdout],
+                [result.stderr],
+                result.truncated,
+            )
+            if result.error:
+                ex.limits_hit.append("timeout")
+            self.finish(run_id, "command", ex)
+            return result
+
+        return self._recorded(run_id, "command", work)
 
     def upload(self, tenant: str, sandbox_id: str, path: str, data: bytes) -> EntryInfo:
         entry = self.get(tenant, sandbox_id)
-        record = [_file_record("upload", path, data)]
         run_id = self.begin(tenant, sandbox_id, "file_upload", path, entry.sandbox.policy)
-        try:
+
+        def work() -> EntryInfo:
             info = entry.sandbox.files.write(path, data)
-        except BaseException as exc:
-            self.fail(run_id, "file_upload", exc)
-            raise
-        self.finish(run_id, "file_upload", Execution(), files=record)
-        return info
+            self.finish(
+                run_id, "file_upload", Execution(), files=[_file_record("upload", path, data)]
+            )
+            return info
+
+        return self._recorded(run_id, "file_upload", work)
 
     def download(self, tenant: str, sandbox_id: str, path: str) -> bytes:
         entry = self.get(tenant, sandbox_id)
         run_id = self.begin(tenant, sandbox_id, "file_download", path, entry.sandbox.policy)
-        try:
+
+        def work() -> bytes:
             data = entry.sandbox.files.read(path)
-        except BaseException as exc:
-            self.fail(run_id, "file_download", exc)
-            raise
-        self.finish(
-            run_id, "file_download", Execution(), files=[_file_record("download", path, data)]
-        )
-        return data
+            self.finish(
+                run_id, "file_download", Execution(), files=[_file_record("download", path, data)]
+            )
+            return data
+
+        return self._recorded(run_id, "file_download", work)
 
 
 def _file_record(direction: str, path: str, data: bytes) -> dict[str, Any]:
