@@ -47,7 +47,7 @@ def sandbox_processes(owner: str | None = None) -> list[str]:
         uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
         if uid < UID_BASE:
             continue
-        if f"/codecage/{owner}/" in membership or "/codecage/" not in membership:
+        if f"/codecage/{owner}-" in membership or "/codecage/" not in membership:
             found.append(f"{entry.name}: {status.splitlines()[0]} {membership.split()[0]}")
     return found
 
@@ -56,9 +56,8 @@ def sandbox_cgroups() -> list[str]:
     owner = cgroups.owner_name()
     out = []
     for controller in cgroups.V1_CONTROLLERS:
-        base = cgroups.ROOT / controller / "codecage" / owner
-        if base.exists():
-            out += [str(p) for p in base.iterdir() if p.is_dir()]
+        for jail_dir in (cgroups.ROOT / controller / "codecage").glob(f"{owner}-*"):
+            out += [str(p) for p in jail_dir.iterdir() if p.is_dir()]
     return out
 
 

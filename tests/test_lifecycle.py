@@ -34,9 +34,9 @@ sys.stdin.read()   # wait to be killed
 
 def _owner_dirs(owner: str) -> list[str]:
     return [
-        str(cgroups.ROOT / c / "codecage" / owner)
+        str(p)
         for c in cgroups.V1_CONTROLLERS
-        if (cgroups.ROOT / c / "codecage" / owner).exists()
+        for p in (cgroups.ROOT / c / "codecage").glob(f"{owner}-*")
     ]
 
 

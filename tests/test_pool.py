@@ -127,7 +127,7 @@ def test_all_sandboxes_sit_under_one_capped_parent() -> None:
     with Sandbox() as sbx:
         memory_dir = sbx._jailed.cgroups.dirs["memory"]
         parent = memory_dir.parent
-        assert parent.name == cgroups.owner_name()
+        assert parent.name == jail().owner and parent.name.startswith(cgroups.owner_name() + "-")
         cap = int((parent / "memory.limit_in_bytes").read_text())
         assert cap == jail().total_memory_mb << 20
         assert cap == cgroups.default_total_mb() << 20  # 80% of the host's memory by default

@@ -285,7 +285,9 @@ def _bases(version: int) -> list[Path]:
 
 
 def _alive(owner: str) -> bool:
-    pid, _, start = owner.partition("-")
+    """Whether the process that created `owner` ("<pid>-<start time>[-<jail>]") still runs."""
+    pid, _, rest = owner.partition("-")
+    start = rest.split("-")[0]
     try:
         stat = _read(Path(f"/proc/{pid}/stat"))
     except (FileNotFoundError, ProcessLookupError):

@@ -8,6 +8,7 @@ and cgroup readings, never from the kernel's word.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -63,6 +64,7 @@ class _Uids:
 
 
 _uids = _Uids()
+_jail_numbers = itertools.count(1)
 
 
 def _readable(
@@ -99,7 +101,8 @@ class NamespaceJail:
         if version is None and not self.rootless:
             raise BackendUnavailable("no usable cgroups (v1 memory/pids/cpu/cpuacct/freezer or v2)")
         self.cgroup_version = version or 0
-        self.owner = cgroups.owner_name()
+        # Its own parent cgroup (several jails may live in one process): "<pid>-<start>-<n>".
+        self.owner = f"{cgroups.owner_name()}-{next(_jail_numbers)}"
         if version is not None:
             cgroups.sweep(version, self.owner)
             total = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
