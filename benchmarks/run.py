@@ -29,7 +29,7 @@ from baselines import (  # noqa: E402
     timed,
 )
 from density import bwrap_baseline, pool_figures, scaling, throughput  # noqa: E402
-from service import audit_figures, http_figures  # noqa: E402
+from service import audit_figures, http_figures, service_at_scale  # noqa: E402
 
 from codecage import Policy, Sandbox  # noqa: E402
 from codecage._jail import get_jail  # noqa: E402
@@ -211,6 +211,7 @@ def main() -> None:
     http_figures(results, ratios, measure, n * 25)
     throughput(results, ratios)
     audit_figures(results, ratios)
+    service_at_scale(results, ratios, measure, 100 if args.quick else 1000)
     sandbox_memory(memory)
     rows = scaling(HERE, (1, 10, 100) if args.quick else (1, 10, 100, 500, 1000))
     write(results, ratios, memory, rows)

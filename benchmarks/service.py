@@ -27,7 +27,9 @@ def start(db: Path) -> tuple[subprocess.Popen[bytes], str, str]:
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     config = db.with_suffix(".toml")
-    config.write_text("[quotas]\nlive_sandboxes = 100\nruns_per_minute = 10000000\n")
+    config.write_text(
+        "pool_size = 0\n[quotas]\nlive_sandboxes = 2000\nruns_per_minute = 10000000\n"
+    )
     import socket
 
     with socket.socket() as s:
@@ -74,6 +76,42 @@ def http_figures(
     ratios["http_execute_over_empty_route"] = (
         results["http_execute_round_trip"]["p50_ms"]
         / results["baseline_http_empty_route"]["p50_ms"]
+    )
+
+
+def service_at_scale(
+    results: Figures, ratios: dict[str, float], measure: Callable[..., dict[str, float]], live: int
+) -> None:
+    """Is the service still responsive with `live` idle sandboxes? HTTP execute latency on
+    one sandbox, with nothing else alive and then with `live` others alive."""
+    print(f"service responsiveness: HTTP execute with 1 and with {live} live sandboxes", flush=True)
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        proc, url, key = start(Path(tmp) / "audit.db")
+        try:
+            with codecage.connect(url, key) as client, client.Sandbox() as sbx:
+                for _ in range(30):
+                    sbx.run_code("1+1")
+                results["http_execute_1_live"] = measure(
+                    lambda: timed(lambda: sbx.run_code("1+1")), 200
+                )
+                idle = [client.Sandbox() for _ in range(live - 1)]
+                for other in idle:
+                    other.run_code("print(1)")
+                for _ in range(30):
+                    sbx.run_code("1+1")
+                results[f"http_execute_{live}_live"] = measure(
+                    lambda: timed(lambda: sbx.run_code("1+1")), 200
+                )
+                results[f"http_healthz_{live}_live"] = measure(
+                    lambda: timed(lambda: client._http.get("/healthz")), 200
+                )
+                for other in idle:
+                    other.kill()
+        finally:
+            proc.terminate()
+            proc.wait()
+    ratios[f"http_execute_{live}_live_over_1_live"] = (
+        results[f"http_execute_{live}_live"]["p50_ms"] / results["http_execute_1_live"]["p50_ms"]
     )
 
 
