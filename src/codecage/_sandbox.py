@@ -354,11 +354,5 @@ class _Registry:
                 sandbox._lock.release()
         self.discard(sandbox)
 
-    def kill_all(self) -> None:
-        with self._lock:
-            live = list(self._live)
-        for sandbox in live:
-            sandbox.kill()
-
 
 _registry = _Registry()
