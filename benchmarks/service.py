@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import sqlite3
 import subprocess
@@ -9,7 +10,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -50,29 +51,34 @@ def start(db: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     raise RuntimeError("the service did not start")
 
 
+@contextlib.contextmanager
+def running_service() -> Iterator[codecage.Client]:
+    """A `codecage serve` in a scratch directory and a client of it; stopped afterwards."""
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
+        proc, url, key = start(Path(tmp) / "audit.db")
+        try:
+            with codecage.connect(url, key) as client:
+                yield client
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
 def http_figures(
     results: Figures, ratios: dict[str, float], measure: Callable[..., dict[str, float]], n: int
 ) -> None:
     print(
         "HTTP: execute 1+1 on a warm sandbox (audit records included), vs GET /healthz", flush=True
     )
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
-        proc, url, key = start(Path(tmp) / "audit.db")
-        try:
-            with codecage.connect(url, key) as client, client.Sandbox() as sbx:
-                for _ in range(50):
-                    sbx.run_code("1+1")
-                results["http_execute_round_trip"] = measure(
-                    lambda: timed(lambda: sbx.run_code("1+1")), n
-                )
-                http = client._http
-                results["baseline_http_empty_route"] = measure(
-                    lambda: timed(lambda: http.get("/healthz")), n
-                )
-                results["recorded_runs_per_second_8_clients"] = _throughput(client, 8, 6.0)
-        finally:
-            proc.terminate()
-            proc.wait()
+    with running_service() as client, client.Sandbox() as sbx:
+        for _ in range(50):
+            sbx.run_code("1+1")
+        results["http_execute_round_trip"] = measure(lambda: timed(lambda: sbx.run_code("1+1")), n)
+        http = client._http
+        results["baseline_http_empty_route"] = measure(
+            lambda: timed(lambda: http.get("/healthz")), n
+        )
+        results["recorded_runs_per_second_8_clients"] = _throughput(client, 8, 6.0)
     ratios["http_execute_over_empty_route"] = (
         results["http_execute_round_trip"]["p50_ms"]
         / results["baseline_http_empty_route"]["p50_ms"]
@@ -85,31 +91,23 @@ def service_at_scale(
     """Is the service still responsive with `live` idle sandboxes? HTTP execute latency on
     one sandbox, with nothing else alive and then with `live` others alive."""
     print(f"service responsiveness: HTTP execute with 1 and with {live} live sandboxes", flush=True)
-    with tempfile.TemporaryDirectory(dir="/var/tmp") as tmp:
-        proc, url, key = start(Path(tmp) / "audit.db")
-        try:
-            with codecage.connect(url, key) as client, client.Sandbox() as sbx:
-                for _ in range(30):
-                    sbx.run_code("1+1")
-                results["http_execute_1_live"] = measure(
-                    lambda: timed(lambda: sbx.run_code("1+1")), 200
-                )
-                idle = [client.Sandbox() for _ in range(live - 1)]
-                for other in idle:
-                    other.run_code("print(1)")
-                for _ in range(30):
-                    sbx.run_code("1+1")
-                results[f"http_execute_{live}_live"] = measure(
-                    lambda: timed(lambda: sbx.run_code("1+1")), 200
-                )
-                results[f"http_healthz_{live}_live"] = measure(
-                    lambda: timed(lambda: client._http.get("/healthz")), 200
-                )
-                for other in idle:
-                    other.kill()
-        finally:
-            proc.terminate()
-            proc.wait()
+    with running_service() as client, client.Sandbox() as sbx:
+        for _ in range(30):
+            sbx.run_code("1+1")
+        results["http_execute_1_live"] = measure(lambda: timed(lambda: sbx.run_code("1+1")), 200)
+        idle = [client.Sandbox() for _ in range(live - 1)]
+        for other in idle:
+            other.run_code("print(1)")
+        for _ in range(30):
+            sbx.run_code("1+1")
+        results[f"http_execute_{live}_live"] = measure(
+            lambda: timed(lambda: sbx.run_code("1+1")), 200
+        )
+        results[f"http_healthz_{live}_live"] = measure(
+            lambda: timed(lambda: client._http.get("/healthz")), 200
+        )
+        for other in idle:
+            other.kill()
     ratios[f"http_execute_{live}_live_over_1_live"] = (
         results[f"http_execute_{live}_live"]["p50_ms"] / results["http_execute_1_live"]["p50_ms"]
     )

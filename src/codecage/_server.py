@@ -457,11 +457,7 @@ def _handlers(app: FastAPI) -> None:
 
 def _handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        kind = {"Unauthorized": "Unauthorized", "BadRequest": "BadRequest"}.get(
-            type(exc).__name__, type(exc).__name__
-        )
-        if isinstance(exc, FileNotFoundInSandbox):
-            kind = "FileNotFound"
+        kind = "FileNotFound" if isinstance(exc, FileNotFoundInSandbox) else type(exc).__name__
         response = _error(status, kind, str(exc) if status != 401 else "missing or invalid API key")
         if status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
