@@ -11,12 +11,16 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._analysis import analyze
     from ._api import run
+    from ._approvals import ApprovalRequest, Decision, approvals
     from ._async import AsyncSandbox
     from ._errors import (
         ApprovalDenied,
+        ApprovalNotFound,
         AuditUnavailable,
         BackendUnavailable,
+        CodeRejected,
         ExecutionTimeout,
         FileNotFoundInSandbox,
         PolicyError,
@@ -25,7 +29,7 @@ if TYPE_CHECKING:
         SandboxNotFound,
         TransportError,
     )
-    from ._models import Execution, ExecutionError, Logs, Result
+    from ._models import Execution, ExecutionError, Finding, Logs, Result
     from ._policy import Policy
     from ._remote import Client, connect
     from ._sandbox import CommandResult, EntryInfo, OutputMessage, Sandbox
@@ -33,6 +37,13 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "analyze": "_analysis",
+    "ApprovalNotFound": "_errors",
+    "ApprovalRequest": "_approvals",
+    "approvals": "_approvals",
+    "CodeRejected": "_errors",
+    "Decision": "_approvals",
+    "Finding": "_models",
     "AuditUnavailable": "_errors",
     "Client": "_remote",
     "QuotaExceeded": "_errors",
@@ -60,16 +71,21 @@ _EXPORTS = {
 
 __all__ = [
     "ApprovalDenied",
+    "ApprovalNotFound",
+    "ApprovalRequest",
     "AsyncSandbox",
     "AuditUnavailable",
     "BackendUnavailable",
     "Client",
+    "CodeRejected",
     "CommandResult",
+    "Decision",
     "EntryInfo",
     "Execution",
     "ExecutionError",
     "ExecutionTimeout",
     "FileNotFoundInSandbox",
+    "Finding",
     "Logs",
     "OutputMessage",
     "Policy",
@@ -80,6 +96,8 @@ __all__ = [
     "SandboxError",
     "SandboxNotFound",
     "TransportError",
+    "analyze",
+    "approvals",
     "connect",
     "run",
 ]

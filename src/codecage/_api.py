@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ._jail import get_jail
 from ._models import Execution
 from ._policy import Policy
+
+if TYPE_CHECKING:
+    from ._approvals import Approver, Gate
+    from ._models import Finding
 
 MAX_CODE_BYTES = 16 << 20
 
@@ -44,21 +48,37 @@ def run(
     *,
     envs: dict[str, str] | None = None,
     on_event: Callable[[dict[str, Any]], None] | None = None,
+    approver: Approver | None = None,
+    gate: Gate | None = None,
+    findings: list[Finding] | None = None,
+    run_id: str | None = None,
+    defaults: Policy | None = None,
 ) -> Execution:
     """Run `code` in a fresh sandbox as a program (`__main__`), then destroy the sandbox.
 
     `exit_code` is the program's status: 0, 1 after an uncaught exception, the value of
     `sys.exit(n)`, or 128+signal when the jail killed it (`killed_by` says why).
+    Static analysis and approvals apply as for `Sandbox.run_code` (`approver` answers).
     """
+    from ._approvals import Gate
+
     policy = policy or Policy()
     text = prepare_code(code)
     jail = get_jail(policy.isolation)
     jail.check(policy)
+    gate = gate or Gate(approver=approver)
+    gate.limits(policy, defaults)
+    notify = None
+    if on_event is not None:
+        notify = lambda r: on_event({"ev": "pending_approval", "approval": r.to_dict()})  # noqa: E731
+    findings = gate.code(policy, text, findings, run_id=run_id, notify=notify)
     sandbox = jail.create(policy, check_envs(envs))
     try:
         kwargs: dict[str, Any] = {"mode": "main", "recover": False}
         if on_event is not None:
             kwargs["on_event"] = on_event
-        return sandbox.execute(text, **kwargs)
+        ex = sandbox.execute(text, **kwargs)
+        ex.findings = findings
+        return ex
     finally:
         sandbox.kill()

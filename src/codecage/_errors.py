@@ -5,12 +5,16 @@ SandboxError
 ├── BackendUnavailable     the isolation backend cannot run on this host
 ├── SandboxNotFound        no such sandbox, or it has ended
 ├── FileNotFoundInSandbox  (also FileNotFoundError) a path inside the sandbox does not exist
+├── CodeRejected           (also PolicyError) static analysis found what the policy blocks
 ├── ApprovalDenied         a person said no, or nobody answered in time
+├── ApprovalNotFound       no pending approval by that id (unknown, or already decided)
 ├── TransportError         the channel to a sandbox or a service broke
 └── ExecutionTimeout       (also TimeoutError) where a deadline is raised rather than reported
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class SandboxError(Exception):
@@ -33,8 +37,26 @@ class FileNotFoundInSandbox(SandboxError, FileNotFoundError):
     """A path inside the sandbox does not exist."""
 
 
+class CodeRejected(PolicyError):
+    """Static analysis found something the policy blocks (`analysis_block_at`); the code
+    never ran. `.findings` lists what was found."""
+
+    def __init__(self, message: str, findings: list[Any] | None = None) -> None:
+        super().__init__(message)
+        self.findings = list(findings or [])
+
+
 class ApprovalDenied(SandboxError):
-    """An operation needed a person's approval and did not get it."""
+    """An operation needed a person's approval and did not get it (denied, or no answer
+    within the policy's window); it never ran. `.decision` says who, when and why."""
+
+    def __init__(self, message: str, decision: Any = None) -> None:
+        super().__init__(message)
+        self.decision = decision
+
+
+class ApprovalNotFound(SandboxError):
+    """No pending approval has that id: it never existed, or it was already decided."""
 
 
 class TransportError(SandboxError):

@@ -30,6 +30,21 @@ class ExecutionError:
 
 
 @dataclass
+class Finding:
+    """What static analysis saw in code before it ran: a rule id (e.g. "CC101"), a severity
+    ("low", "medium", "high"), where (line, column, 1-based line) and what."""
+
+    rule: str
+    severity: str
+    line: int
+    col: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.rule} {self.severity} line {self.line}: {self.message}"
+
+
+@dataclass
 class Logs:
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
@@ -82,6 +97,7 @@ class Execution:
     truncated: bool = False
     peak_memory_mb: float | None = None
     state_lost: bool = False
+    findings: list[Finding] = field(default_factory=list)
 
     @property
     def text(self) -> str | None:
@@ -118,4 +134,5 @@ class Execution:
             truncated=bool(data.get("truncated")),
             peak_memory_mb=data.get("peak_memory_mb"),
             state_lost=bool(data.get("state_lost")),
+            findings=[Finding(**f) for f in data.get("findings") or []],
         )

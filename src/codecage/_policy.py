@@ -7,17 +7,21 @@ audit record. Units live in the names; `None` means "no limit" where that is all
 from __future__ import annotations
 
 import json
+import re
 import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ._errors import PolicyError
 
 Isolation = Literal["namespace", "bwrap", "gvisor", "container"]
+Severity = Literal["low", "medium", "high"]
+SEVERITIES: tuple[Severity, ...] = ("low", "medium", "high")
+_MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 class Policy(BaseModel):
@@ -42,6 +46,23 @@ class Policy(BaseModel):
     env_allowlist: tuple[str, ...] = ()
     isolation: Isolation = "namespace"
     allow_weaker: bool = False
+    # Guards: layers on top of the jail, never instead of it (docs/policy.md).
+    modules_allow: tuple[str, ...] | None = None
+    modules_deny: tuple[str, ...] = ()
+    analysis_block_at: Severity | None = None
+    approval_findings_at: Severity | None = None
+    approval_commands: bool = False
+    approval_download_mb: float | None = Field(None, ge=0)
+    approval_limits_above_default: bool = False
+    approval_window_s: float = Field(300.0, gt=0, le=86400)
+
+    @field_validator("modules_allow", "modules_deny")
+    @classmethod
+    def _module_names(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for name in names or ():
+            if not _MODULE.fullmatch(name):
+                raise ValueError(f"{name!r} is not a module name")
+        return names
 
     def __init__(self, **data: Any) -> None:
         try:
@@ -81,7 +102,7 @@ def _parse_value(key: str, raw: str) -> Any:
     ) in typing.get_args(annotation)
     if raw.lower() in ("none", "null", "unlimited") and nullable:
         return None
-    if typing.get_origin(annotation) is tuple:
+    if tuple in (typing.get_origin(a) for a in (annotation, *typing.get_args(annotation))):
         return tuple(part.strip() for part in raw.split(",") if part.strip())
     try:
         return json.loads(raw)

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 from ._api import check_envs, prepare_code
+from ._approvals import Approver, Gate
 from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound, TransportError
 from ._jail import get_jail
 from ._jail.namespace import NamespaceSandbox
-from ._models import Execution, ExecutionError, Result
+from ._models import Execution, ExecutionError, Finding, Result
 from ._policy import Policy
 
 FILE_CHUNK = 4 << 20
@@ -61,9 +62,18 @@ class Sandbox:
         policy: Policy | None = None,
         *,
         envs: dict[str, str] | None = None,
+        approver: Approver | None = None,
+        gate: Gate | None = None,
+        defaults: Policy | None = None,
     ) -> None:
+        """`approver(request) -> bool | Decision` answers the approvals the policy asks for
+        (see docs/policy.md); without one, requests wait in `codecage.approvals` until
+        answered or until `approval_window_s` passes (a no). `gate` and `defaults` are the
+        service's: its broker and tenant, and the limits above which a yes is needed."""
         self.policy = policy or Policy()
+        self._gate = gate or Gate(approver=approver)
         self._lock = threading.RLock()
+        self._gate.limits(self.policy, defaults)
         jail = get_jail(self.policy.isolation)
         self._jailed: NamespaceSandbox = jail.create(self.policy, check_envs(envs))  # type: ignore[assignment]
         self.last_activity = time.monotonic()
@@ -73,8 +83,14 @@ class Sandbox:
         _registry.add(self)
 
     @classmethod
-    def create(cls, policy: Policy | None = None, *, envs: dict[str, str] | None = None) -> Sandbox:
-        return cls(policy, envs=envs)
+    def create(
+        cls,
+        policy: Policy | None = None,
+        *,
+        envs: dict[str, str] | None = None,
+        approver: Approver | None = None,
+    ) -> Sandbox:
+        return cls(policy, envs=envs, approver=approver)
 
     @property
     def id(self) -> str:
@@ -126,17 +142,29 @@ class Sandbox:
         timeout: float | None = None,
         envs: dict[str, str] | None = None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        findings: list[Finding] | None = None,
+        run_id: str | None = None,
     ) -> Execution:
-        """run_code with the raw protocol events (for the service's NDJSON stream)."""
+        """run_code with the raw protocol events (for the service's NDJSON stream). The
+        static-analysis verdict and any approval come first: blocked or denied code never
+        reaches the sandbox."""
         text = prepare_code(code)
         envs = check_envs(envs)
+        notify = None
+        if on_event is not None:
+            notify = lambda r: on_event({"ev": "pending_approval", "approval": r.to_dict()})  # noqa: E731
+        findings = self._gate.code(
+            self.policy, text, findings, sandbox_id=self.id, run_id=run_id, notify=notify
+        )
         with self._lock:
             jailed = self._use()
             self.busy = True
             try:
-                return jailed.execute(
+                ex = jailed.execute(
                     text, mode="session", timeout_s=timeout, envs=envs, on_event=on_event
                 )
+                ex.findings = findings
+                return ex
             finally:
                 self.busy = False
                 self.last_activity = time.monotonic()
@@ -222,6 +250,14 @@ class Files:
         the transfer, as do the sandbox's own disk sizes and one deadline for the whole."""
         policy = self._sbx.policy
         limit = (policy.disk_mb + policy.tmp_mb + policy.shm_mb) << 20
+        if policy.approval_download_mb is not None:
+            stated = self._op("stat", path).get("size")
+            if not isinstance(stated, int) or stated < 0:
+                raise FileNotFoundInSandbox(f"{path}: not a file")
+            if stated > policy.approval_download_mb * (1 << 20):
+                why = f"a download of {stated} bytes, over approval_download_mb={policy.approval_download_mb:g}"
+                self._sbx._gate.check(policy, "download", [why], path, sandbox_id=self._sbx.id)
+            limit = min(limit, stated)  # what was approved (or let through) is all that comes
         deadline = time.monotonic() + (policy.timeout_s or 600)
         chunks: list[bytes] = []
         offset, size = 0, None
@@ -285,6 +321,11 @@ class Commands:
         if timeout is not None:
             limit = timeout if limit is None else min(limit, timeout)
         message = {"op": "command", "cmd": cmd, "timeout_s": limit, "envs": check_envs(envs)}
+        policy = self._sbx.policy
+        if policy.approval_commands:
+            self._sbx._gate.check(
+                policy, "command", ["approval_commands=true"], cmd, sandbox_id=self._sbx.id
+            )
         message["output_bytes"] = self._sbx.policy.output_bytes
         # The kernel enforces the timeout; the host waits a little longer as a backstop.
         reply = self._sbx._request(message, None if limit is None else limit + 5)

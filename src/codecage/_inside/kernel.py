@@ -275,6 +275,15 @@ class Kernel:
                         {str(k): str(v) for k, v in (request.get("envs") or {}).items()}
                     )
                     self.channel.send(ev="done", id=request.get("id"))
+                elif op == "guard":
+                    from . import imports
+
+                    allow = request.get("modules_allow")
+                    imports.install(
+                        None if allow is None else [str(m) for m in allow],
+                        [str(m) for m in request.get("modules_deny") or ()],
+                    )
+                    self.channel.send(ev="done", id=request.get("id"))
                 else:
                     self.channel.send(
                         ev="failed",

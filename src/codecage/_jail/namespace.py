@@ -86,6 +86,18 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def import_guard(policy: Policy) -> Message | None:
+    """The kernel request that puts the policy's module rules in place, if it has any."""
+    if policy.modules_allow is None and not policy.modules_deny:
+        return None
+    allow = policy.modules_allow
+    return {
+        "op": "guard",
+        "modules_allow": None if allow is None else list(allow),
+        "modules_deny": list(policy.modules_deny),
+    }
+
+
 class NamespaceJail:
     """Backend `namespace`: forks sandboxes from one template process."""
 
@@ -132,11 +144,17 @@ class NamespaceJail:
     def create(self, policy: Policy, envs: dict[str, str] | None = None) -> NamespaceSandbox:
         self.check(policy)
         pooled = self.pool.take(policy) if self.pool is not None else None
-        if pooled is not None:
-            if envs:
-                pooled.set_envs(envs)
-            return pooled
-        return NamespaceSandbox(self, policy, envs or {})
+        if pooled is not None and envs:
+            pooled.set_envs(envs)
+        sandbox = pooled or NamespaceSandbox(self, policy, envs or {})
+        guard = import_guard(policy)
+        if guard is not None:
+            try:
+                sandbox.setup(guard)
+            except BaseException:
+                sandbox.kill()
+                raise
+        return sandbox
 
     def start_pool(
         self,
@@ -202,6 +220,7 @@ class NamespaceSandbox:
         self._kernel: socket.socket | None = None
         self._reader = FrameReader()
         self._pending: list[Message] = []
+        self._setup: list[Message] = []
         try:
             self.cgroups.create(policy)
             spec = self._spec(envs)
@@ -423,7 +442,13 @@ class NamespaceSandbox:
 
     def set_envs(self, envs: dict[str, str]) -> None:
         """A pooled sandbox's own environment, set when it is handed out (no code ran yet)."""
-        self.request({"op": "setenv", "envs": envs}, 30)
+        self.setup({"op": "setenv", "envs": envs})
+
+    def setup(self, message: Message) -> None:
+        """A request that configures the session (environment, import guard): sent now, and
+        again to every kernel a restart brings, before any code runs there."""
+        self.request(message, 30)
+        self._setup.append(message)
 
     def dead(self) -> bool:
         """Whether the sandbox died on its own (its init is gone)."""
@@ -434,6 +459,8 @@ class NamespaceSandbox:
             self._supervisor.send(b'{"op": "restart"}')
             self._supervisor.setblocking(True)
             self._await_kernel(deadline)
+            for message in self._setup:
+                self.request(message, max(deadline - time.monotonic(), 1.0))
         except (OSError, SandboxError) as exc:
             self.terminate(f"its kernel could not be restarted ({exc})")
             raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}") from None
