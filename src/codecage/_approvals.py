@@ -45,6 +45,12 @@ class ApprovalRequest:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ApprovalRequest:
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        fields["findings"] = [Finding(**f) for f in data.get("findings") or []]
+        return cls(**fields)
+
 
 @dataclass
 class Decision:
@@ -121,11 +127,7 @@ class Approvals:
         return decision
 
     def _callback(self, approver: Approver, request: ApprovalRequest) -> None:
-        try:
-            answer = approver(request)
-        except Exception as exc:  # a broken callback is a no, never a yes
-            answer = Decision(False, "callback", f"the approval callback failed: {exc!r}")
-        decision = answer if isinstance(answer, Decision) else Decision(bool(answer), "callback")
+        decision = answer(approver, request)
         with contextlib.suppress(ApprovalNotFound):  # answered elsewhere first, or too late
             self.decide(request.id, decision.approved, decision.by, decision.reason)
 
@@ -174,6 +176,15 @@ class Approvals:
                 for p in self._pending.values()
                 if tenant is None or p.request.tenant == tenant
             ]
+
+
+def answer(approver: Approver, request: ApprovalRequest) -> Decision:
+    """Ask an SDK callback; a broken callback is a no, never a yes."""
+    try:
+        reply = approver(request)
+    except Exception as exc:
+        return Decision(False, "callback", f"the approval callback failed: {exc!r}")
+    return reply if isinstance(reply, Decision) else Decision(bool(reply), "callback")
 
 
 # The process's own broker: the SDK's requests wait here (and its callback answers them).

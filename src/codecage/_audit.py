@@ -58,6 +58,27 @@ MIGRATIONS = [
         created_at REAL NOT NULL
     );
     """,
+    # 2: static-analysis findings and approval decisions
+    """
+    ALTER TABLE runs ADD COLUMN findings TEXT;
+    ALTER TABLE runs ADD COLUMN approval TEXT;
+    CREATE TABLE approvals (
+        id TEXT PRIMARY KEY,
+        tenant TEXT,
+        sandbox_id TEXT,
+        run_id TEXT,
+        kind TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        reasons TEXT NOT NULL,
+        requested_at REAL NOT NULL,
+        expires_at REAL NOT NULL,
+        decided_at REAL,
+        approved INTEGER,
+        decided_by TEXT,
+        reason TEXT
+    );
+    CREATE INDEX approvals_tenant_time ON approvals (tenant, requested_at);
+    """,
 ]
 
 
@@ -153,10 +174,11 @@ class AuditLog:
         kind: str,
         code: str,
         policy: dict[str, Any],
+        findings: list[dict[str, Any]] | None = None,
     ) -> None:
         self._write(
-            "INSERT INTO runs (id, tenant, sandbox_id, kind, started_at, code, code_sha256, policy)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO runs (id, tenant, sandbox_id, kind, started_at, code, code_sha256, policy,"
+            " findings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 tenant,
@@ -166,6 +188,7 @@ class AuditLog:
                 code,
                 hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest(),
                 json.dumps(policy, sort_keys=True),
+                json.dumps(findings or []),
             ),
         )
 
@@ -208,12 +231,72 @@ class AuditLog:
             ),
         )
 
+    def approval_requested(self, request: dict[str, Any]) -> None:
+        """A request starts waiting; its run (if any) is pending until a decision."""
+        self._write(
+            "INSERT INTO approvals (id, tenant, sandbox_id, run_id, kind, subject, reasons,"
+            " requested_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                request["id"],
+                request.get("tenant"),
+                request.get("sandbox_id"),
+                request.get("run_id"),
+                request["kind"],
+                str(request["subject"])[:OUTPUT_KEEP_BYTES],
+                json.dumps(request["reasons"]),
+                request["requested_at"],
+                request["expires_at"],
+            ),
+        )
+        if request.get("run_id"):
+            self._write(
+                "UPDATE runs SET status='pending_approval' WHERE id=?", (request["run_id"],)
+            )
+
+    def approval_decided(self, request: dict[str, Any], decision: dict[str, Any]) -> None:
+        """Who decided, when and why; the run goes on (status back to started) or not."""
+        self._write(
+            "UPDATE approvals SET decided_at=?, approved=?, decided_by=?, reason=? WHERE id=?",
+            (
+                decision["at"],
+                int(decision["approved"]),
+                decision["by"],
+                decision["reason"],
+                request["id"],
+            ),
+        )
+        if request.get("run_id"):
+            self._write(
+                "UPDATE runs SET status='started', approval=? WHERE id=? AND status='pending_approval'",
+                (json.dumps({"id": request["id"], **decision}), request["run_id"]),
+            )
+
+    def approvals(self, *, tenant: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
+        sql, params = "SELECT * FROM approvals", []
+        if tenant is not None:
+            sql += " WHERE tenant = ?"
+            params.append(tenant)
+        rows = self._reader().execute(sql + " ORDER BY requested_at LIMIT ?", (*params, limit))
+        out = []
+        for row in rows.fetchall():
+            item = dict(row)
+            item["reasons"] = json.loads(item["reasons"])
+            item["approved"] = None if item["approved"] is None else bool(item["approved"])
+            out.append(item)
+        return out
+
     def mark_interrupted(self) -> int:
         """After a crash: runs that started and never completed are marked interrupted."""
         conn = self._connect()
         try:
             cur = conn.execute(
-                "UPDATE runs SET status='interrupted', outcome='interrupted', ended_at=? WHERE status='started'",
+                "UPDATE runs SET status='interrupted', outcome='interrupted', ended_at=?"
+                " WHERE status IN ('started', 'pending_approval')",
+                (time.time(),),
+            )
+            conn.execute(
+                "UPDATE approvals SET decided_at=?, approved=0, decided_by='service stopped',"
+                " reason='the service stopped before an answer' WHERE decided_at IS NULL",
                 (time.time(),),
             )
             return cur.rowcount
@@ -293,7 +376,7 @@ def _key_hash(key: str) -> str:
 
 def _row(row: sqlite3.Row) -> dict[str, Any]:
     out = dict(row)
-    for column in ("policy", "limits_hit", "files", "claims"):
+    for column in ("policy", "limits_hit", "files", "claims", "findings", "approval"):
         if out.get(column):
             out[column] = json.loads(out[column])
     out["output_truncated"] = bool(out.get("output_truncated"))

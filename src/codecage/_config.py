@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._errors import PolicyError
-from ._policy import Policy
+from ._policy import SEVERITIES, Policy
 
 
 class Quotas(BaseModel):
@@ -57,9 +58,17 @@ class ServerConfig(BaseModel):
 
 
 def within(base: Policy, requested: dict[str, Any], ceiling: Policy) -> Policy:
-    """`base` with a tenant's overrides, each no looser than the operator's ceiling."""
+    """`base` with a tenant's overrides, each no looser than the operator's ceiling; the
+    guards (module lists, static analysis, approvals) can only be made stricter than `base`."""
     policy = Policy(**(base.model_dump() | requested))
     for name in requested:
+        if name in GUARDS:
+            if not GUARDS[name](getattr(policy, name), getattr(base, name)):
+                raise PolicyError(
+                    f"policy field {name!r}: the service's guard ({getattr(base, name)!r}) can "
+                    "only be made stricter"
+                )
+            continue
         value, cap = getattr(policy, name), getattr(ceiling, name)
         if isinstance(cap, bool) or isinstance(value, bool):
             ok = cap or not value
@@ -74,3 +83,25 @@ def within(base: Policy, requested: dict[str, Any], ceiling: Policy) -> Policy:
                 f"policy field {name!r}: {value!r} is beyond what this service allows ({cap!r})"
             )
     return policy
+
+
+def _severity(value: str | None, base: str | None) -> bool:
+    """A severity threshold: lower (or set, where the base is off) is stricter."""
+    return base is None or (value is not None and SEVERITIES.index(value) <= SEVERITIES.index(base))
+
+
+# Field -> is (value, base) at least as strict as the operator's base policy?
+GUARDS: dict[str, Callable[[Any, Any], bool]] = {
+    "modules_deny": lambda value, base: set(base) <= set(value),
+    "modules_allow": lambda value, base: (
+        base is None or (value is not None and set(value) <= set(base))
+    ),
+    "analysis_block_at": _severity,
+    "approval_findings_at": _severity,
+    "approval_commands": lambda value, base: value or not base,
+    "approval_limits_above_default": lambda value, base: value or not base,
+    "approval_download_mb": lambda value, base: (
+        base is None or (value is not None and value <= base)
+    ),
+    "approval_window_s": lambda value, base: value <= base,
+}

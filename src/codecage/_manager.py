@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import hashlib
 import secrets
 import threading
@@ -18,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ._api import run as run_once
+from ._approvals import ApprovalRequest, Approvals, Decision, Gate
 from ._audit import AuditLog
 from ._config import ServerConfig, within
-from ._errors import QuotaExceeded, SandboxNotFound
+from ._errors import ApprovalDenied, CodeRejected, QuotaExceeded, SandboxNotFound
 from ._jail.pool import Pool
-from ._models import Execution
+from ._models import Execution, Finding
 from ._policy import Policy
 from ._sandbox import CommandResult, EntryInfo, Sandbox
 
@@ -110,6 +112,13 @@ class Manager:
         )
         self._busy = 0
         self._idle = threading.Condition(self._lock)
+        self.approvals = Approvals(on_change=self._approval_changed)
+
+    def _approval_changed(self, request: ApprovalRequest, decision: Decision | None) -> None:
+        if decision is None:
+            self.audit.approval_requested(request.to_dict())
+        else:
+            self.audit.approval_decided(request.to_dict(), decision.to_dict())
 
     # -- sandboxes -------------------------------------------------------------------------
 
@@ -120,7 +129,8 @@ class Manager:
             live = sum(1 for e in self._sandboxes.values() if e.tenant == tenant)
             if live >= self.config.quotas.live_sandboxes:
                 raise QuotaExceeded(f"tenant already has {live} live sandboxes (quota)")
-        entry = Entry(tenant, Sandbox(policy, envs=envs))
+        gate = Gate(self.approvals, tenant=tenant)
+        entry = Entry(tenant, Sandbox(policy, envs=envs, gate=gate, defaults=self.config.policy))
         with self._lock:
             self._sandboxes[entry.sandbox.id] = entry
             self.metrics.live.set(len(self._sandboxes))
@@ -193,9 +203,16 @@ class Manager:
     # -- recorded operations ---------------------------------------------------------------
 
     def begin(
-        self, tenant: str, sandbox_id: str | None, kind: str, code: str, policy: Policy
+        self,
+        tenant: str,
+        sandbox_id: str | None,
+        kind: str,
+        code: str,
+        policy: Policy,
+        findings: list[Finding] | None = None,
     ) -> str:
-        """Admit and durably record a run before it starts. Returns the run id."""
+        """Admit and durably record a run (with its static-analysis findings) before it
+        starts. Returns the run id."""
         self._admit(tenant)
         run_id = secrets.token_hex(16)
         self.audit.start_run(
@@ -205,6 +222,7 @@ class Manager:
             kind=kind,
             code=code,
             policy=policy.model_dump(),
+            findings=[dataclasses.asdict(f) for f in findings or []],
         )
         return run_id
 
@@ -236,10 +254,13 @@ class Manager:
         self.metrics.latency.labels(kind).observe(ex.duration_ms / 1000)
 
     def fail(self, run_id: str, kind: str, exc: BaseException) -> None:
+        outcome = "failed"
+        if isinstance(exc, (CodeRejected, ApprovalDenied)):  # the code never ran
+            outcome = "rejected" if isinstance(exc, CodeRejected) else "denied"
         self.audit.complete_run(
-            run_id, outcome="failed", error_name=type(exc).__name__, output=str(exc)[:2000]
+            run_id, outcome=outcome, error_name=type(exc).__name__, output=str(exc)[:2000]
         )
-        self.metrics.runs.labels(kind, "failed", "").inc()
+        self.metrics.runs.labels(kind, outcome, "").inc()
 
     def _recorded(self, run_id: str, kind: str, work: Callable[[], T]) -> T:
         """Run `work` (the operation and its completion record) so that a failure is recorded
@@ -260,10 +281,18 @@ class Manager:
         timeout: float | None,
         envs: dict[str, str],
         on_event: EventCallback | None = None,
+        findings: list[Finding] | None = None,
     ) -> Execution:
         def work() -> Execution:
             sandbox = self.get(tenant, sandbox_id).sandbox
-            ex = sandbox._run(code, timeout=timeout, envs=envs, on_event=on_event)
+            ex = sandbox._run(
+                code,
+                timeout=timeout,
+                envs=envs,
+                on_event=on_event,
+                findings=findings,
+                run_id=run_id,
+            )
             self.finish(run_id, "execute", ex)
             return ex
 
@@ -277,9 +306,19 @@ class Manager:
         policy: Policy,
         envs: dict[str, str],
         on_event: EventCallback | None,
+        findings: list[Finding] | None = None,
     ) -> Execution:
         def work() -> Execution:
-            ex = run_once(code, policy, envs=envs, on_event=on_event)
+            ex = run_once(
+                code,
+                policy,
+                envs=envs,
+                on_event=on_event,
+                gate=Gate(self.approvals, tenant=tenant),
+                findings=findings,
+                run_id=run_id,
+                defaults=self.config.policy,
+            )
             self.finish(run_id, "run", ex)
             return ex
 

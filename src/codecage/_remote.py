@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, overload
 
 import httpx
 
+from ._approvals import ApprovalRequest, Approver, Decision, answer
 from ._async import AsyncSandbox, _in_thread
 from ._errors import (
+    ApprovalDenied,
+    ApprovalNotFound,
     AuditUnavailable,
+    CodeRejected,
     FileNotFoundInSandbox,
     PolicyError,
     QuotaExceeded,
@@ -21,7 +26,7 @@ from ._errors import (
     SandboxNotFound,
     TransportError,
 )
-from ._models import Execution, ExecutionError, Result
+from ._models import Execution, ExecutionError, Finding, Result
 from ._policy import Policy
 from ._sandbox import CommandResult, EntryInfo, OutputMessage, _dispatcher
 
@@ -33,7 +38,15 @@ _ERRORS: dict[str, type[SandboxError]] = {
     "ValidationError": PolicyError,
     "QuotaExceeded": QuotaExceeded,
     "AuditUnavailable": AuditUnavailable,
+    "ApprovalDenied": ApprovalDenied,
+    "ApprovalNotFound": ApprovalNotFound,
 }
+
+
+def _error(kind: str, message: str, findings: Any = None) -> SandboxError:
+    if kind == "CodeRejected":
+        return CodeRejected(message, [Finding(**f) for f in findings or []])
+    return _ERRORS.get(kind, SandboxError)(message)
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -43,8 +56,8 @@ def _raise_for(response: httpx.Response) -> None:
         error = response.json()["error"]
         kind, message = str(error["type"]), str(error["message"])
     except (ValueError, KeyError, TypeError):
-        kind, message = "HTTP", f"HTTP {response.status_code}"
-    raise _ERRORS.get(kind, SandboxError)(message)
+        kind, message, error = "HTTP", f"HTTP {response.status_code}", {}
+    raise _error(kind, message, error.get("findings"))
 
 
 def _overrides(policy: Policy | None) -> dict[str, Any]:
@@ -82,14 +95,68 @@ class Client:
             raise TransportError(f"{method} {path}: {exc}") from exc
 
     def Sandbox(
-        self, policy: Policy | None = None, *, envs: dict[str, str] | None = None
+        self,
+        policy: Policy | None = None,
+        *,
+        envs: dict[str, str] | None = None,
+        approver: Approver | None = None,
     ) -> RemoteSandbox:
-        return RemoteSandbox(self, policy, envs)
+        return RemoteSandbox(self, policy, envs, approver)
 
     def create(
-        self, policy: Policy | None = None, *, envs: dict[str, str] | None = None
+        self,
+        policy: Policy | None = None,
+        *,
+        envs: dict[str, str] | None = None,
+        approver: Approver | None = None,
     ) -> RemoteSandbox:
-        return RemoteSandbox(self, policy, envs)
+        return RemoteSandbox(self, policy, envs, approver)
+
+    # -- approvals -------------------------------------------------------------------------
+
+    def approvals(self) -> list[ApprovalRequest]:
+        """This tenant's operations waiting for a person's yes."""
+        pending = self.request("GET", "/v1/approvals").json()
+        return [ApprovalRequest.from_dict(item) for item in pending]
+
+    def approve(self, approval_id: str, reason: str = "", by: str = "") -> Decision:
+        return self._decide(approval_id, "approve", reason, by)
+
+    def deny(self, approval_id: str, reason: str = "", by: str = "") -> Decision:
+        return self._decide(approval_id, "deny", reason, by)
+
+    def _decide(self, approval_id: str, decision: str, reason: str, by: str) -> Decision:
+        body = {"decision": decision, "reason": reason, "by": by}
+        data = self.request("POST", f"/v1/approvals/{approval_id}", json=body).json()
+        return Decision(**data)
+
+    @contextmanager
+    def _answering(self, approver: Approver | None, sandbox_id: str | None) -> Iterator[None]:
+        """While an operation is in flight, answer the approvals it raises with the SDK
+        callback (the service holds the request; the callback runs here)."""
+        if approver is None:
+            yield
+            return
+        stop, seen = threading.Event(), set()
+
+        def watch() -> None:
+            while not stop.wait(0.1):
+                with contextlib.suppress(SandboxError):
+                    for request in self.approvals():
+                        if request.id in seen or request.sandbox_id != sandbox_id:
+                            continue
+                        seen.add(request.id)
+                        decision = answer(approver, request)
+                        verdict = "approve" if decision.approved else "deny"
+                        self._decide(request.id, verdict, decision.reason, decision.by)
+
+        thread = threading.Thread(target=watch, name="codecage-approver", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     async def create_async(
         self, policy: Policy | None = None, *, envs: dict[str, str] | None = None
@@ -127,10 +194,18 @@ def connect(url: str, api_key: str) -> Client:
 class RemoteSandbox:
     """The Sandbox API over HTTP."""
 
-    def __init__(self, client: Client, policy: Policy | None, envs: dict[str, str] | None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        policy: Policy | None,
+        envs: dict[str, str] | None,
+        approver: Approver | None = None,
+    ) -> None:
         self._client = client
+        self._approver = approver
         body = {"policy": _overrides(policy), "envs": envs or {}}
-        data = client.request("POST", "/v1/sandboxes", json=body).json()
+        with client._answering(approver, None):
+            data = client.request("POST", "/v1/sandboxes", json=body).json()
         self._id: str = data["id"]
         self.policy = Policy(**data["policy"])
         self._alive = True
@@ -173,8 +248,20 @@ class RemoteSandbox:
         timeout: float | None = None,
         envs: dict[str, str] | None = None,
     ) -> Execution:
+        with self._answering():
+            return self._run_code(code, timeout, envs, on_stdout, on_stderr, on_result, on_error)
+
+    def _answering(self) -> contextlib.AbstractContextManager[None]:
+        return self._client._answering(self._approver, self._id)
+
+    def _run_code(
+        self,
+        code: str,
+        timeout: float | None,
+        envs: dict[str, str] | None,
+        *callbacks: Any,
+    ) -> Execution:
         body = {"code": code, "timeout": timeout, "envs": envs or {}}
-        callbacks = (on_stdout, on_stderr, on_result, on_error)
         if not any(callbacks):
             return Execution.from_dict(
                 self._client.request("POST", f"{self._base}/execute", json=body).json()
@@ -190,9 +277,8 @@ class RemoteSandbox:
                 if event.get("ev") == "execution":
                     return Execution.from_dict(event["execution"])
                 if event.get("ev") == "failed":
-                    raise _ERRORS.get(str(event.get("type")), SandboxError)(
-                        str(event.get("message"))
-                    )
+                    kind, message = str(event.get("type")), str(event.get("message"))
+                    raise _error(kind, message, event.get("findings"))
                 dispatch(event)
         raise TransportError("the stream ended without an execution")
 
@@ -218,7 +304,8 @@ class RemoteFiles:
     def read(self, path: str, format: Literal["text"]) -> str: ...
 
     def read(self, path: str, format: Literal["bytes", "text"] = "bytes") -> bytes | str:
-        data = self._sbx._client.request("GET", self._url(), params={"path": path}).content
+        with self._sbx._answering():
+            data = self._sbx._client.request("GET", self._url(), params={"path": path}).content
         return data.decode("utf-8", "replace") if format == "text" else data
 
     def write(self, path: str, data: bytes | str) -> EntryInfo:
@@ -258,6 +345,6 @@ class RemoteCommands:
         self, cmd: str, *, timeout: float | None = None, envs: dict[str, str] | None = None
     ) -> CommandResult:
         body = {"cmd": cmd, "timeout": timeout, "envs": envs or {}}
-        return CommandResult(
-            **self._sbx._client.request("POST", f"{self._sbx._base}/commands", json=body).json()
-        )
+        with self._sbx._answering():
+            reply = self._sbx._client.request("POST", f"{self._sbx._base}/commands", json=body)
+        return CommandResult(**reply.json())

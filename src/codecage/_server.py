@@ -7,10 +7,11 @@ stack trace, never a host path. Another tenant's sandbox is the same 404 as a mi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -19,11 +20,15 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ._analysis import analyze
 from ._api import prepare_code
 from ._audit import AuditLog
 from ._config import ServerConfig, within
 from ._errors import (
+    ApprovalDenied,
+    ApprovalNotFound,
     AuditUnavailable,
+    CodeRejected,
     FileNotFoundInSandbox,
     PolicyError,
     QuotaExceeded,
@@ -42,6 +47,7 @@ STREAM_EVENTS = {
     "result": ("data", "is_main_result"),
     "error": ("name", "value", "traceback"),
     "end": ("execution_count",),
+    "pending_approval": ("approval",),  # the host's own event: the run waits for a person
 }
 
 
@@ -83,6 +89,40 @@ class SandboxOut(BaseModel):
     policy: dict[str, Any]
 
 
+class FindingOut(BaseModel):
+    rule: str
+    severity: str
+    line: int
+    col: int
+    message: str
+
+
+class ApprovalOut(BaseModel):
+    id: str
+    kind: str
+    reasons: list[str]
+    subject: str
+    sandbox_id: str | None
+    tenant: str | None
+    run_id: str | None
+    findings: list[FindingOut]
+    requested_at: float
+    expires_at: float
+
+
+class DecisionBody(BaseModel):
+    decision: Literal["approve", "deny"]
+    reason: str = Field("", max_length=4000)
+    by: str = Field("", max_length=200, description="who decided (recorded in the audit log)")
+
+
+class DecisionOut(BaseModel):
+    approved: bool
+    by: str
+    reason: str
+    at: float
+
+
 class ErrorOut(BaseModel):
     name: str
     value: str
@@ -119,6 +159,7 @@ class ExecutionOut(BaseModel):
     truncated: bool
     peak_memory_mb: float | None
     state_lost: bool
+    findings: list[FindingOut]
     text: str | None
 
 
@@ -148,6 +189,9 @@ class MadeOut(BaseModel):
 class ErrorBody(BaseModel):
     type: str
     message: str
+    findings: list[FindingOut] | None = Field(
+        None, description="CodeRejected: the static-analysis findings that blocked the code"
+    )
 
 
 class ErrorResponse(BaseModel):
@@ -168,7 +212,7 @@ def _error(status: int, kind: str, message: str) -> JSONResponse:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 404, 409, 413, 422, 429, 500, 503)
+    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 429, 500, 503)
 }
 
 
@@ -273,12 +317,15 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         code = prepare_code(body.code)
         entry = manager().get(who, sandbox_id)
 
+        findings = analyze(code)
+
         def begin() -> str:
-            return manager().begin(who, sandbox_id, "execute", code, entry.sandbox.policy)
+            policy = entry.sandbox.policy
+            return manager().begin(who, sandbox_id, "execute", code, policy, findings)
 
         def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
             return manager().execute(
-                who, sandbox_id, run_id, code, body.timeout, body.envs, on_event
+                who, sandbox_id, run_id, code, body.timeout, body.envs, on_event, findings
             )
 
         return await _answer(request, begin, work)
@@ -290,11 +337,13 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         code = prepare_code(body.code)
         policy = within(config.policy, body.policy, config.ceiling)
 
+        findings = analyze(code)
+
         def begin() -> str:
-            return manager().begin(who, None, "run", code, policy)
+            return manager().begin(who, None, "run", code, policy, findings)
 
         def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
-            return manager().run(who, run_id, code, policy, body.envs, on_event)
+            return manager().run(who, run_id, code, policy, body.envs, on_event, findings)
 
         return await _answer(request, begin, work)
 
@@ -350,6 +399,26 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         _check_path(body.path)
         return MadeOut(created=manager().get(who, sandbox_id).sandbox.files.make_dir(body.path))
 
+    @app.get("/v1/approvals", response_model=list[ApprovalOut], responses=ERRORS)
+    def pending_approvals(who: str = Depends(tenant)) -> list[dict[str, Any]]:
+        """This tenant's operations waiting for a person's yes."""
+        return [r.to_dict() for r in manager().approvals.pending(who)]
+
+    @app.post("/v1/approvals/{approval_id}", response_model=DecisionOut, responses=ERRORS)
+    def decide(approval_id: str, body: DecisionBody, who: str = Depends(tenant)) -> dict[str, Any]:
+        """Approve or deny a pending operation (the first answer wins; the audit log keeps it)."""
+        decision = manager().approvals.decide(
+            approval_id, body.decision == "approve", body.by or f"tenant:{who}", body.reason, who
+        )
+        return decision.to_dict()
+
+    @app.get("/v1/audit/approvals", responses=ERRORS)
+    def audit_approvals(
+        limit: int = Query(100, ge=1, le=1000), who: str = Depends(tenant)
+    ) -> list[dict[str, Any]]:
+        """This tenant's approval requests and decisions: who, when, why."""
+        return state["audit"].approvals(tenant=who, limit=limit)  # type: ignore[no-any-return]
+
     @app.get("/v1/audit", responses=ERRORS)
     def audit_runs(
         sandbox_id: str | None = None,
@@ -403,12 +472,11 @@ async def _answer(
         try:
             ex = task.result()
         except SandboxError as exc:
-            yield (
-                json.dumps(
-                    {"ev": "failed", "type": type(exc).__name__, "message": str(exc)}
-                ).encode()
-                + b"\n"
-            )
+            failed: dict[str, Any] = {"ev": "failed", "type": type(exc).__name__}
+            failed["message"] = str(exc)
+            if isinstance(exc, CodeRejected):
+                failed["findings"] = [dataclasses.asdict(f) for f in exc.findings]
+            yield json.dumps(failed).encode() + b"\n"
             return
         yield json.dumps({"ev": "execution", "execution": _execution_json(ex)}).encode() + b"\n"
 
@@ -434,6 +502,8 @@ def _handlers(app: FastAPI) -> None:
         (BadRequest, 400),
         (SandboxNotFound, 404),
         (FileNotFoundInSandbox, 404),
+        (ApprovalNotFound, 404),
+        (ApprovalDenied, 403),
         (PolicyError, 422),
         (QuotaExceeded, 429),
         (AuditUnavailable, 503),
@@ -459,6 +529,10 @@ def _handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONRespon
     async def handle(request: Request, exc: Exception) -> JSONResponse:
         kind = "FileNotFound" if isinstance(exc, FileNotFoundInSandbox) else type(exc).__name__
         response = _error(status, kind, str(exc) if status != 401 else "missing or invalid API key")
+        if isinstance(exc, CodeRejected):  # what was found, so the caller can change the code
+            body: dict[str, Any] = {"type": kind, "message": str(exc)}
+            body["findings"] = [dataclasses.asdict(f) for f in exc.findings]
+            response = JSONResponse({"error": body}, status_code=status)
         if status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
