@@ -38,6 +38,29 @@ def load_policy(args: argparse.Namespace) -> Policy:
     return policy.with_overrides(args.set or [])
 
 
+def terminal_approver(request: Any) -> Any:
+    """The CLI's answer to an approval: ask the person at the terminal (never the sandbox's
+    stdin); with no terminal, a no that says why."""
+    from ._approvals import Decision
+
+    try:
+        tty = open("/dev/tty", "r+")  # noqa: SIM115 - closed below
+    except OSError:
+        return Decision(False, "cli", "no terminal to ask for approval")
+    with tty:
+        subject = sanitize(str(request.subject))
+        if len(subject) > 2000:
+            subject = subject[:2000] + "\n[...]"
+        tty.write(f"\ncodecage: approval needed for {request.kind}:\n")
+        for reason in request.reasons:
+            tty.write(f"  - {sanitize(reason)}\n")
+        tty.write("---\n" + subject + ("" if subject.endswith("\n") else "\n") + "---\n")
+        tty.write("approve? [y/N] ")
+        tty.flush()
+        reply = tty.readline().strip().lower()
+    return Decision(reply in ("y", "yes"), "cli", "answered at the terminal")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ._api import run
 
@@ -63,7 +86,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         elif event.get("ev") == "stderr":
             err(str(event.get("text", "")))
 
-    ex = run(code, policy, on_event=on_event)
+    ex = run(code, policy, on_event=on_event, approver=terminal_approver)
+    if not args.json:
+        for finding in ex.findings:
+            err(f"codecage: static analysis: {finding}\n")
     if args.json:
         print(json.dumps(ex.to_dict(), indent=2))
     else:
@@ -185,6 +211,44 @@ def _when(value: str | None) -> float | None:
         return datetime.fromisoformat(value).timestamp()
 
 
+def cmd_approvals(args: argparse.Namespace) -> int:
+    """Pending approvals of a running service: list, approve, deny (over its HTTP API)."""
+    import os
+    import time as _time
+
+    from ._remote import connect
+
+    url = args.url or os.environ.get("CODECAGE_URL")
+    key = args.key or os.environ.get("CODECAGE_API_KEY")
+    if not url or not key:
+        raise SandboxError("give --url and --key (or set CODECAGE_URL and CODECAGE_API_KEY)")
+    with connect(url, key) as client:
+        if args.action == "list":
+            pending = client.approvals()
+            if args.json:
+                print(json.dumps([r.to_dict() for r in pending], indent=2))
+                return 0
+            if not pending:
+                print("no pending approvals")
+            for request in pending:
+                left = max(0.0, request.expires_at - _time.time())
+                first = (request.subject.splitlines() or [""])[0][:60]
+                print(sanitize(f"{request.id}  {request.kind:<9} {left:5.0f}s left  {first}"))
+                for reason in request.reasons:
+                    print(sanitize(f"    {reason}"))
+            return 0
+        if not args.approval_id:
+            raise SandboxError(
+                f"approvals {args.action}: give the approval id (see 'approvals list')"
+            )
+        by = args.by or os.environ.get("USER") or "cli"
+        decide = client.approve if args.action == "approve" else client.deny
+        decision = decide(args.approval_id, args.reason or "", by)
+        verdict = "approved" if decision.approved else "denied"
+        print(f"{args.approval_id}: {verdict} by {decision.by}")
+        return 0
+
+
 def cmd_openapi(args: argparse.Namespace) -> int:
     from ._config import ServerConfig
     from ._server import create_app
@@ -234,10 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--db")
     audit.add_argument("--tenant")
     audit.add_argument("--sandbox")
-    audit.add_argument("--outcome", choices=["ok", "error", "killed", "failed", "interrupted"])
+    audit.add_argument(
+        "--outcome",
+        choices=["ok", "error", "killed", "failed", "interrupted", "rejected", "denied"],
+    )
     audit.add_argument("--since", help="Unix time or ISO date")
     audit.add_argument("--until", help="Unix time or ISO date")
     audit.set_defaults(func=cmd_audit)
+    approvals = sub.add_parser(
+        "approvals", help="pending approvals of a running service: list, approve, deny"
+    )
+    approvals.add_argument("action", choices=["list", "approve", "deny"])
+    approvals.add_argument("approval_id", nargs="?")
+    approvals.add_argument("--url", help="the service (or CODECAGE_URL)")
+    approvals.add_argument("--key", help="an API key of the tenant (or CODECAGE_API_KEY)")
+    approvals.add_argument("--reason", help="why (kept in the audit log)")
+    approvals.add_argument("--by", help="who decides (default: $USER)")
+    approvals.add_argument("--json", action="store_true")
+    approvals.set_defaults(func=cmd_approvals)
     openapi = sub.add_parser("openapi", help="print the HTTP API's OpenAPI document")
     openapi.set_defaults(func=cmd_openapi)
     doctor = sub.add_parser("doctor", help="which protections this host supports")

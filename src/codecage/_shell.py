@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 from typing import TextIO
 
+from ._errors import ApprovalDenied, CodeRejected
 from ._models import Execution
 from ._policy import Policy
 from ._sandbox import OutputMessage, Sandbox
@@ -63,7 +64,7 @@ def _show(ex: Execution, out_dir: Path, counter: list[int]) -> None:
 
 
 def run_shell(policy: Policy, out_dir: Path) -> int:
-    from ._cli import sanitize
+    from ._cli import sanitize, terminal_approver
 
     tty = sys.stdin.isatty()
     counter = [0]
@@ -75,7 +76,7 @@ def run_shell(policy: Policy, out_dir: Path) -> int:
 
         return write
 
-    with Sandbox(policy) as sbx:
+    with Sandbox(policy, approver=terminal_approver) as sbx:
         if tty:
             print(f"codecage shell: sandbox {sbx.id} (Ctrl-D to leave)")
         while True:
@@ -88,5 +89,11 @@ def run_shell(policy: Policy, out_dir: Path) -> int:
                 return 0
             if not cell.strip():
                 continue
-            ex = sbx.run_code(cell, on_stdout=echo(sys.stdout), on_stderr=echo(sys.stderr))  # type: ignore[arg-type]
+            try:
+                ex = sbx.run_code(cell, on_stdout=echo(sys.stdout), on_stderr=echo(sys.stderr))  # type: ignore[arg-type]
+            except (CodeRejected, ApprovalDenied) as exc:  # the cell never ran; the session goes on
+                print(f"[{exc}]", file=sys.stderr)
+                continue
+            for finding in ex.findings:
+                print(f"[static analysis: {finding}]", file=sys.stderr)
             _show(ex, out_dir, counter)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._errors import ApprovalDenied, CodeRejected
 from ._models import Execution
 from ._policy import Policy
 from ._sandbox import Sandbox
@@ -131,7 +132,13 @@ class CodeTool:
         except (ValueError, KeyError, TypeError) as exc:
             status = f"invalid arguments for {TOOL_NAME}: {exc}"
             return ToolOutput(json.dumps({"status": status}), [], True)
-        return render(self.session(conversation).run_code(code, timeout=timeout))
+        try:
+            ex = self.session(conversation).run_code(code, timeout=timeout)
+        except (CodeRejected, ApprovalDenied) as exc:  # the code never ran: say why, plainly
+            return ToolOutput(
+                json.dumps({"status": f"codecage did not run the code: {exc}"}), [], True
+            )
+        return render(ex)
 
     def anthropic_result(self, tool_use: Any, conversation: str = "default") -> dict[str, Any]:
         """A `tool_result` content block for a `tool_use` block (object or dict)."""
