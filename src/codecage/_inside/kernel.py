@@ -234,6 +234,8 @@ def main(sock: socket.socket, spec: dict[str, Any], ctx: dict[str, Any]) -> None
         os.chdir("/home/user")
     except OSError:  # code may have made its workspace unusable; the kernel must still start
         os.chdir("/")
+    if "" not in sys.path:  # as in Jupyter: modules written into the workspace import
+        sys.path.insert(0, "")
     _reseed()
     Kernel(Channel(sock)).serve()
 
