@@ -13,6 +13,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+from ._approvals import Approver
 from ._models import Execution
 from ._policy import Policy
 from ._sandbox import CommandResult, EntryInfo, Sandbox
@@ -73,9 +74,14 @@ class AsyncSandbox(_AsyncProxy):
 
     @classmethod
     async def create(
-        cls, policy: Policy | None = None, *, envs: dict[str, str] | None = None
+        cls,
+        policy: Policy | None = None,
+        *,
+        envs: dict[str, str] | None = None,
+        approver: Approver | None = None,
     ) -> AsyncSandbox:
-        sandbox = await _in_thread(Sandbox, policy, envs=envs)
+        """`approver` is called in a worker thread, never on the event loop."""
+        sandbox = await _in_thread(Sandbox, policy, envs=envs, approver=approver)
         return cls(sandbox)
 
     @property
