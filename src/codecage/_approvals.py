@@ -169,6 +169,13 @@ class Approvals:
             self.on_change(pending.request, decision)
         return decision
 
+    def deny_all(self, by: str, reason: str) -> None:
+        """Answer every pending request with a no (the service is shutting down)."""
+        with self._lock:
+            ids = list(self._pending)
+        for approval_id in ids:
+            self._settle(approval_id, Decision(False, by, reason))
+
     def pending(self, tenant: str | None = None) -> list[ApprovalRequest]:
         with self._lock:
             return [

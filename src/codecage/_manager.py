@@ -167,6 +167,7 @@ class Manager:
 
     def shutdown(self, wait_s: float = 15.0) -> None:
         """Kill every sandbox, then wait until the runs that were in flight are recorded."""
+        self.approvals.deny_all("service", "the service is shutting down")
         with self._lock:
             entries = list(self._sandboxes.values())
             self._sandboxes.clear()
