@@ -101,6 +101,46 @@ def render(ex: Execution) -> ToolOutput:
     )
 
 
+def anthropic_block(tool_use_id: str, out: ToolOutput) -> dict[str, Any]:
+    """A `tool_result` content block (Anthropic Messages) carrying `out`."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": out.text}]
+    content += [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}
+        for png in out.images
+    ]
+    return {
+        "type": "tool_result",
+        "tool_use_id": tool_use_id,
+        "content": content,
+        "is_error": out.is_error,
+    }
+
+
+def openai_chat_messages(tool_call_id: str, out: ToolOutput) -> list[dict[str, Any]]:
+    """The `tool` message (Chat Completions) carrying `out`, then, since tool messages carry
+    text only, a user message with the images if there are any."""
+    messages: list[dict[str, Any]] = [
+        {"role": "tool", "tool_call_id": tool_call_id, "content": out.text}
+    ]
+    if out.images:
+        parts: list[dict[str, Any]] = [{"type": "text", "text": f"Images produced by {TOOL_NAME}:"}]
+        parts += [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}
+            for png in out.images
+        ]
+        messages.append({"role": "user", "content": parts})
+    return messages
+
+
+def openai_responses_item(call_id: str, out: ToolOutput) -> dict[str, Any]:
+    """A `function_call_output` input item (Responses API) carrying `out`."""
+    output: list[dict[str, Any]] = [{"type": "input_text", "text": out.text}]
+    output += [
+        {"type": "input_image", "image_url": f"data:image/png;base64,{png}"} for png in out.images
+    ]
+    return {"type": "function_call_output", "call_id": call_id, "output": output}
+
+
 class CodeTool:
     """Handles `execute_python` calls; one sandbox per conversation, created on first use."""
 
@@ -136,18 +176,7 @@ class CodeTool:
     def anthropic_result(self, tool_use: Any, conversation: str = "default") -> dict[str, Any]:
         """A `tool_result` content block for a `tool_use` block (object or dict)."""
         block = tool_use if isinstance(tool_use, dict) else tool_use.model_dump()
-        out = self.run(block["input"], conversation)
-        content: list[dict[str, Any]] = [{"type": "text", "text": out.text}]
-        content += [
-            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}
-            for png in out.images
-        ]
-        return {
-            "type": "tool_result",
-            "tool_use_id": block["id"],
-            "content": content,
-            "is_error": out.is_error,
-        }
+        return anthropic_block(block["id"], self.run(block["input"], conversation))
 
     def openai_chat_result(
         self, tool_call: Any, conversation: str = "default"
@@ -155,33 +184,16 @@ class CodeTool:
         """The `tool` message for a Chat Completions tool call, then (tool messages carry text
         only) a user message with the images, if there are any."""
         call = tool_call if isinstance(tool_call, dict) else tool_call.model_dump()
-        out = self.run(call["function"]["arguments"], conversation)
-        messages: list[dict[str, Any]] = [
-            {"role": "tool", "tool_call_id": call["id"], "content": out.text}
-        ]
-        if out.images:
-            parts: list[dict[str, Any]] = [
-                {"type": "text", "text": f"Images produced by {TOOL_NAME}:"}
-            ]
-            parts += [
-                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}
-                for png in out.images
-            ]
-            messages.append({"role": "user", "content": parts})
-        return messages
+        return openai_chat_messages(
+            call["id"], self.run(call["function"]["arguments"], conversation)
+        )
 
     def openai_responses_result(
         self, function_call: Any, conversation: str = "default"
     ) -> dict[str, Any]:
         """A `function_call_output` input item for a Responses API function call."""
         call = function_call if isinstance(function_call, dict) else function_call.model_dump()
-        out = self.run(call["arguments"], conversation)
-        output: list[dict[str, Any]] = [{"type": "input_text", "text": out.text}]
-        output += [
-            {"type": "input_image", "image_url": f"data:image/png;base64,{png}"}
-            for png in out.images
-        ]
-        return {"type": "function_call_output", "call_id": call["call_id"], "output": output}
+        return openai_responses_item(call["call_id"], self.run(call["arguments"], conversation))
 
     def reset(self, conversation: str = "default") -> None:
         with self._lock:
