@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import itertools
 import json
 import os
 import socket
@@ -27,11 +28,13 @@ from anthropic.types import Message
 from anthropic.types.message_create_params import MessageCreateParamsNonStreaming
 from openai.types.chat import ChatCompletion
 from openai.types.chat.completion_create_params import CompletionCreateParamsNonStreaming
+from openai.types.responses import Response
+from openai.types.responses.response_create_params import ResponseCreateParamsNonStreaming
 from pydantic import TypeAdapter, ValidationError
 
 from codecage import Policy
 from codecage.agents import DEFAULT_MODELS, AgentError, data_agent, math_agent
-from codecage.tools import anthropic_tool, openai_chat_tool
+from codecage.tools import anthropic_tool, openai_chat_tool, openai_responses_tool
 
 pytestmark = pytest.mark.requires_root
 POLICY = Policy(timeout_s=20, interrupt_grace_s=0.5)
@@ -49,31 +52,40 @@ def consume(value: Any) -> Any:
     return value
 
 
+API: dict[str, tuple[Any, Any, str]] = {
+    "anthropic": (MessageCreateParamsNonStreaming, Message, "/v1/messages"),
+    "openai": (CompletionCreateParamsNonStreaming, ChatCompletion, "/v1/chat/completions"),
+    "openai-responses": (ResponseCreateParamsNonStreaming, Response, "/v1/responses"),
+}
+
+
 class Script:
     """A scripted model for one provider: the turns it replies with, and the requests the
     agent sent it (parsed JSON bodies, each validated as that API's request type)."""
 
     def __init__(self, provider: str, turns: list[dict[str, Any]]) -> None:
         self.provider, self.turns, self.requests = provider, list(turns), []
+        request_type, response_type, self.path = API[provider]
         # kept alive: the lazy validators of its Iterable fields need its schema
-        self.request_type: TypeAdapter[Any] = TypeAdapter(
-            MessageCreateParamsNonStreaming
-            if provider == "anthropic"
-            else CompletionCreateParamsNonStreaming
-        )
-        self.response_type = Message if provider == "anthropic" else ChatCompletion
+        self.request_type: TypeAdapter[Any] = TypeAdapter(request_type)
         for turn in self.turns:
-            self.response_type.model_validate(turn)  # a real shape, or the test is wrong
+            response_type.model_validate(turn)  # a real shape, or the test is wrong
 
     def reply(self, body: dict[str, Any]) -> dict[str, Any]:
         consume(self.request_type.validate_python(body))
-        self.answers_every_call(body["messages"])
+        self.answers_every_call(body.get("messages") or body["input"])
         self.requests.append(body)
         return self.turns.pop(0)
 
     def answers_every_call(self, messages: list[dict[str, Any]]) -> None:
         """The APIs' own rule: the results of an assistant turn's tool calls come right
-        after it (Anthropic: in the next user message; OpenAI: as the next messages)."""
+        after it (Anthropic: in the next user message; Chat Completions: as the next
+        messages; Responses: a function_call_output for every function_call)."""
+        if self.provider == "openai-responses":
+            asked = [m["call_id"] for m in messages if m.get("type") == "function_call"]
+            answered = [m["call_id"] for m in messages if m.get("type") == "function_call_output"]
+            assert answered == asked, messages
+            return
         for i, message in enumerate(messages[:-1]):
             if message["role"] != "assistant":
                 continue
@@ -88,8 +100,7 @@ class Script:
             assert answered == asked, (asked, messages[i + 1 :])
 
     def handler(self, request: httpx2.Request) -> httpx2.Response:
-        path = "/v1/messages" if self.provider == "anthropic" else "/v1/chat/completions"
-        assert request.url.path == path, request.url
+        assert request.url.path == self.path, request.url
         return httpx2.Response(200, json=self.reply(json.loads(request.content)))
 
     def client(self) -> Any:
@@ -119,13 +130,25 @@ class Script:
                     else:
                         images.append(base64.b64decode(part["source"]["data"]))
             return reports, images, errors
+        prefix = "data:image/png;base64,"
+        if self.provider == "openai-responses":
+            items = body["input"]
+            last = max(i for i, m in enumerate(items) if m.get("type") != "function_call_output")
+            for item in items[last + 1 :]:  # this turn's outputs: those after its calls
+                if item.get("type") == "function_call_output":
+                    for part in item["output"]:
+                        if part["type"] == "input_text":
+                            reports.append(json.loads(part["text"]))
+                        else:
+                            assert part["image_url"].startswith(prefix)
+                            images.append(base64.b64decode(part["image_url"][len(prefix) :]))
+            return reports, images, errors
         messages = body["messages"]
         start = max(i for i, m in enumerate(messages) if m["role"] == "assistant") + 1
         for message in messages[start:]:
             if message["role"] == "tool":
                 reports.append(json.loads(message["content"]))
             else:
-                prefix = "data:image/png;base64,"
                 for part in message["content"][1:]:
                     assert part["image_url"]["url"].startswith(prefix)
                     images.append(base64.b64decode(part["image_url"]["url"][len(prefix) :]))
@@ -136,36 +159,74 @@ def tool_turn(provider: str, *calls: Any) -> dict[str, Any]:
     """A model turn calling tools: each call is code (str), or raw arguments (a dict for
     Anthropic; a dict or a JSON text for OpenAI), or (tool name, arguments)."""
     named = [c if isinstance(c, tuple) else ("execute_python", c) for c in calls]
-    if provider == "anthropic":
-        named = [(n, {"code": a} if isinstance(a, str) else a) for n, a in named]
+    ids = [f"call_{next(IDS)}" for _ in named]
     if provider == "anthropic":
         content: list[dict[str, Any]] = [{"type": "text", "text": "I will compute it."}]
         content += [
-            {"type": "tool_use", "id": f"toolu_{i}", "name": name, "input": args}
-            for i, (name, args) in enumerate(named)
+            {"type": "tool_use", "id": i, "name": name, "input": _object(args)}
+            for i, (name, args) in zip(ids, named, strict=True)
         ]
         return anthropic_message(content, "tool_use")
+    if provider == "openai-responses":
+        items = [
+            {
+                "type": "function_call",
+                "id": f"fc_{i}",
+                "call_id": i,
+                "name": name,
+                "arguments": _arguments(args),
+                "status": "completed",
+            }
+            for i, (name, args) in zip(ids, named, strict=True)
+        ]
+        return response(items)
     tool_calls = [
-        {
-            "id": f"call_{i}",
-            "type": "function",
-            "function": {"name": name, "arguments": _arguments(args)},
-        }
-        for i, (name, args) in enumerate(named)
+        {"id": i, "type": "function", "function": {"name": name, "arguments": _arguments(args)}}
+        for i, (name, args) in zip(ids, named, strict=True)
     ]
     return chat_completion({"role": "assistant", "content": None, "tool_calls": tool_calls})
+
+
+IDS = itertools.count()
+
+
+def _object(args: Any) -> Any:
+    return {"code": args} if isinstance(args, str) else args
 
 
 def _arguments(args: Any) -> str:
     if isinstance(args, dict):
         return json.dumps(args)
-    return args if args.startswith("{") else json.dumps({"code": args})
+    return str(args) if args.startswith("{") else json.dumps({"code": args})
 
 
 def final_turn(provider: str, text: str) -> dict[str, Any]:
     if provider == "anthropic":
         return anthropic_message([{"type": "text", "text": text}], "end_turn")
+    if provider == "openai-responses":
+        message = {
+            "type": "message",
+            "id": "msg_1",
+            "role": "assistant",
+            "status": "completed",
+            "content": [{"type": "output_text", "text": text, "annotations": []}],
+        }
+        return response([message])
     return chat_completion({"role": "assistant", "content": text})
+
+
+def response(output: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1_800_000_000,
+        "model": "gpt-test",
+        "output": output,
+        "parallel_tool_calls": True,
+        "tool_choice": "auto",
+        "tools": [openai_responses_tool()],
+        "status": "completed",
+    }
 
 
 def anthropic_message(content: list[dict[str, Any]], stop: str) -> dict[str, Any]:
@@ -192,7 +253,12 @@ def chat_completion(message: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-PROVIDERS = ["anthropic", "openai"]
+PROVIDERS = ["anthropic", "openai", "openai-responses"]
+TOOLS = {
+    "anthropic": anthropic_tool(),
+    "openai": openai_chat_tool(),
+    "openai-responses": openai_responses_tool(),
+}
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
@@ -210,6 +276,7 @@ def test_math_agent_computes_in_the_jail(provider: str) -> None:
     result = math_agent(
         "What is 2**100?",
         client=script.client(),
+        provider=provider,
         model="test-model",
         policy=POLICY,
         on_event=lambda kind, call: events.append((kind, call.code)),
@@ -221,8 +288,8 @@ def test_math_agent_computes_in_the_jail(provider: str) -> None:
     assert events == [*two, ("call", hostname), ("result", hostname)]
     first = script.requests[0]
     assert first["model"] == "test-model"
-    assert first["tools"] == [anthropic_tool() if provider == "anthropic" else openai_chat_tool()]
-    system = first["system"] if provider == "anthropic" else first["messages"][0]["content"]
+    assert first["tools"] == [TOOLS[provider]]
+    system = first.get("system") or first.get("instructions") or first["messages"][0]["content"]
     assert "Never compute in your head" in system
     reports, images, errors = script.tool_results(1)
     assert [r["stdout"] for r in reports] == [f"{TWO_TO_100}\n", "sandbox\n"]
@@ -253,6 +320,7 @@ def test_data_agent_reads_the_upload_and_sends_the_chart_back(
         tmp_path / "sales.csv",
         "Which region sells most?",
         client=script.client(),
+        provider=provider,
         policy=POLICY,
     )
     assert result.answer == "North leads." and result.stop_reason == "answer"
@@ -267,7 +335,7 @@ def test_data_agent_reads_the_upload_and_sends_the_chart_back(
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_malformed_tool_calls_get_readable_errors_and_the_loop_goes_on(provider: str) -> None:
     bad: list[Any] = [{}, {"code": 5}, ("web_search", {"query": "2**100"})]
-    if provider == "openai":
+    if provider != "anthropic":
         bad.append("{not json")
     script = Script(
         provider,
@@ -277,7 +345,7 @@ def test_malformed_tool_calls_get_readable_errors_and_the_loop_goes_on(provider:
             final_turn(provider, "42"),
         ],
     )
-    result = math_agent("6 times 7?", client=script.client(), policy=POLICY)
+    result = math_agent("6 times 7?", client=script.client(), provider=provider, policy=POLICY)
     assert result.answer == "42" and len(script.requests) == 3
     reports, _, errors = script.tool_results(1)
     assert len(reports) == len(bad) and all(set(r) == {"status"} for r in reports)

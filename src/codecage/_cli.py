@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     math = agent_sub.add_parser("math", help="answer a math question, computing with code")
     math.add_argument("question")
     for each in (data, math):
-        each.add_argument("--provider", choices=["anthropic", "openai"])
+        each.add_argument("--provider", choices=["anthropic", "openai", "openai-responses"])
         each.add_argument("--model", help="default: $CODECAGE_MODEL, else the provider's")
         each.add_argument("--save-charts", default="codecage-charts", metavar="DIR")
         each.add_argument("--max-turns", type=int, default=12)

@@ -33,12 +33,24 @@ from .tools import (
     anthropic_tool,
     openai_chat_messages,
     openai_chat_tool,
+    openai_responses_item,
+    openai_responses_tool,
 )
 
-PROVIDERS = ("anthropic", "openai")
+# "openai" speaks Chat Completions (as every OpenAI-compatible server does);
+# "openai-responses" the Responses API. Chosen by key: the first two, in this order.
+PROVIDERS = ("anthropic", "openai", "openai-responses")
 # Current general models as named by the pinned SDKs; --model or CODECAGE_MODEL overrides.
-DEFAULT_MODELS = {"anthropic": "claude-sonnet-5-5", "openai": "gpt-5.5"}
-KEYS = {"anthropic": "ANTHROPIC_API_KEY", "openai": "OPENAI_API_KEY"}
+DEFAULT_MODELS = {
+    "anthropic": "claude-sonnet-5-5",
+    "openai": "gpt-5.5",
+    "openai-responses": "gpt-5.5",
+}
+KEYS = {
+    "anthropic": "ANTHROPIC_API_KEY",
+    "openai": "OPENAI_API_KEY",
+    "openai-responses": "OPENAI_API_KEY",
+}
 WORKSPACE = "/home/user"
 
 DATA_SYSTEM = (
@@ -110,9 +122,9 @@ def choose_provider(client: Any = None, provider: str | None = None) -> str:
     if client is not None:
         package = type(client).__module__.split(".")[0]
         if package in PROVIDERS:
-            return package
+            return package  # an OpenAI client speaks Chat Completions unless told otherwise
         raise AgentError(f"cannot tell the provider of a {type(client).__name__}: pass provider=")
-    for name in PROVIDERS:
+    for name in PROVIDERS[:2]:
         if os.environ.get(KEYS[name]):
             return name
     raise AgentError(
@@ -196,9 +208,32 @@ class _OpenAIChat:
         self.messages += [m for m in produced if m["role"] != "tool"]
 
 
+class _OpenAIResponses:
+    """The OpenAI Responses API: function outputs carry images themselves."""
+
+    def __init__(self, client: Any, model: str, system: str, prompt: str) -> None:
+        self.client, self.model, self.system = client, model, system
+        self.input: list[Any] = [{"role": "user", "content": prompt}]
+
+    def ask(self) -> tuple[str, list[tuple[str, Any]]]:
+        reply = self.client.responses.create(
+            model=self.model,
+            instructions=self.system,
+            input=self.input,
+            tools=[openai_responses_tool()],
+        )
+        self.input += reply.output  # reasoning items, messages and calls go back as they came
+        calls = [i for i in reply.output if i.type == "function_call"]
+        return reply.output_text, [(c.call_id, _named(c.name, c.arguments)) for c in calls]
+
+    def answer(self, results: list[tuple[str, ToolOutput]]) -> None:
+        self.input += [openai_responses_item(call_id, out) for call_id, out in results]
+
+
 _CHATS: dict[str, Callable[[Any, str, str, str], _Chat]] = {
     "anthropic": _Anthropic,
     "openai": _OpenAIChat,
+    "openai-responses": _OpenAIResponses,
 }
 
 
@@ -214,7 +249,7 @@ class _Unknown:
 
 def _api_errors(provider: str) -> tuple[type[BaseException], ...]:
     try:
-        module = __import__(provider)
+        module = __import__(provider.split("-")[0])
     except ImportError:
         return ()
     return (module.APIError,)
