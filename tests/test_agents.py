@@ -38,6 +38,7 @@ from codecage.tools import anthropic_tool, openai_chat_tool, openai_responses_to
 
 pytestmark = pytest.mark.requires_root
 POLICY = Policy(timeout_s=20, interrupt_grace_s=0.5)
+ROOT = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TWO_TO_100 = "1267650600228229401496703205376"
 
@@ -479,3 +480,24 @@ def test_cli_prints_progress_then_the_answer_and_saves_charts(
     assert proc.stdout == f"It is {TWO_TO_100}.\n[chart saved to out/chart-1.png]\n"
     assert chart.read_bytes().startswith(PNG_MAGIC)
     assert script.requests[0]["model"] == DEFAULT_MODELS["openai"] and len(script.requests) == 2
+
+
+@pytest.mark.parametrize("example", ["math_agent.py", "data_agent.py"])
+def test_examples_run(example: str, tmp_path: Path, model_server: tuple[str, Script]) -> None:
+    url, script = model_server
+    (tmp_path / "sales.csv").write_text("region,units\nnorth,3\n")
+    args = ["sales.csv", "Which region?"] if example == "data_agent.py" else []
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / example), *args],
+        capture_output=True,
+        text=True,
+        env=clean_env(OPENAI_API_KEY="test", OPENAI_BASE_URL=url),
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "--- running in the sandbox:\nimport matplotlib" in proc.stdout
+    assert f"\nIt is {TWO_TO_100}.\n" in proc.stdout
+    if example == "data_agent.py":
+        assert "/home/user/sales.csv" in json.dumps(script.requests[0])
+        assert (tmp_path / "agent-charts" / "chart-1.png").read_bytes().startswith(PNG_MAGIC)
