@@ -33,7 +33,7 @@ from openai.types.responses.response_create_params import ResponseCreateParamsNo
 from pydantic import TypeAdapter, ValidationError
 
 from codecage import Policy
-from codecage.agents import DEFAULT_MODELS, AgentError, data_agent, math_agent
+from codecage.agents import DEFAULT_MODELS, AgentError, data_agent, make_client, math_agent
 from codecage.tools import anthropic_tool, openai_chat_tool, openai_responses_tool
 
 pytestmark = pytest.mark.requires_root
@@ -401,6 +401,14 @@ def test_the_request_checker_can_fail() -> None:
         Script("openai", [anthropic_message([], "end_turn")])
 
 
+def test_a_missing_sdk_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "test")
+    assert isinstance(make_client("openai"), openai.OpenAI)  # control: installed, it works
+    monkeypatch.setitem(sys.modules, "openai", None)  # what `import openai` meets if absent
+    with pytest.raises(AgentError, match=r"pip install 'codecage\[agents\]'"):
+        math_agent("1+1?", provider="openai")
+
+
 # -- the CLI --------------------------------------------------------------------------------
 
 
@@ -432,13 +440,21 @@ def test_cli_without_a_key_says_what_to_set(tmp_path: Path) -> None:
     assert proc.returncode == 2 and "set OPENAI_API_KEY" in proc.stderr
 
 
+KEY = "sk-canary-7f3a"  # the API key the CLI gets; the sandbox must never see it
+CLI_CODE = (
+    "import os, matplotlib.pyplot as plt\n"
+    "plt.plot([1, 3]); print(2**100)\n"
+    f"print([k for k, v in os.environ.items() if {KEY!r} in v], {KEY!r} in str(os.environ))\n"
+)
+
+
 @pytest.fixture
 def model_server() -> Iterator[tuple[str, Script]]:
     """A scripted OpenAI-compatible model on loopback, for the CLI (its own process)."""
     script = Script(
         "openai",
         [
-            tool_turn("openai", "import matplotlib.pyplot as plt\nplt.plot([1, 3]); print(2**100)"),
+            tool_turn("openai", CLI_CODE),
             final_turn("openai", f"It is {TWO_TO_100}."),
         ],
     )
@@ -446,6 +462,7 @@ def model_server() -> Iterator[tuple[str, Script]]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            body["authorization"] = self.headers["Authorization"]  # recorded, not validated
             data = json.dumps(script.reply(body)).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
@@ -471,11 +488,14 @@ def test_cli_prints_progress_then_the_answer_and_saves_charts(
     tmp_path: Path, model_server: tuple[str, Script]
 ) -> None:
     url, script = model_server
-    env = clean_env(OPENAI_API_KEY="test", OPENAI_BASE_URL=url)
+    env = clean_env(OPENAI_API_KEY=KEY, OPENAI_BASE_URL=url)
     proc = codecage("math", "What is 2**100?", "--save-charts", "out", env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "[1] execute_python\n  | import matplotlib.pyplot as plt\n" in proc.stderr
-    assert f"  > {TWO_TO_100}\n  = ok, 1 image(s)\n" in proc.stderr
+    assert "[1] execute_python\n  | import os, matplotlib.pyplot as plt\n" in proc.stderr
+    assert f"  > {TWO_TO_100}\n  > [] False\n  = ok, 1 image(s)\n" in proc.stderr
+    # the key reached the model's API (control) but not the code the model wrote
+    assert script.requests[0]["authorization"] == f"Bearer {KEY}"
+    assert script.tool_results(1)[0][0]["stdout"] == f"{TWO_TO_100}\n[] False\n"
     chart = tmp_path / "out" / "chart-1.png"
     assert proc.stdout == f"It is {TWO_TO_100}.\n[chart saved to out/chart-1.png]\n"
     assert chart.read_bytes().startswith(PNG_MAGIC)
@@ -496,7 +516,7 @@ def test_examples_run(example: str, tmp_path: Path, model_server: tuple[str, Scr
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "--- running in the sandbox:\nimport matplotlib" in proc.stdout
+    assert "--- running in the sandbox:\nimport os, matplotlib" in proc.stdout
     assert f"\nIt is {TWO_TO_100}.\n" in proc.stdout
     if example == "data_agent.py":
         assert "/home/user/sales.csv" in json.dumps(script.requests[0])
