@@ -141,6 +141,29 @@ def openai_responses_item(call_id: str, out: ToolOutput) -> dict[str, Any]:
     return {"type": "function_call_output", "call_id": call_id, "output": output}
 
 
+def parse_arguments(arguments: Any) -> tuple[str, float | None]:
+    """`code` and `timeout` from a call's arguments, or ValueError saying what is wrong."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError as exc:
+            raise ValueError(f"the arguments are not valid JSON ({exc})") from None
+    if not isinstance(arguments, dict):
+        raise ValueError('the arguments must be a JSON object, e.g. {"code": "print(1)"}')
+    code, timeout = arguments.get("code"), arguments.get("timeout")
+    if code is None:
+        raise ValueError('"code" is missing: give the Python code to run as a string')
+    if not isinstance(code, str):
+        raise ValueError(f'"code" must be a string, not {type(code).__name__}')
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout < float("inf")
+    ):
+        raise ValueError('"timeout" must be a positive number of seconds')
+    return code, timeout
+
+
 class CodeTool:
     """Handles `execute_python` calls; one sandbox per conversation, created on first use."""
 
@@ -159,16 +182,11 @@ class CodeTool:
             return sandbox
 
     def run(self, arguments: dict[str, Any] | str, conversation: str = "default") -> ToolOutput:
-        """Run one call's arguments (a dict, or the JSON string OpenAI sends)."""
+        """Run one call's arguments (a dict, or the JSON string OpenAI sends). Arguments the
+        schema does not allow come back as a tool error the model can read and correct."""
         try:
-            args = json.loads(arguments) if isinstance(arguments, str) else dict(arguments)
-            code = args["code"]
-            timeout = args.get("timeout")
-            if not isinstance(code, str) or (
-                timeout is not None and not isinstance(timeout, (int, float))
-            ):
-                raise TypeError("code must be a string and timeout a number")
-        except (ValueError, KeyError, TypeError) as exc:
+            code, timeout = parse_arguments(arguments)
+        except ValueError as exc:
             status = f"invalid arguments for {TOOL_NAME}: {exc}"
             return ToolOutput(json.dumps({"status": status}), [], True)
         return render(self.session(conversation).run_code(code, timeout=timeout))
