@@ -288,10 +288,18 @@ def build_parser() -> argparse.ArgumentParser:
     math = agent_sub.add_parser("math", help="answer a math question, computing with code")
     math.add_argument("question")
     for each in (data, math):
-        each.add_argument("--provider", choices=["anthropic", "openai", "openai-responses"])
+        each.add_argument(
+            "--provider",
+            choices=["anthropic", "openai", "openai-responses"],
+            help="default: anthropic if ANTHROPIC_API_KEY is set, else openai",
+        )
         each.add_argument("--model", help="default: $CODECAGE_MODEL, else the provider's")
-        each.add_argument("--save-charts", default="codecage-charts", metavar="DIR")
-        each.add_argument("--max-turns", type=int, default=12)
+        each.add_argument(
+            "--save-charts", default="codecage-charts", metavar="DIR", help="where charts go"
+        )
+        each.add_argument(
+            "--max-turns", type=int, default=12, metavar="N", help="model turns at most"
+        )
         each.add_argument("--config", help="a TOML policy file")
         each.add_argument("--set", action="append", metavar="KEY=VALUE", help="a policy field")
         each.set_defaults(func=cmd_agent)

@@ -268,6 +268,8 @@ def run_agent(
     max_turns: int = 12,
 ) -> AgentResult:
     """The loop both agents share. `files` are uploaded to /home/user before the first turn."""
+    if max_turns < 1:
+        raise AgentError(f"max_turns must be at least 1, not {max_turns}")
     provider = choose_provider(client, provider)
     client = client if client is not None else make_client(provider)
     model = model or os.environ.get("CODECAGE_MODEL") or DEFAULT_MODELS[provider]
@@ -291,7 +293,10 @@ def run_agent(
     return result
 
 
-def _run(tool: CodeTool, arguments: Any, result: AgentResult, on_event: OnEvent | None) -> Any:
+def _run(
+    tool: CodeTool, arguments: Any, result: AgentResult, on_event: OnEvent | None
+) -> ToolOutput:
+    """Run one call, keeping the transcript and the charts; tell `on_event` before and after."""
     call = ToolCall(code=_code_of(arguments))
     result.calls.append(call)
     if on_event:
