@@ -30,6 +30,7 @@ from baselines import (  # noqa: E402
 )
 from density import bwrap_baseline, pool_figures, scaling, throughput  # noqa: E402
 from service import audit_figures, http_figures, service_at_scale  # noqa: E402
+from tools import tool_overhead  # noqa: E402
 
 from codecage import Policy, Sandbox  # noqa: E402
 from codecage._jail import get_jail  # noqa: E402
@@ -208,6 +209,7 @@ def main() -> None:
     bwrap_baseline(results, measure, n)
     pool_figures(results, ratios, measure, n)
     round_trips(results, ratios, n * 25)
+    tool_overhead(results, ratios, n * 25)
     http_figures(results, ratios, measure, n * 25)
     throughput(results, ratios)
     audit_figures(results, ratios)

@@ -125,3 +125,30 @@ def test_reset_starts_a_fresh_session(tool: CodeTool) -> None:
     tool.run({"code": "kept = 1"})
     tool.reset()
     assert json.loads(tool.run({"code": "'kept' in dir()"}).text)["result"] == "False"
+
+
+@pytest.mark.parametrize(
+    ("arguments", "says"),
+    [
+        ("{}", '"code" is missing'),
+        ({"timeout": 3}, '"code" is missing'),
+        ('{"code": 5}', '"code" must be a string, not int'),
+        ({"code": ["print(1)"]}, '"code" must be a string, not list'),
+        ('{"code": "1", "timeout": "soon"}', '"timeout" must be a positive number'),
+        ('{"code": "1", "timeout": -5}', '"timeout" must be a positive number'),
+        ('{"code": "1", "timeout": NaN}', '"timeout" must be a positive number'),
+        ('{"code": "1", "timeout": true}', '"timeout" must be a positive number'),
+        ("[1]", "must be a JSON object"),
+        ("null", "must be a JSON object"),
+        ('{"code": "print(1)"', "not valid JSON"),
+    ],
+)
+def test_bad_arguments_are_tool_errors_the_model_can_read(arguments: Any, says: str) -> None:
+    with CodeTool() as tool:
+        out = tool.run(arguments)
+        status = json.loads(out.text)["status"]
+        assert out.is_error and out.images == [] and set(json.loads(out.text)) == {"status"}
+        assert status.startswith("invalid arguments for execute_python: ") and says in status
+        assert tool._sessions == {}  # refused before any sandbox was made
+        good = tool.run({"code": "print(1)", "timeout": 5})  # control: valid arguments run
+        assert not good.is_error and json.loads(good.text)["stdout"] == "1\n"

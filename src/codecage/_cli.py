@@ -1,4 +1,4 @@
-"""The `codecage` command: run, doctor."""
+"""The `codecage` command: run, shell, serve, keys, audit, agent, doctor."""
 
 from __future__ import annotations
 
@@ -249,6 +249,48 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_agent(args: argparse.Namespace) -> int:
+    from .agents import ToolCall, data_agent, math_agent
+
+    out, err = _writer(sys.stdout), _writer(sys.stderr)
+    seen: list[ToolCall] = []
+
+    def on_event(kind: str, call: ToolCall) -> None:
+        if kind == "call":
+            seen.append(call)
+            code = "".join(f"  | {line}\n" for line in call.code.splitlines())
+            err(f"[{len(seen)}] execute_python\n{code}")
+            return
+        printed = json.loads(call.output).get("stdout", "").splitlines()
+        shown = "".join(f"  > {line}\n" for line in printed[:8])
+        more = f"  > ... ({len(printed) - 8} more lines)\n" if len(printed) > 8 else ""
+        images = f", {call.images} image(s)" if call.images else ""
+        err(f"{shown}{more}  = {call.status}{images}\n")
+
+    options: dict[str, Any] = {
+        "provider": args.provider,
+        "model": args.model,
+        "policy": load_policy(args),
+        "on_event": on_event,
+        "max_turns": args.max_turns,
+    }
+    if args.agent == "data":
+        result = data_agent(args.file, args.question, **options)
+    else:
+        result = math_agent(args.question, **options)
+    out(result.answer.strip() + "\n")
+    if result.charts:
+        where = Path(args.save_charts)
+        where.mkdir(parents=True, exist_ok=True)
+        for i, png in enumerate(result.charts, 1):
+            (where / f"chart-{i}.png").write_bytes(png)
+            out(f"[chart saved to {where / f'chart-{i}.png'}]\n")
+    if result.stop_reason != "answer":
+        err(f"codecage: the model was still calling tools after {result.turns} turns\n")
+        return 1
+    return 0
+
+
 def cmd_openapi(args: argparse.Namespace) -> int:
     from ._config import ServerConfig
     from ._server import create_app
@@ -316,6 +358,30 @@ def build_parser() -> argparse.ArgumentParser:
     approvals.add_argument("--by", help="who decides (default: $USER)")
     approvals.add_argument("--json", action="store_true")
     approvals.set_defaults(func=cmd_approvals)
+
+    agent = sub.add_parser("agent", help="the example agents: data analysis, math")
+    agent_sub = agent.add_subparsers(dest="agent", required=True)
+    data = agent_sub.add_parser("data", help="answer a question about a CSV file")
+    data.add_argument("file", help="the data file, uploaded to /home/user in the sandbox")
+    data.add_argument("question")
+    math = agent_sub.add_parser("math", help="answer a math question, computing with code")
+    math.add_argument("question")
+    for each in (data, math):
+        each.add_argument(
+            "--provider",
+            choices=["anthropic", "openai", "openai-responses"],
+            help="default: anthropic if ANTHROPIC_API_KEY is set, else openai",
+        )
+        each.add_argument("--model", help="default: $CODECAGE_MODEL, else the provider's")
+        each.add_argument(
+            "--save-charts", default="codecage-charts", metavar="DIR", help="where charts go"
+        )
+        each.add_argument(
+            "--max-turns", type=int, default=12, metavar="N", help="model turns at most"
+        )
+        each.add_argument("--config", help="a TOML policy file")
+        each.add_argument("--set", action="append", metavar="KEY=VALUE", help="a policy field")
+        each.set_defaults(func=cmd_agent)
     openapi = sub.add_parser("openapi", help="print the HTTP API's OpenAPI document")
     openapi.set_defaults(func=cmd_openapi)
     doctor = sub.add_parser("doctor", help="which protections this host supports")

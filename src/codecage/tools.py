@@ -102,6 +102,69 @@ def render(ex: Execution) -> ToolOutput:
     )
 
 
+def anthropic_block(tool_use_id: str, out: ToolOutput) -> dict[str, Any]:
+    """A `tool_result` content block (Anthropic Messages) carrying `out`."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": out.text}]
+    content += [
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}
+        for png in out.images
+    ]
+    return {
+        "type": "tool_result",
+        "tool_use_id": tool_use_id,
+        "content": content,
+        "is_error": out.is_error,
+    }
+
+
+def openai_chat_messages(tool_call_id: str, out: ToolOutput) -> list[dict[str, Any]]:
+    """The `tool` message (Chat Completions) carrying `out`, then, since tool messages carry
+    text only, a user message with the images if there are any."""
+    messages: list[dict[str, Any]] = [
+        {"role": "tool", "tool_call_id": tool_call_id, "content": out.text}
+    ]
+    if out.images:
+        parts: list[dict[str, Any]] = [{"type": "text", "text": f"Images produced by {TOOL_NAME}:"}]
+        parts += [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}
+            for png in out.images
+        ]
+        messages.append({"role": "user", "content": parts})
+    return messages
+
+
+def openai_responses_item(call_id: str, out: ToolOutput) -> dict[str, Any]:
+    """A `function_call_output` input item (Responses API) carrying `out`."""
+    output: list[dict[str, Any]] = [{"type": "input_text", "text": out.text}]
+    output += [
+        {"type": "input_image", "image_url": f"data:image/png;base64,{png}"} for png in out.images
+    ]
+    return {"type": "function_call_output", "call_id": call_id, "output": output}
+
+
+def parse_arguments(arguments: Any) -> tuple[str, float | None]:
+    """`code` and `timeout` from a call's arguments, or ValueError saying what is wrong."""
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError as exc:
+            raise ValueError(f"the arguments are not valid JSON ({exc})") from None
+    if not isinstance(arguments, dict):
+        raise ValueError('the arguments must be a JSON object, e.g. {"code": "print(1)"}')
+    code, timeout = arguments.get("code"), arguments.get("timeout")
+    if code is None:
+        raise ValueError('"code" is missing: give the Python code to run as a string')
+    if not isinstance(code, str):
+        raise ValueError(f'"code" must be a string, not {type(code).__name__}')
+    if timeout is not None and (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout < float("inf")
+    ):
+        raise ValueError('"timeout" must be a positive number of seconds')
+    return code, timeout
+
+
 class CodeTool:
     """Handles `execute_python` calls; one sandbox per conversation, created on first use."""
 
@@ -120,16 +183,11 @@ class CodeTool:
             return sandbox
 
     def run(self, arguments: dict[str, Any] | str, conversation: str = "default") -> ToolOutput:
-        """Run one call's arguments (a dict, or the JSON string OpenAI sends)."""
+        """Run one call's arguments (a dict, or the JSON string OpenAI sends). Arguments the
+        schema does not allow come back as a tool error the model can read and correct."""
         try:
-            args = json.loads(arguments) if isinstance(arguments, str) else dict(arguments)
-            code = args["code"]
-            timeout = args.get("timeout")
-            if not isinstance(code, str) or (
-                timeout is not None and not isinstance(timeout, (int, float))
-            ):
-                raise TypeError("code must be a string and timeout a number")
-        except (ValueError, KeyError, TypeError) as exc:
+            code, timeout = parse_arguments(arguments)
+        except ValueError as exc:
             status = f"invalid arguments for {TOOL_NAME}: {exc}"
             return ToolOutput(json.dumps({"status": status}), [], True)
         try:
@@ -143,18 +201,7 @@ class CodeTool:
     def anthropic_result(self, tool_use: Any, conversation: str = "default") -> dict[str, Any]:
         """A `tool_result` content block for a `tool_use` block (object or dict)."""
         block = tool_use if isinstance(tool_use, dict) else tool_use.model_dump()
-        out = self.run(block["input"], conversation)
-        content: list[dict[str, Any]] = [{"type": "text", "text": out.text}]
-        content += [
-            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}}
-            for png in out.images
-        ]
-        return {
-            "type": "tool_result",
-            "tool_use_id": block["id"],
-            "content": content,
-            "is_error": out.is_error,
-        }
+        return anthropic_block(block["id"], self.run(block["input"], conversation))
 
     def openai_chat_result(
         self, tool_call: Any, conversation: str = "default"
@@ -162,33 +209,16 @@ class CodeTool:
         """The `tool` message for a Chat Completions tool call, then (tool messages carry text
         only) a user message with the images, if there are any."""
         call = tool_call if isinstance(tool_call, dict) else tool_call.model_dump()
-        out = self.run(call["function"]["arguments"], conversation)
-        messages: list[dict[str, Any]] = [
-            {"role": "tool", "tool_call_id": call["id"], "content": out.text}
-        ]
-        if out.images:
-            parts: list[dict[str, Any]] = [
-                {"type": "text", "text": f"Images produced by {TOOL_NAME}:"}
-            ]
-            parts += [
-                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}
-                for png in out.images
-            ]
-            messages.append({"role": "user", "content": parts})
-        return messages
+        return openai_chat_messages(
+            call["id"], self.run(call["function"]["arguments"], conversation)
+        )
 
     def openai_responses_result(
         self, function_call: Any, conversation: str = "default"
     ) -> dict[str, Any]:
         """A `function_call_output` input item for a Responses API function call."""
         call = function_call if isinstance(function_call, dict) else function_call.model_dump()
-        out = self.run(call["arguments"], conversation)
-        output: list[dict[str, Any]] = [{"type": "input_text", "text": out.text}]
-        output += [
-            {"type": "input_image", "image_url": f"data:image/png;base64,{png}"}
-            for png in out.images
-        ]
-        return {"type": "function_call_output", "call_id": call["call_id"], "output": output}
+        return openai_responses_item(call["call_id"], self.run(call["arguments"], conversation))
 
     def reset(self, conversation: str = "default") -> None:
         with self._lock:
