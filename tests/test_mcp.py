@@ -104,14 +104,16 @@ async def stdio_session(log: IO[str], *extra: str) -> AsyncIterator[ClientSessio
         yield s
 
 
-def over_stdio(tmp_path: Path, scenario: Callable[[ClientSession], Awaitable[None]]) -> None:
+def over_stdio(
+    tmp_path: Path, scenario: Callable[[ClientSession], Awaitable[None]], *extra: str
+) -> None:
     """Run a scenario against a fresh `codecage mcp` over stdio; afterwards, every sandbox
     the server started must be dead."""
     owners: list[str] = []
 
     async def main() -> None:
         with open(tmp_path / "server.log", "w") as log:
-            async with stdio_session(log) as session:
+            async with stdio_session(log, *extra) as session:
                 await session.list_tools()
                 (pid,) = mcp_server_pids()
                 owners.append(owner_of(pid))
@@ -245,6 +247,19 @@ def test_stdio_limits_are_readable_results_and_the_session_goes_on(tmp_path: Pat
     over_stdio(tmp_path, scenario)
 
 
+def test_stdio_a_session_whose_sandbox_ended_says_its_state_is_gone(tmp_path: Path) -> None:
+    async def scenario(session: ClientSession) -> None:
+        await run(session, "x = 1")
+        await anyio.sleep(2.5)  # idle_timeout_s=1: the watchdog ends the sandbox
+        result = await run(session, "x")
+        out = report(result)
+        assert result.is_error and "NameError" in out["error"]
+        assert "earlier sandbox had ended" in out["status"]
+        assert "status" not in report(await run(session, "x = 2"))
+
+    over_stdio(tmp_path, scenario, "--set", "idle_timeout_s=1")
+
+
 def test_stdio_wrong_arguments_are_tool_errors(tmp_path: Path) -> None:
     async def scenario(session: ClientSession) -> None:
         for name, args, why in [
@@ -368,7 +383,17 @@ def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer
     port = free_port()
     with open(log, "wb") as out:  # a file, not a pipe nobody reads
         process = subprocess.Popen(
-            [CODECAGE, "mcp", "--transport", "http", "--port", str(port), *POLICY],
+            [
+                CODECAGE,
+                "mcp",
+                "--transport",
+                "http",
+                "--port",
+                str(port),
+                "--max-sandboxes",
+                "10",
+                *POLICY,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=out,
         )
@@ -451,15 +476,21 @@ def test_http_sessions_are_isolated_and_killed_when_they_end(http: HttpServer) -
     # both clients sent DELETE on the way out: the `http` fixture sees their sandboxes gone
 
 
-def test_http_named_sessions_are_capped(http: HttpServer) -> None:
+def test_http_sandboxes_are_capped_per_connection_and_in_all(http: HttpServer) -> None:
     async def main() -> None:
-        async with http_session(http) as session:
+        async with http_session(http) as session, http_session(http) as other:
             for n in range(8):
                 assert not (await run(session, "1", session=f"s{n}")).is_error
             ninth = await run(session, "1", session="s8")
             assert ninth.is_error and "already has 8 sessions" in text(ninth)
             await session.call_tool("reset_session", {"session": "s0"})
             assert not (await run(session, "1", session="s8")).is_error
+            # the server was started with --max-sandboxes 10
+            assert not (await run(other, "1", session="a")).is_error
+            assert not (await run(other, "1", session="b")).is_error
+            full = await run(other, "1", session="c")
+            assert full.is_error and "maximum of 10 sandboxes" in text(full)
+            assert not (await run(other, "'b still works'", session="b")).is_error
 
     anyio.run(main)
 
@@ -485,3 +516,84 @@ def test_http_garbage_gets_a_protocol_error_and_the_server_stays_up(
             assert report(await run(session, "6 * 7"))["result"] == "42"
 
     anyio.run(main)
+
+
+def sse_json(response: httpx.Response) -> dict[str, Any]:
+    """The JSON-RPC message in a streamable HTTP answer (an SSE stream or plain JSON)."""
+    if response.headers["content-type"].startswith("application/json"):
+        return dict(response.json())
+    data = [line[5:] for line in response.text.splitlines() if line.startswith("data:")]
+    return dict(json.loads(data[-1]))
+
+
+def test_http_sigterm_kills_live_sessions_sandboxes(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    with open(tmp_path / "server.log", "wb") as log:
+        process = subprocess.Popen(
+            [CODECAGE, "mcp", "--transport", "http", "--port", str(port), *POLICY],
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+    owner = owner_of(process.pid)
+    headers = {"accept": "application/json, text/event-stream"}
+    hello = {
+        "protocolVersion": "2025-11-25",
+        "capabilities": {},
+        "clientInfo": {"name": "t", "version": "0"},
+    }
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline
+            try:
+                init = httpx.post(
+                    url,
+                    headers=headers,
+                    timeout=5,
+                    json={"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": hello},
+                )
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        assert sse_json(init)["result"]["serverInfo"]["name"] == "codecage"
+        headers["mcp-session-id"] = init.headers["mcp-session-id"]
+        httpx.post(
+            url,
+            headers=headers,
+            timeout=5,
+            json={"jsonrpc": "2.0", "method": "notifications/initialized"},
+        )
+        for n, name in enumerate(["a", "b"]):
+            call = {"name": "run_python_code", "arguments": {"code": "x = 1", "session": name}}
+            answer = httpx.post(
+                url,
+                headers=headers,
+                timeout=30,
+                json={"jsonrpc": "2.0", "id": 2 + n, "method": "tools/call", "params": call},
+            )
+            assert sse_json(answer)["result"]["isError"] is False
+        assert len(live_sandboxes(owner)) == 2  # the session is still open
+        process.send_signal(signal.SIGTERM)  # uvicorn shuts down, then dies of the signal
+        assert process.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert_all_killed(owner)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "nope=1"], "unknown policy field 'nope'"),
+        (["--set", "memory_mb=-5"], "memory_mb"),
+        (["--max-sandboxes", "0"], "--max-sandboxes must be at least 1"),
+    ],
+)
+def test_cli_refuses_a_bad_configuration(args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [CODECAGE, "mcp", *args], input="", capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.stdout == ""

@@ -120,7 +120,16 @@ def cmd_mcp(args: argparse.Namespace) -> int:
     if args.transport == "http":
         where = f"http://{args.host}:{args.port}/mcp"
         print(f"codecage: MCP over streamable HTTP on {where}", file=sys.stderr, flush=True)
-    serve(policy, args.transport, args.host, args.port)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(
+                "codecage: warning: the MCP endpoint has no authentication; anyone who reaches "
+                "it can run code (see docs/mcp.md)",
+                file=sys.stderr,
+                flush=True,
+            )
+    if args.max_sandboxes < 1:
+        raise SandboxError("--max-sandboxes must be at least 1")
+    serve(policy, args.transport, args.host, args.port, args.max_sandboxes)
     return 0
 
 
@@ -238,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     mcp.add_argument("--host", default="127.0.0.1", help="for --transport http")
     mcp.add_argument("--port", type=int, default=8765, help="for --transport http")
+    mcp.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes in all")
     mcp.add_argument("--config", help="a TOML policy file")
     mcp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a policy field")
     mcp.set_defaults(func=cmd_mcp)

@@ -30,6 +30,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
@@ -53,12 +54,14 @@ from mcp.types import (
 from pydantic import Field, ValidationError
 
 from ._errors import FileNotFoundInSandbox, SandboxError
+from ._models import Execution
 from ._policy import Policy
 from ._sandbox import Sandbox
 from .tools import render
 
 MAX_FILE_BYTES = 8 << 20  # per upload or download: a tool result travels whole in one message
 MAX_SESSIONS = 8  # named sessions per connection: each is a live sandbox
+MAX_SANDBOXES = 64  # live sandboxes of the whole server (`codecage mcp --max-sandboxes`)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 T = TypeVar("T")
@@ -76,8 +79,9 @@ class Sessions:
     """Live sandboxes of one server, keyed by (connection, session name). Thread-safe: the
     tools run sandbox calls in worker threads."""
 
-    def __init__(self, policy: Policy | None = None) -> None:
+    def __init__(self, policy: Policy | None = None, max_sandboxes: int = MAX_SANDBOXES) -> None:
         self.policy = policy or Policy()
+        self.max_sandboxes = max_sandboxes
         self._live: dict[tuple[int, str], Sandbox] = {}
         self._lock = threading.Lock()
 
@@ -93,6 +97,11 @@ class Sessions:
                 raise ToolError(
                     f"this connection already has {MAX_SESSIONS} sessions "
                     f"({', '.join(sorted(names))}): reset one first"
+                )
+            if sandbox is None and len(self._live) >= self.max_sandboxes:
+                raise ToolError(
+                    f"the server already runs its maximum of {self.max_sandboxes} sandboxes: "
+                    "try again later"
                 )
             fresh = Sandbox(self.policy)
             self._live[(connection, name)] = fresh
@@ -164,7 +173,7 @@ async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         raise ToolError(str(exc)) from None
 
 
-def run_result(ex: Any, replaced: bool = False) -> CallToolResult:
+def run_result(ex: Execution, replaced: bool = False) -> CallToolResult:
     """An Execution as MCP content: render()'s JSON text, then one image per chart."""
     out = render(ex)
     text = out.text
@@ -190,7 +199,7 @@ def file_content(path: str, data: bytes) -> list[ContentBlock]:
         return [TextContent(type="text", text=data.decode("utf-8"))]
     except UnicodeDecodeError:
         blob = BlobResourceContents(
-            uri=f"file://{path}",
+            uri=f"file://{quote(path)}",
             mime_type="application/octet-stream",
             blob=base64.b64encode(data).decode(),
         )
@@ -361,10 +370,10 @@ def serve(
     transport: Literal["stdio", "http"] = "stdio",
     host: str = "127.0.0.1",
     port: int = 8765,
+    max_sandboxes: int = MAX_SANDBOXES,
 ) -> None:
-    """Run until stdin closes (stdio) or SIGINT/SIGTERM (http); every sandbox is killed on
-    the way out, however the server stops."""
-    sessions = Sessions(policy)
+    """Run until stdin closes or a signal comes; every sandbox is killed on the way out."""
+    sessions = Sessions(policy, max_sandboxes)
     server = build_server(policy, sessions)
     try:
         if transport == "stdio":
