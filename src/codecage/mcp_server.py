@@ -1,8 +1,9 @@
 """The MCP server (`codecage mcp`): codecage sandboxes as tools for any MCP client, over
 stdio or streamable HTTP, built on the official `mcp` SDK.
 
-    from codecage.mcp_server import build_server
-    build_server(Policy(timeout_s=10)).run("stdio")
+    from codecage.mcp_server import build_server, serve
+    serve(Policy(timeout_s=10), "stdio")          # what `codecage mcp` runs
+    app = build_server(Policy()).streamable_http_app()   # or mount the server yourself
 
 Tools: `run_python_code`, `upload_file`, `download_file`, `list_files`, `reset_session`.
 Sessions: each MCP connection (stdio: the process's pipe; streamable HTTP: one
