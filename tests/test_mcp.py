@@ -526,7 +526,7 @@ def sse_json(response: httpx.Response) -> dict[str, Any]:
     return dict(json.loads(data[-1]))
 
 
-def test_http_sigterm_kills_live_sessions_sandboxes(tmp_path: Path) -> None:
+def test_http_garbage_in_a_live_session_and_sigterm_kills_its_sandboxes(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
     with open(tmp_path / "server.log", "wb") as log:
@@ -573,6 +573,20 @@ def test_http_sigterm_kills_live_sessions_sandboxes(tmp_path: Path) -> None:
                 json={"jsonrpc": "2.0", "id": 2 + n, "method": "tools/call", "params": call},
             )
             assert sse_json(answer)["result"]["isError"] is False
+        # garbage inside the live session: a protocol error, and the session goes on
+        bad = httpx.post(url, headers=headers, timeout=5, content=b"{not json")
+        assert bad.status_code == 400 and "Content-Type" in bad.text
+        as_json = {**headers, "content-type": "application/json"}
+        bad = httpx.post(url, headers=as_json, timeout=5, content=b"{not json")
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == -32700
+        call = {"name": "run_python_code", "arguments": {"code": "x + 41", "session": "a"}}
+        answer = httpx.post(
+            url,
+            headers=headers,
+            timeout=30,
+            json={"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": call},
+        )
+        assert json.loads(sse_json(answer)["result"]["content"][0]["text"])["result"] == "42"
         assert len(live_sandboxes(owner)) == 2  # the session is still open
         process.send_signal(signal.SIGTERM)  # uvicorn shuts down, then dies of the signal
         assert process.wait(timeout=30) == -signal.SIGTERM
