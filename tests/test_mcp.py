@@ -213,7 +213,15 @@ def test_stdio_upload_run_download_list(tmp_path: Path) -> None:
 
 
 def test_stdio_file_errors_are_readable(tmp_path: Path) -> None:
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("host only")
+    assert secret.read_text() == "host only"  # the control: the host reads it
+
     async def scenario(session: ClientSession) -> None:
+        for path in (str(secret), "../../.." + str(secret)):
+            for tool in ("download_file", "list_files"):
+                leak = await session.call_tool(tool, {"path": path})
+                assert leak.is_error and "no such file" in text(leak), text(leak)
         missing = await session.call_tool("download_file", {"path": "nope.txt"})
         assert missing.is_error and "no such file" in text(missing)
         folder = await session.call_tool("download_file", {"path": "/home/user"})
