@@ -134,6 +134,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mcp(args: argparse.Namespace) -> int:
+    try:
+        from .mcp_server import serve
+    except ImportError as exc:
+        raise SandboxError(
+            f"the MCP server needs the mcp extra (pip install 'codecage[mcp]'): {exc}"
+        ) from None
+
+    policy = load_policy(args)
+    if args.transport == "http":
+        where = f"http://{args.host}:{args.port}/mcp"
+        print(f"codecage: MCP over streamable HTTP on {where}", file=sys.stderr, flush=True)
+        if args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(
+                "codecage: warning: the MCP endpoint has no authentication; anyone who reaches "
+                "it can run code (see docs/mcp.md)",
+                file=sys.stderr,
+                flush=True,
+            )
+    if args.max_sandboxes < 1:
+        raise SandboxError("--max-sandboxes must be at least 1")
+    serve(policy, args.transport, args.host, args.port, args.max_sandboxes)
+    return 0
+
+
 def cmd_keys(args: argparse.Namespace) -> int:
     import secrets
 
@@ -324,6 +349,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--db", help="the audit log (SQLite file)")
     serve.set_defaults(func=cmd_serve)
+    mcp = sub.add_parser("mcp", help="an MCP server (stdio or streamable HTTP)")
+    mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio")
+    mcp.add_argument("--host", default="127.0.0.1", help="for --transport http")
+    mcp.add_argument("--port", type=int, default=8765, help="for --transport http")
+    mcp.add_argument("--max-sandboxes", type=int, default=64, help="live sandboxes in all")
+    mcp.add_argument("--config", help="a TOML policy file")
+    mcp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a policy field")
+    mcp.set_defaults(func=cmd_mcp)
     keys = sub.add_parser("keys", help="API keys")
     keys_sub = keys.add_subparsers(dest="keys_action", required=True)
     create = keys_sub.add_parser("create", help="create a key for a tenant (printed once)")
