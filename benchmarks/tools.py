@@ -100,6 +100,30 @@ def conversion_only(ex: Execution, code: str, label: str, n: int) -> Figures:
     return interleaved(cases, n)
 
 
+def analysis_cost(results: Figures, ratios: dict[str, float], n: int) -> None:
+    """Static analysis runs before every run: its cost by cell size, against ast.parse of
+    the same text (the part no analysis on the AST can avoid)."""
+    import ast
+    from pathlib import Path
+
+    from codecage import analyze
+
+    demo = (Path(__file__).parent.parent / "examples" / "demo.py").read_text()
+    cells = {"1_line": TEXT, "20_lines": "\n".join(demo.splitlines()[:20]), "100_lines": demo}
+    for label, code in cells.items():
+        figures = interleaved(
+            {
+                f"analysis_{label}": lambda code=code: analyze(code),
+                f"ast_parse_{label}": lambda code=code: ast.parse(code),
+            },
+            max(50, n // 10),
+        )
+        results.update(figures)
+        ratios[f"analysis_{label}_over_ast_parse"] = (
+            figures[f"analysis_{label}"]["p50_ms"] / figures[f"ast_parse_{label}"]["p50_ms"]
+        )
+
+
 def tool_overhead(results: Figures, ratios: dict[str, float], n: int) -> None:
     print("tool-call overhead on top of run_code: text result and chart", flush=True)
     with Sandbox() as sbx:
@@ -113,6 +137,7 @@ def tool_overhead(results: Figures, ratios: dict[str, float], n: int) -> None:
     figures |= conversion_only(text, TEXT, "text", n)
     figures |= conversion_only(chart, CHART, "chart", n)
     results.update(figures)
+    analysis_cost(results, ratios, n)
     for label in ("text", "chart"):
         base = figures[f"tool_run_code_{label}"]["p50_ms"]
         for api in ("anthropic", "openai_chat", "openai_responses"):

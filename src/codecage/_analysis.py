@@ -13,7 +13,8 @@ from __future__ import annotations
 import ast
 import posixpath
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ._models import Finding
 from ._policy import SEVERITIES, Severity
@@ -123,9 +124,7 @@ def analyze(code: str) -> list[Finding]:
             )
         )
         return _sorted(findings)
-    visitor = _Visitor()
-    visitor.visit(tree)
-    return _sorted(findings + visitor.findings)
+    return _sorted(findings + _Visitor().run(tree))
 
 
 def at_or_above(findings: Iterable[Finding], severity: Severity | None) -> list[Finding]:
@@ -163,10 +162,33 @@ def _strip_ipython(code: str) -> tuple[str, list[Finding]]:
     return "\n".join(lines), findings
 
 
-class _Visitor(ast.NodeVisitor):
+class _Visitor:
+    """Two flat passes over every node (no recursion, order-independent): imports and their
+    aliases first, then every use."""
+
     def __init__(self) -> None:
         self.findings: list[Finding] = []
         self.aliases: dict[str, str] = {}
+
+    def run(self, tree: ast.AST) -> list[Finding]:
+        nodes = _nodes(tree)
+        for node in nodes:
+            if isinstance(node, ast.Import):
+                self.visit_Import(node)
+            elif isinstance(node, ast.ImportFrom):
+                self.visit_ImportFrom(node)
+        handlers: dict[type[ast.AST], Callable[[Any], None]] = {
+            ast.Name: self.visit_Name,
+            ast.Attribute: self.visit_Attribute,
+            ast.Call: self.visit_Call,
+            ast.While: self.visit_While,
+            ast.For: self.visit_For,
+        }
+        for node in nodes:
+            handler = handlers.get(type(node))
+            if handler is not None:
+                handler(node)
+        return self.findings
 
     def add(self, node: ast.AST, rule: tuple[str, Severity, str], subject: str) -> None:
         rid, severity, what = rule
@@ -231,8 +253,8 @@ class _Visitor(ast.NodeVisitor):
         if node.attr in ESCAPE_ATTRS:
             self.add(node, ("CC701", "high", "reaches interpreter internals"), node.attr)
         name = self._qualified(node)
-        if not (isinstance(node.ctx, ast.Load) and name is not None and self._name(node, name)):
-            self.generic_visit(node)
+        if isinstance(node.ctx, ast.Load) and name is not None:
+            self._name(node, name)
 
     # -- calls -----------------------------------------------------------------------------
 
@@ -251,7 +273,6 @@ class _Visitor(ast.NodeVisitor):
                 if target is not None:
                     self._name(node, f"{target}.{attr.value}")
         self._file_write(node, name)
-        self.generic_visit(node)
 
     def _file_write(self, node: ast.Call, name: str | None) -> None:
         target: ast.AST | None = None
@@ -291,7 +312,6 @@ class _Visitor(ast.NodeVisitor):
                 ("CC601", "low", "loops for ever"),
                 "while with a constant true test and no break",
             )
-        self.generic_visit(node)
 
     def visit_For(self, node: ast.For) -> None:
         endless = ("itertools.count", "itertools.cycle", "itertools.repeat")
@@ -307,7 +327,22 @@ class _Visitor(ast.NodeVisitor):
                 ("CC601", "low", "loops for ever"),
                 "for over an endless iterator and no break",
             )
-        self.generic_visit(node)
+
+
+def _nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of the tree, breadth first (ast.walk without its generators: ~2x faster,
+    and this runs before every run)."""
+    out, i = [tree], 0
+    while i < len(out):
+        node = out[i]
+        i += 1
+        for name in node._fields:
+            value = getattr(node, name, None)
+            if isinstance(value, list):
+                out.extend(v for v in value if isinstance(v, ast.AST))
+            elif isinstance(value, ast.AST):
+                out.append(value)
+    return out
 
 
 def _keyword(node: ast.Call, name: str) -> ast.AST | None:

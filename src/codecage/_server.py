@@ -38,7 +38,7 @@ from ._errors import (
 from ._jail import close_jails, get_jail
 from ._jail.namespace import NamespaceJail
 from ._manager import Manager
-from ._models import Execution
+from ._models import Execution, Finding
 
 NDJSON = "application/x-ndjson"
 STREAM_EVENTS = {
@@ -317,9 +317,10 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         code = prepare_code(body.code)
         entry = manager().get(who, sandbox_id)
 
-        findings = analyze(code)
+        findings: list[Finding] = []
 
-        def begin() -> str:
+        def begin() -> str:  # in a worker thread: analysis is off the event loop
+            findings.extend(analyze(code))
             policy = entry.sandbox.policy
             return manager().begin(who, sandbox_id, "execute", code, policy, findings)
 
@@ -337,9 +338,10 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         code = prepare_code(body.code)
         policy = within(config.policy, body.policy, config.ceiling)
 
-        findings = analyze(code)
+        findings: list[Finding] = []
 
         def begin() -> str:
+            findings.extend(analyze(code))
             return manager().begin(who, None, "run", code, policy, findings)
 
         def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
