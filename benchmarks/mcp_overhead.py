@@ -3,7 +3,7 @@ streamable HTTP, the SDK's own client) against `Sandbox.run_code` in-process, sa
 
     .venv/bin/python benchmarks/mcp_overhead.py [-n 200]
 
-Prints medians and p99 in ms and the ratios; figures go in docs/mcp.md by hand.
+Prints medians and p99 in ms and the ratios; also a section of `make bench` (run.py).
 """
 
 from __future__ import annotations
@@ -97,16 +97,28 @@ def in_process(n: int) -> list[float]:
         return samples
 
 
+RUNS: dict[str, Callable[[int], list[float]]] = {
+    "baseline_run_code_in_process": in_process,
+    "mcp_stdio_run_python_code": over_stdio,
+    "mcp_http_run_python_code": over_http,
+}
+
+
+def mcp_overhead(results: dict[str, dict[str, float]], ratios: dict[str, float], n: int) -> None:
+    """The section of `make bench` (run.py): the same figures, ratios against in-process."""
+    print("MCP: run_python_code over stdio and streamable HTTP", flush=True)
+    figs = {name: figures(fn(n)) for name, fn in RUNS.items()}
+    results.update(figs)
+    base = figs["baseline_run_code_in_process"]["p50_ms"]
+    for name in ("mcp_stdio_run_python_code", "mcp_http_run_python_code"):
+        ratios[f"{name}_over_in_process"] = figs[name]["p50_ms"] / base
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("-n", type=int, default=200)
     n = parser.parse_args().n
-    runs: dict[str, Callable[[int], list[float]]] = {
-        "baseline_run_code_in_process": in_process,
-        "mcp_stdio_run_python_code": over_stdio,
-        "mcp_http_run_python_code": over_http,
-    }
-    results = {name: figures(fn(n)) for name, fn in runs.items()}
+    results = {name: figures(fn(n)) for name, fn in RUNS.items()}
     base = results["baseline_run_code_in_process"]["p50_ms"]
     for name, fig in results.items():
         ratio = fig["p50_ms"] / base

@@ -29,6 +29,7 @@ from baselines import (  # noqa: E402
     timed,
 )
 from density import bwrap_baseline, pool_figures, scaling, throughput  # noqa: E402
+from mcp_overhead import mcp_overhead  # noqa: E402
 from service import audit_figures, http_figures, service_at_scale  # noqa: E402
 from tools import tool_overhead  # noqa: E402
 
@@ -210,6 +211,7 @@ def main() -> None:
     pool_figures(results, ratios, measure, n)
     round_trips(results, ratios, n * 25)
     tool_overhead(results, ratios, n * 25)
+    mcp_overhead(results, ratios, n * 5)
     http_figures(results, ratios, measure, n * 25)
     throughput(results, ratios)
     audit_figures(results, ratios)
