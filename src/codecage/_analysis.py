@@ -103,28 +103,55 @@ PATH_WRITES = {
     "replace",
 }
 
-_SHELL_MAGICS = {"system", "sx", "sh", "bash", "script", "!"}
-_IPYTHON_LINE = re.compile(r"^(\s*)(?:[A-Za-z_][\w, ]*=\s*)?([!%])(%?)(\w*)")
+# Bounds: analysis runs on the host before every run; larger or deeper code is not parsed
+# (a finding of its own, high: a policy that asks for analysis fails closed).
+MAX_ANALYSED_BYTES = 64 * 1024
+
+# IPython magics, by what their body or argument is.
+_SHELL_MAGICS = {"system", "sx", "sc", "sh", "bash", "script", "pip", "conda", "mamba", "perl",
+                 "ruby", "python", "python2", "python3", "pypy"}  # fmt: skip
+_PY_MAGICS = {"time", "timeit", "prun", "debug", "capture"}  # the rest of the line/cell is Python
+_TEXT_CELL_MAGICS = {"html", "markdown", "latex", "javascript", "js", "svg", "writefile", "file"}
+_MAGIC_LINE = re.compile(r"^(\s*)(?:[A-Za-z_][\w, ]*=\s*)?([!%])(%?)(\w*)(.*)$")
+_MAGIC_OPTIONS = re.compile(r"^(?:-[nrpl]\s*\d+\s+|-[tcqo]\s+)*")
 
 
 def analyze(code: str) -> list[Finding]:
-    """Findings for `code` (a cell: IPython's `!cmd` and `%magic` lines are understood)."""
-    source, findings = _strip_ipython(code)
+    """Findings for `code`, a cell (IPython's `!cmd` and `%magic` lines are understood).
+    Never raises: code it cannot analyse is a finding, high when IPython syntax or the size
+    hides what it would do, low for plain invalid Python (which cannot run either)."""
+    if len(code.encode("utf-8", "surrogatepass")) > MAX_ANALYSED_BYTES:
+        return [_unanalysed(1, f"larger than {MAX_ANALYSED_BYTES} bytes")]
     try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError) as exc:
-        line = getattr(exc, "lineno", None) or 1
-        findings.append(
-            Finding(
-                "CC001",
-                "low",
-                line,
-                0,
-                f"not valid Python, not analysed: {exc.msg if isinstance(exc, SyntaxError) else exc}",
-            )
-        )
-        return _sorted(findings)
-    return _sorted(findings + _Visitor().run(tree))
+        return _sorted(_analyze(code))
+    except (RecursionError, MemoryError, ValueError, SyntaxError) as exc:
+        return [_unanalysed(1, f"too deep or too complex ({type(exc).__name__})")]
+
+
+def _unanalysed(line: int, why: str) -> Finding:
+    return Finding("CC002", "high", line, 0, f"could not be analysed: {why}")
+
+
+def _parse(source: str) -> ast.AST:
+    flags = ast.PyCF_ONLY_AST | ast.PyCF_ALLOW_TOP_LEVEL_AWAIT  # IPython runs top-level await
+    tree: ast.AST = compile(source, "<cell>", "exec", flags, dont_inherit=True)
+    return tree
+
+
+def _analyze(code: str) -> list[Finding]:
+    try:
+        return _Visitor().run(_parse(code))
+    except SyntaxError:
+        pass
+    source, findings, changed = _strip_ipython(code)
+    try:
+        tree = _parse(source)
+    except SyntaxError as exc:
+        line = exc.lineno or 1
+        if not changed:  # plain invalid Python: the kernel refuses it too, nothing runs
+            return [Finding("CC001", "low", line, 0, f"not valid Python: {exc.msg}")]
+        return [*findings, _unanalysed(line, f"IPython syntax around line {line}")]
+    return findings + _Visitor().run(tree)
 
 
 def at_or_above(findings: Iterable[Finding], severity: Severity | None) -> list[Finding]:
@@ -140,26 +167,88 @@ def _sorted(findings: list[Finding]) -> list[Finding]:
     return sorted(unique.values(), key=lambda f: (f.line, f.col, f.rule))
 
 
-def _strip_ipython(code: str) -> tuple[str, list[Finding]]:
-    """Blank out IPython's `!cmd` and `%magic` lines (keeping line numbers) and report the
-    shell escapes among them; a `%%bash`-style cell magic makes the whole cell a script."""
+def _strip_ipython(code: str) -> tuple[str, list[Finding], bool]:
+    """IPython's syntax made Python for analysis, line numbers kept: `!cmd` and shell
+    magics become `pass` and a finding; `%time stmt` becomes `stmt`; other line magics
+    `pass`. Only lines that start a logical line count (a `%` continuing an expression is
+    the operator). A cell magic decides for the whole cell. Returns (source, findings,
+    whether anything was IPython syntax)."""
     lines = code.split("\n")
     findings: list[Finding] = []
-    for number, line in enumerate(lines, start=1):
-        match = _IPYTHON_LINE.match(line)
-        if match is None:
-            continue
-        indent, sigil, cell, name = match.groups()
-        if sigil == "!" or name in _SHELL_MAGICS:
-            findings.append(
-                Finding(
-                    "CC103", "high", number, len(indent), "runs a shell command (IPython escape)"
+    shell = "runs a shell command (IPython escape)"
+    first = _MAGIC_LINE.match(lines[0])
+    if first is not None and first.group(2) == "%" and first.group(3):  # %%cell magic
+        name, rest = first.group(4), first.group(5).strip()
+        if name in _SHELL_MAGICS:
+            return "", [Finding("CC103", "high", 1, 0, f"{shell}: %%{name}")], True
+        if name in _TEXT_CELL_MAGICS:
+            path = rest.split()[-1] if name in ("writefile", "file") and rest else None
+            if path is not None and not _inside(path):
+                findings.append(
+                    Finding("CC501", "medium", 1, 0, f"writes outside the workspace: {path}")
                 )
-            )
-        if cell and number == 1:
-            return "", findings  # the rest of the cell belongs to the magic, not to Python
-        lines[number - 1] = f"{indent}pass"
-    return "\n".join(lines), findings
+            return "", findings, True
+        if name not in _PY_MAGICS:
+            return "", [_unanalysed(1, f"unknown cell magic %%{name}")], True
+        lines[0] = ""
+    changed = first is not None and bool(first.group(3))
+    state: tuple[int, str | None] = (0, None)
+    continued = False
+    for number, line in enumerate(lines, start=1):
+        starts = state == (0, None) and not continued
+        match = _MAGIC_LINE.match(line) if starts else None
+        if match is not None:
+            indent, sigil, cell, name, rest = match.groups()
+            changed = True
+            if sigil == "!" or name in _SHELL_MAGICS:
+                findings.append(Finding("CC103", "high", number, len(indent), shell))
+                line = f"{indent}pass"
+            elif name in _PY_MAGICS and not cell:
+                line = indent + (_MAGIC_OPTIONS.sub("", rest.strip()) or "pass")
+            elif name == "run":
+                findings.append(
+                    Finding("CC104", "medium", number, len(indent), "runs a file as code: %run")
+                )
+                line = f"{indent}pass"
+            else:
+                line = f"{indent}pass"
+            lines[number - 1] = line
+        state = _scan(line, state)
+        continued = line.rstrip().endswith("\\") and state[1] is None
+    return "\n".join(lines), findings, changed
+
+
+def _scan(line: str, state: tuple[int, str | None]) -> tuple[int, str | None]:
+    """Bracket depth and the open triple-quoted string after `line` (strings and comments
+    skipped): whether the next line continues a logical line."""
+    depth, quote = state
+    i, n = 0, len(line)
+    while i < n:
+        if quote is not None:
+            end = line.find(quote, i)
+            if end < 0:
+                return depth, quote
+            i, quote = end + len(quote), None
+            continue
+        c = line[i]
+        if c == "#":
+            break
+        if c in "\"'":
+            triple = line[i : i + 3]
+            if triple in ('"""', "'''"):
+                quote, i = triple, i + 3
+                continue
+            j = i + 1
+            while j < n and line[j] != c:
+                j += 2 if line[j] == "\\" else 1
+            i = j + 1
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth = max(0, depth - 1)
+        i += 1
+    return depth, quote
 
 
 class _Visitor:
@@ -229,12 +318,14 @@ class _Visitor:
     # -- names -----------------------------------------------------------------------------
 
     def _qualified(self, node: ast.AST) -> str | None:
-        if isinstance(node, ast.Name):
-            return self.aliases.get(node.id, node.id)
-        if isinstance(node, ast.Attribute):
-            base = self._qualified(node.value)
-            return None if base is None else f"{base}.{node.attr}"
-        return None
+        """`a.b.c` with import aliases resolved, or None if the chain is not names."""
+        attrs: list[str] = []
+        while isinstance(node, ast.Attribute):
+            attrs.append(node.attr)
+            node = node.value
+        if not isinstance(node, ast.Name):
+            return None
+        return ".".join([self.aliases.get(node.id, node.id), *reversed(attrs)])
 
     def _name(self, node: ast.AST, name: str) -> bool:
         rule = NAMES.get(name)
@@ -263,9 +354,7 @@ class _Visitor:
         if name in ("getattr", "setattr", "delattr", "builtins.getattr") and len(node.args) >= 2:
             attr = node.args[1]
             if not isinstance(attr, ast.Constant):
-                self.add(
-                    node, ("CC303", "medium", "looks up an attribute by a computed name"), name
-                )
+                self.add(node, ("CC303", "low", "looks up an attribute by a computed name"), name)
             elif isinstance(attr.value, str) and attr.value in ESCAPE_ATTRS:
                 self.add(node, ("CC701", "high", "reaches interpreter internals"), attr.value)
             elif isinstance(attr.value, str):
@@ -363,39 +452,26 @@ def _inside(path: str) -> bool:
     return any(full == root or full.startswith(root + "/") for root in WRITABLE)
 
 
+_SCOPES = (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
+_LOOPS = (ast.For, ast.While, ast.AsyncFor)
+
+
 def _exits(body: list[ast.stmt]) -> bool:
-    """Whether a loop body can leave the loop: a break of its own, a return or a raise."""
-    for stmt in body:
-        for node in _walk_same_loop(stmt):
-            if isinstance(node, (ast.Break, ast.Return, ast.Raise)):
-                return True
-            if isinstance(node, ast.Call) and isinstance(node.func, (ast.Name, ast.Attribute)):
-                name = node.func.id if isinstance(node.func, ast.Name) else node.func.attr
-                if name in ("exit", "_exit", "quit"):
-                    return True
-    return False
-
-
-def _walk_same_loop(node: ast.AST) -> Iterable[ast.AST]:
-    """ast.walk, without descending into nested loops (their break is theirs) or functions."""
-    yield node
-    for child in ast.iter_child_nodes(node):
-        if isinstance(
-            child,
-            (
-                ast.For,
-                ast.While,
-                ast.AsyncFor,
-                ast.FunctionDef,
-                ast.AsyncFunctionDef,
-                ast.Lambda,
-                ast.ClassDef,
-            ),
+    """Whether a loop body can leave the loop: a break of its own (not a nested loop's), a
+    return, a raise or an exit() outside nested functions. Iterative: any depth."""
+    stack: list[tuple[ast.AST, bool]] = [(stmt, False) for stmt in body]
+    while stack:
+        node, nested = stack.pop()
+        if isinstance(node, (ast.Return, ast.Raise)) or (
+            isinstance(node, ast.Break) and not nested
         ):
-            if isinstance(child, (ast.For, ast.While, ast.AsyncFor)):
-                for sub in child.body + child.orelse:
-                    for inner in _walk_same_loop(sub):
-                        if isinstance(inner, (ast.Return, ast.Raise)):
-                            yield inner
-            continue
-        yield from _walk_same_loop(child)
+            return True
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if name in ("exit", "_exit", "quit"):
+                return True
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, _SCOPES):
+                stack.append((child, nested or isinstance(child, _LOOPS)))
+    return False

@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ._analysis import analyze, at_or_above
-from ._errors import ApprovalDenied, ApprovalNotFound, CodeRejected
+from ._errors import ApprovalDenied, ApprovalNotFound, CodeRejected, QuotaExceeded
 from ._models import Finding
 from ._policy import Policy
 
@@ -38,6 +39,7 @@ class ApprovalRequest:
     sandbox_id: str | None = None
     tenant: str | None = None
     run_id: str | None = None
+    client_ref: str | None = None  # the caller's own reference for its request (remote SDK)
     findings: list[Finding] = field(default_factory=list)
     requested_at: float = field(default_factory=time.time)
     expires_at: float = 0.0
@@ -57,9 +59,10 @@ class Decision:
     """Who said yes or no, when, and why."""
 
     approved: bool
-    by: str
+    by: str  # as the decider gave it (a name); `key` is who the service authenticated
     reason: str = ""
     at: float = field(default_factory=time.time)
+    key: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,12 +81,14 @@ class _Pending:
 
 class Approvals:
     """Requests waiting for an answer. `on_change(request, decision)` is called when a
-    request starts waiting (decision None) and when it is decided (the audit log's hook)."""
+    request starts waiting (decision None) and when it is decided (the audit log's hook);
+    both calls complete before anyone can answer, or before the operation goes on."""
 
     KEEP_DECIDED = 10_000
 
-    def __init__(self, on_change: Hook | None = None) -> None:
+    def __init__(self, on_change: Hook | None = None, max_pending_per_tenant: int | None = None):
         self.on_change = on_change
+        self.max_pending_per_tenant = max_pending_per_tenant
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         # id -> (tenant, decision): to say "already decided" rather than "unknown"
@@ -100,11 +105,19 @@ class Approvals:
     ) -> Decision:
         """Wait for the first answer, at most `window_s`; raise ApprovalDenied on a no."""
         request.expires_at = request.requested_at + window_s
+        cap = self.max_pending_per_tenant
+        if cap is not None:
+            with self._lock:
+                waiting = sum(
+                    1 for p in self._pending.values() if p.request.tenant == request.tenant
+                )
+            if waiting >= cap:
+                raise QuotaExceeded(f"{waiting} operations already wait for approval (quota)")
+        if self.on_change is not None:  # recorded before it can be answered
+            self.on_change(request, None)
         pending = _Pending(request)
         with self._lock:
             self._pending[request.id] = pending
-        if self.on_change is not None:
-            self.on_change(request, None)
         if notify is not None:
             notify(request)
         if approver is not None:
@@ -114,11 +127,12 @@ class Approvals:
                 name="codecage-approver",
                 daemon=True,
             ).start()
-        pending.done.wait(window_s)
-        decision = self._settle(
-            request.id,
-            Decision(False, "timeout", f"no answer within approval_window_s={window_s:g}"),
-        )
+        if not pending.done.wait(window_s):
+            timeout = Decision(False, "timeout", f"no answer within approval_window_s={window_s:g}")
+            self._settle(request.id, timeout)
+        pending.done.wait()  # whoever settled it sets this once the decision is recorded
+        decision = pending.decision
+        assert decision is not None
         if not decision.approved:
             why = f": {decision.reason}" if decision.reason else ""
             raise ApprovalDenied(
@@ -138,43 +152,61 @@ class Approvals:
         by: str,
         reason: str = "",
         tenant: str | None = None,
+        key: str | None = None,
     ) -> Decision:
         """Answer a pending request. Unknown, other tenant's, already decided or expired:
         ApprovalNotFound, saying which."""
         with self._lock:
             pending = self._pending.get(approval_id)
-            if pending is None or (tenant is not None and pending.request.tenant != tenant):
-                owner, earlier = self._decided.get(approval_id, (None, None))
-                if pending is None and earlier is not None and tenant in (None, owner):
-                    verdict = "approved" if earlier.approved else "denied"
-                    raise ApprovalNotFound(
-                        f"approval {approval_id} was already decided: {verdict} by {earlier.by}"
-                        + (f" ({earlier.reason})" if earlier.reason else "")
-                    )
-                raise ApprovalNotFound(f"no pending approval {approval_id!r} (unknown or expired)")
-        return self._settle(approval_id, Decision(approved, by, reason))
+        if pending is None or (tenant is not None and pending.request.tenant != tenant):
+            raise self._not_pending(approval_id, tenant)
+        decision, won = self._settle(approval_id, Decision(approved, by, reason, key=key))
+        if not won:  # someone else answered between the check and now
+            raise self._not_pending(approval_id, tenant)
+        return decision
 
-    def _settle(self, approval_id: str, decision: Decision) -> Decision:
-        """The first decision for a request wins; later ones get it back."""
+    def _not_pending(self, approval_id: str, tenant: str | None) -> ApprovalNotFound:
+        with self._lock:
+            owner, earlier = self._decided.get(approval_id, (None, None))
+        if earlier is not None and tenant in (None, owner):
+            verdict = "approved" if earlier.approved else "denied"
+            return ApprovalNotFound(
+                f"approval {approval_id} was already decided: {verdict} by {earlier.by}"
+                + (f" ({earlier.reason})" if earlier.reason else "")
+            )
+        return ApprovalNotFound(f"no pending approval {approval_id!r} (unknown or expired)")
+
+    def _settle(self, approval_id: str, decision: Decision) -> tuple[Decision, bool]:
+        """The first decision for a request wins: (that decision, whether it is this one).
+        It is recorded (on_change) before the waiting operation may go on; if it cannot be
+        recorded, the operation is denied and the recorder's error raised."""
         with self._lock:
             pending = self._pending.pop(approval_id, None)
             if pending is None:
-                return self._decided[approval_id][1]
-            pending.decision = decision
+                earlier = self._decided.get(approval_id)
+                return (earlier[1] if earlier else decision), False
             self._decided[approval_id] = (pending.request.tenant, decision)
             while len(self._decided) > self.KEEP_DECIDED:
                 self._decided.popitem(last=False)
-        pending.done.set()
-        if self.on_change is not None:
-            self.on_change(pending.request, decision)
-        return decision
+        try:
+            if self.on_change is not None:
+                self.on_change(pending.request, decision)
+        except BaseException:
+            pending.decision = Decision(False, "audit", "the decision could not be recorded")
+            raise
+        else:
+            pending.decision = decision
+        finally:
+            pending.done.set()
+        return decision, True
 
     def deny_all(self, by: str, reason: str) -> None:
         """Answer every pending request with a no (the service is shutting down)."""
         with self._lock:
             ids = list(self._pending)
         for approval_id in ids:
-            self._settle(approval_id, Decision(False, by, reason))
+            with contextlib.suppress(Exception):  # shutting down: the log may be gone too
+                self._settle(approval_id, Decision(False, by, reason))
 
     def pending(self, tenant: str | None = None) -> list[ApprovalRequest]:
         with self._lock:
@@ -192,6 +224,31 @@ def answer(approver: Approver, request: ApprovalRequest) -> Decision:
     except Exception as exc:
         return Decision(False, "callback", f"the approval callback failed: {exc!r}")
     return reply if isinstance(reply, Decision) else Decision(bool(reply), "callback")
+
+
+# The operation being served: its audit run and the caller's reference, so an approval it
+# raises names both (the service sets it; see `operation`).
+_operation: contextvars.ContextVar[tuple[tuple[str, str | None], ...]] = contextvars.ContextVar(
+    "codecage_operation", default=()
+)
+
+
+@contextlib.contextmanager
+def operation(**fields: str | None) -> Iterator[None]:
+    """Within this block, approvals raised on this thread carry `fields` (run_id, client_ref)."""
+    token = _operation.set(tuple({**dict(_operation.get()), **fields}.items()))
+    try:
+        yield
+    finally:
+        _operation.reset(token)
+
+
+def with_envs(reasons: list[str], envs: dict[str, str] | None) -> list[str]:
+    """What was asked about must be what runs: environment overrides are part of it."""
+    if reasons and envs:
+        shown = " ".join(f"{k}={v!r}" for k, v in envs.items())
+        return [*reasons, f"with environment overrides: {shown}"]
+    return reasons
 
 
 # The process's own broker: the SDK's requests wait here (and its callback answers them).
@@ -237,9 +294,11 @@ class Gate:
         findings: list[Finding] | None = None,
         notify: Callable[[ApprovalRequest], None] | None = None,
     ) -> Decision | None:
-        """Wait for a yes if there are reasons to ask; None when none was needed."""
+        """Wait for a yes if there are reasons to ask; None when none was needed. The
+        audit run and the caller's reference come from the context (see `operation`)."""
         if not reasons:
             return None
+        context = dict(_operation.get())
         request = ApprovalRequest(
             id=secrets.token_hex(12),
             kind=kind,
@@ -247,7 +306,8 @@ class Gate:
             subject=subject,
             sandbox_id=sandbox_id,
             tenant=self.tenant,
-            run_id=run_id,
+            run_id=run_id or context.get("run_id"),
+            client_ref=context.get("client_ref"),
             findings=list(findings or []),
         )
         return self.broker.ask(request, policy.approval_window_s, self.approver, notify)
@@ -272,6 +332,7 @@ class Gate:
         sandbox_id: str | None = None,
         run_id: str | None = None,
         notify: Callable[[ApprovalRequest], None] | None = None,
+        envs: dict[str, str] | None = None,
     ) -> list[Finding]:
         """Static analysis of code about to run, then the policy's verdict on it: blocked
         (CodeRejected), needs a yes (waits), or free to run. Returns the findings."""
@@ -288,7 +349,7 @@ class Gate:
         self.check(
             policy,
             "execute",
-            [f"static analysis: {f}" for f in asking],
+            with_envs([f"static analysis: {f}" for f in asking], envs),
             code,
             sandbox_id=sandbox_id,
             run_id=run_id,

@@ -58,15 +58,17 @@ MIGRATIONS = [
         created_at REAL NOT NULL
     );
     """,
-    # 2: static-analysis findings and approval decisions
+    # 2: static-analysis findings, approval decisions, key roles
     """
     ALTER TABLE runs ADD COLUMN findings TEXT;
     ALTER TABLE runs ADD COLUMN approval TEXT;
+    ALTER TABLE api_keys ADD COLUMN role TEXT NOT NULL DEFAULT 'client';
     CREATE TABLE approvals (
         id TEXT PRIMARY KEY,
         tenant TEXT,
         sandbox_id TEXT,
         run_id TEXT,
+        client_ref TEXT,
         kind TEXT NOT NULL,
         subject TEXT NOT NULL,
         reasons TEXT NOT NULL,
@@ -75,6 +77,7 @@ MIGRATIONS = [
         decided_at REAL,
         approved INTEGER,
         decided_by TEXT,
+        decided_key TEXT,
         reason TEXT
     );
     CREATE INDEX approvals_tenant_time ON approvals (tenant, requested_at);
@@ -234,13 +237,14 @@ class AuditLog:
     def approval_requested(self, request: dict[str, Any]) -> None:
         """A request starts waiting; its run (if any) is pending until a decision."""
         self._write(
-            "INSERT INTO approvals (id, tenant, sandbox_id, run_id, kind, subject, reasons,"
-            " requested_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO approvals (id, tenant, sandbox_id, run_id, client_ref, kind, subject,"
+            " reasons, requested_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 request["id"],
                 request.get("tenant"),
                 request.get("sandbox_id"),
                 request.get("run_id"),
+                request.get("client_ref"),
                 request["kind"],
                 str(request["subject"])[:OUTPUT_KEEP_BYTES],
                 json.dumps(request["reasons"]),
@@ -256,11 +260,13 @@ class AuditLog:
     def approval_decided(self, request: dict[str, Any], decision: dict[str, Any]) -> None:
         """Who decided, when and why; the run goes on (status back to started) or not."""
         self._write(
-            "UPDATE approvals SET decided_at=?, approved=?, decided_by=?, reason=? WHERE id=?",
+            "UPDATE approvals SET decided_at=?, approved=?, decided_by=?, decided_key=?, reason=?"
+            " WHERE id=?",
             (
                 decision["at"],
                 int(decision["approved"]),
                 decision["by"],
+                decision.get("key"),
                 decision["reason"],
                 request["id"],
             ),
@@ -305,19 +311,25 @@ class AuditLog:
 
     # -- keys ------------------------------------------------------------------------------
 
-    def add_key(self, key: str, tenant: str) -> None:
+    def add_key(self, key: str, tenant: str, role: str = "client") -> None:
         self._write(
-            "INSERT INTO api_keys (key_sha256, tenant, created_at) VALUES (?, ?, ?)",
-            (_key_hash(key), tenant, time.time()),
+            "INSERT INTO api_keys (key_sha256, tenant, created_at, role) VALUES (?, ?, ?, ?)",
+            (_key_hash(key), tenant, time.time(), role),
         )
 
     def tenant_for(self, key: str) -> str | None:
+        found = self.identity(key)
+        return None if found is None else found[0]
+
+    def identity(self, key: str) -> tuple[str, str, str] | None:
+        """(tenant, role, key id) of an API key; the id is a prefix of its hash, for the log."""
+        digest = _key_hash(key)
         row = (
             self._reader()
-            .execute("SELECT tenant FROM api_keys WHERE key_sha256=?", (_key_hash(key),))
+            .execute("SELECT tenant, role FROM api_keys WHERE key_sha256=?", (digest,))
             .fetchone()
         )
-        return None if row is None else str(row[0])
+        return None if row is None else (str(row[0]), str(row[1]), digest[:12])
 
     # -- reading ---------------------------------------------------------------------------
 

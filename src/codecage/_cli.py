@@ -169,7 +169,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     key = "cc_" + secrets.token_urlsafe(32)
     log = AuditLog(config.db)
     try:
-        log.add_key(key, args.tenant)
+        log.add_key(key, args.tenant, args.role)
     finally:
         log.close()
     print(key)  # shown once; only its hash is stored
@@ -257,7 +257,10 @@ def cmd_approvals(args: argparse.Namespace) -> int:
                 print("no pending approvals")
             for request in pending:
                 left = max(0.0, request.expires_at - _time.time())
-                first = (request.subject.splitlines() or [""])[0][:60]
+                lines = request.subject.splitlines() or [""]
+                first = lines[0][:60]
+                if len(lines) > 1 or len(lines[0]) > 60:  # never hide what follows
+                    first += f" [... {len(request.subject)} chars, {len(lines)} lines: see 'show']"
                 print(sanitize(f"{request.id}  {request.kind:<9} {left:5.0f}s left  {first}"))
                 for reason in request.reasons:
                     print(sanitize(f"    {reason}"))
@@ -266,6 +269,18 @@ def cmd_approvals(args: argparse.Namespace) -> int:
             raise SandboxError(
                 f"approvals {args.action}: give the approval id (see 'approvals list')"
             )
+        if args.action == "show":
+            found = [r for r in client.approvals() if r.id == args.approval_id]
+            if not found:
+                raise SandboxError(f"no pending approval {args.approval_id!r}")
+            request = found[0]
+            print(sanitize(f"approval {request.id}: {request.kind}, sandbox {request.sandbox_id}"))
+            for reason in request.reasons:
+                print(sanitize(f"  - {reason}"))
+            print("--- subject, in full ---")
+            print(sanitize(request.subject))
+            print("---")
+            return 0
         by = args.by or os.environ.get("USER") or "cli"
         decide = client.approve if args.action == "approve" else client.deny
         decision = decide(args.approval_id, args.reason or "", by)
@@ -361,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys_sub = keys.add_subparsers(dest="keys_action", required=True)
     create = keys_sub.add_parser("create", help="create a key for a tenant (printed once)")
     create.add_argument("--tenant", required=True)
+    create.add_argument(
+        "--role",
+        choices=["client", "approver"],
+        default="client",
+        help="client: the API; approver: only list and answer the tenant's approvals",
+    )
     create.add_argument("--config")
     create.add_argument("--db")
     create.set_defaults(func=cmd_keys)
@@ -383,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     approvals = sub.add_parser(
         "approvals", help="pending approvals of a running service: list, approve, deny"
     )
-    approvals.add_argument("action", choices=["list", "approve", "deny"])
+    approvals.add_argument("action", choices=["list", "show", "approve", "deny"])
     approvals.add_argument("approval_id", nargs="?")
     approvals.add_argument("--url", help="the service (or CODECAGE_URL)")
     approvals.add_argument("--key", help="an API key of the tenant (or CODECAGE_API_KEY)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -17,6 +17,8 @@ class Quotas(BaseModel):
     model_config = ConfigDict(extra="forbid")
     live_sandboxes: int = Field(20, ge=1)
     runs_per_minute: int = Field(600, ge=1)
+    # Operations of one tenant waiting for a person's yes at once (each holds a worker thread).
+    pending_approvals: int = Field(16, ge=1)
 
 
 class ServerConfig(BaseModel):
@@ -34,6 +36,9 @@ class ServerConfig(BaseModel):
     template_max_age_s: float = Field(3600.0, gt=0)
     # On SIGTERM, runs in flight get this long to finish; then their sandboxes are killed.
     shutdown_grace_s: float = Field(5.0, ge=0)
+    # Who may answer approvals: any key of the tenant ("tenant"), or only keys created with
+    # `codecage keys create --role approver` ("approver_keys").
+    approvers: Literal["tenant", "approver_keys"] = "tenant"
     # Sandboxes start from `policy`; a tenant may override fields up to `ceiling`.
     policy: Policy = Policy()
     ceiling: Policy = Policy(

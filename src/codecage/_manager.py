@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ._api import run as run_once
-from ._approvals import ApprovalRequest, Approvals, Decision, Gate
+from ._approvals import ApprovalRequest, Approvals, Decision, Gate, operation
 from ._audit import AuditLog
 from ._config import ServerConfig, within
 from ._errors import ApprovalDenied, CodeRejected, QuotaExceeded, SandboxNotFound
@@ -112,7 +112,10 @@ class Manager:
         )
         self._busy = 0
         self._idle = threading.Condition(self._lock)
-        self.approvals = Approvals(on_change=self._approval_changed)
+        self.approvals = Approvals(
+            on_change=self._approval_changed,
+            max_pending_per_tenant=config.quotas.pending_approvals,
+        )
 
     def _approval_changed(self, request: ApprovalRequest, decision: Decision | None) -> None:
         if decision is None:
@@ -131,10 +134,14 @@ class Manager:
                 raise QuotaExceeded(f"tenant already has {live} live sandboxes (quota)")
         gate = Gate(self.approvals, tenant=tenant)
         entry = Entry(tenant, Sandbox(policy, envs=envs, gate=gate, defaults=self.config.policy))
-        with self._lock:
-            self._sandboxes[entry.sandbox.id] = entry
-            self.metrics.live.set(len(self._sandboxes))
-        return entry
+        with self._lock:  # again: a create may have waited for approval meanwhile
+            live = sum(1 for e in self._sandboxes.values() if e.tenant == tenant)
+            if live < self.config.quotas.live_sandboxes:
+                self._sandboxes[entry.sandbox.id] = entry
+                self.metrics.live.set(len(self._sandboxes))
+                return entry
+        entry.sandbox.kill()
+        raise QuotaExceeded(f"tenant already has {live} live sandboxes (quota)")
 
     def get(self, tenant: str, sandbox_id: str) -> Entry:
         with self._lock:
@@ -265,8 +272,8 @@ class Manager:
 
     def _recorded(self, run_id: str, kind: str, work: Callable[[], T]) -> T:
         """Run `work` (the operation and its completion record) so that a failure is recorded
-        as well, and a shutdown waits for it."""
-        with self._operation():
+        as well, and a shutdown waits for it. Approvals it raises name this run."""
+        with self._operation(), operation(run_id=run_id):
             try:
                 return work()
             except BaseException as exc:

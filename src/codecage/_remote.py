@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -131,19 +132,22 @@ class Client:
         return Decision(**data)
 
     @contextmanager
-    def _answering(self, approver: Approver | None, sandbox_id: str | None) -> Iterator[None]:
+    def _answering(self, approver: Approver | None) -> Iterator[dict[str, str]]:
         """While an operation is in flight, answer the approvals it raises with the SDK
-        callback (the service holds the request; the callback runs here)."""
+        callback (the service holds the request; the callback runs here). The operation is
+        sent with a fresh reference (the headers yielded); only requests carrying it are
+        answered, never another client's."""
         if approver is None:
-            yield
+            yield {}
             return
+        ref = secrets.token_hex(16)
         stop, seen = threading.Event(), set()
 
         def watch() -> None:
             while not stop.wait(0.1):
                 with contextlib.suppress(SandboxError):
                     for request in self.approvals():
-                        if request.id in seen or request.sandbox_id != sandbox_id:
+                        if request.id in seen or request.client_ref != ref:
                             continue
                         seen.add(request.id)
                         decision = answer(approver, request)
@@ -153,7 +157,7 @@ class Client:
         thread = threading.Thread(target=watch, name="codecage-approver", daemon=True)
         thread.start()
         try:
-            yield
+            yield {"X-Codecage-Ref": ref}
         finally:
             stop.set()
             thread.join()
@@ -204,8 +208,8 @@ class RemoteSandbox:
         self._client = client
         self._approver = approver
         body = {"policy": _overrides(policy), "envs": envs or {}}
-        with client._answering(approver, None):
-            data = client.request("POST", "/v1/sandboxes", json=body).json()
+        with client._answering(approver) as headers:
+            data = client.request("POST", "/v1/sandboxes", json=body, headers=headers).json()
         self._id: str = data["id"]
         self.policy = Policy(**data["policy"])
         self._alive = True
@@ -248,27 +252,29 @@ class RemoteSandbox:
         timeout: float | None = None,
         envs: dict[str, str] | None = None,
     ) -> Execution:
-        with self._answering():
-            return self._run_code(code, timeout, envs, on_stdout, on_stderr, on_result, on_error)
+        with self._answering() as headers:
+            callbacks = (on_stdout, on_stderr, on_result, on_error)
+            return self._run_code(code, timeout, envs, headers, *callbacks)
 
-    def _answering(self) -> contextlib.AbstractContextManager[None]:
-        return self._client._answering(self._approver, self._id)
+    def _answering(self) -> contextlib.AbstractContextManager[dict[str, str]]:
+        return self._client._answering(self._approver)
 
     def _run_code(
         self,
         code: str,
         timeout: float | None,
         envs: dict[str, str] | None,
+        headers: dict[str, str],
         *callbacks: Any,
     ) -> Execution:
         body = {"code": code, "timeout": timeout, "envs": envs or {}}
+        url = f"{self._base}/execute"
         if not any(callbacks):
-            return Execution.from_dict(
-                self._client.request("POST", f"{self._base}/execute", json=body).json()
-            )
+            reply = self._client.request("POST", url, json=body, headers=headers)
+            return Execution.from_dict(reply.json())
         dispatch = _dispatcher(*callbacks)
         with self._client.stream(
-            "POST", f"{self._base}/execute", json=body, headers={"Accept": NDJSON}
+            "POST", url, json=body, headers={**headers, "Accept": NDJSON}
         ) as response:
             for line in response.iter_lines():
                 if not line.strip():
@@ -304,8 +310,11 @@ class RemoteFiles:
     def read(self, path: str, format: Literal["text"]) -> str: ...
 
     def read(self, path: str, format: Literal["bytes", "text"] = "bytes") -> bytes | str:
-        with self._sbx._answering():
-            data = self._sbx._client.request("GET", self._url(), params={"path": path}).content
+        with self._sbx._answering() as headers:
+            params = {"path": path}
+            data = self._sbx._client.request(
+                "GET", self._url(), params=params, headers=headers
+            ).content
         return data.decode("utf-8", "replace") if format == "text" else data
 
     def write(self, path: str, data: bytes | str) -> EntryInfo:
@@ -345,6 +354,7 @@ class RemoteCommands:
         self, cmd: str, *, timeout: float | None = None, envs: dict[str, str] | None = None
     ) -> CommandResult:
         body = {"cmd": cmd, "timeout": timeout, "envs": envs or {}}
-        with self._sbx._answering():
-            reply = self._sbx._client.request("POST", f"{self._sbx._base}/commands", json=body)
+        with self._sbx._answering() as headers:
+            url = f"{self._sbx._base}/commands"
+            reply = self._sbx._client.request("POST", url, json=body, headers=headers)
         return CommandResult(**reply.json())

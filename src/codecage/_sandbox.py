@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 from ._api import check_envs, prepare_code
-from ._approvals import Approver, Gate
+from ._approvals import Approver, Gate, with_envs
 from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound, TransportError
 from ._jail import get_jail
 from ._jail.namespace import NamespaceSandbox
@@ -154,7 +154,7 @@ class Sandbox:
         if on_event is not None:
             notify = lambda r: on_event({"ev": "pending_approval", "approval": r.to_dict()})  # noqa: E731
         findings = self._gate.code(
-            self.policy, text, findings, sandbox_id=self.id, run_id=run_id, notify=notify
+            self.policy, text, findings, sandbox_id=self.id, run_id=run_id, notify=notify, envs=envs
         )
         with self._lock:
             jailed = self._use()
@@ -320,12 +320,12 @@ class Commands:
         limit = self._sbx.policy.timeout_s
         if timeout is not None:
             limit = timeout if limit is None else min(limit, timeout)
-        message = {"op": "command", "cmd": cmd, "timeout_s": limit, "envs": check_envs(envs)}
+        envs = check_envs(envs)
+        message = {"op": "command", "cmd": cmd, "timeout_s": limit, "envs": envs}
         policy = self._sbx.policy
         if policy.approval_commands:
-            self._sbx._gate.check(
-                policy, "command", ["approval_commands=true"], cmd, sandbox_id=self._sbx.id
-            )
+            reasons = with_envs(["approval_commands=true"], envs)
+            self._sbx._gate.check(policy, "command", reasons, cmd, sandbox_id=self._sbx.id)
         message["output_bytes"] = self._sbx.policy.output_bytes
         # The kernel enforces the timeout; the host waits a little longer as a backstop.
         reply = self._sbx._request(message, None if limit is None else limit + 5)

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ._analysis import analyze
 from ._api import prepare_code
+from ._approvals import operation
 from ._audit import AuditLog
 from ._config import ServerConfig, within
 from ._errors import (
@@ -105,6 +107,7 @@ class ApprovalOut(BaseModel):
     sandbox_id: str | None
     tenant: str | None
     run_id: str | None
+    client_ref: str | None
     findings: list[FindingOut]
     requested_at: float
     expires_at: float
@@ -121,6 +124,7 @@ class DecisionOut(BaseModel):
     by: str
     reason: str
     at: float
+    key: str | None
 
 
 class ErrorOut(BaseModel):
@@ -227,6 +231,10 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         import anyio.to_thread
 
         anyio.to_thread.current_default_thread_limiter().total_tokens = 256
+        # Streaming runs (and runs waiting for approval) use the loop's executor: as many.
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(max_workers=256, thread_name_prefix="codecage-run")
+        )
         log = audit or AuditLog(config.db)
         log.mark_interrupted()  # runs of a previous process that never completed
         # Start the jail now: its template is warm for the first request, and its start-up
@@ -263,14 +271,32 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     def manager() -> Manager:
         return state["manager"]  # type: ignore[no-any-return]
 
-    def tenant(authorization: str | None = Header(None)) -> str:
+    def identity(authorization: str | None = Header(None)) -> tuple[str, str, str]:
+        """(tenant, role, key id) of the request's API key."""
         scheme, _, key = (authorization or "").partition(" ")
-        found = (
-            state["audit"].tenant_for(key.strip()) if scheme.lower() == "bearer" and key else None
-        )
+        found = state["audit"].identity(key.strip()) if scheme.lower() == "bearer" and key else None
         if found is None:
             raise Unauthorized()
-        return str(found)
+        return found  # type: ignore[no-any-return]
+
+    def tenant(who: tuple[str, str, str] = Depends(identity)) -> str:
+        """A client key's tenant (an approver key only answers approvals)."""
+        if who[1] != "client":
+            raise Forbidden("this key may only answer approvals")
+        return who[0]
+
+    def approver(who: tuple[str, str, str] = Depends(identity)) -> tuple[str, str, str]:
+        """A key that may see and answer its tenant's approvals (config `approvers`)."""
+        if who[1] != "approver" and config.approvers == "approver_keys":
+            raise Forbidden("approvals on this service are answered with approver keys only")
+        return who
+
+    ref_header = Header(
+        None,
+        alias="X-Codecage-Ref",
+        max_length=64,
+        description="the caller's reference, copied into approval requests this raises",
+    )
 
     def sandbox_out(entry: Any) -> SandboxOut:
         return SandboxOut(
@@ -290,8 +316,11 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         return PlainTextResponse(generate_latest(manager().metrics.registry).decode())
 
     @app.post("/v1/sandboxes", response_model=SandboxOut, status_code=201, responses=ERRORS)
-    def create_sandbox(body: CreateSandbox, who: str = Depends(tenant)) -> SandboxOut:
-        return sandbox_out(manager().create(who, body.policy, body.envs))
+    def create_sandbox(
+        body: CreateSandbox, who: str = Depends(tenant), ref: str | None = ref_header
+    ) -> SandboxOut:
+        with operation(client_ref=ref):
+            return sandbox_out(manager().create(who, body.policy, body.envs))
 
     @app.get("/v1/sandboxes", response_model=list[SandboxOut], responses=ERRORS)
     def list_sandboxes(who: str = Depends(tenant)) -> list[SandboxOut]:
@@ -312,7 +341,11 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         responses={**ERRORS, 200: {"content": {NDJSON: {}}}},
     )
     async def execute(
-        sandbox_id: str, body: ExecuteBody, request: Request, who: str = Depends(tenant)
+        sandbox_id: str,
+        body: ExecuteBody,
+        request: Request,
+        who: str = Depends(tenant),
+        ref: str | None = ref_header,
     ) -> Response:
         code = prepare_code(body.code)
         entry = manager().get(who, sandbox_id)
@@ -325,16 +358,22 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
             return manager().begin(who, sandbox_id, "execute", code, policy, findings)
 
         def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
-            return manager().execute(
-                who, sandbox_id, run_id, code, body.timeout, body.envs, on_event, findings
-            )
+            with operation(client_ref=ref):
+                return manager().execute(
+                    who, sandbox_id, run_id, code, body.timeout, body.envs, on_event, findings
+                )
 
         return await _answer(request, begin, work)
 
     @app.post(
         "/v1/run", response_model=ExecutionOut, responses={**ERRORS, 200: {"content": {NDJSON: {}}}}
     )
-    async def run(body: RunBody, request: Request, who: str = Depends(tenant)) -> Response:
+    async def run(
+        body: RunBody,
+        request: Request,
+        who: str = Depends(tenant),
+        ref: str | None = ref_header,
+    ) -> Response:
         code = prepare_code(body.code)
         policy = within(config.policy, body.policy, config.ceiling)
 
@@ -345,13 +384,20 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
             return manager().begin(who, None, "run", code, policy, findings)
 
         def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
-            return manager().run(who, run_id, code, policy, body.envs, on_event, findings)
+            with operation(client_ref=ref):
+                return manager().run(who, run_id, code, policy, body.envs, on_event, findings)
 
         return await _answer(request, begin, work)
 
     @app.post("/v1/sandboxes/{sandbox_id}/commands", response_model=CommandOut, responses=ERRORS)
-    def command(sandbox_id: str, body: CommandBody, who: str = Depends(tenant)) -> CommandOut:
-        result = manager().command(who, sandbox_id, body.cmd, body.timeout, body.envs)
+    def command(
+        sandbox_id: str,
+        body: CommandBody,
+        who: str = Depends(tenant),
+        ref: str | None = ref_header,
+    ) -> CommandOut:
+        with operation(client_ref=ref):
+            result = manager().command(who, sandbox_id, body.cmd, body.timeout, body.envs)
         return CommandOut(**vars(result))
 
     @app.put("/v1/sandboxes/{sandbox_id}/files", response_model=EntryOut, responses=ERRORS)
@@ -368,11 +414,16 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
         response_class=Response,
     )
-    def download(sandbox_id: str, path: str = Query(...), who: str = Depends(tenant)) -> Response:
+    def download(
+        sandbox_id: str,
+        path: str = Query(...),
+        who: str = Depends(tenant),
+        ref: str | None = ref_header,
+    ) -> Response:
         _check_path(path)
-        return Response(
-            manager().download(who, sandbox_id, path), media_type="application/octet-stream"
-        )
+        with operation(client_ref=ref):
+            data = manager().download(who, sandbox_id, path)
+        return Response(data, media_type="application/octet-stream")
 
     @app.get(
         "/v1/sandboxes/{sandbox_id}/files/list", response_model=list[EntryOut], responses=ERRORS
@@ -402,24 +453,33 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         return MadeOut(created=manager().get(who, sandbox_id).sandbox.files.make_dir(body.path))
 
     @app.get("/v1/approvals", response_model=list[ApprovalOut], responses=ERRORS)
-    def pending_approvals(who: str = Depends(tenant)) -> list[dict[str, Any]]:
+    def pending_approvals(who: tuple[str, str, str] = Depends(approver)) -> list[dict[str, Any]]:
         """This tenant's operations waiting for a person's yes."""
-        return [r.to_dict() for r in manager().approvals.pending(who)]
+        return [r.to_dict() for r in manager().approvals.pending(who[0])]
 
     @app.post("/v1/approvals/{approval_id}", response_model=DecisionOut, responses=ERRORS)
-    def decide(approval_id: str, body: DecisionBody, who: str = Depends(tenant)) -> dict[str, Any]:
-        """Approve or deny a pending operation (the first answer wins; the audit log keeps it)."""
+    def decide(
+        approval_id: str, body: DecisionBody, who: tuple[str, str, str] = Depends(approver)
+    ) -> dict[str, Any]:
+        """Approve or deny a pending operation (the first answer wins; the audit log keeps it,
+        with the key that answered: `by` is the decider's own note)."""
+        tenant_name, role, key_id = who
         decision = manager().approvals.decide(
-            approval_id, body.decision == "approve", body.by or f"tenant:{who}", body.reason, who
+            approval_id,
+            body.decision == "approve",
+            body.by or f"{role} key {key_id}",
+            body.reason,
+            tenant_name,
+            key=key_id,
         )
         return decision.to_dict()
 
     @app.get("/v1/audit/approvals", responses=ERRORS)
     def audit_approvals(
-        limit: int = Query(100, ge=1, le=1000), who: str = Depends(tenant)
+        limit: int = Query(100, ge=1, le=1000), who: tuple[str, str, str] = Depends(approver)
     ) -> list[dict[str, Any]]:
         """This tenant's approval requests and decisions: who, when, why."""
-        return state["audit"].approvals(tenant=who, limit=limit)  # type: ignore[no-any-return]
+        return state["audit"].approvals(tenant=who[0], limit=limit)  # type: ignore[no-any-return]
 
     @app.get("/v1/audit", responses=ERRORS)
     def audit_runs(
@@ -494,6 +554,10 @@ class Unauthorized(Exception):
     pass
 
 
+class Forbidden(Exception):
+    pass
+
+
 class BadRequest(Exception):
     pass
 
@@ -501,6 +565,7 @@ class BadRequest(Exception):
 def _handlers(app: FastAPI) -> None:
     mapping: list[tuple[type[BaseException], int]] = [
         (Unauthorized, 401),
+        (Forbidden, 403),
         (BadRequest, 400),
         (SandboxNotFound, 404),
         (FileNotFoundInSandbox, 404),

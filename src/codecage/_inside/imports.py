@@ -24,6 +24,13 @@ from typing import Any
 
 _original_import = builtins.__import__
 _original_import_module = importlib.import_module
+_original_importlib_import = importlib.__import__
+
+# Imported on user code's behalf by the interpreter itself (codecs for an encoding name,
+# datetime.strptime, `from __future__`): an allowlist admits them, a denylist may still not.
+IMPLICIT = frozenset(
+    {"__future__", "encodings", "_strptime", "time", "codecs", "_locale", "locale"}
+)
 
 
 class ImportPolicy:
@@ -31,25 +38,33 @@ class ImportPolicy:
         self.allow = None if allow is None else frozenset(allow)
         self.deny = frozenset(deny)
         self.trusted = tuple(sorted({os.path.realpath(p) + os.sep for p in trusted}))
+        self._verdicts: dict[str, bool] = {}
 
     def refusal(self, name: str) -> str | None:
         """Why `name` may not be imported by user code, or None if it may."""
         prefixes = _prefixes(name)
         if any(p in self.deny for p in prefixes):
             return "modules_deny"
-        if self.allow is not None and not any(p in self.allow for p in prefixes):
+        if self.allow is not None and not any(p in self.allow or p in IMPLICIT for p in prefixes):
             return "modules_allow"
         return None
 
     def is_user(self, globals_: Any) -> bool:
-        if not isinstance(globals_, dict):
-            return True  # __import__("os") called by hand
+        if not isinstance(globals_, dict):  # no globals: judge by the calling frame
+            try:
+                globals_ = sys._getframe(3).f_globals
+            except ValueError:
+                return True
         if globals_.get("__name__") == "__main__":
             return True
         path = globals_.get("__file__")
         if not isinstance(path, str):
             return True
-        return not os.path.realpath(path).startswith(self.trusted)
+        verdict = self._verdicts.get(path)
+        if verdict is None:  # libraries import inside functions all the time: once per file
+            verdict = not os.path.realpath(path).startswith(self.trusted)
+            self._verdicts[path] = verdict
+        return verdict
 
     def check(self, name: str, globals_: Any, fromlist: Any, level: int) -> None:
         if not self.is_user(globals_):
@@ -111,4 +126,5 @@ def install(allow: Iterable[str] | None, deny: Iterable[str]) -> None:
         return _original_import_module(name, package)
 
     builtins.__import__ = guarded_import
+    importlib.__import__ = guarded_import
     importlib.import_module = guarded_import_module
