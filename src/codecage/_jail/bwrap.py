@@ -31,7 +31,7 @@ from .._errors import BackendUnavailable, SandboxError
 from .._inside import landlock, seccomp
 from .._policy import Policy
 from . import cgroups, features
-from .host import HostJail, HostSandbox, Launched, readable, uids
+from .host import HostJail, HostSandbox, Launched, raise_nofile, readable, uids
 from .template import DEFAULT_PRELOAD, Runtime, package_dir, state_dir
 
 _jail_numbers = itertools.count(1)
@@ -84,6 +84,7 @@ class BwrapJail(HostJail):
         why = probe()
         if why is not None:
             raise BackendUnavailable(f"isolation backend 'bwrap': {why}")
+        raise_nofile()
         self.bwrap = bwrap_binary() or "bwrap"
         self.runtime = runtime or Runtime.default()
         self.runtime.check()
@@ -179,13 +180,20 @@ class BwrapSandbox(HostSandbox):
                 os.close(fd)
         try:
             init_pid = self._child_pid(info_r, time.monotonic() + 30)
+            pidfd = os.pidfd_open(init_pid)
+        except BaseException:
+            host_end.close()
+            raise
         finally:
             os.close(info_r)
-        pidfd = os.pidfd_open(init_pid)
-        if init_pid not in self.cgroups.pids():  # the pidfd pins it: is it still ours?
+        try:
+            if init_pid not in self.cgroups.pids():  # the pidfd pins it: is it still ours?
+                raise SandboxError("the sandbox's init is not in its cgroup")
+            host_end.send(json.dumps(self._spec(envs)).encode())
+        except BaseException:
             os.close(pidfd)
-            raise SandboxError("the sandbox's init is not in its cgroup")
-        host_end.send(json.dumps(self._spec(envs)).encode())
+            host_end.close()
+            raise
         return Launched(host_end, pidfd, init_pid)
 
     def _argv(self, supervisor_fd: int, info_fd: int, pipes: dict[str, int]) -> list[str]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import secrets
 import select
 import signal
@@ -84,6 +85,13 @@ def readable(
 
 
 _readable = readable
+
+
+def raise_nofile() -> None:
+    """Each sandbox holds about a dozen descriptors here: use all the host allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Tree(Protocol):
