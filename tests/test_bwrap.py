@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from codecage import Policy, Sandbox
+from codecage import Policy, Sandbox, SandboxError
 from codecage._jail import available_backends
-from codecage._jail.bwrap import bwrap_binary
+from codecage._jail.bwrap import BwrapJail, bwrap_binary
 from codecage._jail.host import UID_BASE
 from codecage._jail.template import Runtime
 from codecage.testing import PRELUDE, in_jail, result_of
@@ -125,3 +125,14 @@ def test_every_process_of_a_sandbox_runs_as_its_own_host_uid() -> None:
                 uids |= {int(u) for u in line.split()[1:]}
             assert len(uids) == 1 and min(uids) >= UID_BASE, uids
             assert str(min(uids)) == sbx.run_code("os.getuid()").text
+
+
+def test_a_sandbox_that_fails_to_start_says_why_and_leaves_nothing() -> None:
+    """The entry's own error (here: a preload module that does not exist) reaches the
+    caller as a SandboxError; the leak check after the test proves the tree is gone."""
+    jail = BwrapJail(preload=("codecage_no_such_module",))
+    try:
+        with pytest.raises(SandboxError, match="codecage_no_such_module"):
+            jail.spawn(BWRAP, {})
+    finally:
+        jail.close()

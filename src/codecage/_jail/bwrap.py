@@ -145,6 +145,7 @@ class BwrapSandbox(HostSandbox):
             jail.cgroup_version, self.id, jail.owner
         )
         self.process: subprocess.Popen[bytes] | None = None
+        self._last_words = ""
         self._start(envs)
 
     # -- launch -------------------------------------------------------------------------
@@ -260,13 +261,21 @@ class BwrapSandbox(HostSandbox):
                 break
         raise SandboxError(f"bubblewrap did not start the sandbox: {self._stderr()}")
 
+    def _diagnostics(self) -> str:
+        return self._last_words
+
     def _stderr(self) -> str:
-        if self.process is None or self.process.stderr is None:
+        """The end of bwrap's (and a failed entry's) stderr, read without blocking."""
+        if self.process is None or self.process.stderr is None or self.process.stderr.closed:
             return ""
-        with contextlib.suppress(subprocess.TimeoutExpired, OSError, ValueError):
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=2)
-            return self.process.stderr.read(2000).decode(errors="replace").strip()
-        return "(no diagnostics)"
+        fd = self.process.stderr.fileno()
+        os.set_blocking(fd, False)
+        try:
+            return os.read(fd, 4000).decode(errors="replace").strip()
+        except OSError:
+            return ""
 
     def _spec(self, envs: dict[str, str]) -> dict[str, Any]:
         p, runtime = self.policy, self.jail.runtime
@@ -325,6 +334,7 @@ class BwrapSandbox(HostSandbox):
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            self._last_words = self._stderr()
             if self.process.stderr is not None:
                 self.process.stderr.close()
         uids.give_back(self.uid)

@@ -226,9 +226,19 @@ class HostSandbox:
             self._supervisor, self._init_pidfd, self.init_pid = self._launch(envs)
             self._await_kernel(time.monotonic() + timeout_s)
             self._open_mounts()
+        except OSError as exc:  # e.g. init died before it could report why
+            self.kill()
+            why = self._diagnostics()
+            raise SandboxError(
+                f"sandbox set-up failed: {exc}" + (f": {why}" if why else "")
+            ) from None
         except BaseException:
             self.kill()
             raise
+
+    def _diagnostics(self) -> str:
+        """What the launcher said when a start failed (after kill()), for the error."""
+        return ""
 
     # -- supervisor channel -------------------------------------------------------------
 

@@ -11,6 +11,7 @@ import itertools
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from .._errors import BackendUnavailable, SandboxError
@@ -71,6 +72,11 @@ class NamespaceJail(HostJail):
                 lacking[f] = ROOTLESS_WHY
         self.enforces = features.ALL - frozenset(lacking)
         self.why = lacking
+
+    @property
+    def package(self) -> Path:
+        """The staged codecage package sandboxes see (read-only, at this path)."""
+        return self.template.package
 
     def spawn(self, policy: Policy, envs: dict[str, str]) -> NamespaceSandbox:
         return NamespaceSandbox(self, policy, envs)
