@@ -13,15 +13,16 @@ from __future__ import annotations
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from codecage import Policy, Sandbox, SandboxError
-from codecage._jail import available_backends
+from codecage._jail import available_backends, get_jail
 from codecage._jail.bwrap import BwrapJail, bwrap_binary
-from codecage._jail.host import UID_BASE
+from codecage._jail.host import UID_BASE, HostJail
 from codecage._jail.template import Runtime
 from codecage.testing import PRELUDE, in_jail, result_of
 
@@ -136,3 +137,28 @@ def test_a_sandbox_that_fails_to_start_says_why_and_leaves_nothing() -> None:
             jail.spawn(BWRAP, {})
     finally:
         jail.close()
+
+
+def test_pool_serves_bwrap_sandboxes_with_their_own_envs() -> None:
+    jail = get_jail("bwrap")
+    assert isinstance(jail, HostJail)
+    pool = jail.start_pool(1, BWRAP, refill_per_s=10)
+    try:
+        deadline = time.monotonic() + 60
+        while pool.ready < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.ready == 1
+        with Sandbox(BWRAP, envs={"POOLED": "yes"}) as sbx:
+            assert pool.hits == 1  # the control: it came from the pool
+            assert sbx.run_code("import os; os.environ['POOLED']").text == "'yes'"
+    finally:
+        pool.stop()
+        jail.pool = None
+
+
+def test_pids_max_counts_the_sandboxs_own_processes() -> None:
+    """bwrap's monitor is in the pids cgroup too; the limit is raised by one for it."""
+    with Sandbox(Policy(isolation="bwrap", pids_max=10)) as sbx:
+        assert sbx.run_code("open('/sys/fs/cgroup/pids/pids.max').read().strip()").text == "'11'"
+        pids = sbx._jailed.cgroups.pids()  # type: ignore[attr-defined]
+        assert len(pids) == 3, pids  # monitor, init, kernel: 8 more may start

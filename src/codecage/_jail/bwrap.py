@@ -150,6 +150,13 @@ class BwrapSandbox(HostSandbox):
 
     # -- launch -------------------------------------------------------------------------
 
+    def _tree_policy(self) -> Policy:
+        """bwrap's monitor sits in the pids cgroup: one more, so pids_max means for the
+        sandbox's own processes what it means in the namespace jail."""
+        if self.policy.pids_max is None:
+            return self.policy
+        return self.policy.model_copy(update={"pids_max": self.policy.pids_max + 1})
+
     def _launch(self, envs: dict[str, str]) -> Launched:
         host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         data = {

@@ -214,6 +214,11 @@ class HostSandbox:
         were killed (init confirmed dead if `init_dead`). Called once, from kill(), before
         the tree is removed."""
 
+    def _tree_policy(self) -> Policy:
+        """The limits the tree is created with: the policy's, unless the backend's own
+        processes share the tree and must not eat into them."""
+        return self.policy
+
     def _kill_tree(self) -> None:
         """SIGKILL every process of the sandbox (terminate() then also kills init by pidfd)."""
         self.cgroups.kill()
@@ -222,7 +227,7 @@ class HostSandbox:
         """Create the tree, launch init and wait for the first kernel: the subclass's
         __init__ calls it last. On any failure everything started is killed."""
         try:
-            self.cgroups.create(self.policy)
+            self.cgroups.create(self._tree_policy())
             self._supervisor, self._init_pidfd, self.init_pid = self._launch(envs)
             self._await_kernel(time.monotonic() + timeout_s)
             self._open_mounts()
