@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -107,12 +108,17 @@ class BwrapJail(HostJail):
         self.enforces = features.ALL - ({"landlock"} if not self.landlock else set())
         self.why = {} if self.landlock else {"landlock": "this host has no Landlock"}
         self.pool = None
+        # --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that forked
+        # bwrap exits: a request's worker thread or the pool's would take its sandboxes with
+        # it. So every bwrap is started from this one thread, which lives as long as the jail.
+        self.spawner = ThreadPoolExecutor(1, thread_name_prefix="codecage-bwrap-spawner")
 
     def spawn(self, policy: Policy, envs: dict[str, str]) -> BwrapSandbox:
         return BwrapSandbox(self, policy, envs)
 
     def close(self) -> None:
         super().close()
+        self.spawner.shutdown(wait=True)
         cgroups.remove_owner(self.cgroup_version, self.owner)
 
 
@@ -172,16 +178,21 @@ class BwrapSandbox(HostSandbox):
         passed = [child_end.fileno(), info_w, *pipes.values()]
         try:
             argv = self._argv(child_end.fileno(), info_w, pipes)
-            self.process = subprocess.Popen(
-                argv,
-                env=self.jail.runtime.base_env(),
-                pass_fds=passed,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                cwd="/",
-            )
+            env = self.jail.runtime.base_env()
+
+            def popen() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    argv,
+                    env=env,
+                    pass_fds=passed,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                    cwd="/",
+                )
+
+            self.process = self.jail.spawner.submit(popen).result()
         finally:
             child_end.close()
             for fd in (info_w, *pipes.values()):
