@@ -26,6 +26,8 @@ from codecage._jail.host import UID_BASE, HostJail
 from codecage._jail.template import Runtime
 from codecage.testing import PRELUDE, in_jail, result_of
 
+from .conftest import start_service, stop_service
+
 pytestmark = [
     pytest.mark.requires_root,
     pytest.mark.skipif(
@@ -162,3 +164,25 @@ def test_pids_max_counts_the_sandboxs_own_processes() -> None:
         assert sbx.run_code("open('/sys/fs/cgroup/pids/pids.max').read().strip()").text == "'11'"
         pids = sbx._jailed.cgroups.pids()  # type: ignore[attr-defined]
         assert len(pids) == 3, pids  # monitor, init, kernel: 8 more may start
+
+
+def test_the_service_runs_bwrap_sandboxes_from_its_pool(tmp_path: Path) -> None:
+    config = tmp_path / "service.toml"
+    config.write_text(
+        'pool_size = 1\n[policy]\nisolation = "bwrap"\n[ceiling]\nisolation = "bwrap"\n'
+    )
+    service = start_service(tmp_path / "audit.db", ("alice",), config)
+    try:
+        with service.client("alice") as client:
+            deadline = time.monotonic() + 60
+            while "codecage_pool_ready 1.0" not in client.request("GET", "/metrics").text:
+                assert time.monotonic() < deadline, "the bwrap pool never filled"
+                time.sleep(0.2)
+            with client.Sandbox() as sbx:
+                assert sbx.run_code("import os; os.getuid() >= 1 << 20").text == "True"
+                sbx.files.write("a.txt", b"x")
+                assert sbx.commands.run("cat a.txt").stdout == "x"
+            metrics = client.request("GET", "/metrics").text
+            assert "codecage_pool_hits 1.0" in metrics, metrics[-2000:]
+    finally:
+        stop_service(service)
