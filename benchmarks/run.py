@@ -19,6 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+from backends import backend_figures, splice  # noqa: E402
 from baselines import (  # noqa: E402
     Jupyter,
     PipeRepl,
@@ -201,8 +202,12 @@ def write(
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--backends-only", action="store_true", help="backends side by side only")
     args = parser.parse_args()
     n = 10 if args.quick else 40
+    if args.backends_only:
+        splice(HERE, backend_figures(measure, 10))
+        return
     results: Figures = {}
     ratios: dict[str, float] = {}
     memory: dict[str, float] = {}
@@ -219,6 +224,7 @@ def main() -> None:
     sandbox_memory(memory)
     rows = scaling(HERE, (1, 10, 100) if args.quick else (1, 10, 100, 500, 1000))
     write(results, ratios, memory, rows)
+    splice(HERE, backend_figures(measure, 10))
 
 
 if __name__ == "__main__":
