@@ -18,6 +18,7 @@ and cgroup readings, never from the kernel's word.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -216,6 +217,7 @@ class HostSandbox:
         self._reader = FrameReader()
         self._pending: list[Message] = []
         self._setup: list[Message] = []
+        self._cpu_base = 0.0
 
     @property
     def _channel(self) -> socket.socket:
@@ -250,6 +252,7 @@ class HostSandbox:
             self._supervisor, self._init_pidfd, self.init_pid = self._launch(envs)
             self._await_kernel(time.monotonic() + timeout_s)
             self._open_mounts()
+            self._cpu_base = self.cgroups.usage().cpu_s  # start-up is not the session's
         except OSError as exc:  # e.g. init died before it could report why
             self.kill()
             why = self._diagnostics()
@@ -425,7 +428,9 @@ class HostSandbox:
         return message if message.get("ev") == "exit" else None
 
     def prefault(self) -> None:
+        """The pool's first, uncounted cell: not the session's CPU either."""
         self.request({"op": "prefault"}, 30)
+        self._cpu_base = self.cgroups.usage().cpu_s
 
     def set_envs(self, envs: dict[str, str]) -> None:
         """A pooled sandbox's own environment, set when it is handed out (no code ran yet)."""
@@ -490,7 +495,10 @@ class HostSandbox:
             data = data[sent:]
 
     def usage(self) -> Usage:
-        return self.cgroups.usage()
+        """The host's readings; CPU counted from when the sandbox was handed out (its
+        start-up, a cold import of the data stack on exec backends, is not the session's)."""
+        usage = self.cgroups.usage()
+        return dataclasses.replace(usage, cpu_s=max(0.0, usage.cpu_s - self._cpu_base))
 
     def workspace_full(self) -> bool:
         """Whether a memory-backed filesystem of the sandbox is full (the host's own statvfs
