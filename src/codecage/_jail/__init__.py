@@ -76,4 +76,10 @@ def _load(name: str) -> Jail:
         jail = NamespaceJail(preload=modules)
         atexit.register(jail.close)
         return jail
+    if name == "gvisor":
+        from .gvisor import GvisorJail
+
+        gvisor = GvisorJail()
+        atexit.register(gvisor.close)
+        return gvisor
     raise BackendUnavailable(f"isolation backend {name!r} is not available in this version")

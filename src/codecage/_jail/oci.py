@@ -1,0 +1,126 @@
+"""What the OCI-based backends (`gvisor`, `container`) share: the image, the in-sandbox
+init's entry point, and the host's listeners the sandbox connects to.
+
+No descriptor crosses these boundaries (gVisor's sentry cannot hand its sockets to the
+host; a container engine passes none in), so the host binds a per-sandbox directory into
+the sandbox holding two listeners: `supervisor.sock` (SOCK_SEQPACKET, accepted once, then
+closed and unlinked before any code runs) and `kernel.sock` (a stream per kernel
+generation, taken by the token init announces on the supervisor channel). The rest of the
+host protocol is the namespace jail's, unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from .._errors import TransportError
+from .._image import PACKAGE_ROOT, Image
+from .._policy import Policy
+from .template import Runtime, state_dir
+
+CHANNEL_INSIDE = "/run/codecage"  # where the channel directory appears in the sandbox
+SANDBOX_UID = 1000
+TOKEN_BYTES = 32  # init's token: 16 random bytes, hex
+
+
+def bootstrap(image: Image, spec: dict[str, Any]) -> list[str]:
+    """The argv of the sandbox's PID 1."""
+    code = (
+        f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); "
+        "from codecage._inside.oci import main; main()"
+    )
+    return [image.python, "-I", "-c", code, json.dumps(spec)]
+
+
+def environment(runtime: Runtime, policy: Policy, envs: dict[str, str]) -> dict[str, str]:
+    env = runtime.base_env() | {
+        "HOME": "/home/user",
+        "MPLCONFIGDIR": "/home/user/.config/matplotlib",
+        "IPYTHONDIR": "/home/user/.ipython",
+        "TMPDIR": "/tmp",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env |= {k: os.environ[k] for k in policy.env_allowlist if k in os.environ}
+    return env | envs
+
+
+class Channel:
+    """The host's listeners of one sandbox, in /run/codecage/oci/<id>/ (root only)."""
+
+    def __init__(self, sandbox_id: str) -> None:
+        self.dir = state_dir() / "oci" / sandbox_id / "channel"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir, 0o755)
+        self.supervisor_listener = self._listen("supervisor.sock", socket.SOCK_SEQPACKET)
+        self.kernel_listener = self._listen("kernel.sock", socket.SOCK_STREAM)
+
+    def _listen(self, name: str, kind: int) -> socket.socket:
+        sock = socket.socket(socket.AF_UNIX, kind)
+        sock.bind(str(self.dir / name))
+        os.chmod(self.dir / name, 0o777)  # the sandbox's uid connects
+        sock.listen(8)
+        return sock
+
+    def spec(self) -> dict[str, str]:
+        return {
+            "supervisor_socket": f"{CHANNEL_INSIDE}/supervisor.sock",
+            "kernel_socket": f"{CHANNEL_INSIDE}/kernel.sock",
+        }
+
+    def accept_supervisor(self, deadline: float) -> socket.socket:
+        """The one supervisor connection: init's, made before any user code exists."""
+        self.supervisor_listener.settimeout(max(0.001, deadline - time.monotonic()))
+        try:
+            conn, _ = self.supervisor_listener.accept()
+        except TimeoutError:
+            raise TransportError("the sandbox's init did not connect") from None
+        finally:
+            self.supervisor_listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                (self.dir / "supervisor.sock").unlink()
+        return conn
+
+    def accept_kernel(self, token: str, deadline: float) -> socket.socket:
+        """The connection that presents `token`; any other queued one is dropped."""
+        while True:
+            self.kernel_listener.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                conn, _ = self.kernel_listener.accept()
+            except TimeoutError:
+                raise TransportError("the kernel did not connect") from None
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
+            try:
+                got = _recv_exactly(conn, TOKEN_BYTES)
+            except OSError:
+                got = b""
+            if got == token.encode():
+                return conn
+            conn.close()
+
+    def close(self) -> None:
+        self.supervisor_listener.close()
+        self.kernel_listener.close()
+        shutil.rmtree(self.dir.parent, ignore_errors=True)
+
+
+def _recv_exactly(conn: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = conn.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def bundle_dir(sandbox_id: str) -> Path:
+    path = state_dir() / "oci" / sandbox_id / "bundle"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
