@@ -76,7 +76,7 @@ class Metrics:
                     if not jailed.alive:
                         continue
                     try:
-                        current = jailed.cgroups.memory_current()
+                        current = jailed.memory_current()
                     except OSError:
                         continue  # ended meanwhile
                     if current is not None:

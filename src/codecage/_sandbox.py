@@ -17,7 +17,7 @@ from typing import Any, Literal, overload
 from ._api import check_envs, prepare_code
 from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound, TransportError
 from ._jail import get_jail
-from ._jail.namespace import NamespaceSandbox
+from ._jail.host import HostSandbox
 from ._models import Execution, ExecutionError, Result
 from ._policy import Policy
 
@@ -65,7 +65,7 @@ class Sandbox:
         self.policy = policy or Policy()
         self._lock = threading.RLock()
         jail = get_jail(self.policy.isolation)
-        self._jailed: NamespaceSandbox = jail.create(self.policy, check_envs(envs))  # type: ignore[assignment]
+        self._jailed: HostSandbox = jail.create(self.policy, check_envs(envs))
         self.last_activity = time.monotonic()
         self.busy = False
         self.files = Files(self)
@@ -97,7 +97,7 @@ class Sandbox:
     def __repr__(self) -> str:
         return f"<Sandbox {self.id} {'alive' if self.alive else 'ended'}>"
 
-    def _use(self) -> NamespaceSandbox:
+    def _use(self) -> HostSandbox:
         if not self._jailed.alive:
             raise SandboxNotFound(f"sandbox {self.id} has ended: {self._jailed.ended_because}")
         return self._jailed

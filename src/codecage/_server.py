@@ -31,7 +31,7 @@ from ._errors import (
     SandboxNotFound,
 )
 from ._jail import close_jails, get_jail
-from ._jail.namespace import NamespaceJail
+from ._jail.host import HostJail
 from ._manager import Manager
 from ._models import Execution
 
@@ -189,7 +189,7 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         # sweep removes whatever a crashed predecessor left behind.
         jail = await run_in_threadpool(get_jail, config.policy.isolation)
         pool = None
-        if config.pool_size and isinstance(jail, NamespaceJail):
+        if config.pool_size and isinstance(jail, HostJail):
             pool = jail.start_pool(
                 config.pool_size, config.policy, config.pool_refill_per_s, config.template_max_age_s
             )

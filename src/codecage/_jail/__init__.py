@@ -1,6 +1,8 @@
 """Jail backends: one small interface (create a sandbox; run, signal, kill it).
 
-Backends are loaded by name from the policy's `isolation` field.
+Backends are registered by name (`BACKENDS`) and loaded lazily from the policy's
+`isolation` field. Each declares what it enforces (`enforces`, see features.py) and refuses
+a policy asking for more. How a backend plugs in: docs/backends-internals.md.
 """
 
 from __future__ import annotations
@@ -8,37 +10,55 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from .._errors import BackendUnavailable
-from .._models import Execution
 from .._policy import Policy
 
-
-class JailedSandbox(Protocol):
-    id: str
-
-    def execute(
-        self,
-        code: str,
-        *,
-        mode: str = "session",
-        timeout_s: float | None = None,
-        envs: dict[str, str] | None = None,
-        recover: bool = True,
-    ) -> Execution: ...
-
-    def kill(self) -> None: ...
+if TYPE_CHECKING:
+    from .host import HostSandbox
 
 
 class Jail(Protocol):
     name: str
+    enforces: frozenset[str]
 
     def check(self, policy: Policy) -> None: ...
 
-    def create(self, policy: Policy, envs: dict[str, str] | None = None) -> JailedSandbox: ...
+    def create(self, policy: Policy, envs: dict[str, str] | None = None) -> HostSandbox: ...
 
     def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A registered backend. `probe` is cheap and side-effect free: None if this host can run
+    the backend, else what is missing and how to get it (shown by `codecage doctor`)."""
+
+    name: str
+    summary: str
+    load: Callable[[], Jail]
+    probe: Callable[[], str | None]
+
+
+BACKENDS: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> None:
+    BACKENDS[backend.name] = backend
+
+
+def available_backends() -> dict[str, str | None]:
+    """Every registered backend -> None if available here, else why not (doctor, tests)."""
+    out: dict[str, str | None] = {}
+    for name, backend in BACKENDS.items():
+        try:
+            out[name] = backend.probe()
+        except Exception as exc:  # a probe must never take the caller down
+            out[name] = f"probe failed: {exc}"
+    return out
 
 
 _jails: dict[str, Jail] = {}
@@ -63,23 +83,74 @@ def close_jails() -> None:
 
 
 def _load(name: str) -> Jail:
-    if name == "namespace":
-        from .namespace import NamespaceJail
-
-        # The template's preload list: CODECAGE_PRELOAD="numpy,pandas" (default: the data stack).
-        preload = os.environ.get("CODECAGE_PRELOAD")
-        modules = (
-            tuple(m.strip() for m in preload.split(",") if m.strip())
-            if preload is not None
-            else None
+    backend = BACKENDS.get(name)
+    if backend is None:
+        raise BackendUnavailable(
+            f"isolation backend {name!r} is not available in this version "
+            f"(known: {', '.join(BACKENDS)})"
         )
-        jail = NamespaceJail(preload=modules)
-        atexit.register(jail.close)
-        return jail
-    if name == "gvisor":
-        from .gvisor import GvisorJail
+    why = backend.probe()
+    if why is not None:
+        raise BackendUnavailable(f"isolation backend {name!r} cannot run on this host: {why}")
+    jail = backend.load()
+    atexit.register(jail.close)
+    return jail
 
-        gvisor = GvisorJail()
-        atexit.register(gvisor.close)
-        return gvisor
-    raise BackendUnavailable(f"isolation backend {name!r} is not available in this version")
+
+def preload_list() -> tuple[str, ...] | None:
+    """The modules sandboxes start with: CODECAGE_PRELOAD="numpy,pandas" (default: the data
+    stack, template.DEFAULT_PRELOAD)."""
+    preload = os.environ.get("CODECAGE_PRELOAD")
+    if preload is None:
+        return None
+    return tuple(m.strip() for m in preload.split(",") if m.strip())
+
+
+def _load_namespace() -> Jail:
+    from .namespace import NamespaceJail
+
+    return NamespaceJail(preload=preload_list())
+
+
+def _probe_namespace() -> str | None:
+    from . import cgroups
+    from .template import Runtime
+
+    runtime = Runtime.default()
+    if not runtime.python.exists():
+        return f"no sandbox runtime at {runtime.path}: run `make runtime` or set CODECAGE_RUNTIME"
+    if os.geteuid() == 0 and cgroups.detect_version() is None:
+        return "no usable cgroups (v1 memory/pids/cpu/cpuacct/freezer or v2)"
+    return None
+
+
+register(
+    Backend(
+        "namespace",
+        "fork from a warm template into fresh namespaces, cgroups, seccomp, Landlock",
+        _load_namespace,
+        _probe_namespace,
+    )
+)
+
+
+def _load_gvisor() -> Jail:
+    from .gvisor import GvisorJail
+
+    return GvisorJail()
+
+
+def _probe_gvisor() -> str | None:
+    from .gvisor import probe
+
+    return probe()
+
+
+register(
+    Backend(
+        "gvisor",
+        "runsc (gVisor's user-space kernel, ptrace platform) running an OCI bundle",
+        _load_gvisor,
+        _probe_gvisor,
+    )
+)

@@ -1,82 +1,35 @@
-"""The namespace jail, host side: create a sandbox from the template, run code, kill it.
+"""The namespace jail (the default backend): sandboxes forked from a warm template.
 
-Everything read from a sandbox is untrusted: frames are size-capped and validated, and
-outcomes (killed_by, limits_hit, peak memory, duration) come from the host's own timer
-and cgroup readings, never from the kernel's word.
+The template forks each sandbox and the in-jail pipeline (_inside/pipeline.py) confines it;
+everything after the launch (the protocol, budgets, recovery) is host.HostSandbox's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import resource
-import secrets
-import select
-import signal
-import socket
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .._errors import (
-    BackendUnavailable,
-    ExecutionTimeout,
-    PolicyError,
-    SandboxError,
-    SandboxNotFound,
-    TransportError,
-)
-from .._inside.protocol import FrameReader, Message, ProtocolError, encode
-from .._models import Execution, ExecutionError, Result
+from .._errors import BackendUnavailable, SandboxError
 from .._policy import Policy
-from . import cgroups
+from . import cgroups, features
+from .host import UID_BASE, HostJail, HostSandbox, Launched, uids
 from .proctree import ProcessTree
 from .template import Runtime, Template
 
-if TYPE_CHECKING:
-    from .pool import Pool
+__all__ = ["UID_BASE", "NamespaceJail", "NamespaceSandbox"]
 
-EventCallback = Callable[[Message], None]
-POLL_S = 0.05
-UID_BASE, UID_SPAN = 1 << 20, (1 << 31) - (1 << 21)
-
-
-@dataclass
-class _Uids:
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    used: set[int] = field(default_factory=set)
-
-    def take(self) -> int:
-        with self.lock:
-            while True:
-                uid = UID_BASE + secrets.randbelow(UID_SPAN)
-                if uid not in self.used:
-                    self.used.add(uid)
-                    return uid
-
-    def give_back(self, uid: int) -> None:
-        with self.lock:
-            self.used.discard(uid)
-
-
-_uids = _Uids()
 _jail_numbers = itertools.count(1)
 
-
-def _readable(
-    files: list[socket.socket | int], timeout_s: float | None, events: int = select.POLLIN
-) -> set[int]:
-    """The descriptors ready for `events` (or hung up) within the timeout. poll, not select:
-    a service with hundreds of sandboxes holds descriptors far above select's 1024."""
-    poller = select.poll()
-    for f in files:
-        poller.register(f, events)
-    ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
-    return {fd for fd, _ in poller.poll(ms)}
+ROOTLESS_WHY = (
+    "not running as root: sandboxes would run in a user namespace without cgroups, "
+    "so memory_mb, pids_max, cpu_s become per-process rlimits, cpu_cores is not "
+    "enforced, and all sandboxes share this user's host uid"
+)
 
 
 def _raise_nofile() -> None:
@@ -86,7 +39,7 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-class NamespaceJail:
+class NamespaceJail(HostJail):
     """Backend `namespace`: forks sandboxes from one template process."""
 
     name = "namespace"
@@ -112,47 +65,29 @@ class NamespaceJail:
         kwargs = {"preload": preload} if preload is not None else {}
         self.template = Template(self.runtime, **kwargs)
         self._templates_lock = threading.Lock()
-        self.pool: Pool | None = None
+        self.pool = None
+        self._features()
 
-    def check(self, policy: Policy) -> None:
-        if policy.isolation != "namespace":
-            raise PolicyError(
-                f"policy field 'isolation': this backend is 'namespace', not {policy.isolation!r}"
-            )
-        if self.template.landlock_abi < 1 and not policy.allow_weaker:
-            raise PolicyError("this host has no Landlock; set allow_weaker=true to run without it")
-        if self.rootless and not policy.allow_weaker:
-            raise PolicyError(
-                "not running as root: sandboxes would run in a user namespace without cgroups, "
-                "so memory_mb, pids_max, cpu_s become per-process rlimits, cpu_cores is not "
-                "enforced, and all sandboxes share this user's host uid; set allow_weaker=true "
-                "to accept that (see docs/threat-model.md)"
-            )
+    def _features(self) -> None:
+        """What this host lets the namespace jail enforce (see features.py)."""
+        lacking: dict[str, str] = {}
+        if self.template.landlock_abi < 1:
+            lacking["landlock"] = "this host has no Landlock"
+        if self.rootless:
+            # rlimits stand in for memory_mb, pids_max and cpu_s: weaker, so refused by default
+            for f in ("memory", "pids", "cpu_quota", "cpu_budget", "own_uid"):
+                lacking[f] = ROOTLESS_WHY
+        self.enforces = features.ALL - frozenset(lacking)
+        self.why = lacking
 
-    def create(self, policy: Policy, envs: dict[str, str] | None = None) -> NamespaceSandbox:
-        self.check(policy)
-        pooled = self.pool.take(policy) if self.pool is not None else None
-        if pooled is not None:
-            if envs:
-                pooled.set_envs(envs)
-            return pooled
-        return NamespaceSandbox(self, policy, envs or {})
+    def spawn(self, policy: Policy, envs: dict[str, str]) -> NamespaceSandbox:
+        return NamespaceSandbox(self, policy, envs)
 
-    def start_pool(
-        self,
-        size: int,
-        policy: Policy,
-        refill_per_s: float = 50.0,
-        template_max_age_s: float = 3600.0,
-    ) -> Pool:
-        """Keep `size` sandboxes of `policy` forked, prefaulted and waiting."""
-        from .pool import Pool
-
-        if self.pool is not None:
-            self.pool.stop()
-        self.check(policy)
-        self.pool = Pool(self, size, policy, refill_per_s, template_max_age_s)
-        return self.pool
+    def renew_if_older(self, max_age_s: float) -> bool:
+        if time.monotonic() - self.template.started <= max_age_s:
+            return False
+        self.renew_template()
+        return True
 
     def renew_template(self) -> None:
         """Re-execute the template, so sandboxes do not share one address-space layout,
@@ -171,48 +106,46 @@ class NamespaceJail:
             template.close()
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.stop()
+        super().close()
         self.template.close()
         if self.cgroup_version:
             cgroups.remove_owner(self.cgroup_version, self.owner)
 
 
-class NamespaceSandbox:
-    """One live sandbox: its cgroups, its init (PID 1) and the current kernel's channel."""
+class NamespaceSandbox(HostSandbox):
+    """A sandbox forked from the template; the pipeline confines it on the way to its init."""
 
     def __init__(self, jail: NamespaceJail, policy: Policy, envs: dict[str, str]) -> None:
-        self.id = secrets.token_hex(16)
-        self.policy = policy
+        super().__init__(policy)
         self.jail = jail
         self.template = jail.template  # its own: the jail may re-execute a newer one meanwhile
         self.template.acquire()
-        self.uid = _uids.take()
+        self.uid = uids.take()
         self.cgroups: cgroups.SandboxCgroups | ProcessTree = (
             ProcessTree()
             if jail.rootless
             else cgroups.SandboxCgroups(jail.cgroup_version, self.id, jail.owner)
         )
-        self._closed = False
-        self._dying = False
-        self._mount_fds: list[int] = []
-        self.ended_because = "it was killed"
-        self.last_usage = cgroups.Usage(0, 0, 0, 0.0)
-        self.generation = -1
-        self._kernel: socket.socket | None = None
-        self._reader = FrameReader()
-        self._pending: list[Message] = []
-        try:
-            self.cgroups.create(policy)
-            spec = self._spec(envs)
-            self._supervisor, self._init_pidfd, self.init_pid = self.template.spawn(spec)
-            if isinstance(self.cgroups, ProcessTree):
-                self.cgroups.attach(self.init_pid)
-            self._await_kernel(time.monotonic() + 30)
-            self._open_mounts()
-        except BaseException:
-            self.kill()
-            raise
+        self._start(envs)
+
+    def _launch(self, envs: dict[str, str]) -> Launched:
+        supervisor, pidfd, pid = self.template.spawn(self._spec(envs))
+        if isinstance(self.cgroups, ProcessTree):
+            self.cgroups.attach(pid)
+        return Launched(supervisor, pidfd, pid)
+
+    def _open_mounts(self) -> None:
+        if not self.jail.rootless:  # rootless: another user namespace's root is closed to us
+            super()._open_mounts()
+
+    def _release(self, init_dead: bool) -> None:
+        if init_dead and self.init_pid is not None:
+            # init is now a zombie of the template: have it reaped before we return
+            with contextlib.suppress(OSError, SandboxError):
+                self.template.reap(self.init_pid)
+        uids.give_back(self.uid)
+        self.template.release()
+        self.jail.maybe_close(self.template)
 
     def _spec(self, envs: dict[str, str]) -> dict[str, Any]:
         p, runtime = self.policy, self.jail.runtime
@@ -257,507 +190,3 @@ class NamespaceSandbox:
             "rlimits": rlimits,
             "landlock": self.template.landlock_abi >= 1,
         }
-
-    # -- supervisor channel -------------------------------------------------------------
-
-    def _supervisor_message(self) -> tuple[Message, list[int]]:
-        data, fds, _flags, _addr = socket.recv_fds(self._supervisor, 65536, 1)
-        if not data:
-            for fd in fds:
-                os.close(fd)
-            if self._dying:  # we killed it: say why, not how the channel looked
-                raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
-            raise TransportError("the sandbox's init exited")
-        try:
-            message = json.loads(data)
-            if not isinstance(message, dict):
-                raise ValueError("not an object")
-        except (ValueError, RecursionError) as exc:
-            for fd in fds:
-                os.close(fd)
-            self.terminate("its init sent a malformed message")
-            raise TransportError(
-                f"bad message from the sandbox's init: {type(exc).__name__}"
-            ) from None
-        return message, fds
-
-    def _await_kernel(self, deadline: float) -> None:
-        """Wait for init to hand over a new kernel's channel, then for the kernel's hello."""
-        self._supervisor.settimeout(max(0.001, deadline - time.monotonic()))
-        while True:
-            message, fds = self._supervisor_message()
-            if message.get("ev") == "error":
-                raise SandboxError(f"sandbox set-up failed: {message.get('message')}")
-            if message.get("ev") == "kernel" and len(fds) == 1:
-                break
-            for fd in fds:
-                os.close(fd)
-        self._supervisor.setblocking(False)
-        if self._kernel is not None:
-            self._kernel.close()
-        self._kernel = socket.socket(fileno=fds[0])
-        self._kernel.setblocking(False)
-        self._reader, self._pending = FrameReader(), []
-        self.generation = int(message.get("generation", 0))
-        hello = self._next_frame(deadline)
-        if hello is None or hello.get("ev") != "hello":
-            raise TransportError(f"the kernel did not greet: {hello!r}")
-
-    def _next_frame(self, deadline: float) -> Message | None:
-        assert self._kernel is not None
-        while not self._pending:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                return None
-            if _readable([self._kernel], timeout):
-                frames = self._read_kernel()
-                if not frames and self._eof():
-                    raise TransportError("the kernel exited before it greeted")
-                self._pending.extend(frames)
-        return self._pending.pop(0)
-
-    def _eof(self) -> bool:
-        assert self._kernel is not None
-        try:
-            return self._kernel.recv(1, socket.MSG_PEEK) == b""
-        except BlockingIOError:
-            return False
-        except OSError:
-            return True
-
-    def _read_kernel(self) -> list[Message]:
-        assert self._kernel is not None
-        try:
-            data = self._kernel.recv(1 << 18)
-        except BlockingIOError:
-            return []
-        except OSError as exc:
-            raise TransportError(f"kernel channel: {exc}") from None
-        if not data:
-            return []
-        try:
-            return self._reader.feed(data)
-        except ProtocolError as exc:
-            self.terminate("its control stream was malformed")
-            raise TransportError(f"malformed frame from the sandbox: {exc}") from None
-
-    # -- running code -------------------------------------------------------------------
-
-    def execute(
-        self,
-        code: str,
-        *,
-        mode: str = "session",
-        timeout_s: float | None = None,
-        envs: dict[str, str] | None = None,
-        on_event: EventCallback | None = None,
-        recover: bool = True,
-    ) -> Execution:
-        """Run code in the kernel. With `recover`, a timeout interrupts (SIGINT) and, after
-        the policy's grace, kills and restarts the kernel; a dead kernel is restarted. Without
-        it (one-shot runs, whose sandbox is destroyed next), the run just stops waiting."""
-        if self._closed or self._dying:
-            raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
-        run = _Run(self, on_event)
-        limit = self.policy.timeout_s
-        if timeout_s is not None:
-            limit = timeout_s if limit is None else min(limit, timeout_s)
-        return run.go(code, mode, limit, envs or {}, recover)
-
-    def request(self, message: Message, timeout_s: float | None) -> Message:
-        """Send a file or command request and wait for its reply ("done" or "failed").
-
-        If the kernel dies meanwhile it is restarted and TransportError is raised; past the
-        deadline the kernel is interrupted, then killed and restarted."""
-        if self._closed or self._dying:
-            raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
-        message = {**message, "id": secrets.token_hex(8)}
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        self.send(message)
-        while True:
-            while self._pending:
-                frame = self._pending.pop(0)
-                if frame.get("id") == message["id"] and frame.get("ev") in ("done", "failed"):
-                    return frame
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                self.kill_kernel()
-                self.restart_kernel(time.monotonic() + 30)
-                raise ExecutionTimeout(
-                    f"{message.get('op')} did not finish within {timeout_s} s; the kernel was restarted"
-                )
-            wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
-            assert self._kernel is not None
-            ready = _readable([self._kernel, self._supervisor], wait)
-            if self._kernel.fileno() in ready:
-                self._pending.extend(self._read_kernel())
-            if self._supervisor.fileno() in ready and not self._pending:
-                status = self._exit_event()
-                if status is not None:
-                    self.restart_kernel(time.monotonic() + 30)
-                    raise TransportError(
-                        f"the kernel died during {message.get('op')} ({status}); it was restarted"
-                    )
-
-    def wait_exit_event(self, deadline: float) -> Message | None:
-        """Wait for init's report that the kernel ended."""
-        while time.monotonic() < deadline:
-            if _readable([self._supervisor], deadline - time.monotonic()):
-                status = self._exit_event()
-                if status is not None:
-                    return status
-        return None
-
-    def _exit_event(self) -> Message | None:
-        """A kernel-exit report from init, if one is waiting."""
-        try:
-            message, fds = self._supervisor_message()
-        except BlockingIOError:
-            return None
-        for fd in fds:
-            os.close(fd)
-        return message if message.get("ev") == "exit" else None
-
-    def prefault(self) -> None:
-        self.request({"op": "prefault"}, 30)
-
-    def set_envs(self, envs: dict[str, str]) -> None:
-        """A pooled sandbox's own environment, set when it is handed out (no code ran yet)."""
-        self.request({"op": "setenv", "envs": envs}, 30)
-
-    def dead(self) -> bool:
-        """Whether the sandbox died on its own (its init is gone)."""
-        return self._dying or self._closed or bool(_readable([self._init_pidfd], 0))
-
-    def restart_kernel(self, deadline: float) -> None:
-        try:
-            self._supervisor.send(b'{"op": "restart"}')
-            self._supervisor.setblocking(True)
-            self._await_kernel(deadline)
-        except (OSError, SandboxError) as exc:
-            self.terminate(f"its kernel could not be restarted ({exc})")
-            raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}") from None
-
-    def kill_kernel(self) -> None:
-        """Kill the kernel and everything it started; init (PID 1) stays."""
-        self.cgroups.kill(spare=self.init_pid)
-
-    def interrupt(self) -> None:
-        """SIGINT to every process but init, like Ctrl-C to a terminal's foreground group."""
-        self.cgroups.kill(spare=self.init_pid, sig=signal.SIGINT)
-
-    def send(self, message: Message, timeout_s: float = 30.0) -> None:
-        """Send a request; a kernel that stops reading cannot block the host for ever."""
-        assert self._kernel is not None
-        data = memoryview(encode(message))
-        deadline = time.monotonic() + timeout_s
-        while data:
-            if self._dying:
-                raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
-            wait = min(POLL_S * 4, deadline - time.monotonic())
-            if not _readable([self._kernel], wait, select.POLLOUT):
-                if time.monotonic() >= deadline:
-                    self.terminate("its kernel stopped reading requests")
-                    raise TransportError(
-                        "the kernel stopped reading requests; the sandbox was ended"
-                    )
-                continue
-            try:
-                sent = self._kernel.send(data)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise TransportError(f"kernel channel: {exc}") from None
-            data = data[sent:]
-
-    def usage(self) -> cgroups.Usage:
-        return self.cgroups.usage()
-
-    def workspace_full(self) -> bool:
-        """Whether a memory-backed filesystem of the sandbox is full (the host's own statvfs
-        on descriptors it opened when the sandbox started, before any code ran)."""
-        for fd in self._mount_fds:
-            st = os.fstatvfs(fd)
-            if st.f_bavail * st.f_frsize < 64 * 1024:
-                return True
-        return False
-
-    def _open_mounts(self) -> None:
-        if self.jail.rootless:  # another user namespace's init: its root is closed to us
-            return
-        for path in ("home/user", "tmp", "dev/shm"):
-            self._mount_fds.append(
-                os.open(f"/proc/{self.init_pid}/root/{path}", os.O_PATH | os.O_CLOEXEC)
-            )
-
-    # -- ending -------------------------------------------------------------------------
-
-    def terminate(self, reason: str) -> None:
-        """Kill every process of the sandbox now, from any thread, without waiting for a run
-        in progress (it sees its kernel die and returns); kill() then releases the rest."""
-        if self._dying:
-            return
-        with contextlib.suppress(OSError):
-            self.last_usage = self.cgroups.usage()
-        self.ended_because = reason
-        self._dying = True
-        with contextlib.suppress(OSError):
-            self.cgroups.kill()
-        if hasattr(self, "_init_pidfd"):
-            with contextlib.suppress(OSError):
-                signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
-
-    def end(self, reason: str) -> None:
-        """Kill the sandbox for a reason that later calls will report."""
-        self.terminate(reason)
-        self.kill()
-
-    def kill(self) -> None:
-        """Stop the whole tree (freeze, SIGKILL, thaw) and remove the cgroups. Idempotent."""
-        if self._closed:
-            return
-        self.terminate(self.ended_because)
-        self._closed = True
-        if hasattr(self, "_init_pidfd"):
-            dead = _readable([self._init_pidfd], 5.0)
-            os.close(self._init_pidfd)
-            if dead:  # init is now a zombie of the template: have it reaped before we return
-                with contextlib.suppress(OSError, SandboxError):
-                    self.template.reap(self.init_pid)
-            self._supervisor.close()
-        if self._kernel is not None:
-            self._kernel.close()
-        for fd in self._mount_fds:
-            os.close(fd)
-        self.cgroups.remove()
-        _uids.give_back(self.uid)
-        self.template.release()
-        self.jail.maybe_close(self.template)
-
-    @property
-    def alive(self) -> bool:
-        return not self._closed and not self._dying
-
-
-class _Run:
-    """One execution: send the request, pump events, enforce the deadline and CPU budget."""
-
-    def __init__(self, sandbox: NamespaceSandbox, on_event: EventCallback | None) -> None:
-        self.sbx = sandbox
-        self.on_event = on_event
-        self.ex = Execution()
-        self.budget = sandbox.policy.output_bytes
-        self.results_budget = sandbox.policy.results_bytes
-        self.dropped = (
-            0  # bytes refused after a budget ran out: a sandbox that keeps sending is ended
-        )
-        self.id = secrets.token_hex(8)
-        self.ended = False
-        self.limit: float | None = None
-        self.mode = "session"
-
-    def go(
-        self, code: str, mode: str, limit: float | None, envs: dict[str, str], recover: bool
-    ) -> Execution:
-        sbx, policy = self.sbx, self.sbx.policy
-        sbx.cgroups.reset_peak()
-        before = sbx.usage()
-        started = time.monotonic()
-        deadline = None if limit is None else started + limit
-        self.limit, self.mode = limit, mode
-        request: dict[str, Any] = {"op": "execute", "id": self.id, "code": code, "mode": mode}
-        request |= {
-            "envs": envs,
-            "output_bytes": policy.output_bytes,
-            "results_bytes": policy.results_bytes,
-        }
-        sbx.send(request)
-        outcome = self._pump(deadline, before)
-        self._check_alive()
-        if recover and outcome != "end":
-            outcome = self._recover(outcome, before)
-        self.ex.duration_ms = (time.monotonic() - started) * 1000
-        after = sbx.usage() if sbx.alive else sbx.last_usage
-        self._account(before, after, outcome)
-        return self.ex
-
-    def _check_alive(self) -> None:
-        if self.sbx._dying:  # killed from outside (kill(), the watchdog, a protocol error)
-            raise SandboxNotFound(f"sandbox {self.sbx.id} has ended: {self.sbx.ended_because}")
-
-    def _recover(self, outcome: str, before: cgroups.Usage) -> str:
-        """Keep the session usable: interrupt first, then kill and restart the kernel."""
-        sbx = self.sbx
-        grace = sbx.policy.interrupt_grace_s
-        if outcome == "cpu_limit":  # the budget is for the whole session: it is over
-            sbx.end("its cpu_s budget was used")
-            self.ex.state_lost = True
-            return outcome
-        if outcome == "timeout" and grace > 0:
-            sbx.interrupt()
-            if self._pump(time.monotonic() + grace, before) == "end":
-                return "timeout"  # interrupted; the session's state is intact
-            self._check_alive()
-        if outcome != "died":
-            sbx.kill_kernel()
-        sbx.restart_kernel(time.monotonic() + 30)
-        self.ex.state_lost = True
-        return outcome
-
-    def _pump(self, deadline: float | None, before: cgroups.Usage) -> str:
-        """Returns how the run ended: "end", "timeout", "cpu_limit" or "died"."""
-        sbx = self.sbx
-        assert sbx._kernel is not None
-        next_cpu_check = time.monotonic() + 0.25
-        while not self.ended:
-            while sbx._pending and not self.ended:
-                self._handle(sbx._pending.pop(0))
-            if self.ended:
-                break
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                return "timeout"
-            if now >= next_cpu_check:
-                next_cpu_check = now + 0.25
-                if self._over_cpu():
-                    return "cpu_limit"
-            wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
-            ready = _readable([sbx._kernel, sbx._supervisor], wait)
-            if sbx._kernel.fileno() in ready:
-                frames = sbx._read_kernel()
-                sbx._pending.extend(frames)
-                if not frames and not sbx._pending and sbx._eof():
-                    # The kernel is gone; init's report says how (a signal, an exit code).
-                    status = sbx.wait_exit_event(time.monotonic() + 2.0)
-                    if status is not None:
-                        self._died(status)
-                    return "died"
-            if sbx._supervisor.fileno() in ready and not sbx._pending:
-                status = self.sbx._exit_event()
-                if status is not None:
-                    self._died(status)
-                    return "died"
-        return "end"
-
-    def _over_cpu(self) -> bool:
-        cap = self.sbx.policy.cpu_s
-        return cap is not None and self.sbx.usage().cpu_s > cap
-
-    def _handle(self, frame: Message) -> None:
-        ev = frame.get("ev")
-        if frame.get("id") != self.id:
-            return  # not this run's: never trusted as ours (an "end" without id included)
-        if ev in ("stdout", "stderr"):
-            kept = self._stream(ev, frame.get("text"))
-            if kept is None:
-                return
-            frame = {**frame, "text": kept}  # callbacks get what the budget kept, no more
-        elif ev == "result":
-            if not self._result(frame.get("data"), bool(frame.get("is_main_result"))):
-                return
-        elif ev == "error":
-            self.ex.error = ExecutionError(
-                str(frame.get("name", "Error")),
-                str(frame.get("value", "")),
-                str(frame.get("traceback", "")),
-            )
-        elif ev == "end":
-            self.ended = True
-            count, code = frame.get("execution_count"), frame.get("exit_code")
-            self.ex.execution_count = count if isinstance(count, int) else None
-            self.ex.exit_code = code if isinstance(code, int) else None
-            if frame.get("truncated") is True:
-                self.ex.truncated = True
-        if self.on_event is not None:
-            self.on_event(frame)
-
-    def _stream(self, name: str, text: object) -> str | None:
-        """Keep what fits in the output budget; returns the kept text, or None."""
-        if not isinstance(text, str) or not text:
-            return None
-        data = text.encode("utf-8", "replace")
-        if len(data) > self.budget:
-            self._drop(len(data) - self.budget)
-            data = data[: self.budget]
-            text = data.decode("utf-8", "ignore")
-        self.budget -= len(data)
-        if not text:
-            return None
-        (self.ex.logs.stdout if name == "stdout" else self.ex.logs.stderr).append(text)
-        return text
-
-    def _result(self, data: object, is_main: bool) -> bool:
-        """Keep a MIME bundle if it fits in the results budget."""
-        if not isinstance(data, dict):
-            return False
-        size = sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in data.values())
-        if size > self.results_budget:
-            self._drop(size)
-            return False
-        self.results_budget -= size
-        self.ex.results.append(Result.from_bundle(data, is_main))
-        return True
-
-    def _drop(self, size: int) -> None:
-        self.ex.truncated = True
-        self.dropped += size
-        policy = self.sbx.policy
-        if self.dropped > 64 * (1 << 20) + 4 * (policy.output_bytes + policy.results_bytes):
-            self.sbx.terminate("it kept sending output far beyond its budget")
-
-    def _died(self, status: Message) -> None:
-        sig = status.get("signal")
-        if isinstance(sig, int):
-            self.ex.killed_by = "seccomp" if sig == signal.SIGSYS else "signal"
-            self.ex.exit_code = 128 + sig
-        elif isinstance(status.get("code"), int):
-            self.ex.exit_code = status["code"]
-
-    def _account(self, before: cgroups.Usage, after: cgroups.Usage, outcome: str) -> None:
-        sbx, ex = self.sbx, self.ex
-        if outcome in ("timeout", "cpu_limit"):
-            ex.killed_by = "timeout" if outcome == "timeout" else "cpu_limit"
-        if after.oom_kills > before.oom_kills:
-            ex.limits_hit.append("memory_limit")
-            if outcome == "died" or ex.killed_by == "signal":
-                ex.killed_by = "memory_limit"
-        if ex.killed_by is not None and ex.killed_by not in ex.limits_hit:
-            ex.limits_hit.append(ex.killed_by)
-        if after.pids_max_events > before.pids_max_events:
-            ex.limits_hit.append("pids_limit")
-        if sbx.workspace_full():
-            ex.limits_hit.append("disk_quota")
-        if ex.truncated:
-            ex.limits_hit.append("output_limit")
-        if after.memory_peak_bytes is not None:
-            ex.peak_memory_mb = after.memory_peak_bytes / (1 << 20)
-        if (
-            ex.killed_by is not None
-            and ex.exit_code is None
-            and (self.mode == "main" or ex.state_lost)
-        ):
-            ex.exit_code = (
-                128 + signal.SIGKILL
-            )  # a process was killed; an interrupted cell has none
-        if outcome == "died" and ex.killed_by is None and ex.exit_code is None:
-            ex.killed_by = "signal"
-        if ex.killed_by is not None and (ex.error is None or ex.state_lost):
-            ex.error = self._kill_error(ex.killed_by)
-
-    def _kill_error(self, killed_by: str) -> ExecutionError:
-        policy, ex = self.sbx.policy, self.ex
-        what = {
-            "timeout": ("TimeoutError", f"the run exceeded its time limit ({self.limit} s)"),
-            "memory_limit": (
-                "MemoryLimitExceeded",
-                f"the code exceeded memory_mb={policy.memory_mb}",
-            ),
-            "cpu_limit": ("CpuLimitExceeded", f"the sandbox used its cpu_s={policy.cpu_s} budget"),
-            "seccomp": (
-                "SeccompViolation",
-                "a forbidden system call (non-native ABI) killed the process",
-            ),
-            "signal": ("KernelDied", f"the kernel died (exit status {ex.exit_code})"),
-        }[killed_by]
-        after = "; the kernel was restarted and its variables are lost" if ex.state_lost else ""
-        return ExecutionError(what[0], what[1] + after, "")

@@ -12,7 +12,6 @@ host protocol is the namespace jail's, unchanged.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import socket
@@ -30,13 +29,36 @@ SANDBOX_UID = 1000
 TOKEN_BYTES = 32  # init's token: 16 random bytes, hex
 
 
-def bootstrap(image: Image, spec: dict[str, Any]) -> list[str]:
-    """The argv of the sandbox's PID 1."""
+def bootstrap(image: Image) -> list[str]:
+    """The argv of the sandbox's PID 1 (its spec comes on the supervisor channel)."""
     code = (
         f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); "
         "from codecage._inside.oci import main; main()"
     )
-    return [image.python, "-I", "-c", code, json.dumps(spec)]
+    return [image.python, "-I", "-c", code, f"{CHANNEL_INSIDE}/supervisor.sock"]
+
+
+def spec(policy: Policy, env: dict[str, str], preload: list[str]) -> dict[str, Any]:
+    """What init needs (see _inside/entry.py), sent as the supervisor channel's first message."""
+    return {
+        "env": env,
+        "uid": SANDBOX_UID,
+        "gid": SANDBOX_UID,
+        "rlimits": rlimits(policy),
+        "landlock": False,
+        "seccomp": "load",
+        "preload": preload,
+        "kernel_socket": f"{CHANNEL_INSIDE}/kernel.sock",
+    }
+
+
+def rlimits(policy: Policy) -> dict[str, int]:
+    return {
+        "nofile": policy.open_files_max,
+        "core": 0,
+        "stack": 8 << 20,
+        "fsize": max(policy.disk_mb, policy.tmp_mb, policy.shm_mb) << 20,
+    }
 
 
 def environment(runtime: Runtime, policy: Policy, envs: dict[str, str]) -> dict[str, str]:
@@ -67,12 +89,6 @@ class Channel:
         os.chmod(self.dir / name, 0o777)  # the sandbox's uid connects
         sock.listen(8)
         return sock
-
-    def spec(self) -> dict[str, str]:
-        return {
-            "supervisor_socket": f"{CHANNEL_INSIDE}/supervisor.sock",
-            "kernel_socket": f"{CHANNEL_INSIDE}/kernel.sock",
-        }
 
     def accept_supervisor(self, deadline: float) -> socket.socket:
         """The one supervisor connection: init's, made before any user code exists."""

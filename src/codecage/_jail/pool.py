@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import threading
-import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -19,13 +18,13 @@ from .._errors import SandboxError
 from .._policy import Policy
 
 if TYPE_CHECKING:
-    from .namespace import NamespaceJail, NamespaceSandbox
+    from .host import HostJail, HostSandbox
 
 
 class Pool:
     def __init__(
         self,
-        jail: NamespaceJail,
+        jail: HostJail,
         size: int,
         policy: Policy,
         refill_per_s: float,
@@ -34,7 +33,7 @@ class Pool:
         self.jail, self.size, self.policy = jail, size, policy
         self.refill_interval = 1.0 / refill_per_s if refill_per_s > 0 else 0.0
         self.template_max_age_s = template_max_age_s
-        self._ready: deque[NamespaceSandbox] = deque()
+        self._ready: deque[HostSandbox] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -42,7 +41,7 @@ class Pool:
         self._thread = threading.Thread(target=self._fill, name="codecage-pool", daemon=True)
         self._thread.start()
 
-    def take(self, policy: Policy) -> NamespaceSandbox | None:
+    def take(self, policy: Policy) -> HostSandbox | None:
         """A ready sandbox for exactly this policy, or None (the caller starts one cold)."""
         if policy != self.policy:
             return None
@@ -62,18 +61,15 @@ class Pool:
     def ready(self) -> int:
         return len(self._ready)
 
-    def _discard(self, sandbox: NamespaceSandbox) -> None:
+    def _discard(self, sandbox: HostSandbox) -> None:
         self.replaced += 1
         with contextlib.suppress(OSError, SandboxError):
             sandbox.kill()
 
     def _fill(self) -> None:
-        from .namespace import NamespaceSandbox
-
         while not self._stop.is_set():
-            if time.monotonic() - self.jail.template.started > self.template_max_age_s:
-                with contextlib.suppress(OSError, SandboxError):
-                    self.jail.renew_template()
+            with contextlib.suppress(OSError, SandboxError):
+                if self.jail.renew_if_older(self.template_max_age_s):
                     self._drain()  # forks of the old template go; fresh ones replace them
             self._prune()
             if len(self._ready) >= self.size:
@@ -81,7 +77,7 @@ class Pool:
                 self._wake.clear()
                 continue
             try:
-                sandbox = NamespaceSandbox(self.jail, self.policy, {})
+                sandbox = self.jail.spawn(self.policy, {})
                 sandbox.prefault()
             except (OSError, SandboxError):
                 self.failures += 1

@@ -1,0 +1,729 @@
+"""The host side of every backend: one implementation of the kernel protocol.
+
+`HostSandbox` owns what is the same whatever isolates the sandbox: the supervisor channel
+(init hands over each kernel generation's socket with SCM_RIGHTS), frame validation, output
+budgets, deadlines, the CPU budget, interrupt/kill/restart recovery, and file and command
+requests. A backend subclasses it and fills in a small seam (see docs/backends-internals.md):
+
+    _launch(envs)     start the sandbox's init; return its supervisor socket, pidfd and pid
+    _release(dead)    free what the backend holds once the tree is dead (uid, template, dirs)
+    cgroups           the Tree: limits, the host's own readings, signalling every process
+    workspace_full()  the host's own statvfs of the sandbox's memory-backed filesystems
+
+Everything read from a sandbox is untrusted: frames are size-capped and validated, and
+outcomes (killed_by, limits_hit, peak memory, duration) come from the host's own timer
+and cgroup readings, never from the kernel's word.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import select
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
+
+from .._errors import (
+    ExecutionTimeout,
+    SandboxError,
+    SandboxNotFound,
+    TransportError,
+)
+from .._inside.protocol import FrameReader, Message, ProtocolError, encode
+from .._models import Execution, ExecutionError, Result
+from .._policy import Policy
+from . import features
+from .cgroups import Usage
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+EventCallback = Callable[[Message], None]
+POLL_S = 0.05
+UID_BASE, UID_SPAN = 1 << 20, (1 << 31) - (1 << 21)
+
+
+@dataclass
+class _Uids:
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    used: set[int] = field(default_factory=set)
+
+    def take(self) -> int:
+        with self.lock:
+            while True:
+                uid = UID_BASE + secrets.randbelow(UID_SPAN)
+                if uid not in self.used:
+                    self.used.add(uid)
+                    return uid
+
+    def give_back(self, uid: int) -> None:
+        with self.lock:
+            self.used.discard(uid)
+
+
+uids = _Uids()  # one pool of host uids for every backend of this process
+
+
+def readable(
+    files: list[socket.socket | int], timeout_s: float | None, events: int = select.POLLIN
+) -> set[int]:
+    """The descriptors ready for `events` (or hung up) within the timeout. poll, not select:
+    a service with hundreds of sandboxes holds descriptors far above select's 1024."""
+    poller = select.poll()
+    for f in files:
+        poller.register(f, events)
+    ms = None if timeout_s is None else max(0, int(timeout_s * 1000))
+    return {fd for fd, _ in poller.poll(ms)}
+
+
+_readable = readable
+
+
+class Tree(Protocol):
+    """A sandbox's processes as the host sees them: cgroups.SandboxCgroups, or
+    proctree.ProcessTree without root. Another backend brings its own (a container's cgroup)."""
+
+    def create(self, policy: Policy) -> None: ...
+
+    def usage(self) -> Usage: ...
+
+    def memory_current(self) -> int | None: ...
+
+    def reset_peak(self) -> None: ...
+
+    def kill(self, spare: int | None = None, sig: int = signal.SIGKILL) -> None: ...
+
+    def remove(self, timeout_s: float = 5.0) -> None: ...
+
+
+class Launched(NamedTuple):
+    """What `_launch` returns: the supervisor channel to init, a pidfd on init (None where
+    init is not a host process; then the channel's hang-up says it died), init's host pid
+    (None likewise)."""
+
+    supervisor: socket.socket
+    init_pidfd: int | None
+    init_pid: int | None
+
+
+class HostJail:
+    """A backend: checks policies against what it enforces, creates sandboxes (from its warm
+    pool when one fits), keeps the pool. Subclasses set `name`, `enforces` (and `why`, the
+    reason for each feature they lack) and implement `spawn`."""
+
+    name: str = ""
+    enforces: frozenset[str] = features.ALL
+    why: dict[str, str] = {}
+    pool: Pool | None = None
+
+    def check(self, policy: Policy) -> None:
+        features.check(self.name, self.enforces, policy, self.why)
+
+    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
+        """Start a sandbox cold (the pool calls this too)."""
+        raise NotImplementedError
+
+    def create(self, policy: Policy, envs: dict[str, str] | None = None) -> HostSandbox:
+        self.check(policy)
+        pooled = self.pool.take(policy) if self.pool is not None else None
+        if pooled is not None:
+            if envs:
+                pooled.set_envs(envs)
+            return pooled
+        return self.spawn(policy, envs or {})
+
+    def start_pool(
+        self,
+        size: int,
+        policy: Policy,
+        refill_per_s: float = 50.0,
+        template_max_age_s: float = 3600.0,
+    ) -> Pool:
+        """Keep `size` sandboxes of `policy` started, prefaulted and waiting."""
+        from .pool import Pool
+
+        if self.pool is not None:
+            self.pool.stop()
+        self.check(policy)
+        self.pool = Pool(self, size, policy, refill_per_s, template_max_age_s)
+        return self.pool
+
+    def renew_if_older(self, max_age_s: float) -> bool:
+        """Re-execute whatever sandboxes are forked from, if older than `max_age_s`; True
+        if it did (the pool then replaces its waiting sandboxes). Nothing to renew here."""
+        return False
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
+
+
+class HostSandbox:
+    """One live sandbox: its tree, its init (PID 1) and the current kernel's channel.
+    A subclass's __init__ calls super().__init__, sets `self.cgroups`, then `_start()`."""
+
+    cgroups: Tree
+
+    def __init__(self, policy: Policy) -> None:
+        self.id = secrets.token_hex(16)
+        self.policy = policy
+        self._closed = False
+        self._dying = False
+        self._mount_fds: list[int] = []
+        self.ended_because = "it was killed"
+        self.last_usage = Usage(0, 0, 0, 0.0)
+        self.generation = -1
+        self.init_pid: int | None = None
+        self._init_pidfd: int | None = None
+        self._supervisor: socket.socket | None = None
+        self._kernel: socket.socket | None = None
+        self._reader = FrameReader()
+        self._pending: list[Message] = []
+
+    @property
+    def _channel(self) -> socket.socket:
+        assert self._supervisor is not None
+        return self._supervisor
+
+    # -- the seam: what each backend provides -------------------------------------------
+
+    def _launch(self, envs: dict[str, str]) -> Launched:
+        """Start the sandbox's init, already confined and charged to `self.cgroups`."""
+        raise NotImplementedError
+
+    def _release(self, init_dead: bool) -> None:
+        """Free what the backend holds for this sandbox; its processes are dead (init
+        confirmed dead if `init_dead`). Called once, from kill()."""
+
+    def _start(self, envs: dict[str, str], timeout_s: float = 30.0) -> None:
+        """Create the tree, launch init and wait for the first kernel: the subclass's
+        __init__ calls it last. On any failure everything started is killed."""
+        try:
+            self.cgroups.create(self.policy)
+            self._supervisor, self._init_pidfd, self.init_pid = self._launch(envs)
+            self._await_kernel(time.monotonic() + timeout_s)
+            self._open_mounts()
+        except BaseException:
+            self.kill()
+            raise
+
+    # -- supervisor channel -------------------------------------------------------------
+
+    def _supervisor_message(self) -> tuple[Message, list[int]]:
+        data, fds, _flags, _addr = socket.recv_fds(self._channel, 65536, 1)
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            if self._dying:  # we killed it: say why, not how the channel looked
+                raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
+            raise TransportError("the sandbox's init exited")
+        try:
+            message = json.loads(data)
+            if not isinstance(message, dict):
+                raise ValueError("not an object")
+        except (ValueError, RecursionError) as exc:
+            for fd in fds:
+                os.close(fd)
+            self.terminate("its init sent a malformed message")
+            raise TransportError(
+                f"bad message from the sandbox's init: {type(exc).__name__}"
+            ) from None
+        return message, fds
+
+    def _await_kernel(self, deadline: float) -> None:
+        """Wait for init to hand over a new kernel's channel, then for the kernel's hello."""
+        self._channel.settimeout(max(0.001, deadline - time.monotonic()))
+        while True:
+            message, fds = self._supervisor_message()
+            if message.get("ev") == "error":
+                raise SandboxError(f"sandbox set-up failed: {message.get('message')}")
+            if message.get("ev") == "kernel" and len(fds) == 1:
+                break
+            for fd in fds:
+                os.close(fd)
+        self._channel.setblocking(False)
+        if self._kernel is not None:
+            self._kernel.close()
+        self._kernel = socket.socket(fileno=fds[0])
+        self._kernel.setblocking(False)
+        self._reader, self._pending = FrameReader(), []
+        self.generation = int(message.get("generation", 0))
+        hello = self._next_frame(deadline)
+        if hello is None or hello.get("ev") != "hello":
+            raise TransportError(f"the kernel did not greet: {hello!r}")
+
+    def _next_frame(self, deadline: float) -> Message | None:
+        assert self._kernel is not None
+        while not self._pending:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0:
+                return None
+            if _readable([self._kernel], timeout):
+                frames = self._read_kernel()
+                if not frames and self._eof():
+                    raise TransportError("the kernel exited before it greeted")
+                self._pending.extend(frames)
+        return self._pending.pop(0)
+
+    def _eof(self) -> bool:
+        assert self._kernel is not None
+        try:
+            return self._kernel.recv(1, socket.MSG_PEEK) == b""
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+
+    def _read_kernel(self) -> list[Message]:
+        assert self._kernel is not None
+        try:
+            data = self._kernel.recv(1 << 18)
+        except BlockingIOError:
+            return []
+        except OSError as exc:
+            raise TransportError(f"kernel channel: {exc}") from None
+        if not data:
+            return []
+        try:
+            return self._reader.feed(data)
+        except ProtocolError as exc:
+            self.terminate("its control stream was malformed")
+            raise TransportError(f"malformed frame from the sandbox: {exc}") from None
+
+    # -- running code -------------------------------------------------------------------
+
+    def execute(
+        self,
+        code: str,
+        *,
+        mode: str = "session",
+        timeout_s: float | None = None,
+        envs: dict[str, str] | None = None,
+        on_event: EventCallback | None = None,
+        recover: bool = True,
+    ) -> Execution:
+        """Run code in the kernel. With `recover`, a timeout interrupts (SIGINT) and, after
+        the policy's grace, kills and restarts the kernel; a dead kernel is restarted. Without
+        it (one-shot runs, whose sandbox is destroyed next), the run just stops waiting."""
+        if self._closed or self._dying:
+            raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
+        run = _Run(self, on_event)
+        limit = self.policy.timeout_s
+        if timeout_s is not None:
+            limit = timeout_s if limit is None else min(limit, timeout_s)
+        return run.go(code, mode, limit, envs or {}, recover)
+
+    def request(self, message: Message, timeout_s: float | None) -> Message:
+        """Send a file or command request and wait for its reply ("done" or "failed").
+
+        If the kernel dies meanwhile it is restarted and TransportError is raised; past the
+        deadline the kernel is interrupted, then killed and restarted."""
+        if self._closed or self._dying:
+            raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
+        message = {**message, "id": secrets.token_hex(8)}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self.send(message)
+        while True:
+            while self._pending:
+                frame = self._pending.pop(0)
+                if frame.get("id") == message["id"] and frame.get("ev") in ("done", "failed"):
+                    return frame
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                self.kill_kernel()
+                self.restart_kernel(time.monotonic() + 30)
+                raise ExecutionTimeout(
+                    f"{message.get('op')} did not finish within {timeout_s} s; the kernel was restarted"
+                )
+            wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
+            assert self._kernel is not None
+            ready = _readable([self._kernel, self._channel], wait)
+            if self._kernel.fileno() in ready:
+                self._pending.extend(self._read_kernel())
+            if self._channel.fileno() in ready and not self._pending:
+                status = self._exit_event()
+                if status is not None:
+                    self.restart_kernel(time.monotonic() + 30)
+                    raise TransportError(
+                        f"the kernel died during {message.get('op')} ({status}); it was restarted"
+                    )
+
+    def wait_exit_event(self, deadline: float) -> Message | None:
+        """Wait for init's report that the kernel ended."""
+        while time.monotonic() < deadline:
+            if _readable([self._channel], deadline - time.monotonic()):
+                status = self._exit_event()
+                if status is not None:
+                    return status
+        return None
+
+    def _exit_event(self) -> Message | None:
+        """A kernel-exit report from init, if one is waiting."""
+        try:
+            message, fds = self._supervisor_message()
+        except BlockingIOError:
+            return None
+        for fd in fds:
+            os.close(fd)
+        return message if message.get("ev") == "exit" else None
+
+    def prefault(self) -> None:
+        self.request({"op": "prefault"}, 30)
+
+    def set_envs(self, envs: dict[str, str]) -> None:
+        """A pooled sandbox's own environment, set when it is handed out (no code ran yet)."""
+        self.request({"op": "setenv", "envs": envs}, 30)
+
+    def dead(self) -> bool:
+        """Whether the sandbox died on its own (its init, or the channel to it, is gone)."""
+        if self._dying or self._closed:
+            return True
+        if self._init_pidfd is not None:
+            return bool(_readable([self._init_pidfd], 0))
+        return bool(_readable([self._channel], 0, 0))  # events 0: hang-up or error only
+
+    def restart_kernel(self, deadline: float) -> None:
+        try:
+            self._channel.send(b'{"op": "restart"}')
+            self._channel.setblocking(True)
+            self._await_kernel(deadline)
+        except (OSError, SandboxError) as exc:
+            self.terminate(f"its kernel could not be restarted ({exc})")
+            raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}") from None
+
+    def kill_kernel(self) -> None:
+        """Kill the kernel and everything it started; init (PID 1) stays. A backend whose
+        init is not a host process overrides this and interrupt()."""
+        self.cgroups.kill(spare=self.init_pid)
+
+    def interrupt(self) -> None:
+        """SIGINT to every process but init, like Ctrl-C to a terminal's foreground group."""
+        self.cgroups.kill(spare=self.init_pid, sig=signal.SIGINT)
+
+    def send(self, message: Message, timeout_s: float = 30.0) -> None:
+        """Send a request; a kernel that stops reading cannot block the host for ever."""
+        assert self._kernel is not None
+        data = memoryview(encode(message))
+        deadline = time.monotonic() + timeout_s
+        while data:
+            if self._dying:
+                raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
+            wait = min(POLL_S * 4, deadline - time.monotonic())
+            if not _readable([self._kernel], wait, select.POLLOUT):
+                if time.monotonic() >= deadline:
+                    self.terminate("its kernel stopped reading requests")
+                    raise TransportError(
+                        "the kernel stopped reading requests; the sandbox was ended"
+                    )
+                continue
+            try:
+                sent = self._kernel.send(data)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise TransportError(f"kernel channel: {exc}") from None
+            data = data[sent:]
+
+    def usage(self) -> Usage:
+        return self.cgroups.usage()
+
+    def workspace_full(self) -> bool:
+        """Whether a memory-backed filesystem of the sandbox is full (the host's own statvfs
+        on descriptors it opened when the sandbox started, before any code ran)."""
+        for fd in self._mount_fds:
+            st = os.fstatvfs(fd)
+            if st.f_bavail * st.f_frsize < 64 * 1024:
+                return True
+        return False
+
+    def _open_mounts(self) -> None:
+        """Descriptors on the workspace, /tmp and /dev/shm for workspace_full(), opened
+        through init's root before any code ran. Backends whose init is not a host process
+        (or whose root is closed to the host) override it, or workspace_full()."""
+        for path in ("home/user", "tmp", "dev/shm"):
+            self._mount_fds.append(
+                os.open(f"/proc/{self.init_pid}/root/{path}", os.O_PATH | os.O_CLOEXEC)
+            )
+
+    def memory_current(self) -> int | None:
+        """Memory charged to the sandbox now (the host's reading), None where unknown."""
+        return self.cgroups.memory_current()
+
+    # -- ending -------------------------------------------------------------------------
+
+    def terminate(self, reason: str) -> None:
+        """Kill every process of the sandbox now, from any thread, without waiting for a run
+        in progress (it sees its kernel die and returns); kill() then releases the rest."""
+        if self._dying:
+            return
+        with contextlib.suppress(OSError):
+            self.last_usage = self.cgroups.usage()
+        self.ended_because = reason
+        self._dying = True
+        with contextlib.suppress(OSError):
+            self.cgroups.kill()
+        if self._init_pidfd is not None:
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+
+    def end(self, reason: str) -> None:
+        """Kill the sandbox for a reason that later calls will report."""
+        self.terminate(reason)
+        self.kill()
+
+    def kill(self) -> None:
+        """Stop the whole tree (freeze, SIGKILL, thaw) and remove the cgroups. Idempotent."""
+        if self._closed:
+            return
+        self.terminate(self.ended_because)
+        self._closed = True
+        dead = False
+        if self._init_pidfd is not None:
+            dead = bool(_readable([self._init_pidfd], 5.0))
+            os.close(self._init_pidfd)
+        if self._supervisor is not None:
+            self._supervisor.close()
+        if self._kernel is not None:
+            self._kernel.close()
+        for fd in self._mount_fds:
+            os.close(fd)
+        try:
+            self.cgroups.remove()
+        finally:
+            self._release(dead)
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and not self._dying
+
+
+class _Run:
+    """One execution: send the request, pump events, enforce the deadline and CPU budget."""
+
+    def __init__(self, sandbox: HostSandbox, on_event: EventCallback | None) -> None:
+        self.sbx = sandbox
+        self.on_event = on_event
+        self.ex = Execution()
+        self.budget = sandbox.policy.output_bytes
+        self.results_budget = sandbox.policy.results_bytes
+        self.dropped = (
+            0  # bytes refused after a budget ran out: a sandbox that keeps sending is ended
+        )
+        self.id = secrets.token_hex(8)
+        self.ended = False
+        self.limit: float | None = None
+        self.mode = "session"
+
+    def go(
+        self, code: str, mode: str, limit: float | None, envs: dict[str, str], recover: bool
+    ) -> Execution:
+        sbx, policy = self.sbx, self.sbx.policy
+        sbx.cgroups.reset_peak()
+        before = sbx.usage()
+        started = time.monotonic()
+        deadline = None if limit is None else started + limit
+        self.limit, self.mode = limit, mode
+        request: dict[str, Any] = {"op": "execute", "id": self.id, "code": code, "mode": mode}
+        request |= {
+            "envs": envs,
+            "output_bytes": policy.output_bytes,
+            "results_bytes": policy.results_bytes,
+        }
+        sbx.send(request)
+        outcome = self._pump(deadline, before)
+        self._check_alive()
+        if recover and outcome != "end":
+            outcome = self._recover(outcome, before)
+        self.ex.duration_ms = (time.monotonic() - started) * 1000
+        after = sbx.usage() if sbx.alive else sbx.last_usage
+        self._account(before, after, outcome)
+        return self.ex
+
+    def _check_alive(self) -> None:
+        if self.sbx._dying:  # killed from outside (kill(), the watchdog, a protocol error)
+            raise SandboxNotFound(f"sandbox {self.sbx.id} has ended: {self.sbx.ended_because}")
+
+    def _recover(self, outcome: str, before: Usage) -> str:
+        """Keep the session usable: interrupt first, then kill and restart the kernel."""
+        sbx = self.sbx
+        grace = sbx.policy.interrupt_grace_s
+        if outcome == "cpu_limit":  # the budget is for the whole session: it is over
+            sbx.end("its cpu_s budget was used")
+            self.ex.state_lost = True
+            return outcome
+        if outcome == "timeout" and grace > 0:
+            sbx.interrupt()
+            if self._pump(time.monotonic() + grace, before) == "end":
+                return "timeout"  # interrupted; the session's state is intact
+            self._check_alive()
+        if outcome != "died":
+            sbx.kill_kernel()
+        sbx.restart_kernel(time.monotonic() + 30)
+        self.ex.state_lost = True
+        return outcome
+
+    def _pump(self, deadline: float | None, before: Usage) -> str:
+        """Returns how the run ended: "end", "timeout", "cpu_limit" or "died"."""
+        sbx = self.sbx
+        assert sbx._kernel is not None
+        next_cpu_check = time.monotonic() + 0.25
+        while not self.ended:
+            while sbx._pending and not self.ended:
+                self._handle(sbx._pending.pop(0))
+            if self.ended:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                return "timeout"
+            if now >= next_cpu_check:
+                next_cpu_check = now + 0.25
+                if self._over_cpu():
+                    return "cpu_limit"
+            wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
+            ready = _readable([sbx._kernel, sbx._channel], wait)
+            if sbx._kernel.fileno() in ready:
+                frames = sbx._read_kernel()
+                sbx._pending.extend(frames)
+                if not frames and not sbx._pending and sbx._eof():
+                    # The kernel is gone; init's report says how (a signal, an exit code).
+                    status = sbx.wait_exit_event(time.monotonic() + 2.0)
+                    if status is not None:
+                        self._died(status)
+                    return "died"
+            if sbx._channel.fileno() in ready and not sbx._pending:
+                status = self.sbx._exit_event()
+                if status is not None:
+                    self._died(status)
+                    return "died"
+        return "end"
+
+    def _over_cpu(self) -> bool:
+        cap = self.sbx.policy.cpu_s
+        return cap is not None and self.sbx.usage().cpu_s > cap
+
+    def _handle(self, frame: Message) -> None:
+        ev = frame.get("ev")
+        if frame.get("id") != self.id:
+            return  # not this run's: never trusted as ours (an "end" without id included)
+        if ev in ("stdout", "stderr"):
+            kept = self._stream(ev, frame.get("text"))
+            if kept is None:
+                return
+            frame = {**frame, "text": kept}  # callbacks get what the budget kept, no more
+        elif ev == "result":
+            if not self._result(frame.get("data"), bool(frame.get("is_main_result"))):
+                return
+        elif ev == "error":
+            self.ex.error = ExecutionError(
+                str(frame.get("name", "Error")),
+                str(frame.get("value", "")),
+                str(frame.get("traceback", "")),
+            )
+        elif ev == "end":
+            self.ended = True
+            count, code = frame.get("execution_count"), frame.get("exit_code")
+            self.ex.execution_count = count if isinstance(count, int) else None
+            self.ex.exit_code = code if isinstance(code, int) else None
+            if frame.get("truncated") is True:
+                self.ex.truncated = True
+        if self.on_event is not None:
+            self.on_event(frame)
+
+    def _stream(self, name: str, text: object) -> str | None:
+        """Keep what fits in the output budget; returns the kept text, or None."""
+        if not isinstance(text, str) or not text:
+            return None
+        data = text.encode("utf-8", "replace")
+        if len(data) > self.budget:
+            self._drop(len(data) - self.budget)
+            data = data[: self.budget]
+            text = data.decode("utf-8", "ignore")
+        self.budget -= len(data)
+        if not text:
+            return None
+        (self.ex.logs.stdout if name == "stdout" else self.ex.logs.stderr).append(text)
+        return text
+
+    def _result(self, data: object, is_main: bool) -> bool:
+        """Keep a MIME bundle if it fits in the results budget."""
+        if not isinstance(data, dict):
+            return False
+        size = sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in data.values())
+        if size > self.results_budget:
+            self._drop(size)
+            return False
+        self.results_budget -= size
+        self.ex.results.append(Result.from_bundle(data, is_main))
+        return True
+
+    def _drop(self, size: int) -> None:
+        self.ex.truncated = True
+        self.dropped += size
+        policy = self.sbx.policy
+        if self.dropped > 64 * (1 << 20) + 4 * (policy.output_bytes + policy.results_bytes):
+            self.sbx.terminate("it kept sending output far beyond its budget")
+
+    def _died(self, status: Message) -> None:
+        sig = status.get("signal")
+        if isinstance(sig, int):
+            self.ex.killed_by = "seccomp" if sig == signal.SIGSYS else "signal"
+            self.ex.exit_code = 128 + sig
+        elif isinstance(status.get("code"), int):
+            self.ex.exit_code = status["code"]
+
+    def _account(self, before: Usage, after: Usage, outcome: str) -> None:
+        sbx, ex = self.sbx, self.ex
+        if outcome in ("timeout", "cpu_limit"):
+            ex.killed_by = "timeout" if outcome == "timeout" else "cpu_limit"
+        if after.oom_kills > before.oom_kills:
+            ex.limits_hit.append("memory_limit")
+            if outcome == "died" or ex.killed_by == "signal":
+                ex.killed_by = "memory_limit"
+        if ex.killed_by is not None and ex.killed_by not in ex.limits_hit:
+            ex.limits_hit.append(ex.killed_by)
+        if after.pids_max_events > before.pids_max_events:
+            ex.limits_hit.append("pids_limit")
+        if sbx.workspace_full():
+            ex.limits_hit.append("disk_quota")
+        if ex.truncated:
+            ex.limits_hit.append("output_limit")
+        if after.memory_peak_bytes is not None:
+            ex.peak_memory_mb = after.memory_peak_bytes / (1 << 20)
+        if (
+            ex.killed_by is not None
+            and ex.exit_code is None
+            and (self.mode == "main" or ex.state_lost)
+        ):
+            ex.exit_code = (
+                128 + signal.SIGKILL
+            )  # a process was killed; an interrupted cell has none
+        if outcome == "died" and ex.killed_by is None and ex.exit_code is None:
+            ex.killed_by = "signal"
+        if ex.killed_by is not None and (ex.error is None or ex.state_lost):
+            ex.error = self._kill_error(ex.killed_by)
+
+    def _kill_error(self, killed_by: str) -> ExecutionError:
+        policy, ex = self.sbx.policy, self.ex
+        what = {
+            "timeout": ("TimeoutError", f"the run exceeded its time limit ({self.limit} s)"),
+            "memory_limit": (
+                "MemoryLimitExceeded",
+                f"the code exceeded memory_mb={policy.memory_mb}",
+            ),
+            "cpu_limit": ("CpuLimitExceeded", f"the sandbox used its cpu_s={policy.cpu_s} budget"),
+            "seccomp": (
+                "SeccompViolation",
+                "a forbidden system call (non-native ABI) killed the process",
+            ),
+            "signal": ("KernelDied", f"the kernel died (exit status {ex.exit_code})"),
+        }[killed_by]
+        after = "; the kernel was restarted and its variables are lost" if ex.state_lost else ""
+        return ExecutionError(what[0], what[1] + after, "")
