@@ -77,14 +77,19 @@ class GvisorJail(HostJail):
         self.state_root.mkdir(exist_ok=True)
 
     def check(self, policy: Policy) -> None:
-        super().check(policy)
-        if policy.pids_max is not None and policy.pids_max < PIDS_FLOOR and not policy.allow_weaker:
+        if (
+            policy.isolation == self.name
+            and policy.pids_max is not None
+            and policy.pids_max < PIDS_FLOOR
+            and not policy.allow_weaker
+        ):
             raise PolicyError(
                 f"policy field 'pids_max': backend 'gvisor' needs at least {PIDS_FLOOR} (the "
                 f"limit counts runsc's own host threads, and runsc crashes below about "
                 f"{PIDS_FLOOR}); set pids_max >= {PIDS_FLOOR}, or allow_weaker=true to have "
                 f"it raised to {PIDS_FLOOR}"
             )
+        super().check(policy)
 
     def spawn(self, policy: Policy, envs: dict[str, str]) -> GvisorSandbox:
         return GvisorSandbox(self, policy, envs)

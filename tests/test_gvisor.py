@@ -1,0 +1,134 @@
+"""The gvisor backend: the same sandbox API on runsc, and what only gVisor gives (the code's
+kernel is the sentry, not the host's). Every probe has a positive control outside."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import codecage
+from codecage import Policy, PolicyError
+from codecage._jail import available_backends, get_jail
+from codecage._jail.gvisor import PIDS_FLOOR, GvisorJail
+
+pytestmark = [pytest.mark.requires_root, pytest.mark.requires_runsc]
+
+POLICY = Policy(isolation="gvisor", pids_max=PIDS_FLOOR, allow_weaker=True)
+
+
+@pytest.fixture(scope="module")
+def jail() -> Iterator[GvisorJail]:
+    if shutil.which("runsc") is None:
+        pytest.skip("runsc is not installed (scripts/install-backends)")
+    from codecage import _image
+
+    _image.build(progress=lambda line: None)
+    assert available_backends()["gvisor"] is None
+    j = get_jail("gvisor")
+    assert isinstance(j, GvisorJail)
+    yield j
+
+
+def runsc_containers(j: GvisorJail) -> list[str]:
+    out = subprocess.run(j.command("list", "--quiet"), capture_output=True, text=True, check=True)
+    return out.stdout.split()
+
+
+@pytest.fixture
+def sandbox(jail: GvisorJail) -> Iterator[codecage.Sandbox]:
+    before = set(runsc_containers(jail))
+    with codecage.Sandbox(policy=POLICY) as sbx:
+        yield sbx
+    assert set(runsc_containers(jail)) <= before  # runsc's state is gone
+    assert not (Path("/run/codecage/oci") / sbx.id).exists()
+
+
+GVISOR_VERSION = "#1 SMP Sun Jan 10 15:06:54 PST 2016"  # the sentry's fixed uname version
+
+
+def test_the_code_runs_on_gvisors_kernel(sandbox: codecage.Sandbox) -> None:
+    ex = sandbox.run_code("import os; os.uname().release, os.uname().version")
+    assert ex.text == repr(("4.4.0", GVISOR_VERSION))
+    assert "4.4.0" in sandbox.commands.run("uname -r").stdout
+    # positive control: the host's kernel is another one
+    assert (os.uname().release, os.uname().version) != ("4.4.0", GVISOR_VERSION)
+
+
+def test_session_state_interrupt_and_kernel_restart(sandbox: codecage.Sandbox) -> None:
+    sandbox.run_code("x = 41")
+    assert sandbox.run_code("x + 1").text == "42"
+    slow = sandbox.run_code("import time; time.sleep(60)", timeout=1)
+    assert slow.killed_by == "timeout"
+    assert sandbox.run_code("x").text == "41"  # an interrupt keeps the session
+    died = sandbox.run_code("import os; os.kill(os.getpid(), 9)")
+    assert died.error is not None and "restarted" in died.error.value
+    assert sandbox.run_code("'alive'").text == "'alive'"
+
+
+def test_files_commands_and_rich_results(sandbox: codecage.Sandbox) -> None:
+    sandbox.files.write("data.txt", b"hello")
+    assert sandbox.files.read("data.txt") == b"hello"
+    assert sandbox.commands.run("cat /home/user/data.txt").stdout == "hello"
+    ex = sandbox.run_code("from IPython.display import HTML; HTML('<b>hi</b>')")
+    assert ex.results and ex.results[0].html == "<b>hi</b>"
+
+
+def test_no_network_but_loopback(sandbox: codecage.Sandbox) -> None:
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    try:
+        client = socket.create_connection(("127.0.0.1", port), timeout=2)  # positive control
+        conn, _ = server.accept()
+        conn.close()
+        client.close()
+        probe = f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=2)"
+        ex = sandbox.run_code(probe)
+        assert ex.error is not None and ex.error.name in ("ConnectionRefusedError", "TimeoutError")
+        ex = sandbox.run_code("import socket; socket.create_connection(('1.1.1.1', 53), timeout=2)")
+        assert ex.error is not None
+        devices = sandbox.commands.run("cat /proc/net/dev").stdout
+        assert [line.split(":")[0].strip() for line in devices.splitlines()[2:]] == ["lo"]
+    finally:
+        server.close()
+
+
+def test_read_only_root_and_sized_workspace(jail: GvisorJail) -> None:
+    policy = POLICY.model_copy(update={"disk_mb": 16})
+    with codecage.Sandbox(policy=policy) as sbx:
+        assert sbx.run_code("open('/home/user/ok', 'w').write('x')").text == "1"  # control
+        assert sbx.run_code("open('/tmp/ok', 'w').write('x')").text == "1"
+        for path in ("/etc/x", "/usr/x", "/opt/codecage/x", "/x", "/run/codecage/x"):
+            ex = sbx.run_code(f"open({path!r}, 'w')")
+            assert ex.error is not None and ex.error.name in ("PermissionError", "OSError"), path
+        full = sbx.run_code("open('/home/user/big', 'wb').write(b'x' * (64 << 20))")
+        assert full.error is not None and "No space left" in full.error.value
+
+
+def test_cgroup_limits_on_the_whole_sandbox(jail: GvisorJail) -> None:
+    policy = POLICY.model_copy(update={"memory_mb": 300, "cpu_cores": 0.5})
+    sbx = jail.create(policy)
+    try:
+        dirs = sbx.cgroups.dirs  # type: ignore[attr-defined]
+        assert (dirs["memory"] / "memory.limit_in_bytes").read_text().strip() == str(300 << 20)
+        assert (dirs["pids"] / "pids.max").read_text().strip() == str(PIDS_FLOOR)
+        assert (dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
+        # the sentry and the gofer are charged to it: the host's cgroup holds runsc's processes
+        procs = (dirs["pids"] / "cgroup.procs").read_text().split()
+        names = {Path(f"/proc/{p}/comm").read_text().strip() for p in procs}
+        assert any(name.startswith(("runsc", "exe")) for name in names), names
+    finally:
+        sbx.kill()
+
+
+def test_pids_floor_is_refused_or_raised_and_said(jail: GvisorJail) -> None:
+    with pytest.raises(PolicyError, match=f"pids_max.*at least {PIDS_FLOOR}"):
+        jail.check(Policy(isolation="gvisor", pids_max=64))
+    with pytest.raises(PolicyError, match="landlock"):
+        jail.check(Policy(isolation="gvisor", pids_max=PIDS_FLOOR))  # weaker: said, refused
+    jail.check(Policy(isolation="gvisor", pids_max=64, allow_weaker=True))
