@@ -7,13 +7,13 @@ RUNTIME ?= $(or $(CODECAGE_RUNTIME),/var/lib/codecage/runtime)
 export CODECAGE_RUNTIME := $(RUNTIME)
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test check bench runtime clean
+.PHONY: all demo test check bench runtime backends clean
 
 all: test
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,container]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python -c 'import codecage, pydantic, pytest'
 	touch $@
 
@@ -23,7 +23,11 @@ runtime:
 demo: $(STAMP) runtime
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP) runtime
+backends: $(STAMP) runtime
+	scripts/install-backends
+	$(BIN)/codecage image build
+
+test: $(STAMP) runtime backends
 	$(BIN)/pytest
 
 check: $(STAMP)

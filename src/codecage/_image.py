@@ -65,11 +65,16 @@ def base_key() -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def image_key(runtime: Runtime) -> str:
-    stamp = runtime.path / ".codecage-stamp"
+def runtime_key(runtime: Path | Runtime) -> str:
+    """The Debian base and the runtime, without the codecage package."""
+    path = runtime.path.resolve() if isinstance(runtime, Runtime) else runtime
+    stamp = path / ".codecage-stamp"
     runtime_id = stamp.read_text().strip() if stamp.exists() else "unstamped"
-    digest = hashlib.sha256(f"{base_key()}\0{runtime.path.resolve()}\0{runtime_id}\0".encode())
-    digest.update(_package_digest().encode())
+    return hashlib.sha256(f"{base_key()}\0{path}\0{runtime_id}".encode()).hexdigest()[:16]
+
+
+def image_key(runtime: Runtime) -> str:
+    digest = hashlib.sha256(f"{runtime_key(runtime)}\0{_package_digest()}".encode())
     return digest.hexdigest()[:16]
 
 

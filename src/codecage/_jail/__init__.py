@@ -154,3 +154,25 @@ register(
         _probe_gvisor,
     )
 )
+
+
+def _load_container() -> Jail:
+    from .container import ContainerJail
+
+    return ContainerJail()
+
+
+def _probe_container() -> str | None:
+    from .container import probe
+
+    return probe()
+
+
+register(
+    Backend(
+        "container",
+        "a container through the Docker Engine API (docker-py; Podman's service here)",
+        _load_container,
+        _probe_container,
+    )
+)

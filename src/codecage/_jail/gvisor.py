@@ -28,7 +28,7 @@ from .. import _image
 from .._errors import BackendUnavailable, PolicyError, SandboxError
 from .._policy import Policy
 from . import cgroups, features, oci
-from .host import HostJail, HostSandbox, Launched
+from .host import HostJail, Launched
 from .template import Runtime, state_dir
 
 PIDS_FLOOR = 256  # below ~256 host tasks in its cgroup, runsc's sentry crashes (MEASURED.md)
@@ -102,7 +102,7 @@ class GvisorJail(HostJail):
         return [shutil.which("runsc") or "runsc", f"--root={self.state_root}", *RUNSC_FLAGS, *args]
 
 
-class GvisorSandbox(HostSandbox):
+class GvisorSandbox(oci.OciSandbox):
     """One runsc sandbox. Signals reach the code through init (the guest's processes are
     not host processes); its death shows as the sentry's exit."""
 
@@ -112,7 +112,6 @@ class GvisorSandbox(HostSandbox):
         self.cgroups: cgroups.SandboxCgroups = cgroups.SandboxCgroups(
             jail.cgroup_version, self.id, jail.owner
         )
-        self._oci_channel: oci.Channel | None = None
         self._started = False
         self._start(envs, START_TIMEOUT_S)
 
@@ -150,16 +149,6 @@ class GvisorSandbox(HostSandbox):
                 )
         pidfd = os.pidfd_open(_sandbox_pid(self.jail, self.id))
         return Launched(supervisor, pidfd, None)
-
-    def _supervisor_message(self) -> tuple[dict[str, Any], list[int]]:
-        """init announces each kernel by a token: the connection presenting it stands in
-        for the socket the namespace jail's init passes."""
-        message, fds = super()._supervisor_message()
-        token = message.get("token")
-        if message.get("ev") == "kernel" and not fds and isinstance(token, str):
-            assert self._oci_channel is not None
-            fds = [self._oci_channel.accept_kernel(token, time.monotonic() + 10).detach()]
-        return message, fds
 
     def kill_kernel(self) -> None:
         self._signal_inside(signal.SIGKILL)

@@ -21,7 +21,9 @@ from typing import Any
 
 from .._errors import TransportError
 from .._image import PACKAGE_ROOT, Image
+from .._inside.protocol import Message
 from .._policy import Policy
+from .host import HostSandbox
 from .template import Runtime, state_dir
 
 CHANNEL_INSIDE = "/run/codecage"  # where the channel directory appears in the sandbox
@@ -71,6 +73,22 @@ def environment(runtime: Runtime, policy: Policy, envs: dict[str, str]) -> dict[
     }
     env |= {k: os.environ[k] for k in policy.env_allowlist if k in os.environ}
     return env | envs
+
+
+class OciSandbox(HostSandbox):
+    """A sandbox whose init announces each kernel by token (see the module's docstring)."""
+
+    _oci_channel: Channel | None = None
+
+    def _supervisor_message(self) -> tuple[Message, list[int]]:
+        """The connection presenting the announced token stands in for the socket the
+        namespace jail's init passes; the rest of the host protocol is unchanged."""
+        message, fds = super()._supervisor_message()
+        token = message.get("token")
+        if message.get("ev") == "kernel" and not fds and isinstance(token, str):
+            assert self._oci_channel is not None
+            fds = [self._oci_channel.accept_kernel(token, time.monotonic() + 10).detach()]
+        return message, fds
 
 
 class Channel:
