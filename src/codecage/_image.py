@@ -34,6 +34,7 @@ PACKAGES = ("python3.11",)
 PACKAGE_ROOT = "/opt/codecage"  # sys.path entry inside the image: /opt/codecage/codecage
 EXCLUDE = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
 STAMP = ".codecage-image"
+LAYOUT = 2  # bump when build() lays the image out differently (engines cache by key)
 KEEP = 3  # images of earlier codecage versions kept for sandboxes that may still run on them
 
 Progress = Callable[[str], None]
@@ -70,7 +71,8 @@ def runtime_key(runtime: Path | Runtime) -> str:
     path = runtime.path.resolve() if isinstance(runtime, Runtime) else runtime
     stamp = path / ".codecage-stamp"
     runtime_id = stamp.read_text().strip() if stamp.exists() else "unstamped"
-    return hashlib.sha256(f"{base_key()}\0{path}\0{runtime_id}".encode()).hexdigest()[:16]
+    recipe = f"{base_key()}\0{LAYOUT}\0{path}\0{runtime_id}"
+    return hashlib.sha256(recipe.encode()).hexdigest()[:16]
 
 
 def image_key(runtime: Runtime) -> str:
@@ -136,6 +138,9 @@ def build(runtime: Runtime | None = None, progress: Progress = print) -> Image:
     shutil.copytree(_package_source(), package, ignore=shutil.ignore_patterns("__pycache__"))
     for mountpoint in ("home/user", "tmp", "proc", "dev", "run/codecage"):
         (scratch / "rootfs" / mountpoint).mkdir(parents=True, exist_ok=True)
+    # An engine may copy a mount point's mode onto the tmpfs it mounts there (Podman does,
+    # and refuses uid=): the workspace must be writable by whichever uid the sandbox gets.
+    (scratch / "rootfs" / "home" / "user").chmod(0o1777)
     _write_identity(scratch / "rootfs")
     (scratch / "rootfs" / STAMP).write_text(key + "\n")
     shutil.rmtree(target, ignore_errors=True)

@@ -39,6 +39,9 @@ from .template import Runtime, state_dir
 DEFAULT_URL = "unix:///run/codecage/podman.sock"
 START_TIMEOUT_S = 30.0
 LABEL = "io.codecage.sandbox"
+# The engine's cgroups live apart from the namespace jail's: it adds groups of its own
+# (Podman's conmon) that the jail's sweep must not take for sandboxes.
+ENGINE_PARENT = "codecage-engine"
 # Podman on this host: the hard limits it would copy from the service exceed what runc
 # may set here (MEASURED.md), so the sandbox's own are given explicitly.
 NPROC_ULIMIT = 1024
@@ -122,7 +125,12 @@ class ContainerJail(HostJail):
         self.tag = ensure_engine_image(self.client, self.image, print)
         self.cgroup_version = cgroups.detect_version() or 1
         self.owner = f"{cgroups.owner_name()}-container"
-        cgroups.sweep(self.cgroup_version, self.owner)
+        total = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
+        self.total_memory_mb = total
+        if self.cgroup_version == 1:  # all containers of this process: one memory cap
+            parent = cgroups.ROOT / "memory" / ENGINE_PARENT / self.owner
+            parent.mkdir(parents=True, exist_ok=True)
+            (parent / "memory.limit_in_bytes").write_text(str(total << 20))
         self.profile = _profile_option(self.client)
         self.landlock = _landlock_abi() >= 1
         if not self.landlock:
@@ -134,8 +142,12 @@ class ContainerJail(HostJail):
 
     def close(self) -> None:
         super().close()
-        cgroups.remove_owner(self.cgroup_version, self.owner)
         self.client.close()
+        # the engine's own per-parent groups (Podman puts conmon in one), then ours
+        for base in engine_bases(self.cgroup_version):
+            for leftover in ("conmon", ""):
+                with contextlib.suppress(OSError):
+                    (base / self.owner / leftover).rmdir()
 
 
 def _profile_option(client: Any) -> str:
@@ -160,20 +172,28 @@ def _landlock_abi() -> int:
         return 0
 
 
+def engine_bases(version: int) -> list[Path]:
+    if version == 1:
+        return [cgroups.ROOT / c / ENGINE_PARENT for c in cgroups.V1_CONTROLLERS]
+    unified = (
+        cgroups.ROOT if (cgroups.ROOT / "cgroup.controllers").exists() else cgroups.ROOT / "unified"
+    )
+    return [unified / ENGINE_PARENT]
+
+
 class EngineCgroups(cgroups.SandboxCgroups):
-    """The cgroups the engine made for a container (under our parent): read and killed
-    here, never created or limited here (the engine set the limits from the policy)."""
+    """The cgroups the engine made for a container (under ENGINE_PARENT/<owner>): read and
+    killed here, never created or limited here (the engine set the limits from the policy)."""
 
     def __init__(self, version: int, owner: str) -> None:
         super().__init__(version, "unset", owner)
-        self.owner = owner
+        self.parents = dict(zip(self.dirs, (b / owner for b in engine_bases(version)), strict=True))
 
     def bind(self, leaf: str) -> None:
-        self.dirs = {c: d.parent / leaf for c, d in self.dirs.items()}
+        self.dirs = {c: parent / leaf for c, parent in self.parents.items()}
 
     def create(self, policy: Policy) -> None:
-        for d in self.dirs.values():
-            d.parent.mkdir(parents=True, exist_ok=True)
+        pass  # the engine creates them
 
     def remove(self, timeout_s: float = 5.0) -> None:
         self.close_files()  # the engine removes the directories with the container
@@ -232,7 +252,7 @@ class ContainerSandbox(oci.OciSandbox):
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges", f"seccomp={self.jail.profile}"],
             "volumes": {str(channel): {"bind": oci.CHANNEL_INSIDE, "mode": "ro"}},
-            "cgroup_parent": f"/codecage/{self.jail.owner}",
+            "cgroup_parent": f"/{ENGINE_PARENT}/{self.jail.owner}",
             "ulimits": [
                 Ulimit(name="nofile", soft=p.open_files_max, hard=p.open_files_max),
                 Ulimit(name="nproc", soft=NPROC_ULIMIT, hard=NPROC_ULIMIT),
@@ -289,11 +309,15 @@ def ensure_engine_image(client: Any, image: _image.Image, progress: _image.Progr
         finally:
             tar.kill()
             tar.wait()
+            if tar.stdout is not None:
+                tar.stdout.close()
         # engines differ in how they name an import (Podman ignores `tag`): tag it by its id
         found = re.findall(r"sha256:[0-9a-f]{64}", str(out))
         if not found:
             raise BackendUnavailable(f"container: the engine's import said {str(out)[-500:]}")
         client.images.get(found[-1]).tag(repository, version)
+        with contextlib.suppress(Exception):  # the name the import gave it, if any
+            client.images.remove(f"{repository}:latest")
     progress(f"image: adding the codecage package as {tag}")
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w") as tf:
@@ -307,4 +331,15 @@ def ensure_engine_image(client: Any, image: _image.Image, progress: _image.Progr
         client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
     except Exception as exc:
         raise BackendUnavailable(f"container: could not build {tag}: {exc}") from None
+    _prune(client, keep={tag, base})
     return tag
+
+
+def _prune(client: Any, keep: set[str]) -> None:
+    """Untag the engine's images of earlier codecage versions (those in use stay)."""
+    for repository in ("localhost/codecage-sandbox", "localhost/codecage-sandbox-base"):
+        for image in client.images.list(name=repository):
+            for old in set(image.tags) - keep:
+                if old.startswith(repository + ":"):
+                    with contextlib.suppress(Exception):
+                        client.images.remove(old)
