@@ -132,3 +132,16 @@ def test_pids_floor_is_refused_or_raised_and_said(jail: GvisorJail) -> None:
     with pytest.raises(PolicyError, match="landlock"):
         jail.check(Policy(isolation="gvisor", pids_max=PIDS_FLOOR))  # weaker: said, refused
     jail.check(Policy(isolation="gvisor", pids_max=64, allow_weaker=True))
+
+
+def test_memory_limit_is_a_value_and_ends_the_sandbox(jail: GvisorJail) -> None:
+    grab = "b = bytearray(400 << 20); len(b)"
+    roomy = POLICY.model_copy(update={"memory_mb": 1024})
+    with codecage.Sandbox(policy=roomy) as sbx:
+        assert sbx.run_code(grab).text == str(400 << 20)  # positive control
+    with codecage.Sandbox(policy=POLICY.model_copy(update={"memory_mb": 256})) as sbx:
+        ex = sbx.run_code(grab)
+        assert ex.killed_by == "memory_limit"  # from the host's cgroup, not the sandbox
+        assert ex.error is not None and "gVisor has no OOM handling" in ex.error.value
+        with pytest.raises(codecage.SandboxNotFound, match="memory limit"):
+            sbx.run_code("1")

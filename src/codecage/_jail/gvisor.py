@@ -25,7 +25,8 @@ import time
 from typing import Any
 
 from .. import _image
-from .._errors import BackendUnavailable, PolicyError, SandboxError
+from .._errors import BackendUnavailable, PolicyError, SandboxError, TransportError
+from .._models import Execution, ExecutionError
 from .._policy import Policy
 from . import cgroups, features, oci
 from .host import HostJail, Launched
@@ -34,6 +35,10 @@ from .template import Runtime, state_dir
 PIDS_FLOOR = 256  # below ~256 host tasks in its cgroup, runsc's sentry crashes (MEASURED.md)
 RUNSC_FLAGS = ("--network=none", "--host-uds=open", "--platform=ptrace")
 START_TIMEOUT_S = 30.0
+SENTRY_OOM = (
+    "the sandbox reached its memory limit and the host's OOM killer ended its gVisor kernel "
+    "(gVisor has no OOM handling of its own): the sandbox has ended"
+)
 LACKING = {
     "landlock": "the sentry has no Landlock; its root is read-only instead, so only "
     "/home/user, /tmp and /dev/shm are writable",
@@ -113,6 +118,7 @@ class GvisorSandbox(oci.OciSandbox):
             jail.cgroup_version, self.id, jail.owner
         )
         self._started = False
+        self._sentry_died = False
         self._start(envs, START_TIMEOUT_S)
 
     def _launch(self, envs: dict[str, str]) -> Launched:
@@ -149,6 +155,35 @@ class GvisorSandbox(oci.OciSandbox):
                 )
         pidfd = os.pidfd_open(_sandbox_pid(self.jail, self.id))
         return Launched(supervisor, pidfd, None)
+
+    # -- the whole sandbox dying (gVisor has no OOM handling of its own) -------------------
+
+    def _supervisor_message(self) -> tuple[dict[str, Any], list[int]]:
+        """When the sentry itself dies (the host's OOM killer picks it: gVisor has no OOM
+        handling inside, google/gvisor#2520), report the kernel's death like init would,
+        once, so the run ends as a value; restart_kernel then ends the sandbox."""
+        try:
+            return super()._supervisor_message()
+        except TransportError:
+            if self._dying or self._sentry_died or not self.dead():
+                raise
+            self._sentry_died = True
+            return {"ev": "exit", "generation": self.generation, "signal": 9, "code": None}, []
+
+    def restart_kernel(self, deadline: float) -> None:
+        if not self._sentry_died:
+            super().restart_kernel(deadline)
+            return
+        oom = self.cgroups.usage().oom_kills > 0
+        self.terminate(SENTRY_OOM if oom else "its gVisor kernel (the sentry) died")
+
+    def execute(self, code: str, **kwargs: Any) -> Execution:
+        ex = super().execute(code, **kwargs)
+        if self._sentry_died and ex.error is not None:
+            ex.error = ExecutionError(
+                ex.error.name, f"{ex.error.value.split(';')[0]}; {self.ended_because}", ""
+            )
+        return ex
 
     def kill_kernel(self) -> None:
         self._signal_inside(signal.SIGKILL)
