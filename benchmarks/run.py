@@ -19,6 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+import backends  # noqa: E402
 from baselines import (  # noqa: E402
     Jupyter,
     PipeRepl,
@@ -215,6 +216,7 @@ def main() -> None:
     sandbox_memory(memory)
     rows = scaling(HERE, (1, 10, 100) if args.quick else (1, 10, 100, 500, 1000))
     write(results, ratios, memory, rows)
+    backends.write_section(backends.section(*backends.compare(5 if args.quick else 20)))
 
 
 if __name__ == "__main__":

@@ -136,6 +136,10 @@ def build(runtime: Runtime | None = None, progress: Progress = print) -> Image:
     progress("image: adding the codecage package")
     package = scratch / "rootfs" / PACKAGE_ROOT.lstrip("/") / "codecage"
     shutil.copytree(_package_source(), package, ignore=shutil.ignore_patterns("__pycache__"))
+    # compiled once here: the read-only root means a sandbox could never cache it itself
+    inside_path = f"{PACKAGE_ROOT}/codecage"
+    compile_cmd = [str(runtime.python), "-I", "-m", "compileall", "-q", "-d", inside_path]
+    subprocess.run([*compile_cmd, str(package)], check=True, stdout=subprocess.DEVNULL)
     for mountpoint in ("home/user", "tmp", "proc", "dev", "run/codecage"):
         (scratch / "rootfs" / mountpoint).mkdir(parents=True, exist_ok=True)
     # An engine may copy a mount point's mode onto the tmpfs it mounts there (Podman does,
