@@ -13,7 +13,7 @@ all: test
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,container]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bwrap,container]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python -c 'import codecage, pydantic, pytest'
 	touch $@
 
@@ -36,7 +36,7 @@ check: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP) runtime
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bwrap,container,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python benchmarks/run.py
 
 clean:

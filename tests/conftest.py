@@ -22,6 +22,9 @@ from codecage._jail.namespace import UID_BASE
 
 from .openapi_check import validate
 
+# The conformance kit: tests using the `backend` fixture run once per backend of this host.
+pytest_plugins = ["codecage.testing.pytest_plugin"]
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     if os.geteuid() != 0:

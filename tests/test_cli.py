@@ -49,3 +49,7 @@ def test_doctor_lists_each_protection() -> None:
     for name in ("root", "namespaces", "cgroups", "seccomp", "landlock", "runtime"):
         assert name in names
     assert "ok       landlock" in proc.stdout
+    # every registered backend, available here or with what is missing
+    backends = {n.split(":", 1)[1] for n in names if n.startswith("backend:")}
+    assert {"namespace", "bwrap"} <= backends, proc.stdout
+    assert "ok       backend:namespace" in proc.stdout

@@ -22,8 +22,10 @@ from codecage import (
     SandboxError,
     SandboxNotFound,
 )
+from codecage.testing import DEFAULT, current_backend, policy
 
-pytestmark = pytest.mark.requires_root
+# Every test runs on every backend of this host (codecage.testing).
+pytestmark = [pytest.mark.requires_root, pytest.mark.usefixtures("backend")]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 Maker = Callable[..., Any]
 
@@ -31,10 +33,17 @@ Maker = Callable[..., Any]
 @pytest.fixture(params=["local", "remote"])
 def make(request: pytest.FixtureRequest) -> Maker:
     """Sandbox(...) in this process, or the same through `codecage serve` (the remote SDK)."""
-    if request.param == "local":
-        return Sandbox
-    client: codecage.Client = request.getfixturevalue("alice")
-    return client.Sandbox
+    maker: Any = Sandbox
+    if request.param == "remote":
+        if current_backend() != DEFAULT:  # the service path is the same for every backend
+            pytest.skip("the remote SDK is tested on the default backend")
+        client: codecage.Client = request.getfixturevalue("alice")
+        maker = client.Sandbox
+
+    def make(p: Policy | None = None, **kwargs: Any) -> Any:
+        return maker(p or policy(), **kwargs)  # the backend under test unless told
+
+    return make
 
 
 @pytest.fixture
@@ -43,6 +52,7 @@ def sbx(make: Maker) -> Iterator[Any]:
         yield sandbox
 
 
+@pytest.mark.backends("namespace")  # as written: the default policy
 def test_the_seed_example_runs_as_written() -> None:
     # The seed's E2B example with only the import changed.
     from codecage import Sandbox
@@ -124,7 +134,7 @@ def test_streaming_reaches_the_callback_before_the_cell_ends(sbx: Any) -> None:
 
 
 def test_timeout_interrupts_and_keeps_state(make: Maker) -> None:
-    with make(Policy(interrupt_grace_s=2)) as sbx:
+    with make(policy(interrupt_grace_s=2)) as sbx:
         sbx.run_code("keep = 'me'")
         started = time.monotonic()
         ex = sbx.run_code("import time; time.sleep(300)", timeout=2)
@@ -139,7 +149,7 @@ def test_timeout_interrupts_and_keeps_state(make: Maker) -> None:
 
 
 def test_code_that_ignores_the_interrupt_is_killed_and_the_kernel_restarted(make: Maker) -> None:
-    with make(Policy(interrupt_grace_s=0.5)) as sbx:
+    with make(policy(interrupt_grace_s=0.5)) as sbx:
         sbx.run_code("gone = 1")
         ex = sbx.run_code(
             "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass",
@@ -152,7 +162,7 @@ def test_code_that_ignores_the_interrupt_is_killed_and_the_kernel_restarted(make
 
 
 def test_memory_kill_restarts_the_kernel(make: Maker) -> None:
-    with make(Policy(memory_mb=200)) as sbx:
+    with make(policy(memory_mb=200)) as sbx:
         ex = sbx.run_code("blocks = [bytearray(1 << 20) for _ in range(1000)]")
         assert ex.killed_by == "memory_limit" and ex.state_lost and "memory_limit" in ex.limits_hit
         assert ex.error is not None and ex.error.name == "MemoryLimitExceeded"
@@ -257,7 +267,7 @@ def test_many_sandboxes_at_once(make: Maker) -> None:
 
 
 def test_idle_timeout_ends_the_sandbox(make: Maker) -> None:
-    sbx = make(Policy(idle_timeout_s=0.5))
+    sbx = make(policy(idle_timeout_s=0.5))
     try:
         time.sleep(2.0)
         with pytest.raises(SandboxNotFound, match="idle"):
@@ -267,7 +277,7 @@ def test_idle_timeout_ends_the_sandbox(make: Maker) -> None:
 
 
 def test_cpu_budget_counts_a_thread_left_spinning_between_runs(make: Maker) -> None:
-    sbx = make(Policy(cpu_s=1))
+    sbx = make(policy(cpu_s=1))
     try:
         ex = sbx.run_code(
             "import threading\nthreading.Thread(target=lambda: [0 for _ in iter(int, 1)], daemon=True).start()"

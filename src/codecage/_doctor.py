@@ -9,7 +9,7 @@ import subprocess
 from dataclasses import dataclass
 
 from ._inside import landlock
-from ._jail import cgroups
+from ._jail import BACKENDS, available_backends, cgroups
 from ._jail.template import Runtime
 
 
@@ -129,18 +129,12 @@ def checks() -> list[Check]:
             "make runtime (scripts/build-runtime)",
         )
     )
-    for tool, what, package in (
-        ("bwrap", "bubblewrap backend (later)", "bubblewrap"),
-        ("runsc", "gVisor backend (later)", "runsc"),
-        ("podman", "container backend (later)", "podman"),
-    ):
-        path = shutil.which(tool)
+    for name, why in available_backends().items():
         out.append(
             Check(
-                tool,
-                "ok" if path else "missing",
-                path or what,
-                f"apt-get install {package}",
+                f"backend:{name}",
+                "ok" if why is None else "missing",
+                f"isolation={name!r}: {BACKENDS[name].summary}" if why is None else why,
                 required=False,
             )
         )

@@ -134,6 +134,28 @@ register(
 )
 
 
+def _load_bwrap() -> Jail:
+    from .bwrap import BwrapJail
+
+    return BwrapJail(preload=preload_list())
+
+
+def _probe_bwrap() -> str | None:
+    from .bwrap import probe
+
+    return probe()
+
+
+register(
+    Backend(
+        "bwrap",
+        "bubblewrap per sandbox: the same namespaces, cgroups, seccomp, Landlock; exec, no template",
+        _load_bwrap,
+        _probe_bwrap,
+    )
+)
+
+
 def _load_gvisor() -> Jail:
     from .gvisor import GvisorJail
 

@@ -173,8 +173,10 @@ class SandboxCgroups:
         except FileNotFoundError:
             return []
 
-    def kill(self, spare: int | None = None, sig: int = signal.SIGKILL) -> None:
-        """Signal every process of the sandbox but `spare`, frozen so no pid can be reused meanwhile."""
+    def kill(self, spare: int | tuple[int, ...] | None = None, sig: int = signal.SIGKILL) -> None:
+        """Signal every process of the sandbox but `spare` (one pid or several), frozen so no
+        pid can be reused meanwhile."""
+        keep = {spare} if isinstance(spare, int) else set(spare or ())
         if self.version == 2 and spare is None and sig == signal.SIGKILL:
             kill_file = self.dirs["unified"] / "cgroup.kill"
             if kill_file.exists():
@@ -183,7 +185,7 @@ class SandboxCgroups:
         self._freeze(True)
         try:
             for pid in self.pids():
-                if pid != spare:
+                if pid not in keep:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, sig)
         finally:

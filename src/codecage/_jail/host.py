@@ -98,7 +98,9 @@ class Tree(Protocol):
 
     def reset_peak(self) -> None: ...
 
-    def kill(self, spare: int | None = None, sig: int = signal.SIGKILL) -> None: ...
+    def kill(
+        self, spare: int | tuple[int, ...] | None = None, sig: int = signal.SIGKILL
+    ) -> None: ...
 
     def remove(self, timeout_s: float = 5.0) -> None: ...
 
@@ -200,8 +202,13 @@ class HostSandbox:
         raise NotImplementedError
 
     def _release(self, init_dead: bool) -> None:
-        """Free what the backend holds for this sandbox; its processes are dead (init
-        confirmed dead if `init_dead`). Called once, from kill()."""
+        """Free what the backend holds for this sandbox (and reap what it must): its processes
+        were killed (init confirmed dead if `init_dead`). Called once, from kill(), before
+        the tree is removed."""
+
+    def _kill_tree(self) -> None:
+        """SIGKILL every process of the sandbox (terminate() then also kills init by pidfd)."""
+        self.cgroups.kill()
 
     def _start(self, envs: dict[str, str], timeout_s: float = 30.0) -> None:
         """Create the tree, launch init and wait for the first kernel: the subclass's
@@ -469,7 +476,7 @@ class HostSandbox:
         self.ended_because = reason
         self._dying = True
         with contextlib.suppress(OSError):
-            self.cgroups.kill()
+            self._kill_tree()
         if self._init_pidfd is not None:
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
@@ -496,9 +503,9 @@ class HostSandbox:
         for fd in self._mount_fds:
             os.close(fd)
         try:
-            self.cgroups.remove()
-        finally:
             self._release(dead)
+        finally:
+            self.cgroups.remove()
 
     @property
     def alive(self) -> bool:

