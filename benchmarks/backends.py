@@ -160,7 +160,8 @@ def podman_service() -> Iterator[None]:
     started = None
     if not os.path.exists(sock):
         started = subprocess.Popen(
-            ["podman", "--runtime", "runc", "system", "service", "--time=0", PODMAN_URL],
+            ["podman", "--runtime", "runc", "--storage-opt", "overlay.skip_mount_home=true"]
+            + ["system", "service", "--time=0", PODMAN_URL],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -20,10 +20,19 @@ import codecage
 from codecage._jail import cgroups
 from codecage._jail.namespace import UID_BASE
 
+from . import engine
 from .openapi_check import validate
 
 # The conformance kit: tests using the `backend` fixture run once per backend of this host.
 pytest_plugins = ["codecage.testing.pytest_plugin"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    engine.start()  # the container backend's engine, before the kit lists the backends
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    engine.stop()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
