@@ -12,6 +12,7 @@ import pytest
 
 import codecage
 from codecage import Policy
+from codecage._image import package_root
 from codecage._jail import available_backends, get_jail
 from codecage._jail.container import LABEL, ContainerJail
 from codecage._jail.host import UID_BASE
@@ -99,7 +100,7 @@ def test_no_network_and_a_read_only_root(sandbox: codecage.Sandbox) -> None:
     mounts = sandbox.commands.run("cat /proc/mounts").stdout.splitlines()
     root = next(line for line in mounts if line.split()[1] == "/")
     assert "ro" in root.split()[3].split(",")
-    for path in ("/etc/x", "/usr/x", "/opt/codecage/x", "/run/codecage/x"):
+    for path in ("/etc/x", "/usr/x", f"{package_root()}/codecage/x", "/run/codecage-channel/x"):
         ex = sandbox.run_code(f"open({path!r}, 'w')")
         assert ex.error is not None, path
     full = sandbox.run_code("open('/home/user/big', 'wb').write(b'x' * (64 << 20))")

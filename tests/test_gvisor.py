@@ -14,6 +14,7 @@ import pytest
 
 import codecage
 from codecage import Policy, PolicyError
+from codecage._image import package_root
 from codecage._jail import available_backends, get_jail
 from codecage._jail.gvisor import PIDS_FLOOR, GvisorJail
 
@@ -103,7 +104,13 @@ def test_read_only_root_and_sized_workspace(jail: GvisorJail) -> None:
     with codecage.Sandbox(policy=policy) as sbx:
         assert sbx.run_code("open('/home/user/ok', 'w').write('x')").text == "1"  # control
         assert sbx.run_code("open('/tmp/ok', 'w').write('x')").text == "1"
-        for path in ("/etc/x", "/usr/x", "/opt/codecage/x", "/x", "/run/codecage/x"):
+        for path in (
+            "/etc/x",
+            "/usr/x",
+            f"{package_root()}/codecage/x",
+            "/x",
+            "/run/codecage-channel/x",
+        ):
             ex = sbx.run_code(f"open({path!r}, 'w')")
             assert ex.error is not None and ex.error.name in ("PermissionError", "OSError"), path
         full = sbx.run_code("open('/home/user/big', 'wb').write(b'x' * (64 << 20))")

@@ -4,9 +4,10 @@ Two layers, each cached under a content hash so that a rebuild happens only when
 change:
 
     images/base-<hash>/rootfs   Debian (mmdebstrap --variant=minbase + PACKAGES): ~45 s, once
-    images/<hash>/rootfs        base + the sandbox runtime (at the path it has on the host,
-                                DESIGN §8) + the codecage package at PACKAGE_ROOT: seconds,
-                                hard links to the layers below (the root is mounted read-only)
+    images/<hash>/rootfs        base + the sandbox runtime and the codecage package, each at
+                                the path it has on the host (DESIGN §8; the package where the
+                                namespace jail stages it): seconds, hard links to the layers
+                                below (the root is mounted read-only)
 
 The host's files are never bound into these sandboxes: what runs inside comes from the image.
 """
@@ -24,17 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._errors import BackendUnavailable
-from ._jail.template import Runtime
+from ._jail.template import Runtime, state_dir
 
 SUITE = "bookworm"
 MIRROR = os.environ.get("CODECAGE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
 # The runtime is a venv of Debian's python3.11: the image needs that interpreter, and the
 # shell and coreutils (in minbase) for commands.run and `!cmd`.
 PACKAGES = ("python3.11",)
-PACKAGE_ROOT = "/opt/codecage"  # sys.path entry inside the image: /opt/codecage/codecage
 EXCLUDE = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
 STAMP = ".codecage-image"
-LAYOUT = 2  # bump when build() lays the image out differently (engines cache by key)
+LAYOUT = 3  # bump when build() lays the image out differently (engines cache by key)
 KEEP = 3  # images of earlier codecage versions kept for sandboxes that may still run on them
 
 Progress = Callable[[str], None]
@@ -47,6 +47,7 @@ class Image:
     key: str
     root: Path
     runtime: Path  # the runtime's path, the same inside as on the host
+    package_root: str  # the sys.path entry holding `codecage`, the same inside as on the host
 
     @property
     def tag(self) -> str:
@@ -80,6 +81,12 @@ def image_key(runtime: Runtime) -> str:
     return digest.hexdigest()[:16]
 
 
+def package_root() -> str:
+    """Where the namespace jail stages this codecage package (template.package_dir): the
+    image holds it at the same path."""
+    return str(state_dir() / "pkg" / _package_digest()[:20])
+
+
 def _package_source() -> Path:
     return Path(__file__).resolve().parent
 
@@ -99,7 +106,9 @@ def current(runtime: Runtime | None = None) -> Image | None:
     runtime = runtime or Runtime.default()
     key = image_key(runtime)
     root = images_dir() / key / "rootfs"
-    return Image(key, root, runtime.path.resolve()) if (root / STAMP).exists() else None
+    if not (root / STAMP).exists():
+        return None
+    return Image(key, root, runtime.path.resolve(), package_root())
 
 
 def require(runtime: Runtime | None = None) -> Image:
@@ -134,13 +143,13 @@ def build(runtime: Runtime | None = None, progress: Progress = print) -> Image:
     inside.parent.mkdir(parents=True, exist_ok=True)
     _link_tree(runtime.path.resolve(), inside)
     progress("image: adding the codecage package")
-    package = scratch / "rootfs" / PACKAGE_ROOT.lstrip("/") / "codecage"
+    package = scratch / "rootfs" / package_root().lstrip("/") / "codecage"
     shutil.copytree(_package_source(), package, ignore=shutil.ignore_patterns("__pycache__"))
     # compiled once here: the read-only root means a sandbox could never cache it itself
-    inside_path = f"{PACKAGE_ROOT}/codecage"
+    inside_path = f"{package_root()}/codecage"
     compile_cmd = [str(runtime.python), "-I", "-m", "compileall", "-q", "-d", inside_path]
     subprocess.run([*compile_cmd, str(package)], check=True, stdout=subprocess.DEVNULL)
-    for mountpoint in ("home/user", "tmp", "proc", "dev", "run/codecage"):
+    for mountpoint in ("home/user", "tmp", "proc", "dev", "run/codecage-channel"):
         (scratch / "rootfs" / mountpoint).mkdir(parents=True, exist_ok=True)
     # An engine may copy a mount point's mode onto the tmpfs it mounts there (Podman does,
     # and refuses uid=): the workspace must be writable by whichever uid the sandbox gets.
@@ -151,7 +160,7 @@ def build(runtime: Runtime | None = None, progress: Progress = print) -> Image:
     scratch.rename(target)
     progress(f"image: ready at {target / 'rootfs'} ({time.monotonic() - started:.1f} s)")
     _prune(keep=KEEP)
-    return Image(key, target / "rootfs", runtime.path.resolve())
+    return Image(key, target / "rootfs", runtime.path.resolve(), package_root())
 
 
 def _prune(keep: int) -> None:
@@ -229,5 +238,7 @@ def _write_identity(root: Path) -> None:
         text = (etc / name).read_text() + line
         (etc / name).unlink()
         (etc / name).write_text(text)
+    for name in ("shadow", "shadow-", "gshadow", "gshadow-"):  # as the namespace jail's /etc
+        (etc / name).unlink(missing_ok=True)
     (etc / "hostname").unlink(missing_ok=True)
     (etc / "hostname").write_text("sandbox\n")

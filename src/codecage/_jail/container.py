@@ -298,7 +298,7 @@ def ensure_engine_image(client: Any, image: _image.Image, progress: _image.Progr
     base = f"localhost/codecage-sandbox-base:{_image.runtime_key(image.runtime)}"
     if not client.images.list(name=base):
         progress(f"image: importing {image.root} into the engine as {base} (~35 s, once)")
-        exclude = "./" + _image.PACKAGE_ROOT.strip("/")
+        exclude = "./" + image.package_root.strip("/")
         tar = subprocess.Popen(
             ["tar", "-C", str(image.root), "-c", f"--exclude={exclude}", "."],
             stdout=subprocess.PIPE,
@@ -321,11 +321,11 @@ def ensure_engine_image(client: Any, image: _image.Image, progress: _image.Progr
     progress(f"image: adding the codecage package as {tag}")
     context = io.BytesIO()
     with tarfile.open(fileobj=context, mode="w") as tf:
-        dockerfile = f"FROM {base}\nCOPY codecage {_image.PACKAGE_ROOT}/codecage\n".encode()
+        dockerfile = f"FROM {base}\nCOPY codecage {image.package_root}/codecage\n".encode()
         info = tarfile.TarInfo("Dockerfile")
         info.size = len(dockerfile)
         tf.addfile(info, io.BytesIO(dockerfile))
-        tf.add(image.root / _image.PACKAGE_ROOT.strip("/") / "codecage", arcname="codecage")
+        tf.add(image.root / image.package_root.strip("/") / "codecage", arcname="codecage")
     context.seek(0)
     try:
         client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)

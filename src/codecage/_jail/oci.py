@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import TransportError
-from .._image import PACKAGE_ROOT, Image
+from .._image import Image
 from .._inside.protocol import Message
 from .._policy import Policy
 from .host import HostSandbox
 from .template import Runtime, state_dir
 
-CHANNEL_INSIDE = "/run/codecage"  # where the channel directory appears in the sandbox
+CHANNEL_INSIDE = "/run/codecage-channel"  # where the channel directory appears in the sandbox
 SANDBOX_UID = 1000
 TOKEN_BYTES = 32  # init's token: 16 random bytes, hex
 
@@ -34,7 +34,7 @@ TOKEN_BYTES = 32  # init's token: 16 random bytes, hex
 def bootstrap(image: Image) -> list[str]:
     """The argv of the sandbox's PID 1 (its spec comes on the supervisor channel)."""
     code = (
-        f"import sys; sys.path.insert(0, {PACKAGE_ROOT!r}); "
+        f"import sys; sys.path.insert(0, {image.package_root!r}); "
         "from codecage._inside.oci import main; main()"
     )
     return [image.python, "-I", "-c", code, f"{CHANNEL_INSIDE}/supervisor.sock"]
