@@ -8,8 +8,9 @@ platform) running an OCI bundle on the image of `codecage image build`.
 The sandbox's code talks to the sentry, not to the host kernel; the sentry runs under
 runsc's own seccomp filter. Read-only root; tmpfs workspace, /tmp and /dev/shm with sizes;
 no network interface but loopback; the cgroup limits cover the whole sandbox, sentry and
-gofer included (memory counts gVisor's own overhead; pids.max counts the sentry's host
-threads, which is why runsc needs a floor of PIDS_FLOOR).
+gofer included: memory counts gVisor's own overhead, and the host's pids.max counts the
+sentry's threads, so it is raised to PIDS_FLOOR while the policy's pids_max is enforced by the
+sentry on the guest's own tasks.
 """
 
 from __future__ import annotations
@@ -25,14 +26,14 @@ import time
 from typing import Any
 
 from .. import _image
-from .._errors import BackendUnavailable, PolicyError, SandboxError, TransportError
+from .._errors import BackendUnavailable, SandboxError, TransportError
 from .._models import Execution, ExecutionError
 from .._policy import Policy
 from . import cgroups, features, oci
-from .host import HostJail, Launched
+from .host import HostJail, Launched, readable
 from .template import Runtime, state_dir
 
-PIDS_FLOOR = 256  # below ~256 host tasks in its cgroup, runsc's sentry crashes (MEASURED.md)
+PIDS_FLOOR = 256  # host tasks: below ~256 in its cgroup, runsc's sentry crashes (MEASURED.md)
 RUNSC_FLAGS = ("--network=none", "--host-uds=open", "--platform=ptrace")
 START_TIMEOUT_S = 30.0
 SENTRY_OOM = (
@@ -81,21 +82,6 @@ class GvisorJail(HostJail):
         self.state_root = state_dir() / "runsc"
         self.state_root.mkdir(exist_ok=True)
 
-    def check(self, policy: Policy) -> None:
-        if (
-            policy.isolation == self.name
-            and policy.pids_max is not None
-            and policy.pids_max < PIDS_FLOOR
-            and not policy.allow_weaker
-        ):
-            raise PolicyError(
-                f"policy field 'pids_max': backend 'gvisor' needs at least {PIDS_FLOOR} (the "
-                f"limit counts runsc's own host threads, and runsc crashes below about "
-                f"{PIDS_FLOOR}); set pids_max >= {PIDS_FLOOR}, or allow_weaker=true to have "
-                f"it raised to {PIDS_FLOOR}"
-            )
-        super().check(policy)
-
     def spawn(self, policy: Policy, envs: dict[str, str]) -> GvisorSandbox:
         return GvisorSandbox(self, policy, envs)
 
@@ -112,9 +98,9 @@ class GvisorSandbox(oci.OciSandbox):
     not host processes); its death shows as the sentry's exit."""
 
     def __init__(self, jail: GvisorJail, policy: Policy, envs: dict[str, str]) -> None:
-        super().__init__(_floored(policy))
+        super().__init__(policy)
         self.jail = jail
-        self.cgroups: cgroups.SandboxCgroups = cgroups.SandboxCgroups(
+        self.cgroups: cgroups.SandboxCgroups = FlooredCgroups(
             jail.cgroup_version, self.id, jail.owner
         )
         self._started = False
@@ -139,7 +125,10 @@ class GvisorSandbox(oci.OciSandbox):
             try:
                 supervisor = channel.accept_supervisor(deadline)
                 env = oci.environment(self.jail.runtime, self.policy, envs)
-                supervisor.send(json.dumps(oci.spec(self.policy, env, [])).encode())
+                spec = oci.spec(self.policy, env, [])
+                if self.policy.pids_max is not None:  # the guest's own count, exactly
+                    spec["rlimits"]["nproc"] = self.policy.pids_max
+                supervisor.send(json.dumps(spec).encode())
                 code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except BaseException:
                 proc.kill()
@@ -165,10 +154,14 @@ class GvisorSandbox(oci.OciSandbox):
         try:
             return super()._supervisor_message()
         except TransportError:
-            if self._dying or self._sentry_died or not self.dead():
+            if self._dying or self._sentry_died or not self._sentry_exited(2.0):
                 raise
             self._sentry_died = True
             return {"ev": "exit", "generation": self.generation, "signal": 9, "code": None}, []
+
+    def _sentry_exited(self, within_s: float) -> bool:
+        # the channel's hang-up can come a moment before the sentry's exit is visible
+        return self._init_pidfd is not None and bool(readable([self._init_pidfd], within_s))
 
     def restart_kernel(self, deadline: float) -> None:
         if not self._sentry_died:
@@ -209,10 +202,15 @@ class GvisorSandbox(oci.OciSandbox):
         shutil.rmtree(state_dir() / "oci" / self.id, ignore_errors=True)
 
 
-def _floored(policy: Policy) -> Policy:
-    if policy.pids_max is not None and policy.pids_max < PIDS_FLOOR:
-        return policy.model_copy(update={"pids_max": PIDS_FLOOR})
-    return policy
+class FlooredCgroups(cgroups.SandboxCgroups):
+    """The host cgroups of a runsc sandbox: pids.max counts runsc's own threads (the sentry,
+    the gofer, the ptrace stubs), so it gets at least PIDS_FLOOR; the policy's pids_max is
+    enforced inside, by the sentry, on the guest's tasks (RLIMIT_NPROC of the one guest uid)."""
+
+    def create(self, policy: Policy) -> None:
+        if policy.pids_max is not None and policy.pids_max < PIDS_FLOOR:
+            policy = policy.model_copy(update={"pids_max": PIDS_FLOOR})
+        super().create(policy)
 
 
 def _sandbox_pid(jail: GvisorJail, sandbox_id: str) -> int:
