@@ -51,14 +51,14 @@ def engine_url() -> str:
     return os.environ.get("CODECAGE_DOCKER_HOST", DEFAULT_URL)
 
 
-def _client() -> Any:
+def _client(timeout_s: int = 120) -> Any:
     try:
         import docker
     except ImportError:
         raise BackendUnavailable(
             "container: the `docker` package is not installed (pip install 'codecage[container]')"
         ) from None
-    return docker.DockerClient(base_url=engine_url(), timeout=120)
+    return docker.DockerClient(base_url=engine_url(), timeout=timeout_s)
 
 
 def probe() -> str | None:
@@ -71,7 +71,11 @@ def probe() -> str | None:
     if _image.current() is None:
         return "the sandbox image is not built: run `codecage image build`"
     try:
-        _client().ping()
+        client = _client(timeout_s=5)  # a probe answers quickly, engine or not
+        try:
+            client.ping()
+        finally:
+            client.close()
     except Exception as exc:
         return (
             f"no Docker-compatible engine at {engine_url()} ({type(exc).__name__}); start "
