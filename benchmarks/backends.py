@@ -1,251 +1,146 @@
-"""Every isolation backend side by side: create -> first result (cold and from its pool),
-the `1+1` round trip and memory per idle sandbox; and the baselines the OCI levels are held
-to, measured in the same run: a plain `runc run` / `runsc run` of `python -c pass` with a
-bundle on the same root filesystem (`codecage image build`).
+"""Every isolation backend available here, side by side: create -> first result (pool miss,
+pool hit), the `1+1` round trip, memory per idle sandbox. Same policy, same preload.
 
-    .venv/bin/python benchmarks/backends.py [--quick]    # also part of `make bench`
+    .venv/bin/python benchmarks/run.py --backends-only   # this section alone
 
-Writes the "Backends side by side" section of benchmarks/results.md (and backends.json).
-A podman service for the container backend is started here if none answers.
+A backend joins by being registered and available (codecage._jail.available_backends).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
-import os
-import secrets
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-HERE = Path(__file__).parent
-sys.path.insert(0, str(HERE))
+from baselines import memory_kb, timed
+from density import bwrap_baseline
 
-from codecage import Policy, _image  # noqa: E402
-from codecage._jail import available_backends, get_jail  # noqa: E402
-from codecage._jail.gvisor import PIDS_FLOOR, RUNSC_FLAGS  # noqa: E402
-from codecage._jail.host import HostJail  # noqa: E402
+from codecage import Policy, Sandbox
+from codecage._jail import available_backends, features, get_jail
+from codecage._jail.host import HostJail
 
 Figures = dict[str, dict[str, float]]
-SECTION = "## Backends side by side"
-PODMAN_URL = "unix:///run/codecage/podman.sock"
+Measure = Callable[[Callable[[], float | None], int], dict[str, float]]
+HEADER = "## Backends side by side"
 
 
-def policy(backend: str) -> Policy:
-    # one policy for all: gVisor's pids floor applies to every column
-    return Policy(isolation=backend, pids_max=PIDS_FLOOR, allow_weaker=True)  # type: ignore[arg-type]
-
-
-def measure(fn: Callable[[], float], n: int) -> dict[str, float]:
-    samples = [fn() for _ in range(n)]
-    ordered = sorted(samples)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return {"p50_ms": statistics.median(samples), "p99_ms": p99, "n": n}
-
-
-def first_result(jail: HostJail, pol: Policy) -> float:
+def _first_result(policy: Policy) -> float:
     t = time.perf_counter()
-    sbx = jail.create(pol)
-    ex = sbx.execute("print(1)")
-    elapsed = (time.perf_counter() - t) * 1000
-    assert ex.logs.stdout == ["1\n"], ex
-    sbx.kill()
+    with Sandbox(policy) as sbx:
+        ex = sbx.run_code("print(1)")
+        elapsed = (time.perf_counter() - t) * 1000
+        assert ex.logs.stdout == ["1\n"], ex
     return elapsed
 
 
-def backend_figures(name: str, n: int, results: Figures, memory: dict[str, float]) -> None:
-    jail = get_jail(name)
-    assert isinstance(jail, HostJail)
-    pol = policy(name)
-    print(f"{name}: create -> first result (cold), pool hit, 1+1 round trip", flush=True)
-    results[f"{name}_create_to_first_result_cold"] = measure(lambda: first_result(jail, pol), n)
-    pool = jail.start_pool(n + 2, pol, refill_per_s=50)
+def _with_pool(jail: HostJail, policy: Policy, measure: Measure, n: int) -> dict[str, float]:
+    pool = jail.start_pool(n + 2, policy, refill_per_s=200)
     try:
         deadline = time.monotonic() + 300
         while pool.ready < n + 2 and time.monotonic() < deadline:
             time.sleep(0.1)
-        results[f"{name}_create_to_first_result_pool_hit"] = measure(
-            lambda: first_result(jail, pol), n
-        )
+        hits = pool.hits
+        figure = measure(lambda: _first_result(policy), n)
+        assert pool.hits - hits >= n * 0.9, "the pool did not serve the measured creates"
+        return figure
     finally:
         pool.stop()
         jail.pool = None
-    sbx = jail.create(pol)
+
+
+def _memory(policy: Policy, count: int) -> dict[str, float]:
+    sandboxes = [Sandbox(policy) for _ in range(count)]
     try:
-        for _ in range(20):
-            sbx.execute("1+1")
-
-        def round_trip() -> float:
-            t = time.perf_counter()
-            sbx.execute("1+1")
-            return (time.perf_counter() - t) * 1000
-
-        results[f"{name}_round_trip_1_plus_1"] = measure(round_trip, n * 20)
-        memory[f"{name}_idle_sandbox_cgroup_mb"] = (sbx.memory_current() or 0) / (1 << 20)
+        uss, charged = [], []
+        for sbx in sandboxes:
+            sbx.run_code("print(1)")
+            pids = sbx._jailed.cgroups.pids()  # type: ignore[attr-defined]
+            uss.append(sum(memory_kb(pid)["uss"] for pid in pids) / 1024)
+            charged.append((sbx._jailed.memory_current() or 0) / (1 << 20))
+        return {"uss_mb": statistics.median(uss), "charged_mb": statistics.median(charged)}
     finally:
-        sbx.kill()
+        for sbx in sandboxes:
+            sbx.kill()
 
 
-def _bundle(root: Path, python: str) -> dict[str, Any]:
-    return {
-        "ociVersion": "1.0.2",
-        "process": {
-            "user": {"uid": 1000, "gid": 1000},
-            "args": [python, "-c", "pass"],
-            "env": ["PATH=/usr/bin:/bin"],
-            "cwd": "/",
-            "noNewPrivileges": True,
-        },
-        "root": {"path": str(root), "readonly": True},
-        "hostname": "sandbox",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc"},
-            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["size=64m"]},
-        ],
-        "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")],
-            "resources": {"pids": {"limit": PIDS_FLOOR}},
-        },
-    }
-
-
-def oci_baselines(n: int, results: Figures) -> None:
-    """`runc run` and `runsc run` of python -c pass on the sandbox image."""
-    image = _image.require()
-    with tempfile.TemporaryDirectory(dir="/run/codecage") as tmp:
-        bundle = Path(tmp) / "bundle"
-        bundle.mkdir()
-        (bundle / "config.json").write_text(json.dumps(_bundle(image.root, image.python)))
-        commands = {
-            "runc": ["runc", f"--root={tmp}/runc"],
-            "runsc": ["runsc", f"--root={tmp}/runsc", *RUNSC_FLAGS],
-        }
-        for tool, argv in commands.items():
-            if shutil.which(tool) is None:
-                continue
-            print(f"baseline: {tool} run of python -c pass on the image", flush=True)
-
-            def once(argv: list[str] = argv) -> float:
-                name = f"bench-{secrets.token_hex(6)}"
-                t = time.perf_counter()
-                subprocess.run(
-                    [*argv, "run", f"--bundle={bundle}", name],
-                    check=True,
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                )
-                elapsed = (time.perf_counter() - t) * 1000
-                subprocess.run([*argv, "delete", "--force", name], capture_output=True)
-                return elapsed
-
-            once()
-            results[f"baseline_{tool}_run_python_c_pass"] = measure(once, n)
-
-
-@contextlib.contextmanager
-def podman_service() -> Iterator[None]:
-    """The container backend's engine: the one at CODECAGE_DOCKER_HOST, or one started here."""
-    if os.environ.get("CODECAGE_DOCKER_HOST") or shutil.which("podman") is None:
-        yield
-        return
-    sock = PODMAN_URL.removeprefix("unix://")
-    started = None
-    if not os.path.exists(sock):
-        started = subprocess.Popen(
-            ["podman", "--runtime", "runc", "--storage-opt", "overlay.skip_mount_home=true"]
-            + ["system", "service", "--time=0", PODMAN_URL],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 30
-        while not os.path.exists(sock) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    try:
-        yield
-    finally:
-        if started is not None:
-            started.terminate()
-            started.wait(timeout=30)
-
-
-def ratios_of(results: Figures) -> dict[str, float]:
-    out = {}
-    for backend, tool in (("gvisor", "runsc"), ("container", "runc")):
-        base = results.get(f"baseline_{tool}_run_python_c_pass")
-        if base is None:
+def backend_figures(measure: Measure, n: int) -> dict[str, dict[str, float]]:
+    """name -> figures (p50 ms of each timing, MiB of memory)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, why in available_backends().items():
+        if why is not None:
+            print(f"backend {name}: unavailable ({why})", flush=True)
             continue
-        for kind in ("cold", "pool_hit"):
-            ours = results.get(f"{backend}_create_to_first_result_{kind}")
-            if ours is not None:
-                out[f"{backend}_first_result_{kind}_over_{tool}_run"] = (
-                    ours["p50_ms"] / base["p50_ms"]
-                )
+        jail = get_jail(name)
+        assert isinstance(jail, HostJail)
+        # a backend that declares a feature it lacks (gvisor) runs only when told so
+        weaker = jail.enforces != features.ALL
+        policy = Policy(isolation=name, allow_weaker=weaker)  # type: ignore[arg-type]
+        print(f"backend {name}: create -> first result (miss, then pool hit)", flush=True)
+        _first_result(policy)  # warm whatever the backend starts once
+        miss = measure(lambda p=policy: _first_result(p), n)  # type: ignore[misc]
+        hit = _with_pool(jail, policy, measure, n)
+        print(f"backend {name}: 1+1 round trip, memory per idle sandbox", flush=True)
+        with Sandbox(policy) as sbx:
+            for _ in range(50):
+                sbx.run_code("1+1")
+            trip = measure(lambda s=sbx: timed(lambda: s.run_code("1+1")), n * 25)  # type: ignore[misc]
+        mem = _memory(policy, 5)
+        out[name] = {
+            "create_first_result_miss_p50_ms": miss["p50_ms"],
+            "create_first_result_pool_hit_p50_ms": hit["p50_ms"],
+            "create_first_result_pool_hit_p99_ms": hit["p99_ms"],
+            "round_trip_1plus1_p50_ms": trip["p50_ms"],
+            "round_trip_1plus1_p99_ms": trip["p99_ms"],
+            "idle_uss_mb": mem["uss_mb"],
+            "idle_cgroup_charged_mb": mem["charged_mb"],
+            "n": n,
+        }
+    base: Figures = {}
+    bwrap_baseline(base, measure, n)
+    out["baseline: bwrap + python -c, same imports, per run"] = {
+        "create_first_result_miss_p50_ms": base["baseline_bwrap_python_per_run"]["p50_ms"],
+        "n": base["baseline_bwrap_python_per_run"]["n"],
+    }
     return out
 
 
-def compare(n: int) -> tuple[Figures, dict[str, float], dict[str, float]]:
-    _image.build(progress=lambda line: print(line, flush=True))
-    results: Figures = {}
-    memory: dict[str, float] = {}
-    with podman_service():
-        oci_baselines(max(5, n // 2), results)
-        for name, why in available_backends().items():
-            if why is not None:
-                print(f"{name}: skipped ({why})", flush=True)
-                continue
-            backend_figures(name, n, results, memory)
-    return results, ratios_of(results), memory
-
-
-def section(results: Figures, ratios: dict[str, float], memory: dict[str, float]) -> list[str]:
-    when = time.strftime("%Y-%m-%d %H:%M")
+def render(figures: dict[str, dict[str, float]], when: str) -> list[str]:
     lines = [
-        SECTION,
+        HEADER,
         "",
-        f"Measured {when} by `.venv/bin/python benchmarks/backends.py` (also in `make bench`);",
-        f"every backend with the same policy (pids_max={PIDS_FLOOR}, allow_weaker for gVisor).",
+        f"Measured {when} by `python benchmarks/run.py --backends-only` (default policy and",
+        "preload: numpy, pandas, matplotlib, IPython). p50 (p99) in ms; memory of one idle",
+        "sandbox that ran print(1): its own pages (USS) and what its memory cgroup is charged.",
         "",
-        "| figure | p50 ms | p99 ms | n |",
-        "|---|---:|---:|---:|",
+        "| backend | create->first result, no pool | with its pool | `1+1` round trip | idle USS MiB | idle charged MiB | n |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    lines += [
-        f"| {k} | {v['p50_ms']:.2f} | {v['p99_ms']:.2f} | {int(v['n'])} |"
-        for k, v in results.items()
-    ]
-    lines += ["", "| ratio (target: OCI levels within 2x of the plain runtime) | value |"]
-    lines += ["|---|---:|"] + [f"| {k} | {v:.2f}x |" for k, v in ratios.items()]
-    lines += ["", "| memory per idle sandbox (host cgroup) | MiB |", "|---|---:|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in memory.items()]
-    return lines
+    for name, f in figures.items():
+        if "round_trip_1plus1_p50_ms" not in f:  # a baseline: one figure
+            lines.append(
+                f"| {name} | {f['create_first_result_miss_p50_ms']:.1f} | | | | | {int(f['n'])} |"
+            )
+            continue
+        lines.append(
+            f"| {name} | {f['create_first_result_miss_p50_ms']:.1f}"
+            f" | {f['create_first_result_pool_hit_p50_ms']:.1f} ({f['create_first_result_pool_hit_p99_ms']:.1f})"
+            f" | {f['round_trip_1plus1_p50_ms']:.2f} ({f['round_trip_1plus1_p99_ms']:.2f})"
+            f" | {f['idle_uss_mb']:.1f} | {f['idle_cgroup_charged_mb']:.1f} | {int(f['n'])} |"
+        )
+    return [*lines, ""]
 
 
-def write_section(lines: list[str]) -> None:
-    """Replace (or add) this section of results.md, leaving the rest as run.py wrote it."""
-    path = HERE / "results.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    head = text.split(SECTION)[0].rstrip("\n")
-    path.write_text(head + "\n\n" + "\n".join(lines) + "\n")
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    args = parser.parse_args()
-    results, ratios, memory = compare(5 if args.quick else 20)
-    data = {"results": results, "ratios": ratios, "memory": memory}
-    (HERE / "backends.json").write_text(json.dumps(data, indent=2) + "\n")
-    lines = section(results, ratios, memory)
-    write_section(lines)
-    print("\n".join(lines))
-
-
-if __name__ == "__main__":
-    main()
+def splice(here: Path, figures: dict[str, dict[str, float]]) -> None:
+    """Put this section at the end of results.md (replacing an older one) and in results.json."""
+    when = time.strftime("%Y-%m-%d %H:%M")
+    md = here / "results.md"
+    text = md.read_text() if md.exists() else "# Benchmark results\n"
+    text = text.split(HEADER)[0].rstrip("\n") + "\n\n" + "\n".join(render(figures, when))
+    md.write_text(text)
+    js = here / "results.json"
+    data = json.loads(js.read_text()) if js.exists() else {}
+    data["backends"] = {"date": when, "figures": figures}
+    js.write_text(json.dumps(data, indent=2) + "\n")
+    print("\n".join(render(figures, when)))

@@ -13,17 +13,20 @@ from __future__ import annotations
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from codecage import Policy, Sandbox
-from codecage._jail import available_backends
-from codecage._jail.bwrap import bwrap_binary
-from codecage._jail.host import UID_BASE
+from codecage import Policy, Sandbox, SandboxError
+from codecage._jail import available_backends, get_jail
+from codecage._jail.bwrap import BwrapJail, bwrap_binary
+from codecage._jail.host import UID_BASE, HostJail
 from codecage._jail.template import Runtime
 from codecage.testing import PRELUDE, in_jail, result_of
+
+from .conftest import start_service, stop_service
 
 pytestmark = [
     pytest.mark.requires_root,
@@ -125,3 +128,61 @@ def test_every_process_of_a_sandbox_runs_as_its_own_host_uid() -> None:
                 uids |= {int(u) for u in line.split()[1:]}
             assert len(uids) == 1 and min(uids) >= UID_BASE, uids
             assert str(min(uids)) == sbx.run_code("os.getuid()").text
+
+
+def test_a_sandbox_that_fails_to_start_says_why_and_leaves_nothing() -> None:
+    """The entry's own error (here: a preload module that does not exist) reaches the
+    caller as a SandboxError; the leak check after the test proves the tree is gone."""
+    jail = BwrapJail(preload=("codecage_no_such_module",))
+    try:
+        with pytest.raises(SandboxError, match="codecage_no_such_module"):
+            jail.spawn(BWRAP, {})
+    finally:
+        jail.close()
+
+
+def test_pool_serves_bwrap_sandboxes_with_their_own_envs() -> None:
+    jail = get_jail("bwrap")
+    assert isinstance(jail, HostJail)
+    pool = jail.start_pool(1, BWRAP, refill_per_s=10)
+    try:
+        deadline = time.monotonic() + 60
+        while pool.ready < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.ready == 1
+        with Sandbox(BWRAP, envs={"POOLED": "yes"}) as sbx:
+            assert pool.hits == 1  # the control: it came from the pool
+            assert sbx.run_code("import os; os.environ['POOLED']").text == "'yes'"
+    finally:
+        pool.stop()
+        jail.pool = None
+
+
+def test_pids_max_counts_the_sandboxs_own_processes() -> None:
+    """bwrap's monitor is in the pids cgroup too; the limit is raised by one for it."""
+    with Sandbox(Policy(isolation="bwrap", pids_max=10)) as sbx:
+        assert sbx.run_code("open('/sys/fs/cgroup/pids/pids.max').read().strip()").text == "'11'"
+        pids = sbx._jailed.cgroups.pids()  # type: ignore[attr-defined]
+        assert len(pids) == 3, pids  # monitor, init, kernel: 8 more may start
+
+
+def test_the_service_runs_bwrap_sandboxes_from_its_pool(tmp_path: Path) -> None:
+    config = tmp_path / "service.toml"
+    config.write_text(
+        'pool_size = 1\n[policy]\nisolation = "bwrap"\n[ceiling]\nisolation = "bwrap"\n'
+    )
+    service = start_service(tmp_path / "audit.db", ("alice",), config)
+    try:
+        with service.client("alice") as client:
+            deadline = time.monotonic() + 60
+            while "codecage_pool_ready 1.0" not in client.request("GET", "/metrics").text:
+                assert time.monotonic() < deadline, "the bwrap pool never filled"
+                time.sleep(0.2)
+            with client.Sandbox() as sbx:
+                assert sbx.run_code("import os; os.getuid() >= 1 << 20").text == "True"
+                sbx.files.write("a.txt", b"x")
+                assert sbx.commands.run("cat a.txt").stdout == "x"
+            metrics = client.request("GET", "/metrics").text
+            assert "codecage_pool_hits 1.0" in metrics, metrics[-2000:]
+    finally:
+        stop_service(service)

@@ -309,3 +309,15 @@ def test_async_sandbox(make: Maker) -> None:
             assert [r.text for r in results] == ["0", "2", "4"]
 
     asyncio.run(main())
+
+
+def test_a_sandbox_outlives_the_thread_that_created_it(make: Maker) -> None:
+    """Services create sandboxes on worker threads that come and go (bwrap's
+    --die-with-parent fires when the forking *thread* exits)."""
+    made: list[Any] = []
+    worker = threading.Thread(target=lambda: made.append(make()))
+    worker.start()
+    worker.join()
+    time.sleep(0.3)
+    with made[0] as sbx:
+        assert sbx.run_code("1 + 1").text == "2"

@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from .._errors import BackendUnavailable, SandboxError
 from .._inside import landlock, seccomp
 from .._policy import Policy
 from . import cgroups, features
-from .host import HostJail, HostSandbox, Launched, readable, uids
+from .host import HostJail, HostSandbox, Launched, raise_nofile, readable, uids
 from .template import DEFAULT_PRELOAD, Runtime, package_dir, state_dir
 
 _jail_numbers = itertools.count(1)
@@ -84,6 +85,7 @@ class BwrapJail(HostJail):
         why = probe()
         if why is not None:
             raise BackendUnavailable(f"isolation backend 'bwrap': {why}")
+        raise_nofile()
         self.bwrap = bwrap_binary() or "bwrap"
         self.runtime = runtime or Runtime.default()
         self.runtime.check()
@@ -106,12 +108,17 @@ class BwrapJail(HostJail):
         self.enforces = features.ALL - ({"landlock"} if not self.landlock else set())
         self.why = {} if self.landlock else {"landlock": "this host has no Landlock"}
         self.pool = None
+        # --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that forked
+        # bwrap exits: a request's worker thread or the pool's would take its sandboxes with
+        # it. So every bwrap is started from this one thread, which lives as long as the jail.
+        self.spawner = ThreadPoolExecutor(1, thread_name_prefix="codecage-bwrap-spawner")
 
     def spawn(self, policy: Policy, envs: dict[str, str]) -> BwrapSandbox:
         return BwrapSandbox(self, policy, envs)
 
     def close(self) -> None:
         super().close()
+        self.spawner.shutdown(wait=True)
         cgroups.remove_owner(self.cgroup_version, self.owner)
 
 
@@ -144,9 +151,17 @@ class BwrapSandbox(HostSandbox):
             jail.cgroup_version, self.id, jail.owner
         )
         self.process: subprocess.Popen[bytes] | None = None
+        self._last_words = ""
         self._start(envs)
 
     # -- launch -------------------------------------------------------------------------
+
+    def _tree_policy(self) -> Policy:
+        """bwrap's monitor sits in the pids cgroup: one more, so pids_max means for the
+        sandbox's own processes what it means in the namespace jail."""
+        if self.policy.pids_max is None:
+            return self.policy
+        return self.policy.model_copy(update={"pids_max": self.policy.pids_max + 1})
 
     def _launch(self, envs: dict[str, str]) -> Launched:
         host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -163,29 +178,41 @@ class BwrapSandbox(HostSandbox):
         passed = [child_end.fileno(), info_w, *pipes.values()]
         try:
             argv = self._argv(child_end.fileno(), info_w, pipes)
-            self.process = subprocess.Popen(
-                argv,
-                env=self.jail.runtime.base_env(),
-                pass_fds=passed,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                cwd="/",
-            )
+            env = self.jail.runtime.base_env()
+
+            def popen() -> subprocess.Popen[bytes]:
+                return subprocess.Popen(
+                    argv,
+                    env=env,
+                    pass_fds=passed,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                    cwd="/",
+                )
+
+            self.process = self.jail.spawner.submit(popen).result()
         finally:
             child_end.close()
             for fd in (info_w, *pipes.values()):
                 os.close(fd)
         try:
             init_pid = self._child_pid(info_r, time.monotonic() + 30)
+            pidfd = os.pidfd_open(init_pid)
+        except BaseException:
+            host_end.close()
+            raise
         finally:
             os.close(info_r)
-        pidfd = os.pidfd_open(init_pid)
-        if init_pid not in self.cgroups.pids():  # the pidfd pins it: is it still ours?
+        try:
+            if init_pid not in self.cgroups.pids():  # the pidfd pins it: is it still ours?
+                raise SandboxError("the sandbox's init is not in its cgroup")
+            host_end.send(json.dumps(self._spec(envs)).encode())
+        except BaseException:
             os.close(pidfd)
-            raise SandboxError("the sandbox's init is not in its cgroup")
-        host_end.send(json.dumps(self._spec(envs)).encode())
+            host_end.close()
+            raise
         return Launched(host_end, pidfd, init_pid)
 
     def _argv(self, supervisor_fd: int, info_fd: int, pipes: dict[str, int]) -> list[str]:
@@ -252,13 +279,21 @@ class BwrapSandbox(HostSandbox):
                 break
         raise SandboxError(f"bubblewrap did not start the sandbox: {self._stderr()}")
 
+    def _diagnostics(self) -> str:
+        return self._last_words
+
     def _stderr(self) -> str:
-        if self.process is None or self.process.stderr is None:
+        """The end of bwrap's (and a failed entry's) stderr, read without blocking."""
+        if self.process is None or self.process.stderr is None or self.process.stderr.closed:
             return ""
-        with contextlib.suppress(subprocess.TimeoutExpired, OSError, ValueError):
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(timeout=2)
-            return self.process.stderr.read(2000).decode(errors="replace").strip()
-        return "(no diagnostics)"
+        fd = self.process.stderr.fileno()
+        os.set_blocking(fd, False)
+        try:
+            return os.read(fd, 4000).decode(errors="replace").strip()
+        except OSError:
+            return ""
 
     def _spec(self, envs: dict[str, str]) -> dict[str, Any]:
         p, runtime = self.policy, self.jail.runtime
@@ -317,6 +352,7 @@ class BwrapSandbox(HostSandbox):
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+            self._last_words = self._stderr()
             if self.process.stderr is not None:
                 self.process.stderr.close()
         uids.give_back(self.uid)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import resource
 import secrets
 import select
 import signal
@@ -84,6 +85,13 @@ def readable(
 
 
 _readable = readable
+
+
+def raise_nofile() -> None:
+    """Each sandbox holds about a dozen descriptors here: use all the host allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class Tree(Protocol):
@@ -206,6 +214,11 @@ class HostSandbox:
         were killed (init confirmed dead if `init_dead`). Called once, from kill(), before
         the tree is removed."""
 
+    def _tree_policy(self) -> Policy:
+        """The limits the tree is created with: the policy's, unless the backend's own
+        processes share the tree and must not eat into them."""
+        return self.policy
+
     def _kill_tree(self) -> None:
         """SIGKILL every process of the sandbox (terminate() then also kills init by pidfd)."""
         self.cgroups.kill()
@@ -214,13 +227,23 @@ class HostSandbox:
         """Create the tree, launch init and wait for the first kernel: the subclass's
         __init__ calls it last. On any failure everything started is killed."""
         try:
-            self.cgroups.create(self.policy)
+            self.cgroups.create(self._tree_policy())
             self._supervisor, self._init_pidfd, self.init_pid = self._launch(envs)
             self._await_kernel(time.monotonic() + timeout_s)
             self._open_mounts()
+        except OSError as exc:  # e.g. init died before it could report why
+            self.kill()
+            why = self._diagnostics()
+            raise SandboxError(
+                f"sandbox set-up failed: {exc}" + (f": {why}" if why else "")
+            ) from None
         except BaseException:
             self.kill()
             raise
+
+    def _diagnostics(self) -> str:
+        """What the launcher said when a start failed (after kill()), for the error."""
+        return ""
 
     # -- supervisor channel -------------------------------------------------------------
 

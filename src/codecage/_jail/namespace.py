@@ -9,15 +9,15 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import resource
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from .._errors import BackendUnavailable, SandboxError
 from .._policy import Policy
 from . import cgroups, features
-from .host import UID_BASE, HostJail, HostSandbox, Launched, uids
+from .host import UID_BASE, HostJail, HostSandbox, Launched, raise_nofile, uids
 from .proctree import ProcessTree
 from .template import Runtime, Template
 
@@ -32,13 +32,6 @@ ROOTLESS_WHY = (
 )
 
 
-def _raise_nofile() -> None:
-    """Each sandbox holds about a dozen descriptors here: use all the host allows."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 class NamespaceJail(HostJail):
     """Backend `namespace`: forks sandboxes from one template process."""
 
@@ -47,7 +40,7 @@ class NamespaceJail(HostJail):
     def __init__(
         self, runtime: Runtime | None = None, preload: tuple[str, ...] | None = None
     ) -> None:
-        _raise_nofile()
+        raise_nofile()
         # Not root: a user namespace replaces root, and a process tree replaces cgroups.
         self.rootless = os.geteuid() != 0
         version = None if self.rootless else cgroups.detect_version()
@@ -79,6 +72,11 @@ class NamespaceJail(HostJail):
                 lacking[f] = ROOTLESS_WHY
         self.enforces = features.ALL - frozenset(lacking)
         self.why = lacking
+
+    @property
+    def package(self) -> Path:
+        """The staged codecage package sandboxes see (read-only, at this path)."""
+        return self.template.package
 
     def spawn(self, policy: Policy, envs: dict[str, str]) -> NamespaceSandbox:
         return NamespaceSandbox(self, policy, envs)
