@@ -23,9 +23,11 @@ runtime:
 demo: $(STAMP) runtime
 	$(BIN)/python examples/demo.py
 
+# What the gvisor/container backends need (apt packages, the sandbox image); their tests
+# skip, saying why, where this cannot be had (no root, no apt).
 backends: $(STAMP) runtime
 	scripts/install-backends
-	$(BIN)/codecage image build
+	$(BIN)/codecage image build || echo "image: not built; the gvisor/container tests will skip"
 
 test: $(STAMP) runtime backends
 	$(BIN)/pytest
