@@ -141,6 +141,12 @@ class ContainerJail(HostJail):
             self.enforces = features.ALL - {"landlock"}
             self.why = {"landlock": "this host has no Landlock"}
 
+    @property
+    def package(self) -> Path:
+        """The codecage package as sandboxes see it: the image holds it at the path where
+        the namespace jail stages it, staged here too."""
+        return oci.staged_package(self.image)
+
     def spawn(self, policy: Policy, envs: dict[str, str]) -> ContainerSandbox:
         return ContainerSandbox(self, policy, envs)
 

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from .. import _image
@@ -81,6 +82,12 @@ class GvisorJail(HostJail):
         self.total_memory_mb = total
         self.state_root = state_dir() / "runsc"
         self.state_root.mkdir(exist_ok=True)
+
+    @property
+    def package(self) -> Path:
+        """The codecage package as sandboxes see it: the image holds it at the path where
+        the namespace jail stages it, staged here too."""
+        return oci.staged_package(self.image)
 
     def spawn(self, policy: Policy, envs: dict[str, str]) -> GvisorSandbox:
         return GvisorSandbox(self, policy, envs)

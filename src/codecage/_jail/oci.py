@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .._errors import TransportError
+from .._errors import SandboxError, TransportError
 from .._image import Image
 from .._inside.protocol import Message
 from .._policy import Policy
 from .host import HostSandbox
-from .template import Runtime, state_dir
+from .template import Runtime, package_dir, state_dir
 
 CHANNEL_INSIDE = "/run/codecage-channel"  # where the channel directory appears in the sandbox
 SANDBOX_UID = 1000
@@ -152,6 +152,14 @@ def _recv_exactly(conn: socket.socket, size: int) -> bytes:
             break
         data += chunk
     return data
+
+
+def staged_package(image: Image) -> Path:
+    """The host's staged copy of the package the image holds (the same path inside)."""
+    staged = package_dir(state_dir() / "pkg")
+    if str(staged.parent) != image.package_root:
+        raise SandboxError(f"the image holds another codecage version than {staged}")
+    return staged
 
 
 def bundle_dir(sandbox_id: str) -> Path:
