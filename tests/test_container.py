@@ -4,6 +4,7 @@ has a positive control outside the container."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -119,3 +120,23 @@ def test_session_limits_and_recovery(sandbox: codecage.Sandbox) -> None:
     assert sandbox.files.read("data.txt") == b"hello"
     ex = sandbox.run_code("from IPython.display import HTML; HTML('<b>hi</b>')")
     assert ex.results and ex.results[0].html == "<b>hi</b>"
+
+
+def test_start_up_sweep_removes_containers_of_a_process_that_is_gone(jail: ContainerJail) -> None:
+    from codecage._jail.container import OWNER_LABEL
+
+    gone = "1-1-container"  # pid 1 never started at tick 1: a crashed service's owner name
+    left = jail.client.containers.create(
+        jail.tag, ["true"], labels={OWNER_LABEL: gone, LABEL: "leftover"}
+    )
+    mine = jail.create(POLICY)  # a live sandbox of this process: never swept
+    try:
+        jail._sweep()
+        labelled = {"label": f"{OWNER_LABEL}={gone}"}
+        assert jail.client.containers.list(all=True, filters=labelled) == []
+        assert len(containers(jail, mine.id)) == 1
+        assert mine.execute("1 + 1").text == "2"
+    finally:
+        mine.kill()
+        with contextlib.suppress(Exception):
+            left.remove(force=True)

@@ -39,6 +39,7 @@ from .template import Runtime, state_dir
 DEFAULT_URL = "unix:///run/codecage/podman.sock"
 START_TIMEOUT_S = 30.0
 LABEL = "io.codecage.sandbox"
+OWNER_LABEL = "io.codecage.owner"  # the process that made it: "<pid>-<start time>-container"
 # The engine's cgroups live apart from the namespace jail's: it adds groups of its own
 # (Podman's conmon) that the jail's sweep must not take for sandboxes.
 ENGINE_PARENT = "codecage-engine"
@@ -129,6 +130,7 @@ class ContainerJail(HostJail):
         self.tag = ensure_engine_image(self.client, self.image, print)
         self.cgroup_version = cgroups.detect_version() or 1
         self.owner = f"{cgroups.owner_name()}-container"
+        self._sweep()
         total = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
         self.total_memory_mb = total
         if self.cgroup_version == 1:  # all containers of this process: one memory cap
@@ -152,12 +154,25 @@ class ContainerJail(HostJail):
 
     def close(self) -> None:
         super().close()
+        self._remove(lambda owner: owner == self.owner)
         self.client.close()
-        # the engine's own per-parent groups (Podman puts conmon in one), then ours
+
+    def _sweep(self) -> None:
+        """Start-up sweep: containers and cgroup parents left by processes that are gone."""
+        self._remove(lambda owner: owner != self.owner and not cgroups.owner_alive(owner))
+
+    def _remove(self, which: Any) -> None:
+        with contextlib.suppress(Exception):  # an engine that went away has nothing to remove
+            for found in self.client.containers.list(all=True, filters={"label": OWNER_LABEL}):
+                if which(found.labels.get(OWNER_LABEL, "")):
+                    found.remove(force=True)
+        # the engine's own per-parent groups (Podman puts conmon in one), then the parent
         for base in engine_bases(self.cgroup_version):
-            for leftover in ("conmon", ""):
-                with contextlib.suppress(OSError):
-                    (base / self.owner / leftover).rmdir()
+            for parent in base.iterdir() if base.is_dir() else ():
+                if parent.is_dir() and which(parent.name):
+                    for leftover in ("conmon", ""):
+                        with contextlib.suppress(OSError):
+                            (parent / leftover).rmdir()
 
 
 def _profile_option(client: Any) -> str:
@@ -268,7 +283,7 @@ class ContainerSandbox(oci.OciSandbox):
                 Ulimit(name="nproc", soft=NPROC_ULIMIT, hard=NPROC_ULIMIT),
                 Ulimit(name="core", soft=0, hard=0),
             ],
-            "labels": {LABEL: self.id},
+            "labels": {LABEL: self.id, OWNER_LABEL: self.jail.owner},
             "init": False,
         }
         if p.memory_mb is not None:

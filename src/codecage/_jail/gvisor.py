@@ -82,6 +82,7 @@ class GvisorJail(HostJail):
         self.total_memory_mb = total
         self.state_root = state_dir() / "runsc"
         self.state_root.mkdir(exist_ok=True)
+        self._remove(lambda owner: owner != self.owner and not cgroups.owner_alive(owner))
 
     @property
     def package(self) -> Path:
@@ -94,7 +95,26 @@ class GvisorJail(HostJail):
 
     def close(self) -> None:
         super().close()
+        self._remove(lambda owner: owner == self.owner)
         cgroups.remove_owner(self.cgroup_version, self.owner)
+
+    def _remove(self, which: Any) -> None:
+        """runsc sandboxes (and their directories) of the owners `which` selects: this
+        jail's at close; at start-up, those of processes that are gone."""
+        base = state_dir() / "oci"
+        for entry in base.iterdir() if base.is_dir() else ():
+            owner_file = entry / "owner"
+            owner = owner_file.read_text().strip() if owner_file.exists() else ""
+            if not owner.endswith("-gvisor"):
+                continue  # another backend's (or one being set up)
+            if which(owner):
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                    subprocess.run(
+                        self.command("delete", "--force", entry.name),
+                        capture_output=True,
+                        timeout=30,
+                    )
+                shutil.rmtree(entry, ignore_errors=True)
 
     def command(self, *args: str) -> list[str]:
         return [shutil.which("runsc") or "runsc", f"--root={self.state_root}", *RUNSC_FLAGS, *args]
@@ -118,6 +138,7 @@ class GvisorSandbox(oci.OciSandbox):
         deadline = time.monotonic() + START_TIMEOUT_S
         self._oci_channel = channel = oci.Channel(self.id)
         bundle = oci.bundle_dir(self.id)
+        (bundle.parent / "owner").write_text(self.jail.owner)  # for the start-up sweep
         config = bundle_config(self.jail.image, self.policy, str(channel.dir), self.cgroups)
         (bundle / "config.json").write_text(json.dumps(config))
         self._started = True
