@@ -125,7 +125,7 @@ def test_session_limits_and_recovery(sandbox: codecage.Sandbox) -> None:
 def test_start_up_sweep_removes_containers_of_a_process_that_is_gone(jail: ContainerJail) -> None:
     from codecage._jail.container import OWNER_LABEL
 
-    gone = "1-1-container"  # pid 1 never started at tick 1: a crashed service's owner name
+    gone = "4999999-1-container"  # above any pid_max: a crashed service's owner name
     left = jail.client.containers.create(
         jail.tag, ["true"], labels={OWNER_LABEL: gone, LABEL: "leftover"}
     )
