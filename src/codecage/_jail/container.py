@@ -266,7 +266,7 @@ class ContainerSandbox(oci.OciSandbox):
             "command": oci.bootstrap(self.jail.image),
             "entrypoint": [],
             "user": f"{uid}:{uid}",
-            "environment": {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+            "environment": oci.INIT_ENV,
             "working_dir": "/",
             "hostname": "sandbox",
             "detach": True,

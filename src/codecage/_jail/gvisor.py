@@ -279,7 +279,7 @@ def bundle_config(
         "process": {
             "user": {"uid": uid, "gid": uid},
             "args": oci.bootstrap(image),
-            "env": [f"{k}={v}" for k, v in image_env(image).items()],
+            "env": [f"{k}={v}" for k, v in oci.INIT_ENV.items()],
             "cwd": "/",
             "noNewPrivileges": True,
             "capabilities": {k: [] for k in ("bounding", "effective", "permitted", "ambient")},
@@ -306,8 +306,3 @@ def bundle_config(
             "cgroupsPath": _cgroups_path(groups),
         },
     }
-
-
-def image_env(image: _image.Image) -> dict[str, str]:
-    """init's own environment (the kernel's comes with the spec)."""
-    return {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}

@@ -28,6 +28,7 @@ from .template import Runtime, package_dir, state_dir
 
 CHANNEL_INSIDE = "/run/codecage-channel"  # where the channel directory appears in the sandbox
 SANDBOX_UID = 1000
+INIT_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # init's; the kernel's comes with the spec
 TOKEN_BYTES = 32  # init's token: 16 random bytes, hex
 
 
