@@ -7,13 +7,13 @@ RUNTIME ?= $(or $(CODECAGE_RUNTIME),/var/lib/codecage/runtime)
 export CODECAGE_RUNTIME := $(RUNTIME)
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test check bench runtime clean
+.PHONY: all demo test check bench runtime backends clean
 
 all: test
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bwrap]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bwrap,container]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python -c 'import codecage, pydantic, pytest'
 	touch $@
 
@@ -23,7 +23,13 @@ runtime:
 demo: $(STAMP) runtime
 	$(BIN)/python examples/demo.py
 
-test: $(STAMP) runtime
+# What the gvisor/container backends need (apt packages, the sandbox image); their tests
+# skip, saying why, where this cannot be had (no root, no apt).
+backends: $(STAMP) runtime
+	scripts/install-backends
+	$(BIN)/codecage image build
+
+test: $(STAMP) runtime backends
 	$(BIN)/pytest
 
 check: $(STAMP)
@@ -32,7 +38,7 @@ check: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP) runtime
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bwrap,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bwrap,container,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python benchmarks/run.py
 
 clean:

@@ -19,6 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+import oci  # noqa: E402
 from backends import backend_figures, splice  # noqa: E402
 from baselines import (  # noqa: E402
     Jupyter,
@@ -206,7 +207,7 @@ def main() -> None:
     args = parser.parse_args()
     n = 10 if args.quick else 40
     if args.backends_only:
-        splice(HERE, backend_figures(measure, 10))
+        backends_side_by_side()
         return
     results: Figures = {}
     ratios: dict[str, float] = {}
@@ -224,7 +225,18 @@ def main() -> None:
     sandbox_memory(memory)
     rows = scaling(HERE, (1, 10, 100) if args.quick else (1, 10, 100, 500, 1000))
     write(results, ratios, memory, rows)
-    splice(HERE, backend_figures(measure, 10))
+    backends_side_by_side()
+
+
+def backends_side_by_side() -> None:
+    """Every available backend (the container one with its engine running), then the OCI
+    levels' plain-runtime baselines and ratios, measured in the same run."""
+    with oci.engine():
+        figures = backend_figures(measure, 10)
+    figures |= oci.baselines(measure, 10)
+    splice(HERE, figures)
+    with (HERE / "results.md").open("a") as md:
+        md.write("\n".join(oci.ratios(figures)))
 
 
 if __name__ == "__main__":

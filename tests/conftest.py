@@ -17,13 +17,29 @@ import httpx
 import pytest
 
 import codecage
+import codecage._jail
 from codecage._jail import cgroups
 from codecage._jail.namespace import UID_BASE
 
+from . import engine
 from .openapi_check import validate
 
 # The conformance kit: tests using the `backend` fixture run once per backend of this host.
 pytest_plugins = ["codecage.testing.pytest_plugin"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    engine.start()  # the container backend's engine, before the kit lists the backends
+    # gvisor declares what it lacks (no Landlock, no host uid per sandbox), so the kit's
+    # default policies are refused there; tests/test_gvisor.py covers it instead.
+    if "CODECAGE_TEST_BACKENDS" not in os.environ:
+        available = codecage._jail.available_backends()
+        names = [n for n, why in available.items() if why is None and n != "gvisor"]
+        os.environ["CODECAGE_TEST_BACKENDS"] = ",".join(names)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    engine.stop()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

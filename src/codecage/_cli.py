@@ -339,6 +339,14 @@ def cmd_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_image(args: argparse.Namespace) -> int:
+    from . import _image
+
+    image = _image.build(progress=lambda line: print(sanitize(line), flush=True))
+    print(f"{image.tag} {image.root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="codecage", description="Run untrusted Python in a sandbox."
@@ -438,6 +446,10 @@ def build_parser() -> argparse.ArgumentParser:
         each.set_defaults(func=cmd_agent)
     openapi = sub.add_parser("openapi", help="print the HTTP API's OpenAPI document")
     openapi.set_defaults(func=cmd_openapi)
+    image = sub.add_parser("image", help="the root filesystem of the gvisor/container backends")
+    image_sub = image.add_subparsers(dest="image_command", required=True)
+    image_sub.add_parser("build", help="build it (cached: only when its inputs change)")
+    image.set_defaults(func=cmd_image)
     doctor = sub.add_parser("doctor", help="which protections this host supports")
     doctor.set_defaults(func=cmd_doctor)
     return parser

@@ -4,6 +4,15 @@ Talks to the host over the supervisor channel (SOCK_SEQPACKET, one JSON object p
 message). Each kernel generation gets a fresh stream socket, passed to the host with
 SCM_RIGHTS, so a kernel killed mid-frame never corrupts the next one's stream.
 If the host goes away, init kills everything in the sandbox and exits.
+
+Where descriptors cannot cross the boundary (gVisor's sentry cannot pass its own sockets
+to the host; a container gets none from it), the spec names `kernel_socket`, a host
+listener bind-mounted into the sandbox: init connects to it for each generation and
+writes a fresh random token first, which it also sends on the supervisor channel, so the
+host takes the connection that presents it and nothing else that code inside may have
+queued on the listener (at a restart every other process is dead before init connects).
+The host side stays one protocol: the "kernel" message either carries the socket or
+names the token of the connection to accept.
 """
 
 from __future__ import annotations
@@ -37,7 +46,10 @@ def run(spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any]) ->
             data = supervisor.recv(4096)
             if not data:  # the host is gone: nothing may outlive it
                 _kill_all_and_exit()
-            if json.loads(data).get("op") == "restart":
+            request = json.loads(data)
+            if request.get("op") == "signal":  # where the host cannot signal our processes
+                _signal_others(int(request.get("signal", signal.SIGKILL)))
+            if request.get("op") == "restart":
                 _kill_others()
                 _reap_all_children()  # no zombie of the old kernel outlives the restart
                 kernel = -1
@@ -48,7 +60,15 @@ def run(spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any]) ->
 def _start_kernel(
     spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any], generation: int
 ) -> int:
-    host_end, kernel_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    token = None
+    if spec.get("kernel_socket"):
+        token = os.urandom(16).hex()
+        kernel_end = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        kernel_end.connect(spec["kernel_socket"])
+        kernel_end.sendall(token.encode())
+        host_end = None
+    else:
+        host_end, kernel_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     pid = os.fork()
     if pid == 0:
         try:
@@ -58,13 +78,17 @@ def _start_kernel(
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.default_int_handler)
             supervisor.close()
-            host_end.close()
+            if host_end is not None:
+                host_end.close()
             from . import kernel
 
             kernel.main(kernel_end, spec, ctx)
         finally:
             os._exit(70)
     kernel_end.close()
+    if host_end is None:
+        supervisor.send(message(ev="kernel", generation=generation, token=token))
+        return pid
     socket.send_fds(supervisor, [message(ev="kernel", generation=generation)], [host_end.fileno()])
     host_end.close()
     return pid
@@ -100,6 +124,12 @@ def drain(fd: int) -> None:
             pass
     except BlockingIOError:
         pass
+
+
+def _signal_others(sig: int) -> None:
+    # From PID 1, kill(-1) reaches every other process of the namespace.
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(-1, sig)
 
 
 def _kill_others() -> None:

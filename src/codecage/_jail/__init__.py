@@ -154,3 +154,47 @@ register(
         _probe_bwrap,
     )
 )
+
+
+def _load_gvisor() -> Jail:
+    from .gvisor import GvisorJail
+
+    return GvisorJail()
+
+
+def _probe_gvisor() -> str | None:
+    from .gvisor import probe
+
+    return probe()
+
+
+register(
+    Backend(
+        "gvisor",
+        "runsc (gVisor's user-space kernel, ptrace platform) running an OCI bundle",
+        _load_gvisor,
+        _probe_gvisor,
+    )
+)
+
+
+def _load_container() -> Jail:
+    from .container import ContainerJail
+
+    return ContainerJail()
+
+
+def _probe_container() -> str | None:
+    from .container import probe
+
+    return probe()
+
+
+register(
+    Backend(
+        "container",
+        "a container through the Docker Engine API (docker-py; Podman's service here)",
+        _load_container,
+        _probe_container,
+    )
+)

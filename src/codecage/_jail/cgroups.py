@@ -286,6 +286,14 @@ def _bases(version: int) -> list[Path]:
     return [(ROOT if (ROOT / "cgroup.controllers").exists() else ROOT / "unified") / "codecage"]
 
 
+def owner_alive(owner: str) -> bool:
+    """Whether the process named in an owner string ("<pid>-<start time>[-...]") still runs."""
+    try:
+        return _alive(owner)
+    except (IndexError, ValueError):
+        return False
+
+
 def _alive(owner: str) -> bool:
     """Whether the process that created `owner` ("<pid>-<start time>[-<jail>]") still runs."""
     pid, _, rest = owner.partition("-")

@@ -1,0 +1,370 @@
+"""Backend `container`: each sandbox is a container made through the Docker Engine API
+(the official `docker` package), with the seed's DockerSandbox settings: no network, memory
+and CPU limits, read-only root, size-capped tmpfs, a pids limit, every capability dropped,
+no-new-privileges and a seccomp profile (the Docker-format rendering of _inside/seccomp.py's
+deny list; init then loads the full filter itself). Tested against Podman's
+Docker-compatible service with the runc runtime.
+
+    host: channel dir + docker-py containers.create(...) -> engine -> runc
+      PID 1: _inside/oci.py -> init -> kernel      (a fresh host uid per sandbox)
+
+The image is `codecage image build`'s root filesystem, brought into the engine in two
+layers: Debian + the runtime (imported once per runtime, ~35 s) and the codecage package
+on top (a small build per codecage version).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import _image
+from .._errors import BackendUnavailable, SandboxError
+from .._inside import seccomp
+from .._policy import Policy
+from . import cgroups, features, oci
+from .host import HostJail, Launched, uids
+from .template import Runtime, state_dir
+
+DEFAULT_URL = "unix:///run/codecage/podman.sock"
+START_TIMEOUT_S = 30.0
+LABEL = "io.codecage.sandbox"
+OWNER_LABEL = "io.codecage.owner"  # the process that made it: "<pid>-<start time>-container"
+# The engine's cgroups live apart from the namespace jail's: it adds groups of its own
+# (Podman's conmon) that the jail's sweep must not take for sandboxes.
+ENGINE_PARENT = "codecage-engine"
+# Podman on this host: the hard limits it would copy from the service exceed what runc
+# may set here (MEASURED.md), so the sandbox's own are given explicitly.
+NPROC_ULIMIT = 1024
+
+
+def engine_url() -> str:
+    return os.environ.get("CODECAGE_DOCKER_HOST", DEFAULT_URL)
+
+
+def _client(timeout_s: int = 120) -> Any:
+    try:
+        import docker
+    except ImportError:
+        raise BackendUnavailable(
+            "container: the `docker` package is not installed (pip install 'codecage[container]')"
+        ) from None
+    return docker.DockerClient(base_url=engine_url(), timeout=timeout_s)
+
+
+def probe() -> str | None:
+    try:
+        import docker  # noqa: F401
+    except ImportError:
+        return "the `docker` package is missing: pip install 'codecage[container]'"
+    if os.geteuid() != 0:
+        return "the container backend reads its sandboxes' cgroups as root here"
+    if _image.current() is None:
+        return "the sandbox image is not built: run `codecage image build`"
+    try:
+        client = _client(timeout_s=5)  # a probe answers quickly, engine or not
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except Exception as exc:
+        return (
+            f"no Docker-compatible engine at {engine_url()} ({type(exc).__name__}); start "
+            f"one, e.g. `podman --runtime runc system service --time=0 {DEFAULT_URL}`"
+        )
+    return None
+
+
+def docker_seccomp_profile() -> dict[str, Any]:
+    """_inside/seccomp.py's deny list in Docker's profile format (allow by default)."""
+    eperm = {"action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM}
+    rules: list[dict[str, Any]] = [{"names": list(seccomp.DENIED), **eperm}]
+    for bit in range(64):
+        flag = 1 << bit
+        if seccomp.NAMESPACE_FLAGS & flag:
+            arg = {"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}
+            rules.append({"names": ["clone"], **eperm, "args": [arg]})
+    rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})
+    vsock = {"index": 0, "value": seccomp.AF_VSOCK, "op": "SCMP_CMP_EQ"}
+    rules.append({"names": ["socket"], **eperm, "args": [vsock]})
+    uevent = [
+        {"index": 0, "value": seccomp.AF_NETLINK, "op": "SCMP_CMP_EQ"},
+        {"index": 2, "value": seccomp.NETLINK_KOBJECT_UEVENT, "op": "SCMP_CMP_EQ"},
+    ]
+    rules.append({"names": ["socket"], **eperm, "args": uevent})
+    for request in (seccomp.TIOCSTI, seccomp.TIOCLINUX):
+        # MASKED_EQ: `value` is the mask, `valueTwo` what the masked argument must equal
+        arg = {"index": 1, "value": 0xFFFFFFFF, "valueTwo": request, "op": "SCMP_CMP_MASKED_EQ"}
+        rules.append({"names": ["ioctl"], **eperm, "args": [arg]})
+    return {
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": rules,
+    }
+
+
+class ContainerJail(HostJail):
+    """Backend `container`: one engine container per sandbox."""
+
+    name = "container"
+    enforces = features.ALL
+    why: dict[str, str] = {}
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        why = probe()
+        if why is not None:
+            raise BackendUnavailable(f"container: {why}")
+        self.client = _client()
+        self.runtime = runtime or Runtime.default()
+        self.image = _image.require(self.runtime)
+        self.tag = ensure_engine_image(self.client, self.image, print)
+        self.cgroup_version = cgroups.detect_version() or 1
+        self.owner = f"{cgroups.owner_name()}-container"
+        self._sweep()
+        total = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
+        self.total_memory_mb = total
+        if self.cgroup_version == 1:  # all containers of this process: one memory cap
+            parent = cgroups.ROOT / "memory" / ENGINE_PARENT / self.owner
+            parent.mkdir(parents=True, exist_ok=True)
+            (parent / "memory.limit_in_bytes").write_text(str(total << 20))
+        self.profile = _profile_option(self.client)
+        self.landlock = _landlock_abi() >= 1
+        if not self.landlock:
+            self.enforces = features.ALL - {"landlock"}
+            self.why = {"landlock": "this host has no Landlock"}
+
+    @property
+    def package(self) -> Path:
+        """The codecage package as sandboxes see it: the image holds it at the path where
+        the namespace jail stages it, staged here too."""
+        return oci.staged_package(self.image)
+
+    def spawn(self, policy: Policy, envs: dict[str, str]) -> ContainerSandbox:
+        return ContainerSandbox(self, policy, envs)
+
+    def close(self) -> None:
+        super().close()
+        self._remove(lambda owner: owner == self.owner)
+        self.client.close()
+
+    def _sweep(self) -> None:
+        """Start-up sweep: containers and cgroup parents left by processes that are gone."""
+        self._remove(lambda owner: owner != self.owner and not cgroups.owner_alive(owner))
+
+    def _remove(self, which: Any) -> None:
+        with contextlib.suppress(Exception):  # an engine that went away has nothing to remove
+            for found in self.client.containers.list(all=True, filters={"label": OWNER_LABEL}):
+                if which(found.labels.get(OWNER_LABEL, "")):
+                    found.remove(force=True)
+        # the engine's own per-parent groups (Podman puts conmon in one), then the parent
+        for base in engine_bases(self.cgroup_version):
+            for parent in base.iterdir() if base.is_dir() else ():
+                if parent.is_dir() and which(parent.name):
+                    for leftover in ("conmon", ""):
+                        with contextlib.suppress(OSError):
+                            (parent / leftover).rmdir()
+
+
+def _profile_option(client: Any) -> str:
+    """Docker takes the profile's JSON in the option; Podman (its service runs on this
+    host) takes a path, so the profile is written to the state directory."""
+    profile = json.dumps(docker_seccomp_profile())
+    components = client.version().get("Components") or []
+    if not any("podman" in str(c.get("Name", "")).lower() for c in components):
+        return profile
+    path = state_dir() / f"seccomp-{hashlib.sha256(profile.encode()).hexdigest()[:16]}.json"
+    if not path.exists():
+        path.write_text(profile)
+    return str(path)
+
+
+def _landlock_abi() -> int:
+    from .._inside import landlock
+
+    try:
+        return landlock.abi_version()
+    except OSError:
+        return 0
+
+
+def engine_bases(version: int) -> list[Path]:
+    if version == 1:
+        return [cgroups.ROOT / c / ENGINE_PARENT for c in cgroups.V1_CONTROLLERS]
+    unified = (
+        cgroups.ROOT if (cgroups.ROOT / "cgroup.controllers").exists() else cgroups.ROOT / "unified"
+    )
+    return [unified / ENGINE_PARENT]
+
+
+class EngineCgroups(cgroups.SandboxCgroups):
+    """The cgroups the engine made for a container (under ENGINE_PARENT/<owner>): read and
+    killed here, never created or limited here (the engine set the limits from the policy)."""
+
+    def __init__(self, version: int, owner: str) -> None:
+        super().__init__(version, "unset", owner)
+        self.parents = dict(zip(self.dirs, (b / owner for b in engine_bases(version)), strict=True))
+
+    def bind(self, leaf: str) -> None:
+        self.dirs = {c: parent / leaf for c, parent in self.parents.items()}
+
+    def create(self, policy: Policy) -> None:
+        pass  # the engine creates them
+
+    def remove(self, timeout_s: float = 5.0) -> None:
+        self.close_files()  # the engine removes the directories with the container
+
+
+class ContainerSandbox(oci.OciSandbox):
+    """One container. Its processes are host processes (runc), so signals and the host's
+    readings work as in the namespace jail."""
+
+    def __init__(self, jail: ContainerJail, policy: Policy, envs: dict[str, str]) -> None:
+        super().__init__(policy)
+        self.jail = jail
+        self.uid = uids.take()
+        self.cgroups: EngineCgroups = EngineCgroups(jail.cgroup_version, jail.owner)
+        self._container: Any = None
+        self._start(envs, START_TIMEOUT_S)
+
+    def _launch(self, envs: dict[str, str]) -> Launched:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        self._oci_channel = channel = oci.Channel(self.id)
+        self._container = self.jail.client.containers.create(**self._settings(channel.dir))
+        self._container.start()
+        supervisor = channel.accept_supervisor(deadline)
+        env = oci.environment(self.jail.runtime, self.policy, envs)
+        spec = oci.spec(self.policy, env, [])
+        spec |= {"uid": self.uid, "gid": self.uid, "landlock": self.jail.landlock}
+        supervisor.send(json.dumps(spec).encode())
+        self._container.reload()
+        pid = int(self._container.attrs["State"]["Pid"])
+        self.cgroups.bind(_cgroup_leaf(pid, self.jail.cgroup_version))
+        return Launched(supervisor, os.pidfd_open(pid), pid)
+
+    def _settings(self, channel: Path) -> dict[str, Any]:
+        """The seed's DockerSandbox settings, from the policy."""
+        from docker.types import Ulimit
+
+        p, uid = self.policy, self.uid
+
+        def tmpfs(size_mb: int, mode: str) -> str:
+            # no uid=: Podman refuses it; the container has one uid, so the sticky bit suffices
+            return f"rw,nosuid,nodev,size={size_mb}m,mode={mode}"
+
+        settings: dict[str, Any] = {
+            "image": self.jail.tag,
+            "command": oci.bootstrap(self.jail.image),
+            "entrypoint": [],
+            "user": f"{uid}:{uid}",
+            "environment": oci.INIT_ENV,
+            "working_dir": "/",
+            "hostname": "sandbox",
+            "detach": True,
+            "network_mode": "none",
+            "read_only": True,
+            "tmpfs": {"/home/user": tmpfs(p.disk_mb, "1777"), "/tmp": tmpfs(p.tmp_mb, "1777")},
+            "shm_size": p.shm_mb << 20,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges", f"seccomp={self.jail.profile}"],
+            "volumes": {str(channel): {"bind": oci.CHANNEL_INSIDE, "mode": "ro"}},
+            "cgroup_parent": f"/{ENGINE_PARENT}/{self.jail.owner}",
+            "ulimits": [
+                Ulimit(name="nofile", soft=p.open_files_max, hard=p.open_files_max),
+                Ulimit(name="nproc", soft=NPROC_ULIMIT, hard=NPROC_ULIMIT),
+                Ulimit(name="core", soft=0, hard=0),
+            ],
+            "labels": {LABEL: self.id, OWNER_LABEL: self.jail.owner},
+            "init": False,
+        }
+        if p.memory_mb is not None:
+            settings["mem_limit"] = settings["memswap_limit"] = p.memory_mb << 20
+        if p.cpu_cores is not None:
+            settings["nano_cpus"] = int(p.cpu_cores * 1e9)
+        if p.pids_max is not None:
+            settings["pids_limit"] = p.pids_max
+        return settings
+
+    def _release(self, init_dead: bool) -> None:
+        if self._container is not None:
+            with contextlib.suppress(Exception):
+                self._container.remove(force=True)
+        if self._oci_channel is not None:
+            self._oci_channel.close()
+        uids.give_back(self.uid)
+
+
+def _cgroup_leaf(pid: int, version: int) -> str:
+    """The last component of a process's cgroup (the engine's name for the container's)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if (version == 1 and "memory" in controllers.split(",")) or (
+            version == 2 and controllers == ""
+        ):
+            return path.rstrip("/").rsplit("/", 1)[-1]
+    raise SandboxError(f"no memory cgroup for the container's init ({pid})")
+
+
+def ensure_engine_image(client: Any, image: _image.Image, progress: _image.Progress) -> str:
+    """The engine's image for `image`: Debian + runtime imported once, the package as a
+    layer on top. Returns its tag."""
+    tag = f"localhost/codecage-sandbox:{image.key}"
+    if client.images.list(name=tag):
+        return tag
+    base = f"localhost/codecage-sandbox-base:{_image.runtime_key(image.runtime)}"
+    if not client.images.list(name=base):
+        progress(f"image: importing {image.root} into the engine as {base} (~35 s, once)")
+        exclude = "./" + image.package_root.strip("/")
+        tar = subprocess.Popen(
+            ["tar", "-C", str(image.root), "-c", f"--exclude={exclude}", "."],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            repository, _, version = base.rpartition(":")
+            out = client.api.import_image(src=tar.stdout, repository=repository, stream_src=True)
+        finally:
+            tar.kill()
+            tar.wait()
+            if tar.stdout is not None:
+                tar.stdout.close()
+        # engines differ in how they name an import (Podman ignores `tag`): tag it by its id
+        found = re.findall(r"sha256:[0-9a-f]{64}", str(out))
+        if not found:
+            raise BackendUnavailable(f"container: the engine's import said {str(out)[-500:]}")
+        client.images.get(found[-1]).tag(repository, version)
+        with contextlib.suppress(Exception):  # the name the import gave it, if any
+            client.images.remove(f"{repository}:latest")
+    progress(f"image: adding the codecage package as {tag}")
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tf:
+        dockerfile = f"FROM {base}\nCOPY codecage {image.package_root}/codecage\n".encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tf.addfile(info, io.BytesIO(dockerfile))
+        tf.add(image.root / image.package_root.strip("/") / "codecage", arcname="codecage")
+    context.seek(0)
+    try:
+        client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
+    except Exception as exc:
+        raise BackendUnavailable(f"container: could not build {tag}: {exc}") from None
+    _prune(client, keep={tag, base})
+    return tag
+
+
+def _prune(client: Any, keep: set[str]) -> None:
+    """Untag the engine's images of earlier codecage versions (those in use stay)."""
+    for repository in ("localhost/codecage-sandbox", "localhost/codecage-sandbox-base"):
+        for image in client.images.list(name=repository):
+            for old in set(image.tags) - keep:
+                if old.startswith(repository + ":"):
+                    with contextlib.suppress(Exception):
+                        client.images.remove(old)

@@ -1,0 +1,308 @@
+"""Backend `gvisor`: each sandbox is a runsc sandbox (gVisor's user-space kernel, ptrace
+platform) running an OCI bundle on the image of `codecage image build`.
+
+    host: cgroups (created here; runsc joins them) + channel dir + bundle/config.json
+      runsc --network=none --host-uds=open --platform=ptrace run --detach
+        sentry (the guest's kernel) -> PID 1: _inside/oci.py -> init -> kernel
+
+The sandbox's code talks to the sentry, not to the host kernel; the sentry runs under
+runsc's own seccomp filter. Read-only root; tmpfs workspace, /tmp and /dev/shm with sizes;
+no network interface but loopback; the cgroup limits cover the whole sandbox, sentry and
+gofer included: memory counts gVisor's own overhead, and the host's pids.max counts the
+sentry's threads, so it is raised to PIDS_FLOOR while the policy's pids_max is enforced by the
+sentry on the guest's own tasks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import _image
+from .._errors import BackendUnavailable, SandboxError, TransportError
+from .._models import Execution, ExecutionError
+from .._policy import Policy
+from . import cgroups, features, oci
+from .host import HostJail, Launched, readable
+from .template import Runtime, state_dir
+
+PIDS_FLOOR = 256  # host tasks: below ~256 in its cgroup, runsc's sentry crashes (MEASURED.md)
+RUNSC_FLAGS = ("--network=none", "--host-uds=open", "--platform=ptrace")
+START_TIMEOUT_S = 30.0
+SENTRY_OOM = (
+    "the sandbox reached its memory limit and the host's OOM killer ended its gVisor kernel "
+    "(gVisor has no OOM handling of its own): the sandbox has ended"
+)
+LACKING = {
+    "landlock": "the sentry has no Landlock; its root is read-only instead, so only "
+    "/home/user, /tmp and /dev/shm are writable",
+    "own_uid": "every sandbox's code runs as uid 1000 of its own sentry, and every sentry "
+    "as the same host user; what separates sandboxes is a kernel each",
+}
+
+
+def probe() -> str | None:
+    if shutil.which("runsc") is None:
+        return "runsc is not installed: scripts/install-backends (Debian package runsc)"
+    if os.geteuid() != 0:
+        return "runsc runs sandboxes as root here (cgroups, OCI bundles)"
+    if cgroups.detect_version() is None:
+        return "no usable cgroups"
+    if _image.current() is None:
+        return "the sandbox image is not built: run `codecage image build`"
+    return None
+
+
+class GvisorJail(HostJail):
+    """Backend `gvisor`: one runsc sandbox per codecage sandbox."""
+
+    name = "gvisor"
+    enforces = features.ALL - frozenset(LACKING)
+    why = LACKING
+
+    def __init__(self, runtime: Runtime | None = None) -> None:
+        why = probe()
+        if why is not None:
+            raise BackendUnavailable(f"gvisor: {why}")
+        self.runtime = runtime or Runtime.default()
+        self.image = _image.require(self.runtime)
+        self.cgroup_version = cgroups.detect_version() or 1
+        self.owner = f"{cgroups.owner_name()}-gvisor"
+        cgroups.sweep(self.cgroup_version, self.owner)
+        total = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
+        cgroups.cap_owner(self.cgroup_version, self.owner, total)
+        self.total_memory_mb = total
+        self.state_root = state_dir() / "runsc"
+        self.state_root.mkdir(exist_ok=True)
+        self._remove(lambda owner: owner != self.owner and not cgroups.owner_alive(owner))
+
+    @property
+    def package(self) -> Path:
+        """The codecage package as sandboxes see it: the image holds it at the path where
+        the namespace jail stages it, staged here too."""
+        return oci.staged_package(self.image)
+
+    def spawn(self, policy: Policy, envs: dict[str, str]) -> GvisorSandbox:
+        return GvisorSandbox(self, policy, envs)
+
+    def close(self) -> None:
+        super().close()
+        self._remove(lambda owner: owner == self.owner)
+        cgroups.remove_owner(self.cgroup_version, self.owner)
+
+    def _remove(self, which: Any) -> None:
+        """runsc sandboxes (and their directories) of the owners `which` selects: this
+        jail's at close; at start-up, those of processes that are gone."""
+        base = state_dir() / "oci"
+        for entry in base.iterdir() if base.is_dir() else ():
+            owner_file = entry / "owner"
+            owner = owner_file.read_text().strip() if owner_file.exists() else ""
+            if not owner.endswith("-gvisor"):
+                continue  # another backend's (or one being set up)
+            if which(owner):
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                    subprocess.run(
+                        self.command("delete", "--force", entry.name),
+                        capture_output=True,
+                        timeout=30,
+                    )
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def command(self, *args: str) -> list[str]:
+        return [shutil.which("runsc") or "runsc", f"--root={self.state_root}", *RUNSC_FLAGS, *args]
+
+
+class GvisorSandbox(oci.OciSandbox):
+    """One runsc sandbox. Signals reach the code through init (the guest's processes are
+    not host processes); its death shows as the sentry's exit."""
+
+    def __init__(self, jail: GvisorJail, policy: Policy, envs: dict[str, str]) -> None:
+        super().__init__(policy)
+        self.jail = jail
+        self.cgroups: cgroups.SandboxCgroups = FlooredCgroups(
+            jail.cgroup_version, self.id, jail.owner
+        )
+        self._started = False
+        self._sentry_died = False
+        self._start(envs, START_TIMEOUT_S)
+
+    def _launch(self, envs: dict[str, str]) -> Launched:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        self._oci_channel = channel = oci.Channel(self.id)
+        bundle = oci.bundle_dir(self.id)
+        (bundle.parent / "owner").write_text(self.jail.owner)  # for the start-up sweep
+        config = bundle_config(self.jail.image, self.policy, str(channel.dir), self.cgroups)
+        (bundle / "config.json").write_text(json.dumps(config))
+        self._started = True
+        # init connects while `runsc run` is still starting it: accept before waiting.
+        with tempfile.TemporaryFile() as log:
+            proc = subprocess.Popen(
+                self.jail.command("run", "--detach", f"--bundle={bundle}", self.id),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+            try:
+                supervisor = channel.accept_supervisor(deadline)
+                env = oci.environment(self.jail.runtime, self.policy, envs)
+                spec = oci.spec(self.policy, env, [])
+                if self.policy.pids_max is not None:  # the guest's own count, exactly
+                    spec["rlimits"]["nproc"] = self.policy.pids_max
+                supervisor.send(json.dumps(spec).encode())
+                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except BaseException:
+                proc.kill()
+                proc.wait()
+                log.seek(0)
+                raise SandboxError(
+                    f"runsc could not start the sandbox: {log.read().decode()[-2000:]}"
+                ) from None
+            if code != 0:
+                log.seek(0)
+                raise SandboxError(
+                    f"runsc could not start the sandbox: {log.read().decode()[-2000:]}"
+                )
+        pidfd = os.pidfd_open(_sandbox_pid(self.jail, self.id))
+        return Launched(supervisor, pidfd, None)
+
+    # -- the whole sandbox dying (gVisor has no OOM handling of its own) -------------------
+
+    def _supervisor_message(self) -> tuple[dict[str, Any], list[int]]:
+        """When the sentry itself dies (the host's OOM killer picks it: gVisor has no OOM
+        handling inside, google/gvisor#2520), report the kernel's death like init would,
+        once, so the run ends as a value; restart_kernel then ends the sandbox."""
+        try:
+            return super()._supervisor_message()
+        except TransportError:
+            if self._dying or self._sentry_died or not self._sentry_exited(2.0):
+                raise
+            self._sentry_died = True
+            return {"ev": "exit", "generation": self.generation, "signal": 9, "code": None}, []
+
+    def _sentry_exited(self, within_s: float) -> bool:
+        # the channel's hang-up can come a moment before the sentry's exit is visible
+        return self._init_pidfd is not None and bool(readable([self._init_pidfd], within_s))
+
+    def restart_kernel(self, deadline: float) -> None:
+        if not self._sentry_died:
+            super().restart_kernel(deadline)
+            return
+        oom = self.cgroups.usage().oom_kills > 0
+        self.terminate(SENTRY_OOM if oom else "its gVisor kernel (the sentry) died")
+
+    def execute(self, code: str, **kwargs: Any) -> Execution:
+        ex = super().execute(code, **kwargs)
+        if self._sentry_died and ex.error is not None:
+            ex.error = ExecutionError(
+                ex.error.name, f"{ex.error.value.split(';')[0]}; {self.ended_because}", ""
+            )
+        return ex
+
+    def kill_kernel(self) -> None:
+        self._signal_inside(signal.SIGKILL)
+
+    def interrupt(self) -> None:
+        self._signal_inside(signal.SIGINT)
+
+    def _signal_inside(self, sig: int) -> None:
+        with contextlib.suppress(OSError):
+            self._channel.send(json.dumps({"op": "signal", "signal": int(sig)}).encode())
+
+    def _open_mounts(self) -> None:
+        pass  # the guest's tmpfs lives in the sentry's memory: no host statvfs
+
+    def _release(self, init_dead: bool) -> None:
+        if self._started:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(
+                    self.jail.command("delete", "--force", self.id), capture_output=True, timeout=30
+                )
+        if self._oci_channel is not None:
+            self._oci_channel.close()
+        shutil.rmtree(state_dir() / "oci" / self.id, ignore_errors=True)
+
+
+class FlooredCgroups(cgroups.SandboxCgroups):
+    """The host cgroups of a runsc sandbox: pids.max counts runsc's own threads (the sentry,
+    the gofer, the ptrace stubs), so it gets at least PIDS_FLOOR; the policy's pids_max is
+    enforced inside, by the sentry, on the guest's tasks (RLIMIT_NPROC of the one guest uid)."""
+
+    def create(self, policy: Policy) -> None:
+        if policy.pids_max is not None and policy.pids_max < PIDS_FLOOR:
+            policy = policy.model_copy(update={"pids_max": PIDS_FLOOR})
+        super().create(policy)
+
+
+def _sandbox_pid(jail: GvisorJail, sandbox_id: str) -> int:
+    result = subprocess.run(jail.command("state", sandbox_id), capture_output=True, timeout=10)
+    try:
+        return int(json.loads(result.stdout)["pid"])
+    except (ValueError, KeyError, TypeError):
+        raise SandboxError(f"runsc state: {result.stderr.decode()[-500:]}") from None
+
+
+def _cgroups_path(groups: cgroups.SandboxCgroups) -> str:
+    """The OCI cgroupsPath of cgroups created here (the same under every v1 controller)."""
+    leaf = next(iter(groups.dirs.values()))
+    mount = cgroups.ROOT / leaf.relative_to(cgroups.ROOT).parts[0]
+    return "/" + str(leaf.relative_to(mount if groups.version == 1 else leaf.parents[2]))
+
+
+def bundle_config(
+    image: _image.Image, policy: Policy, channel: str, groups: cgroups.SandboxCgroups
+) -> dict[str, Any]:
+    """The OCI runtime spec of one sandbox, from its policy."""
+    uid = oci.SANDBOX_UID
+    limits = oci.rlimits(policy)
+
+    def tmpfs(target: str, size_mb: int, mode: str) -> dict[str, Any]:
+        options = [
+            "nosuid",
+            "nodev",
+            f"size={size_mb}m",
+            f"mode={mode}",
+            f"uid={uid}",
+            f"gid={uid}",
+        ]
+        return {"destination": target, "type": "tmpfs", "source": "tmpfs", "options": options}
+
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "user": {"uid": uid, "gid": uid},
+            "args": oci.bootstrap(image),
+            "env": [f"{k}={v}" for k, v in oci.INIT_ENV.items()],
+            "cwd": "/",
+            "noNewPrivileges": True,
+            "capabilities": {k: [] for k in ("bounding", "effective", "permitted", "ambient")},
+            "rlimits": [
+                {"type": f"RLIMIT_{k.upper()}", "hard": v, "soft": v} for k, v in limits.items()
+            ],
+        },
+        "root": {"path": str(image.root), "readonly": True},
+        "hostname": "sandbox",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc"},
+            tmpfs("/home/user", policy.disk_mb, "0700"),
+            tmpfs("/tmp", policy.tmp_mb, "1777"),
+            tmpfs("/dev/shm", policy.shm_mb, "1777"),
+            {
+                "destination": oci.CHANNEL_INSIDE,
+                "type": "bind",
+                "source": channel,
+                "options": ["bind", "ro", "nosuid", "nodev", "noexec"],
+            },
+        ],
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "ipc", "uts", "mount", "network")],
+            "cgroupsPath": _cgroups_path(groups),
+        },
+    }
