@@ -24,7 +24,7 @@ demo: $(STAMP) runtime
 	$(BIN)/python examples/demo.py
 
 # What the gvisor/container backends need (apt packages, the sandbox image); their tests
-# skip, saying why, where this cannot be had (no root, no apt).
+# skip, saying why, where this cannot be had (no root, no apt); a failed build stops `make test`.
 backends: $(STAMP) runtime
 	scripts/install-backends
 	$(BIN)/codecage image build
