@@ -32,7 +32,8 @@ from .._errors import BackendUnavailable, SandboxError
 from .._inside import landlock, seccomp
 from .._policy import Policy
 from . import cgroups, features
-from .host import HostJail, HostSandbox, Launched, raise_nofile, readable, uids
+from .host import HostJail, HostSandbox, Launched, environment, raise_nofile, readable, uids
+from .host import rlimits as base_rlimits
 from .template import DEFAULT_PRELOAD, Runtime, package_dir, state_dir
 
 _jail_numbers = itertools.count(1)
@@ -296,22 +297,9 @@ class BwrapSandbox(HostSandbox):
             return ""
 
     def _spec(self, envs: dict[str, str]) -> dict[str, Any]:
-        p, runtime = self.policy, self.jail.runtime
-        env = runtime.base_env() | {
-            "HOME": "/home/user",
-            "MPLCONFIGDIR": "/home/user/.config/matplotlib",
-            "IPYTHONDIR": "/home/user/.ipython",
-            "TMPDIR": "/tmp",
-            "PYTHONUNBUFFERED": "1",
-        }
-        env |= {k: os.environ[k] for k in p.env_allowlist if k in os.environ}
-        env |= envs
-        rlimits = {
-            "nofile": p.open_files_max,
-            "core": 0,
-            "stack": 8 << 20,
-            "fsize": max(p.disk_mb, p.tmp_mb, p.shm_mb) << 20,
-        }
+        p = self.policy
+        env = environment(self.jail.runtime, p, envs)
+        rlimits = base_rlimits(p)
         return {
             "id": self.id,
             "uid": self.uid,

@@ -46,6 +46,7 @@ from .cgroups import Usage
 
 if TYPE_CHECKING:
     from .pool import Pool
+    from .template import Runtime
 
 EventCallback = Callable[[Message], None]
 POLL_S = 0.05
@@ -122,6 +123,30 @@ class Launched(NamedTuple):
     supervisor: socket.socket
     init_pidfd: int | None
     init_pid: int | None
+
+
+def environment(runtime: Runtime, policy: Policy, envs: dict[str, str]) -> dict[str, str]:
+    """A sandbox's environment, for every backend: the runtime's, the paths inside the jail,
+    the host variables the policy names, then the sandbox's own."""
+    env = runtime.base_env() | {
+        "HOME": "/home/user",
+        "MPLCONFIGDIR": "/home/user/.config/matplotlib",
+        "IPYTHONDIR": "/home/user/.ipython",
+        "TMPDIR": "/tmp",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env |= {k: os.environ[k] for k in policy.env_allowlist if k in os.environ}
+    return {**env, **envs}
+
+
+def rlimits(policy: Policy) -> dict[str, int]:
+    """The rlimits every backend's init sets."""
+    return {
+        "nofile": policy.open_files_max,
+        "core": 0,
+        "stack": 8 << 20,
+        "fsize": max(policy.disk_mb, policy.tmp_mb, policy.shm_mb) << 20,
+    }
 
 
 def import_guard(policy: Policy) -> Message | None:

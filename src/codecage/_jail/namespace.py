@@ -17,7 +17,8 @@ from typing import Any
 from .._errors import BackendUnavailable, SandboxError
 from .._policy import Policy
 from . import cgroups, features
-from .host import UID_BASE, HostJail, HostSandbox, Launched, raise_nofile, uids
+from .host import UID_BASE, HostJail, HostSandbox, Launched, environment, raise_nofile, uids
+from .host import rlimits as base_rlimits
 from .proctree import ProcessTree
 from .template import Runtime, Template
 
@@ -147,22 +148,9 @@ class NamespaceSandbox(HostSandbox):
 
     def _spec(self, envs: dict[str, str]) -> dict[str, Any]:
         p, runtime = self.policy, self.jail.runtime
-        env = runtime.base_env() | {
-            "HOME": "/home/user",
-            "MPLCONFIGDIR": "/home/user/.config/matplotlib",
-            "IPYTHONDIR": "/home/user/.ipython",
-            "TMPDIR": "/tmp",
-            "PYTHONUNBUFFERED": "1",
-        }
-        env |= {k: os.environ[k] for k in p.env_allowlist if k in os.environ}
-        env |= envs
+        env = environment(runtime, p, envs)
         binds = ["/usr", str(runtime.path.resolve()), str(self.template.package)]
-        rlimits = {
-            "nofile": p.open_files_max,
-            "core": 0,
-            "stack": 8 << 20,
-            "fsize": max(p.disk_mb, p.tmp_mb, p.shm_mb) << 20,
-        }
+        rlimits = base_rlimits(p)
         if self.jail.rootless:  # no cgroups: per-process rlimits are all there is
             if p.pids_max is not None:
                 rlimits["nproc"] = p.pids_max

@@ -23,8 +23,9 @@ from .._errors import SandboxError, TransportError
 from .._image import Image
 from .._inside.protocol import Message
 from .._policy import Policy
+from . import host
 from .host import HostSandbox
-from .template import Runtime, package_dir, state_dir
+from .template import package_dir, state_dir
 
 CHANNEL_INSIDE = "/run/codecage-channel"  # where the channel directory appears in the sandbox
 SANDBOX_UID = 1000
@@ -55,25 +56,7 @@ def spec(policy: Policy, env: dict[str, str], preload: list[str]) -> dict[str, A
     }
 
 
-def rlimits(policy: Policy) -> dict[str, int]:
-    return {
-        "nofile": policy.open_files_max,
-        "core": 0,
-        "stack": 8 << 20,
-        "fsize": max(policy.disk_mb, policy.tmp_mb, policy.shm_mb) << 20,
-    }
-
-
-def environment(runtime: Runtime, policy: Policy, envs: dict[str, str]) -> dict[str, str]:
-    env = runtime.base_env() | {
-        "HOME": "/home/user",
-        "MPLCONFIGDIR": "/home/user/.config/matplotlib",
-        "IPYTHONDIR": "/home/user/.ipython",
-        "TMPDIR": "/tmp",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env |= {k: os.environ[k] for k in policy.env_allowlist if k in os.environ}
-    return env | envs
+environment, rlimits = host.environment, host.rlimits  # shared by every backend
 
 
 class OciSandbox(HostSandbox):
