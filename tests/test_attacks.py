@@ -756,7 +756,8 @@ def test_timeout(code: str) -> None:
     uid = uid_after("started", ex)  # it really ran
     assert ex.killed_by == "timeout" and "timeout" in ex.limits_hit, (ex.killed_by, ex.limits_hit)
     assert 1000 <= ex.duration_ms < 3000, ex.duration_ms
-    assert elapsed < 4, elapsed
+    # run() includes the sandbox's start: gVisor's is ~3 s (runsc, IPython via the gofer)
+    assert elapsed < (4 + 3 if current_backend() == "gvisor" else 4), elapsed
     assert leftovers(uid) == []
 
 
