@@ -30,12 +30,6 @@ pytest_plugins = ["codecage.testing.pytest_plugin"]
 
 def pytest_configure(config: pytest.Config) -> None:
     engine.start()  # the container backend's engine, before the kit lists the backends
-    # gvisor declares what it lacks (no Landlock, no host uid per sandbox), so the kit's
-    # default policies are refused there; tests/test_gvisor.py covers it instead.
-    if "CODECAGE_TEST_BACKENDS" not in os.environ:
-        available = codecage._jail.available_backends()
-        names = [n for n, why in available.items() if why is None and n != "gvisor"]
-        os.environ["CODECAGE_TEST_BACKENDS"] = ",".join(names)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

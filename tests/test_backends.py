@@ -54,3 +54,24 @@ def test_available_backends_declare_everything_here() -> None:
             jail = get_jail(name)
             assert jail.enforces == features.ALL, (name, features.ALL - jail.enforces)
             jail.check(Policy(isolation=name))  # type: ignore[arg-type]
+
+
+@pytest.mark.requires_root
+def test_the_kit_weakens_a_policy_only_where_its_backend_declares_a_lack() -> None:
+    """codecage.testing: `policy()` adds allow_weaker=True for a backend that declares it
+    cannot enforce what the policy needs (gvisor), never for one that enforces it all;
+    `requires_feature` skips say which backend lacks which feature, and why."""
+    from codecage.testing import enforces, policy, unmet, use_backend
+
+    with use_backend("namespace"):
+        assert policy().allow_weaker is False and unmet("own_uid", "landlock") is None
+    with pytest.raises(ValueError, match="unknown feature 'own_uids'"):
+        enforces("own_uids", "namespace")
+    if available_backends()["gvisor"] is not None:
+        pytest.skip(f"gvisor: {available_backends()['gvisor']}")
+    with use_backend("gvisor"):
+        assert policy().allow_weaker is True and policy(allow_weaker=False).allow_weaker is False
+        assert not enforces("own_uid") and not enforces("landlock") and enforces("seccomp")
+        why = unmet("seccomp", "own_uid")
+        assert why is not None and why.startswith("backend 'gvisor' does not enforce 'own_uid': ")
+        assert "uid 1000" in why  # the backend's own explanation (gvisor.LACKING)

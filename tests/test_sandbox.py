@@ -29,6 +29,33 @@ pytestmark = [pytest.mark.requires_root, pytest.mark.usefixtures("backend")]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 Maker = Callable[..., Any]
 
+# gVisor's sandboxes take ~3 s each to start (runsc, then IPython through the gofer): to
+# keep `make test` within budget it runs every attack test but only this representative
+# subset of the behaviour tests, the ones that exercise what a backend implements itself
+# (state, output, interrupt and kernel kill, memory kill, files, paths, commands, CPU
+# budget, threads); the rest is host-side code, the same for every backend.
+GVISOR_SUBSET = {
+    "test_state_persists_and_last_expression_is_the_result",
+    "test_stdout_and_errors",
+    "test_rich_results",
+    "test_streaming_reaches_the_callback_before_the_cell_ends",
+    "test_timeout_interrupts_and_keeps_state",
+    "test_code_that_ignores_the_interrupt_is_killed_and_the_kernel_restarted",
+    "test_memory_kill_restarts_the_kernel",
+    "test_files_round_trip_and_errors",
+    "test_paths_never_reach_the_host",
+    "test_commands",
+    "test_cpu_budget_counts_a_thread_left_spinning_between_runs",
+    "test_a_sandbox_outlives_the_thread_that_created_it",
+}
+
+
+@pytest.fixture(autouse=True)
+def representative_subset(request: pytest.FixtureRequest) -> None:
+    on_gvisor = request.getfixturevalue("backend") == "gvisor"
+    if on_gvisor and request.node.originalname not in GVISOR_SUBSET:
+        pytest.skip("gvisor runs a representative subset of the behaviour tests (suite time)")
+
 
 @pytest.fixture(params=["local", "remote"])
 def make(request: pytest.FixtureRequest) -> Maker:
@@ -166,6 +193,12 @@ def test_memory_kill_restarts_the_kernel(make: Maker) -> None:
         ex = sbx.run_code("blocks = [bytearray(1 << 20) for _ in range(1000)]")
         assert ex.killed_by == "memory_limit" and ex.state_lost and "memory_limit" in ex.limits_hit
         assert ex.error is not None and ex.error.name == "MemoryLimitExceeded"
+        if current_backend() == "gvisor":
+            # the host's OOM killer ends the sentry (gVisor has no OOM handling of its
+            # own, google/gvisor#2520): the whole sandbox ends, as docs/backends.md says
+            with pytest.raises(SandboxNotFound, match="memory limit"):
+                sbx.run_code("1 + 1")
+            return
         assert sbx.run_code("1 + 1").text == "2"
 
 
@@ -190,7 +223,9 @@ def test_files_round_trip_and_errors(sbx: Any) -> None:
 
 def test_paths_never_reach_the_host(sbx: Any, tmp_path: Path) -> None:
     host_passwd = Path("/etc/passwd").read_text()
-    with pytest.raises(SandboxError, match="Read-only"):  # the sandbox's own /etc, read-only
+    # the sandbox's own /etc, read-only (gVisor checks the permission first: root's /etc)
+    refused = "Read-only|Permission denied" if current_backend() == "gvisor" else "Read-only"
+    with pytest.raises(SandboxError, match=refused):
         sbx.files.write("../../etc/x", b"escape?")
     assert not Path("/etc/x").exists()
     sbx.run_code("import os; os.symlink('/etc/passwd', 'link')")

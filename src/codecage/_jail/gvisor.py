@@ -133,6 +133,13 @@ class GvisorSandbox(oci.OciSandbox):
         self._started = False
         self._sentry_died = False
         self._start(envs, START_TIMEOUT_S)
+        # The kernel's first cell imports IPython through the gofer (~1.2 s of CPU here):
+        # the sandbox's start-up, not the session's cpu_s (a pool's prefault repeats it cheaply).
+        try:
+            self.prefault()
+        except BaseException:
+            self.kill()
+            raise
 
     def _launch(self, envs: dict[str, str]) -> Launched:
         deadline = time.monotonic() + START_TIMEOUT_S

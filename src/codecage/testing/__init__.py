@@ -6,6 +6,12 @@ which carries the backend under test, and the pytest plugin (`codecage.testing.p
 runs each of them once per backend this host supports. A backend joins by being registered
 (codecage._jail.register) and available; nothing here names one but the default.
 
+A backend that declares it lacks a feature (codecage._jail.features, `Jail.enforces`) refuses
+the policies that need it; `policy(...)` then sets `allow_weaker=True` for that backend
+only, so the rest of its behaviour is still tested, and a test relying on the feature is
+marked `@pytest.mark.requires_feature("own_uid")`: it is skipped on that backend, with a
+reason naming the backend, the feature and the backend's own explanation.
+
 Also here: the probe helpers of the attack tests (a probe is a code string that reports
 `RESULT <json>`; it runs on the host as the positive control and in a sandbox, where it
 must be blocked), so a backend's own tests use the same ones.
@@ -20,11 +26,11 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any
 
-from .._jail import available_backends
+from .._jail import available_backends, features, get_jail
 from .._models import Execution
 from .._policy import Policy
 
@@ -34,11 +40,14 @@ __all__ = [
     "available_backends",
     "backends_under_test",
     "current_backend",
+    "enforces",
     "in_jail",
+    "lacking",
     "on_host",
     "policy",
     "result_of",
     "stdout_of",
+    "unmet",
     "use_backend",
 ]
 
@@ -76,9 +85,44 @@ def use_backend(name: str) -> Iterator[None]:
         _backend.reset(token)
 
 
+def enforces(feature: str, backend: str | None = None) -> bool:
+    """Whether `backend` (default: the one under test) declares that it enforces `feature`
+    on this host (a name of codecage._jail.features.FEATURES)."""
+    return lacking(feature, backend) is None
+
+
+def lacking(feature: str, backend: str | None = None) -> str | None:
+    """None if `backend` enforces `feature` here, else the backend's reason (for skips)."""
+    if feature not in features.FEATURES:
+        raise ValueError(f"unknown feature {feature!r} (known: {', '.join(features.FEATURES)})")
+    jail = get_jail(backend or current_backend())
+    if feature in jail.enforces:
+        return None
+    why: Mapping[str, str] = getattr(jail, "why", {})
+    return why.get(feature, "declared missing")
+
+
+def unmet(*needed: str, backend: str | None = None) -> str | None:
+    """Why a test relying on these features cannot run on `backend` (the skip reason of
+    `requires_feature`: the backend, the feature, the backend's own explanation), or None."""
+    name = backend or current_backend()
+    for feature in needed:
+        why = lacking(feature, name)
+        if why is not None:
+            return f"backend {name!r} does not enforce {feature!r}: {why}"
+    return None
+
+
 def policy(**fields: Any) -> Policy:
-    """A Policy for the backend under test (fields as Policy's)."""
-    return Policy(**{"isolation": current_backend(), **fields})
+    """A Policy for the backend under test (fields as Policy's). Where that backend declares
+    it cannot enforce a feature the policy needs, `allow_weaker=True` is added (unless the
+    test sets allow_weaker itself): what the backend lacks is then the business of the tests
+    marked `requires_feature`, not a refusal of every other test."""
+    name = current_backend()
+    built = Policy(**{"isolation": name, **fields})
+    if "allow_weaker" not in fields and features.needed(built) - get_jail(name).enforces:
+        built = Policy(**{"isolation": name, **fields, "allow_weaker": True})
+    return built
 
 
 # -- probes ----------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ A test that uses the `backend` fixture (directly or with `pytest.mark.usefixture
 runs once per backend under test (codecage.testing.backends_under_test), with `policy()`
 building that backend's policies. Runs on other backends than the default are marked
 `slow`. `@pytest.mark.backends("namespace")` limits a test to the backends it names (for
-tests of one backend's internals).
+tests of one backend's internals). `@pytest.mark.requires_feature("own_uid", ...)` skips the
+test on a backend that declares it lacks one of these features (codecage._jail.features),
+with a reason naming the backend and the feature: never silently.
 """
 
 from __future__ import annotations
@@ -13,12 +15,17 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import DEFAULT, backends_under_test, use_backend
+from . import DEFAULT, backends_under_test, unmet, use_backend
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "backends(*names): run this conformance test on these backends only"
+    )
+    config.addinivalue_line(
+        "markers",
+        "requires_feature(*features): skip on a backend that declares it lacks one of these "
+        "(codecage._jail.features)",
     )
 
 
@@ -41,4 +48,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def backend(request: pytest.FixtureRequest) -> Iterator[str]:
     name: str = request.param
     with use_backend(name):
+        for marker in request.node.iter_markers("requires_feature"):
+            why = unmet(*marker.args)
+            if why is not None:
+                pytest.skip(why)
         yield name
