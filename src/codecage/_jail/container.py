@@ -106,6 +106,15 @@ def docker_seccomp_profile() -> dict[str, Any]:
         # MASKED_EQ: `value` is the mask, `valueTwo` what the masked argument must equal
         arg = {"index": 1, "value": 0xFFFFFFFF, "valueTwo": request, "op": "SCMP_CMP_MASKED_EQ"}
         rules.append({"names": ["ioctl"], **eperm, "args": [arg]})
+    for name, index in (("mknod", 1), ("mknodat", 2)):  # device nodes, as in _inside/seccomp.py
+        for kind in (seccomp.S_IFCHR, seccomp.S_IFBLK):
+            arg = {
+                "index": index,
+                "value": seccomp.S_IFMT,
+                "valueTwo": kind,
+                "op": "SCMP_CMP_MASKED_EQ",
+            }
+            rules.append({"names": [name], **eperm, "args": [arg]})
     return {
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64"],
