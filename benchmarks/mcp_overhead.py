@@ -32,7 +32,7 @@ CODECAGE = str(Path(sys.executable).with_name("codecage"))
 def figures(samples: list[float]) -> dict[str, float]:
     ordered = sorted(samples)
     p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return {"p50_ms": statistics.median(samples), "p99_ms": p99}
+    return {"p50_ms": statistics.median(samples), "p99_ms": p99, "n": len(samples)}
 
 
 async def timed_calls(session: ClientSession, n: int) -> list[float]:
