@@ -68,10 +68,7 @@ def run(
     jail.check(policy)
     gate = gate or Gate(approver=approver)
     gate.limits(policy, defaults)
-    notify = None
-    if on_event is not None:
-        notify = lambda r: on_event({"ev": "pending_approval", "approval": r.to_dict()})  # noqa: E731
-    findings = gate.code(policy, text, findings, run_id=run_id, notify=notify, envs=envs)
+    findings = gate.code(policy, text, findings, run_id=run_id, on_event=on_event, envs=envs)
     sandbox = jail.create(policy, check_envs(envs))
     try:
         kwargs: dict[str, Any] = {"mode": "main", "recover": False}

@@ -331,11 +331,12 @@ class Gate:
         *,
         sandbox_id: str | None = None,
         run_id: str | None = None,
-        notify: Callable[[ApprovalRequest], None] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
         envs: dict[str, str] | None = None,
     ) -> list[Finding]:
         """Static analysis of code about to run, then the policy's verdict on it: blocked
-        (CodeRejected), needs a yes (waits), or free to run. Returns the findings."""
+        (CodeRejected), needs a yes (waits, telling `on_event` with a `pending_approval`
+        event), or free to run. Returns the findings."""
         if findings is None:
             findings = analyze(code)
         blocking = at_or_above(findings, policy.analysis_block_at)
@@ -354,6 +355,12 @@ class Gate:
             sandbox_id=sandbox_id,
             run_id=run_id,
             findings=findings,
-            notify=notify,
+            notify=None if on_event is None else _pending_event(on_event),
         )
         return findings
+
+
+def _pending_event(
+    on_event: Callable[[dict[str, Any]], None],
+) -> Callable[[ApprovalRequest], None]:
+    return lambda request: on_event({"ev": "pending_approval", "approval": request.to_dict()})

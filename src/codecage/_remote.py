@@ -104,14 +104,7 @@ class Client:
     ) -> RemoteSandbox:
         return RemoteSandbox(self, policy, envs, approver)
 
-    def create(
-        self,
-        policy: Policy | None = None,
-        *,
-        envs: dict[str, str] | None = None,
-        approver: Approver | None = None,
-    ) -> RemoteSandbox:
-        return RemoteSandbox(self, policy, envs, approver)
+    create = Sandbox  # E2B's name
 
     # -- approvals -------------------------------------------------------------------------
 

@@ -150,11 +150,14 @@ class Sandbox:
         reaches the sandbox."""
         text = prepare_code(code)
         envs = check_envs(envs)
-        notify = None
-        if on_event is not None:
-            notify = lambda r: on_event({"ev": "pending_approval", "approval": r.to_dict()})  # noqa: E731
         findings = self._gate.code(
-            self.policy, text, findings, sandbox_id=self.id, run_id=run_id, notify=notify, envs=envs
+            self.policy,
+            text,
+            findings,
+            sandbox_id=self.id,
+            run_id=run_id,
+            on_event=on_event,
+            envs=envs,
         )
         with self._lock:
             jailed = self._use()
