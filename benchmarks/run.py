@@ -32,6 +32,7 @@ from baselines import (  # noqa: E402
 )
 from density import bwrap_baseline, pool_figures, scaling, throughput  # noqa: E402
 from mcp_overhead import mcp_overhead  # noqa: E402
+from regression import BASE, compare  # noqa: E402
 from service import audit_figures, http_figures, service_at_scale  # noqa: E402
 from tools import tool_overhead  # noqa: E402
 
@@ -204,10 +205,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--backends-only", action="store_true", help="backends side by side only")
+    parser.add_argument(
+        "--regression-only", action="store_true", help="this tree against the code before it only"
+    )
     args = parser.parse_args()
     n = 10 if args.quick else 40
     if args.backends_only:
         backends_side_by_side()
+        return
+    if args.regression_only:
+        regression(2 if args.quick else 4)
         return
     results: Figures = {}
     ratios: dict[str, float] = {}
@@ -226,6 +233,27 @@ def main() -> None:
     rows = scaling(HERE, (1, 10, 100) if args.quick else (1, 10, 100, 500, 1000))
     write(results, ratios, memory, rows)
     backends_side_by_side()
+    regression(2 if args.quick else 4)
+
+
+def regression(rounds: int) -> None:
+    """This tree against the code before the hostile-tenant fixes, taking turns in one run
+    (benchmarks/regression.py); the table goes at the end of results.md."""
+    rows = compare(BASE, rounds, 300)
+    lines = [
+        "",
+        f"Against the code before the hostile-tenant fixes ({BASE[:10]}), turns taken in the",
+        f"same run, {rounds} rounds each (benchmarks/regression.py):",
+        "",
+        "| figure | base p50 ms | current p50 ms | current / base |",
+        "|---|---:|---:|---:|",
+    ]
+    lines += [
+        f"| {k} | {v['base_p50_ms']:.3f} | {v['current_p50_ms']:.3f} | {v['ratio']:.3f} |"
+        for k, v in rows.items()
+    ]
+    with (HERE / "results.md").open("a") as md:
+        md.write("\n".join(lines) + "\n")
 
 
 def backends_side_by_side() -> None:
