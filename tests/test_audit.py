@@ -137,6 +137,28 @@ def test_findings_are_bounded_with_their_count(log: AuditLog) -> None:
     assert row["findings_count"] == 5000 and len(json.loads(row["findings"])) == 256
 
 
+def test_a_huge_policy_is_kept_as_its_length_and_digest(log: AuditLog) -> None:
+    policy = {"modules_deny": [f"m{i}" for i in range(50000)]}  # a tenant may add to guards
+    log.start_run(run_id="r", tenant="t", sandbox_id=None, kind="run", code="x", policy=policy)
+    (row,) = rows(log.path)
+    kept = json.loads(row["policy"])
+    assert kept["truncated"] is True and kept["bytes"] > 64 << 10 and len(kept["sha256"]) == 64
+
+
+def test_approvals_page_past_any_limit(log: AuditLog) -> None:
+    now = time.time()
+    for i in range(30):
+        log.approval_requested(
+            {"id": f"a{i:02d}", "tenant": "t", "kind": "run", "subject": "x", "reasons": ["r"],
+             "requested_at": now, "expires_at": now + 60}
+        )  # fmt: skip
+    seen, after = [], 0
+    while page := log.approvals(tenant="t", after_rowid=after, limit=7):
+        seen += [r["id"] for r in page]
+        after = page[-1]["rowid"]
+    assert seen == [f"a{i:02d}" for i in range(30)]
+
+
 def test_new_runs_are_refused_below_the_free_space_floor(tmp_path: Path) -> None:
     free = shutil.disk_usage(tmp_path).free
     with contextlib.closing(AuditLog(tmp_path / "ok.db", min_free_bytes=1 << 20)) as log:

@@ -129,6 +129,12 @@ def _fail(batch: list[_Write], exc: BaseException) -> None:
             write.done.set_exception(error)
 
 
+def _cut(text: str, keep: int) -> str:
+    """`text` made valid, and cut to at most `keep` bytes of UTF-8 (at a character)."""
+    data = valid(text).encode("utf-8")
+    return data[:keep].decode("utf-8", "ignore") if len(data) > keep else valid(text)
+
+
 def _json(value: Any) -> str:
     """JSON text with every string valid (a lone surrogate becomes U+FFFD)."""
     return json.dumps(valid_deep(json.loads(json.dumps(value))), sort_keys=True)
@@ -331,9 +337,7 @@ class AuditLog:
         code_keep_bytes, with its full length and its sha256."""
         self.check_space()
         raw = code.encode("utf-8", "surrogatepass")
-        kept = valid(code)
-        if len(raw) > self.code_keep_bytes:
-            kept = valid(raw[: self.code_keep_bytes].decode("utf-8", "ignore"))
+        kept = _cut(code, self.code_keep_bytes)
         findings = findings or []
         self._write(
             "INSERT INTO runs (id, tenant, sandbox_id, kind, started_at, code, code_sha256, policy,"
@@ -387,7 +391,7 @@ class AuditLog:
         status: str = "completed",
     ) -> None:
         data = valid(output).encode("utf-8")
-        kept = data[:OUTPUT_KEEP_BYTES].decode("utf-8", "ignore")
+        kept = _cut(output, OUTPUT_KEEP_BYTES)
         self._write(
             "UPDATE runs SET status=?, ended_at=?, outcome=?, error_name=?, killed_by=?, limits_hit=?,"
             " duration_ms=?, peak_memory_mb=?, output=?, output_truncated=?, files=?, claims=?"
@@ -421,7 +425,7 @@ class AuditLog:
                 request.get("run_id"),
                 request.get("client_ref"),
                 request["kind"],
-                str(request["subject"])[:OUTPUT_KEEP_BYTES],
+                _cut(str(request["subject"]), OUTPUT_KEEP_BYTES),
                 _json(request["reasons"]),
                 request["requested_at"],
                 request["expires_at"],
@@ -452,12 +456,17 @@ class AuditLog:
                 (_json({"id": request["id"], **decision}), request["run_id"]),
             )
 
-    def approvals(self, *, tenant: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM approvals", []
+    def approvals(
+        self, *, tenant: str | None = None, after_rowid: int = 0, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """A page of approval requests, oldest first: go on with after_rowid = the last
+        page's last `rowid`."""
+        sql = "SELECT rowid, * FROM approvals WHERE rowid > ?"
+        params: list[Any] = [after_rowid]
         if tenant is not None:
-            sql += " WHERE tenant = ?"
+            sql += " AND tenant = ?"
             params.append(tenant)
-        rows = self._reader().execute(sql + " ORDER BY requested_at LIMIT ?", (*params, limit))
+        rows = self._reader().execute(sql + " ORDER BY rowid LIMIT ?", (*params, limit))
         out = []
         for row in rows.fetchall():
             item = dict(row)

@@ -487,10 +487,15 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
 
     @app.get("/v1/audit/approvals", responses=ERRORS)
     def audit_approvals(
-        limit: int = Query(100, ge=1, le=1000), who: tuple[str, str, str] = Depends(approver)
+        after: int = Query(0, ge=0, le=2**62),
+        limit: int = Query(100, ge=1, le=1000),
+        who: tuple[str, str, str] = Depends(approver),
     ) -> list[dict[str, Any]]:
-        """This tenant's approval requests and decisions: who, when, why."""
-        return state["audit"].approvals(tenant=who[0], limit=limit)  # type: ignore[no-any-return]
+        """This tenant's approval requests and decisions: who, when, why; a page at a time
+        (the next page: `after` = the last one's `rowid`)."""
+        return state["audit"].approvals(  # type: ignore[no-any-return]
+            tenant=who[0], after_rowid=after, limit=limit
+        )
 
     @app.get("/v1/audit", responses=ERRORS)
     def audit_runs(
