@@ -541,7 +541,7 @@ class AuditLog:
         for column, value in (("tenant", tenant), ("sandbox_id", sandbox_id), ("outcome", outcome)):
             if value is not None:
                 clauses.append(f"{column} = ?")
-                params.append(value)
+                params.append(valid(value))  # e.g. an undecodable argv byte: no match, no crash
         if since is not None:
             clauses.append("started_at >= ?")
             params.append(since)
