@@ -259,6 +259,7 @@ class AuditLog:
                 self._retention(conn)
             except BaseException as exc:  # the writer must outlive any failure
                 _fail(batch, exc)
+                self._next_prune = max(self._next_prune, time.monotonic() + 5.0)  # no busy loop
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.close()
@@ -305,10 +306,11 @@ class AuditLog:
         """A chunk of runs older than retain_s, deleted between batches of writes."""
         if self.retain_s is None or time.monotonic() < self._next_prune:
             return
-        deleted = _prune_chunk(conn, time.time() - self.retain_s)
-        if deleted < PRUNE_CHUNK:  # done for now; else the next chunk after the next batch
-            every = min(PRUNE_EVERY_S, max(1.0, self.retain_s / 10))
-            self._next_prune = time.monotonic() + every
+        # The next pass is scheduled first: a pass that fails (a full disk) is not retried in
+        # a busy loop.
+        self._next_prune = time.monotonic() + min(PRUNE_EVERY_S, max(1.0, self.retain_s / 10))
+        if _prune_chunk(conn, time.time() - self.retain_s) == PRUNE_CHUNK:
+            self._next_prune = 0.0  # more to delete: the next chunk after the next batch
 
     def _write(self, sql: str, params: tuple[Any, ...], timeout_s: float = 30.0) -> None:
         """Queue a write and wait until it is durable."""
