@@ -230,10 +230,15 @@ def test_one_shot_run_and_metrics(alice: codecage.Client, service: Service) -> N
     assert ex.logs.stdout == ["once\n"] and ex.exit_code == 3
     (record,) = [r for r in runs(service.db, kind="run") if "once" in r["code"]]
     assert record["outcome"] == "ok" and json.loads(record["policy"])["timeout_s"] == 10
+    operator = cli(
+        "keys", "create", "--tenant", "ops", "--role", "operator", "--db", str(service.db)
+    )
     with alice.Sandbox() as sbx:
-        live = httpx.get(f"{service.url}/metrics").text
+        headers = {"Authorization": f"Bearer {operator}"}
+        live = httpx.get(f"{service.url}/metrics", headers=headers).text
         assert f'codecage_sandbox_memory_bytes{{sandbox="{sbx.id}",tenant="alice"}}' in live
         assert "codecage_pool_ready" in live and "codecage_pool_hits" in live
+        assert sbx.id not in httpx.get(f"{service.url}/metrics").text  # without the key
     text = httpx.get(f"{service.url}/metrics").text
     assert (
         "codecage_sandboxes_live" in text
@@ -314,8 +319,10 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_an_unwritable_log_refuses_work(tiny_disk: Path) -> None:
-    svc = start_service(tiny_disk / "audit.db", ("alice",))
+def test_an_unwritable_log_refuses_work(tiny_disk: Path, tmp_path: Path) -> None:
+    config = tmp_path / "service.toml"  # no free-space floor: the disk really fills up
+    config.write_text("audit_min_free_mb = 0\n")
+    svc = start_service(tiny_disk / "audit.db", ("alice",), config)
     try:
         with svc.client() as client, client.Sandbox() as sbx:
             assert sbx.run_code("1 + 1").text == "2"

@@ -4,6 +4,13 @@ A run is recorded before it starts and completed before its answer is sent; both
 until their transaction is durable. One writer thread groups the writes of concurrent
 callers into one transaction (group commit), so the log is not the bottleneck. If the log
 cannot be written, callers get AuditUnavailable and the service refuses the work.
+
+The writer thread survives any exception: it fails that batch's callers and goes on (and a
+dead writer is restarted by the next write). Every text is made valid UTF-8 on its way in
+(a lone surrogate becomes U+FFFD). What one run may add is bounded: code is kept up to
+`code_keep_bytes` with its full length and sha256, output up to OUTPUT_KEEP_BYTES. New runs
+are refused while the log's filesystem has less than `min_free_bytes` free, and runs older
+than `retain_s` (if set) are deleted as the log goes.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import queue
 import sqlite3
 import threading
@@ -22,8 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from ._errors import AuditUnavailable
+from ._text import valid, valid_deep
 
 OUTPUT_KEEP_BYTES = 64 * 1024
+CODE_KEEP_BYTES = 64 * 1024  # the default bound on the code kept per run
+POLICY_KEEP_BYTES = 64 * 1024  # a policy's JSON over this is kept as its length and sha256
+FINDINGS_KEEP = 256  # findings kept per run (findings_count has them all)
+BATCH = 512  # writes per commit; also rows per page when reading
+PRUNE_CHUNK = 2000  # rows deleted per transaction, so that writers are not held up
+PRUNE_EVERY_S = 600.0
 
 MIGRATIONS = [
     # 1: runs and API keys
@@ -82,6 +97,13 @@ MIGRATIONS = [
     );
     CREATE INDEX approvals_tenant_time ON approvals (tenant, requested_at);
     """,
+    # 3: bounded records (code kept up to a bound, with its full length), retention by time
+    """
+    ALTER TABLE runs ADD COLUMN code_bytes INTEGER;
+    ALTER TABLE runs ADD COLUMN code_truncated INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN findings_count INTEGER;
+    CREATE INDEX runs_time ON runs (started_at);
+    """,
 ]
 
 
@@ -92,19 +114,101 @@ class _Write:
     done: Future[None]
 
 
+_IDLE = _Write("", (), Future())  # the writer woke up with nothing queued (retention's turn)
+
+
+def _resolve(write: _Write) -> None:
+    if not write.done.done():
+        write.done.set_result(None)
+
+
+def _fail(batch: list[_Write], exc: BaseException) -> None:
+    error = AuditUnavailable(f"the audit log cannot be written: {type(exc).__name__}: {exc}")
+    for write in batch:
+        if not write.done.done():
+            write.done.set_exception(error)
+
+
+def _cut(text: str, keep: int) -> str:
+    """`text` made valid, and cut to at most `keep` bytes of UTF-8 (at a character)."""
+    data = valid(text).encode("utf-8")
+    return data[:keep].decode("utf-8", "ignore") if len(data) > keep else valid(text)
+
+
+def _json(value: Any) -> str:
+    """JSON text with every string valid (a lone surrogate becomes U+FFFD)."""
+    return json.dumps(valid_deep(json.loads(json.dumps(value))), sort_keys=True)
+
+
+def _policy_json(policy: dict[str, Any]) -> str:
+    text = _json(policy)
+    if len(text) <= POLICY_KEEP_BYTES:
+        return text
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return json.dumps({"truncated": True, "bytes": len(text), "sha256": digest})
+
+
+def _prune_chunk(conn: sqlite3.Connection, before: float) -> int:
+    """Delete up to PRUNE_CHUNK finished runs (and decided approvals) started before
+    `before`, in one transaction. Returns the runs deleted."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        cur = conn.execute(
+            "DELETE FROM runs WHERE rowid IN (SELECT rowid FROM runs WHERE started_at < ?"
+            " AND status NOT IN ('started', 'pending_approval') LIMIT ?)",
+            (before, PRUNE_CHUNK),
+        )
+        conn.execute(
+            "DELETE FROM approvals WHERE rowid IN (SELECT rowid FROM approvals WHERE"
+            " requested_at < ? AND decided_at IS NOT NULL LIMIT ?)",
+            (before, PRUNE_CHUNK),
+        )
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.execute("ROLLBACK")
+        raise
+    return cur.rowcount
+
+
 class AuditLog:
     """The log in one SQLite file. Writes go through one thread; reads open their own connection."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        code_keep_bytes: int = CODE_KEEP_BYTES,
+        min_free_bytes: int = 0,
+        retain_s: float | None = None,
+    ) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.code_keep_bytes = code_keep_bytes
+        self.min_free_bytes = min_free_bytes
+        self.retain_s = retain_s
         conn = self._connect()
         self._migrate(conn)
         conn.close()
         self._queue: queue.Queue[_Write | None] = queue.Queue()
-        self._writer = threading.Thread(target=self._write_loop, name="codecage-audit", daemon=True)
-        self._writer.start()
+        self._writer_lock = threading.Lock()
+        self._closed = False
+        self._next_prune = 0.0  # monotonic time of the next retention pass (if retain_s)
+        self._writer = self._start_writer()
         self._local = threading.local()
+
+    def _start_writer(self) -> threading.Thread:
+        writer = threading.Thread(target=self._write_loop, name="codecage-audit", daemon=True)
+        writer.start()
+        return writer
+
+    def _ensure_writer(self) -> None:
+        """A writer that died (it should not) is replaced, so that writes never just wait."""
+        if self._writer.is_alive():
+            return
+        with self._writer_lock:
+            if not self._writer.is_alive() and not self._closed:
+                self._writer = self._start_writer()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
@@ -125,44 +229,95 @@ class AuditLog:
     # -- writing ---------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        conn = self._connect()
+        conn: sqlite3.Connection | None = None
         while True:
-            item = self._queue.get()
+            batch: list[_Write] = []
+            try:
+                item = self._queue.get(timeout=self._idle_wait())
+            except queue.Empty:
+                item = None if self._closed else _IDLE
             if item is None:
-                conn.close()
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
                 return
-            batch = [item]
-            while len(batch) < 512:  # everything that queued up meanwhile: one commit
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
-            self._commit(conn, batch)
+            try:
+                if conn is None:
+                    conn = self._connect()
+                if item is not _IDLE:
+                    batch = [item]
+                    while len(batch) < BATCH:  # what queued up meanwhile: one commit
+                        try:
+                            nxt = self._queue.get_nowait()
+                        except queue.Empty:
+                            break
+                        if nxt is None:
+                            self._queue.put(None)
+                            break
+                        batch.append(nxt)
+                    self._commit(conn, batch)
+                self._retention(conn)
+            except BaseException as exc:  # the writer must outlive any failure
+                _fail(batch, exc)
+                self._next_prune = max(self._next_prune, time.monotonic() + 5.0)  # no busy loop
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                conn = None
+
+    def _idle_wait(self) -> float | None:
+        if self.retain_s is None:
+            return None
+        return max(0.0, min(60.0, self._next_prune - time.monotonic()))
 
     def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
+        """One transaction for the batch. If it fails, each write is tried on its own, so
+        that one bad write fails only its own caller."""
+        error = self._transaction(conn, batch)
+        if error is None:
+            for write in batch:
+                _resolve(write)
+            return
+        if len(batch) == 1:
+            _fail(batch, error)
+            return
+        for write in batch:
+            alone = self._transaction(conn, [write])
+            if alone is None:
+                _resolve(write)
+            else:
+                _fail([write], alone)
+
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, batch: list[_Write]) -> Exception | None:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for write in batch:
                 conn.execute(write.sql, write.params)
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            error = AuditUnavailable(f"the audit log cannot be written: {exc}")
-            for write in batch:
-                write.done.set_exception(error)
+        except Exception as exc:  # sqlite3.Error, and e.g. UnicodeEncodeError on bad text
+            with contextlib.suppress(Exception):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            return exc
+        return None
+
+    def _retention(self, conn: sqlite3.Connection) -> None:
+        """A chunk of runs older than retain_s, deleted between batches of writes."""
+        if self.retain_s is None or time.monotonic() < self._next_prune:
             return
-        for write in batch:
-            write.done.set_result(None)
+        # The next pass is scheduled first: a pass that fails (a full disk) is not retried in
+        # a busy loop.
+        self._next_prune = time.monotonic() + min(PRUNE_EVERY_S, max(1.0, self.retain_s / 10))
+        if _prune_chunk(conn, time.time() - self.retain_s) == PRUNE_CHUNK:
+            self._next_prune = 0.0  # more to delete: the next chunk after the next batch
 
     def _write(self, sql: str, params: tuple[Any, ...], timeout_s: float = 30.0) -> None:
         """Queue a write and wait until it is durable."""
         future: Future[None] = Future()
-        self._queue.put(_Write(sql, params, future))
+        clean = tuple(valid(p) if isinstance(p, str) else p for p in params)
+        self._ensure_writer()
+        self._queue.put(_Write(sql, clean, future))
         try:
             future.result(timeout=timeout_s)
         except TimeoutError:
@@ -179,21 +334,47 @@ class AuditLog:
         policy: dict[str, Any],
         findings: list[dict[str, Any]] | None = None,
     ) -> None:
+        """Record a run before it starts: refused (AuditUnavailable) while the log's disk is
+        below its free-space floor. Code over code_keep_bytes is kept as its first
+        code_keep_bytes, with its full length and its sha256."""
+        self.check_space()
+        raw = code.encode("utf-8", "surrogatepass")
+        kept = _cut(code, self.code_keep_bytes)
+        findings = findings or []
         self._write(
             "INSERT INTO runs (id, tenant, sandbox_id, kind, started_at, code, code_sha256, policy,"
-            " findings) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " findings, code_bytes, code_truncated, findings_count)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 tenant,
                 sandbox_id,
                 kind,
                 time.time(),
-                code,
-                hashlib.sha256(code.encode("utf-8", "surrogatepass")).hexdigest(),
-                json.dumps(policy, sort_keys=True),
-                json.dumps(findings or []),
+                kept,
+                hashlib.sha256(raw).hexdigest(),
+                _policy_json(policy),
+                _json(findings[:FINDINGS_KEEP]),
+                len(raw),
+                int(len(raw) > self.code_keep_bytes),
+                len(findings),
             ),
         )
+
+    def check_space(self) -> None:
+        """AuditUnavailable while the log's filesystem has less than min_free_bytes free."""
+        if self.min_free_bytes <= 0:
+            return
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError as exc:
+            raise AuditUnavailable(f"the audit log's disk cannot be read: {exc}") from None
+        free = st.f_bavail * st.f_frsize
+        if free < self.min_free_bytes:
+            raise AuditUnavailable(
+                f"the audit log's disk has {free >> 20} MiB free, under its floor of "
+                f"{self.min_free_bytes >> 20} MiB: no new work until there is room"
+            )
 
     def complete_run(
         self,
@@ -211,8 +392,8 @@ class AuditLog:
         claims: dict[str, Any] | None = None,
         status: str = "completed",
     ) -> None:
-        data = output.encode("utf-8", "replace")
-        kept = data[:OUTPUT_KEEP_BYTES].decode("utf-8", "ignore")
+        data = valid(output).encode("utf-8")
+        kept = _cut(output, OUTPUT_KEEP_BYTES)
         self._write(
             "UPDATE runs SET status=?, ended_at=?, outcome=?, error_name=?, killed_by=?, limits_hit=?,"
             " duration_ms=?, peak_memory_mb=?, output=?, output_truncated=?, files=?, claims=?"
@@ -223,13 +404,13 @@ class AuditLog:
                 outcome,
                 error_name,
                 killed_by,
-                json.dumps(limits_hit or []),
+                _json(limits_hit or []),
                 duration_ms,
                 peak_memory_mb,
                 kept,
                 int(output_truncated or len(data) > OUTPUT_KEEP_BYTES),
-                json.dumps(files or []),
-                json.dumps(claims or {}),
+                _json(files or []),
+                _json(claims or {}),
                 run_id,
             ),
         )
@@ -246,8 +427,8 @@ class AuditLog:
                 request.get("run_id"),
                 request.get("client_ref"),
                 request["kind"],
-                str(request["subject"])[:OUTPUT_KEEP_BYTES],
-                json.dumps(request["reasons"]),
+                _cut(str(request["subject"]), OUTPUT_KEEP_BYTES),
+                _json(request["reasons"]),
                 request["requested_at"],
                 request["expires_at"],
             ),
@@ -274,15 +455,20 @@ class AuditLog:
         if request.get("run_id"):
             self._write(
                 "UPDATE runs SET status='started', approval=? WHERE id=? AND status='pending_approval'",
-                (json.dumps({"id": request["id"], **decision}), request["run_id"]),
+                (_json({"id": request["id"], **decision}), request["run_id"]),
             )
 
-    def approvals(self, *, tenant: str | None = None, limit: int = 1000) -> list[dict[str, Any]]:
-        sql, params = "SELECT * FROM approvals", []
+    def approvals(
+        self, *, tenant: str | None = None, after_rowid: int = 0, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """A page of approval requests, oldest first: go on with after_rowid = the last
+        page's last `rowid`."""
+        sql = "SELECT rowid, * FROM approvals WHERE rowid > ?"
+        params: list[Any] = [after_rowid]
         if tenant is not None:
-            sql += " WHERE tenant = ?"
+            sql += " AND tenant = ?"
             params.append(tenant)
-        rows = self._reader().execute(sql + " ORDER BY requested_at LIMIT ?", (*params, limit))
+        rows = self._reader().execute(sql + " ORDER BY rowid LIMIT ?", (*params, limit))
         out = []
         for row in rows.fetchall():
             item = dict(row)
@@ -357,7 +543,7 @@ class AuditLog:
         for column, value in (("tenant", tenant), ("sandbox_id", sandbox_id), ("outcome", outcome)):
             if value is not None:
                 clauses.append(f"{column} = ?")
-                params.append(value)
+                params.append(valid(value))  # e.g. an undecodable argv byte: no match, no crash
         if since is not None:
             clauses.append("started_at >= ?")
             params.append(since)
@@ -376,7 +562,39 @@ class AuditLog:
         row = self._reader().execute(sql, params).fetchone()
         return None if row is None else _row(row)
 
+    def iter_runs(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """Every run that matches `filters` (those of runs()), in order, a page at a time:
+        nothing is held in memory but one page."""
+        after = int(filters.pop("after_rowid", 0))
+        while True:
+            page = self.runs(after_rowid=after, limit=BATCH, **filters)
+            yield from page
+            if len(page) < BATCH:
+                return
+            after = page[-1]["rowid"]
+
+    def prune(self, before: float) -> int:
+        """Delete finished runs (and decided approvals) started before `before` (Unix
+        time), a chunk per transaction. Returns how many runs were deleted. The file keeps
+        its size (SQLite reuses the pages); VACUUM gives them back."""
+        conn = self._connect()
+        try:
+            total = 0
+            while (deleted := _prune_chunk(conn, before)) > 0:
+                total += deleted
+            return total
+        finally:
+            conn.close()
+
+    def vacuum(self) -> None:
+        conn = self._connect()
+        try:
+            conn.execute("VACUUM")
+        finally:
+            conn.close()
+
     def close(self) -> None:
+        self._closed = True
         self._queue.put(None)
         self._writer.join(timeout=30)
 

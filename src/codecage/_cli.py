@@ -179,11 +179,10 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     import time as _time
 
-    from ._audit import AuditLog
     from ._config import ServerConfig
 
     config = ServerConfig.load(args.config, db=args.db)
-    log = AuditLog(config.db)
+    log = config.open_audit()
     tty = sys.stdout.isatty()
 
     def show(text: str) -> str:
@@ -197,6 +196,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             for key, value in run.items():
                 print(show(f"{key}: {value}"))
             return 0
+        if args.action == "prune":
+            return _prune(log, config.audit_retention_days, args)
         filters = {
             "tenant": args.tenant,
             "sandbox_id": args.sandbox,
@@ -204,24 +205,74 @@ def cmd_audit(args: argparse.Namespace) -> int:
             "since": _when(args.since),
             "until": _when(args.until),
         }
-        last = 0
+        last = args.after
+        limit = args.limit if args.action == "list" else 0
+        shown = 0
         while True:
-            rows = log.runs(after_rowid=last, **filters)
-            for row in rows:
-                last = row["rowid"]
+            for row in log.iter_runs(after_rowid=last, **filters):  # a page at a time
+                if limit and shown == limit:
+                    print(
+                        f"codecage: stopped after {limit} runs; more with --after {last}"
+                        " (or --limit 0 for all)",
+                        file=sys.stderr,
+                    )
+                    return 0
+                last, shown = row["rowid"], shown + 1
                 if args.action == "export":
                     print(json.dumps(row))
                 else:
-                    when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(row["started_at"]))
-                    first = (row["code"] or "").splitlines()[0][:60] if row["code"] else ""
-                    line = f"{when} {row['id'][:12]} {row['tenant']:<12} {row['kind']:<13} {row['status']:<11} {row['outcome'] or '-':<8} {row['killed_by'] or '-':<12} {first}"
-                    print(show(line))
+                    print(show(_list_line(row)))
             if args.action != "tail":
                 return 0
             sys.stdout.flush()
             _time.sleep(0.5)
     finally:
         log.close()
+
+
+def _list_line(row: dict[str, Any]) -> str:
+    import time as _time
+
+    when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(row["started_at"]))
+    first = (row["code"] or "").splitlines()[0][:60] if row["code"] else ""
+    return (
+        f"{when} {row['id'][:12]} {row['tenant']:<12} {row['kind']:<13} {row['status']:<11}"
+        f" {row['outcome'] or '-':<8} {row['killed_by'] or '-':<12} {first}"
+    )
+
+
+def _prune(log: Any, default_days: float | None, args: argparse.Namespace) -> int:
+    """Delete finished runs older than --older-than (else the config's retention)."""
+    import time as _time
+
+    if args.older_than is not None:
+        age = _duration(args.older_than)
+    elif default_days is not None:
+        age = default_days * 86400
+    else:
+        raise SandboxError("audit prune: give --older-than (e.g. 30d) or audit_retention_days")
+    deleted = log.prune(_time.time() - age)
+    if args.vacuum:
+        log.vacuum()
+    print(
+        f"codecage: deleted {deleted} runs started over {args.older_than or default_days}"
+        f"{'' if args.older_than else ' days'} ago",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _duration(text: str) -> float:
+    """Seconds from "90", "90s", "15m", "12h", "30d" or "2w"."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise SandboxError(f"not a duration: {text!r} (e.g. 30d, 12h, 90s)") from None
+    if not value >= 0:
+        raise SandboxError(f"not a duration: {text!r}")
+    return value
 
 
 def _when(value: str | None) -> float | None:
@@ -386,16 +437,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--tenant", required=True)
     create.add_argument(
         "--role",
-        choices=["client", "approver"],
+        choices=["client", "approver", "operator"],
         default="client",
-        help="client: the API; approver: only list and answer the tenant's approvals",
+        help="client: the API; approver: only list and answer the tenant's approvals;"
+        " operator: only the per-sandbox series of /metrics",
     )
     create.add_argument("--config")
     create.add_argument("--db")
     create.set_defaults(func=cmd_keys)
-    audit = sub.add_parser("audit", help="the audit log: list, show, tail, export")
+    audit = sub.add_parser("audit", help="the audit log: list, show, tail, export, prune")
     audit.add_argument(
-        "action", choices=["list", "show", "tail", "export"], nargs="?", default="list"
+        "action", choices=["list", "show", "tail", "export", "prune"], nargs="?", default="list"
     )
     audit.add_argument("run_id", nargs="?")
     audit.add_argument("--config")
@@ -408,6 +460,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     audit.add_argument("--since", help="Unix time or ISO date")
     audit.add_argument("--until", help="Unix time or ISO date")
+    audit.add_argument(
+        "--limit", type=int, default=1000, help="list: at most this many runs (0: all)"
+    )
+    audit.add_argument(
+        "--after", type=int, default=0, metavar="ROWID", help="only runs after this rowid"
+    )
+    audit.add_argument("--older-than", help="prune: runs started this long ago (30d, 12h)")
+    audit.add_argument("--vacuum", action="store_true", help="prune: give the space back")
     audit.set_defaults(func=cmd_audit)
     approvals = sub.add_parser(
         "approvals", help="pending approvals of a running service: list, approve, deny"

@@ -5,12 +5,15 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ._errors import PolicyError
 from ._policy import SEVERITIES, Policy
+
+if TYPE_CHECKING:
+    from ._audit import AuditLog
 
 
 class Quotas(BaseModel):
@@ -28,6 +31,14 @@ class ServerConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     db: str = "/var/lib/codecage/audit.db"
+    # What one run may add to the audit log: its code up to this many bytes (the full length
+    # and sha256 are always kept).
+    audit_code_bytes: int = Field(64 << 10, ge=0)
+    # New runs are refused (503) while the audit log's filesystem has less free than this.
+    audit_min_free_mb: int = Field(256, ge=0)
+    # Finished runs older than this are deleted, by the service as it goes and by
+    # `codecage audit prune` (None: kept until pruned by hand).
+    audit_retention_days: float | None = Field(None, gt=0)
     max_code_bytes: int = Field(10 << 20, ge=1)
     max_upload_bytes: int = Field(100 << 20, ge=1)
     # The warm pool: sandboxes of the default policy forked ahead of demand (0: none).
@@ -46,6 +57,18 @@ class ServerConfig(BaseModel):
         shm_mb=1024, timeout_s=600, idle_timeout_s=3600, output_bytes=16 << 20,
     )  # fmt: skip
     quotas: Quotas = Field(default_factory=lambda: Quotas(live_sandboxes=20, runs_per_minute=600))
+
+    def open_audit(self) -> AuditLog:
+        """The audit log, with this config's bounds."""
+        from ._audit import AuditLog
+
+        retain = self.audit_retention_days
+        return AuditLog(
+            self.db,
+            code_keep_bytes=self.audit_code_bytes,
+            min_free_bytes=self.audit_min_free_mb << 20,
+            retain_s=None if retain is None else retain * 86400,
+        )
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides: Any) -> ServerConfig:

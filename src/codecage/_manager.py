@@ -40,12 +40,14 @@ class Entry:
 
 
 class Metrics:
-    """Counters the /metrics endpoint renders (prometheus_client objects)."""
+    """Counters the /metrics endpoint renders (prometheus_client objects). `registry` holds
+    aggregate series only (no tenant, no sandbox id); `detail` the per-sandbox ones."""
 
     def __init__(self) -> None:
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         self.registry = CollectorRegistry()
+        self.detail = CollectorRegistry()
         self.live = Gauge("codecage_sandboxes_live", "Sandboxes alive", registry=self.registry)
         self.runs = Counter(
             "codecage_runs",
@@ -63,29 +65,45 @@ class Metrics:
         )
 
     def watch_sandboxes(self, manager: Manager) -> None:
-        """Per-sandbox memory (the host's reading of each memory cgroup), at scrape time."""
+        """Memory (the host's reading of each memory cgroup), at scrape time: the sum in the
+        aggregate registry; each sandbox's, labelled with its tenant and id, in `detail`,
+        which /metrics shows to operator keys only."""
         from prometheus_client.core import GaugeMetricFamily
 
-        class Collector:
+        def readings() -> Iterator[tuple[Entry, int]]:
+            for entry in list(manager._sandboxes.values()):
+                jailed = entry.sandbox._jailed
+                if not jailed.alive:
+                    continue
+                try:
+                    current = jailed.memory_current()
+                except OSError:
+                    continue  # ended meanwhile
+                if current is not None:
+                    yield entry, current
+
+        class Total:
+            def collect(self) -> Iterator[GaugeMetricFamily]:
+                total = sum(current for _, current in readings())
+                yield GaugeMetricFamily(
+                    "codecage_sandboxes_memory_bytes",
+                    "Memory charged to all live sandboxes",
+                    value=float(total),
+                )
+
+        class Each:
             def collect(self) -> Iterator[GaugeMetricFamily]:
                 family = GaugeMetricFamily(
                     "codecage_sandbox_memory_bytes",
                     "Memory charged to each sandbox",
                     labels=["tenant", "sandbox"],
                 )
-                for entry in list(manager._sandboxes.values()):
-                    jailed = entry.sandbox._jailed
-                    if not jailed.alive:
-                        continue
-                    try:
-                        current = jailed.memory_current()
-                    except OSError:
-                        continue  # ended meanwhile
-                    if current is not None:
-                        family.add_metric([entry.tenant, entry.sandbox.id], float(current))
+                for entry, current in readings():
+                    family.add_metric([entry.tenant, entry.sandbox.id], float(current))
                 yield family
 
-        self.registry.register(Collector())
+        self.registry.register(Total())
+        self.detail.register(Each())
 
     def watch_pool(self, pool: Pool) -> None:
         """Pool state, read when /metrics is scraped."""

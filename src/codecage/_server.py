@@ -41,6 +41,7 @@ from ._jail import close_jails, get_jail
 from ._jail.host import HostJail
 from ._manager import Manager
 from ._models import Execution, Finding
+from ._text import has_lone_surrogate
 
 NDJSON = "application/x-ndjson"
 STREAM_EVENTS = {
@@ -235,7 +236,7 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         asyncio.get_running_loop().set_default_executor(
             ThreadPoolExecutor(max_workers=256, thread_name_prefix="codecage-run")
         )
-        log = audit or AuditLog(config.db)
+        log = audit or config.open_audit()
         log.mark_interrupted()  # runs of a previous process that never completed
         # Start the jail now: its template is warm for the first request, and its start-up
         # sweep removes whatever a crashed predecessor left behind.
@@ -287,7 +288,7 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
 
     def approver(who: tuple[str, str, str] = Depends(identity)) -> tuple[str, str, str]:
         """A key that may see and answer its tenant's approvals (config `approvers`)."""
-        if who[1] != "approver" and config.approvers == "approver_keys":
+        if who[1] == "operator" or (who[1] != "approver" and config.approvers == "approver_keys"):
             raise Forbidden("approvals on this service are answered with approver keys only")
         return who
 
@@ -309,16 +310,22 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     def healthz() -> HealthOut:
         return HealthOut(status="ok", sandboxes=len(manager()._sandboxes))
 
-    @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics() -> PlainTextResponse:
+    @app.get("/metrics", response_class=PlainTextResponse, responses=ERRORS)
+    def metrics(authorization: str | None = Header(None)) -> PlainTextResponse:
+        """Aggregate series; with an operator key (`keys create --role operator`) also the
+        per-sandbox ones, which name tenants and sandboxes."""
         from prometheus_client import generate_latest
 
-        return PlainTextResponse(generate_latest(manager().metrics.registry).decode())
+        text = generate_latest(manager().metrics.registry).decode()
+        if authorization is not None and identity(authorization)[1] == "operator":
+            text += generate_latest(manager().metrics.detail).decode()
+        return PlainTextResponse(text)
 
     @app.post("/v1/sandboxes", response_model=SandboxOut, status_code=201, responses=ERRORS)
     def create_sandbox(
         body: CreateSandbox, who: str = Depends(tenant), ref: str | None = ref_header
     ) -> SandboxOut:
+        _valid_text(body)
         with operation(client_ref=ref):
             return sandbox_out(manager().create(who, body.policy, body.envs))
 
@@ -347,6 +354,7 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         who: str = Depends(tenant),
         ref: str | None = ref_header,
     ) -> Response:
+        _valid_text(body)
         code = prepare_code(body.code)
         entry = manager().get(who, sandbox_id)
 
@@ -374,6 +382,7 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         who: str = Depends(tenant),
         ref: str | None = ref_header,
     ) -> Response:
+        _valid_text(body)
         code = prepare_code(body.code)
         policy = within(config.policy, body.policy, config.ceiling)
 
@@ -396,6 +405,7 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         who: str = Depends(tenant),
         ref: str | None = ref_header,
     ) -> CommandOut:
+        _valid_text(body)
         with operation(client_ref=ref):
             result = manager().command(who, sandbox_id, body.cmd, body.timeout, body.envs)
         return CommandOut(**vars(result))
@@ -463,6 +473,7 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     ) -> dict[str, Any]:
         """Approve or deny a pending operation (the first answer wins; the audit log keeps it,
         with the key that answered: `by` is the decider's own note)."""
+        _valid_text(body)
         tenant_name, role, key_id = who
         decision = manager().approvals.decide(
             approval_id,
@@ -476,10 +487,15 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
 
     @app.get("/v1/audit/approvals", responses=ERRORS)
     def audit_approvals(
-        limit: int = Query(100, ge=1, le=1000), who: tuple[str, str, str] = Depends(approver)
+        after: int = Query(0, ge=0, le=2**62),
+        limit: int = Query(100, ge=1, le=1000),
+        who: tuple[str, str, str] = Depends(approver),
     ) -> list[dict[str, Any]]:
-        """This tenant's approval requests and decisions: who, when, why."""
-        return state["audit"].approvals(tenant=who[0], limit=limit)  # type: ignore[no-any-return]
+        """This tenant's approval requests and decisions: who, when, why; a page at a time
+        (the next page: `after` = the last one's `rowid`)."""
+        return state["audit"].approvals(  # type: ignore[no-any-return]
+            tenant=who[0], after_rowid=after, limit=limit
+        )
 
     @app.get("/v1/audit", responses=ERRORS)
     def audit_runs(
@@ -548,6 +564,20 @@ async def _answer(
 def _check_path(path: str) -> None:
     if not path or "\0" in path or len(path.encode("utf-8", "surrogatepass")) > 4096:
         raise BadRequest("a path must be non-empty, without NUL bytes, and at most 4096 bytes")
+    if has_lone_surrogate(path):
+        raise BadRequest(
+            "path: text must be valid Unicode (a lone surrogate such as \\ud800 is not)"
+        )
+
+
+def _valid_text(body: BaseModel) -> None:
+    """400 for a body with a lone surrogate in any string (valid JSON, not valid UTF-8):
+    code, commands, paths, envs, policies, notes."""
+    for name, value in body:
+        if has_lone_surrogate(value):
+            raise BadRequest(
+                f"{name}: text must be valid Unicode (a lone surrogate such as \\ud800 is not)"
+            )
 
 
 class Unauthorized(Exception):

@@ -41,6 +41,7 @@ from .._errors import (
 from .._inside.protocol import FrameReader, Message, ProtocolError, encode
 from .._models import Execution, ExecutionError, Result
 from .._policy import Policy
+from .._text import valid_deep
 from . import features
 from .cgroups import Usage
 
@@ -370,7 +371,7 @@ class HostSandbox:
         if not data:
             return []
         try:
-            return self._reader.feed(data)
+            return [valid_deep(m) for m in self._reader.feed(data)]  # no lone surrogates
         except ProtocolError as exc:
             self.terminate("its control stream was malformed")
             raise TransportError(f"malformed frame from the sandbox: {exc}") from None
