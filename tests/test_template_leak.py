@@ -98,6 +98,7 @@ def tenant_envs(prefix: str = "") -> dict[str, str]:
         "DATABASE_URL": f"postgres://app:{secret()}@db.internal/app",
         "S": secret(),
         "CUSTOMER_ID": secret(),
+        **{f"TOKEN_{i}": secret() for i in range(40)},  # tenants have many
     }
     return {prefix + k: v for k, v in envs.items()}
 
