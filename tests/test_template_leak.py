@@ -194,8 +194,13 @@ def test_a_pool_refill_never_sees_an_earlier_sandboxs_secrets(refilled_pool: Non
             assert_clean(scanned(ex.logs.stdout), leaked, "a pool refill")
 
 
-def test_another_tenant_on_the_service_never_sees_the_secrets(tmp_path: Path) -> None:
-    svc = start_service(tmp_path / "audit.db", ("alice", "bob"))
+@pytest.mark.parametrize("pool_size", [0, 2])  # cold forks; and pooled ones with refills
+def test_another_tenant_on_the_service_never_sees_the_secrets(
+    tmp_path: Path, pool_size: int
+) -> None:
+    config = tmp_path / "service.toml"
+    config.write_text(f"pool_size = {pool_size}\n")
+    svc = start_service(tmp_path / "audit.db", ("alice", "bob"), config)
     try:
         leaked: list[str] = []
         for _ in range(3):
