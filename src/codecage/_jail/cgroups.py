@@ -184,6 +184,7 @@ class SandboxCgroups:
                 return
         self._freeze(True)
         try:
+            _test_pause()
             for pid in self.pids():
                 if pid not in keep:
                     with contextlib.suppress(ProcessLookupError):
@@ -217,6 +218,15 @@ class SandboxCgroups:
                     with contextlib.suppress(OSError):
                         self.kill()
                     time.sleep(0.002)
+
+
+def _test_pause() -> None:
+    """Tests only (CODECAGE_TEST_PAUSE_IN_KILL=<file>): stop in the middle of a kill, after
+    creating the file, so a test can kill the host at exactly that moment."""
+    marker = os.environ.get("CODECAGE_TEST_PAUSE_IN_KILL")
+    if marker:
+        Path(marker).touch()
+        time.sleep(3600)
 
 
 def _enable_v2_controllers(leaf: Path) -> None:
