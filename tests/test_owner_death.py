@@ -4,6 +4,10 @@ The host is SIGKILLed in the middle of ending a sandbox (the end of a one-shot r
 timeout's kill of the kernel, an interrupt), at the moment a test hook pauses it inside the
 kill; nothing of the sandbox may be left: no process, no frozen or populated cgroup.
 Positive control: the sandbox's processes were there when the host was killed.
+
+The dead host is left a zombie (not reaped) until the checks are done: its descriptors are
+closed, as after any death, but its pid and start time still name a live owner, so no
+start-up sweep of a parallel process removes its sandboxes and hides what was left.
 """
 
 from __future__ import annotations
@@ -61,6 +65,15 @@ def wait_for(path: Path, process: subprocess.Popen[bytes] | None, timeout_s: flo
         time.sleep(0.02)
 
 
+def kill_and_keep_zombie(process: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the host and wait until it is dead, without reaping it."""
+    process.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
 def assert_nothing_left(owner: str) -> None:
     """Within a bounded wait: no process of the owner's sandboxes, no frozen or populated
     cgroup. Then the (empty) cgroups are removed, as the next start-up sweep would."""
@@ -95,10 +108,11 @@ def test_an_sdk_process_killed_mid_kill_leaves_nothing(tmp_path: Path, mode: str
         wait_for(marker, process)
         owner = owner_of(process.pid)
         assert sandbox_processes(owner), "control: the sandbox was alive at the kill"
+        kill_and_keep_zombie(process)
+        assert_nothing_left(owner)
     finally:
-        process.send_signal(signal.SIGKILL)
+        process.kill()
         process.wait()
-    assert_nothing_left(owner)
 
 
 def test_the_service_killed_mid_kill_leaves_nothing(
@@ -122,8 +136,9 @@ def test_the_service_killed_mid_kill_leaves_nothing(
     try:
         wait_for(marker, svc.process)
         assert sandbox_processes(owner), "control: the sandbox was alive at the kill"
+        kill_and_keep_zombie(svc.process)
+        assert_nothing_left(owner)
     finally:
-        svc.process.send_signal(signal.SIGKILL)
+        svc.process.kill()
         svc.process.wait()
         caller.join()
-    assert_nothing_left(owner)
