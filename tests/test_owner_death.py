@@ -95,6 +95,8 @@ def assert_nothing_left(owner: str) -> None:
     finally:
         for d in cgroup_dirs(owner):
             cgroups.SandboxCgroups(1, d.name, d.parent.name).remove()
+        for jail_dir in {d.parent.name for d in cgroup_dirs(owner)} | {f"{owner}-1"}:
+            cgroups.remove_owner(1, jail_dir)
 
 
 @pytest.mark.parametrize("mode", ["one-shot", "timeout", "interrupt"])
