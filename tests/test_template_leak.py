@@ -226,3 +226,11 @@ def test_another_tenant_on_the_service_never_sees_the_secrets(
                 assert_clean(scanned(ex.logs.stdout), leaked, "bob's one-shot run")
     finally:
         stop_service(svc)
+
+
+def test_the_template_refuses_a_request_carrying_anything_of_a_sandbox() -> None:
+    template = jail().template
+    reply = template._call({"op": "spawn", "spec": {"env": {"K": secret()}}}, 10, fds=1)
+    assert reply["ok"] is False and reply["_fds"] == [], reply
+    assert "only op and rid" in reply["error"]
+    assert template.ping()["ok"]  # and goes on serving
