@@ -25,7 +25,7 @@ import httpx
 import pytest
 
 import codecage
-from codecage._jail import cgroups
+from codecage._jail import available_backends, cgroups
 
 from .conftest import sandbox_processes, start_service
 
@@ -38,11 +38,13 @@ import sys
 import codecage
 from codecage import Policy, Sandbox
 
-mode = sys.argv[1]
+mode, isolation = sys.argv[1], sys.argv[2]
 if mode == "one-shot":  # the end of every one-shot run kills its sandbox
-    codecage.run("import subprocess; subprocess.Popen(['sleep', '600']); print(1)")
+    code = "import subprocess; subprocess.Popen(['sleep', '600']); print(1)"
+    codecage.run(code, Policy(isolation=isolation))
 else:  # a timeout kills the kernel at once (no grace) or interrupts it first
-    with Sandbox(Policy(interrupt_grace_s=0 if mode == "timeout" else 30)) as sbx:
+    grace = 0 if mode == "timeout" else 30
+    with Sandbox(Policy(isolation=isolation, interrupt_grace_s=grace)) as sbx:
         sbx.run_code("import subprocess; subprocess.Popen(['sleep', '600'])")
         sbx.run_code("import time; time.sleep(600)", timeout=1)
 """
@@ -99,12 +101,29 @@ def assert_nothing_left(owner: str) -> None:
             cgroups.remove_owner(1, jail_dir)
 
 
-@pytest.mark.parametrize("mode", ["one-shot", "timeout", "interrupt"])
-def test_an_sdk_process_killed_mid_kill_leaves_nothing(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "isolation"),
+    [
+        ("one-shot", "namespace"),
+        ("timeout", "namespace"),
+        ("interrupt", "namespace"),
+        ("one-shot", "bwrap"),
+        ("interrupt", "bwrap"),
+    ],
+)
+def test_an_sdk_process_killed_mid_kill_leaves_nothing(
+    tmp_path: Path, mode: str, isolation: str
+) -> None:
+    why = available_backends().get(isolation)
+    if why is not None:
+        pytest.skip(f"{isolation}: {why}")
     marker = tmp_path / "paused"
     env = os.environ | {HOOK: str(marker)}
     process = subprocess.Popen(
-        [sys.executable, "-c", SDK, mode], env=env, stdout=subprocess.DEVNULL, cwd=tmp_path
+        [sys.executable, "-c", SDK, mode, isolation],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        cwd=tmp_path,
     )
     try:
         wait_for(marker, process)
