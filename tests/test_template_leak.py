@@ -234,3 +234,4 @@ def test_the_template_refuses_a_request_carrying_anything_of_a_sandbox() -> None
     assert reply["ok"] is False and reply["_fds"] == [], reply
     assert "only op and rid" in reply["error"]
     assert template.ping()["ok"]  # and goes on serving
+    assert template._call({"op": "reap"}, 10)["ok"]  # what the host sends names nothing

@@ -177,7 +177,7 @@ class NamespaceSandbox(HostSandbox):
         if init_dead and self.init_pid is not None:
             # init is now a zombie of the template: have it reaped before we return
             with contextlib.suppress(OSError, SandboxError):
-                self.template.reap(self.init_pid)
+                self.template.reap()
         uids.give_back(self.uid)
         self.template.release()
         self.jail.maybe_close(self.template)

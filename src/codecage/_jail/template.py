@@ -204,9 +204,10 @@ class Template:
         with self._lock:
             self.live -= 1
 
-    def reap(self, pid: int) -> None:
-        """Have the template reap a sandbox's init (already dead), so no zombie remains."""
-        self._call({"op": "reap", "pid": pid}, 10)
+    def reap(self) -> None:
+        """Have the template reap its dead children (a sandbox's init), so no zombie remains.
+        Names no pid: nothing of a sandbox goes to the template."""
+        self._call({"op": "reap"}, 10)
 
     def ping(self) -> dict[str, Any]:
         return self._call({"op": "ping"}, 10)
