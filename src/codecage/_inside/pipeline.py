@@ -5,11 +5,16 @@
 
 `setup` runs on the host side of the new PID namespace and exits once init exists; init
 re-forks the kernel when the host asks for a restart, so the workspace outlives it.
+
+The spec (the sandbox's environment, uid, cgroups, limits) reaches `setup` from the host
+over the sandbox's own supervisor channel, after the fork: never through the template,
+whose memory every later sandbox inherits. `setup` answers with a pidfd on init.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -18,23 +23,37 @@ from typing import Any
 
 from . import caps, init, landlock, libc, mounts, namespaces, seccomp
 
+MAX_SPEC = 1 << 20
 
-def setup(
-    spec: dict[str, Any], supervisor: socket.socket, report_fd: int, ctx: dict[str, Any]
-) -> None:
+
+def setup(supervisor: socket.socket, ctx: dict[str, Any]) -> None:
     """Runs in the forked child of the template; never returns."""
     try:
+        data = supervisor.recv(MAX_SPEC)
+        if not data:  # the host gave up on this sandbox before sending its spec
+            os._exit(0)
+        spec: dict[str, Any] = json.loads(data)
         namespaces.join_cgroups(spec["cgroup_procs"])
         namespaces.enter_namespaces(spec["userns"])
         mounts.build_root(spec["root_mountpoint"], spec)
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
     except BaseException:
-        os.write(report_fd, ("E" + traceback.format_exc()[-4000:]).encode())
+        supervisor.send(init.message(ev="error", message=traceback.format_exc()[-4000:]))
         os._exit(1)
     if pid:
-        os.write(report_fd, f"P{pid}".encode())
-        os._exit(0)
-    os.close(report_fd)
+        try:
+            # A pidfd, taken by init's parent before init may exit: the host's handle on it
+            # can never name a reused pid. Sent before init says anything (it waits on go).
+            pidfd = os.pidfd_open(pid)
+            socket.send_fds(supervisor, [init.message(ev="init", pid=pid)], [pidfd])
+            os.write(go_w, b"g")
+        finally:
+            os._exit(0)
+    os.close(go_w)
+    if os.read(go_r, 1) != b"g":  # set-up could not tell the host: nobody would own us
+        os._exit(1)
+    os.close(go_r)
     try:
         confine(spec, ctx)
     except BaseException:

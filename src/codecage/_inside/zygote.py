@@ -4,9 +4,15 @@ Started by the host with execve and an environment built from an allowlist, neve
 forked from the service: its memory holds no secret of the host. It never runs user
 code and never sees tenant data; it is single-threaded when it forks.
 
+Whatever the template receives stays in the memory of every later fork, so it receives
+nothing of any sandbox: a spawn request carries no spec. The forked child gets its spec
+(environment, uid, cgroups, limits) from the host over its own supervisor channel, after
+the fork (pipeline.setup). Requests are read into one buffer that is zeroed after each.
+
 Requests arrive on a SOCK_SEQPACKET socket, one JSON object each:
-    {"op": "spawn", "spec": {...}} -> {"ok": true, "init_pid": N} + [supervisor, init pidfd]
-    {"op": "ping"}                 -> {"ok": true, "threads": N, "pid": N}
+    {"op": "spawn"} -> {"ok": true, "setup_pid": N} + [supervisor]
+    {"op": "ping"}  -> {"ok": true, "threads": N, "pid": N}
+    {"op": "reap"}  -> {"ok": true}
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ from typing import Any
 
 from . import caps, init, landlock, libc, pipeline, seccomp
 
-MAX_REQUEST = 1 << 20
+MAX_REQUEST = 4096  # requests name an operation, nothing more
+FIELDS = {"op", "rid"}  # a request with anything else is refused, never kept
 
 
 def preload(modules: list[str]) -> None:
@@ -67,16 +74,33 @@ def serve(sock: socket.socket, ctx: dict[str, Any]) -> None:
     signal.signal(signal.SIGCHLD, lambda *_: None)
     own = {sock.fileno(), wake_r, wake_w}
     ctx["template_fds"] = sorted(set(map(int, os.listdir("/proc/self/fd"))) - own - {0, 1, 2})
+    buffer = bytearray(MAX_REQUEST)  # the only place a request's bytes ever are
     while True:
         ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
         if wake_r in ready:
             _reap(wake_r)
         if sock.fileno() in ready:
-            data = sock.recv(MAX_REQUEST)
-            if not data:  # the host is gone: its sandboxes' inits see it too and exit
+            size = sock.recv_into(buffer)
+            if not size:  # the host is gone: its sandboxes' inits see it too and exit
                 _reap_all(deadline_s=10.0)
                 return
-            _handle(sock, json.loads(data), ctx)
+            try:
+                request = _parse(memoryview(buffer)[:size])
+            finally:
+                buffer[:size] = bytes(size)  # wiped before anything is forked
+            _handle(sock, request, ctx)
+
+
+def _parse(data: memoryview) -> dict[str, Any]:
+    """A request: an operation and a request id, nothing else (no sandbox's data)."""
+    try:
+        request = json.loads(data.tobytes())
+    except ValueError:
+        return {"op": None}
+    if not isinstance(request, dict) or set(request) - FIELDS:
+        rid = request.get("rid") if isinstance(request, dict) else None
+        return {"op": "refuse", "rid": rid if isinstance(rid, int) else None}
+    return request
 
 
 def _reap(wake_r: int) -> None:
@@ -116,9 +140,12 @@ def _handle(sock: socket.socket, request: dict[str, Any], ctx: dict[str, Any]) -
     elif op == "ping":
         reply = {"ok": True, "threads": thread_count(), "pid": os.getpid(), "rid": rid}
         sock.send(json.dumps(reply).encode())
+    elif op == "refuse":
+        error = "a request to the template carries only op and rid: no sandbox's data"
+        sock.send(json.dumps({"ok": False, "error": error, "rid": rid}).encode())
     elif op == "spawn":
         try:
-            fds, reply = _spawn(request["spec"], ctx)
+            fds, reply = _spawn(ctx)
         except Exception as exc:
             sock.send(json.dumps({"ok": False, "error": str(exc), "rid": rid}).encode())
             return
@@ -131,34 +158,23 @@ def _handle(sock: socket.socket, request: dict[str, Any], ctx: dict[str, Any]) -
         sock.send(json.dumps({"ok": False, "error": f"unknown op {op!r}", "rid": rid}).encode())
 
 
-def _spawn(spec: dict[str, Any], ctx: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+def _spawn(ctx: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
+    """Fork the set-up process of a new sandbox, which reads its own spec from the host."""
     if thread_count() != 1:
         raise RuntimeError("the template has more than one thread; refusing to fork")
     host_end, sandbox_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    report_r, report_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
         try:
             host_end.close()
-            os.close(report_r)
             ctx["supervisor_fd"] = sandbox_end.fileno()
-            pipeline.setup(spec, sandbox_end, report_w, ctx)
+            pipeline.setup(sandbox_end, ctx)
         finally:
             os._exit(1)
     sandbox_end.close()
-    os.close(report_w)
-    try:
-        report = os.read(report_r, 8192).decode(errors="replace")
-    finally:
-        os.close(report_r)
-    if not report.startswith("P"):
-        host_end.close()
-        raise RuntimeError(f"sandbox set-up failed: {report[1:] or 'no report'}")
-    init_pid = int(report[1:])
-    pidfd = os.pidfd_open(init_pid)
     fd = os.dup(host_end.fileno())
     host_end.close()
-    return [fd, pidfd], {"ok": True, "init_pid": init_pid}
+    return [fd], {"ok": True, "setup_pid": pid}
 
 
 def _vm_data() -> int:

@@ -1,4 +1,4 @@
-"""Host-side cgroups of a sandbox: limits, the host's own readings, freeze-kill, removal.
+"""Host-side cgroups of a sandbox: limits, the host's own readings, killing, removal.
 
 Layout: <controller>/codecage/<owner>/<sandbox>, where <owner> names the process that
 created it (pid and start time), so a start-up sweep can tell leftovers of a crashed
@@ -174,36 +174,73 @@ class SandboxCgroups:
             return []
 
     def kill(self, spare: int | tuple[int, ...] | None = None, sig: int = signal.SIGKILL) -> None:
-        """Signal every process of the sandbox but `spare` (one pid or several), frozen so no
-        pid can be reused meanwhile."""
+        """Signal every process of the sandbox but `spare` (one pid or several).
+
+        Never through the freezer: a host killed between a freeze and its thaw would leave
+        the sandbox frozen, its init unable to see that the host is gone, alive for ever.
+        Each process is signalled through a pidfd, checked to be in this cgroup after the
+        pidfd pins it (so a reused pid is never signalled), and the cgroup is listed again
+        until it holds nothing not yet signalled (children forked meanwhile included). A
+        whole sandbox's end also SIGKILLs its init, which takes its PID namespace with it."""
         keep = {spare} if isinstance(spare, int) else set(spare or ())
         if self.version == 2 and spare is None and sig == signal.SIGKILL:
             kill_file = self.dirs["unified"] / "cgroup.kill"
             if kill_file.exists():
                 _write(kill_file, "1")
                 return
-        self._freeze(True)
-        try:
-            for pid in self.pids():
-                if pid not in keep:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, sig)
-        finally:
-            self._freeze(False)
+        signalled: set[tuple[int, str]] = set()
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            fresh = [pid for pid in self.pids() if pid not in keep]
+            _test_pause()
+            if not any([self._signal(pid, sig, signalled) for pid in fresh]):
+                return  # nothing listed that was not signalled already
 
-    def _freeze(self, frozen: bool) -> None:
+    def _signal(self, pid: int, sig: int, signalled: set[tuple[int, str]]) -> bool:
+        """Signal `pid` if it is still this cgroup's and not signalled yet; True if it was."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return False
+        try:
+            identity = self._member(pid)  # read after the pidfd pins the process
+            if identity is None or identity in signalled:
+                return False
+            signal.pidfd_send_signal(pidfd, sig)  # only ever the pinned process
+            signalled.add(identity)
+            return True
+        except (OSError, IndexError, ValueError):
+            return False
+        finally:
+            os.close(pidfd)
+
+    def _member(self, pid: int) -> tuple[int, str] | None:
+        """(pid, start time) if `pid` is in this sandbox's cgroup, else None."""
         if self.version == 1:
-            path, want = self.dirs["freezer"] / "freezer.state", "FROZEN" if frozen else "THAWED"
-            _write(path, want)
-            deadline = time.monotonic() + 2.0
-            while frozen and _read(path).strip() != want and time.monotonic() < deadline:
-                time.sleep(0.0005)
+            controller, own = "pids", self.dirs["pids"].relative_to(ROOT / "pids")
         else:
-            _write(self.dirs["unified"] / "cgroup.freeze", "1" if frozen else "0")
+            controller, own = "", self.dirs["unified"].relative_to(self.dirs["unified"].parents[2])
+        for line in _read(Path(f"/proc/{pid}/cgroup")).splitlines():
+            _, names, path = line.split(":", 2)
+            ours = controller in names.split(",") if controller else names == ""
+            if ours and path == f"/{own}":
+                start = _read(Path(f"/proc/{pid}/stat")).rsplit(")", 1)[1].split()[19]
+                return pid, start
+        return None
+
+    def _thaw(self) -> None:
+        """Thaw the cgroup, whatever froze it (an older codecage, an operator): a frozen
+        process cannot die of SIGKILL under cgroup v1, nor its init notice the host gone."""
+        with contextlib.suppress(OSError):
+            if self.version == 1:
+                _write(self.dirs["freezer"] / "freezer.state", "THAWED")
+            else:
+                _write(self.dirs["unified"] / "cgroup.freeze", "0")
 
     def remove(self, timeout_s: float = 5.0) -> None:
         """Kill what is left and remove the directories (a cgroup with tasks cannot be removed)."""
         self.close_files()
+        self._thaw()
         deadline = time.monotonic() + timeout_s
         for d in self.dirs.values():
             while d.exists():
@@ -217,6 +254,16 @@ class SandboxCgroups:
                     with contextlib.suppress(OSError):
                         self.kill()
                     time.sleep(0.002)
+
+
+def _test_pause() -> None:
+    """Tests only (CODECAGE_TEST_PAUSE_IN_KILL=<file>): stop in the middle of a kill (the
+    cgroup listed, nothing signalled yet), after creating the file, so a test can kill the
+    host at exactly that moment."""
+    marker = os.environ.get("CODECAGE_TEST_PAUSE_IN_KILL")
+    if marker:
+        Path(marker).touch()
+        time.sleep(3600)
 
 
 def _enable_v2_controllers(leaf: Path) -> None:

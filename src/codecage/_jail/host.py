@@ -559,11 +559,11 @@ class HostSandbox:
             self.last_usage = self.cgroups.usage()
         self.ended_because = reason
         self._dying = True
-        with contextlib.suppress(OSError):
-            self._kill_tree()
-        if self._init_pidfd is not None:
+        if self._init_pidfd is not None:  # PID 1 first: its namespace dies with it
             with contextlib.suppress(OSError):
                 signal.pidfd_send_signal(self._init_pidfd, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self._kill_tree()
 
     def end(self, reason: str) -> None:
         """Kill the sandbox for a reason that later calls will report."""
@@ -571,7 +571,7 @@ class HostSandbox:
         self.kill()
 
     def kill(self) -> None:
-        """Stop the whole tree (freeze, SIGKILL, thaw) and remove the cgroups. Idempotent."""
+        """Stop the whole tree (SIGKILL, never a freeze) and remove the cgroups. Idempotent."""
         if self._closed:
             return
         self.terminate(self.ended_because)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
+import socket
 import threading
 import time
 from pathlib import Path
@@ -111,6 +113,16 @@ class NamespaceJail(HostJail):
             cgroups.remove_owner(self.cgroup_version, self.owner)
 
 
+def pid_of(pidfd: int) -> int | None:
+    """The host pid a pidfd names (its fdinfo), None once that process has exited."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                pid = int(line.split()[1])
+                return pid if pid > 0 else None
+    return None
+
+
 class NamespaceSandbox(HostSandbox):
     """A sandbox forked from the template; the pipeline confines it on the way to its init."""
 
@@ -127,8 +139,32 @@ class NamespaceSandbox(HostSandbox):
         )
         self._start(envs)
 
-    def _launch(self, envs: dict[str, str]) -> Launched:
-        supervisor, pidfd, pid = self.template.spawn(self._spec(envs))
+    def _launch(self, envs: dict[str, str], timeout_s: float = 30.0) -> Launched:
+        """The template forks a bare set-up process; its spec (environment, uid, cgroups)
+        goes to it over its own channel, and it answers with a pidfd on init."""
+        supervisor = self.template.spawn(timeout_s)
+        try:
+            supervisor.settimeout(timeout_s)
+            supervisor.send(json.dumps(self._spec(envs)).encode())
+            data, fds, _flags, _addr = socket.recv_fds(supervisor, 65536, 1)
+        except BaseException:
+            supervisor.close()
+            raise
+        try:
+            message = json.loads(data) if data else {"ev": "error", "message": "no report"}
+            if not isinstance(message, dict) or message.get("ev") != "init" or len(fds) != 1:
+                why = message.get("message") if isinstance(message, dict) else None
+                raise SandboxError(f"sandbox set-up failed: {why or 'a bad report'}")
+            pidfd = fds.pop()
+            pid = pid_of(pidfd)  # the kernel's word on whom the pidfd names, not set-up's
+            if pid is None or (not self.jail.rootless and pid not in self.cgroups.pids()):
+                os.close(pidfd)
+                raise SandboxError("sandbox set-up failed: its init is gone or not in its cgroup")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            supervisor.close()
+            raise
         if isinstance(self.cgroups, ProcessTree):
             self.cgroups.attach(pid)
         return Launched(supervisor, pidfd, pid)
@@ -141,7 +177,7 @@ class NamespaceSandbox(HostSandbox):
         if init_dead and self.init_pid is not None:
             # init is now a zombie of the template: have it reaped before we return
             with contextlib.suppress(OSError, SandboxError):
-                self.template.reap(self.init_pid)
+                self.template.reap()
         uids.give_back(self.uid)
         self.template.release()
         self.jail.maybe_close(self.template)

@@ -185,18 +185,16 @@ class Template:
             self._sock.send(json.dumps({**request, "rid": self._rid}).encode())
             return self._recv(fds, self._rid)
 
-    def spawn(
-        self, spec: dict[str, Any], timeout_s: float = 30.0
-    ) -> tuple[socket.socket, int, int]:
-        """Fork a sandbox. Returns (supervisor socket, init pidfd, init's host pid)."""
-        reply = self._call({"op": "spawn", "spec": spec}, timeout_s, fds=2)
+    def spawn(self, timeout_s: float = 30.0) -> socket.socket:
+        """Fork a sandbox's set-up process. Returns its supervisor socket: the sandbox's spec
+        goes over it, never to the template (whose memory every later fork inherits)."""
+        reply = self._call({"op": "spawn"}, timeout_s, fds=1)
         fds: list[int] = reply["_fds"]
-        if not reply.get("ok") or len(fds) != 2:
+        if not reply.get("ok") or len(fds) != 1:
             for fd in fds:
                 os.close(fd)
             raise SandboxError(f"could not start a sandbox: {reply.get('error')}")
-        supervisor = socket.socket(fileno=fds[0])
-        return supervisor, fds[1], int(reply["init_pid"])
+        return socket.socket(fileno=fds[0])
 
     def acquire(self) -> None:
         with self._lock:
@@ -206,9 +204,10 @@ class Template:
         with self._lock:
             self.live -= 1
 
-    def reap(self, pid: int) -> None:
-        """Have the template reap a sandbox's init (already dead), so no zombie remains."""
-        self._call({"op": "reap", "pid": pid}, 10)
+    def reap(self) -> None:
+        """Have the template reap its dead children (a sandbox's init), so no zombie remains.
+        Names no pid: nothing of a sandbox goes to the template."""
+        self._call({"op": "reap"}, 10)
 
     def ping(self) -> dict[str, Any]:
         return self._call({"op": "ping"}, 10)
