@@ -252,7 +252,10 @@ class Kernel:
         sys.stdin = io.StringIO("")
         self.executor = Executor()
         self.shell: Any = None
-        channel.send(ev="hello", protocol=PROTOCOL_VERSION, pid=os.getpid())
+        # pid and fd let the host find this process and its channel in /proc (it checks
+        # both): it accepts a run's end only once this main thread waits on that descriptor.
+        hello = {"protocol": PROTOCOL_VERSION, "pid": os.getpid(), "fd": channel.sock.fileno()}
+        channel.send(ev="hello", **hello)
 
     def serve(self) -> None:
         while True:
