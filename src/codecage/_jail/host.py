@@ -298,6 +298,7 @@ class HostSandbox:
         self._full_at_end = False
         self._received = 0  # bytes read from the kernel's channel in this run or request
         self._issued: deque[str] = deque(maxlen=256)  # ids sent to this kernel generation
+        self._last_run: str | None = None  # the kernel's output between runs carries it
         self._kernel_pid: int | None = None  # the kernel's host pid, where the host can look
         self._kernel_fd: int | None = None  # its channel's descriptor number inside
 
@@ -391,6 +392,7 @@ class HostSandbox:
         self._reader, self._pending = FrameReader(), []
         self._received = 0
         self._issued.clear()
+        self._last_run = None
         self.generation = int(message.get("generation", 0))
         hello = self._next_frame(deadline)
         if hello is None or hello.get("ev") != "hello":
@@ -451,7 +453,7 @@ class HostSandbox:
             if ev in allowed:
                 return True
             why = f"an event {str(ev)[:40]!r} the host never takes from a kernel"
-        elif fid is None or (isinstance(fid, str) and fid in self._issued):
+        elif fid is None or fid == self._last_run or (isinstance(fid, str) and fid in self._issued):
             if ev in KERNEL_EVENTS:
                 return False
             why = f"an event {str(ev)[:40]!r} the host never takes from a kernel"
@@ -748,7 +750,7 @@ class _Run:
         self.dropped = (
             0  # bytes refused after a budget ran out: a sandbox that keeps sending is ended
         )
-        self.id = sandbox._issue()
+        self.id = sandbox._last_run = sandbox._issue()
         self.ended = False
         self.claimed_end: Message | None = None  # an "end" frame the host has not yet checked
         self.death: Message | None = None  # init's report of how the kernel died
