@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import json
 import linecache
 import os
 import random
@@ -393,7 +394,8 @@ class Kernel:
                 with contextlib.suppress(Exception):
                     stream.flush()
             data = payload.get("data") or {}
-            size = sum(len(v) if isinstance(v, str) else 64 for v in data.values())
+            # counted as the host counts it, so a result the host would refuse is not sent
+            size = sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in data.values())
             if self.output.take_result(size):
                 self.channel.send(ev=kind, id=run_id, **payload)
 
