@@ -398,6 +398,15 @@ class HostSandbox:
         if hello is None or hello.get("ev") != "hello":
             raise TransportError(f"the kernel did not greet: {hello!r}")
         self._kernel_pid, self._kernel_fd = self._find_kernel(hello.get("pid"), hello.get("fd"))
+        # The host's reading must work here, or every run would wait for an end it never
+        # accepts: the fresh kernel goes to read its first request right after its hello.
+        look, until = 0.0005, min(deadline, time.monotonic() + 10)
+        while self.kernel_waiting() is False:
+            if time.monotonic() >= until:
+                self._kernel_pid = self._kernel_fd = None  # cannot look: the end is a claim
+                break
+            time.sleep(look)
+            look = min(look * 2, POLL_S)
 
     def _find_kernel(self, ns_pid: object, fd: object) -> tuple[int | None, int | None]:
         """The kernel's host pid and channel descriptor, for `kernel_waiting`. The hello is
@@ -823,7 +832,7 @@ class _Run:
         sbx = self.sbx
         assert sbx._kernel is not None
         next_cpu_check = time.monotonic() + 0.25
-        look = 0.0005  # how soon to look again at a kernel that claimed the end
+        look = 0.0002  # how soon to look again at a kernel that claimed the end
         while not self.ended:
             while sbx._pending and not self.ended:
                 self._handle(sbx._pending.pop(0))
@@ -838,8 +847,13 @@ class _Run:
                 if self._over_cpu():
                     return "cpu_limit"
             wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
-            if self.claimed_end is not None:
-                wait, look = min(wait, look), min(look * 2, POLL_S)
+            if self.claimed_end is not None:  # look again soon: the kernel is on its way back
+                if look < 0.002:
+                    time.sleep(look)  # below poll()'s millisecond
+                    wait = 0
+                else:
+                    wait = min(wait, look)
+                look = min(look * 2, POLL_S)
             ready = _readable([sbx._kernel, sbx._channel], wait)
             if sbx._kernel.fileno() in ready:
                 frames = sbx._read_kernel()
