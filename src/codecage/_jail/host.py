@@ -400,7 +400,7 @@ class HostSandbox:
         self._kernel_pid, self._kernel_fd = self._find_kernel(hello.get("pid"), hello.get("fd"))
         # The host's reading must work here, or every run would wait for an end it never
         # accepts: the fresh kernel goes to read its first request right after its hello.
-        look, until = 0.0005, min(deadline, time.monotonic() + 10)
+        look, until = 0.0005, min(deadline, time.monotonic() + 5)
         while self.kernel_waiting() is False:
             if time.monotonic() >= until:
                 self._kernel_pid = self._kernel_fd = None  # cannot look: the end is a claim
