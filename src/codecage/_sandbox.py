@@ -380,6 +380,7 @@ class _Registry:
         if not jailed.alive:
             return
         idle = time.monotonic() - sandbox.last_activity
+        limit = None
         if not sandbox.busy and policy.idle_timeout_s is not None and idle > policy.idle_timeout_s:
             reason = f"idle for more than idle_timeout_s={policy.idle_timeout_s}"
         else:  # busy or not: a sandbox's CPU budget covers everything it ever ran
@@ -389,8 +390,8 @@ class _Registry:
                 return
             if policy.cpu_s is None or used <= policy.cpu_s:
                 return
-            reason = f"it used its cpu_s={policy.cpu_s} budget"
-        jailed.terminate(reason)  # never waits for a run in progress
+            reason, limit = f"it used its cpu_s={policy.cpu_s} budget", "cpu_limit"
+        jailed.terminate(reason, limit)  # never waits: a run in progress returns the limit
         if sandbox._lock.acquire(blocking=False):
             try:
                 jailed.kill()

@@ -129,7 +129,11 @@ class DecisionOut(BaseModel):
 
 
 class ErrorOut(BaseModel):
-    name: str
+    name: str = Field(
+        description="the exception's class name, or the host's verdict: KernelDied (the kernel"
+        " exited or was killed; the value says how and that the state is lost), TimeoutError,"
+        " MemoryLimitExceeded, CpuLimitExceeded, SeccompViolation"
+    )
     value: str
     traceback: str
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import json
 import linecache
 import os
 import random
@@ -252,7 +253,10 @@ class Kernel:
         sys.stdin = io.StringIO("")
         self.executor = Executor()
         self.shell: Any = None
-        channel.send(ev="hello", protocol=PROTOCOL_VERSION, pid=os.getpid())
+        # pid and fd let the host find this process and its channel in /proc (it checks
+        # both): it accepts a run's end only once this main thread waits on that descriptor.
+        hello = {"protocol": PROTOCOL_VERSION, "pid": os.getpid(), "fd": channel.sock.fileno()}
+        channel.send(ev="hello", **hello)
 
     def serve(self) -> None:
         while True:
@@ -390,7 +394,8 @@ class Kernel:
                 with contextlib.suppress(Exception):
                     stream.flush()
             data = payload.get("data") or {}
-            size = sum(len(v) if isinstance(v, str) else 64 for v in data.values())
+            # counted as the host counts it, so a result the host would refuse is not sent
+            size = sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in data.values())
             if self.output.take_result(size):
                 self.channel.send(ev=kind, id=run_id, **payload)
 

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import platform
 import resource
 import secrets
 import select
@@ -28,6 +29,7 @@ import signal
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -51,6 +53,27 @@ if TYPE_CHECKING:
 
 EventCallback = Callable[[Message], None]
 POLL_S = 0.05
+
+# The only events a kernel may send, by what the host asked. Anything else (an unknown
+# event, or one the host itself emits, such as "pending_approval") is a protocol violation.
+RUN_EVENTS = frozenset({"stdout", "stderr", "result", "error", "end"})
+REPLY_EVENTS = frozenset({"done", "failed"})
+KERNEL_EVENTS = RUN_EVENTS | REPLY_EVENTS
+
+# System calls in which a kernel waiting for its next request blocks on its channel
+# (Channel.recv: a blocking recv, which glibc issues as recvfrom), by machine.
+_WAITING_SYSCALLS = {
+    "x86_64": frozenset({0, 19, 45, 47}),  # read, readv, recvfrom, recvmsg
+    "aarch64": frozenset({63, 65, 207, 212}),
+}.get(platform.machine())
+
+
+def channel_budget(policy: Policy) -> int:
+    """Bytes a kernel may send on its channel per run or request, whatever the frames say:
+    the policy's output and results budgets with room for framing and JSON escapes."""
+    return (64 << 20) + 4 * (policy.output_bytes + policy.results_bytes)
+
+
 UID_BASE, UID_SPAN = 1 << 20, (1 << 31) - (1 << 21)
 
 
@@ -88,6 +111,34 @@ def readable(
 
 
 _readable = readable
+
+
+def _children(pid: int) -> list[int]:
+    """The host pids of a process's children (every thread's), from /proc."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _nspid(pid: int) -> int | None:
+    """A process's pid in its innermost pid namespace."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def raise_nofile() -> None:
@@ -244,6 +295,13 @@ class HostSandbox:
         self._pending: list[Message] = []
         self._setup: list[Message] = []
         self._cpu_base = 0.0
+        self.ended_limit: str | None = None  # the limit that ended it ("cpu_limit"), if one did
+        self._full_at_end = False
+        self._received = 0  # bytes read from the kernel's channel in this run or request
+        self._issued: deque[str] = deque(maxlen=256)  # ids sent to this kernel generation
+        self._last_run: str | None = None  # the kernel's output between runs carries it
+        self._kernel_pid: int | None = None  # the kernel's host pid, where the host can look
+        self._kernel_fd: int | None = None  # its channel's descriptor number inside
 
     @property
     def _channel(self) -> socket.socket:
@@ -333,10 +391,86 @@ class HostSandbox:
         self._kernel = socket.socket(fileno=fds[0])
         self._kernel.setblocking(False)
         self._reader, self._pending = FrameReader(), []
+        self._received = 0
+        self._issued.clear()
+        self._last_run = None
         self.generation = int(message.get("generation", 0))
         hello = self._next_frame(deadline)
         if hello is None or hello.get("ev") != "hello":
             raise TransportError(f"the kernel did not greet: {hello!r}")
+        self._kernel_pid, self._kernel_fd = self._find_kernel(hello.get("pid"), hello.get("fd"))
+        # The host's reading must work here, or every run would wait for an end it never
+        # accepts: the fresh kernel goes to read its first request right after its hello.
+        look, until = 0.0005, min(deadline, time.monotonic() + 5)
+        while self.kernel_waiting() is False:
+            if time.monotonic() >= until:
+                self._kernel_pid = self._kernel_fd = None  # cannot look: the end is a claim
+                break
+            time.sleep(look)
+            look = min(look * 2, POLL_S)
+
+    def _find_kernel(self, ns_pid: object, fd: object) -> tuple[int | None, int | None]:
+        """The kernel's host pid and channel descriptor, for `kernel_waiting`. The hello is
+        sent before any code of this kernel generation ran; the host checks it against
+        /proc: a child of init whose innermost pid is `ns_pid`, holding a socket at `fd`.
+        (None, None) where the host cannot look (init is not a host process: gVisor)."""
+        if self.init_pid is None or _WAITING_SYSCALLS is None:
+            return None, None
+        if not isinstance(ns_pid, int) or not isinstance(fd, int) or fd < 0:
+            return None, None
+        todo, looked = [self.init_pid], 0
+        while todo and looked < 64:
+            pid, looked = todo.pop(0), looked + 1
+            for child in _children(pid):
+                if _nspid(child) == ns_pid:
+                    try:
+                        if not os.readlink(f"/proc/{child}/fd/{fd}").startswith("socket:"):
+                            return None, None
+                        with open(f"/proc/{child}/syscall") as f:
+                            f.read()
+                    except OSError:
+                        return None, None
+                    return child, fd
+                todo.append(child)
+        return None, None
+
+    def kernel_waiting(self) -> bool | None:
+        """Whether the kernel's main thread is blocked reading its channel (the host's own
+        reading of /proc/PID/syscall): the evidence that a run's code stopped. None where
+        the host cannot look, and then a run's end is the sandbox's claim."""
+        if self._kernel_pid is None or _WAITING_SYSCALLS is None:
+            return None
+        try:
+            with open(f"/proc/{self._kernel_pid}/syscall") as f:
+                fields = f.read().split()
+            nr, first = int(fields[0]), int(fields[1], 16)
+        except (OSError, ValueError, IndexError):  # "running", or gone
+            return False
+        return nr in _WAITING_SYSCALLS and first == self._kernel_fd
+
+    def _issue(self) -> str:
+        """A fresh id for a run or request; frames with ids never issued are violations."""
+        rid = secrets.token_hex(8)
+        self._issued.append(rid)
+        return rid
+
+    def _frame_is_for(self, frame: Message, own: str, allowed: frozenset[str]) -> bool:
+        """Whether `frame` belongs to the run or request `own` (then its event must be one
+        of `allowed`); False for a frame of an earlier one of this kernel (or of none yet:
+        output between runs), which is dropped. Anything else ends the sandbox."""
+        fid, ev = frame.get("id"), frame.get("ev")
+        if fid == own:
+            if ev in allowed:
+                return True
+            why = f"an event {str(ev)[:40]!r} the host never takes from a kernel"
+        elif fid is None or fid == self._last_run or (isinstance(fid, str) and fid in self._issued):
+            if ev in KERNEL_EVENTS:
+                return False
+            why = f"an event {str(ev)[:40]!r} the host never takes from a kernel"
+        else:
+            why = "a frame for no run or request of the host's"
+        self.terminate(f"its kernel broke the protocol ({why})")
+        raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
 
     def _next_frame(self, deadline: float) -> Message | None:
         assert self._kernel is not None
@@ -370,6 +504,10 @@ class HostSandbox:
             raise TransportError(f"kernel channel: {exc}") from None
         if not data:
             return []
+        self._received += len(data)  # every byte counts, whatever frame it belongs to
+        if self._received > channel_budget(self.policy):
+            self.terminate("its kernel sent far beyond its budget on its control channel")
+            raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
         try:
             return [valid_deep(m) for m in self._reader.feed(data)]  # no lone surrogates
         except ProtocolError as exc:
@@ -406,13 +544,18 @@ class HostSandbox:
         deadline the kernel is interrupted, then killed and restarted."""
         if self._closed or self._dying:
             raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
-        message = {**message, "id": secrets.token_hex(8)}
+        message = {**message, "id": self._issue()}
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        self._received = 0  # the request's own channel budget
         self.send(message)
         while True:
             while self._pending:
                 frame = self._pending.pop(0)
-                if frame.get("id") == message["id"] and frame.get("ev") in ("done", "failed"):
+                # a prefault runs a cell under the request's id: its run events are dropped
+                if (
+                    self._frame_is_for(frame, message["id"], KERNEL_EVENTS)
+                    and frame.get("ev") in REPLY_EVENTS
+                ):
                     return frame
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -528,7 +671,11 @@ class HostSandbox:
 
     def workspace_full(self) -> bool:
         """Whether a memory-backed filesystem of the sandbox is full (the host's own statvfs
-        on descriptors it opened when the sandbox started, before any code ran)."""
+        on descriptors it opened when the sandbox started, before any code ran); once the
+        sandbox is killed, what it was then."""
+        return self._full_at_end if self._closed else self._mounts_full()
+
+    def _mounts_full(self) -> bool:
         for fd in self._mount_fds:
             st = os.fstatvfs(fd)
             if st.f_bavail * st.f_frsize < 64 * 1024:
@@ -550,14 +697,16 @@ class HostSandbox:
 
     # -- ending -------------------------------------------------------------------------
 
-    def terminate(self, reason: str) -> None:
+    def terminate(self, reason: str, limit: str | None = None) -> None:
         """Kill every process of the sandbox now, from any thread, without waiting for a run
-        in progress (it sees its kernel die and returns); kill() then releases the rest."""
+        in progress (it sees its kernel die and returns); kill() then releases the rest.
+        `limit` names the limit that ended it ("cpu_limit"): a run in progress then returns
+        it as a value (killed_by) instead of raising."""
         if self._dying:
             return
         with contextlib.suppress(OSError):
             self.last_usage = self.cgroups.usage()
-        self.ended_because = reason
+        self.ended_because, self.ended_limit = reason, limit
         self._dying = True
         if self._init_pidfd is not None:  # PID 1 first: its namespace dies with it
             with contextlib.suppress(OSError):
@@ -565,9 +714,9 @@ class HostSandbox:
         with contextlib.suppress(OSError):
             self._kill_tree()
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: str, limit: str | None = None) -> None:
         """Kill the sandbox for a reason that later calls will report."""
-        self.terminate(reason)
+        self.terminate(reason, limit)
         self.kill()
 
     def kill(self) -> None:
@@ -584,8 +733,11 @@ class HostSandbox:
             self._supervisor.close()
         if self._kernel is not None:
             self._kernel.close()
+        with contextlib.suppress(OSError):
+            self._full_at_end = self._mounts_full()
         for fd in self._mount_fds:
             os.close(fd)
+        self._mount_fds = []
         try:
             self._release(dead)
         finally:
@@ -608,8 +760,10 @@ class _Run:
         self.dropped = (
             0  # bytes refused after a budget ran out: a sandbox that keeps sending is ended
         )
-        self.id = secrets.token_hex(8)
+        self.id = sandbox._last_run = sandbox._issue()
         self.ended = False
+        self.claimed_end: Message | None = None  # an "end" frame the host has not yet checked
+        self.death: Message | None = None  # init's report of how the kernel died
         self.limit: float | None = None
         self.mode = "session"
 
@@ -628,11 +782,24 @@ class _Run:
             "output_bytes": policy.output_bytes,
             "results_bytes": policy.results_bytes,
         }
-        sbx.send(request)
-        outcome = self._pump(deadline, before)
-        self._check_alive()
-        if recover and outcome != "end":
-            outcome = self._recover(outcome, before)
+        sbx._received = 0  # the run's own channel budget (what came between runs included)
+        outcome = "end"
+        try:
+            sbx.send(request)
+            outcome = self._pump(deadline, before)
+            self._check_alive()
+            if recover and outcome != "end":
+                outcome = self._recover(outcome, before)
+        except (SandboxNotFound, TransportError):
+            if sbx.ended_limit is None:  # a protocol violation, kill(): no run to report
+                raise
+        if sbx._dying and sbx.ended_limit is not None:
+            # A limit ended the sandbox during the run (the CPU watchdog may see it before
+            # the run does): it is this run's value; the next call on the sandbox raises.
+            outcome = sbx.ended_limit
+            self.ex.state_lost = True
+            if recover:
+                sbx.kill()
         self.ex.duration_ms = (time.monotonic() - started) * 1000
         after = sbx.usage() if sbx.alive else sbx.last_usage
         self._account(before, after, outcome)
@@ -647,7 +814,7 @@ class _Run:
         sbx = self.sbx
         grace = sbx.policy.interrupt_grace_s
         if outcome == "cpu_limit":  # the budget is for the whole session: it is over
-            sbx.end("its cpu_s budget was used")
+            sbx.end(f"it used its cpu_s={sbx.policy.cpu_s} budget", "cpu_limit")
             self.ex.state_lost = True
             return outcome
         if outcome == "timeout" and grace > 0:
@@ -666,10 +833,12 @@ class _Run:
         sbx = self.sbx
         assert sbx._kernel is not None
         next_cpu_check = time.monotonic() + 0.25
+        look = 0.0002  # how soon to look again at a kernel that claimed the end
         while not self.ended:
             while sbx._pending and not self.ended:
                 self._handle(sbx._pending.pop(0))
-            if self.ended:
+            if self.claimed_end is not None and sbx.kernel_waiting() is not False:
+                self._accept_end(self.claimed_end)  # the code stopped: the host saw it
                 break
             now = time.monotonic()
             if deadline is not None and now >= deadline:
@@ -679,6 +848,13 @@ class _Run:
                 if self._over_cpu():
                     return "cpu_limit"
             wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
+            if self.claimed_end is not None:  # look again soon: the kernel is on its way back
+                if look < 0.002:
+                    time.sleep(look)  # below poll()'s millisecond
+                    wait = 0
+                else:
+                    wait = min(wait, look)
+                look = min(look * 2, POLL_S)
             ready = _readable([sbx._kernel, sbx._channel], wait)
             if sbx._kernel.fileno() in ready:
                 frames = sbx._read_kernel()
@@ -702,8 +878,8 @@ class _Run:
 
     def _handle(self, frame: Message) -> None:
         ev = frame.get("ev")
-        if frame.get("id") != self.id:
-            return  # not this run's: never trusted as ours (an "end" without id included)
+        if not self.sbx._frame_is_for(frame, self.id, RUN_EVENTS):
+            return  # an earlier run's (a thread still printing): never taken as ours
         if ev in ("stdout", "stderr"):
             kept = self._stream(ev, frame.get("text"))
             if kept is None:
@@ -719,12 +895,20 @@ class _Run:
                 str(frame.get("traceback", "")),
             )
         elif ev == "end":
-            self.ended = True
-            count, code = frame.get("execution_count"), frame.get("exit_code")
-            self.ex.execution_count = count if isinstance(count, int) else None
-            self.ex.exit_code = code if isinstance(code, int) else None
-            if frame.get("truncated") is True:
-                self.ex.truncated = True
+            # The kernel's word only: the run ends once the host sees the kernel's main thread
+            # back on its channel (code in the cell's process can send an "end" too).
+            self.claimed_end = frame
+            return
+        if self.on_event is not None:
+            self.on_event(frame)
+
+    def _accept_end(self, frame: Message) -> None:
+        self.ended = True
+        count, code = frame.get("execution_count"), frame.get("exit_code")
+        self.ex.execution_count = count if isinstance(count, int) else None
+        self.ex.exit_code = code if isinstance(code, int) else None
+        if frame.get("truncated") is True:
+            self.ex.truncated = True
         if self.on_event is not None:
             self.on_event(frame)
 
@@ -763,6 +947,7 @@ class _Run:
             self.sbx.terminate("it kept sending output far beyond its budget")
 
     def _died(self, status: Message) -> None:
+        self.death = status
         sig = status.get("signal")
         if isinstance(sig, int):
             self.ex.killed_by = "seccomp" if sig == signal.SIGSYS else "signal"
@@ -800,6 +985,10 @@ class _Run:
             ex.killed_by = "signal"
         if ex.killed_by is not None and (ex.error is None or ex.state_lost):
             ex.error = self._kill_error(ex.killed_by)
+        elif outcome == "died" and self.mode == "session":
+            # The cell ended the interpreter itself (os._exit, a C library's exit()): the
+            # state is gone, and that is an error the caller can read, not a quiet exit code.
+            ex.error = self._kill_error("exited")
 
     def _kill_error(self, killed_by: str) -> ExecutionError:
         policy, ex = self.sbx.policy, self.ex
@@ -814,7 +1003,24 @@ class _Run:
                 "SeccompViolation",
                 "a forbidden system call (non-native ABI) killed the process",
             ),
-            "signal": ("KernelDied", f"the kernel died (exit status {ex.exit_code})"),
+            "signal": ("KernelDied", f"the kernel died: {self._how_died()}"),
+            "exited": ("KernelDied", f"the kernel exited: {self._how_died()}"),
         }[killed_by]
-        after = "; the kernel was restarted and its variables are lost" if ex.state_lost else ""
+        after = ""
+        if ex.state_lost:
+            after = "; the kernel was restarted and its variables are lost"
+            if not self.sbx.alive:
+                after = "; the sandbox has ended and its state is lost"
         return ExecutionError(what[0], what[1] + after, "")
+
+    def _how_died(self) -> str:
+        """How the kernel died, from init's report (exit code or signal)."""
+        status = self.death or {}
+        sig, code = status.get("signal"), status.get("code")
+        if isinstance(sig, int):
+            with contextlib.suppress(ValueError):
+                return f"killed by signal {sig} ({signal.Signals(sig).name})"
+            return f"killed by signal {sig}"
+        if isinstance(code, int):
+            return f"exit code {code}"
+        return f"exit status {self.ex.exit_code}"
