@@ -781,6 +781,41 @@ def test_memory_bomb() -> None:
     assert stdout_of(ok) == "45\n"
 
 
+def oom_scores(sbx: codecage.Sandbox) -> tuple[int, int]:
+    """(init's, the kernel's) oom_score_adj, read on the host from /proc: the kernel is the
+    child of init whose innermost pid is the one the kernel itself reports."""
+    inner = int(result_of(stdout_of(sbx.run_code(PRELUDE + "report(pid=os.getpid())")))["pid"])
+    init = sbx._jailed.init_pid
+    assert init is not None
+    children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+    (kernel,) = [
+        pid
+        for pid in children
+        if any(
+            line.startswith("NSpid:") and line.split()[-1] == str(inner)
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+    ]
+    read = lambda pid: int(Path(f"/proc/{pid}/oom_score_adj").read_text())  # noqa: E731
+    return read(init), read(kernel)
+
+
+def test_the_kernel_is_the_oom_killers_first_pick() -> None:
+    if current_backend() in ("gvisor", "container"):
+        pytest.skip("the guest's processes are the sentry's, or not init's host children")
+    with codecage.Sandbox(policy(memory_mb=160, timeout_s=60)) as sbx:
+        init_pid = sbx._jailed.init_pid
+        init_score, kernel_score = oom_scores(sbx)
+        assert kernel_score == 1000 and init_score < 1000, (init_score, kernel_score)
+        eat = "x = []\nwhile True:\n    x.append(b'x' * (8 << 20))\n"
+        ex = sbx.run_code(eat)
+        assert ex.killed_by == "memory_limit", (ex.killed_by, ex.limits_hit, ex.error)
+        # the kill took the kernel: the same init goes on, and so does a new kernel, scored
+        assert sbx._jailed.init_pid == init_pid and os.path.exists(f"/proc/{init_pid}")
+        assert stdout_of(sbx.run_code("print(6 * 7)")) == "42\n"
+        assert oom_scores(sbx) == (init_score, 1000)
+
+
 FILL = (
     PRELUDE
     + r"""

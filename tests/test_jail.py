@@ -200,3 +200,31 @@ def test_container_profile_argument_rules_hold_in_every_spelling() -> None:
     assert confined and all(got == "EPERM" for got in confined.values()), {
         k: v for k, v in confined.items() if v != "EPERM"
     }
+
+
+# Under Landlock a process cannot write its own /proc/self/oom_score_adj (the kernel's
+# trap): setting it must raise, never report success or be swallowed, while a descriptor
+# opened before Landlock (init's) still works. Host process, real Landlock.
+OOM_UNDER_LANDLOCK = r"""
+import json, os
+from codecage._inside import caps, landlock
+fd = caps.open_oom_score_adj()
+landlock.WRITABLE_DIRS, landlock.WRITABLE_DEVICES = ("/tmp",), ("/dev/null",)
+landlock.restrict()
+out = {}
+try:
+    out["set"] = caps.set_oom_score_adj(1000)
+except OSError as exc:
+    out["set"] = type(exc).__name__
+caps.write_oom_score_adj(fd, 1000)
+out["through_fd"] = int(open("/proc/self/oom_score_adj").read())
+print(json.dumps(out))
+"""
+
+
+def test_oom_score_failure_is_raised_and_inits_descriptor_works() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", OOM_UNDER_LANDLOCK], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"set": "PermissionError", "through_fd": 1000}
