@@ -182,9 +182,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     config = ServerConfig.load(args.config, db=args.db)
     log = AuditLog(config.db)
+    tty = sys.stdout.isatty()
 
     def show(text: str) -> str:
-        return for_stream(sys.stdout, text)
+        return clean(text) if tty else text  # the one terminal filter (codecage._terminal)
 
     try:
         if args.action == "show":
