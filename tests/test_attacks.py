@@ -622,6 +622,93 @@ report(ret=r, err=e, thread=box == [1])
     assert inside == {"ret": -1, "err": "ENOSYS", "thread": True}, inside
 
 
+# Every argument rule of the filter, in each spelling the kernel reads as the same call:
+# plain, with bit 32 set (the kernel truncates `int` arguments to 32 bits), and with every
+# bit above the argument's width set. The probe is built from seccomp.ARG_RULES itself, so a
+# rule added there is probed here. Each call is made so that the kernel, when it gets it,
+# answers harmlessly without EPERM (sockets open; ioctl on a pipe: ENOTTY; mknod under a
+# missing directory: ENOENT; clone with CLONE_SIGHAND but no CLONE_VM: EINVAL, before any
+# namespace exists), so EPERM can only come from the filter.
+ARG_RULE_PROBE = r"""
+NR = {"socket": 41, "ioctl": 16, "mknod": 133, "mknodat": 259, "clone": 56}
+CLONE_SIGHAND, AT_FDCWD, SO_DOMAIN = 0x800, -100, 39
+missing = b"/codecage-missing-dir/node"
+read_end, write_end = os.pipe()
+def call(name, v):
+    if name == "socket":
+        family = v[0] & 0xFFFFFFFF
+        r, e = sc(NR[name], v[0], 1 if family == 40 else 2, v.get(2, 0))
+        if r >= 0:
+            dom = ctypes.c_int()
+            size = ctypes.c_uint(4)
+            libc.getsockopt(ctypes.c_int(r), 1, SO_DOMAIN, ctypes.byref(dom), ctypes.byref(size))
+            os.close(r)
+            return "ok:%d" % dom.value
+        return e
+    if name == "ioctl":
+        return sc(NR[name], read_end, v[1], ctypes.create_string_buffer(64))[1] or "ok"
+    if name == "mknod":
+        return sc(NR[name], missing, v[1] | 0o600, 0)[1] or "ok"
+    if name == "mknodat":
+        return sc(NR[name], AT_FDCWD, missing, v[2] | 0o600, 0)[1] or "ok"
+    if name == "clone":
+        r, e = sc(NR[name], v[0] | CLONE_SIGHAND, 0, 0, 0, 0)
+        if r == 0:
+            os._exit(0)
+        if r > 0:
+            os.waitpid(r, 0)
+        return e or "ok"
+    raise AssertionError("no probe for " + name)
+out = {}
+for i, (name, args) in enumerate(RULES):
+    for spelling in ("plain", "bit32", "ignored"):
+        v = {}
+        for index, bits, value in args:
+            if spelling == "bit32":
+                value |= 1 << 32
+            elif spelling == "ignored":
+                value |= ((1 << 64) - 1) & ~((1 << bits) - 1)
+            v[index] = value
+        out["%d:%s:%s" % (i, name, spelling)] = call(name, v)
+report(**out)
+"""
+
+
+def arg_rule_probe() -> str:
+    """The probe above, with the filter's own rule table spelled into it."""
+    from codecage._inside import seccomp
+
+    rules = [
+        (rule.syscall, [(i, seccomp.ARG_BITS[(rule.syscall, i)], v) for i, _, v in rule.args])
+        for rule in seccomp.ARG_RULES
+    ]
+    return PRELUDE + f"RULES = {rules!r}\n" + ARG_RULE_PROBE
+
+
+def assert_reaches_the_kernel(host: dict[str, Any]) -> None:
+    """The positive control: on the host every spelling is the call the rule refuses."""
+    from codecage._inside import seccomp
+
+    assert len(host) == 3 * len(seccomp.ARG_RULES), host
+    for key, got in host.items():
+        name = key.split(":")[1]
+        assert got != "EPERM", (key, got)
+        if name == "socket":  # the socket really opens, in the family the rule is about
+            family = seccomp.ARG_RULES[int(key.split(":")[0])].args[0][2]
+            assert got == f"ok:{family}", (key, got)
+        else:
+            assert got == {"ioctl": "ENOTTY", "clone": "EINVAL"}.get(name, "ENOENT"), (key, got)
+
+
+def test_argument_rules_hold_in_every_spelling() -> None:
+    probe = arg_rule_probe()
+    assert_reaches_the_kernel(on_host(probe))
+    inside = in_jail(probe)
+    assert inside and all(got == "EPERM" for got in inside.values()), {
+        k: v for k, v in inside.items() if v != "EPERM"
+    }
+
+
 # -- resource exhaustion -------------------------------------------------------------------
 
 FORK_BOMB = r"""
@@ -692,6 +779,41 @@ def test_memory_bomb() -> None:
     assert host_can_fork()
     ok = codecage.run("print(sum(range(10)))", policy())  # the service goes on
     assert stdout_of(ok) == "45\n"
+
+
+def oom_scores(sbx: codecage.Sandbox) -> tuple[int, int]:
+    """(init's, the kernel's) oom_score_adj, read on the host from /proc: the kernel is the
+    child of init whose innermost pid is the one the kernel itself reports."""
+    inner = int(result_of(stdout_of(sbx.run_code(PRELUDE + "report(pid=os.getpid())")))["pid"])
+    init = sbx._jailed.init_pid
+    assert init is not None
+    children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+    (kernel,) = [
+        pid
+        for pid in children
+        if any(
+            line.startswith("NSpid:") and line.split()[-1] == str(inner)
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+    ]
+    read = lambda pid: int(Path(f"/proc/{pid}/oom_score_adj").read_text())  # noqa: E731
+    return read(init), read(kernel)
+
+
+def test_the_kernel_is_the_oom_killers_first_pick() -> None:
+    if current_backend() == "gvisor":
+        pytest.skip("the guest's processes are the sentry's: the host's OOM killer sees runsc")
+    with codecage.Sandbox(policy(memory_mb=160, timeout_s=60)) as sbx:
+        init_pid = sbx._jailed.init_pid
+        init_score, kernel_score = oom_scores(sbx)
+        assert kernel_score == 1000 and init_score < 1000, (init_score, kernel_score)
+        eat = "x = []\nwhile True:\n    x.append(b'x' * (8 << 20))\n"
+        ex = sbx.run_code(eat)
+        assert ex.killed_by == "memory_limit", (ex.killed_by, ex.limits_hit, ex.error)
+        # the kill took the kernel: the same init goes on, and so does a new kernel, scored
+        assert sbx._jailed.init_pid == init_pid and os.path.exists(f"/proc/{init_pid}")
+        assert stdout_of(sbx.run_code("print(6 * 7)")) == "42\n"
+        assert oom_scores(sbx) == (init_score, 1000)
 
 
 FILL = (

@@ -39,6 +39,7 @@ from codecage._approvals import Approvals
 from codecage._config import within
 
 from .conftest import Service, cli, start_service, stop_service
+from .test_terminal import FORBIDDEN, HOSTILE_TEXT
 
 T = TypeVar("T")
 
@@ -405,6 +406,9 @@ def _rows(db: Path, sql: str, *params: object) -> list[dict[str, Any]]:
         conn.close()
 
 
+HOSTILE_CODE = f"import subprocess\nNOTE = '''{HOSTILE_TEXT}'''\nprint('ran')"
+
+
 def test_the_service_holds_a_run_until_a_person_approves(
     service: Service, alice: codecage.Client
 ) -> None:
@@ -413,7 +417,7 @@ def test_the_service_holds_a_run_until_a_person_approves(
         lines: list[dict[str, Any]] = []
 
         def stream() -> None:  # the raw NDJSON stream, as any HTTP client sees it
-            body = {"code": "import subprocess\nprint('ran')"}
+            body = {"code": HOSTILE_CODE}
             with alice._http.stream(
                 "POST",
                 f"/v1/sandboxes/{sbx.id}/execute",
@@ -434,6 +438,12 @@ def test_the_service_holds_a_run_until_a_person_approves(
                 bob.approve(pending[0].id)
         listed = cli("approvals", "list", "--url", service.url, "--key", service.keys["alice"])
         assert pending[0].id in listed and "CC101" in listed
+        # the subject's terminal controls never reach the operator (tests/test_terminal.py)
+        shown = cli(
+            "approvals", "show", pending[0].id, "--url", service.url, "--key", service.keys["alice"]
+        )  # fmt: skip
+        assert pending[0].subject == HOSTILE_CODE and "<A><B>0;pwned<C>" in shown, shown
+        assert not FORBIDDEN.search(listed + shown) and "held terminal controls" in shown, shown
         out = cli(
             "approvals", "approve", pending[0].id, "--url", service.url,
             "--key", service.keys["alice"], "--reason", "reviewed", "--by", "carol",

@@ -161,3 +161,70 @@ def test_cli_run_mirrors_exit_status(tmp_path: object) -> None:
         [*cli, "run", "--set", "bogus=1", "-c", "1"], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "unknown policy field 'bogus'" in proc.stderr
+
+
+# The container engine's seccomp profile, compiled here the way the engine's runtime does
+# (libseccomp; MASKED_EQ takes `value` as the mask, `valueTwo` as the datum) and loaded in
+# a host process, so its argument rules are probed even where no engine runs. Every op the
+# Docker format allows for our rules is mapped; the probe is test_attacks.py's.
+LOAD_DOCKER_PROFILE = r"""
+import ctypes
+from codecage._inside import libc, seccomp
+from codecage._jail.container import docker_seccomp_profile
+lib = seccomp._lib()
+lib.seccomp_load.argtypes = [ctypes.c_void_p]
+ctx = lib.seccomp_init(seccomp.SCMP_ACT_ALLOW)
+ops = {"SCMP_CMP_EQ": 4, "SCMP_CMP_MASKED_EQ": seccomp.SCMP_CMP_MASKED_EQ}
+for entry in docker_seccomp_profile()["syscalls"]:
+    assert entry["action"] == "SCMP_ACT_ERRNO", entry
+    action = seccomp.SCMP_ACT_ERRNO(entry["errnoRet"])
+    cmps = [
+        seccomp._ArgCmp(a["index"], ops[a["op"]], a["value"], a.get("valueTwo", 0))
+        for a in entry.get("args", [])
+    ]
+    for name in entry["names"]:
+        seccomp._rule(lib, ctx, action, name, *cmps)
+libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
+assert lib.seccomp_load(ctx) == 0
+"""
+
+
+def test_container_profile_argument_rules_hold_in_every_spelling() -> None:
+    from codecage.testing import on_host
+
+    from .test_attacks import arg_rule_probe, assert_reaches_the_kernel
+
+    probe = arg_rule_probe()
+    assert_reaches_the_kernel(on_host(probe))
+    confined = on_host(LOAD_DOCKER_PROFILE + probe)
+    assert confined and all(got == "EPERM" for got in confined.values()), {
+        k: v for k, v in confined.items() if v != "EPERM"
+    }
+
+
+# Under Landlock a process cannot write its own /proc/self/oom_score_adj (the kernel's
+# trap): setting it must raise, never report success or be swallowed, while a descriptor
+# opened before Landlock (init's) still works. Host process, real Landlock.
+OOM_UNDER_LANDLOCK = r"""
+import json, os
+from codecage._inside import caps, landlock
+fd = caps.open_oom_score_adj()
+landlock.WRITABLE_DIRS, landlock.WRITABLE_DEVICES = ("/tmp",), ("/dev/null",)
+landlock.restrict()
+out = {}
+try:
+    out["set"] = caps.set_oom_score_adj(1000)
+except OSError as exc:
+    out["set"] = type(exc).__name__
+caps.write_oom_score_adj(fd, 1000)
+out["through_fd"] = int(open("/proc/self/oom_score_adj").read())
+print(json.dumps(out))
+"""
+
+
+def test_oom_score_failure_is_raised_and_inits_descriptor_works() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", OOM_UNDER_LANDLOCK], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"set": "PermissionError", "through_fd": 1000}

@@ -4,30 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from ._errors import SandboxError
 from ._policy import Policy
-
-# CSI/OSC/other escape sequences and C0 controls but newline and tab: sandbox output must
-# never drive the operator's terminal.
-_ESCAPES = re.compile(
-    r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)?|[@-Z\\-_])|[\x00-\x08\x0b-\x1f\x7f]"
-)
-
-
-def sanitize(text: str) -> str:
-    return _ESCAPES.sub("", text)
+from ._terminal import changed, clean, for_stream
 
 
 def _writer(stream: TextIO) -> Any:
-    clean = stream.isatty()
-
     def write(text: str) -> None:
-        stream.write(sanitize(text) if clean else text)
+        stream.write(for_stream(stream, text))
         stream.flush()
 
     return write
@@ -38,26 +26,36 @@ def load_policy(args: argparse.Namespace) -> Policy:
     return policy.with_overrides(args.set or [])
 
 
+FILTERED_NOTICE = (
+    "  ! it held terminal controls or bidirectional characters, removed from what is shown\n"
+)
+
+
 def terminal_approver(request: Any) -> Any:
     """The CLI's answer to an approval: ask the person at the terminal (never the sandbox's
     stdin); with no terminal, a no that says why."""
     from ._approvals import Decision
 
     try:
-        tty = open("/dev/tty", "r+")  # noqa: SIM115 - closed below
+        # two text streams: "r+" on a terminal fails (a buffered random-access stream needs
+        # a seekable file), which made every prompt a no
+        tty_in = open("/dev/tty")  # noqa: SIM115 - closed below
     except OSError:
         return Decision(False, "cli", "no terminal to ask for approval")
-    with tty:
-        subject = sanitize(str(request.subject))
+    with tty_in, open("/dev/tty", "w") as tty:
+        raw = str(request.subject)
+        subject = clean(raw)
         if len(subject) > 2000:
             subject = subject[:2000] + "\n[...]"
-        tty.write(f"\ncodecage: approval needed for {request.kind}:\n")
+        tty.write(f"\ncodecage: approval needed for {clean(str(request.kind))}:\n")
         for reason in request.reasons:
-            tty.write(f"  - {sanitize(reason)}\n")
+            tty.write(f"  - {clean(reason)}\n")
+        if changed(raw) or any(changed(reason) for reason in request.reasons):
+            tty.write(FILTERED_NOTICE)
         tty.write("---\n" + subject + ("" if subject.endswith("\n") else "\n") + "---\n")
         tty.write("approve? [y/N] ")
         tty.flush()
-        reply = tty.readline().strip().lower()
+        reply = tty_in.readline().strip().lower()
     return Decision(reply in ("y", "yes"), "cli", "answered at the terminal")
 
 
@@ -186,7 +184,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     tty = sys.stdout.isatty()
 
     def show(text: str) -> str:
-        return sanitize(text) if tty else text
+        return clean(text) if tty else text  # the one terminal filter (codecage._terminal)
 
     try:
         if args.action == "show":
@@ -312,9 +310,11 @@ def cmd_approvals(args: argparse.Namespace) -> int:
                 first = lines[0][:60]
                 if len(lines) > 1 or len(lines[0]) > 60:  # never hide what follows
                     first += f" [... {len(request.subject)} chars, {len(lines)} lines: see 'show']"
-                print(sanitize(f"{request.id}  {request.kind:<9} {left:5.0f}s left  {first}"))
+                print(clean(f"{request.id}  {request.kind:<9} {left:5.0f}s left  {first}"))
                 for reason in request.reasons:
-                    print(sanitize(f"    {reason}"))
+                    print(clean(f"    {reason}"))
+                if changed(request.subject) or any(changed(r) for r in request.reasons):
+                    print(FILTERED_NOTICE, end="")
             return 0
         if not args.approval_id:
             raise SandboxError(
@@ -325,11 +325,13 @@ def cmd_approvals(args: argparse.Namespace) -> int:
             if not found:
                 raise SandboxError(f"no pending approval {args.approval_id!r}")
             request = found[0]
-            print(sanitize(f"approval {request.id}: {request.kind}, sandbox {request.sandbox_id}"))
+            print(clean(f"approval {request.id}: {request.kind}, sandbox {request.sandbox_id}"))
             for reason in request.reasons:
-                print(sanitize(f"  - {reason}"))
+                print(clean(f"  - {reason}"))
+            if changed(request.subject) or any(changed(r) for r in request.reasons):
+                print(FILTERED_NOTICE, end="")
             print("--- subject, in full ---")
-            print(sanitize(request.subject))
+            print(clean(request.subject))
             print("---")
             return 0
         by = args.by or os.environ.get("USER") or "cli"
@@ -393,7 +395,7 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 def cmd_image(args: argparse.Namespace) -> int:
     from . import _image
 
-    image = _image.build(progress=lambda line: print(sanitize(line), flush=True))
+    image = _image.build(progress=lambda line: print(clean(line), flush=True))
     print(f"{image.tag} {image.root}")
     return 0
 
@@ -521,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         result: int = args.func(args)
         return result
     except SandboxError as exc:
-        print(f"codecage: {exc}", file=sys.stderr)
+        print(for_stream(sys.stderr, f"codecage: {exc}"), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

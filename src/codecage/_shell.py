@@ -13,6 +13,7 @@ from ._errors import ApprovalDenied, CodeRejected
 from ._models import Execution
 from ._policy import Policy
 from ._sandbox import OutputMessage, Sandbox
+from ._terminal import for_stream
 
 
 def _complete(source: str) -> bool:
@@ -41,8 +42,6 @@ def _read_cell(stdin: TextIO, tty: bool) -> str | None:
 
 
 def _show(ex: Execution, out_dir: Path, counter: list[int]) -> None:
-    from ._cli import sanitize
-
     for result in ex.results:
         for fmt in ("png", "jpeg"):
             data = getattr(result, fmt)
@@ -53,9 +52,10 @@ def _show(ex: Execution, out_dir: Path, counter: list[int]) -> None:
                 path.write_bytes(base64.b64decode(data))
                 print(f"[image saved to {path}]")
         if result.is_main_result and result.text is not None and not (result.png or result.jpeg):
-            print(sanitize(result.text) if sys.stdout.isatty() else result.text)
+            print(for_stream(sys.stdout, result.text))
     if ex.error is not None:
-        print(sanitize(ex.error.traceback or f"{ex.error.name}: {ex.error.value}"), file=sys.stderr)
+        text = ex.error.traceback or f"{ex.error.name}: {ex.error.value}"
+        print(for_stream(sys.stderr, text), file=sys.stderr)
     if ex.killed_by:
         print(
             f"[killed by {ex.killed_by}{'; variables lost' if ex.state_lost else ''}]",
@@ -64,14 +64,14 @@ def _show(ex: Execution, out_dir: Path, counter: list[int]) -> None:
 
 
 def run_shell(policy: Policy, out_dir: Path) -> int:
-    from ._cli import sanitize, terminal_approver
+    from ._cli import terminal_approver
 
     tty = sys.stdin.isatty()
     counter = [0]
 
     def echo(stream: TextIO) -> object:
         def write(msg: OutputMessage) -> None:
-            stream.write(sanitize(msg.line) if stream.isatty() else msg.line)
+            stream.write(for_stream(stream, msg.line))
             stream.flush()
 
         return write
@@ -92,8 +92,8 @@ def run_shell(policy: Policy, out_dir: Path) -> int:
             try:
                 ex = sbx.run_code(cell, on_stdout=echo(sys.stdout), on_stderr=echo(sys.stderr))  # type: ignore[arg-type]
             except (CodeRejected, ApprovalDenied) as exc:  # the cell never ran; the session goes on
-                print(f"[{exc}]", file=sys.stderr)
+                print(for_stream(sys.stderr, f"[{exc}]"), file=sys.stderr)
                 continue
             for finding in ex.findings:
-                print(f"[static analysis: {finding}]", file=sys.stderr)
+                print(for_stream(sys.stderr, f"[static analysis: {finding}]"), file=sys.stderr)
             _show(ex, out_dir, counter)

@@ -14,15 +14,45 @@ def set_rlimits(limits: dict[str, int]) -> None:
         resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (value, value))
 
 
+KERNEL_OOM_SCORE_ADJ = 1000  # the kernel is the OOM killer's first pick in its sandbox
+
+
 def set_oom_score_adj(value: int) -> bool:
-    """Best effort: lowering the score needs CAP_SYS_RESOURCE, which some hosts withhold
-    even from root. Returns whether it took effect; raising always works."""
+    """Set this process's OOM score adjustment, before Landlock (which refuses writes under
+    /proc) and before drop_privileges (a non-dumpable process's /proc files are root's).
+    Returns False only where lowering the score is refused for want of CAP_SYS_RESOURCE
+    (some hosts withhold it even from root); any other failure raises."""
+    fd = open_oom_score_adj()
     try:
-        with open("/proc/self/oom_score_adj", "w") as f:
-            f.write(str(value))
-    except PermissionError:
-        return False
+        before = read_oom_score_adj(fd)
+        try:
+            write_oom_score_adj(fd, value)
+        except PermissionError:
+            if value >= before:
+                raise  # raising the score needs no privilege: this is not the known case
+            return False
+    finally:
+        os.close(fd)
     return True
+
+
+def open_oom_score_adj() -> int:
+    """A descriptor on this process's own oom_score_adj. Opened while /proc/self is still
+    writable, it stays usable after Landlock and drop_privileges: init keeps one to give
+    each kernel it forks the score KERNEL_OOM_SCORE_ADJ (oom_score_adj is inherited)."""
+    return os.open("/proc/self/oom_score_adj", os.O_RDWR | os.O_CLOEXEC)
+
+
+def read_oom_score_adj(fd: int) -> int:
+    return int(os.pread(fd, 32, 0))
+
+
+def write_oom_score_adj(fd: int, value: int) -> None:
+    """Raises OSError if the kernel refuses; checks that the value took."""
+    os.pwrite(fd, str(value).encode(), 0)
+    got = read_oom_score_adj(fd)
+    if got != value:
+        raise OSError(f"oom_score_adj is {got} after writing {value}")
 
 
 def drop_privileges(uid: int, gid: int, userns: bool = False) -> None:

@@ -27,7 +27,8 @@ from typing import Any
 from . import caps, init, landlock, libc, pipeline, seccomp, zygote
 
 
-def confine(spec: dict[str, Any], supervisor_fd: int) -> None:
+def confine(spec: dict[str, Any], supervisor_fd: int) -> dict[str, Any]:
+    """Returns init's context (its oom_score_adj descriptor)."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, signal.SIG_DFL)  # as PID 1, default means: ignored
     null = os.open("/dev/null", os.O_RDWR)
@@ -36,6 +37,7 @@ def confine(spec: dict[str, Any], supervisor_fd: int) -> None:
     os.close(null)
     caps.set_rlimits(spec["rlimits"])
     pipeline.close_descriptors(keep={supervisor_fd})
+    ctx = {"oom_fd": caps.open_oom_score_adj()}  # before drop_privileges and Landlock
     if os.getuid() == 0:  # a runtime that starts us as root: drop to the sandbox's uid
         caps.drop_privileges(spec["uid"], spec["gid"])
     libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
@@ -47,6 +49,7 @@ def confine(spec: dict[str, Any], supervisor_fd: int) -> None:
         landlock.restrict()
     if spec.get("seccomp") == "load":
         seccomp.load(seccomp.build())
+    return ctx
 
 
 def main() -> None:
@@ -54,11 +57,11 @@ def main() -> None:
     supervisor = socket.socket(fileno=supervisor_fd)
     try:
         spec: dict[str, Any] = json.loads(supervisor.recv(1 << 20))
-        confine(spec, supervisor_fd)
+        ctx = confine(spec, supervisor_fd)
     except BaseException:
         supervisor.send(init.message(ev="error", message=traceback.format_exc()[-4000:]))
         os._exit(1)
-    init.run(spec, supervisor, {})
+    init.run(spec, supervisor, ctx)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,9 @@ import os
 import select
 import signal
 import socket
-from typing import Any
+from typing import Any, NoReturn
+
+from . import caps
 
 
 def message(**fields: Any) -> bytes:
@@ -35,7 +37,9 @@ def run(spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any]) ->
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     generation = 0
-    ctx["init_fds"] = (wake_r, wake_w)  # init's own: the kernel must not inherit them
+    # init's own: the kernel must not inherit them (with the oom_score_adj descriptor, code
+    # could give init the kernel's score, or its own a lower one than init's)
+    ctx["init_fds"] = (wake_r, wake_w, ctx["oom_fd"])
     kernel = _start_kernel(spec, supervisor, ctx, generation)
     while True:
         ready, _, _ = select.select([supervisor.fileno(), wake_r], [], [])
@@ -69,6 +73,15 @@ def _start_kernel(
         host_end = None
     else:
         host_end, kernel_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        baseline = caps.read_oom_score_adj(ctx["oom_fd"])
+        # oom_score_adj is inherited at fork, and the kernel cannot write its own (Landlock
+        # refuses writes under /proc): init takes the kernel's score for the fork, then
+        # goes back to its own. Raising never needs privilege, and going back down to a
+        # value init already had is always allowed (oom_score_adj_min is at most that).
+        caps.write_oom_score_adj(ctx["oom_fd"], caps.KERNEL_OOM_SCORE_ADJ)
+    except OSError as exc:
+        _fail(supervisor, f"cannot give the kernel its OOM score: {exc}")
     pid = os.fork()
     if pid == 0:
         try:
@@ -85,6 +98,10 @@ def _start_kernel(
             kernel.main(kernel_end, spec, ctx)
         finally:
             os._exit(70)
+    try:
+        caps.write_oom_score_adj(ctx["oom_fd"], baseline)
+    except OSError as exc:
+        _fail(supervisor, f"init cannot take back its own OOM score: {exc}")
     kernel_end.close()
     if host_end is None:
         supervisor.send(message(ev="kernel", generation=generation, token=token))
@@ -92,6 +109,13 @@ def _start_kernel(
     socket.send_fds(supervisor, [message(ev="kernel", generation=generation)], [host_end.fileno()])
     host_end.close()
     return pid
+
+
+def _fail(supervisor: socket.socket, why: str) -> NoReturn:
+    """Report a set-up failure to the host (which ends the sandbox with it), then end."""
+    with contextlib.suppress(OSError):
+        supervisor.send(message(ev="error", message=why))
+    _kill_all_and_exit()
 
 
 def _reap(supervisor: socket.socket, kernel: int, generation: int) -> int:
@@ -138,6 +162,6 @@ def _kill_others() -> None:
         os.kill(-1, signal.SIGKILL)
 
 
-def _kill_all_and_exit() -> None:
+def _kill_all_and_exit() -> NoReturn:
     _kill_others()
     os._exit(0)

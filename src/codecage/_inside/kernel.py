@@ -23,7 +23,7 @@ import traceback
 import types
 from typing import Any
 
-from . import caps, commands, files, libc
+from . import commands, files, libc
 from .protocol import PROTOCOL_VERSION, FrameReader, Message, encode
 
 CHUNK = 64 * 1024
@@ -228,7 +228,8 @@ def _environment(spec: dict[str, Any]) -> None:
 
 
 def main(sock: socket.socket, spec: dict[str, Any], ctx: dict[str, Any]) -> None:
-    caps.set_oom_score_adj(1000)  # under memory pressure, the kernel goes before init
+    # Its OOM score (caps.KERNEL_OOM_SCORE_ADJ) was given by init at the fork: Landlock
+    # refuses the kernel's own writes under /proc.
     libc.prctl(libc.PR_SET_DUMPABLE, 1)  # init is not dumpable; the kernel needs its own /proc/self
     _environment(spec)
     try:

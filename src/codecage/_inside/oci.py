@@ -27,8 +27,8 @@ def main() -> None:
     supervisor.connect(sys.argv[1])
     try:
         spec: dict[str, Any] = json.loads(supervisor.recv(1 << 20))
-        entry.confine(spec, supervisor.fileno())
+        ctx = entry.confine(spec, supervisor.fileno())
     except BaseException:
         supervisor.send(init.message(ev="error", message=traceback.format_exc()[-4000:]))
         os._exit(1)
-    init.run(spec, supervisor, {})
+    init.run(spec, supervisor, ctx)

@@ -73,8 +73,9 @@ def confine(spec: dict[str, Any], ctx: dict[str, Any]) -> None:
         os.dup2(null, fd)
     os.close(null)
     caps.set_rlimits(spec["rlimits"])
-    caps.set_oom_score_adj(0)  # the kernel (1000) goes first
+    caps.set_oom_score_adj(0)  # init's own; each kernel it forks gets 1000 (init.run)
     close_descriptors(keep={ctx["supervisor_fd"], *ctx["template_fds"]})
+    ctx["oom_fd"] = caps.open_oom_score_adj()  # before drop_privileges and Landlock
     caps.drop_privileges(spec["uid"], spec["gid"], userns=spec["userns"] is not None)
     if spec["landlock"]:
         landlock.restrict()

@@ -11,6 +11,7 @@ import ctypes
 import errno
 import os
 import struct
+from dataclasses import dataclass
 
 from . import libc
 
@@ -111,7 +112,6 @@ NAMESPACE_FLAGS = (
 )
 AF_NETLINK, AF_VSOCK = 16, 40
 NETLINK_KOBJECT_UEVENT = 15
-SCMP_CMP_EQ = 4
 # The highest x86_64 system call number the filter answers for: any number libseccomp
 # cannot name (a kernel newer than the library) answers ENOSYS instead of running unfiltered.
 MAX_SYSCALL = 1023
@@ -120,6 +120,68 @@ X32_SYSCALL_BIT = 0x40000000
 TIOCSTI = 0x5412  # push bytes into a terminal's input queue: typing into the operator's shell
 TIOCLINUX = 0x541C  # the virtual console's selection paste, same effect
 S_IFMT, S_IFCHR, S_IFBLK = 0o170000, 0o020000, 0o060000
+
+# seccomp sees each argument as the whole 64-bit register, while the kernel reads many of
+# them narrower: `socket((1 << 32) | AF_VSOCK, ...)` is an AF_VSOCK socket to the kernel but
+# not `== AF_VSOCK` to the filter. So every argument rule is a masked compare, and its mask
+# lies within the bits the kernel really reads: the width of each argument, as the kernel's
+# own SYSCALL_DEFINE declares it (x86_64), is below. A rule whose mask reaches beyond that
+# width is refused when the filter is built (a compare the kernel does not make).
+ARG_BITS: dict[tuple[str, int], int] = {
+    ("socket", 0): 32,  # int family
+    ("socket", 2): 32,  # int protocol
+    ("ioctl", 1): 32,  # unsigned int cmd (glibc passes an unsigned long: truncated)
+    ("mknod", 1): 16,  # umode_t mode
+    ("mknodat", 2): 16,  # umode_t mode
+    # unsigned long clone_flags, but kernel_clone() keeps only lower_32_bits() of them (the
+    # upper half is clone3's); each rule tests one namespace bit, which lies in the lower half.
+    ("clone", 0): 32,
+}
+WIDTH = {bits: (1 << bits) - 1 for bits in (16, 32, 64)}
+
+
+@dataclass(frozen=True)
+class ArgRule:
+    """Refuse `syscall` with the errno `error` when, for every (index, mask, value) of `args`,
+    (argument[index] & mask) == value."""
+
+    syscall: str
+    args: tuple[tuple[int, int, int], ...]
+    error: int = errno.EPERM
+
+
+def _arg_rules() -> tuple[ArgRule, ...]:
+    rules = []
+    # clone() with any namespace flag would hand the code a new user namespace with
+    # every capability in it; plain fork/thread clones stay allowed.
+    for bit in range(64):
+        if NAMESPACE_FLAGS & (1 << bit):
+            rules.append(ArgRule("clone", ((0, 1 << bit, 1 << bit),)))
+    # vsock ignores network namespaces (it reaches the hypervisor and host services), and
+    # kernel uevents are broadcast into every network namespace of the host's user namespace.
+    rules.append(ArgRule("socket", ((0, WIDTH[32], AF_VSOCK),)))
+    rules.append(
+        ArgRule("socket", ((0, WIDTH[32], AF_NETLINK), (2, WIDTH[32], NETLINK_KOBJECT_UEVENT)))
+    )
+    for request in (TIOCSTI, TIOCLINUX):
+        rules.append(ArgRule("ioctl", ((1, WIDTH[32], request),)))
+    # Device nodes: the kernel refuses them without CAP_MKNOD, but gVisor's sentry (the
+    # Debian 2022 build) creates them in its tmpfs for an unprivileged user; refuse them here
+    # for every backend alike (FIFOs and sockets stay allowed).
+    for name, mode_arg in (("mknod", 1), ("mknodat", 2)):
+        for kind in (S_IFCHR, S_IFBLK):
+            rules.append(ArgRule(name, ((mode_arg, S_IFMT, kind),)))
+    for rule in rules:
+        for index, mask, value in rule.args:
+            width = WIDTH[ARG_BITS[(rule.syscall, index)]]
+            if mask & ~width or value & ~mask:
+                raise ValueError(f"seccomp rule {rule}: compares bits the kernel does not read")
+    return tuple(rules)
+
+
+# Every rule that looks at an argument, for the BPF filter and the container engine's
+# profile alike (_jail/container.py renders the same table).
+ARG_RULES = _arg_rules()
 
 
 class _ArgCmp(ctypes.Structure):
@@ -186,34 +248,12 @@ def _build(lib: ctypes.CDLL, ctx: int) -> bytes:
     eperm = SCMP_ACT_ERRNO(errno.EPERM)
     for name in DENIED:
         _rule(lib, ctx, eperm, name)
-    # clone() with any namespace flag would hand the code a new user namespace with
-    # every capability in it; plain fork/thread clones stay allowed.
-    for bit in range(64):
-        flag = 1 << bit
-        if NAMESPACE_FLAGS & flag:
-            _rule(lib, ctx, eperm, "clone", _ArgCmp(0, SCMP_CMP_MASKED_EQ, flag, flag))
     # clone3 passes its flags in memory that BPF cannot read: answer ENOSYS so that
-    # glibc falls back to clone(), which the rule above can inspect.
+    # glibc falls back to clone(), which the argument rules can inspect.
     _rule(lib, ctx, SCMP_ACT_ERRNO(errno.ENOSYS), "clone3")
-    # vsock ignores network namespaces (it reaches the hypervisor and host services), and
-    # kernel uevents are broadcast into every network namespace of the host's user namespace.
-    _rule(lib, ctx, eperm, "socket", _ArgCmp(0, SCMP_CMP_EQ, AF_VSOCK, 0))
-    _rule(
-        lib,
-        ctx,
-        eperm,
-        "socket",
-        _ArgCmp(0, SCMP_CMP_EQ, AF_NETLINK, 0),
-        _ArgCmp(2, SCMP_CMP_EQ, NETLINK_KOBJECT_UEVENT, 0),
-    )
-    for request in (TIOCSTI, TIOCLINUX):
-        _rule(lib, ctx, eperm, "ioctl", _ArgCmp(1, SCMP_CMP_MASKED_EQ, 0xFFFFFFFF, request))
-    # Device nodes: the kernel refuses them without CAP_MKNOD, but gVisor's sentry (the
-    # Debian 2022 build) creates them in its tmpfs for an unprivileged user; refuse them here
-    # for every backend alike (FIFOs and sockets stay allowed).
-    for name, mode_arg in (("mknod", 1), ("mknodat", 2)):
-        for kind in (S_IFCHR, S_IFBLK):
-            _rule(lib, ctx, eperm, name, _ArgCmp(mode_arg, SCMP_CMP_MASKED_EQ, S_IFMT, kind))
+    for rule in ARG_RULES:
+        cmps = [_ArgCmp(index, SCMP_CMP_MASKED_EQ, mask, value) for index, mask, value in rule.args]
+        _rule(lib, ctx, SCMP_ACT_ERRNO(rule.error), rule.syscall, *cmps)
     read_fd, write_fd = os.pipe()
     try:
         rc = lib.seccomp_export_bpf(ctx, write_fd)

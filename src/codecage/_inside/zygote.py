@@ -188,7 +188,11 @@ def _vm_data() -> int:
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     config = json.loads(sys.argv[2])
-    caps.set_oom_score_adj(-900)  # the template is among the last the OOM killer picks
+    # The template is among the last the OOM killer picks, where the host lets it lower its
+    # score (CAP_SYS_RESOURCE); either way the host learns which it got (`codecage doctor`).
+    oom_protected = caps.set_oom_score_adj(-900)
+    if not oom_protected:
+        print("template: oom_score_adj not lowered (no CAP_SYS_RESOURCE)", file=sys.stderr)
     try:
         preload(config["preload"])
         ctx: dict[str, Any] = {
@@ -206,6 +210,7 @@ def main() -> None:
         "pid": os.getpid(),
         "landlock_abi": ctx["landlock_abi"],
         "data_bytes": _vm_data(),
+        "oom_protected": oom_protected,
     }
     sock.send(json.dumps(ready).encode())
     serve(sock, ctx)

@@ -86,35 +86,21 @@ def probe() -> str | None:
 
 
 def docker_seccomp_profile() -> dict[str, Any]:
-    """_inside/seccomp.py's deny list in Docker's profile format (allow by default)."""
+    """_inside/seccomp.py's deny list in Docker's profile format (allow by default).
+
+    Its argument rules are the same table (seccomp.ARG_RULES), each a masked compare at the
+    width the kernel reads: in this format MASKED_EQ's `value` is the mask and `valueTwo`
+    what the masked argument must equal; the args of one entry must all match."""
     eperm = {"action": "SCMP_ACT_ERRNO", "errnoRet": errno.EPERM}
     rules: list[dict[str, Any]] = [{"names": list(seccomp.DENIED), **eperm}]
-    for bit in range(64):
-        flag = 1 << bit
-        if seccomp.NAMESPACE_FLAGS & flag:
-            arg = {"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}
-            rules.append({"names": ["clone"], **eperm, "args": [arg]})
     rules.append({"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": errno.ENOSYS})
-    vsock = {"index": 0, "value": seccomp.AF_VSOCK, "op": "SCMP_CMP_EQ"}
-    rules.append({"names": ["socket"], **eperm, "args": [vsock]})
-    uevent = [
-        {"index": 0, "value": seccomp.AF_NETLINK, "op": "SCMP_CMP_EQ"},
-        {"index": 2, "value": seccomp.NETLINK_KOBJECT_UEVENT, "op": "SCMP_CMP_EQ"},
-    ]
-    rules.append({"names": ["socket"], **eperm, "args": uevent})
-    for request in (seccomp.TIOCSTI, seccomp.TIOCLINUX):
-        # MASKED_EQ: `value` is the mask, `valueTwo` what the masked argument must equal
-        arg = {"index": 1, "value": 0xFFFFFFFF, "valueTwo": request, "op": "SCMP_CMP_MASKED_EQ"}
-        rules.append({"names": ["ioctl"], **eperm, "args": [arg]})
-    for name, index in (("mknod", 1), ("mknodat", 2)):  # device nodes, as in _inside/seccomp.py
-        for kind in (seccomp.S_IFCHR, seccomp.S_IFBLK):
-            arg = {
-                "index": index,
-                "value": seccomp.S_IFMT,
-                "valueTwo": kind,
-                "op": "SCMP_CMP_MASKED_EQ",
-            }
-            rules.append({"names": [name], **eperm, "args": [arg]})
+    for rule in seccomp.ARG_RULES:
+        args = [
+            {"index": index, "value": mask, "valueTwo": value, "op": "SCMP_CMP_MASKED_EQ"}
+            for index, mask, value in rule.args
+        ]
+        action = {"action": "SCMP_ACT_ERRNO", "errnoRet": rule.error}
+        rules.append({"names": [rule.syscall], **action, "args": args})
     return {
         "defaultAction": "SCMP_ACT_ALLOW",
         "architectures": ["SCMP_ARCH_X86_64"],

@@ -164,6 +164,7 @@ class Template:
         self.pid: int = ready["pid"]
         self.landlock_abi: int = ready.get("landlock_abi", 0)
         self.data_bytes: int = ready.get("data_bytes", 0)  # the template's own data segment
+        self.oom_protected: bool = ready.get("oom_protected", False)  # its -900 took
 
     def _recv(self, fds: int = 0, rid: int | None = None) -> dict[str, Any]:
         """The reply to request `rid`; late replies to requests that timed out are dropped."""
