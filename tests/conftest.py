@@ -129,7 +129,10 @@ def cli(*args: str) -> str:
 
 
 def start_service(
-    db: Path, tenants: tuple[str, ...] = ("alice", "bob"), config: Path | None = None
+    db: Path,
+    tenants: tuple[str, ...] = ("alice", "bob"),
+    config: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Service:
     keys = {t: cli("keys", "create", "--tenant", t, "--db", str(db)) for t in tenants}
     port = free_port()
@@ -149,6 +152,7 @@ def start_service(
             ],
             stdout=subprocess.DEVNULL,
             stderr=log,
+            env=None if env is None else {**os.environ, **env},
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
