@@ -365,5 +365,9 @@ def test_uploads_accept_raw_and_multipart_and_refuse_the_rest(service: Service) 
                 assert stored(path) is None
             other = client.put(base, params={"path": "other.bin"}, files={"upload": ("f", data)})
             assert other.status_code == 400 and stored("other.bin") is None
+            # a second part after more than a chunk was passed on: 400, and no partial file
+            big = [("file", ("a", b"\x01" * (5 << 20))), ("file", ("b", b"x"))]
+            two = client.put(base, params={"path": "two.bin"}, files=big)
+            assert two.status_code == 400 and stored("two.bin") is None
         finally:
             client.delete(f"/v1/sandboxes/{sid}")

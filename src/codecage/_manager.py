@@ -22,7 +22,14 @@ from ._api import run as run_once
 from ._approvals import ApprovalRequest, Approvals, Decision, Gate, operation
 from ._audit import AuditLog
 from ._config import ServerConfig, within
-from ._errors import ApprovalDenied, CodeRejected, QuotaExceeded, SandboxBusy, SandboxNotFound
+from ._errors import (
+    ApprovalDenied,
+    CodeRejected,
+    QuotaExceeded,
+    SandboxBusy,
+    SandboxError,
+    SandboxNotFound,
+)
 from ._jail.pool import Pool
 from ._models import Execution, Finding
 from ._policy import Policy
@@ -462,6 +469,7 @@ class Manager:
                 try:
                     yield sink
                 except BaseException as exc:
+                    sink.abort()
                     self.fail(run_id, "file_upload", exc)
                     raise
             self._recorded(run_id, "file_upload", work)
@@ -514,6 +522,14 @@ class Upload:
     def _send(self, chunk: bytes) -> None:
         self.info = self._sandbox.files._write_chunk(self._path, chunk, append=self._sent)
         self._sent = True
+
+    def abort(self) -> None:
+        """An upload that failed midway (body too large, client gone, malformed) leaves no
+        partial file behind."""
+        self._held.clear()
+        if self._sent:
+            with contextlib.suppress(SandboxError):
+                self._sandbox.files.remove(self._path)
 
     def close(self) -> None:
         if self._held or not self._sent:

@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 import anyio
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -339,11 +340,15 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     async def healthz() -> HealthOut:  # on the event loop: never waits for a worker thread
         return HealthOut(status="ok", sandboxes=len(manager()._sandboxes))
 
+    scrapes = anyio.CapacityLimiter(2)  # /metrics is open: it never takes the shared pool
+
     @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics() -> PlainTextResponse:
+    async def metrics() -> PlainTextResponse:
         from prometheus_client import generate_latest
 
-        return PlainTextResponse(generate_latest(manager().metrics.registry).decode())
+        registry = manager().metrics.registry
+        text = await anyio.to_thread.run_sync(generate_latest, registry, limiter=scrapes)
+        return PlainTextResponse(text.decode())
 
     @app.post("/v1/sandboxes", response_model=SandboxOut, status_code=201, responses=ERRORS)
     def create_sandbox(
