@@ -70,7 +70,7 @@ def read_all(sock: socket.socket) -> bytes:
 def guarded(tmp_path: Path) -> Iterator[Service]:
     svc = small_service(
         tmp_path,
-        "header_timeout_s = 1\nbody_timeout_s = 1\nmax_connections = 30\nworker_threads = 16\n"
+        "header_timeout_s = 1\nbody_timeout_s = 1\nmax_connections = 40\nworker_threads = 16\n"
         "[quotas]\nconcurrent_requests = 6\nsandbox_queue = 2\nlive_sandboxes = 4\n",
     )
     try:
@@ -124,7 +124,7 @@ def test_half_sent_headers_and_idle_connections_are_closed(guarded: Service) -> 
     assert read_all(whole).startswith(b"HTTP/1.1 200 OK")
     whole.close()
     # More idle connections than max_connections: each is closed, and the service answers.
-    idle = [connect(guarded) for _ in range(45)]
+    idle = [connect(guarded) for _ in range(60)]
     try:
         for sock in idle:
             assert read_all(sock) == b""

@@ -300,7 +300,7 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     def manager() -> Manager:
         return state["manager"]  # type: ignore[no-any-return]
 
-    def identity(
+    async def identity(  # async, as the two below: no worker thread to resolve them
         request: Request, authorization: str | None = Header(None)
     ) -> tuple[str, str, str]:
         """(tenant, role, key id) of the request's API key, as Admission found it from the
@@ -310,13 +310,13 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
             raise Unauthorized()
         return found  # type: ignore[no-any-return]
 
-    def tenant(who: tuple[str, str, str] = Depends(identity)) -> str:
+    async def tenant(who: tuple[str, str, str] = Depends(identity)) -> str:
         """A client key's tenant (an approver key only answers approvals)."""
         if who[1] != "client":
             raise Forbidden("this key may only answer approvals")
         return who[0]
 
-    def approver(who: tuple[str, str, str] = Depends(identity)) -> tuple[str, str, str]:
+    async def approver(who: tuple[str, str, str] = Depends(identity)) -> tuple[str, str, str]:
         """A key that may see and answer its tenant's approvals (config `approvers`)."""
         if who[1] != "approver" and config.approvers == "approver_keys":
             raise Forbidden("approvals on this service are answered with approver keys only")
@@ -935,10 +935,12 @@ async def _answer_early(
     await send({"type": "http.response.body", "body": body})
 
 
-def _protocol(header_timeout_s: float) -> type:
+def _protocol(header_timeout_s: float, max_connections: int) -> type:
     """uvicorn's httptools protocol, with a deadline for each request's headers: a client
     that opens a connection, or starts a request, and never finishes its headers is
-    disconnected (uvicorn's own keep-alive timeout only covers idle connections)."""
+    disconnected (uvicorn's own keep-alive timeout only covers idle connections). A
+    connection beyond `max_connections` is closed at once, so idle ones cannot pile up
+    descriptors (uvicorn alone keeps them and answers their requests 503)."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class HeaderDeadline(HttpToolsProtocol):
@@ -946,6 +948,9 @@ def _protocol(header_timeout_s: float) -> type:
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.close()
+                return
             self._arm()
 
         def _arm(self) -> None:
@@ -988,7 +993,7 @@ def serve(config: ServerConfig) -> None:
         port=config.port,
         log_level="warning",
         access_log=False,
-        http=_protocol(config.header_timeout_s),
+        http=_protocol(config.header_timeout_s, config.max_connections),
         limit_concurrency=config.max_connections,
         timeout_keep_alive=config.keep_alive_s,
         timeout_graceful_shutdown=max(1, round(config.shutdown_grace_s)),
