@@ -510,6 +510,7 @@ class Upload:
         self._held = bytearray()
         self._digest, self._size, self._sent = hashlib.sha256(), 0, False
         self.info: EntryInfo | None = None
+        self.deadline = time.monotonic() + (sandbox.policy.timeout_s or 600)  # the whole upload
 
     def write(self, data: bytes) -> None:
         self._digest.update(data)

@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -472,6 +473,8 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
             held: list[bytes] = []
             size = 0
             async for piece in pieces:
+                if time.monotonic() > sink.deadline:  # a trickle cannot hold the sandbox
+                    raise RequestTimeout("the upload took longer than the policy's timeout_s")
                 held.append(piece)
                 size += len(piece)
                 if size >= FILE_CHUNK:
@@ -743,6 +746,10 @@ class UnsupportedMedia(Exception):
     pass
 
 
+class RequestTimeout(Exception):
+    pass
+
+
 class Forbidden(Exception):
     pass
 
@@ -757,6 +764,7 @@ def _handlers(app: FastAPI) -> None:
         (Forbidden, 403),
         (BadRequest, 400),
         (UnsupportedMedia, 415),
+        (RequestTimeout, 408),
         (SandboxNotFound, 404),
         (FileNotFoundInSandbox, 404),
         (ApprovalNotFound, 404),
