@@ -45,7 +45,6 @@ from ._jail import cgroups, close_jails, get_jail
 from ._jail.host import HostJail
 from ._manager import Manager
 from ._models import Execution, Finding
-from ._sandbox import FILE_CHUNK
 
 NDJSON = "application/x-ndjson"
 STREAM_EVENTS = {
@@ -224,6 +223,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse}
     for code in (400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 500, 503)
 }
+SCRAPES = 4  # /metrics requests at once (it is open: no tenant's quota covers it)
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs", "/redoc"})
 RAW = "application/octet-stream"
 MULTIPART = "multipart/form-data"
@@ -301,7 +301,16 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     def manager() -> Manager:
         return state["manager"]  # type: ignore[no-any-return]
 
-    async def identity(  # async, as the two below: no worker thread to resolve them
+    def identity(authorization: str | None = Header(None)) -> tuple[str, str, str]:
+        """(tenant, role, key id) of an API key in a header value (for an open route that
+        reads an optional key itself; Admission has already checked every other route's)."""
+        scheme, _, key = (authorization or "").partition(" ")
+        found = state["audit"].identity(key.strip()) if scheme.lower() == "bearer" and key else None
+        if found is None:
+            raise Unauthorized()
+        return found  # type: ignore[no-any-return]
+
+    async def admitted(  # async, as the two below: no worker thread to resolve them
         request: Request, authorization: str | None = Header(None)
     ) -> tuple[str, str, str]:
         """(tenant, role, key id) of the request's API key, as Admission found it from the
@@ -311,13 +320,13 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
             raise Unauthorized()
         return found  # type: ignore[no-any-return]
 
-    async def tenant(who: tuple[str, str, str] = Depends(identity)) -> str:
+    async def tenant(who: tuple[str, str, str] = Depends(admitted)) -> str:
         """A client key's tenant (an approver key only answers approvals)."""
         if who[1] != "client":
             raise Forbidden("this key may only answer approvals")
         return who[0]
 
-    async def approver(who: tuple[str, str, str] = Depends(identity)) -> tuple[str, str, str]:
+    async def approver(who: tuple[str, str, str] = Depends(admitted)) -> tuple[str, str, str]:
         """A key that may see and answer its tenant's approvals (config `approvers`)."""
         if who[1] != "approver" and config.approvers == "approver_keys":
             raise Forbidden("approvals on this service are answered with approver keys only")
@@ -341,15 +350,11 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     async def healthz() -> HealthOut:  # on the event loop: never waits for a worker thread
         return HealthOut(status="ok", sandboxes=len(manager()._sandboxes))
 
-    scrapes = anyio.CapacityLimiter(2)  # /metrics is open: it never takes the shared pool
-
     @app.get("/metrics", response_class=PlainTextResponse)
-    async def metrics() -> PlainTextResponse:
+    def metrics() -> PlainTextResponse:
         from prometheus_client import generate_latest
 
-        registry = manager().metrics.registry
-        text = await anyio.to_thread.run_sync(generate_latest, registry, limiter=scrapes)
-        return PlainTextResponse(text.decode())
+        return PlainTextResponse(generate_latest(manager().metrics.registry).decode())
 
     @app.post("/v1/sandboxes", response_model=SandboxOut, status_code=201, responses=ERRORS)
     def create_sandbox(
@@ -464,6 +469,8 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         sandbox_id: str, request: Request, path: str = Query(...), who: str = Depends(tenant)
     ) -> EntryOut:
         """Store a file: streamed to the sandbox as it arrives (the host holds one chunk)."""
+        from ._sandbox import FILE_CHUNK
+
         _check_path(path)
         pieces = _upload_pieces(request)  # 415 / 400 before anything is stored
         await anext(pieces)
@@ -864,6 +871,7 @@ class Admission:
     def __init__(self, app: ASGIApp, config: ServerConfig, state: dict[str, Any]) -> None:
         self.app, self.config, self.state = app, config, state
         self.in_flight: dict[str, int] = {}
+        self.scrapes = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -897,7 +905,16 @@ class Admission:
             return message
 
         if scope["path"] in OPEN_PATHS:
-            await self.app(scope, guarded_receive, guarded_send)
+            if scope["path"] == "/metrics":  # open and served by a worker thread: a few at once
+                if self.scrapes >= SCRAPES:
+                    await _answer_early(send, 429, "QuotaExceeded", "too many scrapes at once")
+                    return
+                self.scrapes += 1
+            try:
+                await self.app(scope, guarded_receive, guarded_send)
+            finally:
+                if scope["path"] == "/metrics":
+                    self.scrapes -= 1
             return
         headers = dict(scope.get("headers", []))
         scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
