@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import sqlite3
 import subprocess
 import sys
@@ -28,8 +29,12 @@ def start(db: Path) -> tuple[subprocess.Popen[bytes], str, str]:
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     config = db.with_suffix(".toml")
-    config.write_text(
-        "pool_size = 0\n[quotas]\nlive_sandboxes = 2000\nruns_per_minute = 10000000\n"
+    config.write_text(  # the default ceiling with pids_max 64: 1000 x 64 must fit the total
+        "pool_size = 0\n[quotas]\nlive_sandboxes = 1000\nruns_per_minute = 10000000\n"
+        "concurrent_requests = 64\n"
+        "[ceiling]\nmemory_mb = 4096\ncpu_cores = 2.0\ncpu_s = 3600\npids_max = 64\n"
+        "disk_mb = 4096\ntmp_mb = 1024\nshm_mb = 1024\ntimeout_s = 600\n"
+        "idle_timeout_s = 3600\noutput_bytes = 16777216\n"
     )
     import socket
 
@@ -39,6 +44,8 @@ def start(db: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "codecage", "serve", "--db", str(db), "--port", str(port), "--config", str(config)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        # idle sandboxes use a few pids each: the benchmark declares its over-commit
+        env={**os.environ, "CODECAGE_TOTAL_PIDS": "65536"},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):

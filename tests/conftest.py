@@ -129,7 +129,10 @@ def cli(*args: str) -> str:
 
 
 def start_service(
-    db: Path, tenants: tuple[str, ...] = ("alice", "bob"), config: Path | None = None
+    db: Path,
+    tenants: tuple[str, ...] = ("alice", "bob"),
+    config: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> Service:
     keys = {t: cli("keys", "create", "--tenant", t, "--db", str(db)) for t in tenants}
     port = free_port()
@@ -149,6 +152,7 @@ def start_service(
             ],
             stdout=subprocess.DEVNULL,
             stderr=log,
+            env=None if env is None else {**os.environ, **env},
         )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
@@ -179,7 +183,12 @@ def stop_service(service: Service) -> None:
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     where = tmp_path_factory.mktemp("service")
     config = where / "service.toml"  # room for the many-sessions test; quotas have their own
-    config.write_text("[quotas]\nlive_sandboxes = 400\nruns_per_minute = 100000\n")
+    config.write_text(  # the default ceiling, with a pids_max that fits 250 sandboxes
+        "[quotas]\nlive_sandboxes = 250\nruns_per_minute = 100000\n"
+        "[ceiling]\nmemory_mb = 4096\ncpu_cores = 2.0\ncpu_s = 3600\npids_max = 64\n"
+        "disk_mb = 4096\ntmp_mb = 1024\nshm_mb = 1024\ntimeout_s = 600\n"
+        "idle_timeout_s = 3600\noutput_bytes = 16777216\n"
+    )
     svc = start_service(where / "audit.db", ("alice", "bob", "fuzz"), config)
     try:
         yield svc

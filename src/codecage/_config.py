@@ -22,6 +22,14 @@ class Quotas(BaseModel):
     runs_per_minute: int = Field(600, ge=1)
     # Operations of one tenant waiting for a person's yes at once (each holds a worker thread).
     pending_approvals: int = Field(16, ge=1)
+    # Requests of one tenant in flight at once (each may hold one of the shared worker
+    # threads); one-shot runs count here too. Beyond: 429 at once.
+    concurrent_requests: int = Field(32, ge=1)
+    # Operations on one sandbox at once: one runs, the others wait their turn. Beyond: 409.
+    sandbox_queue: int = Field(4, ge=1)
+    # Host memory a tenant's file transfers may hold at once (each transfer holds at most
+    # a few chunks, TRANSFER_BUFFER_MB). Beyond: 429.
+    transfer_buffer_mb: int = Field(64, ge=1)
 
 
 class ServerConfig(BaseModel):
@@ -41,6 +49,12 @@ class ServerConfig(BaseModel):
     audit_retention_days: float | None = Field(None, gt=0)
     max_code_bytes: int = Field(10 << 20, ge=1)
     max_upload_bytes: int = Field(100 << 20, ge=1)
+    # Limits that protect the service itself (docs/service.md, "Limits"):
+    worker_threads: int = Field(256, ge=4, le=4096)  # the shared pool for blocking work
+    max_connections: int = Field(512, ge=1)  # beyond: 503 (uvicorn's limit_concurrency)
+    header_timeout_s: float = Field(10.0, gt=0)  # a request's headers must arrive in time
+    body_timeout_s: float = Field(30.0, gt=0)  # the longest silence within a request body
+    keep_alive_s: int = Field(5, ge=1)  # an idle connection between requests
     # The warm pool: sandboxes of the default policy forked ahead of demand (0: none).
     pool_size: int = Field(4, ge=0, le=10000)
     pool_refill_per_s: float = Field(50.0, gt=0)
@@ -83,6 +97,38 @@ class ServerConfig(BaseModel):
             return cls(**data)
         except ValidationError as exc:
             raise PolicyError(f"config: {exc}") from None
+
+
+def check_fits(config: ServerConfig, total_memory_mb: int, total_pids: int) -> None:
+    """At start-up: the processes one tenant may hold by quota (its live sandboxes, one-shot
+    runs included, each at the ceiling) must fit in what all sandboxes together may use,
+    and one sandbox at the ceiling must fit in the memory of all. Memory over-commits on
+    purpose past that (the parent cgroup's cap turns a sum too large into an OOM kill
+    inside a sandbox, never on the host); processes do not, since a fork bomb would spend
+    the whole budget of every tenant. PolicyError, naming the knobs, otherwise."""
+    quota = config.quotas.live_sandboxes
+    problems = []
+    per = [config.ceiling.pids_max, config.policy.pids_max]
+    if None in per:
+        problems.append(
+            "pids_max is unlimited in the service's policy or ceiling: every sandbox needs a "
+            f"process limit within the {total_pids} of all sandboxes together"
+        )
+    elif max(p or 0 for p in per) * quota > total_pids:
+        most = max(p or 0 for p in per)
+        problems.append(
+            f"ceiling pids_max={most} x quotas.live_sandboxes={quota} = {most * quota} "
+            f"processes, over the {total_pids} of all sandboxes together "
+            "(CODECAGE_TOTAL_PIDS): lower the ceiling or the quota"
+        )
+    memory = max(config.ceiling.memory_mb or 0, config.policy.memory_mb or 0)
+    if config.ceiling.memory_mb is None or memory > total_memory_mb:
+        problems.append(
+            f"ceiling memory_mb={config.ceiling.memory_mb} does not fit in the "
+            f"{total_memory_mb} MiB of all sandboxes together (CODECAGE_TOTAL_MEMORY_MB)"
+        )
+    if problems:
+        raise PolicyError("config does not fit this host: " + "; ".join(problems))
 
 
 def within(base: Policy, requested: dict[str, Any], ceiling: Policy) -> Policy:

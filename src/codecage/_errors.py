@@ -67,6 +67,11 @@ class QuotaExceeded(SandboxError):
     """A tenant's quota is used up (HTTP 429)."""
 
 
+class SandboxBusy(SandboxError):
+    """The sandbox already has as many operations running and waiting as the service queues
+    (HTTP 409): try again when one has finished."""
+
+
 class AuditUnavailable(SandboxError):
     """The audit log cannot be written: no work may run unrecorded (HTTP 503)."""
 

@@ -14,7 +14,7 @@ import hashlib
 import secrets
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -22,14 +22,25 @@ from ._api import run as run_once
 from ._approvals import ApprovalRequest, Approvals, Decision, Gate, operation
 from ._audit import AuditLog
 from ._config import ServerConfig, within
-from ._errors import ApprovalDenied, CodeRejected, QuotaExceeded, SandboxNotFound
+from ._errors import (
+    ApprovalDenied,
+    CodeRejected,
+    QuotaExceeded,
+    SandboxBusy,
+    SandboxError,
+    SandboxNotFound,
+)
 from ._jail.pool import Pool
 from ._models import Execution, Finding
 from ._policy import Policy
-from ._sandbox import CommandResult, EntryInfo, Sandbox
+from ._sandbox import FILE_CHUNK, CommandResult, EntryInfo, Sandbox
 
 EventCallback = Callable[[dict[str, Any]], None]
 T = TypeVar("T")
+
+
+# Host memory one file transfer holds at most: a chunk, its base64 frame and their copies.
+TRANSFER_BUFFER_MB = 4 * (FILE_CHUNK >> 20)
 
 
 @dataclass
@@ -37,6 +48,8 @@ class Entry:
     tenant: str
     sandbox: Sandbox
     created_at: float = field(default_factory=time.time)
+    queued: int = 0  # operations running or waiting on this sandbox (Manager._lock)
+    transfer: threading.Lock = field(default_factory=threading.Lock)  # one file transfer
 
 
 class Metrics:
@@ -129,6 +142,8 @@ class Manager:
             collections.deque
         )
         self._busy = 0
+        self._oneshots: collections.Counter[str] = collections.Counter()  # /v1/run in flight
+        self._buffers: collections.Counter[str] = collections.Counter()  # transfer MiB held
         self._idle = threading.Condition(self._lock)
         self.approvals = Approvals(
             on_change=self._approval_changed,
@@ -147,19 +162,83 @@ class Manager:
         policy = within(self.config.policy, overrides, self.config.ceiling)
         with self._lock:
             self._prune()
-            live = sum(1 for e in self._sandboxes.values() if e.tenant == tenant)
+            live = self._live(tenant)
             if live >= self.config.quotas.live_sandboxes:
                 raise QuotaExceeded(f"tenant already has {live} live sandboxes (quota)")
         gate = Gate(self.approvals, tenant=tenant)
         entry = Entry(tenant, Sandbox(policy, envs=envs, gate=gate, defaults=self.config.policy))
         with self._lock:  # again: a create may have waited for approval meanwhile
-            live = sum(1 for e in self._sandboxes.values() if e.tenant == tenant)
+            live = self._live(tenant)
             if live < self.config.quotas.live_sandboxes:
                 self._sandboxes[entry.sandbox.id] = entry
                 self.metrics.live.set(len(self._sandboxes))
                 return entry
         entry.sandbox.kill()
         raise QuotaExceeded(f"tenant already has {live} live sandboxes (quota)")
+
+    def _live(self, tenant: str) -> int:
+        """The tenant's live sandboxes, one-shot runs in flight included (under _lock)."""
+        mine = sum(1 for e in self._sandboxes.values() if e.tenant == tenant)
+        return mine + self._oneshots[tenant]
+
+    @contextlib.contextmanager
+    def oneshot(self, tenant: str) -> Iterator[None]:
+        """A one-shot run's place in the live-sandbox quota, for as long as it runs."""
+        with self._lock:
+            self._prune()
+            live = self._live(tenant)
+            if live >= self.config.quotas.live_sandboxes:
+                raise QuotaExceeded(f"tenant already has {live} live sandboxes (quota)")
+            self._oneshots[tenant] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._oneshots[tenant] -= 1
+
+    def enter(self, entry: Entry) -> None:
+        """Take a place in the sandbox's queue (one runs, the others wait for its lock), or
+        SandboxBusy: waiting requests hold worker threads, so the queue is short."""
+        with self._lock:
+            if entry.queued >= self.config.quotas.sandbox_queue:
+                raise SandboxBusy(
+                    f"sandbox {entry.sandbox.id} already has {entry.queued} operations running "
+                    f"or waiting (quotas.sandbox_queue); try again when one has finished"
+                )
+            entry.queued += 1
+
+    def leave(self, entry: Entry) -> None:
+        with self._lock:
+            entry.queued -= 1
+
+    @contextlib.contextmanager
+    def using(self, tenant: str, sandbox_id: str) -> Iterator[Entry]:
+        """The tenant's sandbox, with a place in its queue for the duration."""
+        entry = self.get(tenant, sandbox_id)
+        self.enter(entry)
+        try:
+            yield entry
+        finally:
+            self.leave(entry)
+
+    @contextlib.contextmanager
+    def _transfer(self, entry: Entry) -> Iterator[None]:
+        """One file transfer: its host buffers count against the tenant's
+        quotas.transfer_buffer_mb, and transfers of one sandbox take turns."""
+        tenant, budget = entry.tenant, self.config.quotas.transfer_buffer_mb
+        with self._lock:
+            if self._buffers[tenant] + TRANSFER_BUFFER_MB > budget:
+                raise QuotaExceeded(
+                    f"file transfers of this tenant already hold {self._buffers[tenant]} MiB "
+                    f"of host buffers (quotas.transfer_buffer_mb={budget})"
+                )
+            self._buffers[tenant] += TRANSFER_BUFFER_MB
+        try:
+            with entry.transfer:
+                yield
+        finally:
+            with self._lock:
+                self._buffers[tenant] -= TRANSFER_BUFFER_MB
 
     def get(self, tenant: str, sandbox_id: str) -> Entry:
         with self._lock:
@@ -353,7 +432,18 @@ class Manager:
     def command(
         self, tenant: str, sandbox_id: str, cmd: str, timeout: float | None, envs: dict[str, str]
     ) -> CommandResult:
-        entry = self.get(tenant, sandbox_id)
+        with self.using(tenant, sandbox_id) as entry:
+            return self._command(entry, tenant, sandbox_id, cmd, timeout, envs)
+
+    def _command(
+        self,
+        entry: Entry,
+        tenant: str,
+        sandbox_id: str,
+        cmd: str,
+        timeout: float | None,
+        envs: dict[str, str],
+    ) -> CommandResult:
         run_id = self.begin(tenant, sandbox_id, "command", cmd, entry.sandbox.policy)
 
         def work() -> CommandResult:
@@ -375,37 +465,100 @@ class Manager:
         return self._recorded(run_id, "command", work)
 
     def upload(self, tenant: str, sandbox_id: str, path: str, data: bytes) -> EntryInfo:
-        entry = self.get(tenant, sandbox_id)
-        run_id = self.begin(tenant, sandbox_id, "file_upload", path, entry.sandbox.policy)
+        with self.uploading(tenant, sandbox_id, path) as sink:
+            sink.write(data)
+        assert sink.info is not None
+        return sink.info
 
-        def work() -> EntryInfo:
-            info = entry.sandbox.files.write(path, data)
-            self.finish(
-                run_id, "file_upload", Execution(), files=[_file_record("upload", path, data)]
-            )
-            return info
+    @contextlib.contextmanager
+    def uploading(self, tenant: str, sandbox_id: str, path: str) -> Iterator[Upload]:
+        """An upload fed piece by piece (`write`); the host holds at most one FILE_CHUNK
+        of it. Recorded, with the size and sha256 of what the host passed on."""
+        with self.using(tenant, sandbox_id) as entry, self._transfer(entry):
+            run_id = self.begin(tenant, sandbox_id, "file_upload", path, entry.sandbox.policy)
+            sink = Upload(entry.sandbox, path)
 
-        return self._recorded(run_id, "file_upload", work)
+            def work() -> None:
+                sink.close()
+                record = sink.record()
+                self.finish(run_id, "file_upload", Execution(), files=[record])
 
-    def download(self, tenant: str, sandbox_id: str, path: str) -> bytes:
-        entry = self.get(tenant, sandbox_id)
-        run_id = self.begin(tenant, sandbox_id, "file_download", path, entry.sandbox.policy)
+            with self._operation():  # no context variable across the yield: threads differ
+                try:
+                    yield sink
+                except BaseException as exc:
+                    sink.abort()
+                    self.fail(run_id, "file_upload", exc)
+                    raise
+            self._recorded(run_id, "file_upload", work)
 
-        def work() -> bytes:
-            data = entry.sandbox.files.read(path)
-            self.finish(
-                run_id, "file_download", Execution(), files=[_file_record("download", path, data)]
-            )
-            return data
+    def download(self, tenant: str, sandbox_id: str, path: str) -> Generator[bytes, None, None]:
+        """A file, chunk by chunk: the first chunk is fetched (and errors raised) when the
+        caller first asks; the record is durable before the last chunk is handed out.
+        Closing the iterator early records the transfer as failed."""
+        with self.using(tenant, sandbox_id) as entry, self._transfer(entry):
+            run_id = self.begin(tenant, sandbox_id, "file_download", path, entry.sandbox.policy)
+            digest, size, recorded = hashlib.sha256(), 0, False
+            with self._operation():  # no context variable across a yield: threads differ
+                try:
+                    chunks = entry.sandbox.files.chunks(path)
+                    with operation(run_id=run_id):  # an approval is asked for here, if at all
+                        held: bytes | None = next(chunks, b"")
+                    while held is not None:
+                        following = next(chunks, None)
+                        digest.update(held)
+                        size += len(held)
+                        if following is None:  # durable before the last bytes go out
+                            record = _file_record("download", path, size, digest.hexdigest())
+                            self.finish(run_id, "file_download", Execution(), files=[record])
+                            recorded = True
+                        yield held
+                        held = following
+                except BaseException as exc:
+                    if not recorded:
+                        self.fail(run_id, "file_download", exc)
+                    raise
 
-        return self._recorded(run_id, "file_download", work)
+
+class Upload:
+    """The sandbox end of an upload: bytes are passed on in FILE_CHUNK pieces."""
+
+    def __init__(self, sandbox: Sandbox, path: str) -> None:
+        self._sandbox, self._path = sandbox, path
+        self._held = bytearray()
+        self._digest, self._size, self._sent = hashlib.sha256(), 0, False
+        self.info: EntryInfo | None = None
+        self.deadline = time.monotonic() + (sandbox.policy.timeout_s or 600)  # the whole upload
+
+    def write(self, data: bytes) -> None:
+        self._digest.update(data)
+        self._size += len(data)
+        self._held += data
+        while len(self._held) >= FILE_CHUNK:
+            self._send(bytes(self._held[:FILE_CHUNK]))
+            del self._held[:FILE_CHUNK]
+
+    def _send(self, chunk: bytes) -> None:
+        self.info = self._sandbox.files._write_chunk(self._path, chunk, append=self._sent)
+        self._sent = True
+
+    def abort(self) -> None:
+        """An upload that failed midway (body too large, client gone, malformed) leaves no
+        partial file behind."""
+        self._held.clear()
+        if self._sent:
+            with contextlib.suppress(SandboxError):
+                self._sandbox.files.remove(self._path)
+
+    def close(self) -> None:
+        if self._held or not self._sent:
+            self._send(bytes(self._held))
+            self._held.clear()
+
+    def record(self) -> dict[str, Any]:
+        return _file_record("upload", self._path, self._size, self._digest.hexdigest())
 
 
-def _file_record(direction: str, path: str, data: bytes) -> dict[str, Any]:
+def _file_record(direction: str, path: str, size: int, sha256: str) -> dict[str, Any]:
     """As the host saw the bytes, not as the sandbox described them."""
-    return {
-        "direction": direction,
-        "path": path,
-        "size": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
-    }
+    return {"direction": direction, "path": path, "size": size, "sha256": sha256}

@@ -23,6 +23,7 @@ from ._errors import (
     FileNotFoundInSandbox,
     PolicyError,
     QuotaExceeded,
+    SandboxBusy,
     SandboxError,
     SandboxNotFound,
     TransportError,
@@ -38,6 +39,7 @@ _ERRORS: dict[str, type[SandboxError]] = {
     "PolicyError": PolicyError,
     "ValidationError": PolicyError,
     "QuotaExceeded": QuotaExceeded,
+    "SandboxBusy": SandboxBusy,
     "AuditUnavailable": AuditUnavailable,
     "ApprovalDenied": ApprovalDenied,
     "ApprovalNotFound": ApprovalNotFound,
@@ -313,7 +315,11 @@ class RemoteFiles:
     def write(self, path: str, data: bytes | str) -> EntryInfo:
         raw = data.encode() if isinstance(data, str) else bytes(data)
         info = self._sbx._client.request(
-            "PUT", self._url(), params={"path": path}, content=raw
+            "PUT",
+            self._url(),
+            params={"path": path},
+            content=raw,
+            headers={"Content-Type": "application/octet-stream"},
         ).json()
         return EntryInfo(**info)
 

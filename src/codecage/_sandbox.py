@@ -10,7 +10,7 @@ import base64
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -251,6 +251,12 @@ class Files:
     def read(self, path: str, format: Literal["bytes", "text"] = "bytes") -> bytes | str:
         """Read a file. The kernel's replies are untrusted: the size it states first bounds
         the transfer, as do the sandbox's own disk sizes and one deadline for the whole."""
+        data = b"".join(self.chunks(path))
+        return data.decode("utf-8", "replace") if format == "text" else data
+
+    def chunks(self, path: str) -> Iterator[bytes]:
+        """A file, one chunk (at most FILE_CHUNK bytes) at a time: the host holds one chunk
+        at a time, however large the file. Bounded as `read` is."""
         policy = self._sbx.policy
         limit = (policy.disk_mb + policy.tmp_mb + policy.shm_mb) << 20
         if policy.approval_download_mb is not None:
@@ -262,33 +268,38 @@ class Files:
                 self._sbx._gate.check(policy, "download", [why], path, sandbox_id=self._sbx.id)
             limit = min(limit, stated)  # what was approved (or let through) is all that comes
         deadline = time.monotonic() + (policy.timeout_s or 600)
-        chunks: list[bytes] = []
         offset, size = 0, None
         while True:
             reply = self._op("read", path, offset=offset, length=FILE_CHUNK)
             try:
-                chunk = base64.b64decode(str(reply.get("data", "")), validate=True)
+                chunk = base64.b64decode(str(reply.pop("data", "")), validate=True)
                 stated = int(reply["size"])
+                eof = reply.get("eof") is not False
             except (ValueError, KeyError, TypeError):
                 raise TransportError(f"{path}: a malformed reply from the sandbox") from None
+            del reply  # the base64 text is gone before the chunk goes on
             size = stated if size is None else size
             if offset + len(chunk) > min(size, limit) or time.monotonic() > deadline:
                 raise TransportError(f"{path}: the sandbox sent more than the file's size or limit")
-            chunks.append(chunk)
             offset += len(chunk)
-            if reply.get("eof") is not False or not chunk or offset >= size:
-                break
-        data = b"".join(chunks)
-        return data.decode("utf-8", "replace") if format == "text" else data
+            last = eof or not chunk or offset >= size
+            yield chunk
+            if last:
+                return
 
     def write(self, path: str, data: bytes | str) -> EntryInfo:
         """Write a file, creating its parent directories."""
         raw = data.encode() if isinstance(data, str) else bytes(data)
-        reply: dict[str, Any] = {}
+        info = None
         for start in range(0, max(len(raw), 1), FILE_CHUNK):
-            chunk = base64.b64encode(raw[start : start + FILE_CHUNK]).decode()
-            reply = self._op("write", path, data=chunk, append=start > 0)
-        return _entry(reply)
+            info = self._write_chunk(path, raw[start : start + FILE_CHUNK], append=start > 0)
+        assert info is not None
+        return info
+
+    def _write_chunk(self, path: str, chunk: bytes, append: bool) -> EntryInfo:
+        """One piece of a file (at most FILE_CHUNK bytes): the first replaces the file, the
+        following ones append to it."""
+        return _entry(self._op("write", path, data=base64.b64encode(chunk).decode(), append=append))
 
     def list(self, path: str = ".") -> list[EntryInfo]:
         return [_entry(e) for e in self._op("list", path).get("entries", [])]

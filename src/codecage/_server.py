@@ -9,11 +9,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -25,7 +29,7 @@ from ._analysis import analyze
 from ._api import prepare_code
 from ._approvals import operation
 from ._audit import AuditLog
-from ._config import ServerConfig, within
+from ._config import ServerConfig, check_fits, within
 from ._errors import (
     ApprovalDenied,
     ApprovalNotFound,
@@ -37,7 +41,7 @@ from ._errors import (
     SandboxError,
     SandboxNotFound,
 )
-from ._jail import close_jails, get_jail
+from ._jail import cgroups, close_jails, get_jail
 from ._jail.host import HostJail
 from ._manager import Manager
 from ._models import Execution, Finding
@@ -221,7 +225,31 @@ def _error(status: int, kind: str, message: str) -> JSONResponse:
 
 
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 422, 429, 500, 503)
+    code: {"model": ErrorResponse}
+    for code in (400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 500, 503)
+}
+SCRAPES = 4  # /metrics requests at once (it is open: no tenant's quota covers it)
+OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs", "/redoc"})
+RAW = "application/octet-stream"
+MULTIPART = "multipart/form-data"
+UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "description": "the file's bytes, raw (application/octet-stream, or no Content-Type), "
+        "or as E2B clients send them: multipart/form-data with one part named `file`. "
+        "Anything else is refused with 415.",
+        "content": {
+            RAW: {"schema": {"type": "string", "format": "binary"}},
+            MULTIPART: {
+                "schema": {
+                    "type": "object",
+                    "properties": {"file": {"type": "string", "format": "binary"}},
+                    "required": ["file"],
+                    "additionalProperties": False,
+                }
+            },
+        },
+    }
 }
 
 
@@ -235,10 +263,11 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         import anyio.to_thread
 
-        anyio.to_thread.current_default_thread_limiter().total_tokens = 256
+        workers = config.worker_threads
+        anyio.to_thread.current_default_thread_limiter().total_tokens = workers
         # Streaming runs (and runs waiting for approval) use the loop's executor: as many.
         asyncio.get_running_loop().set_default_executor(
-            ThreadPoolExecutor(max_workers=256, thread_name_prefix="codecage-run")
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="codecage-run")
         )
         log = audit or config.open_audit()
         log.mark_interrupted()  # runs of a previous process that never completed
@@ -271,26 +300,38 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     app.add_middleware(
         BodyLimit, default=config.max_code_bytes + (1 << 20), upload=config.max_upload_bytes
     )
+    app.add_middleware(Admission, config=config, state=state)  # outermost: before any body
     _handlers(app)
 
     def manager() -> Manager:
         return state["manager"]  # type: ignore[no-any-return]
 
     def identity(authorization: str | None = Header(None)) -> tuple[str, str, str]:
-        """(tenant, role, key id) of the request's API key."""
+        """(tenant, role, key id) of an API key in a header value (for an open route that
+        reads an optional key itself; Admission has already checked every other route's)."""
         scheme, _, key = (authorization or "").partition(" ")
         found = state["audit"].identity(key.strip()) if scheme.lower() == "bearer" and key else None
         if found is None:
             raise Unauthorized()
         return found  # type: ignore[no-any-return]
 
-    def tenant(who: tuple[str, str, str] = Depends(identity)) -> str:
+    async def admitted(  # async, as the two below: no worker thread to resolve them
+        request: Request, authorization: str | None = Header(None)
+    ) -> tuple[str, str, str]:
+        """(tenant, role, key id) of the request's API key, as Admission found it from the
+        headers before any body was read (`authorization` is declared for the document)."""
+        found = getattr(request.state, "identity", None)
+        if found is None:
+            raise Unauthorized()
+        return found  # type: ignore[no-any-return]
+
+    async def tenant(who: tuple[str, str, str] = Depends(admitted)) -> str:
         """A client key's tenant (an approver key only answers approvals)."""
         if who[1] != "client":
             raise Forbidden("this key may only answer approvals")
         return who[0]
 
-    def approver(who: tuple[str, str, str] = Depends(identity)) -> tuple[str, str, str]:
+    async def approver(who: tuple[str, str, str] = Depends(admitted)) -> tuple[str, str, str]:
         """A key that may see and answer its tenant's approvals (config `approvers`)."""
         if who[1] == "operator" or (who[1] != "approver" and config.approvers == "approver_keys"):
             raise Forbidden("approvals on this service are answered with approver keys only")
@@ -311,7 +352,7 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         )
 
     @app.get("/healthz", response_model=HealthOut)
-    def healthz() -> HealthOut:
+    async def healthz() -> HealthOut:  # on the event loop: never waits for a worker thread
         return HealthOut(status="ok", sandboxes=len(manager()._sandboxes))
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=ERRORS)
@@ -365,15 +406,23 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         findings: list[Finding] = []
 
         def begin() -> str:  # in a worker thread: analysis is off the event loop
-            findings.extend(analyze(code))
-            policy = entry.sandbox.policy
-            return manager().begin(who, sandbox_id, "execute", code, policy, findings)
+            manager().enter(entry)  # a place in the sandbox's short queue, or 409
+            try:
+                findings.extend(analyze(code))
+                policy = entry.sandbox.policy
+                return manager().begin(who, sandbox_id, "execute", code, policy, findings)
+            except BaseException:
+                manager().leave(entry)
+                raise
 
         def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
-            with operation(client_ref=ref):
-                return manager().execute(
-                    who, sandbox_id, run_id, code, body.timeout, body.envs, on_event, findings
-                )
+            try:
+                with operation(client_ref=ref):
+                    return manager().execute(
+                        who, sandbox_id, run_id, code, body.timeout, body.envs, on_event, findings
+                    )
+            finally:
+                manager().leave(entry)
 
         return await _answer(request, begin, work)
 
@@ -392,13 +441,23 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
 
         findings: list[Finding] = []
 
+        slot = manager().oneshot(who)  # a one-shot run counts as a live sandbox while it runs
+
         def begin() -> str:
-            findings.extend(analyze(code))
-            return manager().begin(who, None, "run", code, policy, findings)
+            slot.__enter__()
+            try:
+                findings.extend(analyze(code))
+                return manager().begin(who, None, "run", code, policy, findings)
+            except BaseException as exc:
+                slot.__exit__(type(exc), exc, exc.__traceback__)
+                raise
 
         def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
-            with operation(client_ref=ref):
-                return manager().run(who, run_id, code, policy, body.envs, on_event, findings)
+            try:
+                with operation(client_ref=ref):
+                    return manager().run(who, run_id, code, policy, body.envs, on_event, findings)
+            finally:
+                slot.__exit__(None, None, None)
 
         return await _answer(request, begin, work)
 
@@ -414,30 +473,69 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
             result = manager().command(who, sandbox_id, body.cmd, body.timeout, body.envs)
         return CommandOut(**vars(result))
 
-    @app.put("/v1/sandboxes/{sandbox_id}/files", response_model=EntryOut, responses=ERRORS)
+    @app.put(
+        "/v1/sandboxes/{sandbox_id}/files",
+        response_model=EntryOut,
+        responses=ERRORS,
+        openapi_extra=UPLOAD_BODY,
+    )
     async def upload(
         sandbox_id: str, request: Request, path: str = Query(...), who: str = Depends(tenant)
     ) -> EntryOut:
+        """Store a file: streamed to the sandbox as it arrives (the host holds one chunk)."""
+        from ._sandbox import FILE_CHUNK
+
         _check_path(path)
-        data = await request.body()
-        info = await run_in_threadpool(manager().upload, who, sandbox_id, path, data)
-        return EntryOut(**vars(info))
+        pieces = _upload_pieces(request)  # 415 / 400 before anything is stored
+        await anext(pieces)
+        uploading = manager().uploading(who, sandbox_id, path)
+        sink = await run_in_threadpool(uploading.__enter__)
+        try:
+            held: list[bytes] = []
+            size = 0
+            async for piece in pieces:
+                if time.monotonic() > sink.deadline:  # a trickle cannot hold the sandbox
+                    raise RequestTimeout("the upload took longer than the policy's timeout_s")
+                held.append(piece)
+                size += len(piece)
+                if size >= FILE_CHUNK:
+                    await run_in_threadpool(sink.write, b"".join(held))
+                    held, size = [], 0
+            await run_in_threadpool(sink.write, b"".join(held))
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(uploading.__exit__, type(exc), exc, exc.__traceback__)
+            raise
+        await run_in_threadpool(uploading.__exit__, None, None, None)
+        assert sink.info is not None
+        return EntryOut(**vars(sink.info))
 
     @app.get(
         "/v1/sandboxes/{sandbox_id}/files",
-        responses={**ERRORS, 200: {"content": {"application/octet-stream": {}}}},
+        responses={**ERRORS, 200: {"content": {RAW: {}}}},
         response_class=Response,
     )
-    def download(
+    async def download(
         sandbox_id: str,
         path: str = Query(...),
         who: str = Depends(tenant),
         ref: str | None = ref_header,
     ) -> Response:
+        """The file, streamed chunk by chunk (errors before the first byte are JSON; a
+        transfer that fails later ends the connection before the body is complete)."""
         _check_path(path)
-        with operation(client_ref=ref):
-            data = manager().download(who, sandbox_id, path)
-        return Response(data, media_type="application/octet-stream")
+        chunks = manager().download(who, sandbox_id, path)
+
+        def first() -> bytes:
+            with operation(client_ref=ref):
+                return next(chunks)
+
+        try:
+            head = await run_in_threadpool(first)
+        except BaseException:
+            await run_in_threadpool(chunks.close)
+            raise
+        return StreamingResponse(_stream(head, chunks), media_type=RAW)
 
     @app.get(
         "/v1/sandboxes/{sandbox_id}/files/list", response_model=list[EntryOut], responses=ERRORS
@@ -446,25 +544,27 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         sandbox_id: str, path: str = Query("."), who: str = Depends(tenant)
     ) -> list[EntryOut]:
         _check_path(path)
-        return [
-            EntryOut(**vars(e)) for e in manager().get(who, sandbox_id).sandbox.files.list(path)
-        ]
+        with manager().using(who, sandbox_id) as entry:
+            return [EntryOut(**vars(e)) for e in entry.sandbox.files.list(path)]
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/exists", response_model=ExistsOut, responses=ERRORS)
     def exists(sandbox_id: str, path: str = Query(...), who: str = Depends(tenant)) -> ExistsOut:
         _check_path(path)
-        return ExistsOut(exists=manager().get(who, sandbox_id).sandbox.files.exists(path))
+        with manager().using(who, sandbox_id) as entry:
+            return ExistsOut(exists=entry.sandbox.files.exists(path))
 
     @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, responses=ERRORS)
     def remove(sandbox_id: str, path: str = Query(...), who: str = Depends(tenant)) -> Response:
         _check_path(path)
-        manager().get(who, sandbox_id).sandbox.files.remove(path)
+        with manager().using(who, sandbox_id) as entry:
+            entry.sandbox.files.remove(path)
         return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", response_model=MadeOut, responses=ERRORS)
     def make_dir(sandbox_id: str, body: PathBody, who: str = Depends(tenant)) -> MadeOut:
         _check_path(body.path)
-        return MadeOut(created=manager().get(who, sandbox_id).sandbox.files.make_dir(body.path))
+        with manager().using(who, sandbox_id) as entry:
+            return MadeOut(created=entry.sandbox.files.make_dir(body.path))
 
     @app.get("/v1/approvals", response_model=list[ApprovalOut], responses=ERRORS)
     def pending_approvals(who: tuple[str, str, str] = Depends(approver)) -> list[dict[str, Any]]:
@@ -584,7 +684,110 @@ def _valid_text(body: BaseModel) -> None:
             )
 
 
+async def _stream(head: bytes, chunks: Generator[bytes, None, None]) -> AsyncIterator[bytes]:
+    """A download's body: each chunk is fetched from the sandbox in a worker thread when the
+    previous one has been sent, so the host holds one at a time."""
+    try:
+        yield head
+        while (chunk := await run_in_threadpool(next, chunks, None)) is not None:
+            yield chunk
+    finally:
+        with anyio.CancelScope(shield=True):  # the transfer's locks and record, always
+            await run_in_threadpool(chunks.close)
+
+
+async def _upload_pieces(request: Request) -> AsyncIterator[bytes]:
+    """An upload's bytes as they arrive: raw bodies as they are, multipart/form-data (E2B's
+    clients) as the content of its one part named `file`. Anything else: 415. The first
+    item is b"" once the Content-Type has been accepted, before any byte is stored."""
+    declared = request.headers.get("content-type")
+    media = (declared or "").split(";")[0].strip().lower()
+    if declared is None or media == RAW:
+        yield b""
+        async for chunk in request.stream():
+            yield chunk
+        return
+    if media != MULTIPART:
+        raise UnsupportedMedia(
+            f"Content-Type {media or declared!r}: an upload is raw bytes ({RAW}) or "
+            f"{MULTIPART} with one part named 'file'"
+        )
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    boundary = parse_options_header(declared)[1].get(b"boundary")
+    if not boundary:
+        raise BadRequest("multipart/form-data without a boundary")
+    yield b""
+    pieces: list[bytes] = []
+    part: dict[str, Any] = {"headers": {}, "field": b"", "value": b""}
+    seen: list[str] = []
+
+    def header_field(data: bytes, start: int, end: int) -> None:
+        part["field"] += data[start:end]
+
+    def header_value(data: bytes, start: int, end: int) -> None:
+        part["value"] += data[start:end]
+
+    def header_end() -> None:
+        part["headers"][part["field"].strip().lower()] = part["value"].strip()
+        part["field"], part["value"] = b"", b""
+
+    def headers_finished() -> None:
+        disposition = part["headers"].get(b"content-disposition", b"")
+        kind, options = parse_options_header(disposition)
+        name = options.get(b"name", b"").decode("utf-8", "replace")
+        if kind != b"form-data" or name != "file" or seen:
+            raise BadRequest(
+                f"multipart upload: one part named 'file' is expected (got {name!r}"
+                f"{' after another' if seen else ''})"
+            )
+        seen.append(name)
+
+    def part_data(data: bytes, start: int, end: int) -> None:
+        if seen:
+            pieces.append(data[start:end])
+
+    def part_begin() -> None:
+        part["headers"] = {}
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": part_begin,
+            "on_header_field": header_field,
+            "on_header_value": header_value,
+            "on_header_end": header_end,
+            "on_headers_finished": headers_finished,
+            "on_part_data": part_data,
+        },
+    )
+    from python_multipart.exceptions import MultipartParseError
+
+    async for chunk in request.stream():
+        try:
+            parser.write(chunk)
+        except MultipartParseError:
+            raise BadRequest("a malformed multipart/form-data body") from None
+        for piece in pieces:
+            yield piece
+        pieces.clear()
+    try:
+        parser.finalize()
+    except MultipartParseError:
+        raise BadRequest("a malformed multipart/form-data body") from None
+    if not seen:
+        raise BadRequest("multipart upload without a part named 'file'")
+
+
 class Unauthorized(Exception):
+    pass
+
+
+class UnsupportedMedia(Exception):
+    pass
+
+
+class RequestTimeout(Exception):
     pass
 
 
@@ -601,6 +804,8 @@ def _handlers(app: FastAPI) -> None:
         (Unauthorized, 401),
         (Forbidden, 403),
         (BadRequest, 400),
+        (UnsupportedMedia, 415),
+        (RequestTimeout, 408),
         (SandboxNotFound, 404),
         (FileNotFoundInSandbox, 404),
         (ApprovalNotFound, 404),
@@ -690,14 +895,165 @@ async def _too_large(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class Admission:
+    """In front of everything: the API key is checked from the headers before any body is
+    read (401 at once), each tenant's requests in flight are capped (429 at once), and a
+    request body that stops arriving, or a client that stops reading its answer, is cut
+    off after `body_timeout_s`. Runs on the event loop: it never waits for a worker
+    thread (the key is one indexed SQLite read)."""
+
+    def __init__(self, app: ASGIApp, config: ServerConfig, state: dict[str, Any]) -> None:
+        self.app, self.config, self.state = app, config, state
+        self.in_flight: dict[str, int] = {}
+        self.scrapes = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        timeout = self.config.body_timeout_s
+        answered = started = body_done = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return  # this middleware already answered; the app's answer goes nowhere
+            started = True
+            with anyio.fail_after(timeout):  # a client that stops reading is cut off
+                await send(message)
+
+        async def guarded_receive() -> Message:
+            nonlocal body_done, answered
+            if body_done:
+                return await receive()
+            try:
+                with anyio.fail_after(timeout):
+                    message = await receive()
+            except TimeoutError:
+                if not started:
+                    answered = True
+                    await _answer_early(send, 408, "Timeout", f"no body for {timeout:g} s")
+                return {"type": "http.disconnect"}
+            if message["type"] != "http.request" or not message.get("more_body"):
+                body_done = True
+            return message
+
+        if scope["path"] in OPEN_PATHS:
+            if scope["path"] == "/metrics":  # open and served by a worker thread: a few at once
+                if self.scrapes >= SCRAPES:
+                    await _answer_early(send, 429, "QuotaExceeded", "too many scrapes at once")
+                    return
+                self.scrapes += 1
+            try:
+                await self.app(scope, guarded_receive, guarded_send)
+            finally:
+                if scope["path"] == "/metrics":
+                    self.scrapes -= 1
+            return
+        headers = dict(scope.get("headers", []))
+        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        audit = self.state.get("audit")
+        who = audit.identity(key.strip()) if audit and scheme.lower() == "bearer" and key else None
+        if who is None:
+            await _answer_early(
+                send,
+                401,
+                "Unauthorized",
+                "missing or invalid API key",
+                ((b"www-authenticate", b"Bearer"),),
+            )
+            return
+        tenant, cap = who[0], self.config.quotas.concurrent_requests
+        if self.in_flight.get(tenant, 0) >= cap:
+            await _answer_early(
+                send, 429, "QuotaExceeded", f"more than {cap} requests in flight (quota)"
+            )
+            return
+        scope.setdefault("state", {})["identity"] = who
+        self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1
+        try:
+            await self.app(scope, guarded_receive, guarded_send)
+        finally:
+            self.in_flight[tenant] -= 1
+            if not self.in_flight[tenant]:
+                del self.in_flight[tenant]
+
+
+async def _answer_early(
+    send: Send, status: int, kind: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """An error answered before the body was read: the connection closes after it."""
+    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"connection", b"close"),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _protocol(header_timeout_s: float, max_connections: int) -> type:
+    """uvicorn's httptools protocol, with a deadline for each request's headers: a client
+    that opens a connection, or starts a request, and never finishes its headers is
+    disconnected (uvicorn's own keep-alive timeout only covers idle connections). A
+    connection beyond `max_connections` is closed at once, so idle ones cannot pile up
+    descriptors (uvicorn alone keeps them and answers their requests 503)."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class HeaderDeadline(HttpToolsProtocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > max_connections:
+                transport.close()
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._deadline is None:
+                self._deadline = self.loop.call_later(header_timeout_s, self._late)
+
+        def _disarm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _late(self) -> None:
+            self._deadline = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return HeaderDeadline
+
+
 def serve(config: ServerConfig) -> None:
     import uvicorn
 
+    memory = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
+    check_fits(config, memory, cgroups.default_total_pids())
     uvicorn.run(
         create_app(config),
         host=config.host,
         port=config.port,
         log_level="warning",
         access_log=False,
+        http=_protocol(config.header_timeout_s, config.max_connections),
+        limit_concurrency=config.max_connections,
+        timeout_keep_alive=config.keep_alive_s,
         timeout_graceful_shutdown=max(1, round(config.shutdown_grace_s)),
     )

@@ -299,18 +299,37 @@ def sweep(version: int, keep_owner: str) -> int:
     return removed
 
 
-def cap_owner(version: int, owner: str, total_mb: int) -> None:
-    """One parent memory cgroup over all of this process's sandboxes, capping their total:
-    a thousand sandboxes each within its own limit can still not take the host's memory."""
+def cap_owner(version: int, owner: str, total_mb: int, total_pids: int | None = None) -> None:
+    """One parent cgroup over all of this process's sandboxes, capping their total memory
+    and processes: a thousand sandboxes each within its own limits can still not take the
+    host's memory or every pid (`total_pids`: default `default_total_pids()`)."""
+    pids = default_total_pids() if total_pids is None else total_pids
     if version == 1:
         parent = ROOT / "memory" / "codecage" / owner
         parent.mkdir(parents=True, exist_ok=True)
         _write(parent / "memory.limit_in_bytes", str(total_mb << 20))
+        parent = ROOT / "pids" / "codecage" / owner
+        parent.mkdir(parents=True, exist_ok=True)
+        _write(parent / "pids.max", str(pids))
     else:
         base = _bases(2)[0] / owner
         base.mkdir(parents=True, exist_ok=True)
         _enable_v2_controllers(base / "x")
         _write(base / "memory.max", str(total_mb << 20))
+        _write(base / "pids.max", str(pids))
+
+
+def default_total_pids() -> int:
+    """Processes (and threads) of all sandboxes together: CODECAGE_TOTAL_PIDS, else half of
+    what the host allows (the smaller of kernel.pid_max and kernel.threads-max)."""
+    configured = int(os.environ.get("CODECAGE_TOTAL_PIDS", 0) or 0)
+    if configured > 0:
+        return configured
+    limits = []
+    for name in ("pid_max", "threads-max"):
+        with contextlib.suppress(OSError, ValueError):
+            limits.append(int(Path(f"/proc/sys/kernel/{name}").read_text()))
+    return max(64, min(limits or [32768]) // 2)
 
 
 def default_total_mb() -> int:
