@@ -15,7 +15,7 @@ import codecage
 from codecage import Policy
 from codecage._image import package_root
 from codecage._jail import available_backends, get_jail
-from codecage._jail.container import LABEL, ContainerJail
+from codecage._jail.container import INIT_CAPABILITIES, LABEL, ContainerJail
 from codecage._jail.host import UID_BASE
 
 pytestmark = [pytest.mark.requires_root, pytest.mark.requires_podman]
@@ -60,7 +60,9 @@ def test_the_seed_settings_reach_the_engine(jail: ContainerJail) -> None:
         assert host["NanoCpus"] == 10**9
         assert host["PidsLimit"] == POLICY.pids_max
         assert "no-new-privileges" in " ".join(host["SecurityOpt"])
-        assert host["CapDrop"] and not host["CapAdd"]  # Podman lists what ALL dropped
+        assert host["CapDrop"]  # Podman lists what ALL dropped
+        # init's, to drop to the sandbox's uid with no groups (none is left once code runs)
+        assert {c.removeprefix("CAP_") for c in host["CapAdd"]} == set(INIT_CAPABILITIES)
     finally:
         sbx.kill()
 
