@@ -170,6 +170,12 @@ def test_pids_limit_is_the_guests_and_the_host_floor_is_runscs(jail: GvisorJail)
         sbx.kill()
 
 
+def test_what_the_level_lacks_is_refused_without_allow_weaker(jail: GvisorJail) -> None:
+    with pytest.raises(codecage.PolicyError, match="cannot enforce nosuid_mounts") as info:
+        jail.create(POLICY.model_copy(update={"allow_weaker": False}))
+    assert "kernel_oom" not in str(info.value)  # cgroup v1 here: the host handles the OOM
+
+
 def test_memory_limit_ends_the_kernel_and_the_sandbox_goes_on(jail: GvisorJail) -> None:
     grab = "b = bytearray(400 << 20); len(b)"
     roomy = POLICY.model_copy(update={"memory_mb": 1024})
