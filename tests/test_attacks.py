@@ -1377,7 +1377,10 @@ MOUNT_FLAGS = (
     + r"""
 devices = set(ALLOWED)
 weak = []
+top = {}  # target -> its last mount: one mounted over another hides it
 for line in open("/proc/self/mountinfo"):
+    top[line.split()[4]] = line
+for line in top.values():
     fields = line.split()
     source_root, target, flags = fields[3], fields[4], set(fields[5].split(","))
     device = target in ("/dev", "/dev/pts") or target in devices or "/dev" + source_root in devices

@@ -349,7 +349,8 @@ def weak_mounts(mountinfo: str, root: Path) -> list[str]:
     device_mounts = {"/dev", "/dev/pts", *oci.ALLOWED_DEVICES}
     devices = {d.removeprefix("/dev") for d in oci.ALLOWED_DEVICES}
     weak = []
-    for line in mountinfo.splitlines():
+    top = {line.split()[4]: line for line in mountinfo.splitlines()}  # the last hides others
+    for line in top.values():
         fields = line.split()
         source_root, target, flags = fields[3], fields[4], set(fields[5].split(","))
         device = target in device_mounts or source_root in devices
