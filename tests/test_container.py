@@ -15,12 +15,13 @@ import codecage
 from codecage import Policy
 from codecage._image import package_root
 from codecage._jail import available_backends, get_jail
-from codecage._jail.container import LABEL, ContainerJail
+from codecage._jail.container import INIT_CAPABILITIES, LABEL, ContainerJail
 from codecage._jail.host import UID_BASE
 
 pytestmark = [pytest.mark.requires_root, pytest.mark.requires_podman]
 
-POLICY = Policy(isolation="container", memory_mb=256, disk_mb=16)
+# allow_weaker: the engine's root mount has no nosuid (container.LACKING, refused without it)
+POLICY = Policy(isolation="container", memory_mb=256, disk_mb=16, allow_weaker=True)
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +50,11 @@ def sandbox(jail: ContainerJail) -> Iterator[codecage.Sandbox]:
     assert containers(jail, sbx.id) == []  # the engine's container is gone with the sandbox
 
 
+def test_what_the_level_lacks_is_refused_without_allow_weaker(jail: ContainerJail) -> None:
+    with pytest.raises(codecage.PolicyError, match="cannot enforce nosuid_mounts"):
+        jail.create(POLICY.model_copy(update={"allow_weaker": False}))
+
+
 def test_the_seed_settings_reach_the_engine(jail: ContainerJail) -> None:
     sbx = jail.create(POLICY)
     try:
@@ -60,7 +66,11 @@ def test_the_seed_settings_reach_the_engine(jail: ContainerJail) -> None:
         assert host["NanoCpus"] == 10**9
         assert host["PidsLimit"] == POLICY.pids_max
         assert "no-new-privileges" in " ".join(host["SecurityOpt"])
-        assert host["CapDrop"] and not host["CapAdd"]  # Podman lists what ALL dropped
+        # Podman lists what ALL dropped, but for init's own capabilities (it needs them to
+        # drop to the sandbox's uid with no groups; test_identity...: none is left for code)
+        dropped = {c.removeprefix("CAP_") for c in host["CapDrop"]}
+        assert {"CHOWN", "DAC_OVERRIDE", "KILL"} <= dropped, dropped
+        assert not set(INIT_CAPABILITIES) & dropped, dropped
     finally:
         sbx.kill()
 

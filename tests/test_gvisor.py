@@ -170,14 +170,24 @@ def test_pids_limit_is_the_guests_and_the_host_floor_is_runscs(jail: GvisorJail)
         sbx.kill()
 
 
-def test_memory_limit_is_a_value_and_ends_the_sandbox(jail: GvisorJail) -> None:
+def test_what_the_level_lacks_is_refused_without_allow_weaker(jail: GvisorJail) -> None:
+    with pytest.raises(codecage.PolicyError, match="cannot enforce nosuid_mounts") as info:
+        jail.create(POLICY.model_copy(update={"allow_weaker": False}))
+    assert "kernel_oom" not in str(info.value)  # cgroup v1 here: the host handles the OOM
+
+
+def test_memory_limit_ends_the_kernel_and_the_sandbox_goes_on(jail: GvisorJail) -> None:
     grab = "b = bytearray(400 << 20); len(b)"
     roomy = POLICY.model_copy(update={"memory_mb": 1024})
     with codecage.Sandbox(policy=roomy) as sbx:
         assert sbx.run_code(grab).text == str(400 << 20)  # positive control
     with codecage.Sandbox(policy=POLICY.model_copy(update={"memory_mb": 256})) as sbx:
+        groups = sbx._jailed.cgroups
+        oom_control = groups.dirs["memory"] / "memory.oom_control"
+        assert "oom_kill_disable 1" in oom_control.read_text()  # the host handles the OOM
         ex = sbx.run_code(grab)
-        assert ex.killed_by == "memory_limit"  # from the host's cgroup, not the sandbox
-        assert ex.error is not None and "gVisor has no OOM handling" in ex.error.value
-        with pytest.raises(codecage.SandboxNotFound, match="memory limit"):
-            sbx.run_code("1")
+        assert ex.killed_by == "memory_limit" and ex.state_lost, (ex.killed_by, ex.error)
+        assert "oom_kill 0" in oom_control.read_text()  # the host's OOM killer took nothing
+        limit = groups.dirs["memory"] / "memory.limit_in_bytes"
+        assert int(limit.read_text()) == 256 << 20  # back from the handler's headroom
+        assert sbx.run_code("1 + 1").text == "2"  # a fresh kernel in the same sandbox

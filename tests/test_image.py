@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -16,6 +17,9 @@ import pytest
 from codecage import TransportError, _image
 from codecage._jail import oci
 from codecage._jail.template import Runtime
+
+# a version-2 capability set holding cap_net_raw, as `setcap cap_net_raw+ep` writes it
+CAP_NET_RAW_XATTR = bytes.fromhex("0000000200200000000000000000000000000000")
 
 
 @pytest.mark.requires_root
@@ -83,3 +87,42 @@ def test_supervisor_listener_accepts_once_then_is_gone() -> None:
         init.close()
     finally:
         channel.close()
+
+
+@pytest.mark.requires_root  # chown and mknod
+def test_strip_privileges_leaves_none_and_the_linked_base_intact(tmp_path: Path) -> None:
+    base, image = tmp_path / "base", tmp_path / "image"
+    (base / "bin").mkdir(parents=True)
+    (base / "bin" / "su").write_bytes(b"#!/bin/sh\n")
+    (base / "bin" / "su").chmod(0o4755)
+    (base / "bin" / "wall").write_bytes(b"x")
+    (base / "bin" / "wall").chmod(0o2755)
+    (base / "bin" / "ping").write_bytes(b"x")
+    os.setxattr(base / "bin" / "ping", "security.capability", CAP_NET_RAW_XATTR)
+    (base / "dev").mkdir()
+    os.mknod(base / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (base / "plain").write_bytes(b"keep")
+    # positive control: every kind is found
+    assert len(_image.privileged_files(base)) == 4, _image.privileged_files(base)
+    subprocess.run(["cp", "-a", "--link", str(base), str(image)], check=True)
+    _image.strip_privileges(image)
+    assert _image.privileged_files(image) == []
+    assert (image / "bin" / "su").read_bytes() == b"#!/bin/sh\n"
+    assert (image / "bin" / "su").stat().st_mode & 0o7777 == 0o755
+    assert (image / "bin" / "wall").stat().st_mode & 0o7777 == 0o755
+    assert (image / "plain").stat().st_ino == (base / "plain").stat().st_ino  # still linked
+    assert len(_image.privileged_files(base)) == 4  # the cached base keeps its files
+
+
+@pytest.mark.requires_root
+def test_the_built_image_holds_no_privileged_file() -> None:
+    """What the OCI levels run on: no setuid/setgid file, file capability or device node
+    (the Debian base below it has them: the positive control)."""
+    image = _image.current()
+    if image is None:
+        pytest.skip("the sandbox image is not built: codecage image build")
+    base = _image.images_dir() / f"base-{_image.base_key()}" / "rootfs"
+    found = _image.privileged_files(base)
+    assert any(f.startswith("/usr/bin/su ") for f in found), found[:5]
+    assert any(f.startswith("/dev/null ") for f in found), found[:5]
+    assert _image.privileged_files(image.root) == []

@@ -14,17 +14,19 @@ The host's files are never bound into these sandboxes: what runs inside comes fr
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._errors import BackendUnavailable
+from ._errors import BackendUnavailable, SandboxError
 from ._jail.template import Runtime, state_dir
 
 SUITE = "bookworm"
@@ -34,7 +36,7 @@ MIRROR = os.environ.get("CODECAGE_DEBIAN_MIRROR", "http://deb.debian.org/debian"
 PACKAGES = ("python3.11",)
 EXCLUDE = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
 STAMP = ".codecage-image"
-LAYOUT = 3  # bump when build() lays the image out differently (engines cache by key)
+LAYOUT = 4  # bump when build() lays the image out differently (engines cache by key)
 KEEP = 3  # images of earlier codecage versions kept for sandboxes that may still run on them
 
 Progress = Callable[[str], None]
@@ -155,6 +157,11 @@ def build(runtime: Runtime | None = None, progress: Progress = print) -> Image:
     # and refuses uid=): the workspace must be writable by whichever uid the sandbox gets.
     (scratch / "rootfs" / "home" / "user").chmod(0o1777)
     _write_identity(scratch / "rootfs")
+    progress("image: removing setuid/setgid bits, file capabilities and device nodes")
+    strip_privileges(scratch / "rootfs")
+    left = privileged_files(scratch / "rootfs")
+    if left:
+        raise SandboxError(f"the image still holds privileged files: {left[:10]}")
     (scratch / "rootfs" / STAMP).write_text(key + "\n")
     shutil.rmtree(target, ignore_errors=True)
     scratch.rename(target)
@@ -225,6 +232,57 @@ def _link_tree(source: Path, target: Path) -> None:
     if result.returncode != 0:
         shutil.rmtree(target, ignore_errors=True)
         subprocess.run(["cp", "-a", str(source), str(target)], check=True)
+
+
+SETID = stat.S_ISUID | stat.S_ISGID
+CAPABILITY_XATTR = "security.capability"
+
+
+def _walk(root: Path) -> list[tuple[Path, os.stat_result]]:
+    """Every entry under `root` with its lstat (symbolic links are not followed)."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            with contextlib.suppress(FileNotFoundError):
+                out.append((path, path.lstat()))
+    return out
+
+
+def _has_capabilities(path: Path) -> bool:
+    try:
+        return CAPABILITY_XATTR in os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def privileged_files(root: Path) -> list[str]:
+    """What could give code more privilege than its own: a setuid or setgid file, a file
+    carrying capabilities, a device node (character or block). The image has none."""
+    found = []
+    for path, st in _walk(root):
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            found.append(f"/{path.relative_to(root)} (device node)")
+        elif stat.S_ISREG(st.st_mode) and (st.st_mode & SETID or _has_capabilities(path)):
+            found.append(f"/{path.relative_to(root)} (mode {stat.filemode(st.st_mode)})")
+    return found
+
+
+def strip_privileges(root: Path) -> None:
+    """Remove every setuid/setgid bit and file capability (each such file becomes a copy
+    of its own: the base's hard links stay as they are) and every device node (the
+    sandbox's /dev is a mount of the backend's own). Setgid directories keep their bit:
+    it only makes new files inherit the directory's group."""
+    for path, st in _walk(root):
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            path.unlink()
+        elif stat.S_ISREG(st.st_mode) and (st.st_mode & SETID or _has_capabilities(path)):
+            copy = path.with_name(f".{path.name}.strip")
+            shutil.copyfile(path, copy)  # data only: no mode bits, no extended attributes
+            os.chown(copy, st.st_uid, st.st_gid)
+            os.chmod(copy, stat.S_IMODE(st.st_mode) & ~SETID)
+            os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+            copy.replace(path)
 
 
 def _write_identity(root: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Any
 from .._errors import BackendUnavailable, SandboxError
 from .._inside import landlock, seccomp
 from .._policy import Policy
-from . import cgroups, features
+from . import cgroups, features, oci
 from .host import HostJail, HostSandbox, Launched, environment, raise_nofile, readable, uids
 from .host import rlimits as base_rlimits
 from .template import DEFAULT_PRELOAD, Runtime, package_dir, state_dir
@@ -236,6 +236,8 @@ class BwrapSandbox(HostSandbox):
             *("--ro-bind-data", str(pipes["passwd"]), "/etc/passwd"),
             *("--ro-bind-data", str(pipes["group"]), "/etc/group"),
             *("--proc", "/proc", "--dev", "/dev"),
+            # bwrap's /dev has /dev/tty too: no device beyond oci.ALLOWED_DEVICES
+            *("--ro-bind", str(oci.mask_file()), "/dev/tty"),
             *self._cgroup_views(),
             *_tmpfs("/dev/shm", p.shm_mb, "1777"),
             *_tmpfs("/home/user", p.disk_mb, "0700"),

@@ -46,6 +46,17 @@ ENGINE_PARENT = "codecage-engine"
 # Podman on this host: the hard limits it would copy from the service exceed what runc
 # may set here (MEASURED.md), so the sandbox's own are given explicitly.
 NPROC_ULIMIT = 1024
+# init's, dropped before any code of the sandbox exists (with the bounding set: SETPCAP)
+INIT_CAPABILITIES = ("SETUID", "SETGID", "SETPCAP")
+MASKED_DEVICES = ("/dev/tty",)  # the engine's, beyond oci.ALLOWED_DEVICES
+# Podman (4.3, runc) mounts a container's root, its image, with neither nosuid nor nodev,
+# and the Docker API has no option to ask for them: declared (LACKING). Every other mount
+# is checked on each container (weak_mounts).
+LACKING = {
+    "nosuid_mounts": "the engine mounts the container's root (the image) without "
+    "nosuid,nodev; instead the image holds no setuid/setgid file, no file capability and "
+    "no device node, and the code runs with no_new_privs and no capabilities",
+}
 
 
 def engine_url() -> str:
@@ -112,8 +123,8 @@ class ContainerJail(HostJail):
     """Backend `container`: one engine container per sandbox."""
 
     name = "container"
-    enforces = features.ALL
-    why: dict[str, str] = {}
+    enforces = features.ALL - frozenset(LACKING)
+    why: dict[str, str] = dict(LACKING)
 
     def __init__(self, runtime: Runtime | None = None) -> None:
         why = probe()
@@ -135,8 +146,8 @@ class ContainerJail(HostJail):
         self.profile = _profile_option(self.client)
         self.landlock = _landlock_abi() >= 1
         if not self.landlock:
-            self.enforces = features.ALL - {"landlock"}
-            self.why = {"landlock": "this host has no Landlock"}
+            self.enforces = self.enforces - {"landlock"}
+            self.why = {**self.why, "landlock": "this host has no Landlock"}
 
     @property
     def package(self) -> Path:
@@ -244,13 +255,20 @@ class ContainerSandbox(oci.OciSandbox):
         self._container.reload()
         pid = int(self._container.attrs["State"]["Pid"])
         self.cgroups.bind(_cgroup_leaf(pid, self.jail.cgroup_version))
-        return Launched(supervisor, os.pidfd_open(pid), pid)
+        launched = Launched(supervisor, os.pidfd_open(pid), pid)
+        root = Path(f"/proc/{pid}/root")
+        weak = [m for m in weak_mounts(Path(f"/proc/{pid}/mountinfo").read_text(), root)]
+        weak = [m for m in weak if not m.startswith("/ ")]  # the root: declared in LACKING
+        if weak:
+            self._supervisor, self._init_pidfd, self.init_pid = launched
+            raise SandboxError(f"the container has mounts without nosuid,nodev: {weak}")
+        return launched
 
     def _settings(self, channel: Path) -> dict[str, Any]:
         """The seed's DockerSandbox settings, from the policy."""
         from docker.types import Ulimit
 
-        p, uid = self.policy, self.uid
+        p = self.policy
 
         def tmpfs(size_mb: int, mode: str) -> str:
             # no uid=: Podman refuses it; the container has one uid, so the sticky bit suffices
@@ -260,7 +278,11 @@ class ContainerSandbox(oci.OciSandbox):
             "image": self.jail.tag,
             "command": oci.bootstrap(self.jail.image),
             "entrypoint": [],
-            "user": f"{uid}:{uid}",
+            # init starts as root with only the capabilities it needs to drop to `uid` with
+            # no groups (entry.confine): an engine starting `uid:uid` itself adds the gid as a
+            # supplementary group, which nothing inside could then drop
+            "user": "0:0",
+            "cap_add": list(INIT_CAPABILITIES),
             "environment": oci.INIT_ENV,
             "working_dir": "/",
             "hostname": "sandbox",
@@ -271,7 +293,14 @@ class ContainerSandbox(oci.OciSandbox):
             "shm_size": p.shm_mb << 20,
             "cap_drop": ["ALL"],
             "security_opt": ["no-new-privileges", f"seccomp={self.jail.profile}"],
-            "volumes": {str(channel): {"bind": oci.CHANNEL_INSIDE, "mode": "ro"}},
+            "volumes": {
+                str(channel): {"bind": oci.CHANNEL_INSIDE, "mode": "ro,nosuid,nodev,noexec"},
+                # each device the engine adds beyond oci.ALLOWED_DEVICES: an empty file
+                **{
+                    str(oci.mask_file()): {"bind": device, "mode": "ro,nosuid,nodev,noexec"}
+                    for device in MASKED_DEVICES
+                },
+            },
             "cgroup_parent": f"/{ENGINE_PARENT}/{self.jail.owner}",
             "ulimits": [
                 Ulimit(name="nofile", soft=p.open_files_max, hard=p.open_files_max),
@@ -296,6 +325,29 @@ class ContainerSandbox(oci.OciSandbox):
         if self._oci_channel is not None:
             self._oci_channel.close()
         uids.give_back(self.uid)
+
+
+def weak_mounts(mountinfo: str, root: Path) -> list[str]:
+    """The mounts of a /proc/<pid>/mountinfo (the sandbox's root at `root`) without nosuid,
+    or without nodev where no allowed device node is (/dev, /dev/pts, a bind of an allowed
+    device). The engine's masks of /proc and /sys paths (read-only and empty) hold nothing
+    and are not counted."""
+    device_mounts = {"/dev", "/dev/pts", *oci.ALLOWED_DEVICES}
+    devices = {d.removeprefix("/dev") for d in oci.ALLOWED_DEVICES}
+    weak = []
+    top = {line.split()[4]: line for line in mountinfo.splitlines()}  # the last hides others
+    for line in top.values():
+        fields = line.split()
+        source_root, target, flags = fields[3], fields[4], set(fields[5].split(","))
+        device = target in device_mounts or source_root in devices
+        if "nosuid" in flags and ("nodev" in flags or device):
+            continue
+        inside = root / target.lstrip("/")
+        with contextlib.suppress(OSError):
+            if "ro" in flags and inside.is_dir() and not any(inside.iterdir()):
+                continue
+        weak.append(f"{target} {fields[5]}")
+    return weak
 
 
 def _cgroup_leaf(pid: int, version: int) -> str:

@@ -29,6 +29,10 @@ FEATURES: dict[str, str] = {
     "own_uid": "isolation",  # a fresh unprivileged host uid per sandbox
     "no_capabilities": "isolation",  # all capabilities dropped, bounding set included
     "pid_namespace": "isolation",  # its own PID 1; the host's processes invisible
+    # every mount nosuid, and nodev but where the allowed device nodes are (mountinfo shows it)
+    "nosuid_mounts": "isolation",
+    # reaching memory_mb ends the kernel, not the sandbox: the next run gets a fresh kernel
+    "kernel_oom": "memory_mb",
 }
 ALL = frozenset(FEATURES)
 
@@ -39,6 +43,7 @@ def needed(policy: Policy) -> set[str]:
     out |= {"workspace_size", "tmp_size", "shm_size", "network_none"}
     for feature, name in (
         ("memory", "memory_mb"),
+        ("kernel_oom", "memory_mb"),
         ("pids", "pids_max"),
         ("cpu_quota", "cpu_cores"),
         ("cpu_budget", "cpu_s"),

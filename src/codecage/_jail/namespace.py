@@ -71,7 +71,7 @@ class NamespaceJail(HostJail):
             lacking["landlock"] = "this host has no Landlock"
         if self.rootless:
             # rlimits stand in for memory_mb, pids_max and cpu_s: weaker, so refused by default
-            for f in ("memory", "pids", "cpu_quota", "cpu_budget", "own_uid"):
+            for f in ("memory", "kernel_oom", "pids", "cpu_quota", "cpu_budget", "own_uid"):
                 lacking[f] = ROOTLESS_WHY
         self.enforces = features.ALL - frozenset(lacking)
         self.why = lacking

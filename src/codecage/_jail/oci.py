@@ -21,6 +21,7 @@ from typing import Any
 
 from .._errors import SandboxError, TransportError
 from .._image import Image
+from .._inside.mounts import DEVICES
 from .._inside.protocol import Message
 from .._policy import Policy
 from . import host
@@ -31,6 +32,9 @@ CHANNEL_INSIDE = "/run/codecage-channel"  # where the channel directory appears 
 SANDBOX_UID = 1000
 INIT_ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}  # init's; the kernel's comes with the spec
 TOKEN_BYTES = 32  # init's token: 16 random bytes, hex
+# The device nodes a sandbox may see, on every backend (the namespace jail's set, its pty
+# multiplexer included); a runtime's further devices are masked (see mask_file).
+ALLOWED_DEVICES = (*(f"/dev/{name}" for name in DEVICES), "/dev/pts/ptmx")
 
 
 def bootstrap(image: Image) -> list[str]:
@@ -144,6 +148,20 @@ def staged_package(image: Image) -> Path:
     if str(staged.parent) != image.package_root:
         raise SandboxError(f"the image holds another codecage version than {staged}")
     return staged
+
+
+def mask_file() -> Path:
+    """An empty read-only file of the host's, bound over each device node a runtime adds
+    beyond ALLOWED_DEVICES (runsc always makes /dev/fuse and /dev/net/tun, engines /dev/tty):
+    the path stays, and is no device."""
+    path = state_dir() / "oci" / "mask"
+    if not path.is_file() or path.stat().st_size or path.stat().st_mode & 0o222:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        scratch = path.with_name(f"mask.{os.getpid()}")
+        scratch.write_bytes(b"")
+        scratch.chmod(0o444)
+        scratch.replace(path)
+    return path
 
 
 def bundle_dir(sandbox_id: str) -> Path:
