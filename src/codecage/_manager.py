@@ -1,6 +1,6 @@
 """The Manager: a tenant's sandboxes, its quotas, and an audit record around every run.
 
-Node-local state lives here and nowhere else, so that it can move (DESIGN.md section 7).
+Node-local state lives here and nowhere else, so that it can move (to another node of a cluster).
 A tenant only ever sees its own sandboxes: anything else is SandboxNotFound, exactly as
 if it did not exist.
 """

@@ -1,4 +1,4 @@
-"""Policy: the one schema for limits, network, files and isolation (DESIGN.md section 3).
+"""Policy: the one schema for limits, network, files and isolation.
 
 Used unchanged by the Python API, TOML config files, `--set key=value` overrides and the
 audit record. Units live in the names; `None` means "no limit" where that is allowed.

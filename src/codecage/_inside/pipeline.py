@@ -1,4 +1,4 @@
-"""The namespace jail as one ordered pipeline (DESIGN.md section 4), like nsjail's contain.cc.
+"""The namespace jail as one ordered pipeline, like nsjail's contain.cc.
 
     template --fork--> setup --(cgroups, namespaces, root)--fork--> init (PID 1)
         init: /proc, pivot_root, rlimits, identity, Landlock, seccomp --fork--> kernel

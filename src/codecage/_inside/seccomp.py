@@ -1,7 +1,7 @@
 """The seccomp filter: built once with libseccomp in the template, loaded in each sandbox.
 
 A deny list on top of an allow-by-default filter, at least as strict as Docker's default
-profile for an unprivileged container (DESIGN.md section 4, step 6). Building costs
+profile for an unprivileged container. Building costs
 milliseconds; loading the precompiled BPF program costs microseconds.
 """
 

