@@ -2,15 +2,17 @@
 prefaulted by a first (uncounted) cell, handed out once and never reused.
 
 A pool serves one policy shape (its tmpfs sizes and limits are fixed when it is forked); a
-request for any other policy, or an empty pool, starts a sandbox cold. A background thread
-refills it at a bounded rate, replaces sandboxes that died while waiting, and re-executes the
-template once it is older than `template_max_age_s`.
+request for any other policy, or an empty pool, starts a sandbox cold. A jail keeps at most
+one pool per policy. A background thread refills it at a bounded rate, replaces sandboxes
+that died while waiting, and re-executes the template once it is older than
+`template_max_age_s` (every pool of the jail then replaces its waiting sandboxes).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,11 @@ if TYPE_CHECKING:
 
 
 class Pool:
+    """A running warm pool (made by `codecage.start_pool` or `HostJail.start_pool`, not by
+    hand). `stop()` ends it and every sandbox still waiting in it; so does leaving a `with`
+    block. `hits` counts creates it served, `misses` creates of its policy that found it
+    empty (they started cold), `replaced` sandboxes that died waiting."""
+
     def __init__(
         self,
         jail: HostJail,
@@ -41,9 +48,33 @@ class Pool:
         self._thread = threading.Thread(target=self._fill, name="codecage-pool", daemon=True)
         self._thread.start()
 
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "stopped" if self.stopped else f"{self.ready}/{self.size} ready"
+        return f"<Pool {self.jail.name} {state} hits={self.hits} misses={self.misses}>"
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def wait_ready(self, timeout: float = 60.0) -> bool:
+        """Wait until the pool is full (or stopped, or `timeout` seconds passed); whether
+        it is full."""
+        deadline = time.monotonic() + timeout
+        while len(self._ready) < self.size and not self.stopped:
+            if time.monotonic() >= deadline:
+                return False
+            self._stop.wait(0.02)
+        return len(self._ready) >= self.size and not self.stopped
+
     def take(self, policy: Policy) -> HostSandbox | None:
         """A ready sandbox for exactly this policy, or None (the caller starts one cold)."""
-        if policy != self.policy:
+        if policy != self.policy or self.stopped:
             return None
         with self._lock:
             while self._ready:
@@ -70,7 +101,8 @@ class Pool:
         while not self._stop.is_set():
             with contextlib.suppress(OSError, SandboxError):
                 if self.jail.renew_if_older(self.template_max_age_s):
-                    self._drain()  # forks of the old template go; fresh ones replace them
+                    for pool in self.jail.pools:  # forks of the old template go, from every
+                        pool._drain()  # pool of this jail; fresh ones replace them
             self._prune()
             if len(self._ready) >= self.size:
                 self._wake.wait(1.0)
@@ -105,6 +137,9 @@ class Pool:
                 sandbox.kill()
 
     def stop(self) -> None:
+        """End the pool: no more creates from it, its thread ends, its waiting sandboxes are
+        killed. Sandboxes it already handed out are not affected. Idempotent."""
+        self.jail.forget_pool(self)
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout=60)
