@@ -27,7 +27,8 @@ class Pool:
     """A running warm pool (made by `codecage.start_pool` or `HostJail.start_pool`, not by
     hand). `stop()` ends it and every sandbox still waiting in it; so does leaving a `with`
     block. `hits` counts creates it served, `misses` creates of its policy that found it
-    empty (they started cold), `replaced` sandboxes that died waiting."""
+    empty (they started cold), `replaced` sandboxes that died waiting, `failures` forks
+    that failed (the pool then pauses a second)."""
 
     def __init__(
         self,
