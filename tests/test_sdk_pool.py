@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 import codecage
 from codecage import AsyncSandbox, Policy, Sandbox
 from codecage._jail import BACKENDS, Backend, _jails, get_jail, started_jail
-from codecage._jail.host import HostJail
+from codecage._jail.host import HostJail, HostSandbox
 
 from .conftest import sandbox_cgroups, sandbox_processes
 
@@ -184,3 +185,49 @@ def test_a_backend_without_a_pool_says_so() -> None:
         del BACKENDS["cold-only"]
         _jails.pop("cold-only", None)
     assert started_jail("cold-only") is None
+
+
+@root
+def test_a_template_renewal_replaces_what_waits_in_every_pool() -> None:
+    """One pool renews the template (it is older than that pool's max age): the sandboxes
+    waiting in the other pools were forked from the old one, and are replaced too."""
+    jail = get_jail("namespace")
+    first = jail.template  # type: ignore[attr-defined]
+    other = Policy(memory_mb=300)
+    with codecage.start_pool(2, other) as waiting:
+        assert waiting.wait_ready()
+        assert all(s.template is first for s in waiting._ready)  # type: ignore[attr-defined]
+        with codecage.start_pool(1, template_max_age_s=0.5) as renewing:
+            assert renewing.wait_ready()
+            deadline = time.monotonic() + 60
+            while jail.template is first and time.monotonic() < deadline:  # type: ignore[attr-defined]
+                time.sleep(0.05)
+            assert jail.template is not first  # type: ignore[attr-defined]
+        assert waiting.wait_ready()
+        with Sandbox(other) as sbx:
+            assert waiting.hits == 1
+            assert sbx._jailed.template is not first  # type: ignore[attr-defined]
+            assert sbx.run_code("1 + 1").text == "2"
+    first.process.wait(timeout=30)  # nothing forked from it is left: it stopped
+
+
+@root
+def test_a_fork_whose_first_cell_fails_is_not_left_behind(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pool's first cell (prefault) meets a sandbox that died: the pool counts the
+    failure and kills what it started (processes, cgroups, workspace), then tries again."""
+    real = HostSandbox.prefault
+
+    def dies_first(self: HostSandbox) -> None:
+        self.cgroups.kill()  # every process of the fresh sandbox, init included
+        real(self)
+
+    monkeypatch.setattr(HostSandbox, "prefault", dies_first)
+    processes_before = {p.split(":")[0] for p in sandbox_processes()}
+    with codecage.start_pool(1) as pool:
+        deadline = time.monotonic() + 60
+        while pool.failures < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.failures >= 2 and pool.ready == 0
+    monkeypatch.undo()
+    new = [p for p in sandbox_processes() if p.split(":")[0] not in processes_before]
+    assert new == [] and sandbox_cgroups() == []

@@ -223,6 +223,7 @@ class HostJail:
     enforces: frozenset[str] = features.ALL
     why: dict[str, str] = {}
     pools: tuple[Pool, ...] = ()  # replaced whole under _pools_lock, read without it
+    renewals = 0  # template renewals so far (a pool drops forks of a renewed template)
     _pools_lock = threading.Lock()
 
     def check(self, policy: Policy) -> None:

@@ -22,6 +22,8 @@ from .._policy import Policy
 if TYPE_CHECKING:
     from .host import HostJail, HostSandbox
 
+_renewing = threading.Lock()  # one template renewal at a time, whichever pool notices
+
 
 class Pool:
     """A running warm pool (made by `codecage.start_pool` or `HostJail.start_pool`, not by
@@ -95,31 +97,50 @@ class Pool:
 
     def _discard(self, sandbox: HostSandbox) -> None:
         self.replaced += 1
-        with contextlib.suppress(OSError, SandboxError):
-            sandbox.kill()
+        self._kill(sandbox)
 
     def _fill(self) -> None:
         while not self._stop.is_set():
-            with contextlib.suppress(OSError, SandboxError):
-                if self.jail.renew_if_older(self.template_max_age_s):
-                    for pool in self.jail.pools:  # forks of the old template go, from every
-                        pool._drain()  # pool of this jail; fresh ones replace them
+            self._renew()
             self._prune()
             if len(self._ready) >= self.size:
                 self._wake.wait(1.0)
                 self._wake.clear()
                 continue
+            renewals = self.jail.renewals
+            sandbox = None
             try:
                 sandbox = self.jail.spawn(self.policy, {})
                 sandbox.prefault()
             except (OSError, SandboxError):
                 self.failures += 1
+                if sandbox is not None:  # started, but its first cell failed: it goes
+                    self._kill(sandbox)
                 self._stop.wait(1.0)  # a host in trouble: do not spin
                 continue
             with self._lock:
-                self._ready.append(sandbox)
-            if self.refill_interval:
+                # Not forked from a template that another pool renewed meanwhile.
+                current = renewals == self.jail.renewals
+                if current:
+                    self._ready.append(sandbox)
+            if not current:
+                self._kill(sandbox)
+            elif self.refill_interval:
                 self._stop.wait(self.refill_interval)
+
+    def _renew(self) -> None:
+        """Re-execute the template once it is too old; then the forks of the old one go from
+        every pool of this jail, and fresh ones replace them."""
+        with _renewing, contextlib.suppress(OSError, SandboxError):
+            if self.jail.renew_if_older(self.template_max_age_s):
+                self.jail.renewals += 1
+                for pool in self.jail.pools:
+                    pool._drain()
+
+    @staticmethod
+    def _kill(sandbox: HostSandbox) -> None:
+        with contextlib.suppress(OSError, SandboxError):
+            sandbox.kill()
 
     def _prune(self) -> None:
         with self._lock:
@@ -134,8 +155,7 @@ class Pool:
             waiting = list(self._ready)
             self._ready.clear()
         for sandbox in waiting:
-            with contextlib.suppress(OSError, SandboxError):
-                sandbox.kill()
+            self._kill(sandbox)
 
     def stop(self) -> None:
         """End the pool: no more creates from it, its thread ends, its waiting sandboxes are
