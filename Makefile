@@ -13,7 +13,7 @@ all: test
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bwrap,container]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,service,bwrap,container]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python -c 'import codecage, pydantic, pytest'
 	touch $@
 

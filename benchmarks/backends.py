@@ -47,7 +47,6 @@ def _with_pool(jail: HostJail, policy: Policy, measure: Measure, n: int) -> dict
         return figure
     finally:
         pool.stop()
-        jail.pool = None
 
 
 def _memory(policy: Policy, count: int) -> dict[str, float]:

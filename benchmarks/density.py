@@ -46,7 +46,6 @@ def pool_figures(results: Figures, ratios: dict[str, float], measure: Measure, n
         assert pool.hits - hits >= n * 0.9, "the pool did not serve the measured creates"
     finally:
         pool.stop()
-        jail.pool = None
     ratios["pool_hit_vs_python_c_speedup"] = (
         results["baseline_python_c_same_imports"]["p50_ms"]
         / results["create_to_first_result_pool_hit"]["p50_ms"]

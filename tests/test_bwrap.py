@@ -155,7 +155,6 @@ def test_pool_serves_bwrap_sandboxes_with_their_own_envs() -> None:
             assert sbx.run_code("import os; os.environ['POOLED']").text == "'yes'"
     finally:
         pool.stop()
-        jail.pool = None
 
 
 def test_pids_max_counts_the_sandboxs_own_processes() -> None:

@@ -46,7 +46,6 @@ def pool() -> Iterator[Pool]:
         yield p
     finally:
         p.stop()
-        jail().pool = None
 
 
 def probe(sbx: Sandbox) -> dict[str, object]:
@@ -116,7 +115,6 @@ def test_the_template_is_renewed_and_the_old_one_ends_with_its_sandboxes() -> No
             assert fresh._jailed.template is not first and fresh.run_code("1").text == "1"
     finally:
         p.stop()
-        j.pool = None
         keep.kill()
     first.process.wait(timeout=20)  # its last sandbox ended: it stopped
 

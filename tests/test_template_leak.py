@@ -157,14 +157,12 @@ def refilled_pool() -> Iterator[None]:
     try:
         yield
     finally:
-        pool = jail().pool
-        if pool is not None:
+        for pool in jail().pools:
             pool.stop()
-            jail().pool = None
 
 
 def wait_ready(n: int) -> None:
-    pool = jail().pool
+    pool = jail().pool_for(Policy())
     assert pool is not None
     deadline = time.monotonic() + 60
     while pool.ready < n and time.monotonic() < deadline:

@@ -2,15 +2,14 @@
 
 The public surface is re-exported here; everything else lives in private modules.
 Imports are lazy so that the in-jail code (codecage._inside) never pulls in the
-service's dependencies.
+service's dependencies, and the SDK never imports the service (the `service` extra).
+Every public name is in `__all__` and nothing else is public (tests/test_exports.py).
 """
 
-from __future__ import annotations
+import importlib as _importlib
+import typing as _typing
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
+if _typing.TYPE_CHECKING:
     from ._analysis import analyze
     from ._api import run
     from ._approvals import ApprovalRequest, Decision, approvals
@@ -30,10 +29,12 @@ if TYPE_CHECKING:
         SandboxNotFound,
         TransportError,
     )
+    from ._jail.pool import Pool
     from ._models import Execution, ExecutionError, Finding, Logs, Result
     from ._policy import Policy
     from ._remote import Client, connect
     from ._sandbox import CommandResult, EntryInfo, OutputMessage, Sandbox
+    from ._warm import start_pool, stop_pool
 
 __version__ = "0.1.0"
 
@@ -69,6 +70,9 @@ _EXPORTS = {
     "SandboxNotFound": "_errors",
     "TransportError": "_errors",
     "run": "_api",
+    "Pool": "_jail.pool",
+    "start_pool": "_warm",
+    "stop_pool": "_warm",
 }
 
 __all__ = [
@@ -92,6 +96,7 @@ __all__ = [
     "OutputMessage",
     "Policy",
     "PolicyError",
+    "Pool",
     "QuotaExceeded",
     "Result",
     "Sandbox",
@@ -103,14 +108,16 @@ __all__ = [
     "approvals",
     "connect",
     "run",
+    "start_pool",
+    "stop_pool",
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _typing.Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'codecage' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"codecage.{module}"), name)
+    value = getattr(_importlib.import_module(f"codecage.{module}"), name)
     globals()[name] = value
     return value
 

@@ -16,7 +16,7 @@ from typing import Any
 from ._approvals import Approver
 from ._models import Execution
 from ._policy import Policy
-from ._sandbox import CommandResult, EntryInfo, Sandbox
+from ._sandbox import Sandbox
 
 _CALLBACKS = ("on_stdout", "on_stderr", "on_result", "on_error")
 
@@ -107,6 +107,3 @@ class AsyncSandbox(_AsyncProxy):
         await _in_thread(self._target.kill)
 
     close = kill
-
-
-__all__ = ["AsyncSandbox", "CommandResult", "EntryInfo"]

@@ -119,7 +119,36 @@ def cmd_shell(args: argparse.Namespace) -> int:
     return run_shell(load_policy(args), Path(args.images))
 
 
+# What the service imports that the SDK does not: the `service` extra (pyproject.toml).
+SERVICE_MODULES = (
+    "fastapi",
+    "uvicorn",
+    "httptools",
+    "uvloop",
+    "prometheus_client",
+    "python_multipart",
+)
+
+
+def require_service() -> None:
+    """The service's dependencies are an extra: say which to install, not a traceback."""
+    import importlib
+
+    missing = []
+    for module in SERVICE_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise SandboxError(
+            "the HTTP service needs the service extra: pip install 'codecage[service]' "
+            f"(missing: {', '.join(missing)})"
+        )
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    require_service()
     from ._config import ServerConfig
     from ._server import serve
 
@@ -385,6 +414,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 
 def cmd_openapi(args: argparse.Namespace) -> int:
+    require_service()
     from ._config import ServerConfig
     from ._server import create_app
 

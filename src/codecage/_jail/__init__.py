@@ -73,6 +73,12 @@ def get_jail(name: str) -> Jail:
         return _jails[name]
 
 
+def started_jail(name: str) -> Jail | None:
+    """The process-wide jail for a backend if it has been started, without starting it."""
+    with _lock:
+        return _jails.get(name)
+
+
 def close_jails() -> None:
     """Stop every template this process started (the service calls it on shutdown)."""
     with _lock:

@@ -108,7 +108,6 @@ class BwrapJail(HostJail):
         self.landlock = landlock.abi_version() >= 1
         self.enforces = features.ALL - ({"landlock"} if not self.landlock else set())
         self.why = {} if self.landlock else {"landlock": "this host has no Landlock"}
-        self.pool = None
         # --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that forked
         # bwrap exits: a request's worker thread or the pool's would take its sandboxes with
         # it. So every bwrap is started from this one thread, which lives as long as the jail.

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from .._errors import (
     ExecutionTimeout,
+    PolicyError,
     SandboxError,
     SandboxNotFound,
     TransportError,
@@ -217,14 +218,16 @@ def import_guard(policy: Policy) -> Message | None:
 
 
 class HostJail:
-    """A backend: checks policies against what it enforces, creates sandboxes (from its warm
-    pool when one fits), keeps the pool. Subclasses set `name`, `enforces` (and `why`, the
-    reason for each feature they lack) and implement `spawn`."""
+    """A backend: checks policies against what it enforces, creates sandboxes (from a warm
+    pool of that policy when one is running), keeps the pools. Subclasses set `name`,
+    `enforces` (and `why`, the reason for each feature they lack) and implement `spawn`."""
 
     name: str = ""
     enforces: frozenset[str] = features.ALL
     why: dict[str, str] = {}
-    pool: Pool | None = None
+    pools: tuple[Pool, ...] = ()  # replaced whole under _pools_lock, read without it
+    renewals = 0  # template renewals so far (a pool drops forks of a renewed template)
+    _pools_lock = threading.Lock()
 
     def check(self, policy: Policy) -> None:
         features.check(self.name, self.enforces, policy, self.why)
@@ -235,7 +238,8 @@ class HostJail:
 
     def create(self, policy: Policy, envs: dict[str, str] | None = None) -> HostSandbox:
         self.check(policy)
-        pooled = self.pool.take(policy) if self.pool is not None else None
+        pool = self.pool_for(policy)
+        pooled = pool.take(policy) if pool is not None else None
         if pooled is not None and envs:
             pooled.set_envs(envs)
         sandbox = pooled or self.spawn(policy, envs or {})
@@ -248,6 +252,10 @@ class HostJail:
                 raise
         return sandbox
 
+    def pool_for(self, policy: Policy) -> Pool | None:
+        """The running pool that serves exactly this policy, if any."""
+        return next((p for p in self.pools if p.policy == policy), None)
+
     def start_pool(
         self,
         size: int,
@@ -255,24 +263,36 @@ class HostJail:
         refill_per_s: float = 50.0,
         template_max_age_s: float = 3600.0,
     ) -> Pool:
-        """Keep `size` sandboxes of `policy` started, prefaulted and waiting."""
+        """Keep `size` sandboxes of `policy` started, prefaulted and waiting. One pool per
+        policy: a second for the same policy is refused (stop the first)."""
         from .pool import Pool
 
-        if self.pool is not None:
-            self.pool.stop()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise PolicyError(f"a pool's size must be an integer of at least 1, not {size!r}")
         self.check(policy)
-        self.pool = Pool(self, size, policy, refill_per_s, template_max_age_s)
-        return self.pool
+        with self._pools_lock:
+            if self.pool_for(policy) is not None:
+                raise SandboxError(
+                    f"a warm pool for this policy is already running on backend {self.name!r}:"
+                    " stop it first (Pool.stop() or codecage.stop_pool(policy))"
+                )
+            pool = Pool(self, size, policy, refill_per_s, template_max_age_s)
+            self.pools = (*self.pools, pool)
+        return pool
+
+    def forget_pool(self, pool: Pool) -> None:
+        """A stopped pool serves no more creates."""
+        with self._pools_lock:
+            self.pools = tuple(p for p in self.pools if p is not pool)
 
     def renew_if_older(self, max_age_s: float) -> bool:
         """Re-execute whatever sandboxes are forked from, if older than `max_age_s`; True
-        if it did (the pool then replaces its waiting sandboxes). Nothing to renew here."""
+        if it did (every pool then replaces its waiting sandboxes). Nothing to renew here."""
         return False
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.stop()
-            self.pool = None
+        for pool in self.pools:
+            pool.stop()
 
 
 class HostSandbox:

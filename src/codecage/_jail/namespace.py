@@ -61,7 +61,6 @@ class NamespaceJail(HostJail):
         kwargs = {"preload": preload} if preload is not None else {}
         self.template = Template(self.runtime, **kwargs)
         self._templates_lock = threading.Lock()
-        self.pool = None
         self._features()
 
     def _features(self) -> None:
