@@ -61,8 +61,8 @@ def _start_pool(size: int) -> Callable[[], None]:
     public = getattr(codecage, "start_pool", None)
     if public is not None:
         pool = public(size, refill_per_s=200)
-        stop = getattr(codecage, "stop_pool", None)
-        return stop if stop is not None else pool.stop
+        pool.wait_ready(120)
+        return pool.stop  # type: ignore[no-any-return]
     from codecage import Policy
     from codecage._jail import get_jail
 
