@@ -3,7 +3,8 @@
 The host is SIGKILLed in the middle of ending a sandbox (the end of a one-shot run, a
 timeout's kill of the kernel, an interrupt), at the moment a test hook pauses it inside the
 kill; nothing of the sandbox may be left: no process, no frozen or populated cgroup.
-Positive control: the sandbox's processes were there when the host was killed.
+Positive control: the sandbox's processes were seen on the host before the kill began (the
+kill itself may already have taken some of them by the time the hook pauses it).
 
 The dead host is left a zombie (not reaped) until the checks are done: its descriptors are
 closed, as after any death, but its pid and start time still name a live owner, so no
@@ -40,7 +41,7 @@ from codecage import Policy, Sandbox
 
 mode, isolation = sys.argv[1], sys.argv[2]
 if mode == "one-shot":  # the end of every one-shot run kills its sandbox
-    code = "import subprocess; subprocess.Popen(['sleep', '600']); print(1)"
+    code = "import subprocess, time; subprocess.Popen(['sleep', '600']); time.sleep(1); print(1)"
     codecage.run(code, Policy(isolation=isolation))
 else:  # a timeout kills the kernel at once (no grace) or interrupts it first
     grace = 0 if mode == "timeout" else 30
@@ -59,12 +60,18 @@ def cgroup_dirs(owner: str) -> list[Path]:
     return [d for base in cgroups._bases(1) for d in base.glob(f"{owner}-*/*") if d.is_dir()]
 
 
-def wait_for(path: Path, process: subprocess.Popen[bytes] | None, timeout_s: float = 90) -> None:
-    deadline = time.monotonic() + timeout_s
+def wait_for(
+    path: Path, process: subprocess.Popen[bytes], owner: str, timeout_s: float = 90
+) -> bool:
+    """Wait until the host pauses in its kill; whether the owner's sandbox processes were
+    seen on the host meanwhile (the positive control)."""
+    deadline, seen = time.monotonic() + timeout_s, False
     while not path.exists():
         assert time.monotonic() < deadline, "the host never reached the kill"
-        assert process is None or process.poll() is None, "the host exited early"
+        assert process.poll() is None, "the host exited early"
+        seen = seen or bool(sandbox_processes(owner))
         time.sleep(0.02)
+    return seen
 
 
 def kill_and_keep_zombie(process: subprocess.Popen[bytes]) -> None:
@@ -126,9 +133,8 @@ def test_an_sdk_process_killed_mid_kill_leaves_nothing(
         cwd=tmp_path,
     )
     try:
-        wait_for(marker, process)
         owner = owner_of(process.pid)
-        assert sandbox_processes(owner), "control: the sandbox was alive at the kill"
+        assert wait_for(marker, process, owner), "control: the sandbox was never alive"
         kill_and_keep_zombie(process)
         assert_nothing_left(owner)
     finally:
@@ -148,15 +154,14 @@ def test_the_service_killed_mid_kill_leaves_nothing(
     owner = owner_of(svc.process.pid)
 
     def one_shot() -> None:
-        code = "import subprocess; subprocess.Popen(['sleep', '600']); print(1)"
+        code = "import subprocess, time; subprocess.Popen(['sleep', '600']); time.sleep(1)"
         with svc.client() as client, contextlib.suppress(codecage.SandboxError, httpx.HTTPError):
             client.run(code)  # never answered: the service dies first
 
     caller = threading.Thread(target=one_shot)
     caller.start()
     try:
-        wait_for(marker, svc.process)
-        assert sandbox_processes(owner), "control: the sandbox was alive at the kill"
+        assert wait_for(marker, svc.process, owner), "control: the sandbox was never alive"
         kill_and_keep_zombie(svc.process)
         assert_nothing_left(owner)
     finally:

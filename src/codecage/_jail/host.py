@@ -42,7 +42,7 @@ from .._errors import (
     TransportError,
 )
 from .._inside.protocol import FrameReader, Message, ProtocolError, encode
-from .._models import Execution, ExecutionError, Result
+from .._models import Execution, ExecutionError, KilledBy, Result
 from .._policy import Policy
 from .._text import valid_deep
 from . import features
@@ -380,7 +380,10 @@ class HostSandbox:
     # -- supervisor channel -------------------------------------------------------------
 
     def _supervisor_message(self) -> tuple[Message, list[int]]:
-        data, fds, _flags, _addr = socket.recv_fds(self._channel, 65536, 1)
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(self._channel, 65536, 1)
+        except ConnectionError:  # reset: the other end is gone, as at end of file
+            data, fds = b"", []
         if not data:
             for fd in fds:
                 os.close(fd)
@@ -831,8 +834,8 @@ class _Run:
             if recover and outcome != "end":
                 outcome = self._recover(outcome, before)
         except (SandboxNotFound, TransportError):
-            if sbx.ended_limit is None:  # a protocol violation, kill(): no run to report
-                raise
+            if sbx.ended_limit is None and not self._ended_by_memory(before):
+                raise  # a protocol violation, kill(): no run to report
         if sbx._dying and sbx.ended_limit is not None:
             # A limit ended the sandbox during the run (the CPU watchdog may see it before
             # the run does): it is this run's value; the next call on the sandbox raises.
@@ -844,6 +847,21 @@ class _Run:
         after = sbx.usage() if sbx.alive else sbx.last_usage
         self._account(before, after, outcome)
         return self.ex
+
+    def _ended_by_memory(self, before: Usage) -> bool:
+        """Whether the whole sandbox (init, gVisor's sentry) died of its memory limit during
+        the run, by the host's own OOM count: then it is this run's value, not an error."""
+        sbx = self.sbx
+        if sbx._dying:
+            return False  # ended by the host for a reason of its own
+        try:
+            after = sbx.cgroups.usage()
+        except OSError:
+            return False
+        if after.oom_kills <= before.oom_kills:
+            return False
+        sbx.end("its memory limit was hit and the sandbox ended", "memory_limit")
+        return True
 
     def _check_alive(self) -> None:
         if self.sbx._dying:  # killed from outside (kill(), the watchdog, a protocol error)
@@ -1002,8 +1020,12 @@ class _Run:
 
     def _account(self, before: Usage, after: Usage, outcome: str) -> None:
         sbx, ex = self.sbx, self.ex
-        if outcome in ("timeout", "cpu_limit"):
-            ex.killed_by = "timeout" if outcome == "timeout" else "cpu_limit"
+        killed: dict[str, KilledBy] = {
+            "timeout": "timeout",
+            "cpu_limit": "cpu_limit",
+            "memory_limit": "memory_limit",
+        }
+        ex.killed_by = killed.get(outcome, ex.killed_by)
         if after.oom_kills > before.oom_kills:
             ex.limits_hit.append("memory_limit")
             if outcome == "died" or ex.killed_by == "signal":
