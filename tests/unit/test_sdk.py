@@ -136,7 +136,6 @@ def test_a_protocol_violation_ends_the_sandbox_for_the_caller(fake: FakeJail) ->
 
 
 def test_kill_during_a_run_returns_it(fake: FakeJail) -> None:
-    fake.on_code("loop", f.Hang(interruptible=False))
     sbx = Sandbox()
     started = threading.Event()
     fake.on_code("loop", lambda req, box: (started.set(), [f.Hang(interruptible=False)])[1])
