@@ -366,11 +366,11 @@ def test_metrics_without_an_operator_key_have_no_sandbox_ids(
 
 def test_the_pool_serves_creates_when_configured(tmp_path: Path, fake: FakeJail) -> None:
     for service in serve(tmp_path, pool_size=2):
-        while fake.pool is None or fake.pool.ready < 2:
+        while not fake.pools or fake.pools[0].ready < 2:
             time.sleep(0.01)
         with service.http() as http:
             sid = create(http)
-            assert fake.pool.hits == 1
+            assert fake.pools[0].hits == 1
             prefaulted = next(b for b in fake.sandboxes if b.id == sid)
             assert [r["op"] for r in prefaulted.requests] == ["prefault"]
             http.delete(f"/v1/sandboxes/{sid}")

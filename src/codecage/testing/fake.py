@@ -780,9 +780,7 @@ def installed(name: str = "namespace", jail: FakeJail | None = None) -> Iterator
     try:
         yield fake
     finally:
-        if fake.pool is not None:
-            fake.pool.stop()
-            fake.pool = None
+        fake.close()  # its warm pools, if a test started any
         for box in fake.live():
             box.kill()
         with _lock:
