@@ -36,6 +36,7 @@ check: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
+	$(BIN)/pytest tests/unit -q
 
 bench: $(STAMP) runtime
 	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bwrap,container,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true

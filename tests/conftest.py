@@ -24,6 +24,9 @@ from codecage._jail.namespace import UID_BASE
 from . import engine
 from .openapi_check import validate
 
+# The unit layer (tests/unit) is its own rootdir and runs in `make check`, not here.
+collect_ignore = ["unit"]
+
 # The conformance kit: tests using the `backend` fixture run once per backend of this host.
 pytest_plugins = ["codecage.testing.pytest_plugin"]
 

@@ -16,6 +16,10 @@ Also here: the probe helpers of the attack tests (a probe is a code string that 
 `RESULT <json>`; it runs on the host as the positive control and in a sandbox, where it
 must be blocked), so a backend's own tests use the same ones.
 
+Also here: `codecage.testing.fake`, a scripted in-memory backend for unit tests of the
+layers above the jail (tests/unit; docs/backends-internals.md). It is not imported here and
+never registered unless a test installs it.
+
 Stdlib and codecage only: pytest is a dev dependency, imported by the plugin alone.
 """
 
