@@ -662,7 +662,24 @@ async def _answer(
             return
         yield json.dumps({"ev": "execution", "execution": _execution_json(ex)}).encode() + b"\n"
 
-    return StreamingResponse(lines(), media_type=NDJSON)
+    return _Streamed(lines(), task)
+
+
+class _Streamed(StreamingResponse):
+    """A run's NDJSON stream, which ends only when the run has: a client that hangs up
+    does not stop the run (its worker thread is still held), so the request keeps its
+    place in the tenant's requests in flight (Admission) until the run is over."""
+
+    def __init__(self, content: AsyncIterator[bytes], task: asyncio.Future[Execution]) -> None:
+        super().__init__(content, media_type=NDJSON)
+        self._task = task
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([self._task])
 
 
 def _check_path(path: str) -> None:

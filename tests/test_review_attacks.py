@@ -1,0 +1,90 @@
+"""An attack review of the hostile-tenant fixes: the same classes of problem through other
+doors, against a real `codecage serve` on loopback with two tenants' keys. Each refusal has
+its positive control."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Service, stop_service
+from .test_service_limits import connect, http, small_service
+
+pytestmark = pytest.mark.requires_root
+
+
+def _running(db: Path, tenant: str) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        row = conn.execute(
+            "SELECT count(*) FROM runs WHERE tenant = ? AND status = 'started'", (tenant,)
+        ).fetchone()
+        return int(row[0])
+    finally:
+        conn.close()
+
+
+def _wait_running(db: Path, tenant: str, count: int) -> None:
+    deadline = time.monotonic() + 60  # a bound for a failing test, not a measurement
+    while _running(db, tenant) < count and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _running(db, tenant) >= count
+
+
+@pytest.fixture
+def capped(tmp_path: Path) -> Iterator[Service]:
+    svc = small_service(
+        tmp_path,
+        "worker_threads = 16\n[quotas]\nconcurrent_requests = 2\nlive_sandboxes = 4\n",
+    )
+    try:
+        yield svc
+    finally:
+        stop_service(svc)
+
+
+def _stream_and_hang_up(service: Service, sandbox_id: str, code: str) -> None:
+    """A streaming execute whose client goes away once the answer has started."""
+    sock = connect(service)
+    body = json.dumps({"code": code}).encode()
+    sock.sendall(
+        f"POST /v1/sandboxes/{sandbox_id}/execute HTTP/1.1\r\nHost: t\r\n"
+        f"Authorization: Bearer {service.keys['alice']}\r\nAccept: application/x-ndjson\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    assert sock.recv(65536).startswith(b"HTTP/1.1 200 OK")
+    sock.close()
+
+
+def test_a_streamed_run_whose_client_hangs_up_still_counts_in_flight(capped: Service) -> None:
+    """quotas.concurrent_requests caps the worker threads one tenant holds. A streaming
+    execute whose client disconnects keeps its thread (the run goes on): it must keep its
+    place in the tenant's count too, else hanging up frees the place and a tenant holds as
+    many threads as its sandboxes' queues allow. Positive control: once those runs end, the
+    same request is answered."""
+    sleep = "import time; print('go', flush=True); time.sleep(600)"
+    with http(capped, "alice") as alice:
+        sids = [alice.post("/v1/sandboxes", json={}).json()["id"] for _ in range(3)]
+        try:
+            for sid in sids[:2]:
+                _stream_and_hang_up(capped, sid, sleep)
+            _wait_running(capped.db, "alice", 2)
+            time.sleep(0.5)  # let the server see the hang-ups (it cannot be observed)
+            third = alice.post(f"/v1/sandboxes/{sids[2]}/execute", json={"code": "1 + 1"})
+            assert third.status_code == 429, third.text  # two runs of alice hold threads
+            for sid in sids[:2]:
+                alice.delete(f"/v1/sandboxes/{sid}")
+            deadline = time.monotonic() + 60
+            while _running(capped.db, "alice") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            again = alice.post(f"/v1/sandboxes/{sids[2]}/execute", json={"code": "1 + 1"})
+            assert again.status_code == 200, again.text  # control: the places are free
+        finally:
+            for sid in sids:
+                alice.delete(f"/v1/sandboxes/{sid}")
