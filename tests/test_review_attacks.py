@@ -88,3 +88,38 @@ def test_a_streamed_run_whose_client_hangs_up_still_counts_in_flight(capped: Ser
         finally:
             for sid in sids:
                 alice.delete(f"/v1/sandboxes/{sid}")
+
+
+LONG_NAME = """
+class E(Exception):
+    pass
+E.__name__ = "E" * ({size})
+raise E("x")
+"""
+
+
+def test_an_error_name_from_the_kernel_is_bounded_in_the_audit_log(tmp_path: Path) -> None:
+    """The audit log keeps each run within a bound (code, output, policy, findings); the
+    error's name is the kernel's word too: an exception class named with 8 MiB must not
+    put 8 MiB in the log per run. Positive control: a short name is kept whole."""
+    svc = small_service(tmp_path, "")
+    try:
+        with http(svc, "alice") as alice:
+            for size in (8 << 20, 40):
+                r = alice.post("/v1/run", json={"code": LONG_NAME.format(size=size)})
+                assert r.status_code == 200, r.text[:200]
+                assert r.json()["error"] is not None
+            conn = sqlite3.connect(svc.db)
+            try:
+                names = [
+                    row[0]
+                    for row in conn.execute(
+                        "SELECT error_name FROM runs WHERE kind = 'run' ORDER BY rowid"
+                    )
+                ]
+            finally:
+                conn.close()
+            assert names[1] == "E" * 40  # control: a name as it was raised
+            assert len(names[0].encode()) <= 4096, len(names[0])
+    finally:
+        stop_service(svc)

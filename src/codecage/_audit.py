@@ -36,6 +36,7 @@ OUTPUT_KEEP_BYTES = 64 * 1024
 CODE_KEEP_BYTES = 64 * 1024  # the default bound on the code kept per run
 POLICY_KEEP_BYTES = 64 * 1024  # a policy's JSON over this is kept as its length and sha256
 FINDINGS_KEEP = 256  # findings kept per run (findings_count has them all)
+NAME_KEEP_BYTES = 1024  # an error's name: the kernel's word (a class can be named anything)
 BATCH = 512  # writes per commit; also rows per page when reading
 PRUNE_CHUNK = 2000  # rows deleted per transaction, so that writers are not held up
 PRUNE_EVERY_S = 600.0
@@ -402,7 +403,7 @@ class AuditLog:
                 status,
                 time.time(),
                 outcome,
-                error_name,
+                None if error_name is None else _cut(error_name, NAME_KEEP_BYTES),
                 killed_by,
                 _json(limits_hit or []),
                 duration_ms,
