@@ -123,3 +123,41 @@ def test_an_error_name_from_the_kernel_is_bounded_in_the_audit_log(tmp_path: Pat
             assert len(names[0].encode()) <= 4096, len(names[0])
     finally:
         stop_service(svc)
+
+
+def test_an_upload_with_a_content_coding_is_refused_not_stored_encoded(
+    service: Service,
+) -> None:
+    """`Content-Encoding: gzip` says the body is the file compressed; the service does not
+    decode it, so storing it would store something other than the file the client sent
+    (item 14's class): 415, nothing stored. Positive control: the same bytes, without the
+    coding (or `identity`), are stored as they are."""
+    import gzip
+
+    data = b"the file itself\n" * 1000
+    with http(service, "alice") as client:
+        sid = client.post("/v1/sandboxes", json={}).json()["id"]
+        base = f"/v1/sandboxes/{sid}/files"
+        try:
+            for coding in ("gzip", "deflate, gzip", "br"):
+                r = client.put(
+                    base,
+                    params={"path": "coded.bin"},
+                    content=gzip.compress(data),
+                    headers={
+                        "Content-Type": "application/octet-stream",
+                        "Content-Encoding": coding,
+                    },
+                )
+                assert r.status_code == 415, (coding, r.status_code, r.text[:200])
+                assert client.get(base, params={"path": "coded.bin"}).status_code == 404
+            plain = client.put(
+                base,
+                params={"path": "plain.bin"},
+                content=data,
+                headers={"Content-Encoding": "identity"},
+            )
+            assert plain.status_code == 200, plain.text
+            assert client.get(base, params={"path": "plain.bin"}).content == data
+        finally:
+            client.delete(f"/v1/sandboxes/{sid}")

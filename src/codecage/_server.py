@@ -237,7 +237,7 @@ UPLOAD_BODY: dict[str, Any] = {
         "required": True,
         "description": "the file's bytes, raw (application/octet-stream, or no Content-Type), "
         "or as E2B clients send them: multipart/form-data with one part named `file`. "
-        "Anything else is refused with 415.",
+        "Anything else, or a Content-Encoding other than identity, is refused with 415.",
         "content": {
             RAW: {"schema": {"type": "string", "format": "binary"}},
             MULTIPART: {
@@ -719,6 +719,11 @@ async def _upload_pieces(request: Request) -> AsyncIterator[bytes]:
     item is b"" once the Content-Type has been accepted, before any byte is stored."""
     declared = request.headers.get("content-type")
     media = (declared or "").split(";")[0].strip().lower()
+    codings = ",".join(request.headers.getlist("content-encoding")).lower().split(",")
+    if any(c.strip() not in ("", "identity") for c in codings):
+        raise UnsupportedMedia(  # never decoded here: stored, it would not be the file
+            "Content-Encoding: an upload is sent as the file's own bytes, without a coding"
+        )
     if declared is None or media == RAW:
         yield b""
         async for chunk in request.stream():
