@@ -161,3 +161,47 @@ def test_an_upload_with_a_content_coding_is_refused_not_stored_encoded(
             assert client.get(base, params={"path": "plain.bin"}).content == data
         finally:
             client.delete(f"/v1/sandboxes/{sid}")
+
+
+def _chunked(data: bytes) -> Iterator[bytes]:
+    """A body httpx sends with Transfer-Encoding: chunked (no Content-Length to refuse)."""
+    for i in range(0, len(data), 65536):
+        yield data[i : i + 65536]
+
+
+def test_a_chunked_body_over_the_limit_is_a_413_like_a_declared_one(tmp_path: Path) -> None:
+    """Without a Content-Length the body limit is found while reading: it must still be the
+    413 `TooLarge` error (a declared length over the limit is one), not FastAPI's own 400
+    `{"detail": ...}` outside the error contract (a JSON body's read failing inside FastAPI);
+    an upload stays a 413 that leaves no file. Positive control: the same chunked requests
+    within the limits are answered 200."""
+    svc = small_service(tmp_path, "max_code_bytes = 1000\nmax_upload_bytes = 1048576\n")
+    try:
+        with http(svc, "alice") as client:
+            sid = client.post("/v1/sandboxes", json={}).json()["id"]
+            files = f"/v1/sandboxes/{sid}/files"
+            try:
+                code = json.dumps({"code": "x = '" + "x" * (3 << 20) + "'"}).encode()
+                headers = {"Content-Type": "application/json"}
+                big = client.post(
+                    f"/v1/sandboxes/{sid}/execute", content=_chunked(code), headers=headers
+                )
+                assert big.status_code == 413, big.text[:200]
+                assert big.json()["error"]["type"] == "TooLarge"
+                up = client.put(
+                    files, params={"path": "big.bin"}, content=_chunked(b"y" * (3 << 20))
+                )
+                assert up.status_code == 413, up.text[:200]
+                assert up.json()["error"]["type"] == "TooLarge"
+                assert client.get(files, params={"path": "big.bin"}).status_code == 404
+                small = json.dumps({"code": "6 * 7"}).encode()
+                ok = client.post(
+                    f"/v1/sandboxes/{sid}/execute", content=_chunked(small), headers=headers
+                )
+                assert ok.status_code == 200 and ok.json()["text"] == "42"
+                fits = client.put(files, params={"path": "s.bin"}, content=_chunked(b"z" * 1000))
+                assert fits.status_code == 200 and fits.json()["size"] == 1000
+            finally:
+                client.delete(f"/v1/sandboxes/{sid}")
+    finally:
+        stop_service(svc)

@@ -869,7 +869,10 @@ def _handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONRespon
 
 
 class BodyLimit:
-    """413 for bodies over the limit: file uploads get their own, larger one."""
+    """413 for bodies over the limit: file uploads get their own, larger one. A declared
+    length over it is refused before the body; a body without one (chunked) is refused
+    when it passes the limit: the 413 is sent from here and the app sees the client gone
+    (the app's own answer goes nowhere), so an upload stops and leaves no file."""
 
     def __init__(self, app: ASGIApp, default: int, upload: int) -> None:
         self.app, self.default, self.upload = app, default, upload
@@ -884,37 +887,33 @@ class BodyLimit:
             await _too_large(send, limit)
             return
         seen = 0
+        started = answered = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, answered
+            if answered:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _TooLarge()
+                if not started:
+                    await _too_large(send, limit)
+                answered = True
+                return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _too_large(send, limit)
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return  # 413 was answered here; the app's answer goes nowhere
+            started = True
+            await send(message)
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, counted, guarded_send)
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    body = json.dumps(
-        {"error": {"type": "TooLarge", "message": f"body over {limit} bytes"}}
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json")],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await _answer_early(send, 413, "TooLarge", f"body over {limit} bytes")
 
 
 class Admission:
