@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from .conftest import Service, stop_service
@@ -203,5 +204,54 @@ def test_a_chunked_body_over_the_limit_is_a_413_like_a_declared_one(tmp_path: Pa
                 assert fits.status_code == 200 and fits.json()["size"] == 1000
             finally:
                 client.delete(f"/v1/sandboxes/{sid}")
+    finally:
+        stop_service(svc)
+
+
+def test_approval_reasons_are_bounded_in_the_audit_log(tmp_path: Path) -> None:
+    """An approval's reasons quote the request's environment overrides ("what was asked
+    about must be what runs"), and any tenant may turn approvals on for its own sandbox
+    and deny its own requests at once: a command with an 8 MiB env must not put 8 MiB in
+    the audit log per request (the subject is already cut to 64 KiB). Positive control: a
+    short env is recorded whole; the approver is still shown the reasons whole."""
+    import threading
+
+    svc = small_service(tmp_path, "")
+    try:
+        with http(svc, "alice") as alice:
+            made = alice.post("/v1/sandboxes", json={"policy": {"approval_commands": True}})
+            sid = made.json()["id"]
+            try:
+                for value in ("v" * (8 << 20), "short"):
+                    answered: list[httpx.Response] = []
+                    asking = threading.Thread(
+                        target=lambda v=value, out=answered: out.append(
+                            alice.post(
+                                f"/v1/sandboxes/{sid}/commands",
+                                json={"cmd": "true", "envs": {"K": v}},
+                            )
+                        )
+                    )
+                    asking.start()
+                    deadline = time.monotonic() + 60
+                    pending: list[dict[str, object]] = []
+                    while not pending and time.monotonic() < deadline:
+                        pending = alice.get("/v1/approvals").json()
+                        time.sleep(0.05)
+                    [request] = pending
+                    assert any(value in str(r) for r in request["reasons"])  # shown whole
+                    alice.post(f"/v1/approvals/{request['id']}", json={"decision": "deny"})
+                    asking.join(60)
+                    assert answered and answered[0].status_code == 403
+            finally:
+                alice.delete(f"/v1/sandboxes/{sid}")
+        conn = sqlite3.connect(svc.db)
+        try:
+            rows = [r[0] for r in conn.execute("SELECT reasons FROM approvals ORDER BY rowid")]
+        finally:
+            conn.close()
+        assert len(rows) == 2
+        assert "K='short'" in rows[1]  # control: recorded whole
+        assert len(rows[0].encode()) <= 128 << 10, len(rows[0])
     finally:
         stop_service(svc)

@@ -141,6 +141,23 @@ def _json(value: Any) -> str:
     return json.dumps(valid_deep(json.loads(json.dumps(value))), sort_keys=True)
 
 
+def _reasons(reasons: list[Any]) -> list[str]:
+    """An approval's reasons as recorded: together at most OUTPUT_KEEP_BYTES (they quote the
+    request's environment overrides, which a tenant sizes), with a last line saying what
+    was cut. The approver is shown them whole; the log keeps a bounded record."""
+    kept: list[str] = []
+    left, total = OUTPUT_KEEP_BYTES, 0
+    for reason in map(str, reasons):
+        size = len(valid(reason).encode("utf-8"))
+        total += size
+        if left > 0:
+            kept.append(_cut(reason, left))
+            left -= min(size, left)
+    if total > OUTPUT_KEEP_BYTES:
+        kept.append(f"[reasons cut to {OUTPUT_KEEP_BYTES} of {total} bytes]")
+    return kept
+
+
 def _policy_json(policy: dict[str, Any]) -> str:
     text = _json(policy)
     if len(text) <= POLICY_KEEP_BYTES:
@@ -429,7 +446,7 @@ class AuditLog:
                 request.get("client_ref"),
                 request["kind"],
                 _cut(str(request["subject"]), OUTPUT_KEEP_BYTES),
-                _json(request["reasons"]),
+                _json(_reasons(request["reasons"])),
                 request["requested_at"],
                 request["expires_at"],
             ),
