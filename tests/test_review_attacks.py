@@ -255,3 +255,31 @@ def test_approval_reasons_are_bounded_in_the_audit_log(tmp_path: Path) -> None:
         assert len(rows[0].encode()) <= 128 << 10, len(rows[0])
     finally:
         stop_service(svc)
+
+
+def test_pipelined_requests_without_a_key_are_bounded_per_connection(capped: Service) -> None:
+    """HTTP/1.1 pipelining: uvicorn parses every request a client sends ahead and queues
+    each (its scope, headers, a response cycle), resuming reads after every answer, so one
+    connection that sends /healthz requests without reading the answers holds memory
+    without bound, and no key is needed (20 such connections took the service from 56 to
+    619 MiB). A connection holds a bounded queue of pipelined requests, then is closed.
+    Positive control: a few pipelined requests are all answered."""
+    from codecage._server import PIPELINED_MAX
+
+    request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+    last = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    for count, bounded in ((PIPELINED_MAX, False), (2000, True)):
+        sock = connect(capped)
+        sock.sendall(request * (count - 1) + last)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:  # closed with our requests unread
+            pass
+        sock.close()
+        answered = answer.count(b"HTTP/1.1 200 OK")
+        if bounded:
+            assert answered <= PIPELINED_MAX + 1, answered
+        else:
+            assert answered == count, answer[-300:]

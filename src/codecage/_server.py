@@ -228,6 +228,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse}
     for code in (400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 500, 503)
 }
+PIPELINED_MAX = 16  # HTTP/1.1 requests one connection may send ahead of their answers
 SCRAPES = 4  # /metrics requests at once (it is open: no tenant's quota covers it)
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs", "/redoc"})
 RAW = "application/octet-stream"
@@ -1020,7 +1021,8 @@ def _protocol(header_timeout_s: float, max_connections: int) -> type:
     that opens a connection, or starts a request, and never finishes its headers is
     disconnected (uvicorn's own keep-alive timeout only covers idle connections). A
     connection beyond `max_connections` is closed at once, so idle ones cannot pile up
-    descriptors (uvicorn alone keeps them and answers their requests 503)."""
+    descriptors (uvicorn alone keeps them and answers their requests 503); so is one with
+    more than PIPELINED_MAX requests sent ahead of their answers."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class HeaderDeadline(HttpToolsProtocol):
@@ -1053,6 +1055,13 @@ def _protocol(header_timeout_s: float, max_connections: int) -> type:
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            if len(self.pipeline) >= PIPELINED_MAX:
+                # uvicorn queues every pipelined request (and reads on after each answer),
+                # so a client that sends without reading holds memory without bound, and
+                # needs no key: its connection is closed (the raise stops the parsing of
+                # what it already sent; uvicorn answers 400 and closes).
+                self.transport.close()
+                raise ConnectionAbortedError("too many pipelined requests")
             super().on_headers_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
