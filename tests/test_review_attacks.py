@@ -131,8 +131,10 @@ def test_an_upload_with_a_content_coding_is_refused_not_stored_encoded(
 ) -> None:
     """`Content-Encoding: gzip` says the body is the file compressed; the service does not
     decode it, so storing it would store something other than the file the client sent
-    (item 14's class): 415, nothing stored. Positive control: the same bytes, without the
+    (item 14's class): 415, nothing stored; so is a multipart part with a
+    Content-Transfer-Encoding (base64). Positive control: the same bytes, without the
     coding (or `identity`), are stored as they are."""
+    import base64
     import gzip
 
     data = b"the file itself\n" * 1000
@@ -152,6 +154,21 @@ def test_an_upload_with_a_content_coding_is_refused_not_stored_encoded(
                 )
                 assert r.status_code == 415, (coding, r.status_code, r.text[:200])
                 assert client.get(base, params={"path": "coded.bin"}).status_code == 404
+            boundary = "b0undary"
+            envelope = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                'filename="f"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+                + base64.b64encode(data).decode()
+                + f"\r\n--{boundary}--\r\n"
+            )
+            part = client.put(
+                base,
+                params={"path": "part.bin"},
+                content=envelope.encode(),
+                headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+            )
+            assert part.status_code == 415, (part.status_code, part.text[:200])
+            assert client.get(base, params={"path": "part.bin"}).status_code == 404
             plain = client.put(
                 base,
                 params={"path": "plain.bin"},

@@ -764,6 +764,12 @@ async def _upload_pieces(request: Request) -> AsyncIterator[bytes]:
                 f"multipart upload: one part named 'file' is expected (got {name!r}"
                 f"{' after another' if seen else ''})"
             )
+        coding = part["headers"].get(b"content-transfer-encoding", b"binary").lower()
+        if coding not in (b"binary", b"8bit", b"7bit"):  # never decoded here
+            raise UnsupportedMedia(
+                f"multipart upload: Content-Transfer-Encoding {coding.decode('latin-1')!r}:"
+                " the part is sent as the file's own bytes"
+            )
         seen.append(name)
 
     def part_data(data: bytes, start: int, end: int) -> None:
