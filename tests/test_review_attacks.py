@@ -340,3 +340,37 @@ def test_a_frame_of_small_containers_costs_the_host_no_more_than_its_bytes() -> 
     string = _host_peak_mb(f"ch.send(ev='stdout', id=rid, text='x', pad='y' * {3 * n})")
     objects = _host_peak_mb(f"ch.send(ev='stdout', id=rid, text='x', pad=[{{}}] * {n})")
     assert objects - string < 128, (string, objects)
+
+
+SPIN_CMD = "python3 -c 'while True: pass'"
+
+
+def test_a_cpu_budget_spent_by_a_command_is_its_value_then_the_sandbox_has_ended(
+    service: Service,
+) -> None:
+    """Item 16's class through commands (recorded as runs): a command that spends the
+    sandbox's cpu_s returns a value saying so, in the SDK and the service; the next call
+    on the ended sandbox is the error. Positive control: a command within the budget."""
+    from codecage import Policy, Sandbox, SandboxNotFound
+
+    sbx = Sandbox(Policy(cpu_s=1, timeout_s=120))
+    try:
+        ok = sbx.commands.run("echo fine")
+        assert ok.stdout == "fine\n" and ok.killed_by is None
+        spent = sbx.commands.run(SPIN_CMD, timeout=60)
+        assert spent.killed_by == "cpu_limit" and spent.error and "cpu_limit" in spent.error
+        with pytest.raises(SandboxNotFound, match="cpu_s"):
+            sbx.commands.run("echo again")
+    finally:
+        sbx.kill()
+    with http(service, "alice") as alice:
+        sid = alice.post("/v1/sandboxes", json={"policy": {"cpu_s": 1}}).json()["id"]
+        try:
+            url = f"/v1/sandboxes/{sid}/commands"
+            assert alice.post(url, json={"cmd": "echo fine"}).json()["killed_by"] is None
+            r = alice.post(url, json={"cmd": SPIN_CMD, "timeout": 60})
+            assert r.status_code == 200, r.text
+            assert r.json()["killed_by"] == "cpu_limit"
+            assert alice.post(url, json={"cmd": "echo again"}).status_code == 404
+        finally:
+            alice.delete(f"/v1/sandboxes/{sid}")

@@ -182,6 +182,9 @@ class CommandOut(BaseModel):
     exit_code: int
     error: str | None
     truncated: bool
+    killed_by: str | None = Field(
+        None, description="the limit that ended the sandbox during the command (cpu_limit)"
+    )
 
 
 class EntryOut(BaseModel):
