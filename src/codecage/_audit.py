@@ -36,6 +36,7 @@ OUTPUT_KEEP_BYTES = 64 * 1024
 CODE_KEEP_BYTES = 64 * 1024  # the default bound on the code kept per run
 POLICY_KEEP_BYTES = 64 * 1024  # a policy's JSON over this is kept as its length and sha256
 FINDINGS_KEEP = 256  # findings kept per run (findings_count has them all)
+NAME_KEEP_BYTES = 1024  # an error's name: the kernel's word (a class can be named anything)
 BATCH = 512  # writes per commit; also rows per page when reading
 PRUNE_CHUNK = 2000  # rows deleted per transaction, so that writers are not held up
 PRUNE_EVERY_S = 600.0
@@ -138,6 +139,23 @@ def _cut(text: str, keep: int) -> str:
 def _json(value: Any) -> str:
     """JSON text with every string valid (a lone surrogate becomes U+FFFD)."""
     return json.dumps(valid_deep(json.loads(json.dumps(value))), sort_keys=True)
+
+
+def _reasons(reasons: list[Any]) -> list[str]:
+    """An approval's reasons as recorded: together at most OUTPUT_KEEP_BYTES (they quote the
+    request's environment overrides, which a tenant sizes), with a last line saying what
+    was cut. The approver is shown them whole; the log keeps a bounded record."""
+    kept: list[str] = []
+    left, total = OUTPUT_KEEP_BYTES, 0
+    for reason in map(str, reasons):
+        size = len(valid(reason).encode("utf-8"))
+        total += size
+        if left > 0:
+            kept.append(_cut(reason, left))
+            left -= min(size, left)
+    if total > OUTPUT_KEEP_BYTES:
+        kept.append(f"[reasons cut to {OUTPUT_KEEP_BYTES} of {total} bytes]")
+    return kept
 
 
 def _policy_json(policy: dict[str, Any]) -> str:
@@ -402,7 +420,7 @@ class AuditLog:
                 status,
                 time.time(),
                 outcome,
-                error_name,
+                None if error_name is None else _cut(error_name, NAME_KEEP_BYTES),
                 killed_by,
                 _json(limits_hit or []),
                 duration_ms,
@@ -428,7 +446,7 @@ class AuditLog:
                 request.get("client_ref"),
                 request["kind"],
                 _cut(str(request["subject"]), OUTPUT_KEEP_BYTES),
-                _json(request["reasons"]),
+                _json(_reasons(request["reasons"])),
                 request["requested_at"],
                 request["expires_at"],
             ),

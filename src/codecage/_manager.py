@@ -457,7 +457,10 @@ class Manager:
                 [result.stderr],
                 result.truncated,
             )
-            if result.error:
+            if result.killed_by:
+                ex.killed_by = result.killed_by
+                ex.limits_hit.append(result.killed_by)
+            elif result.error:
                 ex.limits_hit.append("timeout")
             self.finish(run_id, "command", ex)
             return result

@@ -7,6 +7,7 @@ One implementation, synchronous and without a thread or event-loop hop per call;
 from __future__ import annotations
 
 import base64
+import signal
 import threading
 import time
 import weakref
@@ -19,7 +20,7 @@ from ._approvals import Approver, Gate, with_envs
 from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound, TransportError
 from ._jail import get_jail
 from ._jail.host import HostSandbox
-from ._models import Execution, ExecutionError, Finding, Result
+from ._models import Execution, ExecutionError, Finding, KilledBy, Result
 from ._policy import Policy
 
 FILE_CHUNK = 4 << 20
@@ -52,6 +53,9 @@ class CommandResult:
     exit_code: int
     error: str | None = None
     truncated: bool = False
+    # The host's verdict when a limit ended the sandbox during the command ("cpu_limit"):
+    # the command's value; the next call on the sandbox is the error.
+    killed_by: KilledBy | None = None
 
 
 class Sandbox:
@@ -341,8 +345,23 @@ class Commands:
             reasons = with_envs(["approval_commands=true"], envs)
             self._sbx._gate.check(policy, "command", reasons, cmd, sandbox_id=self._sbx.id)
         message["output_bytes"] = self._sbx.policy.output_bytes
+        started_alive = self._sbx._jailed.alive  # ended before: the call is the error
         # The kernel enforces the timeout; the host waits a little longer as a backstop.
-        reply = self._sbx._request(message, None if limit is None else limit + 5)
+        jailed = self._sbx._jailed
+        try:
+            reply = self._sbx._request(message, None if limit is None else limit + 5)
+        except SandboxNotFound:
+            hit = getattr(jailed, "ended_limit", None)
+            if hit is None or not started_alive:
+                raise
+            because = getattr(jailed, "ended_because", hit)
+            return CommandResult(
+                stdout="",
+                stderr="",
+                exit_code=128 + signal.SIGKILL,
+                error=f"{hit}: the sandbox has ended ({because}); its state is lost",
+                killed_by=hit,
+            )
         _failed(reply, cmd)
         code = reply.get("exit_code")
         if not isinstance(code, int):

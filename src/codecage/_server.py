@@ -182,6 +182,9 @@ class CommandOut(BaseModel):
     exit_code: int
     error: str | None
     truncated: bool
+    killed_by: str | None = Field(
+        None, description="the limit that ended the sandbox during the command (cpu_limit)"
+    )
 
 
 class EntryOut(BaseModel):
@@ -228,6 +231,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorResponse}
     for code in (400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 500, 503)
 }
+PIPELINED_MAX = 16  # HTTP/1.1 requests one connection may send ahead of their answers
 SCRAPES = 4  # /metrics requests at once (it is open: no tenant's quota covers it)
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs", "/redoc"})
 RAW = "application/octet-stream"
@@ -237,7 +241,7 @@ UPLOAD_BODY: dict[str, Any] = {
         "required": True,
         "description": "the file's bytes, raw (application/octet-stream, or no Content-Type), "
         "or as E2B clients send them: multipart/form-data with one part named `file`. "
-        "Anything else is refused with 415.",
+        "Anything else, or a Content-Encoding other than identity, is refused with 415.",
         "content": {
             RAW: {"schema": {"type": "string", "format": "binary"}},
             MULTIPART: {
@@ -662,7 +666,24 @@ async def _answer(
             return
         yield json.dumps({"ev": "execution", "execution": _execution_json(ex)}).encode() + b"\n"
 
-    return StreamingResponse(lines(), media_type=NDJSON)
+    return _Streamed(lines(), task)
+
+
+class _Streamed(StreamingResponse):
+    """A run's NDJSON stream, which ends only when the run has: a client that hangs up
+    does not stop the run (its worker thread is still held), so the request keeps its
+    place in the tenant's requests in flight (Admission) until the run is over."""
+
+    def __init__(self, content: AsyncIterator[bytes], task: asyncio.Future[Execution]) -> None:
+        super().__init__(content, media_type=NDJSON)
+        self._task = task
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await asyncio.wait([self._task])
 
 
 def _check_path(path: str) -> None:
@@ -702,6 +723,11 @@ async def _upload_pieces(request: Request) -> AsyncIterator[bytes]:
     item is b"" once the Content-Type has been accepted, before any byte is stored."""
     declared = request.headers.get("content-type")
     media = (declared or "").split(";")[0].strip().lower()
+    codings = ",".join(request.headers.getlist("content-encoding")).lower().split(",")
+    if any(c.strip() not in ("", "identity") for c in codings):
+        raise UnsupportedMedia(  # never decoded here: stored, it would not be the file
+            "Content-Encoding: an upload is sent as the file's own bytes, without a coding"
+        )
     if declared is None or media == RAW:
         yield b""
         async for chunk in request.stream():
@@ -740,6 +766,12 @@ async def _upload_pieces(request: Request) -> AsyncIterator[bytes]:
             raise BadRequest(
                 f"multipart upload: one part named 'file' is expected (got {name!r}"
                 f"{' after another' if seen else ''})"
+            )
+        coding = part["headers"].get(b"content-transfer-encoding", b"binary").lower()
+        if coding not in (b"binary", b"8bit", b"7bit"):  # never decoded here
+            raise UnsupportedMedia(
+                f"multipart upload: Content-Transfer-Encoding {coding.decode('latin-1')!r}:"
+                " the part is sent as the file's own bytes"
             )
         seen.append(name)
 
@@ -847,7 +879,10 @@ def _handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONRespon
 
 
 class BodyLimit:
-    """413 for bodies over the limit: file uploads get their own, larger one."""
+    """413 for bodies over the limit: file uploads get their own, larger one. A declared
+    length over it is refused before the body; a body without one (chunked) is refused
+    when it passes the limit: the 413 is sent from here and the app sees the client gone
+    (the app's own answer goes nowhere), so an upload stops and leaves no file."""
 
     def __init__(self, app: ASGIApp, default: int, upload: int) -> None:
         self.app, self.default, self.upload = app, default, upload
@@ -862,37 +897,33 @@ class BodyLimit:
             await _too_large(send, limit)
             return
         seen = 0
+        started = answered = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, answered
+            if answered:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
-                raise _TooLarge()
+                if not started:
+                    await _too_large(send, limit)
+                answered = True
+                return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await _too_large(send, limit)
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return  # 413 was answered here; the app's answer goes nowhere
+            started = True
+            await send(message)
 
-
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, counted, guarded_send)
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    body = json.dumps(
-        {"error": {"type": "TooLarge", "message": f"body over {limit} bytes"}}
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json")],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
+    await _answer_early(send, 413, "TooLarge", f"body over {limit} bytes")
 
 
 class Admission:
@@ -999,7 +1030,8 @@ def _protocol(header_timeout_s: float, max_connections: int) -> type:
     that opens a connection, or starts a request, and never finishes its headers is
     disconnected (uvicorn's own keep-alive timeout only covers idle connections). A
     connection beyond `max_connections` is closed at once, so idle ones cannot pile up
-    descriptors (uvicorn alone keeps them and answers their requests 503)."""
+    descriptors (uvicorn alone keeps them and answers their requests 503); so is one with
+    more than PIPELINED_MAX requests sent ahead of their answers."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class HeaderDeadline(HttpToolsProtocol):
@@ -1032,6 +1064,13 @@ def _protocol(header_timeout_s: float, max_connections: int) -> type:
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            if len(self.pipeline) >= PIPELINED_MAX:
+                # uvicorn queues every pipelined request (and reads on after each answer),
+                # so a client that sends without reading holds memory without bound, and
+                # needs no key: its connection is closed (the raise stops the parsing of
+                # what it already sent; uvicorn answers 400 and closes).
+                self.transport.close()
+                raise ConnectionAbortedError("too many pipelined requests")
             super().on_headers_complete()
 
         def connection_lost(self, exc: Exception | None) -> None:
