@@ -406,6 +406,16 @@ def test_init_dying_ends_the_run_with_a_transport_error(fake: FakeJail, box: Fak
     assert box.dead()
 
 
+def test_init_dying_of_its_memory_limit_is_the_runs_value(fake: FakeJail, box: FakeSandbox) -> None:
+    # gVisor's sentry taken by the host's OOM killer: the whole sandbox dies in the run.
+    fake.on_code("x", f.Reading(oom_kills=1), f.InitDies())
+    ex = box.execute("x")
+    assert ex.killed_by == "memory_limit" and "memory_limit" in ex.limits_hit
+    assert ex.state_lost and ex.error is not None and ex.error.name == "MemoryLimitExceeded"
+    with pytest.raises(SandboxNotFound, match="memory limit"):
+        box.execute("1 + 1")  # the next call on the ended sandbox is the error
+
+
 def test_a_killed_sandbox_refuses_runs(fake: FakeJail, box: FakeSandbox) -> None:
     box.kill()
     with pytest.raises(SandboxNotFound, match="it was killed"):
@@ -551,3 +561,18 @@ def test_a_backend_lacking_a_feature_refuses_the_policy(fake: FakeJail) -> None:
         fake.create(Policy())
     box = fake.create(Policy(allow_weaker=True))
     box.kill()
+
+
+def test_a_frame_of_millions_of_tiny_values_is_refused_before_it_is_parsed() -> None:
+    import json
+
+    from codecage._inside import protocol
+
+    many = json.dumps({"ev": "stdout", "pad": [{}] * (protocol.MAX_VALUES + 1)}).encode()
+    with pytest.raises(protocol.ProtocolError, match="JSON values"):
+        protocol.decode(many)
+    # Commas and brackets inside strings are not values: a long string of them is taken.
+    text = ",[{" * (protocol.MAX_VALUES + 1) + '\\"'
+    assert protocol.decode(json.dumps({"ev": "stdout", "text": text}).encode())["text"] == text
+    records = json.dumps({"ev": "result", "data": [{"a": 1}] * 100_000}).encode()
+    assert len(protocol.decode(records)["data"]) == 100_000

@@ -8,11 +8,17 @@ See docs/protocol.md.
 from __future__ import annotations
 
 import json
+import re
 import struct
 from typing import Any
 
 PROTOCOL_VERSION = 1
 MAX_FRAME = 16 * 1024 * 1024
+# JSON values in one frame, at most: parsing costs ~50-100 bytes of memory per value (a dict,
+# a list, a float), far more than the bytes that spell it ("{}," is three), so a frame of
+# millions of tiny values would cost the reader many times the bytes it was sent.
+MAX_VALUES = 1 << 20
+_STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _HEADER = struct.Struct(">I")
 
 Message = dict[str, Any]
@@ -51,7 +57,17 @@ class FrameReader:
         return out
 
 
+def _values(body: bytes) -> int:
+    """An upper bound of the JSON values in `body` (counted outside strings: each value but
+    the first of a container follows a comma; containers count once more)."""
+    bare = _STRINGS.sub(b"", body)
+    return bare.count(b",") + bare.count(b"[") + bare.count(b"{") + 1
+
+
 def decode(body: bytes) -> Message:
+    # A body shorter than the bound holds fewer values than it: no need to count.
+    if len(body) > MAX_VALUES and _values(body) > MAX_VALUES:
+        raise ProtocolError(f"frame holds more than {MAX_VALUES} JSON values")
     try:
         message = json.loads(body)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
