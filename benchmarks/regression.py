@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/regression.py [--base REV] [--rounds 4] [-n 300]
 
-REV's `src/` (default: the last commit before the hostile-tenant fixes) is exported into a
-scratch directory. Child processes of the two trees then take turns (base, current, base,
+REV's `src/` and `benchmarks/` (default: the last commit before the hostile-tenant fixes)
+are exported into a scratch directory. Child processes of the two trees then take turns (base, current, base,
 current, ...), each measuring the same three figures with the same script, so that the
 machine's drift falls on both sides alike:
 
@@ -99,7 +99,8 @@ def _pooled_create(n: int) -> float:
 
 
 def _http_execute(n: int) -> float:
-    sys.path.insert(0, str(HERE))
+    # That tree's own way to start its service (its config's keys differ between trees).
+    sys.path.insert(0, str(Path(os.environ["PYTHONPATH"]).parent / "benchmarks"))
     from service import running_service
 
     with running_service() as client, client.Sandbox() as sbx:
@@ -116,9 +117,10 @@ def child(figure: str, n: int) -> None:
 
 
 def export(rev: str, into: Path) -> Path:
-    """REV's src/ as a tree of its own (git archive: no checkout, no worktree to clean)."""
+    """REV's src/ and benchmarks/ as a tree of its own (git archive: no checkout, no
+    worktree to clean)."""
     archive = subprocess.run(
-        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "src"],
+        ["git", "-C", str(ROOT), "archive", "--format=tar", rev, "src", "benchmarks"],
         capture_output=True,
         check=True,
     ).stdout

@@ -243,7 +243,7 @@ def regression(rounds: int) -> None:
     lines = [
         "",
         f"Against the code before the hostile-tenant fixes ({BASE[:10]}), turns taken in the",
-        f"same run, {rounds} rounds each (benchmarks/regression.py):",
+        f"same run, {rounds} rounds each (benchmarks/regression.py), {time.strftime('%Y-%m-%d %H:%M')}:",
         "",
         "| figure | base p50 ms | current p50 ms | current / base |",
         "|---|---:|---:|---:|",
