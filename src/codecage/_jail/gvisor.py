@@ -235,7 +235,10 @@ class GvisorSandbox(oci.OciSandbox):
             super().restart_kernel(deadline)
             return
         oom = self.cgroups.usage().oom_kills > 0
-        self.terminate(SENTRY_OOM if oom else "its gVisor kernel (the sentry) died")
+        if oom:
+            self.terminate(SENTRY_OOM, "memory_limit")
+        else:
+            self.terminate("its gVisor kernel (the sentry) died")
 
     def execute(self, code: str, **kwargs: Any) -> Execution:
         ex = super().execute(code, **kwargs)
@@ -251,8 +254,8 @@ class GvisorSandbox(oci.OciSandbox):
         sandbox)."""
         if not give_up and self._supervisor is not None:
             self._signal_inside(signal.SIGKILL)
-        else:
-            self.terminate(SENTRY_OOM_STUCK)
+        else:  # a limit ended it: a run in progress returns that as its value
+            self.terminate(SENTRY_OOM_STUCK, "memory_limit")
 
     def kill_kernel(self) -> None:
         self._signal_inside(signal.SIGKILL)
