@@ -226,3 +226,14 @@ def test_a_failed_file_op(bare: kernel.Kernel, tmp_path: Path) -> None:
     assert reply["ev"] == "failed" and reply["error"] == "FileNotFoundError"
     assert reply["errno"] == errno.ENOENT and reply["id"] == "r4"
     assert set(reply) == set(typing.get_type_hints(messages.FailedEvent))
+
+
+def test_template_requests_match_the_document() -> None:
+    from codecage._inside import zygote
+
+    text = " ".join(section("## Template channel (host <-> template)").split())
+    ops, carries = text.split("A request carries", 1)
+    assert {n for n in names(top_level(ops)) if n.islower()} == set(messages.TEMPLATE)
+    documented = set(names(carries.split(";")[0]))
+    for cls in messages.TEMPLATE.values():
+        assert documented == set(typing.get_type_hints(cls)) == zygote.FIELDS

@@ -140,10 +140,13 @@ ReplyRequest = (
 # -- kernel channel: what `done` carries, by request ----------------------------------------
 
 
+EntryType = Literal["file", "dir", "symlink", "other"]
+
+
 class Entry(TypedDict):
     name: str
     path: str
-    type: Literal["file", "dir", "symlink", "other"]
+    type: EntryType
     size: int
 
 
@@ -164,7 +167,7 @@ class StatReply(TypedDict):
     exists: bool
     path: str
     name: NotRequired[str]
-    type: NotRequired[Literal["file", "dir", "symlink", "other"]]
+    type: NotRequired[EntryType]
     size: NotRequired[int]
 
 
@@ -298,6 +301,16 @@ class InitEvent(TypedDict):
     pid: int
 
 
+# -- template channel (host <-> template) ---------------------------------------------------
+
+
+class TemplateRequest(TypedDict):
+    """Nothing else, ever (zygote.FIELDS): the template's memory is every later fork's."""
+
+    op: Literal["spawn", "reap", "ping"]
+    rid: NotRequired[int]  # added by Template._call
+
+
 # -- the tables ------------------------------------------------------------------------------
 
 REQUESTS: dict[str, type[Any]] = {
@@ -344,3 +357,4 @@ SUPERVISOR: dict[str, type[Any]] = {  # by "op" (host -> init) or "ev" (init -> 
     "error": SetupErrorEvent,
 }
 SETUP: dict[str, type[Any]] = {"init": InitEvent, "error": SetupErrorEvent}
+TEMPLATE: dict[str, type[Any]] = {op: TemplateRequest for op in ("spawn", "reap", "ping")}
