@@ -237,3 +237,20 @@ def test_template_requests_match_the_document() -> None:
     documented = set(names(carries.split(";")[0]))
     for cls in messages.TEMPLATE.values():
         assert documented == set(typing.get_type_hints(cls)) == zygote.FIELDS
+
+
+def test_the_host_builds_typed_requests(fake: Any) -> None:
+    from codecage import Policy, Sandbox
+    from codecage._jail.host import import_guard
+
+    assert import_guard(Policy()) is None
+    guard = import_guard(Policy(modules_deny=["socket"]))
+    assert guard == {"op": "guard", "modules_allow": None, "modules_deny": ["socket"]}
+    assert set(guard) == set(typing.get_type_hints(messages.GuardRequest)) - {"id"}
+    with Sandbox.create(policy=Policy(modules_deny=["socket"])) as sbx:
+        sbx.run_code("1")
+        sbx.commands.run("true")
+    assert [r["op"] for r in fake.requests] == ["guard", "execute", "command"]
+    for request in fake.requests:
+        cls = messages.REQUESTS[request["op"]]
+        assert set(request) == set(typing.get_type_hints(cls)), request["op"]
