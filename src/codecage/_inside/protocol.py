@@ -22,6 +22,8 @@ MAX_VALUES = 1 << 20
 _STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _HEADER = struct.Struct(">I")
 
+# A frame as decoded: whatever the peer sent. What each message holds is typed in
+# messages.py; a frame read from a sandbox is checked field by field where it is used.
 Message = dict[str, Any]
 
 
