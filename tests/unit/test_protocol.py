@@ -141,7 +141,7 @@ class Channel:
     def __init__(self) -> None:
         self.sent: list[dict[str, Any]] = []
 
-    def send(self, message: Any) -> None:
+    def put(self, message: Any) -> None:
         self.sent.extend(FrameReader().feed(encode(message)))
 
 

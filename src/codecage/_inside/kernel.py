@@ -49,7 +49,11 @@ class Channel:
         self.reader = FrameReader()
         self.pending: list[Message] = []
 
-    def send(self, message: Event | Mapping[str, Any]) -> None:
+    def send(self, **message: Any) -> None:
+        self.put(message)
+
+    def put(self, message: Event | Mapping[str, Any]) -> None:
+        """Send one message (messages.py types the kernel's events)."""
         data = encode(message)
         with self.lock:
             self.sock.sendall(data)
@@ -99,9 +103,9 @@ class Output:
         for start in range(0, len(text), step):
             chunk = text[start : start + step]
             if stream == "stdout":
-                self.channel.send(StdoutEvent(ev="stdout", id=self.run_id, text=chunk))
+                self.channel.put(StdoutEvent(ev="stdout", id=self.run_id, text=chunk))
             else:
-                self.channel.send(StderrEvent(ev="stderr", id=self.run_id, text=chunk))
+                self.channel.put(StderrEvent(ev="stderr", id=self.run_id, text=chunk))
 
 
 class Stream(io.TextIOBase):
@@ -271,7 +275,7 @@ class Kernel:
         self.shell: Any = None
         # pid and fd let the host find this process and its channel in /proc (it checks
         # both): it accepts a run's end only once this main thread waits on that descriptor.
-        channel.send(
+        channel.put(
             HelloEvent(
                 ev="hello", protocol=PROTOCOL_VERSION, pid=os.getpid(), fd=channel.sock.fileno()
             )
@@ -293,7 +297,7 @@ class Kernel:
         handler = HANDLERS.get(op) if isinstance(op, str) else None
         try:
             if handler is None:
-                self.channel.send(
+                self.channel.put(
                     FailedEvent(
                         ev="failed",
                         id=request.get("id"),
@@ -304,7 +308,7 @@ class Kernel:
             else:
                 handler(self, request)
         except KeyboardInterrupt:
-            self.channel.send(
+            self.channel.put(
                 FailedEvent(
                     ev="failed",
                     id=request.get("id"),
@@ -314,7 +318,7 @@ class Kernel:
             )
 
     def done(self, request: Message, reply: Mapping[str, Any] | None = None) -> None:
-        self.channel.send({**DoneEvent(ev="done", id=request.get("id")), **(reply or {})})
+        self.channel.put({**DoneEvent(ev="done", id=request.get("id")), **(reply or {})})
 
     def setenv(self, request: Message) -> None:
         os.environ.update({str(k): str(v) for k, v in (request.get("envs") or {}).items()})
@@ -335,7 +339,7 @@ class Kernel:
         try:
             reply = files.OPS[op](**args)
         except (OSError, ValueError, TypeError) as exc:
-            self.channel.send(
+            self.channel.put(
                 FailedEvent(
                     ev="failed",
                     id=request.get("id"),
@@ -394,11 +398,11 @@ class Kernel:
                 result, error, exit_code = self.executor.run(code, mode)
                 count = self.executor.execution_count
                 if result is not None:
-                    self.channel.send(
+                    self.channel.put(
                         ResultEvent(ev="result", id=run_id, data=result, is_main_result=True)
                     )
             if error is not None:
-                self.channel.send({"ev": "error", "id": run_id, **error})
+                self.channel.put({"ev": "error", "id": run_id, **error})
         finally:
             os.environ.clear()
             os.environ.update(saved)
@@ -406,7 +410,7 @@ class Kernel:
                 with contextlib.suppress(Exception):  # user code may have replaced them
                     stream.flush()
             self.capture.flush()
-        self.channel.send(
+        self.channel.put(
             EndEvent(
                 ev="end",
                 id=run_id,
@@ -428,7 +432,7 @@ class Kernel:
             # counted as the host counts it, so a result the host would refuse is not sent
             size = sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in data.values())
             if self.output.take_result(size):
-                self.channel.send({"ev": kind, "id": run_id, **payload})
+                self.channel.put({"ev": kind, "id": run_id, **payload})
 
         return shell.run_cell(self.session_shell(), code, sink)
 
