@@ -18,6 +18,7 @@ from typing import Any, Literal, overload
 from ._api import check_envs, prepare_code
 from ._approvals import Approver, Gate, with_envs
 from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound, TransportError
+from ._inside.messages import CommandRequest, ReplyRequest
 from ._jail import get_jail
 from ._jail.host import HostSandbox
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
@@ -178,7 +179,9 @@ class Sandbox:
                 if jailed._dying:  # ended meanwhile (kill(), the watchdog): release the rest
                     jailed.kill()
 
-    def _request(self, message: dict[str, Any], timeout_s: float | None = None) -> dict[str, Any]:
+    def _request(
+        self, message: ReplyRequest | dict[str, Any], timeout_s: float | None = None
+    ) -> dict[str, Any]:
         with self._lock:
             jailed = self._use()
             self.busy = True
@@ -339,12 +342,17 @@ class Commands:
         if timeout is not None:
             limit = timeout if limit is None else min(limit, timeout)
         envs = check_envs(envs)
-        message = {"op": "command", "cmd": cmd, "timeout_s": limit, "envs": envs}
+        message = CommandRequest(
+            op="command",
+            cmd=cmd,
+            timeout_s=limit,
+            envs=envs,
+            output_bytes=self._sbx.policy.output_bytes,
+        )
         policy = self._sbx.policy
         if policy.approval_commands:
             reasons = with_envs(["approval_commands=true"], envs)
             self._sbx._gate.check(policy, "command", reasons, cmd, sandbox_id=self._sbx.id)
-        message["output_bytes"] = self._sbx.policy.output_bytes
         started_alive = self._sbx._jailed.alive  # ended before: the call is the error
         # The kernel enforces the timeout; the host waits a little longer as a backstop.
         jailed = self._sbx._jailed

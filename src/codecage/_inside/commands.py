@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from typing import Any
+
+from .messages import CommandReply
 
 
-def run(
-    cmd: str, timeout_s: float | None, envs: dict[str, str], output_bytes: int
-) -> dict[str, Any]:
+def run(cmd: str, timeout_s: float | None, envs: dict[str, str], output_bytes: int) -> CommandReply:
     env = dict(os.environ) | envs
     proc = subprocess.Popen(
         ["/bin/sh", "-c", cmd],
@@ -31,12 +30,12 @@ def run(
     truncated = len(out) + len(err) > output_bytes
     out = out[:output_bytes]
     err = err[: max(0, output_bytes - len(out))]
-    return {
-        "stdout": out.decode("utf-8", "replace"),
-        "stderr": err.decode("utf-8", "replace"),
-        "exit_code": 124
+    return CommandReply(
+        stdout=out.decode("utf-8", "replace"),
+        stderr=err.decode("utf-8", "replace"),
+        exit_code=124
         if timed_out
         else (proc.returncode if proc.returncode >= 0 else 128 - proc.returncode),
-        "timed_out": timed_out,
-        "truncated": truncated,
-    }
+        timed_out=timed_out,
+        truncated=truncated,
+    )

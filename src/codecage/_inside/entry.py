@@ -25,6 +25,7 @@ import traceback
 from typing import Any
 
 from . import caps, init, landlock, libc, pipeline, seccomp, zygote
+from .messages import SetupErrorEvent
 
 
 def confine(spec: dict[str, Any], supervisor_fd: int) -> dict[str, Any]:
@@ -59,7 +60,9 @@ def main() -> None:
         spec: dict[str, Any] = json.loads(supervisor.recv(1 << 20))
         ctx = confine(spec, supervisor_fd)
     except BaseException:
-        supervisor.send(init.message(ev="error", message=traceback.format_exc()[-4000:]))
+        supervisor.send(
+            init.message(SetupErrorEvent(ev="error", message=traceback.format_exc()[-4000:]))
+        )
         os._exit(1)
     init.run(spec, supervisor, ctx)
 

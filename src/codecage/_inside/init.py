@@ -26,9 +26,10 @@ import socket
 from typing import Any, NoReturn
 
 from . import caps
+from .messages import ExitEvent, InitEvent, KernelEvent, SetupErrorEvent
 
 
-def message(**fields: Any) -> bytes:
+def message(fields: KernelEvent | ExitEvent | SetupErrorEvent | InitEvent) -> bytes:
     return json.dumps(fields).encode()
 
 
@@ -104,9 +105,10 @@ def _start_kernel(
         _fail(supervisor, f"init cannot take back its own OOM score: {exc}")
     kernel_end.close()
     if host_end is None:
-        supervisor.send(message(ev="kernel", generation=generation, token=token))
+        supervisor.send(message(KernelEvent(ev="kernel", generation=generation, token=token)))
         return pid
-    socket.send_fds(supervisor, [message(ev="kernel", generation=generation)], [host_end.fileno()])
+    announce = message(KernelEvent(ev="kernel", generation=generation))
+    socket.send_fds(supervisor, [announce], [host_end.fileno()])
     host_end.close()
     return pid
 
@@ -114,7 +116,7 @@ def _start_kernel(
 def _fail(supervisor: socket.socket, why: str) -> NoReturn:
     """Report a set-up failure to the host (which ends the sandbox with it), then end."""
     with contextlib.suppress(OSError):
-        supervisor.send(message(ev="error", message=why))
+        supervisor.send(message(SetupErrorEvent(ev="error", message=why)))
     _kill_all_and_exit()
 
 
@@ -129,7 +131,9 @@ def _reap(supervisor: socket.socket, kernel: int, generation: int) -> int:
         if pid == kernel:
             sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
-            supervisor.send(message(ev="exit", generation=generation, signal=sig, code=code))
+            supervisor.send(
+                message(ExitEvent(ev="exit", generation=generation, signal=sig, code=code))
+            )
             kernel = -1
 
 

@@ -21,9 +21,20 @@ import threading
 import time
 import traceback
 import types
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from . import commands, files, libc
+from .messages import (
+    DoneEvent,
+    EndEvent,
+    Event,
+    FailedEvent,
+    HelloEvent,
+    ResultEvent,
+    StderrEvent,
+    StdoutEvent,
+)
 from .protocol import PROTOCOL_VERSION, FrameReader, Message, encode
 
 CHUNK = 64 * 1024
@@ -39,6 +50,10 @@ class Channel:
         self.pending: list[Message] = []
 
     def send(self, **message: Any) -> None:
+        self.put(message)
+
+    def put(self, message: Event | Mapping[str, Any]) -> None:
+        """Send one message (messages.py types the kernel's events)."""
         data = encode(message)
         with self.lock:
             self.sock.sendall(data)
@@ -86,7 +101,11 @@ class Output:
         text = data.decode("utf-8", "ignore")  # a character cut at the budget's edge
         step = CHUNK // 4  # at most 4 bytes a character: a frame stays under CHUNK
         for start in range(0, len(text), step):
-            self.channel.send(ev=stream, id=self.run_id, text=text[start : start + step])
+            chunk = text[start : start + step]
+            if stream == "stdout":
+                self.channel.put(StdoutEvent(ev="stdout", id=self.run_id, text=chunk))
+            else:
+                self.channel.put(StderrEvent(ev="stderr", id=self.run_id, text=chunk))
 
 
 class Stream(io.TextIOBase):
@@ -256,8 +275,11 @@ class Kernel:
         self.shell: Any = None
         # pid and fd let the host find this process and its channel in /proc (it checks
         # both): it accepts a run's end only once this main thread waits on that descriptor.
-        hello = {"protocol": PROTOCOL_VERSION, "pid": os.getpid(), "fd": channel.sock.fileno()}
-        channel.send(ev="hello", **hello)
+        channel.put(
+            HelloEvent(
+                ev="hello", protocol=PROTOCOL_VERSION, pid=os.getpid(), fd=channel.sock.fileno()
+            )
+        )
 
     def serve(self) -> None:
         while True:
@@ -267,59 +289,67 @@ class Kernel:
                 continue  # an interrupt that arrived between runs
             if request is None or request.get("op") == "shutdown":
                 os._exit(0)
-            op = request.get("op")
-            try:
-                if op == "execute":
-                    self.execute(request)
-                elif op in files.OPS:
-                    self.file_op(request)
-                elif op == "command":
-                    self.command(request)
-                elif op == "prefault":
-                    self.prefault(request)
-                elif op == "setenv":
-                    os.environ.update(
-                        {str(k): str(v) for k, v in (request.get("envs") or {}).items()}
-                    )
-                    self.channel.send(ev="done", id=request.get("id"))
-                elif op == "guard":
-                    from . import imports
+            self.dispatch(request)
 
-                    allow = request.get("modules_allow")
-                    imports.install(
-                        None if allow is None else [str(m) for m in allow],
-                        [str(m) for m in request.get("modules_deny") or ()],
-                    )
-                    self.channel.send(ev="done", id=request.get("id"))
-                else:
-                    self.channel.send(
+    def dispatch(self, request: Message) -> None:
+        """Answer one request through HANDLERS; an unknown op is a `failed` reply."""
+        op = request.get("op")
+        handler = HANDLERS.get(op) if isinstance(op, str) else None
+        try:
+            if handler is None:
+                self.channel.put(
+                    FailedEvent(
                         ev="failed",
                         id=request.get("id"),
                         error="ProtocolError",
                         message=f"unknown op {op!r}",
                     )
-            except KeyboardInterrupt:
-                self.channel.send(
+                )
+            else:
+                handler(self, request)
+        except KeyboardInterrupt:
+            self.channel.put(
+                FailedEvent(
                     ev="failed",
                     id=request.get("id"),
                     error="KeyboardInterrupt",
                     message="interrupted",
                 )
+            )
+
+    def done(self, request: Message, reply: Mapping[str, Any] | None = None) -> None:
+        self.channel.put({**DoneEvent(ev="done", id=request.get("id")), **(reply or {})})
+
+    def setenv(self, request: Message) -> None:
+        os.environ.update({str(k): str(v) for k, v in (request.get("envs") or {}).items()})
+        self.done(request)
+
+    def guard(self, request: Message) -> None:
+        from . import imports
+
+        allow = request.get("modules_allow")
+        imports.install(
+            None if allow is None else [str(m) for m in allow],
+            [str(m) for m in request.get("modules_deny") or ()],
+        )
+        self.done(request)
 
     def file_op(self, request: Message) -> None:
         op, args = str(request["op"]), dict(request.get("args") or {})
         try:
             reply = files.OPS[op](**args)
         except (OSError, ValueError, TypeError) as exc:
-            self.channel.send(
-                ev="failed",
-                id=request.get("id"),
-                error=type(exc).__name__,
-                errno=getattr(exc, "errno", None),
-                message=str(exc),
+            self.channel.put(
+                FailedEvent(
+                    ev="failed",
+                    id=request.get("id"),
+                    error=type(exc).__name__,
+                    errno=getattr(exc, "errno", None),
+                    message=str(exc),
+                )
             )
             return
-        self.channel.send(ev="done", id=request.get("id"), **reply)
+        self.done(request, reply)
 
     def prefault(self, request: Message) -> None:
         """Take the path a first cell takes (IPython, output streams, the descriptor flush,
@@ -330,7 +360,7 @@ class Kernel:
         shell = self.session_shell()
         shell.reset(new_session=False)
         shell.execution_count = 1
-        self.channel.send(ev="done", id=request.get("id"))
+        self.done(request)
 
     def command(self, request: Message) -> None:
         timeout = request.get("timeout_s")
@@ -340,7 +370,7 @@ class Kernel:
             {str(k): str(v) for k, v in (request.get("envs") or {}).items()},
             int(request.get("output_bytes", 1 << 20)),
         )
-        self.channel.send(ev="done", id=request.get("id"), **reply)
+        self.done(request, reply)
 
     def session_shell(self) -> Any:
         if self.shell is None:
@@ -368,9 +398,11 @@ class Kernel:
                 result, error, exit_code = self.executor.run(code, mode)
                 count = self.executor.execution_count
                 if result is not None:
-                    self.channel.send(ev="result", id=run_id, data=result, is_main_result=True)
+                    self.channel.put(
+                        ResultEvent(ev="result", id=run_id, data=result, is_main_result=True)
+                    )
             if error is not None:
-                self.channel.send(ev="error", id=run_id, **error)
+                self.channel.put({"ev": "error", "id": run_id, **error})
         finally:
             os.environ.clear()
             os.environ.update(saved)
@@ -378,13 +410,15 @@ class Kernel:
                 with contextlib.suppress(Exception):  # user code may have replaced them
                     stream.flush()
             self.capture.flush()
-        self.channel.send(
-            ev="end",
-            id=run_id,
-            execution_count=count,
-            exit_code=exit_code,
-            truncated=self.output.truncated,
-            duration_ms=(time.perf_counter() - started) * 1000,
+        self.channel.put(
+            EndEvent(
+                ev="end",
+                id=run_id,
+                execution_count=count,
+                exit_code=exit_code,
+                truncated=self.output.truncated,
+                duration_ms=(time.perf_counter() - started) * 1000,
+            )
         )
 
     def _cell(self, run_id: Any, code: str) -> tuple[int, Message | None]:
@@ -398,6 +432,17 @@ class Kernel:
             # counted as the host counts it, so a result the host would refuse is not sent
             size = sum(len(v) if isinstance(v, str) else len(json.dumps(v)) for v in data.values())
             if self.output.take_result(size):
-                self.channel.send(ev=kind, id=run_id, **payload)
+                self.channel.put({"ev": kind, "id": run_id, **payload})
 
         return shell.run_cell(self.session_shell(), code, sink)
+
+
+# The kernel's requests, by op (docs/protocol.md); `shutdown` is the serve loop's own.
+HANDLERS: dict[str, Callable[[Kernel, Message], None]] = {
+    "execute": Kernel.execute,
+    **{op: Kernel.file_op for op in files.OPS},
+    "command": Kernel.command,
+    "setenv": Kernel.setenv,
+    "guard": Kernel.guard,
+    "prefault": Kernel.prefault,
+}

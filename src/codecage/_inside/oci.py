@@ -20,6 +20,7 @@ import traceback
 from typing import Any
 
 from . import entry, init
+from .messages import SetupErrorEvent
 
 
 def main() -> None:
@@ -29,6 +30,8 @@ def main() -> None:
         spec: dict[str, Any] = json.loads(supervisor.recv(1 << 20))
         ctx = entry.confine(spec, supervisor.fileno())
     except BaseException:
-        supervisor.send(init.message(ev="error", message=traceback.format_exc()[-4000:]))
+        supervisor.send(
+            init.message(SetupErrorEvent(ev="error", message=traceback.format_exc()[-4000:]))
+        )
         os._exit(1)
     init.run(spec, supervisor, ctx)

@@ -22,6 +22,7 @@ import traceback
 from typing import Any
 
 from . import caps, init, landlock, libc, mounts, namespaces, seccomp
+from .messages import InitEvent, SetupErrorEvent
 
 MAX_SPEC = 1 << 20
 
@@ -39,14 +40,16 @@ def setup(supervisor: socket.socket, ctx: dict[str, Any]) -> None:
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()
     except BaseException:
-        supervisor.send(init.message(ev="error", message=traceback.format_exc()[-4000:]))
+        supervisor.send(
+            init.message(SetupErrorEvent(ev="error", message=traceback.format_exc()[-4000:]))
+        )
         os._exit(1)
     if pid:
         try:
             # A pidfd, taken by init's parent before init may exit: the host's handle on it
             # can never name a reused pid. Sent before init says anything (it waits on go).
             pidfd = os.pidfd_open(pid)
-            socket.send_fds(supervisor, [init.message(ev="init", pid=pid)], [pidfd])
+            socket.send_fds(supervisor, [init.message(InitEvent(ev="init", pid=pid))], [pidfd])
             os.write(go_w, b"g")
         finally:
             os._exit(0)
@@ -57,7 +60,9 @@ def setup(supervisor: socket.socket, ctx: dict[str, Any]) -> None:
     try:
         confine(spec, ctx)
     except BaseException:
-        supervisor.send(init.message(ev="error", message=traceback.format_exc()[-4000:]))
+        supervisor.send(
+            init.message(SetupErrorEvent(ev="error", message=traceback.format_exc()[-4000:]))
+        )
         os._exit(1)
     init.run(spec, supervisor, ctx)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 PROTOCOL_VERSION = 1
@@ -21,6 +22,8 @@ MAX_VALUES = 1 << 20
 _STRINGS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _HEADER = struct.Struct(">I")
 
+# A frame as decoded: whatever the peer sent. What each message holds is typed in
+# messages.py; a frame read from a sandbox is checked field by field where it is used.
 Message = dict[str, Any]
 
 
@@ -28,7 +31,7 @@ class ProtocolError(Exception):
     """The peer sent something that is not a valid frame."""
 
 
-def encode(message: Message) -> bytes:
+def encode(message: Mapping[str, Any]) -> bytes:
     body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()
     if len(body) > MAX_FRAME:
         raise ProtocolError(f"frame of {len(body)} bytes exceeds {MAX_FRAME}")

@@ -42,6 +42,7 @@ from typing import Any
 
 from .. import _image
 from .._errors import BackendUnavailable, SandboxError, TransportError
+from .._inside.messages import SignalRequest
 from .._models import Execution, ExecutionError
 from .._policy import Policy
 from . import cgroups, features, oci
@@ -265,7 +266,7 @@ class GvisorSandbox(oci.OciSandbox):
 
     def _signal_inside(self, sig: int) -> None:
         with contextlib.suppress(OSError):
-            self._channel.send(json.dumps({"op": "signal", "signal": int(sig)}).encode())
+            self._channel.send(json.dumps(SignalRequest(op="signal", signal=int(sig))).encode())
 
     def _open_mounts(self) -> None:
         pass  # the guest's tmpfs lives in the sentry's memory: no host statvfs

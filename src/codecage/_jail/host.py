@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -40,6 +40,14 @@ from .._errors import (
     SandboxError,
     SandboxNotFound,
     TransportError,
+)
+from .._inside.messages import (
+    ExecuteRequest,
+    GuardRequest,
+    PrefaultRequest,
+    ReplyRequest,
+    RestartRequest,
+    SetenvRequest,
 )
 from .._inside.protocol import FrameReader, Message, ProtocolError, encode
 from .._models import Execution, ExecutionError, KilledBy, Result
@@ -205,16 +213,16 @@ def rlimits(policy: Policy) -> dict[str, int]:
     }
 
 
-def import_guard(policy: Policy) -> Message | None:
+def import_guard(policy: Policy) -> GuardRequest | None:
     """The kernel request that puts the policy's module rules in place, if it has any."""
     if policy.modules_allow is None and not policy.modules_deny:
         return None
     allow = policy.modules_allow
-    return {
-        "op": "guard",
-        "modules_allow": None if allow is None else list(allow),
-        "modules_deny": list(policy.modules_deny),
-    }
+    return GuardRequest(
+        op="guard",
+        modules_allow=None if allow is None else list(allow),
+        modules_deny=list(policy.modules_deny),
+    )
 
 
 class HostJail:
@@ -316,7 +324,7 @@ class HostSandbox:
         self._kernel: socket.socket | None = None
         self._reader = FrameReader()
         self._pending: list[Message] = []
-        self._setup: list[Message] = []
+        self._setup: list[ReplyRequest] = []
         self._cpu_base = 0.0
         self.ended_limit: str | None = None  # the limit that ended it ("cpu_limit"), if one did
         self._full_at_end = False
@@ -578,14 +586,16 @@ class HostSandbox:
             limit = timeout_s if limit is None else min(limit, timeout_s)
         return run.go(code, mode, limit, envs or {}, recover)
 
-    def request(self, message: Message, timeout_s: float | None) -> Message:
+    def request(
+        self, message: ReplyRequest | Mapping[str, Any], timeout_s: float | None
+    ) -> Message:
         """Send a file or command request and wait for its reply ("done" or "failed").
 
         If the kernel dies meanwhile it is restarted and TransportError is raised; past the
         deadline the kernel is interrupted, then killed and restarted."""
         if self._closed or self._dying:
             raise SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
-        message = {**message, "id": self._issue()}
+        message = {**message, "id": self._issue()}  # sent as built, with a fresh id
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         self._received = 0  # the request's own channel budget
         self.send(message)
@@ -639,14 +649,14 @@ class HostSandbox:
 
     def prefault(self) -> None:
         """The pool's first, uncounted cell: not the session's CPU either."""
-        self.request({"op": "prefault"}, 30)
+        self.request(PrefaultRequest(op="prefault"), 30)
         self._cpu_base = self.cgroups.usage().cpu_s
 
     def set_envs(self, envs: dict[str, str]) -> None:
         """A pooled sandbox's own environment, set when it is handed out (no code ran yet)."""
-        self.setup({"op": "setenv", "envs": envs})
+        self.setup(SetenvRequest(op="setenv", envs=envs))
 
-    def setup(self, message: Message) -> None:
+    def setup(self, message: ReplyRequest) -> None:
         """A request that configures the session (environment, import guard): sent now, and
         again to every kernel a restart brings, before any code runs there."""
         self.request(message, 30)
@@ -662,7 +672,7 @@ class HostSandbox:
 
     def restart_kernel(self, deadline: float) -> None:
         try:
-            self._channel.send(b'{"op": "restart"}')
+            self._channel.send(json.dumps(RestartRequest(op="restart")).encode())
             self._channel.setblocking(True)
             self._await_kernel(deadline)
             for message in self._setup:
@@ -680,7 +690,7 @@ class HostSandbox:
         """SIGINT to every process but init, like Ctrl-C to a terminal's foreground group."""
         self.cgroups.kill(spare=self.init_pid, sig=signal.SIGINT)
 
-    def send(self, message: Message, timeout_s: float = 30.0) -> None:
+    def send(self, message: Mapping[str, Any], timeout_s: float = 30.0) -> None:
         """Send a request; a kernel that stops reading cannot block the host for ever."""
         assert self._kernel is not None
         data = memoryview(encode(message))
@@ -819,12 +829,15 @@ class _Run:
         started = time.monotonic()
         deadline = None if limit is None else started + limit
         self.limit, self.mode = limit, mode
-        request: dict[str, Any] = {"op": "execute", "id": self.id, "code": code, "mode": mode}
-        request |= {
-            "envs": envs,
-            "output_bytes": policy.output_bytes,
-            "results_bytes": policy.results_bytes,
-        }
+        request = ExecuteRequest(
+            op="execute",
+            id=self.id,
+            code=code,
+            mode=mode,
+            envs=envs,
+            output_bytes=policy.output_bytes,
+            results_bytes=policy.results_bytes,
+        )
         sbx._received = 0  # the run's own channel budget (what came between runs included)
         outcome = "end"
         try:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import BackendUnavailable, SandboxError
+from .._inside.messages import TemplateRequest
 
 DEFAULT_RUNTIME = "/var/lib/codecage/runtime"
 DEFAULT_PRELOAD = ("numpy", "pandas", "matplotlib", "matplotlib.pyplot", "IPython")
@@ -179,7 +180,7 @@ class Template:
             for fd in received:
                 os.close(fd)
 
-    def _call(self, request: dict[str, Any], timeout_s: float, fds: int = 0) -> dict[str, Any]:
+    def _call(self, request: TemplateRequest, timeout_s: float, fds: int = 0) -> dict[str, Any]:
         with self._lock:
             self._rid += 1
             self._sock.settimeout(timeout_s)
@@ -189,7 +190,7 @@ class Template:
     def spawn(self, timeout_s: float = 30.0) -> socket.socket:
         """Fork a sandbox's set-up process. Returns its supervisor socket: the sandbox's spec
         goes over it, never to the template (whose memory every later fork inherits)."""
-        reply = self._call({"op": "spawn"}, timeout_s, fds=1)
+        reply = self._call(TemplateRequest(op="spawn"), timeout_s, fds=1)
         fds: list[int] = reply["_fds"]
         if not reply.get("ok") or len(fds) != 1:
             for fd in fds:
@@ -208,10 +209,10 @@ class Template:
     def reap(self) -> None:
         """Have the template reap its dead children (a sandbox's init), so no zombie remains.
         Names no pid: nothing of a sandbox goes to the template."""
-        self._call({"op": "reap"}, 10)
+        self._call(TemplateRequest(op="reap"), 10)
 
     def ping(self) -> dict[str, Any]:
-        return self._call({"op": "ping"}, 10)
+        return self._call(TemplateRequest(op="ping"), 10)
 
     def diagnostics(self) -> str:
         """The end of the template's stderr, for error messages."""
