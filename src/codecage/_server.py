@@ -30,17 +30,7 @@ from ._api import prepare_code
 from ._approvals import operation
 from ._audit import AuditLog
 from ._config import ServerConfig, check_fits, within
-from ._errors import (
-    ApprovalDenied,
-    ApprovalNotFound,
-    AuditUnavailable,
-    CodeRejected,
-    FileNotFoundInSandbox,
-    PolicyError,
-    QuotaExceeded,
-    SandboxError,
-    SandboxNotFound,
-)
+from ._errors import CodeRejected, SandboxError, wire
 from ._jail import cgroups, close_jails, get_jail
 from ._jail.host import HostJail
 from ._manager import Manager
@@ -658,11 +648,7 @@ async def _answer(
         try:
             ex = task.result()
         except SandboxError as exc:
-            failed: dict[str, Any] = {"ev": "failed", "type": type(exc).__name__}
-            failed["message"] = str(exc)
-            if isinstance(exc, CodeRejected):
-                failed["findings"] = [dataclasses.asdict(f) for f in exc.findings]
-            yield json.dumps(failed).encode() + b"\n"
+            yield json.dumps({"ev": "failed", **_error_body(exc)}).encode() + b"\n"
             return
         yield json.dumps({"ev": "execution", "execution": _execution_json(ex)}).encode() + b"\n"
 
@@ -832,23 +818,20 @@ class BadRequest(Exception):
 
 
 def _handlers(app: FastAPI) -> None:
+    """The service's own errors by their status here; every SandboxError by `WIRE`."""
     mapping: list[tuple[type[BaseException], int]] = [
         (Unauthorized, 401),
         (Forbidden, 403),
         (BadRequest, 400),
         (UnsupportedMedia, 415),
         (RequestTimeout, 408),
-        (SandboxNotFound, 404),
-        (FileNotFoundInSandbox, 404),
-        (ApprovalNotFound, 404),
-        (ApprovalDenied, 403),
-        (PolicyError, 422),
-        (QuotaExceeded, 429),
-        (AuditUnavailable, 503),
-        (SandboxError, 409),
     ]
     for exc_type, status in mapping:
         app.add_exception_handler(exc_type, _handler(status))  # type: ignore[arg-type]
+
+    @app.exception_handler(SandboxError)
+    async def sandbox_error(request: Request, exc: SandboxError) -> JSONResponse:
+        return JSONResponse({"error": _error_body(exc)}, status_code=wire(exc).status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -863,14 +846,19 @@ def _handlers(app: FastAPI) -> None:
         return _error(500, "InternalError", "internal error (details are in the server's log)")
 
 
+def _error_body(exc: SandboxError) -> dict[str, Any]:
+    """An error's `{"type", "message"}` by its wire name; CodeRejected adds what was found,
+    so the caller can change the code."""
+    body: dict[str, Any] = {"type": wire(exc).name, "message": str(exc)}
+    if isinstance(exc, CodeRejected):
+        body["findings"] = [dataclasses.asdict(f) for f in exc.findings]
+    return body
+
+
 def _handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        kind = "FileNotFound" if isinstance(exc, FileNotFoundInSandbox) else type(exc).__name__
+        kind = type(exc).__name__
         response = _error(status, kind, str(exc) if status != 401 else "missing or invalid API key")
-        if isinstance(exc, CodeRejected):  # what was found, so the caller can change the code
-            body: dict[str, Any] = {"type": kind, "message": str(exc)}
-            body["findings"] = [dataclasses.asdict(f) for f in exc.findings]
-            response = JSONResponse({"error": body}, status_code=status)
         if status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response
