@@ -152,7 +152,26 @@ class Sandbox:
         """run_code with the raw protocol events (for the service's NDJSON stream). The
         static-analysis verdict and any approval come first: blocked or denied code never
         reaches the sandbox."""
-        text = prepare_code(code)
+        return self._run_prepared(
+            prepare_code(code),
+            timeout=timeout,
+            envs=envs,
+            on_event=on_event,
+            findings=findings,
+            run_id=run_id,
+        )
+
+    def _run_prepared(
+        self,
+        text: str,
+        *,
+        timeout: float | None = None,
+        envs: dict[str, str] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        findings: list[Finding] | None = None,
+        run_id: str | None = None,
+    ) -> Execution:
+        """`_run` of code already through `prepare_code` (and, with `findings`, analysed)."""
         envs = check_envs(envs)
         findings = self._gate.code(
             self.policy,

@@ -25,16 +25,14 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._analysis import analyze
-from ._api import prepare_code
 from ._approvals import operation
 from ._audit import AuditLog
-from ._config import ServerConfig, check_fits, within
+from ._config import ServerConfig, check_fits
 from ._errors import CodeRejected, SandboxError, wire
 from ._jail import cgroups, close_jails, get_jail
 from ._jail.host import HostJail
-from ._manager import Manager
-from ._models import Execution, Finding
+from ._manager import Manager, Started
+from ._models import Execution
 from ._text import has_lone_surrogate
 
 NDJSON = "application/x-ndjson"
@@ -394,29 +392,13 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         ref: str | None = ref_header,
     ) -> Response:
         _valid_text(body)
-        code = prepare_code(body.code)
-        entry = manager().get(who, sandbox_id)
 
-        findings: list[Finding] = []
+        def begin() -> Started:  # in a worker thread: analysis is off the event loop
+            return manager().start_execute(who, sandbox_id, body.code)
 
-        def begin() -> str:  # in a worker thread: analysis is off the event loop
-            manager().enter(entry)  # a place in the sandbox's short queue, or 409
-            try:
-                findings.extend(analyze(code))
-                policy = entry.sandbox.policy
-                return manager().begin(who, sandbox_id, "execute", code, policy, findings)
-            except BaseException:
-                manager().leave(entry)
-                raise
-
-        def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
-            try:
-                with operation(client_ref=ref):
-                    return manager().execute(
-                        who, sandbox_id, run_id, code, body.timeout, body.envs, on_event, findings
-                    )
-            finally:
-                manager().leave(entry)
+        def work(started: Started, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
+            with operation(client_ref=ref):
+                return manager().carry_out(started, body.envs, on_event, body.timeout)
 
         return await _answer(request, begin, work)
 
@@ -430,28 +412,13 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         ref: str | None = ref_header,
     ) -> Response:
         _valid_text(body)
-        code = prepare_code(body.code)
-        policy = within(config.policy, body.policy, config.ceiling)
 
-        findings: list[Finding] = []
+        def begin() -> Started:
+            return manager().start_run(who, body.code, body.policy)
 
-        slot = manager().oneshot(who)  # a one-shot run counts as a live sandbox while it runs
-
-        def begin() -> str:
-            slot.__enter__()
-            try:
-                findings.extend(analyze(code))
-                return manager().begin(who, None, "run", code, policy, findings)
-            except BaseException as exc:
-                slot.__exit__(type(exc), exc, exc.__traceback__)
-                raise
-
-        def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
-            try:
-                with operation(client_ref=ref):
-                    return manager().run(who, run_id, code, policy, body.envs, on_event, findings)
-            finally:
-                slot.__exit__(None, None, None)
+        def work(started: Started, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
+            with operation(client_ref=ref):
+                return manager().carry_out(started, body.envs, on_event)
 
         return await _answer(request, begin, work)
 
@@ -620,8 +587,8 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
 
 async def _answer(
     request: Request,
-    begin: Callable[[], str],
-    work: Callable[[str, Callable[[dict[str, Any]], None] | None], Execution],
+    begin: Callable[[], Started],
+    work: Callable[[Started, Callable[[dict[str, Any]], None] | None], Execution],
 ) -> Response:
     """Record the run (durably) before it starts, then answer with one JSON Execution, or
     (Accept: application/x-ndjson) the events as they happen and {"ev": "execution", ...}
@@ -629,7 +596,7 @@ async def _answer(
     if NDJSON not in request.headers.get("accept", ""):
         ex = await run_in_threadpool(lambda: work(begin(), None))  # one thread hop per run
         return JSONResponse(_execution_json(ex))
-    run_id = await run_in_threadpool(begin)
+    started = await run_in_threadpool(begin)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
@@ -639,7 +606,7 @@ async def _answer(
             clean = {"ev": event["ev"], **{f: event.get(f) for f in fields}}
             loop.call_soon_threadsafe(events.put_nowait, clean)
 
-    task = loop.run_in_executor(None, work, run_id, on_event)
+    task = loop.run_in_executor(None, work, started, on_event)
     task.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
 
     async def lines() -> AsyncIterator[bytes]:

@@ -93,7 +93,7 @@ def test_each_error_round_trips_through_the_service(
                 client.Sandbox()
             check(caught, sent)
         with monkeypatch.context() as patch:
-            patch.setattr(Manager, "execute", raising(sent))
+            patch.setattr(Manager, "_now", raising(sent))  # inside the run's record
             with pytest.raises(SandboxError) as caught:
                 sbx.run_code("x")  # one JSON answer: the status and the error body
             check(caught, sent)
