@@ -32,6 +32,8 @@ from ._errors import (
     SandboxError,
     SandboxNotFound,
 )
+from ._jail import get_jail
+from ._jail.host import HostJail
 from ._jail.pool import Pool
 from ._models import Execution, Finding
 from ._policy import Policy
@@ -270,6 +272,22 @@ class Manager:
                     f"sandbox {sandbox_id} has ended: {entry.sandbox._jailed.ended_because}"
                 )
         return entry
+
+    def live(self) -> int:
+        """Sandboxes held (for /healthz: no lock, it never waits)."""
+        return len(self._sandboxes)
+
+    def start(self) -> None:
+        """Start the service's jail (its template is warm for the first request, and its
+        start-up sweep removes whatever a crashed predecessor left behind) and, with
+        `pool_size`, its warm pool, watched by the metrics."""
+        config = self.config
+        jail = get_jail(config.policy.isolation)
+        if config.pool_size and isinstance(jail, HostJail):
+            pool = jail.start_pool(
+                config.pool_size, config.policy, config.pool_refill_per_s, config.template_max_age_s
+            )
+            self.metrics.watch_pool(pool)
 
     def entries(self, tenant: str) -> list[Entry]:
         with self._lock:
@@ -549,6 +567,25 @@ class Manager:
             return result
 
         return self._recorded(run_id, "command", work)
+
+    # -- files: the small operations (uploads and downloads are recorded transfers, below) ---
+
+    def _file_op(self, tenant: str, sandbox_id: str, op: Callable[[Sandbox], T]) -> T:
+        """A file operation with a place in the sandbox's queue; a shutdown waits for it."""
+        with self.using(tenant, sandbox_id) as entry, self._operation():
+            return op(entry.sandbox)
+
+    def list_files(self, tenant: str, sandbox_id: str, path: str) -> list[EntryInfo]:
+        return self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.list(path))
+
+    def exists(self, tenant: str, sandbox_id: str, path: str) -> bool:
+        return self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.exists(path))
+
+    def remove(self, tenant: str, sandbox_id: str, path: str) -> None:
+        self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.remove(path))
+
+    def make_dir(self, tenant: str, sandbox_id: str, path: str) -> bool:
+        return self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.make_dir(path))
 
     def upload(self, tenant: str, sandbox_id: str, path: str, data: bytes) -> EntryInfo:
         with self.uploading(tenant, sandbox_id, path) as sink:

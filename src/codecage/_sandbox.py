@@ -21,7 +21,7 @@ from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound, Trans
 from ._jail import get_jail
 from ._jail.host import HostSandbox
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
-from ._policy import Policy
+from ._policy import Policy, effective_timeout
 
 FILE_CHUNK = 4 << 20
 
@@ -354,9 +354,7 @@ class Commands:
     def run(
         self, cmd: str, *, timeout: float | None = None, envs: dict[str, str] | None = None
     ) -> CommandResult:
-        limit = self._sbx.policy.timeout_s
-        if timeout is not None:
-            limit = timeout if limit is None else min(limit, timeout)
+        limit = effective_timeout(self._sbx.policy, timeout)
         envs = check_envs(envs)
         message = {"op": "command", "cmd": cmd, "timeout_s": limit, "envs": envs}
         policy = self._sbx.policy

@@ -29,8 +29,7 @@ from ._approvals import operation
 from ._audit import AuditLog
 from ._config import ServerConfig, check_fits
 from ._errors import CodeRejected, SandboxError, wire
-from ._jail import cgroups, close_jails, get_jail
-from ._jail.host import HostJail
+from ._jail import cgroups, close_jails
 from ._manager import Manager, Started
 from ._models import Execution
 from ._text import has_lone_surrogate
@@ -263,18 +262,9 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         )
         log = audit or config.open_audit()
         log.mark_interrupted()  # runs of a previous process that never completed
-        # Start the jail now: its template is warm for the first request, and its start-up
-        # sweep removes whatever a crashed predecessor left behind.
-        jail = await run_in_threadpool(get_jail, config.policy.isolation)
-        pool = None
-        if config.pool_size and isinstance(jail, HostJail):
-            pool = jail.start_pool(
-                config.pool_size, config.policy, config.pool_refill_per_s, config.template_max_age_s
-            )
         state["audit"] = log
         state["manager"] = Manager(config, log)
-        if pool is not None:
-            state["manager"].metrics.watch_pool(pool)
+        await run_in_threadpool(state["manager"].start)  # the jail, warm; its pool if configured
         try:
             yield
         finally:
@@ -345,7 +335,7 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
 
     @app.get("/healthz", response_model=HealthOut)
     async def healthz() -> HealthOut:  # on the event loop: never waits for a worker thread
-        return HealthOut(status="ok", sandboxes=len(manager()._sandboxes))
+        return HealthOut(status="ok", sandboxes=manager().live())
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=ERRORS)
     def metrics(authorization: str | None = Header(None)) -> PlainTextResponse:
@@ -505,27 +495,23 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         sandbox_id: str, path: str = Query("."), who: str = Depends(tenant)
     ) -> list[EntryOut]:
         _check_path(path)
-        with manager().using(who, sandbox_id) as entry:
-            return [EntryOut(**vars(e)) for e in entry.sandbox.files.list(path)]
+        return [EntryOut(**vars(e)) for e in manager().list_files(who, sandbox_id, path)]
 
     @app.get("/v1/sandboxes/{sandbox_id}/files/exists", response_model=ExistsOut, responses=ERRORS)
     def exists(sandbox_id: str, path: str = Query(...), who: str = Depends(tenant)) -> ExistsOut:
         _check_path(path)
-        with manager().using(who, sandbox_id) as entry:
-            return ExistsOut(exists=entry.sandbox.files.exists(path))
+        return ExistsOut(exists=manager().exists(who, sandbox_id, path))
 
     @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, responses=ERRORS)
     def remove(sandbox_id: str, path: str = Query(...), who: str = Depends(tenant)) -> Response:
         _check_path(path)
-        with manager().using(who, sandbox_id) as entry:
-            entry.sandbox.files.remove(path)
+        manager().remove(who, sandbox_id, path)
         return Response(status_code=204)
 
     @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", response_model=MadeOut, responses=ERRORS)
     def make_dir(sandbox_id: str, body: PathBody, who: str = Depends(tenant)) -> MadeOut:
         _check_path(body.path)
-        with manager().using(who, sandbox_id) as entry:
-            return MadeOut(created=entry.sandbox.files.make_dir(body.path))
+        return MadeOut(created=manager().make_dir(who, sandbox_id, body.path))
 
     @app.get("/v1/approvals", response_model=list[ApprovalOut], responses=ERRORS)
     def pending_approvals(who: tuple[str, str, str] = Depends(approver)) -> list[dict[str, Any]]:
