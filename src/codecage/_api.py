@@ -89,12 +89,13 @@ def run_prepared(
     with its static analysis, before the run is recorded)."""
     from ._approvals import Gate
 
+    envs = check_envs(envs)  # before anything asks a person about them, as a cell's are
     jail = get_jail(policy.isolation)
     jail.check(policy)
     gate = gate or Gate(approver=approver)
     gate.limits(policy, defaults)
     findings = gate.code(policy, text, findings, run_id=run_id, on_event=on_event, envs=envs)
-    sandbox = jail.create(policy, check_envs(envs))
+    sandbox = jail.create(policy, envs)
     try:
         kwargs: dict[str, Any] = {"mode": "main", "recover": False}
         if on_event is not None:
