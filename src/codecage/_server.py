@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
@@ -244,11 +244,379 @@ UPLOAD_BODY: dict[str, Any] = {
 }
 
 
+# -- dependencies: the app's Manager, and who the request's API key is ----------------------
+
+
+async def current_manager(request: Request) -> Manager:  # async: no worker thread to resolve it
+    return request.app.state.codecage["manager"]  # type: ignore[no-any-return]
+
+
+MANAGER = Depends(current_manager)
+
+
+def _identity(audit: AuditLog, authorization: str | None) -> tuple[str, str, str]:
+    """(tenant, role, key id) of an API key in a header value (for an open route that
+    reads an optional key itself; Admission has already checked every other route's)."""
+    scheme, _, key = (authorization or "").partition(" ")
+    found = audit.identity(key.strip()) if scheme.lower() == "bearer" and key else None
+    if found is None:
+        raise Unauthorized()
+    return found
+
+
+async def admitted(  # async, as the two below: no worker thread to resolve them
+    request: Request, authorization: str | None = Header(None)
+) -> tuple[str, str, str]:
+    """(tenant, role, key id) of the request's API key, as Admission found it from the
+    headers before any body was read (`authorization` is declared for the document)."""
+    found = getattr(request.state, "identity", None)
+    if found is None:
+        raise Unauthorized()
+    return found  # type: ignore[no-any-return]
+
+
+async def tenant(who: tuple[str, str, str] = Depends(admitted)) -> str:
+    """A client key's tenant (an approver key only answers approvals)."""
+    if who[1] != "client":
+        raise Forbidden("this key may only answer approvals")
+    return who[0]
+
+
+async def approver(
+    who: tuple[str, str, str] = Depends(admitted), manager: Manager = MANAGER
+) -> tuple[str, str, str]:
+    """A key that may see and answer its tenant's approvals (config `approvers`)."""
+    only_approver_keys = manager.config.approvers == "approver_keys"
+    if who[1] == "operator" or (who[1] != "approver" and only_approver_keys):
+        raise Forbidden("approvals on this service are answered with approver keys only")
+    return who
+
+
+ref_header = Header(
+    None,
+    alias="X-Codecage-Ref",
+    max_length=64,
+    description="the caller's reference, copied into approval requests this raises",
+)
+
+
+def sandbox_out(entry: Any) -> SandboxOut:
+    return SandboxOut(
+        id=entry.sandbox.id,
+        created_at=entry.created_at,
+        policy=entry.sandbox.policy.model_dump(),
+    )
+
+
+# -- the routes, by area (included in this order: the OpenAPI document's) -------------------
+
+service = APIRouter()  # liveness and metrics: open (no key needed)
+sandboxes = APIRouter()
+runs = APIRouter()  # cells, one-shot runs, commands
+files = APIRouter()
+approvals = APIRouter()
+audit_log = APIRouter()
+ROUTERS = (service, sandboxes, runs, files, approvals, audit_log)
+
+
+@service.get("/healthz", response_model=HealthOut)
+async def healthz(manager: Manager = MANAGER) -> HealthOut:
+    # on the event loop: never waits for a worker thread
+    return HealthOut(status="ok", sandboxes=manager.live())
+
+
+@service.get("/metrics", response_class=PlainTextResponse, responses=ERRORS)
+def metrics(
+    authorization: str | None = Header(None), manager: Manager = MANAGER
+) -> PlainTextResponse:
+    """Aggregate series; with an operator key (`keys create --role operator`) also the
+    per-sandbox ones, which name tenants and sandboxes."""
+    from prometheus_client import generate_latest
+
+    text = generate_latest(manager.metrics.registry).decode()
+    if authorization is not None and _identity(manager.audit, authorization)[1] == "operator":
+        text += generate_latest(manager.metrics.detail).decode()
+    return PlainTextResponse(text)
+
+
+@sandboxes.post("/v1/sandboxes", response_model=SandboxOut, status_code=201, responses=ERRORS)
+def create_sandbox(
+    body: CreateSandbox,
+    who: str = Depends(tenant),
+    ref: str | None = ref_header,
+    manager: Manager = MANAGER,
+) -> SandboxOut:
+    _valid_text(body)
+    with operation(client_ref=ref):
+        return sandbox_out(manager.create(who, body.policy, body.envs))
+
+
+@sandboxes.get("/v1/sandboxes", response_model=list[SandboxOut], responses=ERRORS)
+def list_sandboxes(who: str = Depends(tenant), manager: Manager = MANAGER) -> list[SandboxOut]:
+    return [sandbox_out(e) for e in manager.entries(who)]
+
+
+@sandboxes.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxOut, responses=ERRORS)
+def get_sandbox(
+    sandbox_id: str, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> SandboxOut:
+    return sandbox_out(manager.get(who, sandbox_id))
+
+
+@sandboxes.delete("/v1/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS)
+def delete_sandbox(
+    sandbox_id: str, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> Response:
+    manager.delete(who, sandbox_id)
+    return Response(status_code=204)
+
+
+@runs.post(
+    "/v1/sandboxes/{sandbox_id}/execute",
+    response_model=ExecutionOut,
+    responses={**ERRORS, 200: {"content": {NDJSON: {}}}},
+)
+async def execute(
+    sandbox_id: str,
+    body: ExecuteBody,
+    request: Request,
+    who: str = Depends(tenant),
+    ref: str | None = ref_header,
+    manager: Manager = MANAGER,
+) -> Response:
+    _valid_text(body)
+
+    def begin() -> Started:  # in a worker thread: analysis is off the event loop
+        return manager.start_execute(who, sandbox_id, body.code)
+
+    def work(started: Started, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
+        with operation(client_ref=ref):
+            return manager.carry_out(started, body.envs, on_event, body.timeout)
+
+    return await _answer(request, begin, work)
+
+
+@runs.post(
+    "/v1/run", response_model=ExecutionOut, responses={**ERRORS, 200: {"content": {NDJSON: {}}}}
+)
+async def run(
+    body: RunBody,
+    request: Request,
+    who: str = Depends(tenant),
+    ref: str | None = ref_header,
+    manager: Manager = MANAGER,
+) -> Response:
+    _valid_text(body)
+
+    def begin() -> Started:
+        return manager.start_run(who, body.code, body.policy)
+
+    def work(started: Started, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
+        with operation(client_ref=ref):
+            return manager.carry_out(started, body.envs, on_event)
+
+    return await _answer(request, begin, work)
+
+
+@runs.post("/v1/sandboxes/{sandbox_id}/commands", response_model=CommandOut, responses=ERRORS)
+def command(
+    sandbox_id: str,
+    body: CommandBody,
+    who: str = Depends(tenant),
+    ref: str | None = ref_header,
+    manager: Manager = MANAGER,
+) -> CommandOut:
+    _valid_text(body)
+    with operation(client_ref=ref):
+        result = manager.command(who, sandbox_id, body.cmd, body.timeout, body.envs)
+    return CommandOut(**vars(result))
+
+
+@files.put(
+    "/v1/sandboxes/{sandbox_id}/files",
+    response_model=EntryOut,
+    responses=ERRORS,
+    openapi_extra=UPLOAD_BODY,
+)
+async def upload(
+    sandbox_id: str,
+    request: Request,
+    path: str = Query(...),
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> EntryOut:
+    """Store a file: streamed to the sandbox as it arrives (the host holds one chunk)."""
+    from ._sandbox import FILE_CHUNK
+
+    _check_path(path)
+    pieces = _upload_pieces(request)  # 415 / 400 before anything is stored
+    await anext(pieces)
+    uploading = manager.uploading(who, sandbox_id, path)
+    sink = await run_in_threadpool(uploading.__enter__)
+    try:
+        held: list[bytes] = []
+        size = 0
+        async for piece in pieces:
+            if time.monotonic() > sink.deadline:  # a trickle cannot hold the sandbox
+                raise RequestTimeout("the upload took longer than the policy's timeout_s")
+            held.append(piece)
+            size += len(piece)
+            if size >= FILE_CHUNK:
+                await run_in_threadpool(sink.write, b"".join(held))
+                held, size = [], 0
+        await run_in_threadpool(sink.write, b"".join(held))
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(uploading.__exit__, type(exc), exc, exc.__traceback__)
+        raise
+    await run_in_threadpool(uploading.__exit__, None, None, None)
+    assert sink.info is not None
+    return EntryOut(**vars(sink.info))
+
+
+@files.get(
+    "/v1/sandboxes/{sandbox_id}/files",
+    responses={**ERRORS, 200: {"content": {RAW: {}}}},
+    response_class=Response,
+)
+async def download(
+    sandbox_id: str,
+    path: str = Query(...),
+    who: str = Depends(tenant),
+    ref: str | None = ref_header,
+    manager: Manager = MANAGER,
+) -> Response:
+    """The file, streamed chunk by chunk (errors before the first byte are JSON; a
+    transfer that fails later ends the connection before the body is complete)."""
+    _check_path(path)
+    chunks = manager.download(who, sandbox_id, path)
+
+    def first() -> bytes:
+        with operation(client_ref=ref):
+            return next(chunks)
+
+    try:
+        head = await run_in_threadpool(first)
+    except BaseException:
+        await run_in_threadpool(chunks.close)
+        raise
+    return StreamingResponse(_stream(head, chunks), media_type=RAW)
+
+
+@files.get("/v1/sandboxes/{sandbox_id}/files/list", response_model=list[EntryOut], responses=ERRORS)
+def list_files(
+    sandbox_id: str,
+    path: str = Query("."),
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> list[EntryOut]:
+    _check_path(path)
+    return [EntryOut(**vars(e)) for e in manager.list_files(who, sandbox_id, path)]
+
+
+@files.get("/v1/sandboxes/{sandbox_id}/files/exists", response_model=ExistsOut, responses=ERRORS)
+def exists(
+    sandbox_id: str,
+    path: str = Query(...),
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> ExistsOut:
+    _check_path(path)
+    return ExistsOut(exists=manager.exists(who, sandbox_id, path))
+
+
+@files.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, responses=ERRORS)
+def remove(
+    sandbox_id: str,
+    path: str = Query(...),
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> Response:
+    _check_path(path)
+    manager.remove(who, sandbox_id, path)
+    return Response(status_code=204)
+
+
+@files.post("/v1/sandboxes/{sandbox_id}/files/mkdir", response_model=MadeOut, responses=ERRORS)
+def make_dir(
+    sandbox_id: str,
+    body: PathBody,
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> MadeOut:
+    _check_path(body.path)
+    return MadeOut(created=manager.make_dir(who, sandbox_id, body.path))
+
+
+@approvals.get("/v1/approvals", response_model=list[ApprovalOut], responses=ERRORS)
+def pending_approvals(
+    who: tuple[str, str, str] = Depends(approver), manager: Manager = MANAGER
+) -> list[dict[str, Any]]:
+    """This tenant's operations waiting for a person's yes."""
+    return [r.to_dict() for r in manager.approvals.pending(who[0])]
+
+
+@approvals.post("/v1/approvals/{approval_id}", response_model=DecisionOut, responses=ERRORS)
+def decide(
+    approval_id: str,
+    body: DecisionBody,
+    who: tuple[str, str, str] = Depends(approver),
+    manager: Manager = MANAGER,
+) -> dict[str, Any]:
+    """Approve or deny a pending operation (the first answer wins; the audit log keeps it,
+    with the key that answered: `by` is the decider's own note)."""
+    _valid_text(body)
+    tenant_name, role, key_id = who
+    decision = manager.approvals.decide(
+        approval_id,
+        body.decision == "approve",
+        body.by or f"{role} key {key_id}",
+        body.reason,
+        tenant_name,
+        key=key_id,
+    )
+    return decision.to_dict()
+
+
+@audit_log.get("/v1/audit/approvals", responses=ERRORS)
+def audit_approvals(
+    after: int = Query(0, ge=0, le=2**62),
+    limit: int = Query(100, ge=1, le=1000),
+    who: tuple[str, str, str] = Depends(approver),
+    manager: Manager = MANAGER,
+) -> list[dict[str, Any]]:
+    """This tenant's approval requests and decisions: who, when, why; a page at a time
+    (the next page: `after` = the last one's `rowid`)."""
+    return manager.audit.approvals(tenant=who[0], after_rowid=after, limit=limit)
+
+
+@audit_log.get("/v1/audit", responses=ERRORS)
+def audit_runs(
+    sandbox_id: str | None = None,
+    outcome: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    after: int = Query(0, ge=0, le=2**62),
+    limit: int = Query(100, ge=1, le=1000),
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> list[dict[str, Any]]:
+    return manager.audit.runs(
+        tenant=who,
+        sandbox_id=sandbox_id,
+        outcome=outcome,
+        since=since,
+        until=until,
+        after_rowid=after,
+        limit=limit,
+    )
+
+
 # -- the app ---------------------------------------------------------------------------------
 
 
 def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {}  # the audit log and the Manager, once the app has started
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -279,295 +647,14 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         description="Run untrusted Python in locked-down sandboxes.",
         lifespan=lifespan,
     )
+    app.state.codecage = state
     app.add_middleware(
         BodyLimit, default=config.max_code_bytes + (1 << 20), upload=config.max_upload_bytes
     )
     app.add_middleware(Admission, config=config, state=state)  # outermost: before any body
     _handlers(app)
-
-    def manager() -> Manager:
-        return state["manager"]  # type: ignore[no-any-return]
-
-    def identity(authorization: str | None = Header(None)) -> tuple[str, str, str]:
-        """(tenant, role, key id) of an API key in a header value (for an open route that
-        reads an optional key itself; Admission has already checked every other route's)."""
-        scheme, _, key = (authorization or "").partition(" ")
-        found = state["audit"].identity(key.strip()) if scheme.lower() == "bearer" and key else None
-        if found is None:
-            raise Unauthorized()
-        return found  # type: ignore[no-any-return]
-
-    async def admitted(  # async, as the two below: no worker thread to resolve them
-        request: Request, authorization: str | None = Header(None)
-    ) -> tuple[str, str, str]:
-        """(tenant, role, key id) of the request's API key, as Admission found it from the
-        headers before any body was read (`authorization` is declared for the document)."""
-        found = getattr(request.state, "identity", None)
-        if found is None:
-            raise Unauthorized()
-        return found  # type: ignore[no-any-return]
-
-    async def tenant(who: tuple[str, str, str] = Depends(admitted)) -> str:
-        """A client key's tenant (an approver key only answers approvals)."""
-        if who[1] != "client":
-            raise Forbidden("this key may only answer approvals")
-        return who[0]
-
-    async def approver(who: tuple[str, str, str] = Depends(admitted)) -> tuple[str, str, str]:
-        """A key that may see and answer its tenant's approvals (config `approvers`)."""
-        if who[1] == "operator" or (who[1] != "approver" and config.approvers == "approver_keys"):
-            raise Forbidden("approvals on this service are answered with approver keys only")
-        return who
-
-    ref_header = Header(
-        None,
-        alias="X-Codecage-Ref",
-        max_length=64,
-        description="the caller's reference, copied into approval requests this raises",
-    )
-
-    def sandbox_out(entry: Any) -> SandboxOut:
-        return SandboxOut(
-            id=entry.sandbox.id,
-            created_at=entry.created_at,
-            policy=entry.sandbox.policy.model_dump(),
-        )
-
-    @app.get("/healthz", response_model=HealthOut)
-    async def healthz() -> HealthOut:  # on the event loop: never waits for a worker thread
-        return HealthOut(status="ok", sandboxes=manager().live())
-
-    @app.get("/metrics", response_class=PlainTextResponse, responses=ERRORS)
-    def metrics(authorization: str | None = Header(None)) -> PlainTextResponse:
-        """Aggregate series; with an operator key (`keys create --role operator`) also the
-        per-sandbox ones, which name tenants and sandboxes."""
-        from prometheus_client import generate_latest
-
-        text = generate_latest(manager().metrics.registry).decode()
-        if authorization is not None and identity(authorization)[1] == "operator":
-            text += generate_latest(manager().metrics.detail).decode()
-        return PlainTextResponse(text)
-
-    @app.post("/v1/sandboxes", response_model=SandboxOut, status_code=201, responses=ERRORS)
-    def create_sandbox(
-        body: CreateSandbox, who: str = Depends(tenant), ref: str | None = ref_header
-    ) -> SandboxOut:
-        _valid_text(body)
-        with operation(client_ref=ref):
-            return sandbox_out(manager().create(who, body.policy, body.envs))
-
-    @app.get("/v1/sandboxes", response_model=list[SandboxOut], responses=ERRORS)
-    def list_sandboxes(who: str = Depends(tenant)) -> list[SandboxOut]:
-        return [sandbox_out(e) for e in manager().entries(who)]
-
-    @app.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxOut, responses=ERRORS)
-    def get_sandbox(sandbox_id: str, who: str = Depends(tenant)) -> SandboxOut:
-        return sandbox_out(manager().get(who, sandbox_id))
-
-    @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS)
-    def delete_sandbox(sandbox_id: str, who: str = Depends(tenant)) -> Response:
-        manager().delete(who, sandbox_id)
-        return Response(status_code=204)
-
-    @app.post(
-        "/v1/sandboxes/{sandbox_id}/execute",
-        response_model=ExecutionOut,
-        responses={**ERRORS, 200: {"content": {NDJSON: {}}}},
-    )
-    async def execute(
-        sandbox_id: str,
-        body: ExecuteBody,
-        request: Request,
-        who: str = Depends(tenant),
-        ref: str | None = ref_header,
-    ) -> Response:
-        _valid_text(body)
-
-        def begin() -> Started:  # in a worker thread: analysis is off the event loop
-            return manager().start_execute(who, sandbox_id, body.code)
-
-        def work(started: Started, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
-            with operation(client_ref=ref):
-                return manager().carry_out(started, body.envs, on_event, body.timeout)
-
-        return await _answer(request, begin, work)
-
-    @app.post(
-        "/v1/run", response_model=ExecutionOut, responses={**ERRORS, 200: {"content": {NDJSON: {}}}}
-    )
-    async def run(
-        body: RunBody,
-        request: Request,
-        who: str = Depends(tenant),
-        ref: str | None = ref_header,
-    ) -> Response:
-        _valid_text(body)
-
-        def begin() -> Started:
-            return manager().start_run(who, body.code, body.policy)
-
-        def work(started: Started, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
-            with operation(client_ref=ref):
-                return manager().carry_out(started, body.envs, on_event)
-
-        return await _answer(request, begin, work)
-
-    @app.post("/v1/sandboxes/{sandbox_id}/commands", response_model=CommandOut, responses=ERRORS)
-    def command(
-        sandbox_id: str,
-        body: CommandBody,
-        who: str = Depends(tenant),
-        ref: str | None = ref_header,
-    ) -> CommandOut:
-        _valid_text(body)
-        with operation(client_ref=ref):
-            result = manager().command(who, sandbox_id, body.cmd, body.timeout, body.envs)
-        return CommandOut(**vars(result))
-
-    @app.put(
-        "/v1/sandboxes/{sandbox_id}/files",
-        response_model=EntryOut,
-        responses=ERRORS,
-        openapi_extra=UPLOAD_BODY,
-    )
-    async def upload(
-        sandbox_id: str, request: Request, path: str = Query(...), who: str = Depends(tenant)
-    ) -> EntryOut:
-        """Store a file: streamed to the sandbox as it arrives (the host holds one chunk)."""
-        from ._sandbox import FILE_CHUNK
-
-        _check_path(path)
-        pieces = _upload_pieces(request)  # 415 / 400 before anything is stored
-        await anext(pieces)
-        uploading = manager().uploading(who, sandbox_id, path)
-        sink = await run_in_threadpool(uploading.__enter__)
-        try:
-            held: list[bytes] = []
-            size = 0
-            async for piece in pieces:
-                if time.monotonic() > sink.deadline:  # a trickle cannot hold the sandbox
-                    raise RequestTimeout("the upload took longer than the policy's timeout_s")
-                held.append(piece)
-                size += len(piece)
-                if size >= FILE_CHUNK:
-                    await run_in_threadpool(sink.write, b"".join(held))
-                    held, size = [], 0
-            await run_in_threadpool(sink.write, b"".join(held))
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await run_in_threadpool(uploading.__exit__, type(exc), exc, exc.__traceback__)
-            raise
-        await run_in_threadpool(uploading.__exit__, None, None, None)
-        assert sink.info is not None
-        return EntryOut(**vars(sink.info))
-
-    @app.get(
-        "/v1/sandboxes/{sandbox_id}/files",
-        responses={**ERRORS, 200: {"content": {RAW: {}}}},
-        response_class=Response,
-    )
-    async def download(
-        sandbox_id: str,
-        path: str = Query(...),
-        who: str = Depends(tenant),
-        ref: str | None = ref_header,
-    ) -> Response:
-        """The file, streamed chunk by chunk (errors before the first byte are JSON; a
-        transfer that fails later ends the connection before the body is complete)."""
-        _check_path(path)
-        chunks = manager().download(who, sandbox_id, path)
-
-        def first() -> bytes:
-            with operation(client_ref=ref):
-                return next(chunks)
-
-        try:
-            head = await run_in_threadpool(first)
-        except BaseException:
-            await run_in_threadpool(chunks.close)
-            raise
-        return StreamingResponse(_stream(head, chunks), media_type=RAW)
-
-    @app.get(
-        "/v1/sandboxes/{sandbox_id}/files/list", response_model=list[EntryOut], responses=ERRORS
-    )
-    def list_files(
-        sandbox_id: str, path: str = Query("."), who: str = Depends(tenant)
-    ) -> list[EntryOut]:
-        _check_path(path)
-        return [EntryOut(**vars(e)) for e in manager().list_files(who, sandbox_id, path)]
-
-    @app.get("/v1/sandboxes/{sandbox_id}/files/exists", response_model=ExistsOut, responses=ERRORS)
-    def exists(sandbox_id: str, path: str = Query(...), who: str = Depends(tenant)) -> ExistsOut:
-        _check_path(path)
-        return ExistsOut(exists=manager().exists(who, sandbox_id, path))
-
-    @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, responses=ERRORS)
-    def remove(sandbox_id: str, path: str = Query(...), who: str = Depends(tenant)) -> Response:
-        _check_path(path)
-        manager().remove(who, sandbox_id, path)
-        return Response(status_code=204)
-
-    @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", response_model=MadeOut, responses=ERRORS)
-    def make_dir(sandbox_id: str, body: PathBody, who: str = Depends(tenant)) -> MadeOut:
-        _check_path(body.path)
-        return MadeOut(created=manager().make_dir(who, sandbox_id, body.path))
-
-    @app.get("/v1/approvals", response_model=list[ApprovalOut], responses=ERRORS)
-    def pending_approvals(who: tuple[str, str, str] = Depends(approver)) -> list[dict[str, Any]]:
-        """This tenant's operations waiting for a person's yes."""
-        return [r.to_dict() for r in manager().approvals.pending(who[0])]
-
-    @app.post("/v1/approvals/{approval_id}", response_model=DecisionOut, responses=ERRORS)
-    def decide(
-        approval_id: str, body: DecisionBody, who: tuple[str, str, str] = Depends(approver)
-    ) -> dict[str, Any]:
-        """Approve or deny a pending operation (the first answer wins; the audit log keeps it,
-        with the key that answered: `by` is the decider's own note)."""
-        _valid_text(body)
-        tenant_name, role, key_id = who
-        decision = manager().approvals.decide(
-            approval_id,
-            body.decision == "approve",
-            body.by or f"{role} key {key_id}",
-            body.reason,
-            tenant_name,
-            key=key_id,
-        )
-        return decision.to_dict()
-
-    @app.get("/v1/audit/approvals", responses=ERRORS)
-    def audit_approvals(
-        after: int = Query(0, ge=0, le=2**62),
-        limit: int = Query(100, ge=1, le=1000),
-        who: tuple[str, str, str] = Depends(approver),
-    ) -> list[dict[str, Any]]:
-        """This tenant's approval requests and decisions: who, when, why; a page at a time
-        (the next page: `after` = the last one's `rowid`)."""
-        return state["audit"].approvals(  # type: ignore[no-any-return]
-            tenant=who[0], after_rowid=after, limit=limit
-        )
-
-    @app.get("/v1/audit", responses=ERRORS)
-    def audit_runs(
-        sandbox_id: str | None = None,
-        outcome: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        after: int = Query(0, ge=0, le=2**62),
-        limit: int = Query(100, ge=1, le=1000),
-        who: str = Depends(tenant),
-    ) -> list[dict[str, Any]]:
-        return state["audit"].runs(  # type: ignore[no-any-return]
-            tenant=who,
-            sandbox_id=sandbox_id,
-            outcome=outcome,
-            since=since,
-            until=until,
-            after_rowid=after,
-            limit=limit,
-        )
-
+    for router in ROUTERS:
+        app.include_router(router)
     return app
 
 
