@@ -60,16 +60,42 @@ def run(
     `sys.exit(n)`, or 128+signal when the jail killed it (`killed_by` says why).
     Static analysis and approvals apply as for `Sandbox.run_code` (`approver` answers).
     """
+    return run_prepared(
+        prepare_code(code),
+        policy or Policy(),
+        envs=envs,
+        on_event=on_event,
+        approver=approver,
+        gate=gate,
+        findings=findings,
+        run_id=run_id,
+        defaults=defaults,
+    )
+
+
+def run_prepared(
+    text: str,
+    policy: Policy,
+    *,
+    envs: dict[str, str] | None = None,
+    on_event: Callable[[dict[str, Any]], None] | None = None,
+    approver: Approver | None = None,
+    gate: Gate | None = None,
+    findings: list[Finding] | None = None,
+    run_id: str | None = None,
+    defaults: Policy | None = None,
+) -> Execution:
+    """`run` of code already through `prepare_code` (the service's Manager prepares it once,
+    with its static analysis, before the run is recorded)."""
     from ._approvals import Gate
 
-    policy = policy or Policy()
-    text = prepare_code(code)
+    envs = check_envs(envs)  # before anything asks a person about them, as a cell's are
     jail = get_jail(policy.isolation)
     jail.check(policy)
     gate = gate or Gate(approver=approver)
     gate.limits(policy, defaults)
     findings = gate.code(policy, text, findings, run_id=run_id, on_event=on_event, envs=envs)
-    sandbox = jail.create(policy, check_envs(envs))
+    sandbox = jail.create(policy, envs)
     try:
         kwargs: dict[str, Any] = {"mode": "main", "recover": False}
         if on_event is not None:

@@ -9,11 +9,19 @@ SandboxError
 ├── ApprovalDenied         a person said no, or nobody answered in time
 ├── ApprovalNotFound       no pending approval by that id (unknown, or already decided)
 ├── TransportError         the channel to a sandbox or a service broke
+├── QuotaExceeded          a tenant's quota is used up
+├── SandboxBusy            the sandbox's queue of operations is full
+├── AuditUnavailable       the audit log cannot be written
 └── ExecutionTimeout       (also TimeoutError) where a deadline is raised rather than reported
+
+`WIRE` maps each class to its HTTP status and its name on the wire (`{"error": {"type"}}`):
+the service answers with it (`wire`), the remote SDK raises the class back (`from_wire`),
+and the MCP server words its tool errors with it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -78,3 +86,54 @@ class AuditUnavailable(SandboxError):
 
 class ExecutionTimeout(SandboxError, TimeoutError):
     """A deadline passed where it is raised rather than reported as a value."""
+
+
+# -- the wire: one table for the service, the remote SDK and the MCP server ------------------
+
+
+@dataclass(frozen=True)
+class Wire:
+    """How an error class travels: the HTTP status the service answers with, the `type`
+    it names it by, and how a tool error words it for a model (`{}` is the message)."""
+
+    status: int
+    name: str
+    tool_text: str = "{}"
+
+
+WIRE: dict[type[SandboxError], Wire] = {
+    SandboxError: Wire(409, "SandboxError"),  # an operation failed inside the sandbox
+    PolicyError: Wire(422, "PolicyError"),
+    BackendUnavailable: Wire(409, "BackendUnavailable"),
+    SandboxNotFound: Wire(404, "SandboxNotFound"),  # another tenant's too: the same answer
+    FileNotFoundInSandbox: Wire(404, "FileNotFound", "no such file or directory: {}"),
+    CodeRejected: Wire(422, "CodeRejected"),  # with its `findings`
+    ApprovalDenied: Wire(403, "ApprovalDenied"),
+    ApprovalNotFound: Wire(404, "ApprovalNotFound"),
+    TransportError: Wire(409, "TransportError"),
+    QuotaExceeded: Wire(429, "QuotaExceeded"),
+    SandboxBusy: Wire(409, "SandboxBusy"),
+    AuditUnavailable: Wire(503, "AuditUnavailable"),
+    ExecutionTimeout: Wire(409, "ExecutionTimeout"),
+}
+# Names on the wire that are not a class's own: the service's 422 for a malformed body.
+ALIASES: dict[str, type[SandboxError]] = {"ValidationError": PolicyError}
+_BY_NAME: dict[str, type[SandboxError]] = {
+    **{w.name: cls for cls, w in WIRE.items()},
+    **ALIASES,
+}
+
+
+def wire(exc: SandboxError) -> Wire:
+    """The entry of the nearest class in `WIRE`; a subclass without its own (an
+    extension's) keeps its class name, with its ancestor's status."""
+    for cls in type(exc).__mro__:
+        if cls in WIRE:
+            entry = WIRE[cls]
+            return entry if cls is type(exc) else replace(entry, name=type(exc).__name__)
+    raise AssertionError("unreachable: SandboxError is in WIRE")
+
+
+def from_wire(name: str) -> type[SandboxError]:
+    """The class a wire name stands for (SandboxError for one this SDK does not know)."""
+    return _BY_NAME.get(name, SandboxError)

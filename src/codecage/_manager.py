@@ -16,9 +16,11 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
 
-from ._api import run as run_once
+from ._analysis import analyze
+from ._api import prepare_code, run_prepared
 from ._approvals import ApprovalRequest, Approvals, Decision, Gate, operation
 from ._audit import AuditLog
 from ._config import ServerConfig, within
@@ -30,6 +32,8 @@ from ._errors import (
     SandboxError,
     SandboxNotFound,
 )
+from ._jail import get_jail
+from ._jail.host import HostJail
 from ._jail.pool import Pool
 from ._models import Execution, Finding
 from ._policy import Policy
@@ -41,6 +45,23 @@ T = TypeVar("T")
 
 # Host memory one file transfer holds at most: a chunk, its base64 frame and their copies.
 TRANSFER_BUFFER_MB = 4 * (FILE_CHUNK >> 20)
+
+
+@dataclass
+class Started:
+    """A run admitted and durably recorded, not yet run (`Manager.start_execute`,
+    `start_run`): its code prepared and analysed once, its sandbox looked up once and its
+    place (in the sandbox's queue, or in the live-sandbox quota) held until `Manager.carry_out`
+    releases it."""
+
+    run_id: str
+    tenant: str
+    kind: str
+    code: str
+    policy: Policy
+    findings: list[Finding] | None  # None: analysed when it runs
+    entry: Entry | None  # execute: the sandbox; a one-shot run: None
+    release: Callable[[], object] = lambda: None
 
 
 @dataclass
@@ -252,6 +273,22 @@ class Manager:
                 )
         return entry
 
+    def live(self) -> int:
+        """Sandboxes held (for /healthz: no lock, it never waits)."""
+        return len(self._sandboxes)
+
+    def start(self) -> None:
+        """Start the service's jail (its template is warm for the first request, and its
+        start-up sweep removes whatever a crashed predecessor left behind) and, with
+        `pool_size`, its warm pool, watched by the metrics."""
+        config = self.config
+        jail = get_jail(config.policy.isolation)
+        if config.pool_size and isinstance(jail, HostJail):
+            pool = jail.start_pool(
+                config.pool_size, config.policy, config.pool_refill_per_s, config.template_max_age_s
+            )
+            self.metrics.watch_pool(pool)
+
     def entries(self, tenant: str) -> list[Entry]:
         with self._lock:
             self._prune()
@@ -377,6 +414,55 @@ class Manager:
                 self.fail(run_id, kind, exc)
                 raise
 
+    def start_execute(self, tenant: str, sandbox_id: str, code: str | bytes) -> Started:
+        """A cell for the tenant's sandbox, up to its durable start record: the code is
+        prepared and size-checked, the sandbox looked up and a place in its queue taken
+        (SandboxBusy), the code analysed, the run admitted (quota) and recorded."""
+        text = prepare_code(code)
+        entry = self.get(tenant, sandbox_id)
+        self.enter(entry)  # a place in the sandbox's short queue, or 409
+        try:
+            policy = entry.sandbox.policy
+            findings = analyze(text)
+            run_id = self.begin(tenant, sandbox_id, "execute", text, policy, findings)
+        except BaseException:
+            self.leave(entry)
+            raise
+        release = partial(self.leave, entry)
+        return Started(run_id, tenant, "execute", text, policy, findings, entry, release)
+
+    def start_run(self, tenant: str, code: str | bytes, overrides: dict[str, Any]) -> Started:
+        """A one-shot run up to its durable start record: the code prepared, the policy
+        within the ceiling, a place in the live-sandbox quota, the analysis and the record."""
+        text = prepare_code(code)
+        policy = within(self.config.policy, overrides, self.config.ceiling)
+        slot = self.oneshot(tenant)  # a one-shot run counts as a live sandbox while it runs
+        slot.__enter__()
+        try:
+            findings = analyze(text)
+            run_id = self.begin(tenant, None, "run", text, policy, findings)
+        except BaseException as exc:
+            slot.__exit__(type(exc), exc, exc.__traceback__)
+            raise
+        release = partial(slot.__exit__, None, None, None)
+        return Started(run_id, tenant, "run", text, policy, findings, None, release)
+
+    def carry_out(
+        self,
+        started: Started,
+        envs: dict[str, str],
+        on_event: EventCallback | None = None,
+        timeout: float | None = None,
+    ) -> Execution:
+        """Run what `start_execute` or `start_run` recorded, record how it ended, and
+        release its place (`timeout` can only lower a cell's)."""
+        try:
+            return self._recorded(
+                started.run_id, started.kind, lambda: self._now(started, envs, on_event, timeout)
+            )
+        finally:
+            started.release()
+
     def execute(
         self,
         tenant: str,
@@ -386,20 +472,14 @@ class Manager:
         timeout: float | None,
         envs: dict[str, str],
         on_event: EventCallback | None = None,
-        findings: list[Finding] | None = None,
     ) -> Execution:
+        """A cell that `begin` recorded (no place in the queue is held: `start_execute`)."""
+
         def work() -> Execution:
-            sandbox = self.get(tenant, sandbox_id).sandbox
-            ex = sandbox._run(
-                code,
-                timeout=timeout,
-                envs=envs,
-                on_event=on_event,
-                findings=findings,
-                run_id=run_id,
-            )
-            self.finish(run_id, "execute", ex)
-            return ex
+            entry = self.get(tenant, sandbox_id)
+            policy = entry.sandbox.policy
+            started = Started(run_id, tenant, "execute", prepare_code(code), policy, None, entry)
+            return self._now(started, envs, on_event, timeout)
 
         return self._recorded(run_id, "execute", work)
 
@@ -411,23 +491,44 @@ class Manager:
         policy: Policy,
         envs: dict[str, str],
         on_event: EventCallback | None,
-        findings: list[Finding] | None = None,
     ) -> Execution:
+        """A one-shot run that `begin` recorded (no quota place is held: `start_run`)."""
+
         def work() -> Execution:
-            ex = run_once(
-                code,
-                policy,
-                envs=envs,
-                on_event=on_event,
-                gate=Gate(self.approvals, tenant=tenant),
-                findings=findings,
-                run_id=run_id,
-                defaults=self.config.policy,
-            )
-            self.finish(run_id, "run", ex)
-            return ex
+            started = Started(run_id, tenant, "run", prepare_code(code), policy, None, None)
+            return self._now(started, envs, on_event, None)
 
         return self._recorded(run_id, "run", work)
+
+    def _now(
+        self,
+        started: Started,
+        envs: dict[str, str],
+        on_event: EventCallback | None,
+        timeout: float | None,
+    ) -> Execution:
+        if started.entry is not None:
+            ex = started.entry.sandbox._run_prepared(
+                started.code,
+                timeout=timeout,
+                envs=envs,
+                on_event=on_event,
+                findings=started.findings,
+                run_id=started.run_id,
+            )
+        else:
+            ex = run_prepared(
+                started.code,
+                started.policy,
+                envs=envs,
+                on_event=on_event,
+                gate=Gate(self.approvals, tenant=started.tenant),
+                findings=started.findings,
+                run_id=started.run_id,
+                defaults=self.config.policy,
+            )
+        self.finish(started.run_id, started.kind, ex)
+        return ex
 
     def command(
         self, tenant: str, sandbox_id: str, cmd: str, timeout: float | None, envs: dict[str, str]
@@ -466,6 +567,25 @@ class Manager:
             return result
 
         return self._recorded(run_id, "command", work)
+
+    # -- files: the small operations (uploads and downloads are recorded transfers, below) ---
+
+    def _file_op(self, tenant: str, sandbox_id: str, op: Callable[[Sandbox], T]) -> T:
+        """A file operation with a place in the sandbox's queue; a shutdown waits for it."""
+        with self.using(tenant, sandbox_id) as entry, self._operation():
+            return op(entry.sandbox)
+
+    def list_files(self, tenant: str, sandbox_id: str, path: str) -> list[EntryInfo]:
+        return self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.list(path))
+
+    def exists(self, tenant: str, sandbox_id: str, path: str) -> bool:
+        return self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.exists(path))
+
+    def remove(self, tenant: str, sandbox_id: str, path: str) -> None:
+        self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.remove(path))
+
+    def make_dir(self, tenant: str, sandbox_id: str, path: str) -> bool:
+        return self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.make_dir(path))
 
     def upload(self, tenant: str, sandbox_id: str, path: str, data: bytes) -> EntryInfo:
         with self.uploading(tenant, sandbox_id, path) as sink:

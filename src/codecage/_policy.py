@@ -95,6 +95,14 @@ class Policy(BaseModel):
         return type(self)(**data)
 
 
+def effective_timeout(policy: Policy, timeout: float | None) -> float | None:
+    """A run's time limit: a per-run `timeout` can only lower the policy's `timeout_s`."""
+    limit = policy.timeout_s
+    if timeout is not None:
+        limit = timeout if limit is None else min(limit, timeout)
+    return limit
+
+
 def _parse_value(key: str, raw: str) -> Any:
     annotation = Policy.model_fields[key].annotation
     nullable = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(

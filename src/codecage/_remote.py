@@ -15,41 +15,20 @@ import httpx
 
 from ._approvals import ApprovalRequest, Approver, Decision, answer
 from ._async import AsyncSandbox, _in_thread
-from ._errors import (
-    ApprovalDenied,
-    ApprovalNotFound,
-    AuditUnavailable,
-    CodeRejected,
-    FileNotFoundInSandbox,
-    PolicyError,
-    QuotaExceeded,
-    SandboxBusy,
-    SandboxError,
-    SandboxNotFound,
-    TransportError,
-)
+from ._errors import CodeRejected, SandboxError, SandboxNotFound, TransportError, from_wire
 from ._models import Execution, ExecutionError, Finding, Result
 from ._policy import Policy
 from ._sandbox import CommandResult, EntryInfo, OutputMessage, _dispatcher
 
 NDJSON = "application/x-ndjson"
-_ERRORS: dict[str, type[SandboxError]] = {
-    "SandboxNotFound": SandboxNotFound,
-    "FileNotFound": FileNotFoundInSandbox,
-    "PolicyError": PolicyError,
-    "ValidationError": PolicyError,
-    "QuotaExceeded": QuotaExceeded,
-    "SandboxBusy": SandboxBusy,
-    "AuditUnavailable": AuditUnavailable,
-    "ApprovalDenied": ApprovalDenied,
-    "ApprovalNotFound": ApprovalNotFound,
-}
 
 
 def _error(kind: str, message: str, findings: Any = None) -> SandboxError:
-    if kind == "CodeRejected":
+    """The exception the service named (its `WIRE` name), raised here as it was there."""
+    cls = from_wire(kind)
+    if cls is CodeRejected:
         return CodeRejected(message, [Finding(**f) for f in findings or []])
-    return _ERRORS.get(kind, SandboxError)(message)
+    return cls(message)
 
 
 def _raise_for(response: httpx.Response) -> None:

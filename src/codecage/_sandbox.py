@@ -22,7 +22,7 @@ from ._inside.messages import CommandRequest, ReplyRequest
 from ._jail import get_jail
 from ._jail.host import HostSandbox
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
-from ._policy import Policy
+from ._policy import Policy, effective_timeout
 
 FILE_CHUNK = 4 << 20
 
@@ -153,7 +153,26 @@ class Sandbox:
         """run_code with the raw protocol events (for the service's NDJSON stream). The
         static-analysis verdict and any approval come first: blocked or denied code never
         reaches the sandbox."""
-        text = prepare_code(code)
+        return self._run_prepared(
+            prepare_code(code),
+            timeout=timeout,
+            envs=envs,
+            on_event=on_event,
+            findings=findings,
+            run_id=run_id,
+        )
+
+    def _run_prepared(
+        self,
+        text: str,
+        *,
+        timeout: float | None = None,
+        envs: dict[str, str] | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        findings: list[Finding] | None = None,
+        run_id: str | None = None,
+    ) -> Execution:
+        """`_run` of code already through `prepare_code` (and, with `findings`, analysed)."""
         envs = check_envs(envs)
         findings = self._gate.code(
             self.policy,
@@ -338,9 +357,7 @@ class Commands:
     def run(
         self, cmd: str, *, timeout: float | None = None, envs: dict[str, str] | None = None
     ) -> CommandResult:
-        limit = self._sbx.policy.timeout_s
-        if timeout is not None:
-            limit = timeout if limit is None else min(limit, timeout)
+        limit = effective_timeout(self._sbx.policy, timeout)
         envs = check_envs(envs)
         message = CommandRequest(
             op="command",

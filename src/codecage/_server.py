@@ -18,33 +18,20 @@ from typing import Any, Literal
 
 import anyio
 import anyio.to_thread
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._analysis import analyze
-from ._api import prepare_code
 from ._approvals import operation
 from ._audit import AuditLog
-from ._config import ServerConfig, check_fits, within
-from ._errors import (
-    ApprovalDenied,
-    ApprovalNotFound,
-    AuditUnavailable,
-    CodeRejected,
-    FileNotFoundInSandbox,
-    PolicyError,
-    QuotaExceeded,
-    SandboxError,
-    SandboxNotFound,
-)
-from ._jail import cgroups, close_jails, get_jail
-from ._jail.host import HostJail
-from ._manager import Manager
-from ._models import Execution, Finding
+from ._config import ServerConfig, check_fits
+from ._errors import CodeRejected, SandboxError, wire
+from ._jail import cgroups, close_jails
+from ._manager import Manager, Started
+from ._models import Execution
 from ._text import has_lone_surrogate
 
 NDJSON = "application/x-ndjson"
@@ -257,11 +244,379 @@ UPLOAD_BODY: dict[str, Any] = {
 }
 
 
+# -- dependencies: the app's Manager, and who the request's API key is ----------------------
+
+
+async def current_manager(request: Request) -> Manager:  # async: no worker thread to resolve it
+    return request.app.state.codecage["manager"]  # type: ignore[no-any-return]
+
+
+MANAGER = Depends(current_manager)
+
+
+def _identity(audit: AuditLog, authorization: str | None) -> tuple[str, str, str]:
+    """(tenant, role, key id) of an API key in a header value (for an open route that
+    reads an optional key itself; Admission has already checked every other route's)."""
+    scheme, _, key = (authorization or "").partition(" ")
+    found = audit.identity(key.strip()) if scheme.lower() == "bearer" and key else None
+    if found is None:
+        raise Unauthorized()
+    return found
+
+
+async def admitted(  # async, as the two below: no worker thread to resolve them
+    request: Request, authorization: str | None = Header(None)
+) -> tuple[str, str, str]:
+    """(tenant, role, key id) of the request's API key, as Admission found it from the
+    headers before any body was read (`authorization` is declared for the document)."""
+    found = getattr(request.state, "identity", None)
+    if found is None:
+        raise Unauthorized()
+    return found  # type: ignore[no-any-return]
+
+
+async def tenant(who: tuple[str, str, str] = Depends(admitted)) -> str:
+    """A client key's tenant (an approver key only answers approvals)."""
+    if who[1] != "client":
+        raise Forbidden("this key may only answer approvals")
+    return who[0]
+
+
+async def approver(
+    who: tuple[str, str, str] = Depends(admitted), manager: Manager = MANAGER
+) -> tuple[str, str, str]:
+    """A key that may see and answer its tenant's approvals (config `approvers`)."""
+    only_approver_keys = manager.config.approvers == "approver_keys"
+    if who[1] == "operator" or (who[1] != "approver" and only_approver_keys):
+        raise Forbidden("approvals on this service are answered with approver keys only")
+    return who
+
+
+ref_header = Header(
+    None,
+    alias="X-Codecage-Ref",
+    max_length=64,
+    description="the caller's reference, copied into approval requests this raises",
+)
+
+
+def sandbox_out(entry: Any) -> SandboxOut:
+    return SandboxOut(
+        id=entry.sandbox.id,
+        created_at=entry.created_at,
+        policy=entry.sandbox.policy.model_dump(),
+    )
+
+
+# -- the routes, by area (included in this order: the OpenAPI document's) -------------------
+
+service = APIRouter()  # liveness and metrics: open (no key needed)
+sandboxes = APIRouter()
+runs = APIRouter()  # cells, one-shot runs, commands
+files = APIRouter()
+approvals = APIRouter()
+audit_log = APIRouter()
+ROUTERS = (service, sandboxes, runs, files, approvals, audit_log)
+
+
+@service.get("/healthz", response_model=HealthOut)
+async def healthz(manager: Manager = MANAGER) -> HealthOut:
+    # on the event loop: never waits for a worker thread
+    return HealthOut(status="ok", sandboxes=manager.live())
+
+
+@service.get("/metrics", response_class=PlainTextResponse, responses=ERRORS)
+def metrics(
+    authorization: str | None = Header(None), manager: Manager = MANAGER
+) -> PlainTextResponse:
+    """Aggregate series; with an operator key (`keys create --role operator`) also the
+    per-sandbox ones, which name tenants and sandboxes."""
+    from prometheus_client import generate_latest
+
+    text = generate_latest(manager.metrics.registry).decode()
+    if authorization is not None and _identity(manager.audit, authorization)[1] == "operator":
+        text += generate_latest(manager.metrics.detail).decode()
+    return PlainTextResponse(text)
+
+
+@sandboxes.post("/v1/sandboxes", response_model=SandboxOut, status_code=201, responses=ERRORS)
+def create_sandbox(
+    body: CreateSandbox,
+    who: str = Depends(tenant),
+    ref: str | None = ref_header,
+    manager: Manager = MANAGER,
+) -> SandboxOut:
+    _valid_text(body)
+    with operation(client_ref=ref):
+        return sandbox_out(manager.create(who, body.policy, body.envs))
+
+
+@sandboxes.get("/v1/sandboxes", response_model=list[SandboxOut], responses=ERRORS)
+def list_sandboxes(who: str = Depends(tenant), manager: Manager = MANAGER) -> list[SandboxOut]:
+    return [sandbox_out(e) for e in manager.entries(who)]
+
+
+@sandboxes.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxOut, responses=ERRORS)
+def get_sandbox(
+    sandbox_id: str, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> SandboxOut:
+    return sandbox_out(manager.get(who, sandbox_id))
+
+
+@sandboxes.delete("/v1/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS)
+def delete_sandbox(
+    sandbox_id: str, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> Response:
+    manager.delete(who, sandbox_id)
+    return Response(status_code=204)
+
+
+@runs.post(
+    "/v1/sandboxes/{sandbox_id}/execute",
+    response_model=ExecutionOut,
+    responses={**ERRORS, 200: {"content": {NDJSON: {}}}},
+)
+async def execute(
+    sandbox_id: str,
+    body: ExecuteBody,
+    request: Request,
+    who: str = Depends(tenant),
+    ref: str | None = ref_header,
+    manager: Manager = MANAGER,
+) -> Response:
+    _valid_text(body)
+
+    def begin() -> Started:  # in a worker thread: analysis is off the event loop
+        return manager.start_execute(who, sandbox_id, body.code)
+
+    def work(started: Started, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
+        with operation(client_ref=ref):
+            return manager.carry_out(started, body.envs, on_event, body.timeout)
+
+    return await _answer(request, begin, work)
+
+
+@runs.post(
+    "/v1/run", response_model=ExecutionOut, responses={**ERRORS, 200: {"content": {NDJSON: {}}}}
+)
+async def run(
+    body: RunBody,
+    request: Request,
+    who: str = Depends(tenant),
+    ref: str | None = ref_header,
+    manager: Manager = MANAGER,
+) -> Response:
+    _valid_text(body)
+
+    def begin() -> Started:
+        return manager.start_run(who, body.code, body.policy)
+
+    def work(started: Started, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
+        with operation(client_ref=ref):
+            return manager.carry_out(started, body.envs, on_event)
+
+    return await _answer(request, begin, work)
+
+
+@runs.post("/v1/sandboxes/{sandbox_id}/commands", response_model=CommandOut, responses=ERRORS)
+def command(
+    sandbox_id: str,
+    body: CommandBody,
+    who: str = Depends(tenant),
+    ref: str | None = ref_header,
+    manager: Manager = MANAGER,
+) -> CommandOut:
+    _valid_text(body)
+    with operation(client_ref=ref):
+        result = manager.command(who, sandbox_id, body.cmd, body.timeout, body.envs)
+    return CommandOut(**vars(result))
+
+
+@files.put(
+    "/v1/sandboxes/{sandbox_id}/files",
+    response_model=EntryOut,
+    responses=ERRORS,
+    openapi_extra=UPLOAD_BODY,
+)
+async def upload(
+    sandbox_id: str,
+    request: Request,
+    path: str = Query(...),
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> EntryOut:
+    """Store a file: streamed to the sandbox as it arrives (the host holds one chunk)."""
+    from ._sandbox import FILE_CHUNK
+
+    _check_path(path)
+    pieces = _upload_pieces(request)  # 415 / 400 before anything is stored
+    await anext(pieces)
+    uploading = manager.uploading(who, sandbox_id, path)
+    sink = await run_in_threadpool(uploading.__enter__)
+    try:
+        held: list[bytes] = []
+        size = 0
+        async for piece in pieces:
+            if time.monotonic() > sink.deadline:  # a trickle cannot hold the sandbox
+                raise RequestTimeout("the upload took longer than the policy's timeout_s")
+            held.append(piece)
+            size += len(piece)
+            if size >= FILE_CHUNK:
+                await run_in_threadpool(sink.write, b"".join(held))
+                held, size = [], 0
+        await run_in_threadpool(sink.write, b"".join(held))
+    except BaseException as exc:
+        with anyio.CancelScope(shield=True):
+            await run_in_threadpool(uploading.__exit__, type(exc), exc, exc.__traceback__)
+        raise
+    await run_in_threadpool(uploading.__exit__, None, None, None)
+    assert sink.info is not None
+    return EntryOut(**vars(sink.info))
+
+
+@files.get(
+    "/v1/sandboxes/{sandbox_id}/files",
+    responses={**ERRORS, 200: {"content": {RAW: {}}}},
+    response_class=Response,
+)
+async def download(
+    sandbox_id: str,
+    path: str = Query(...),
+    who: str = Depends(tenant),
+    ref: str | None = ref_header,
+    manager: Manager = MANAGER,
+) -> Response:
+    """The file, streamed chunk by chunk (errors before the first byte are JSON; a
+    transfer that fails later ends the connection before the body is complete)."""
+    _check_path(path)
+    chunks = manager.download(who, sandbox_id, path)
+
+    def first() -> bytes:
+        with operation(client_ref=ref):
+            return next(chunks)
+
+    try:
+        head = await run_in_threadpool(first)
+    except BaseException:
+        await run_in_threadpool(chunks.close)
+        raise
+    return StreamingResponse(_stream(head, chunks), media_type=RAW)
+
+
+@files.get("/v1/sandboxes/{sandbox_id}/files/list", response_model=list[EntryOut], responses=ERRORS)
+def list_files(
+    sandbox_id: str,
+    path: str = Query("."),
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> list[EntryOut]:
+    _check_path(path)
+    return [EntryOut(**vars(e)) for e in manager.list_files(who, sandbox_id, path)]
+
+
+@files.get("/v1/sandboxes/{sandbox_id}/files/exists", response_model=ExistsOut, responses=ERRORS)
+def exists(
+    sandbox_id: str,
+    path: str = Query(...),
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> ExistsOut:
+    _check_path(path)
+    return ExistsOut(exists=manager.exists(who, sandbox_id, path))
+
+
+@files.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, responses=ERRORS)
+def remove(
+    sandbox_id: str,
+    path: str = Query(...),
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> Response:
+    _check_path(path)
+    manager.remove(who, sandbox_id, path)
+    return Response(status_code=204)
+
+
+@files.post("/v1/sandboxes/{sandbox_id}/files/mkdir", response_model=MadeOut, responses=ERRORS)
+def make_dir(
+    sandbox_id: str,
+    body: PathBody,
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> MadeOut:
+    _check_path(body.path)
+    return MadeOut(created=manager.make_dir(who, sandbox_id, body.path))
+
+
+@approvals.get("/v1/approvals", response_model=list[ApprovalOut], responses=ERRORS)
+def pending_approvals(
+    who: tuple[str, str, str] = Depends(approver), manager: Manager = MANAGER
+) -> list[dict[str, Any]]:
+    """This tenant's operations waiting for a person's yes."""
+    return [r.to_dict() for r in manager.approvals.pending(who[0])]
+
+
+@approvals.post("/v1/approvals/{approval_id}", response_model=DecisionOut, responses=ERRORS)
+def decide(
+    approval_id: str,
+    body: DecisionBody,
+    who: tuple[str, str, str] = Depends(approver),
+    manager: Manager = MANAGER,
+) -> dict[str, Any]:
+    """Approve or deny a pending operation (the first answer wins; the audit log keeps it,
+    with the key that answered: `by` is the decider's own note)."""
+    _valid_text(body)
+    tenant_name, role, key_id = who
+    decision = manager.approvals.decide(
+        approval_id,
+        body.decision == "approve",
+        body.by or f"{role} key {key_id}",
+        body.reason,
+        tenant_name,
+        key=key_id,
+    )
+    return decision.to_dict()
+
+
+@audit_log.get("/v1/audit/approvals", responses=ERRORS)
+def audit_approvals(
+    after: int = Query(0, ge=0, le=2**62),
+    limit: int = Query(100, ge=1, le=1000),
+    who: tuple[str, str, str] = Depends(approver),
+    manager: Manager = MANAGER,
+) -> list[dict[str, Any]]:
+    """This tenant's approval requests and decisions: who, when, why; a page at a time
+    (the next page: `after` = the last one's `rowid`)."""
+    return manager.audit.approvals(tenant=who[0], after_rowid=after, limit=limit)
+
+
+@audit_log.get("/v1/audit", responses=ERRORS)
+def audit_runs(
+    sandbox_id: str | None = None,
+    outcome: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+    after: int = Query(0, ge=0, le=2**62),
+    limit: int = Query(100, ge=1, le=1000),
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> list[dict[str, Any]]:
+    return manager.audit.runs(
+        tenant=who,
+        sandbox_id=sandbox_id,
+        outcome=outcome,
+        since=since,
+        until=until,
+        after_rowid=after,
+        limit=limit,
+    )
+
+
 # -- the app ---------------------------------------------------------------------------------
 
 
 def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {}  # the audit log and the Manager, once the app has started
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -275,18 +630,9 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         )
         log = audit or config.open_audit()
         log.mark_interrupted()  # runs of a previous process that never completed
-        # Start the jail now: its template is warm for the first request, and its start-up
-        # sweep removes whatever a crashed predecessor left behind.
-        jail = await run_in_threadpool(get_jail, config.policy.isolation)
-        pool = None
-        if config.pool_size and isinstance(jail, HostJail):
-            pool = jail.start_pool(
-                config.pool_size, config.policy, config.pool_refill_per_s, config.template_max_age_s
-            )
         state["audit"] = log
         state["manager"] = Manager(config, log)
-        if pool is not None:
-            state["manager"].metrics.watch_pool(pool)
+        await run_in_threadpool(state["manager"].start)  # the jail, warm; its pool if configured
         try:
             yield
         finally:
@@ -301,337 +647,21 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
         description="Run untrusted Python in locked-down sandboxes.",
         lifespan=lifespan,
     )
+    app.state.codecage = state
     app.add_middleware(
         BodyLimit, default=config.max_code_bytes + (1 << 20), upload=config.max_upload_bytes
     )
     app.add_middleware(Admission, config=config, state=state)  # outermost: before any body
     _handlers(app)
-
-    def manager() -> Manager:
-        return state["manager"]  # type: ignore[no-any-return]
-
-    def identity(authorization: str | None = Header(None)) -> tuple[str, str, str]:
-        """(tenant, role, key id) of an API key in a header value (for an open route that
-        reads an optional key itself; Admission has already checked every other route's)."""
-        scheme, _, key = (authorization or "").partition(" ")
-        found = state["audit"].identity(key.strip()) if scheme.lower() == "bearer" and key else None
-        if found is None:
-            raise Unauthorized()
-        return found  # type: ignore[no-any-return]
-
-    async def admitted(  # async, as the two below: no worker thread to resolve them
-        request: Request, authorization: str | None = Header(None)
-    ) -> tuple[str, str, str]:
-        """(tenant, role, key id) of the request's API key, as Admission found it from the
-        headers before any body was read (`authorization` is declared for the document)."""
-        found = getattr(request.state, "identity", None)
-        if found is None:
-            raise Unauthorized()
-        return found  # type: ignore[no-any-return]
-
-    async def tenant(who: tuple[str, str, str] = Depends(admitted)) -> str:
-        """A client key's tenant (an approver key only answers approvals)."""
-        if who[1] != "client":
-            raise Forbidden("this key may only answer approvals")
-        return who[0]
-
-    async def approver(who: tuple[str, str, str] = Depends(admitted)) -> tuple[str, str, str]:
-        """A key that may see and answer its tenant's approvals (config `approvers`)."""
-        if who[1] == "operator" or (who[1] != "approver" and config.approvers == "approver_keys"):
-            raise Forbidden("approvals on this service are answered with approver keys only")
-        return who
-
-    ref_header = Header(
-        None,
-        alias="X-Codecage-Ref",
-        max_length=64,
-        description="the caller's reference, copied into approval requests this raises",
-    )
-
-    def sandbox_out(entry: Any) -> SandboxOut:
-        return SandboxOut(
-            id=entry.sandbox.id,
-            created_at=entry.created_at,
-            policy=entry.sandbox.policy.model_dump(),
-        )
-
-    @app.get("/healthz", response_model=HealthOut)
-    async def healthz() -> HealthOut:  # on the event loop: never waits for a worker thread
-        return HealthOut(status="ok", sandboxes=len(manager()._sandboxes))
-
-    @app.get("/metrics", response_class=PlainTextResponse, responses=ERRORS)
-    def metrics(authorization: str | None = Header(None)) -> PlainTextResponse:
-        """Aggregate series; with an operator key (`keys create --role operator`) also the
-        per-sandbox ones, which name tenants and sandboxes."""
-        from prometheus_client import generate_latest
-
-        text = generate_latest(manager().metrics.registry).decode()
-        if authorization is not None and identity(authorization)[1] == "operator":
-            text += generate_latest(manager().metrics.detail).decode()
-        return PlainTextResponse(text)
-
-    @app.post("/v1/sandboxes", response_model=SandboxOut, status_code=201, responses=ERRORS)
-    def create_sandbox(
-        body: CreateSandbox, who: str = Depends(tenant), ref: str | None = ref_header
-    ) -> SandboxOut:
-        _valid_text(body)
-        with operation(client_ref=ref):
-            return sandbox_out(manager().create(who, body.policy, body.envs))
-
-    @app.get("/v1/sandboxes", response_model=list[SandboxOut], responses=ERRORS)
-    def list_sandboxes(who: str = Depends(tenant)) -> list[SandboxOut]:
-        return [sandbox_out(e) for e in manager().entries(who)]
-
-    @app.get("/v1/sandboxes/{sandbox_id}", response_model=SandboxOut, responses=ERRORS)
-    def get_sandbox(sandbox_id: str, who: str = Depends(tenant)) -> SandboxOut:
-        return sandbox_out(manager().get(who, sandbox_id))
-
-    @app.delete("/v1/sandboxes/{sandbox_id}", status_code=204, responses=ERRORS)
-    def delete_sandbox(sandbox_id: str, who: str = Depends(tenant)) -> Response:
-        manager().delete(who, sandbox_id)
-        return Response(status_code=204)
-
-    @app.post(
-        "/v1/sandboxes/{sandbox_id}/execute",
-        response_model=ExecutionOut,
-        responses={**ERRORS, 200: {"content": {NDJSON: {}}}},
-    )
-    async def execute(
-        sandbox_id: str,
-        body: ExecuteBody,
-        request: Request,
-        who: str = Depends(tenant),
-        ref: str | None = ref_header,
-    ) -> Response:
-        _valid_text(body)
-        code = prepare_code(body.code)
-        entry = manager().get(who, sandbox_id)
-
-        findings: list[Finding] = []
-
-        def begin() -> str:  # in a worker thread: analysis is off the event loop
-            manager().enter(entry)  # a place in the sandbox's short queue, or 409
-            try:
-                findings.extend(analyze(code))
-                policy = entry.sandbox.policy
-                return manager().begin(who, sandbox_id, "execute", code, policy, findings)
-            except BaseException:
-                manager().leave(entry)
-                raise
-
-        def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
-            try:
-                with operation(client_ref=ref):
-                    return manager().execute(
-                        who, sandbox_id, run_id, code, body.timeout, body.envs, on_event, findings
-                    )
-            finally:
-                manager().leave(entry)
-
-        return await _answer(request, begin, work)
-
-    @app.post(
-        "/v1/run", response_model=ExecutionOut, responses={**ERRORS, 200: {"content": {NDJSON: {}}}}
-    )
-    async def run(
-        body: RunBody,
-        request: Request,
-        who: str = Depends(tenant),
-        ref: str | None = ref_header,
-    ) -> Response:
-        _valid_text(body)
-        code = prepare_code(body.code)
-        policy = within(config.policy, body.policy, config.ceiling)
-
-        findings: list[Finding] = []
-
-        slot = manager().oneshot(who)  # a one-shot run counts as a live sandbox while it runs
-
-        def begin() -> str:
-            slot.__enter__()
-            try:
-                findings.extend(analyze(code))
-                return manager().begin(who, None, "run", code, policy, findings)
-            except BaseException as exc:
-                slot.__exit__(type(exc), exc, exc.__traceback__)
-                raise
-
-        def work(run_id: str, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
-            try:
-                with operation(client_ref=ref):
-                    return manager().run(who, run_id, code, policy, body.envs, on_event, findings)
-            finally:
-                slot.__exit__(None, None, None)
-
-        return await _answer(request, begin, work)
-
-    @app.post("/v1/sandboxes/{sandbox_id}/commands", response_model=CommandOut, responses=ERRORS)
-    def command(
-        sandbox_id: str,
-        body: CommandBody,
-        who: str = Depends(tenant),
-        ref: str | None = ref_header,
-    ) -> CommandOut:
-        _valid_text(body)
-        with operation(client_ref=ref):
-            result = manager().command(who, sandbox_id, body.cmd, body.timeout, body.envs)
-        return CommandOut(**vars(result))
-
-    @app.put(
-        "/v1/sandboxes/{sandbox_id}/files",
-        response_model=EntryOut,
-        responses=ERRORS,
-        openapi_extra=UPLOAD_BODY,
-    )
-    async def upload(
-        sandbox_id: str, request: Request, path: str = Query(...), who: str = Depends(tenant)
-    ) -> EntryOut:
-        """Store a file: streamed to the sandbox as it arrives (the host holds one chunk)."""
-        from ._sandbox import FILE_CHUNK
-
-        _check_path(path)
-        pieces = _upload_pieces(request)  # 415 / 400 before anything is stored
-        await anext(pieces)
-        uploading = manager().uploading(who, sandbox_id, path)
-        sink = await run_in_threadpool(uploading.__enter__)
-        try:
-            held: list[bytes] = []
-            size = 0
-            async for piece in pieces:
-                if time.monotonic() > sink.deadline:  # a trickle cannot hold the sandbox
-                    raise RequestTimeout("the upload took longer than the policy's timeout_s")
-                held.append(piece)
-                size += len(piece)
-                if size >= FILE_CHUNK:
-                    await run_in_threadpool(sink.write, b"".join(held))
-                    held, size = [], 0
-            await run_in_threadpool(sink.write, b"".join(held))
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await run_in_threadpool(uploading.__exit__, type(exc), exc, exc.__traceback__)
-            raise
-        await run_in_threadpool(uploading.__exit__, None, None, None)
-        assert sink.info is not None
-        return EntryOut(**vars(sink.info))
-
-    @app.get(
-        "/v1/sandboxes/{sandbox_id}/files",
-        responses={**ERRORS, 200: {"content": {RAW: {}}}},
-        response_class=Response,
-    )
-    async def download(
-        sandbox_id: str,
-        path: str = Query(...),
-        who: str = Depends(tenant),
-        ref: str | None = ref_header,
-    ) -> Response:
-        """The file, streamed chunk by chunk (errors before the first byte are JSON; a
-        transfer that fails later ends the connection before the body is complete)."""
-        _check_path(path)
-        chunks = manager().download(who, sandbox_id, path)
-
-        def first() -> bytes:
-            with operation(client_ref=ref):
-                return next(chunks)
-
-        try:
-            head = await run_in_threadpool(first)
-        except BaseException:
-            await run_in_threadpool(chunks.close)
-            raise
-        return StreamingResponse(_stream(head, chunks), media_type=RAW)
-
-    @app.get(
-        "/v1/sandboxes/{sandbox_id}/files/list", response_model=list[EntryOut], responses=ERRORS
-    )
-    def list_files(
-        sandbox_id: str, path: str = Query("."), who: str = Depends(tenant)
-    ) -> list[EntryOut]:
-        _check_path(path)
-        with manager().using(who, sandbox_id) as entry:
-            return [EntryOut(**vars(e)) for e in entry.sandbox.files.list(path)]
-
-    @app.get("/v1/sandboxes/{sandbox_id}/files/exists", response_model=ExistsOut, responses=ERRORS)
-    def exists(sandbox_id: str, path: str = Query(...), who: str = Depends(tenant)) -> ExistsOut:
-        _check_path(path)
-        with manager().using(who, sandbox_id) as entry:
-            return ExistsOut(exists=entry.sandbox.files.exists(path))
-
-    @app.delete("/v1/sandboxes/{sandbox_id}/files", status_code=204, responses=ERRORS)
-    def remove(sandbox_id: str, path: str = Query(...), who: str = Depends(tenant)) -> Response:
-        _check_path(path)
-        with manager().using(who, sandbox_id) as entry:
-            entry.sandbox.files.remove(path)
-        return Response(status_code=204)
-
-    @app.post("/v1/sandboxes/{sandbox_id}/files/mkdir", response_model=MadeOut, responses=ERRORS)
-    def make_dir(sandbox_id: str, body: PathBody, who: str = Depends(tenant)) -> MadeOut:
-        _check_path(body.path)
-        with manager().using(who, sandbox_id) as entry:
-            return MadeOut(created=entry.sandbox.files.make_dir(body.path))
-
-    @app.get("/v1/approvals", response_model=list[ApprovalOut], responses=ERRORS)
-    def pending_approvals(who: tuple[str, str, str] = Depends(approver)) -> list[dict[str, Any]]:
-        """This tenant's operations waiting for a person's yes."""
-        return [r.to_dict() for r in manager().approvals.pending(who[0])]
-
-    @app.post("/v1/approvals/{approval_id}", response_model=DecisionOut, responses=ERRORS)
-    def decide(
-        approval_id: str, body: DecisionBody, who: tuple[str, str, str] = Depends(approver)
-    ) -> dict[str, Any]:
-        """Approve or deny a pending operation (the first answer wins; the audit log keeps it,
-        with the key that answered: `by` is the decider's own note)."""
-        _valid_text(body)
-        tenant_name, role, key_id = who
-        decision = manager().approvals.decide(
-            approval_id,
-            body.decision == "approve",
-            body.by or f"{role} key {key_id}",
-            body.reason,
-            tenant_name,
-            key=key_id,
-        )
-        return decision.to_dict()
-
-    @app.get("/v1/audit/approvals", responses=ERRORS)
-    def audit_approvals(
-        after: int = Query(0, ge=0, le=2**62),
-        limit: int = Query(100, ge=1, le=1000),
-        who: tuple[str, str, str] = Depends(approver),
-    ) -> list[dict[str, Any]]:
-        """This tenant's approval requests and decisions: who, when, why; a page at a time
-        (the next page: `after` = the last one's `rowid`)."""
-        return state["audit"].approvals(  # type: ignore[no-any-return]
-            tenant=who[0], after_rowid=after, limit=limit
-        )
-
-    @app.get("/v1/audit", responses=ERRORS)
-    def audit_runs(
-        sandbox_id: str | None = None,
-        outcome: str | None = None,
-        since: float | None = None,
-        until: float | None = None,
-        after: int = Query(0, ge=0, le=2**62),
-        limit: int = Query(100, ge=1, le=1000),
-        who: str = Depends(tenant),
-    ) -> list[dict[str, Any]]:
-        return state["audit"].runs(  # type: ignore[no-any-return]
-            tenant=who,
-            sandbox_id=sandbox_id,
-            outcome=outcome,
-            since=since,
-            until=until,
-            after_rowid=after,
-            limit=limit,
-        )
-
+    for router in ROUTERS:
+        app.include_router(router)
     return app
 
 
 async def _answer(
     request: Request,
-    begin: Callable[[], str],
-    work: Callable[[str, Callable[[dict[str, Any]], None] | None], Execution],
+    begin: Callable[[], Started],
+    work: Callable[[Started, Callable[[dict[str, Any]], None] | None], Execution],
 ) -> Response:
     """Record the run (durably) before it starts, then answer with one JSON Execution, or
     (Accept: application/x-ndjson) the events as they happen and {"ev": "execution", ...}
@@ -639,7 +669,7 @@ async def _answer(
     if NDJSON not in request.headers.get("accept", ""):
         ex = await run_in_threadpool(lambda: work(begin(), None))  # one thread hop per run
         return JSONResponse(_execution_json(ex))
-    run_id = await run_in_threadpool(begin)
+    started = await run_in_threadpool(begin)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
@@ -649,7 +679,7 @@ async def _answer(
             clean = {"ev": event["ev"], **{f: event.get(f) for f in fields}}
             loop.call_soon_threadsafe(events.put_nowait, clean)
 
-    task = loop.run_in_executor(None, work, run_id, on_event)
+    task = loop.run_in_executor(None, work, started, on_event)
     task.add_done_callback(lambda _: loop.call_soon_threadsafe(events.put_nowait, None))
 
     async def lines() -> AsyncIterator[bytes]:
@@ -658,11 +688,7 @@ async def _answer(
         try:
             ex = task.result()
         except SandboxError as exc:
-            failed: dict[str, Any] = {"ev": "failed", "type": type(exc).__name__}
-            failed["message"] = str(exc)
-            if isinstance(exc, CodeRejected):
-                failed["findings"] = [dataclasses.asdict(f) for f in exc.findings]
-            yield json.dumps(failed).encode() + b"\n"
+            yield json.dumps({"ev": "failed", **_error_body(exc)}).encode() + b"\n"
             return
         yield json.dumps({"ev": "execution", "execution": _execution_json(ex)}).encode() + b"\n"
 
@@ -832,23 +858,20 @@ class BadRequest(Exception):
 
 
 def _handlers(app: FastAPI) -> None:
+    """The service's own errors by their status here; every SandboxError by `WIRE`."""
     mapping: list[tuple[type[BaseException], int]] = [
         (Unauthorized, 401),
         (Forbidden, 403),
         (BadRequest, 400),
         (UnsupportedMedia, 415),
         (RequestTimeout, 408),
-        (SandboxNotFound, 404),
-        (FileNotFoundInSandbox, 404),
-        (ApprovalNotFound, 404),
-        (ApprovalDenied, 403),
-        (PolicyError, 422),
-        (QuotaExceeded, 429),
-        (AuditUnavailable, 503),
-        (SandboxError, 409),
     ]
     for exc_type, status in mapping:
         app.add_exception_handler(exc_type, _handler(status))  # type: ignore[arg-type]
+
+    @app.exception_handler(SandboxError)
+    async def sandbox_error(request: Request, exc: SandboxError) -> JSONResponse:
+        return JSONResponse({"error": _error_body(exc)}, status_code=wire(exc).status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -863,14 +886,19 @@ def _handlers(app: FastAPI) -> None:
         return _error(500, "InternalError", "internal error (details are in the server's log)")
 
 
+def _error_body(exc: SandboxError) -> dict[str, Any]:
+    """An error's `{"type", "message"}` by its wire name; CodeRejected adds what was found,
+    so the caller can change the code."""
+    body: dict[str, Any] = {"type": wire(exc).name, "message": str(exc)}
+    if isinstance(exc, CodeRejected):
+        body["findings"] = [dataclasses.asdict(f) for f in exc.findings]
+    return body
+
+
 def _handler(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
     async def handle(request: Request, exc: Exception) -> JSONResponse:
-        kind = "FileNotFound" if isinstance(exc, FileNotFoundInSandbox) else type(exc).__name__
+        kind = type(exc).__name__
         response = _error(status, kind, str(exc) if status != 401 else "missing or invalid API key")
-        if isinstance(exc, CodeRejected):  # what was found, so the caller can change the code
-            body: dict[str, Any] = {"type": kind, "message": str(exc)}
-            body["findings"] = [dataclasses.asdict(f) for f in exc.findings]
-            response = JSONResponse({"error": body}, status_code=status)
         if status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"
         return response

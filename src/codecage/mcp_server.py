@@ -54,7 +54,7 @@ from mcp.types import (
 )
 from pydantic import Field, ValidationError
 
-from ._errors import FileNotFoundInSandbox, SandboxError
+from ._errors import FileNotFoundInSandbox, SandboxError, wire
 from ._models import Execution
 from ._policy import Policy
 from ._sandbox import Sandbox
@@ -168,10 +168,8 @@ async def _in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     and turn system errors into tool errors the model can read."""
     try:
         return await anyio.to_thread.run_sync(partial(fn, *args, **kwargs))
-    except FileNotFoundInSandbox as exc:
-        raise ToolError(f"no such file or directory: {exc}") from None
-    except SandboxError as exc:
-        raise ToolError(str(exc)) from None
+    except SandboxError as exc:  # worded as `WIRE` says (a missing file says so)
+        raise ToolError(wire(exc).tool_text.format(exc)) from None
 
 
 def run_result(ex: Execution, replaced: bool = False) -> CallToolResult:

@@ -177,6 +177,27 @@ def test_transfer_buffers_are_a_tenant_quota(audit: AuditLog) -> None:
         m.shutdown()
 
 
+def test_file_operations_go_through_the_manager(manager: Manager) -> None:
+    entry = manager.create("alice", {}, {})
+    sid, seen = entry.sandbox.id, []
+    listing = entry.sandbox.files.list
+
+    def watched(path: str) -> Any:
+        seen.append((entry.queued, manager._busy))  # a queue place, and a shutdown waits
+        return listing(path)
+
+    entry.sandbox.files.list = watched  # type: ignore[method-assign]
+    assert manager.make_dir("alice", sid, "d") is True
+    manager.upload("alice", sid, "d/a", b"1")
+    assert manager.exists("alice", sid, "d/a") is True
+    assert [e.name for e in manager.list_files("alice", sid, "d")] == ["a"]
+    manager.remove("alice", sid, "d/a")
+    assert manager.exists("alice", sid, "d/a") is False
+    assert seen == [(1, 1)] and entry.queued == 0 and manager._busy == 0
+    with pytest.raises(SandboxNotFound):
+        manager.list_files("bob", sid, "d")
+
+
 # -- the audit record ------------------------------------------------------------------------
 
 

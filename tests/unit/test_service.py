@@ -441,3 +441,47 @@ def test_remote_one_shot_run_and_audit(service: Service, fake: FakeJail) -> None
         assert ex.logs.stdout == ["3\n"] and ex.exit_code == 0
         last = client.audit(limit=1000)[-1]
         assert (last["kind"], last["code"], last["outcome"]) == ("run", "print(3)", "ok")
+
+
+# -- one of each step per request ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_run_prepares_looks_up_and_analyses_once(
+    http: httpx.Client, fake: FakeJail, monkeypatch: pytest.MonkeyPatch, stream: bool
+) -> None:
+    import codecage._analysis
+    import codecage._api
+    import codecage._approvals
+    import codecage._manager
+    import codecage._sandbox
+    import codecage._server
+
+    calls: dict[str, int] = {"prepare_code": 0, "get": 0, "analyze": 0}
+
+    def counted(name: str, fn: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return call
+
+    sid = create(http)
+    headers = {"Accept": "application/x-ndjson"} if stream else {}
+    for module in (codecage._api, codecage._manager, codecage._sandbox, codecage._server):
+        if hasattr(module, "prepare_code"):
+            monkeypatch.setattr(
+                module, "prepare_code", counted("prepare_code", module.prepare_code)
+            )
+    for module in (codecage._analysis, codecage._manager, codecage._approvals, codecage._server):
+        if hasattr(module, "analyze"):
+            monkeypatch.setattr(module, "analyze", counted("analyze", module.analyze))
+    manager_get = codecage._manager.Manager.get
+    monkeypatch.setattr(codecage._manager.Manager, "get", counted("get", manager_get))
+    response = http.post(f"/v1/sandboxes/{sid}/execute", json={"code": "x"}, headers=headers)
+    assert response.status_code == 200
+    assert calls == {"prepare_code": 1, "get": 1, "analyze": 1}
+    calls.update(dict.fromkeys(calls, 0))
+    assert http.post("/v1/run", json={"code": "x"}, headers=headers).status_code == 200
+    assert calls == {"prepare_code": 1, "get": 0, "analyze": 1}
+    http.delete(f"/v1/sandboxes/{sid}")
