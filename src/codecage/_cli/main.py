@@ -392,7 +392,7 @@ def cmd_openapi(args: argparse.Namespace) -> int:
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from .. import _image
+    from .._jail import image as _image
 
     image = _image.build(progress=lambda line: print(clean(line), flush=True))
     print(f"{image.tag} {image.root}")
