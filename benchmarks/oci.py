@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from codecage import _image
+from codecage._jail import image as _image
 from codecage._jail.gvisor import PIDS_FLOOR, RUNSC_FLAGS
 
 Measure = Callable[[Callable[[], float | None], int], dict[str, float]]

@@ -13,10 +13,10 @@ import pytest
 
 import codecage
 from codecage import Policy
-from codecage._image import package_root
 from codecage._jail import available_backends, get_jail
 from codecage._jail.container import INIT_CAPABILITIES, LABEL, ContainerJail
 from codecage._jail.host import UID_BASE
+from codecage._jail.image import package_root
 
 pytestmark = [pytest.mark.requires_root, pytest.mark.requires_podman]
 
@@ -26,7 +26,7 @@ POLICY = Policy(isolation="container", memory_mb=256, disk_mb=16, allow_weaker=T
 
 @pytest.fixture(scope="module")
 def jail() -> Iterator[ContainerJail]:
-    from codecage import _image
+    from codecage._jail import image as _image
 
     _image.build(progress=lambda line: None)
     why = available_backends()["container"]

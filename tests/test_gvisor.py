@@ -14,9 +14,9 @@ import pytest
 
 import codecage
 from codecage import Policy, PolicyError
-from codecage._image import package_root
 from codecage._jail import available_backends, get_jail
 from codecage._jail.gvisor import PIDS_FLOOR, GvisorJail
+from codecage._jail.image import package_root
 
 pytestmark = [pytest.mark.requires_root, pytest.mark.requires_runsc]
 
@@ -28,7 +28,7 @@ POLICY = Policy(isolation="gvisor", allow_weaker=True)
 def jail() -> Iterator[GvisorJail]:
     if shutil.which("runsc") is None:
         pytest.skip("runsc is not installed (scripts/install-backends)")
-    from codecage import _image
+    from codecage._jail import image as _image
 
     _image.build(progress=lambda line: None)
     assert available_backends()["gvisor"] is None

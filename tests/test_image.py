@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from codecage import TransportError, _image
+from codecage import TransportError
+from codecage._jail import image as _image
 from codecage._jail import oci
 from codecage._jail.template import Runtime
 
@@ -36,7 +37,7 @@ def test_image_build_is_cached_and_holds_runtime_and_package() -> None:
     assert (image.root / str(runtime).lstrip("/") / "bin" / "python").exists()
     package = image.root / image.package_root.lstrip("/") / "codecage"
     assert (package / "_inside" / "init.py").read_bytes() == (
-        Path(_image.__file__).parent / "_inside" / "init.py"
+        Path(_image.__file__).parent.parent / "_inside" / "init.py"
     ).read_bytes()
     assert (image.root / "usr/bin/python3.11").exists()  # from Debian's packages
     assert not (image.root / "etc/shadow").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from codecage._cli import SERVICE_MODULES, require_service
+from codecage._cli.main import SERVICE_MODULES, require_service
 
 SRC = Path(__file__).resolve().parent.parent / "src" / "codecage"
 # Everything only the service may import (and starlette, which comes with fastapi).

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from codecage._terminal import changed, clean
+from codecage._cli.terminal import changed, clean
 
 # Python source for the hostile string (ASCII itself, so typing it into a pty is harmless).
 HOSTILE = (

@@ -3,6 +3,21 @@
 Backends are registered by name (`BACKENDS`) and loaded lazily from the policy's
 `isolation` field. Each declares what it enforces (`enforces`, see features.py) and refuses
 a policy asking for more. How a backend plugs in: docs/backends-internals.md.
+
+    __init__.py   the `Jail` protocol, the `BACKENDS` registry, get_jail / close_jails
+    host.py       HostSandbox/HostJail: the host side of every backend (the kernel protocol,
+                  budgets, deadlines, interrupt/kill/restart recovery, files, commands)
+    features.py   what a backend enforces, and the check refusing a policy asking for more
+    namespace.py  backend `namespace` (default): sandboxes forked from the warm template
+    template.py   the host's handle on the template (zygote) process; the staged package
+    pool.py       the warm pool: sandboxes forked ahead of demand, handed out once
+    bwrap.py      backend `bwrap`: the policy as bubblewrap arguments, one exec per sandbox
+    gvisor.py     backend `gvisor`: a runsc sandbox running an OCI bundle
+    container.py  backend `container`: a container through the Docker Engine API (Podman)
+    oci.py        what gvisor and container share: the bundle, init's entry, the listeners
+    image.py      `codecage image build`: the OCI backends' root filesystem, cached by hash
+    cgroups.py    the host's cgroups of a sandbox: limits, readings, killing, removal
+    proctree.py   rootless stand-in for cgroups: the sandbox's process tree from its init
 """
 
 from __future__ import annotations

@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .. import _image
 from .._errors import BackendUnavailable, SandboxError
 from .._inside import seccomp
 from .._policy import Policy
 from . import cgroups, features, oci
+from . import image as _image
 from .host import HostJail, Launched, uids
 from .template import Runtime, state_dir
 

@@ -40,12 +40,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import _image
 from .._errors import BackendUnavailable, SandboxError, TransportError
 from .._inside.messages import SignalRequest
 from .._models import Execution, ExecutionError
 from .._policy import Policy
 from . import cgroups, features, oci
+from . import image as _image
 from .host import HostJail, Launched, readable
 from .template import Runtime, state_dir
 

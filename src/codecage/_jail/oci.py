@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import SandboxError, TransportError
-from .._image import Image
 from .._inside.mounts import DEVICES
 from .._inside.protocol import Message
 from .._policy import Policy
 from . import host
 from .host import HostSandbox
+from .image import Image
 from .template import package_dir, state_dir
 
 CHANNEL_INSIDE = "/run/codecage-channel"  # where the channel directory appears in the sandbox

@@ -8,9 +8,9 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from ._inside import landlock
-from ._jail import BACKENDS, available_backends, cgroups
-from ._jail.template import Runtime
+from .._inside import landlock
+from .._jail import BACKENDS, available_backends, cgroups
+from .._jail.template import Runtime
 
 
 @dataclass

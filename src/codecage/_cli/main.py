@@ -1,4 +1,5 @@
-"""The `codecage` command: run, shell, serve, keys, audit, agent, doctor."""
+"""The `codecage` command: its parser and one `cmd_*` function per subcommand (run, shell,
+serve, mcp, keys, audit, approvals, agent, openapi, image, doctor)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from ._errors import SandboxError
-from ._policy import Policy
-from ._terminal import changed, clean, for_stream
+from .._errors import SandboxError
+from .._policy import Policy
+from .prompt import FILTERED_NOTICE, terminal_approver
+from .terminal import changed, clean, for_stream
 
 
 def _writer(stream: TextIO) -> Any:
@@ -26,41 +28,8 @@ def load_policy(args: argparse.Namespace) -> Policy:
     return policy.with_overrides(args.set or [])
 
 
-FILTERED_NOTICE = (
-    "  ! it held terminal controls or bidirectional characters, removed from what is shown\n"
-)
-
-
-def terminal_approver(request: Any) -> Any:
-    """The CLI's answer to an approval: ask the person at the terminal (never the sandbox's
-    stdin); with no terminal, a no that says why."""
-    from ._approvals import Decision
-
-    try:
-        # two text streams: "r+" on a terminal fails (a buffered random-access stream needs
-        # a seekable file), which made every prompt a no
-        tty_in = open("/dev/tty")  # noqa: SIM115 - closed below
-    except OSError:
-        return Decision(False, "cli", "no terminal to ask for approval")
-    with tty_in, open("/dev/tty", "w") as tty:
-        raw = str(request.subject)
-        subject = clean(raw)
-        if len(subject) > 2000:
-            subject = subject[:2000] + "\n[...]"
-        tty.write(f"\ncodecage: approval needed for {clean(str(request.kind))}:\n")
-        for reason in request.reasons:
-            tty.write(f"  - {clean(reason)}\n")
-        if changed(raw) or any(changed(reason) for reason in request.reasons):
-            tty.write(FILTERED_NOTICE)
-        tty.write("---\n" + subject + ("" if subject.endswith("\n") else "\n") + "---\n")
-        tty.write("approve? [y/N] ")
-        tty.flush()
-        reply = tty_in.readline().strip().lower()
-    return Decision(reply in ("y", "yes"), "cli", "answered at the terminal")
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    from ._api import run
+    from .._api import run
 
     policy = load_policy(args)
     if args.code is not None:
@@ -103,7 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from ._doctor import checks
+    from .doctor import checks
 
     worst = 0
     for check in checks():
@@ -114,7 +83,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
-    from ._shell import run_shell
+    from .shell import run_shell
 
     return run_shell(load_policy(args), Path(args.images))
 
@@ -149,8 +118,8 @@ def require_service() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     require_service()
-    from ._config import ServerConfig
-    from ._server import serve
+    from .._config import ServerConfig
+    from .._server import serve
 
     config = ServerConfig.load(args.config, host=args.host, port=args.port, db=args.db)
     print(
@@ -163,7 +132,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_mcp(args: argparse.Namespace) -> int:
     try:
-        from .mcp_server import serve
+        from ..mcp_server import serve
     except ImportError as exc:
         raise SandboxError(
             f"the MCP server needs the mcp extra (pip install 'codecage[mcp]'): {exc}"
@@ -189,8 +158,8 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     import secrets
 
-    from ._audit import AuditLog
-    from ._config import ServerConfig
+    from .._audit import AuditLog
+    from .._config import ServerConfig
 
     config = ServerConfig.load(args.config, db=args.db)
     key = "cc_" + secrets.token_urlsafe(32)
@@ -206,14 +175,14 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     import time as _time
 
-    from ._config import ServerConfig
+    from .._config import ServerConfig
 
     config = ServerConfig.load(args.config, db=args.db)
     log = config.open_audit()
     tty = sys.stdout.isatty()
 
     def show(text: str) -> str:
-        return clean(text) if tty else text  # the one terminal filter (codecage._terminal)
+        return clean(text) if tty else text  # the one terminal filter (codecage._cli.terminal)
 
     try:
         if args.action == "show":
@@ -319,7 +288,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     import os
     import time as _time
 
-    from ._remote import connect
+    from .._remote import connect
 
     url = args.url or os.environ.get("CODECAGE_URL")
     key = args.key or os.environ.get("CODECAGE_API_KEY")
@@ -372,7 +341,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
-    from .agents import ToolCall, data_agent, math_agent
+    from ..agents import ToolCall, data_agent, math_agent
 
     out, err = _writer(sys.stdout), _writer(sys.stderr)
     seen: list[ToolCall] = []
@@ -415,15 +384,15 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def cmd_openapi(args: argparse.Namespace) -> int:
     require_service()
-    from ._config import ServerConfig
-    from ._server import create_app
+    from .._config import ServerConfig
+    from .._server import create_app
 
     print(json.dumps(create_app(ServerConfig()).openapi(), indent=2, sort_keys=True))
     return 0
 
 
 def cmd_image(args: argparse.Namespace) -> int:
-    from . import _image
+    from .._jail import image as _image
 
     image = _image.build(progress=lambda line: print(clean(line), flush=True))
     print(f"{image.tag} {image.root}")

@@ -9,11 +9,12 @@ import warnings
 from pathlib import Path
 from typing import TextIO
 
-from ._errors import ApprovalDenied, CodeRejected
-from ._models import Execution
-from ._policy import Policy
-from ._sandbox import OutputMessage, Sandbox
-from ._terminal import for_stream
+from .._errors import ApprovalDenied, CodeRejected
+from .._models import Execution
+from .._policy import Policy
+from .._sandbox import OutputMessage, Sandbox
+from .prompt import terminal_approver
+from .terminal import for_stream
 
 
 def _complete(source: str) -> bool:
@@ -64,8 +65,6 @@ def _show(ex: Execution, out_dir: Path, counter: list[int]) -> None:
 
 
 def run_shell(policy: Policy, out_dir: Path) -> int:
-    from ._cli import terminal_approver
-
     tty = sys.stdin.isatty()
     counter = [0]
 

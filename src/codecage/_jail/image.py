@@ -5,7 +5,7 @@ change:
 
     images/base-<hash>/rootfs   Debian (mmdebstrap --variant=minbase + PACKAGES): ~45 s, once
     images/<hash>/rootfs        base + the sandbox runtime and the codecage package, each at
-                                the path it has on the host (DESIGN §8; the package where the
+                                the path it has on the host (the package where the
                                 namespace jail stages it): seconds, hard links to the layers
                                 below (the root is mounted read-only)
 
@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ._errors import BackendUnavailable, SandboxError
-from ._jail.template import Runtime, state_dir
+from .._errors import BackendUnavailable, SandboxError
+from .template import Runtime, state_dir
 
 SUITE = "bookworm"
 MIRROR = os.environ.get("CODECAGE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -90,7 +90,7 @@ def package_root() -> str:
 
 
 def _package_source() -> Path:
-    return Path(__file__).resolve().parent
+    return Path(__file__).resolve().parent.parent
 
 
 def _package_digest() -> str:
