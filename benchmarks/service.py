@@ -18,7 +18,7 @@ import httpx
 from baselines import rate, timed
 
 import codecage
-from codecage._audit import AuditLog
+from codecage._service.audit import AuditLog
 
 Figures = dict[str, dict[str, float]]
 

@@ -21,8 +21,8 @@ import httpx
 import pytest
 
 import codecage
-from codecage._audit import BATCH, AuditLog, _Write
 from codecage._errors import AuditUnavailable
+from codecage._service.audit import BATCH, AuditLog, _Write
 
 from .conftest import Service, cli, start_service, stop_service
 

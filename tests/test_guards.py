@@ -36,7 +36,7 @@ from codecage import (
     analyze,
 )
 from codecage._approvals import Approvals
-from codecage._config import within
+from codecage._service.config import within
 
 from .conftest import Service, cli, start_service, stop_service
 from .test_terminal import FORBIDDEN, HOSTILE_TEXT

@@ -281,7 +281,7 @@ def test_pipelined_requests_without_a_key_are_bounded_per_connection(capped: Ser
     without bound, and no key is needed (20 such connections took the service from 56 to
     619 MiB). A connection holds a bounded queue of pipelined requests, then is closed.
     Positive control: a few pipelined requests are all answered."""
-    from codecage._server import PIPELINED_MAX
+    from codecage._service.app import PIPELINED_MAX
 
     request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
     last = b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"

@@ -187,7 +187,7 @@ def test_the_approval_prompt_on_a_terminal() -> None:
 
 
 def test_codecage_audit_on_a_terminal(tmp_path: Path) -> None:
-    from codecage._audit import AuditLog
+    from codecage._service.audit import AuditLog
 
     db = tmp_path / "audit.db"
     log = AuditLog(db)

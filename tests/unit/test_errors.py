@@ -13,8 +13,8 @@ import pytest
 
 from codecage import _errors
 from codecage._errors import WIRE, CodeRejected, SandboxError, from_wire, wire
-from codecage._manager import Manager
 from codecage._models import Finding
+from codecage._service.manager import Manager
 from codecage.testing.fake import FakeJail
 from tests.unit.test_service import Service, serve
 

@@ -13,8 +13,6 @@ from typing import Any
 import pytest
 
 from codecage import Policy
-from codecage._audit import AuditLog
-from codecage._config import Quotas, ServerConfig
 from codecage._errors import (
     ApprovalDenied,
     CodeRejected,
@@ -23,8 +21,10 @@ from codecage._errors import (
     SandboxBusy,
     SandboxNotFound,
 )
-from codecage._manager import TRANSFER_BUFFER_MB, Manager
 from codecage._sandbox import FILE_CHUNK
+from codecage._service.audit import AuditLog
+from codecage._service.config import Quotas, ServerConfig
+from codecage._service.manager import TRANSFER_BUFFER_MB, Manager
 from codecage.testing import fake as f
 from codecage.testing.fake import FakeJail
 

@@ -1,4 +1,4 @@
-"""The service (codecage._server) on loopback, in this process, over the fake backend: routes,
+"""The service (codecage._service.app) on loopback, in this process, over the fake backend: routes,
 keys, error mapping to HTTP status, NDJSON streams, approvals, the audit API, and the remote
 SDK against it. Every response is checked against docs/openapi.json."""
 
@@ -28,9 +28,9 @@ from codecage import (
     QuotaExceeded,
     SandboxNotFound,
 )
-from codecage._audit import AuditLog
-from codecage._config import Quotas, ServerConfig
-from codecage._server import create_app
+from codecage._service.app import create_app
+from codecage._service.audit import AuditLog
+from codecage._service.config import Quotas, ServerConfig
 from codecage.testing import fake as f
 from codecage.testing import fake as fakes
 from codecage.testing.fake import FakeJail
@@ -453,9 +453,9 @@ def test_a_run_prepares_looks_up_and_analyses_once(
     import codecage._analysis
     import codecage._api
     import codecage._approvals
-    import codecage._manager
     import codecage._sandbox
-    import codecage._server
+    import codecage._service.app
+    import codecage._service.manager
 
     calls: dict[str, int] = {"prepare_code": 0, "get": 0, "analyze": 0}
 
@@ -468,16 +468,26 @@ def test_a_run_prepares_looks_up_and_analyses_once(
 
     sid = create(http)
     headers = {"Accept": "application/x-ndjson"} if stream else {}
-    for module in (codecage._api, codecage._manager, codecage._sandbox, codecage._server):
+    for module in (
+        codecage._api,
+        codecage._service.manager,
+        codecage._sandbox,
+        codecage._service.app,
+    ):
         if hasattr(module, "prepare_code"):
             monkeypatch.setattr(
                 module, "prepare_code", counted("prepare_code", module.prepare_code)
             )
-    for module in (codecage._analysis, codecage._manager, codecage._approvals, codecage._server):
+    for module in (
+        codecage._analysis,
+        codecage._service.manager,
+        codecage._approvals,
+        codecage._service.app,
+    ):
         if hasattr(module, "analyze"):
             monkeypatch.setattr(module, "analyze", counted("analyze", module.analyze))
-    manager_get = codecage._manager.Manager.get
-    monkeypatch.setattr(codecage._manager.Manager, "get", counted("get", manager_get))
+    manager_get = codecage._service.manager.Manager.get
+    monkeypatch.setattr(codecage._service.manager.Manager, "get", counted("get", manager_get))
     response = http.post(f"/v1/sandboxes/{sid}/execute", json={"code": "x"}, headers=headers)
     assert response.status_code == 200
     assert calls == {"prepare_code": 1, "get": 1, "analyze": 1}

@@ -118,8 +118,8 @@ def require_service() -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     require_service()
-    from .._config import ServerConfig
-    from .._server import serve
+    from .._service.app import serve
+    from .._service.config import ServerConfig
 
     config = ServerConfig.load(args.config, host=args.host, port=args.port, db=args.db)
     print(
@@ -158,8 +158,8 @@ def cmd_mcp(args: argparse.Namespace) -> int:
 def cmd_keys(args: argparse.Namespace) -> int:
     import secrets
 
-    from .._audit import AuditLog
-    from .._config import ServerConfig
+    from .._service.audit import AuditLog
+    from .._service.config import ServerConfig
 
     config = ServerConfig.load(args.config, db=args.db)
     key = "cc_" + secrets.token_urlsafe(32)
@@ -175,7 +175,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     import time as _time
 
-    from .._config import ServerConfig
+    from .._service.config import ServerConfig
 
     config = ServerConfig.load(args.config, db=args.db)
     log = config.open_audit()
@@ -384,8 +384,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
 def cmd_openapi(args: argparse.Namespace) -> int:
     require_service()
-    from .._config import ServerConfig
-    from .._server import create_app
+    from .._service.app import create_app
+    from .._service.config import ServerConfig
 
     print(json.dumps(create_app(ServerConfig()).openapi(), indent=2, sort_keys=True))
     return 0

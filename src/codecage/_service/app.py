@@ -25,14 +25,14 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ._approvals import operation
-from ._audit import AuditLog
-from ._config import ServerConfig, check_fits
-from ._errors import CodeRejected, SandboxError, wire
-from ._jail import cgroups, close_jails
-from ._manager import Manager, Started
-from ._models import Execution
-from ._text import has_lone_surrogate
+from .._approvals import operation
+from .._errors import CodeRejected, SandboxError, wire
+from .._jail import cgroups, close_jails
+from .._models import Execution
+from .._text import has_lone_surrogate
+from .audit import AuditLog
+from .config import ServerConfig, check_fits
+from .manager import Manager, Started
 
 NDJSON = "application/x-ndjson"
 STREAM_EVENTS = {
@@ -446,7 +446,7 @@ async def upload(
     manager: Manager = MANAGER,
 ) -> EntryOut:
     """Store a file: streamed to the sandbox as it arrives (the host holds one chunk)."""
-    from ._sandbox import FILE_CHUNK
+    from .._sandbox import FILE_CHUNK
 
     _check_path(path)
     pieces = _upload_pieces(request)  # 415 / 400 before anything is stored

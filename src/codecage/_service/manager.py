@@ -19,12 +19,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
-from ._analysis import analyze
-from ._api import prepare_code, run_prepared
-from ._approvals import ApprovalRequest, Approvals, Decision, Gate, operation
-from ._audit import AuditLog
-from ._config import ServerConfig, within
-from ._errors import (
+from .._analysis import analyze
+from .._api import prepare_code, run_prepared
+from .._approvals import ApprovalRequest, Approvals, Decision, Gate, operation
+from .._errors import (
     ApprovalDenied,
     CodeRejected,
     QuotaExceeded,
@@ -32,12 +30,14 @@ from ._errors import (
     SandboxError,
     SandboxNotFound,
 )
-from ._jail import get_jail
-from ._jail.host import HostJail
-from ._jail.pool import Pool
-from ._models import Execution, Finding
-from ._policy import Policy
-from ._sandbox import FILE_CHUNK, CommandResult, EntryInfo, Sandbox
+from .._jail import get_jail
+from .._jail.host import HostJail
+from .._jail.pool import Pool
+from .._models import Execution, Finding
+from .._policy import Policy
+from .._sandbox import FILE_CHUNK, CommandResult, EntryInfo, Sandbox
+from .audit import AuditLog
+from .config import ServerConfig, within
 
 EventCallback = Callable[[dict[str, Any]], None]
 T = TypeVar("T")

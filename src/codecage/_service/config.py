@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ._errors import PolicyError
-from ._policy import SEVERITIES, Policy
+from .._errors import PolicyError
+from .._policy import SEVERITIES, Policy
 
 if TYPE_CHECKING:
-    from ._audit import AuditLog
+    from .audit import AuditLog
 
 
 class Quotas(BaseModel):
@@ -74,7 +74,7 @@ class ServerConfig(BaseModel):
 
     def open_audit(self) -> AuditLog:
         """The audit log, with this config's bounds."""
-        from ._audit import AuditLog
+        from .audit import AuditLog
 
         retain = self.audit_retention_days
         return AuditLog(

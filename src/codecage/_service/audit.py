@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._errors import AuditUnavailable
-from ._text import valid, valid_deep
+from .._errors import AuditUnavailable
+from .._text import valid, valid_deep
 
 OUTPUT_KEEP_BYTES = 64 * 1024
 CODE_KEEP_BYTES = 64 * 1024  # the default bound on the code kept per run

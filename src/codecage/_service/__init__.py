@@ -1,0 +1,9 @@
+"""The service, `codecage serve` (the `codecage[service]` extra); see docs/architecture.md.
+
+    app.py      the FastAPI app: routers, authentication and admission, body limits, NDJSON
+    manager.py  the Manager: tenants' sandboxes, quotas, an audit record around every operation
+    audit.py    the audit log: SQLite (WAL, synchronous=FULL), one group-commit writer
+    config.py   ServerConfig and Quotas (`--config service.toml`)
+
+Importing the SDK (`import codecage`) never imports this package.
+"""
