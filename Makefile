@@ -29,8 +29,9 @@ backends: $(STAMP) runtime
 	scripts/install-backends
 	$(BIN)/codecage image build
 
+# --durations: the slowest tests, for keeping CI in its budget.
 test: $(STAMP) runtime backends
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=30
 
 check: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

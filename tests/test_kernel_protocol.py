@@ -16,6 +16,7 @@ import pytest
 
 import codecage
 from codecage import Policy, Sandbox, SandboxNotFound
+from codecage.testing import policy
 from codecage.tools import render
 
 from .conftest import Service
@@ -41,8 +42,15 @@ def events_of(sbx: Sandbox, code: str) -> tuple[codecage.Execution, list[dict[st
 # -- item: the end of a run is the host's finding -------------------------------------------
 
 
+# Conformance: on every backend where the host can read the kernel's /proc/PID/syscall (on
+# gvisor the sentry hides the guest, and the end is the sandbox's claim: docs/threat-model.md).
+WHERE_THE_HOST_LOOKS = pytest.mark.backends("namespace", "bwrap", "container")
+
+
+@WHERE_THE_HOST_LOOKS
+@pytest.mark.usefixtures("backend")
 def test_a_forged_end_from_the_main_thread_does_not_end_the_run() -> None:
-    with Sandbox(Policy(timeout_s=30)) as sbx:
+    with Sandbox(policy(timeout_s=30)) as sbx:
         ex, seen = events_of(
             sbx,
             FIND + CONTROL + "ch.send(ev='end', id=rid, execution_count=99, exit_code=0,"
@@ -57,8 +65,10 @@ def test_a_forged_end_from_the_main_thread_does_not_end_the_run() -> None:
         assert sbx.run_code("1 + 1").text == "2"
 
 
+@WHERE_THE_HOST_LOOKS
+@pytest.mark.usefixtures("backend")
 def test_a_forged_end_from_a_thread_does_not_end_the_run_nor_move_killed_by() -> None:
-    with Sandbox(Policy(timeout_s=2, interrupt_grace_s=0.5)) as sbx:
+    with Sandbox(policy(timeout_s=2, interrupt_grace_s=0.5)) as sbx:
         started = time.monotonic()
         ex = sbx.run_code(
             FIND + CONTROL + "def forge():\n"
