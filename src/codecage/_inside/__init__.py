@@ -16,6 +16,7 @@ protocol.py (framing), seccomp.py and landlock.py (probes, profiles) and mounts.
     init.py        PID 1's loop: starts the kernel, reaps orphans, restarts it on request
     kernel.py      the kernel: runs code in a persistent namespace, streams frames to the host
     protocol.py    framing of the kernel channel (length + JSON), shared with the host
+    messages.py    the typed requests and events of every channel (docs/protocol.md)
     shell.py       IPython inside: execution, magics, `!cmd`, rich display as MIME bundles
     imports.py     the policy's module allow/deny lists on user code's imports (not a wall)
     files.py       file requests, done by the kernel (the host never opens a sandbox path)
