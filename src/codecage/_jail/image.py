@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .._errors import BackendUnavailable, SandboxError
-from .template import Runtime, state_dir
+from .template import PACKAGE_SOURCE, Runtime, package_digest, state_dir
 
 SUITE = "bookworm"
 MIRROR = os.environ.get("CODECAGE_DEBIAN_MIRROR", "http://deb.debian.org/debian")
@@ -79,28 +79,14 @@ def runtime_key(runtime: Path | Runtime) -> str:
 
 
 def image_key(runtime: Runtime) -> str:
-    digest = hashlib.sha256(f"{runtime_key(runtime)}\0{_package_digest()}".encode())
+    digest = hashlib.sha256(f"{runtime_key(runtime)}\0{package_digest()}".encode())
     return digest.hexdigest()[:16]
 
 
 def package_root() -> str:
     """Where the namespace jail stages this codecage package (template.package_dir): the
     image holds it at the same path."""
-    return str(state_dir() / "pkg" / _package_digest()[:20])
-
-
-def _package_source() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
-def _package_digest() -> str:
-    source = _package_source()
-    digest = hashlib.sha256()
-    for path in sorted(
-        p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts
-    ):
-        digest.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
+    return str(state_dir() / "pkg" / package_digest()[:20])
 
 
 def current(runtime: Runtime | None = None) -> Image | None:
@@ -146,7 +132,7 @@ def build(runtime: Runtime | None = None, progress: Progress = print) -> Image:
     _link_tree(runtime.path.resolve(), inside)
     progress("image: adding the codecage package")
     package = scratch / "rootfs" / package_root().lstrip("/") / "codecage"
-    shutil.copytree(_package_source(), package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(PACKAGE_SOURCE, package, ignore=shutil.ignore_patterns("__pycache__"))
     # compiled once here: the read-only root means a sandbox could never cache it itself
     inside_path = f"{package_root()}/codecage"
     compile_cmd = [str(runtime.python), "-I", "-m", "compileall", "-q", "-d", inside_path]

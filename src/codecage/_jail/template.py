@@ -93,16 +93,25 @@ def _shadowed(path: Path) -> bool:
     return any(path == Path(p) or Path(p) in path.parents for p in SHADOWED)
 
 
+PACKAGE_SOURCE = Path(__file__).resolve().parent.parent  # the codecage package's own files
+
+
+def package_digest() -> str:
+    """The content hash of the codecage package (its staged path, the OCI image's key)."""
+    digest = hashlib.sha256()
+    for path in sorted(
+        p for p in PACKAGE_SOURCE.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+    ):
+        digest.update(str(path.relative_to(PACKAGE_SOURCE)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def package_dir(stage: Path) -> Path:
     """The `codecage` package as the template imports it and every sandbox sees it (bound
     read-only at the same path). A copy staged under /run/codecage/pkg/<content hash>, so
     that the checkout may live anywhere, /tmp included, which the jail hides behind its own."""
-    source = Path(__file__).resolve().parent.parent
-    files = sorted(p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes())
-    target = stage / digest.hexdigest()[:20] / "codecage"
+    source = PACKAGE_SOURCE
+    target = stage / package_digest()[:20] / "codecage"
     if not target.exists():
         stage.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(dir=stage))
