@@ -15,6 +15,7 @@ import pytest
 from codecage import Policy
 from codecage._errors import (
     ApprovalDenied,
+    AuditUnavailable,
     CodeRejected,
     PolicyError,
     QuotaExceeded,
@@ -490,3 +491,18 @@ def test_every_file_operation_is_recorded(manager: Manager) -> None:
         ("file_remove", "a.txt", "ok"),
         ("file_list", "a.txt/x", "failed"),
     ]
+
+
+def test_below_the_audit_floor_nothing_reaches_the_kernel(tmp_path: Path, fake: FakeJail) -> None:
+    log = AuditLog(tmp_path / "audit.db", min_free_bytes=1 << 62)
+    m = Manager(ServerConfig(db=str(log.path), pool_size=0), log)
+    try:
+        sid = m.create("alice", {}, {}).sandbox.id
+        with pytest.raises(AuditUnavailable, match="floor"):
+            m.start_execute("alice", sid, "open('ran', 'w').write('x')")
+        with pytest.raises(AuditUnavailable, match="floor"):
+            m.exists("alice", sid, "ran")
+        assert fake.ran() == [] and m.audit.runs(tenant="alice") == []
+    finally:
+        m.shutdown()
+        log.close()
