@@ -94,8 +94,8 @@ def _oom_score(spec: Spec, ctx: Ctx) -> None:
 
 
 def _close_fds(spec: Spec, ctx: Ctx) -> None:
-    # the supervisor channel, and in the namespace jail the template's own descriptors
-    # (template_fds: the set-up process's copies of them, closed again by the allowlist)
+    # the supervisor channel, and in the namespace jail the descriptors the template held
+    # once preloaded (template_fds: the preloaded modules' own, inherited with their memory)
     close_descriptors(keep={ctx["supervisor_fd"], *ctx.get("template_fds", ())})
 
 
