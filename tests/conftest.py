@@ -60,7 +60,7 @@ def _uid_and_parent(pid: int) -> tuple[int, int] | None:
     return int(fields["Uid"].split()[1]), int(fields["PPid"])
 
 
-def _held_by(pid: int) -> int | None:
+def held_by(pid: int) -> int | None:
     """The nearest ancestor that is a host process (not a sandbox uid, not PID 1): who holds
     a process that is in no sandbox cgroup (bwrap's, before the host moves it into its
     cgroups). None if it has none: it escaped, and PID 1 or a subreaper took it in."""
@@ -75,7 +75,7 @@ def _held_by(pid: int) -> int | None:
     return None
 
 
-def _descends_from(pid: int, ancestor: int) -> bool:
+def descends_from(pid: int, ancestor: int) -> bool:
     for _ in range(64):
         found = _uid_and_parent(pid)
         if found is None or found[1] <= 1:
@@ -109,8 +109,8 @@ def sandbox_processes(owner: str | None = None) -> list[str]:
         if match is not None:
             if match.group(1) != owner:
                 continue  # another owner's sandbox
-        elif _held_by(int(entry.name)) is not None and not (
-            mine and _descends_from(int(entry.name), os.getpid())
+        elif held_by(int(entry.name)) is not None and not (
+            mine and descends_from(int(entry.name), os.getpid())
         ):
             continue  # being set up by another live process: its own check sees it
         found.append(f"{entry.name}: {status.splitlines()[0]} {membership.split()[0]}")

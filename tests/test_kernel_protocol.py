@@ -285,3 +285,23 @@ def test_a_limit_ending_the_sandbox_during_a_run_is_returned() -> None:
             sbx.run_code("1")
     finally:
         sbx.kill()
+
+
+@pytest.mark.usefixtures("backend")
+def test_an_interrupt_outside_the_cells_code_still_ends_the_run_as_a_run() -> None:
+    """A SIGINT can land in the kernel's own code around a cell (flushing, sending its
+    end): the run ends with KeyboardInterrupt, and the kernel never answers a run with a
+    request's `failed` reply, which the host would take for a protocol violation."""
+    with Sandbox(policy(timeout_s=30)) as sbx:
+        ex = sbx.run_code(
+            FIND + CONTROL + "real = ch.put\n"
+            "def put(message):\n"
+            "    if message.get('ev') == 'end':\n"
+            "        ch.put = real  # once: as if the interrupt came while the end was sent\n"
+            "        raise KeyboardInterrupt\n"
+            "    real(message)\n"
+            "ch.put = put\n"
+        )
+        assert ex.logs.stdout == ["forged-but-taken\n"]  # control: the kernel's own channel
+        assert ex.error is not None and ex.error.name == "KeyboardInterrupt", ex.error
+        assert sbx.alive and sbx.run_code("1 + 1").text == "2"

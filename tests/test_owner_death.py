@@ -86,8 +86,12 @@ def kill_and_keep_zombie(process: subprocess.Popen[bytes]) -> None:
 def assert_nothing_left(owner: str) -> None:
     """Within a bounded wait: no process of the owner's sandboxes, no frozen or populated
     cgroup. Then the (empty) cgroups are removed, as the next start-up sweep would."""
-    deadline = time.monotonic() + 30
-    while sandbox_processes(owner) and time.monotonic() < deadline:
+
+    def populated() -> bool:
+        return any((d / "cgroup.procs").read_text().split() for d in cgroup_dirs(owner))
+
+    deadline = time.monotonic() + 60  # a loaded host reaps slowly; nothing here is a timing
+    while (sandbox_processes(owner) or populated()) and time.monotonic() < deadline:
         time.sleep(0.1)
     left = sandbox_processes(owner)
     states = {}

@@ -17,6 +17,8 @@ import pytest
 
 import codecage
 
+from .conftest import descends_from, held_by
+
 pytestmark = pytest.mark.requires_root  # root is needed to become `nobody` for the test
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3.11"
@@ -94,8 +96,11 @@ def nobody_processes() -> list[str]:
                 status = (entry / "status").read_text()
             except OSError:
                 continue
-            if f"Uid:\t{NOBODY}\t" in status:
-                found.append(f"{entry.name} {status.splitlines()[0]}")
+            if f"Uid:\t{NOBODY}\t" not in status:
+                continue
+            if not descends_from(int(entry.name), os.getpid()) and held_by(int(entry.name)):
+                continue  # another session's, held by a live process that is not ours
+            found.append(f"{entry.name} {status.splitlines()[0]}")
     return found
 
 

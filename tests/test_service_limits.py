@@ -289,7 +289,10 @@ def test_a_large_sparse_file_downloads_with_bounded_service_memory(tmp_path: Pat
     svc = small_service(tmp_path, "[quotas]\ntransfer_buffer_mb = 16\n")
     try:
         with http(svc, "alice") as alice:
-            big = alice.post("/v1/sandboxes", json={"policy": {"memory_mb": 48, "disk_mb": 512}})
+            big = alice.post(  # a whole transfer must finish within timeout_s, on a loaded host too
+                "/v1/sandboxes",
+                json={"policy": {"memory_mb": 48, "disk_mb": 512, "timeout_s": 300}},
+            )
             small = alice.post("/v1/sandboxes", json={})
             sid, other = big.json()["id"], small.json()["id"]
             alice.post(

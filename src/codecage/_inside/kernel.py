@@ -28,6 +28,7 @@ from . import commands, files, libc
 from .messages import (
     DoneEvent,
     EndEvent,
+    ErrorEvent,
     Event,
     FailedEvent,
     HelloEvent,
@@ -308,6 +309,11 @@ class Kernel:
             else:
                 handler(self, request)
         except KeyboardInterrupt:
+            if op == "execute":
+                # An interrupt that landed outside the cell's code (flushing its output,
+                # sending its end): a run still ends as a run, never with a request's reply.
+                self.interrupted_run(request.get("id"))
+                return
             self.channel.put(
                 FailedEvent(
                     ev="failed",
@@ -316,6 +322,23 @@ class Kernel:
                     message="interrupted",
                 )
             )
+
+    def interrupted_run(self, run_id: Any) -> None:
+        self.channel.put(
+            ErrorEvent(
+                ev="error", id=run_id, name="KeyboardInterrupt", value="interrupted", traceback=""
+            )
+        )
+        self.channel.put(
+            EndEvent(
+                ev="end",
+                id=run_id,
+                execution_count=int(getattr(self.shell, "execution_count", 0) or 0),
+                exit_code=None,
+                truncated=self.output.truncated,
+                duration_ms=0.0,
+            )
+        )
 
     def done(self, request: Message, reply: Mapping[str, Any] | None = None) -> None:
         self.channel.put({**DoneEvent(ev="done", id=request.get("id")), **(reply or {})})
