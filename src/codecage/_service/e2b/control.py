@@ -131,6 +131,8 @@ async def create_sandbox(
         raise E2BError(400, "mcp: this server runs no MCP gateway")
     if body.volume_mounts:
         raise E2BError(400, "volumeMounts: this server has no volumes")
+    if body.allow_internet_access:
+        raise E2BError(400, "allow_internet_access: sandboxes here have no network (policy)")
     _check_text("metadata", body.metadata)
     _check_text("envVars", body.env_vars)
     token = secrets.token_urlsafe(32)
