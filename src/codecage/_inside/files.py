@@ -60,7 +60,10 @@ def read(path: str, offset: int = 0, length: int = CHUNK) -> ReadReply:
 def write(path: str, data: str, append: bool = False) -> Entry:
     full = resolve(path)
     os.makedirs(os.path.dirname(full), exist_ok=True)
+    new = not os.path.lexists(full)
     with open(full, "ab" if append else "wb") as f:
+        if new:  # as envd sets a new file's owner and mode: a watcher sees create, chmod, write
+            os.fchmod(f.fileno(), stat.S_IMODE(os.fstat(f.fileno()).st_mode))
         f.write(base64.b64decode(data))
     return _entry(full, os.stat(full))
 

@@ -445,6 +445,24 @@ class Manager:
         )
         return run_id
 
+    def note(self, tenant: str, sandbox_id: str, kind: str, subject: str) -> None:
+        """Record an operation on a sandbox that runs nothing in it (E2B's create, kill,
+        timeout, connect), durably, outside the run quota."""
+        with self._lock:
+            entry = self._sandboxes.get(sandbox_id)
+        policy = entry.sandbox.policy if entry is not None else self.config.policy
+        run_id = secrets.token_hex(16)
+        self.audit.start_run(
+            run_id=run_id,
+            tenant=tenant,
+            sandbox_id=sandbox_id,
+            kind=kind,
+            code=subject,
+            policy=policy.model_dump(),
+            findings=[],
+        )
+        self.finish(run_id, kind, Execution())
+
     def finish(
         self, run_id: str, kind: str, ex: Execution, files: list[dict[str, Any]] | None = None
     ) -> None:

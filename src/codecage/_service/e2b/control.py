@@ -140,7 +140,7 @@ async def create_sandbox(
 
     def work() -> Entry:
         with operation(client_ref=ref[:64] if ref else None):
-            return manager.create(
+            entry = manager.create(
                 who,
                 {},
                 dict(body.env_vars or {}),
@@ -149,6 +149,9 @@ async def create_sandbox(
                 access_token=token,
                 template=body.template_id,
             )
+        subject = f"create {body.template_id} timeout={body.timeout}"
+        manager.note(who, entry.sandbox.id, "sandbox_create", subject)
+        return entry
 
     return created(await run_in_threadpool(work))
 
@@ -194,6 +197,7 @@ def get_sandbox(sandbox_id: str, who: str = TENANT, manager: Manager = MANAGER) 
 @router.delete("/sandboxes/{sandbox_id}", status_code=204)
 def kill_sandbox(sandbox_id: str, who: str = TENANT, manager: Manager = MANAGER) -> Response:
     manager.delete(who, sandbox_id)
+    manager.note(who, sandbox_id, "sandbox_kill", "kill")
     return Response(status_code=204)
 
 
@@ -202,6 +206,7 @@ def set_timeout(
     sandbox_id: str, body: Timeout, who: str = TENANT, manager: Manager = MANAGER
 ) -> Response:
     manager.set_lifetime(who, sandbox_id, body.timeout or 1)
+    manager.note(who, sandbox_id, "sandbox_timeout", f"timeout={body.timeout}")
     return Response(status_code=204)
 
 
