@@ -429,10 +429,12 @@ class Manager:
         code: str,
         policy: Policy,
         findings: list[Finding] | None = None,
+        admit: bool = True,
     ) -> str:
         """Admit and durably record a run (with its static-analysis findings) before it
-        starts. Returns the run id."""
-        self._admit(tenant)
+        starts. Returns the run id. `admit=False`: outside the run quota."""
+        if admit:
+            self._admit(tenant)
         run_id = secrets.token_hex(16)
         self.audit.start_run(
             run_id=run_id,
@@ -451,16 +453,7 @@ class Manager:
         with self._lock:
             entry = self._sandboxes.get(sandbox_id)
         policy = entry.sandbox.policy if entry is not None else self.config.policy
-        run_id = secrets.token_hex(16)
-        self.audit.start_run(
-            run_id=run_id,
-            tenant=tenant,
-            sandbox_id=sandbox_id,
-            kind=kind,
-            code=subject,
-            policy=policy.model_dump(),
-            findings=[],
-        )
+        run_id = self.begin(tenant, sandbox_id, kind, subject, policy, admit=False)
         self.finish(run_id, kind, Execution())
 
     def finish(
