@@ -235,6 +235,12 @@ def test_connect_rpcs_refuse_bad_input(service: Service) -> None:
                     headers={"content-type": c.UNARY_TYPE},
                 )
                 assert method.json()["code"] == "unimplemented"
+                stat, unary = "/filesystem.Filesystem/Stat", {"content-type": c.UNARY_TYPE}
+                big = rpc.post(stat, content=b" " * (2 << 20) + b"{}", headers=unary)
+                assert big.status_code == 429 and big.json()["code"] == "resource_exhausted"
+                huge = rpc.post(stat, content=b"x" * (12 << 20), headers=unary)
+                assert huge.status_code == 413 and huge.json()["code"] == 413  # the body limit
+                assert rpc.post(stat, json={"path": "."}, headers=unary).status_code == 200
         finally:
             http.delete(f"/sandboxes/{sid}")
 
