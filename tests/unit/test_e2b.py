@@ -283,9 +283,20 @@ def test_hosted_addresses_and_signed_urls_reach_a_sandbox(service: Service) -> N
                     "signature_expiration": str(later),
                 }
                 assert plain.get("/files", params=good, headers=host).content == b"signed"
+                # no Host, no header (E2B_SANDBOX_URL names no sandbox): the signature does
+                assert plain.get("/files", params=good).content == b"signed"
+                nowhere = dict(good, signature="v1_" + "A" * 43)
+                assert plain.get("/files", params=nowhere).status_code == 401
                 expired = dict(good, signature_expiration=str(int(time.time()) - 10))
-                response = plain.get("/files", params=expired, headers=host)
-                assert response.json() == {"code": 401, "message": "signature is already expired"}
+                expired["signature"] = signature(
+                    "signed.txt", "read", "", token, int(expired["signature_expiration"])
+                )
+                for where in (host, {}):
+                    response = plain.get("/files", params=expired, headers=where)
+                    assert response.json() == {
+                        "code": 401,
+                        "message": "signature is already expired",
+                    }
                 wrong = dict(good, signature="v1_nope")
                 assert plain.get("/files", params=wrong, headers=host).status_code == 401
                 write_sig = dict(good, signature=signature("signed.txt", "write", "", token, later))

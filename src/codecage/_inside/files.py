@@ -129,6 +129,7 @@ def _info(path: str) -> EntryInfo:
     if stat.S_ISLNK(st.st_mode):
         kind = "symlink"  # a link that points nowhere
     return EntryInfo(
+        metadata=_metadata(path),
         name=os.path.basename(path) or path,
         path=path,
         type=kind,
@@ -141,6 +142,45 @@ def _info(path: str) -> EntryInfo:
         is_symlink=link,
         symlink_target=os.path.realpath(path) if link else None,
     )
+
+
+METADATA = "user.e2b."  # E2B's file metadata: extended attributes in this namespace
+METADATA_BYTES = 4096
+
+
+def _metadata(path: str) -> dict[str, str]:
+    """The file's `user.e2b.*` attributes, the prefix stripped (none where the
+    filesystem keeps no user attributes)."""
+    found: dict[str, str] = {}
+    try:
+        names = os.listxattr(path)
+    except OSError:
+        return found
+    for name in names:
+        if name.startswith(METADATA):
+            with contextlib.suppress(OSError):
+                found[name[len(METADATA) :]] = os.getxattr(path, name)[:METADATA_BYTES].decode(
+                    "utf-8", "replace"
+                )
+    return found
+
+
+def set_metadata(path: str, metadata: dict[str, str]) -> EntryReply:
+    """Replace the file's `user.e2b.*` attributes with `metadata` (empty: remove them)."""
+    full = resolve(path)
+    if not isinstance(metadata, dict) or len(metadata) > 64:
+        raise ValueError("metadata: a map of at most 64 keys")
+    try:
+        current = {n for n in os.listxattr(full) if n.startswith(METADATA)}
+    except OSError:
+        if metadata:
+            raise
+        current = set()  # a filesystem without user attributes has none to clear
+    for name in current - {METADATA + str(k) for k in metadata}:
+        os.removexattr(full, name)
+    for key, value in metadata.items():
+        os.setxattr(full, METADATA + str(key), str(value).encode())
+    return EntryReply(entry=_info(full))
 
 
 def entry(path: str) -> EntryReply:
@@ -213,4 +253,5 @@ OPS: dict[str, Callable[..., Mapping[str, Any]]] = {
     "watch": _watch("start"),
     "watch_events": _watch("events"),
     "unwatch": _watch("stop"),
+    "set_metadata": set_metadata,
 }

@@ -164,6 +164,17 @@ class UnwatchRequest(TypedDict):
     args: WatcherArgs
 
 
+class MetadataArgs(TypedDict):
+    path: str
+    metadata: dict[str, str]
+
+
+class SetMetadataRequest(TypedDict):
+    op: Literal["set_metadata"]
+    id: NotRequired[str]
+    args: MetadataArgs
+
+
 Request = (
     ExecuteRequest
     | ReadRequest
@@ -183,6 +194,7 @@ Request = (
     | WatchRequest
     | WatchEventsRequest
     | UnwatchRequest
+    | SetMetadataRequest
 )
 # A request that takes an id and a reply (`done` or `failed`) from HostSandbox.request.
 ReplyRequest = (
@@ -202,6 +214,7 @@ ReplyRequest = (
     | WatchRequest
     | WatchEventsRequest
     | UnwatchRequest
+    | SetMetadataRequest
 )
 
 # -- kernel channel: what `done` carries, by request ----------------------------------------
@@ -275,6 +288,7 @@ class EntryInfo(TypedDict):
     mtime: float
     is_symlink: bool
     symlink_target: str | None
+    metadata: dict[str, str]  # E2B's file metadata: the `user.e2b.*` extended attributes
 
 
 class EntryReply(TypedDict):
@@ -444,6 +458,7 @@ REQUESTS: dict[str, type[Any]] = {
     "watch": WatchRequest,
     "watch_events": WatchEventsRequest,
     "unwatch": UnwatchRequest,
+    "set_metadata": SetMetadataRequest,
 }
 REPLIES: dict[str, type[Any]] = {
     "read": ReadReply,
@@ -462,6 +477,7 @@ REPLIES: dict[str, type[Any]] = {
     "watch": WatchReply,
     "watch_events": WatchEventsReply,
     "unwatch": NoReply,
+    "set_metadata": EntryReply,
 }
 EVENTS: dict[str, type[Any]] = {
     "hello": HelloEvent,

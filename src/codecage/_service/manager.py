@@ -250,6 +250,17 @@ class Manager:
             return None
         return entry
 
+    def tokens(self) -> list[tuple[str, str]]:
+        """(sandbox id, access token) of every live sandbox that has a token: for telling
+        which sandbox a signed URL is for (the caller checks the signature against each)."""
+        with self._lock:
+            entries = list(self._sandboxes.items())
+        return [
+            (sid, e.access_token)
+            for sid, e in entries
+            if e.access_token is not None and e.sandbox.alive and not e.expired()
+        ]
+
     def _reap_soon(self) -> None:
         """Start the reaper if it is not running (under _lock)."""
         if self._reaper is None and not self._closing.is_set():

@@ -2,7 +2,9 @@
 given more time and killed, as Manager operations of the key's tenant.
 
 Templates: `base` and `code-interpreter-v1` (E2B's SDKs' defaults) are the service's
-default policy; any other name is E2B's 404 "template not found". A sandbox's `timeout` is
+default policy; any other name is E2B's 404 "template not found". `mcp` is accepted: the
+SDK then starts E2B's MCP gateway itself, which a sandbox here does not have (so the
+create fails there, and the SDK kills the sandbox). A sandbox's `timeout` is
 its lifetime: the Manager kills it when it passes, `POST /sandboxes/{id}/timeout` moves it.
 Every sandbox gets an envd access token (E2B's SDKs secure every sandbox). Pausing,
 snapshots, forks, logs and network changes are not served: E2B's answer for an API this
@@ -127,8 +129,6 @@ async def create_sandbox(
         raise E2BError(404, f"template '{body.template_id}' not found")
     if body.auto_pause:
         raise E2BError(400, "autoPause: this server does not pause sandboxes")
-    if body.mcp:
-        raise E2BError(400, "mcp: this server runs no MCP gateway")
     if body.volume_mounts:
         raise E2BError(400, "volumeMounts: this server has no volumes")
     if body.allow_internet_access:
@@ -228,17 +228,24 @@ def connect_sandbox(
 
 @router.get("/sandboxes/{sandbox_id}/metrics")
 def sandbox_metrics(
-    sandbox_id: str, who: str = TENANT, manager: Manager = MANAGER
+    sandbox_id: str,
+    start: int | None = Query(None, ge=0, le=2**40),
+    end: int | None = Query(None, ge=0, le=2**40),
+    who: str = TENANT,
+    manager: Manager = MANAGER,
 ) -> list[dict[str, Any]]:
-    """One reading, now: the host's (cgroups) memory and CPU time of the sandbox."""
+    """One reading, now: the host's (cgroups) memory and CPU time of the sandbox (none
+    when now is outside [start, end], Unix seconds)."""
     entry = manager.get(who, sandbox_id)
+    now = time.time()
+    if (start is not None and now < start) or (end is not None and now > end + 1):
+        return []
     policy, jailed = entry.sandbox.policy, entry.sandbox._jailed
     try:
         memory = jailed.memory_current() or 0
         cpu_s = jailed.usage().cpu_s
     except OSError:
         memory, cpu_s = 0, 0.0
-    now = time.time()
     age = max(now - entry.created_at, 1e-3)
     cores = policy.cpu_cores or 1
     return [
