@@ -190,7 +190,14 @@ def test_bad_control_plane_input_is_e2b_4xx(service: Service) -> None:
     with api(service) as http:
         unknown = http.post("/v2/sandboxes", json={"templateID": "no-such-template"})
         assert unknown.status_code == 404 and "not found" in unknown.json()["message"]
-        for bad in ({}, {"templateID": 5}, {"templateID": "base", "timeout": -1}):
+        for bad in (
+            {},
+            {"templateID": 5},
+            {"templateID": "base", "timeout": -1},
+            {"templateID": "base", "timeout": True},  # not 1 second
+            {"templateID": "base", "metadata": {"k": 5}},
+            {"templateID": "base", "envVars": ["A=1"]},
+        ):
             response = http.post("/v2/sandboxes", json=bad)
             assert response.status_code == 400, bad
             assert set(response.json()) == {"code", "message"}
@@ -364,3 +371,64 @@ def test_files_and_filesystem_over_the_fake(service: Service) -> None:
                 )
         finally:
             http.delete(f"/sandboxes/{sid}")
+
+
+def _junk(seed: int) -> list[bytes]:
+    """Bodies no client should send: malformed JSON, wrong types, huge numbers, odd text."""
+    import random
+
+    rng = random.Random(seed)
+    fields = ["path", "depth", "source", "destination", "watcherId", "recursive", "timeout"]
+    values: list[Any] = [None, -1, 2**70, "1e999", "", "\ud800", [], {}, True, "a" * 5000, 3.5]
+    bodies = [b"", b"{", b"null", b"[]", b'"x"', b"\xff\xfe", b"{}" * 3]
+    for _ in range(40):
+        body = {rng.choice(fields): rng.choice(values) for _ in range(rng.randint(1, 3))}
+        bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+def test_no_junk_is_a_500(service: Service) -> None:
+    """Every E2B route, fed junk: a 4xx or a Connect error, never a 5xx nor a traceback."""
+    methods = [
+        "Stat", "MakeDir", "Move", "ListDir", "Remove", "CreateWatcher",
+        "GetWatcherEvents", "RemoveWatcher",
+    ]  # fmt: skip
+    with api(service) as http:
+        made = create(http)
+        sid, token = made["sandboxID"], made["envdAccessToken"]
+        try:
+            with envd(service, sid, token) as rpc:
+                for body in _junk(7):
+                    for method in methods:
+                        response = rpc.post(
+                            f"/filesystem.Filesystem/{method}",
+                            content=body,
+                            headers={"content-type": c.UNARY_TYPE},
+                        )
+                        assert response.status_code < 500, (method, body, response.text)
+                        assert "Traceback" not in response.text
+                    streamed = rpc.post(
+                        "/filesystem.Filesystem/WatchDir",
+                        content=struct.pack(">BI", 0, len(body)) + body,
+                        headers={"content-type": c.STREAM_TYPE},
+                    )
+                    assert streamed.status_code == 200
+                    for path, params in (("/files", {"path": body.decode("latin-1")[:200]}),):
+                        assert rpc.get(path, params=params).status_code < 500
+                        response = rpc.post(path, params=params, content=body)
+                        assert response.status_code < 500, response.text
+                    for route in ("/v2/sandboxes", f"/sandboxes/{'0' * 32}/timeout"):
+                        response = http.post(
+                            route, content=body, headers={"content-type": "application/json"}
+                        )
+                        assert response.status_code < 500, (route, body, response.text)
+        finally:
+            http.delete(f"/sandboxes/{sid}")
+        assert kill_left(http) == []
+
+
+def kill_left(http: httpx.Client) -> list[str]:
+    left = [s["sandboxID"] for s in http.get("/v2/sandboxes").json()]
+    for sandbox_id in left:
+        http.delete(f"/sandboxes/{sandbox_id}")
+    return left

@@ -47,7 +47,7 @@ class NewSandbox(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     template_id: str = Field(alias="templateID", max_length=256)
-    timeout: int = Field(300, ge=0, le=MAX_TIMEOUT_S)
+    timeout: int = Field(300, ge=0, le=MAX_TIMEOUT_S, strict=True)
     metadata: dict[str, str] | None = None
     env_vars: dict[str, str] | None = Field(None, alias="envVars")
     auto_pause: bool = Field(False, alias="autoPause")
@@ -59,12 +59,12 @@ class NewSandbox(BaseModel):
 
 class Timeout(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    timeout: int = Field(ge=0, le=MAX_TIMEOUT_S)
+    timeout: int = Field(ge=0, le=MAX_TIMEOUT_S, strict=True)
 
 
 class Connect(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    timeout: int = Field(300, ge=0, le=MAX_TIMEOUT_S)
+    timeout: int = Field(300, ge=0, le=MAX_TIMEOUT_S, strict=True)
 
 
 def _iso(at: float) -> str:
