@@ -446,3 +446,21 @@ def test_an_e2b_sandbox_is_the_tenants_on_both_apis(service: Service) -> None:
         finally:
             http.delete(f"/sandboxes/{sid}")
         assert native.get(f"/v1/sandboxes/{sid}").status_code == 404
+
+
+def test_a_full_disk_is_507(service: Service, fake: fakes.FakeJail) -> None:
+    fake.on("write", None, fakes.failed("OSError", 28, "No space left on device"))
+    with api(service) as http:
+        made = create(http)
+        sid, token = made["sandboxID"], made["envdAccessToken"]
+        try:
+            with envd(service, sid, token) as sbx:
+                response = sbx.post(
+                    "/files",
+                    params={"path": "full.bin"},
+                    content=b"x",
+                    headers={"content-type": "application/octet-stream"},
+                )
+                assert response.status_code == 507 and response.json()["code"] == 507
+        finally:
+            http.delete(f"/sandboxes/{sid}")
