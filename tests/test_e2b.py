@@ -352,3 +352,35 @@ def test_a_watch_stream_the_client_drops_frees_its_watcher(
                     raise AssertionError("the dropped stream's watcher was never released")
     finally:
         sbx.kill()
+
+
+def test_a_quiet_watch_stream_sends_keepalives(
+    e2b_env: dict[str, str], e2b_service: Service
+) -> None:
+    sbx = Sandbox.create()
+    try:
+        body = json.dumps({"path": "."}).encode()
+        headers = {"content-type": "application/connect+json", "keepalive-ping-interval": "1"}
+        with (
+            envd(e2b_service, sbx) as http,
+            http.stream(
+                "POST",
+                "/filesystem.Filesystem/WatchDir",
+                content=struct.pack(">BI", 0, len(body)) + body,
+                headers=headers,
+            ) as stream,
+        ):
+            assert stream.headers["content-type"] == "application/connect+json"
+            held, messages = b"", []
+            for chunk in stream.iter_raw():
+                held += chunk
+                while len(held) >= 5 and len(held) >= 5 + struct.unpack(">I", held[1:5])[0]:
+                    length = struct.unpack(">I", held[1:5])[0]
+                    messages.append((held[0], json.loads(held[5 : 5 + length])))
+                    held = held[5 + length :]
+                if any(m == {"keepalive": {}} for _, m in messages):
+                    break
+            assert messages[0] == (0, {"start": {}})
+            assert (0, {"keepalive": {}}) in messages
+    finally:
+        sbx.kill()

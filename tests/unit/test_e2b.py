@@ -242,6 +242,12 @@ def test_connect_rpcs_refuse_bad_input(service: Service) -> None:
                     headers={"content-type": c.UNARY_TYPE},
                 )
                 assert method.json()["code"] == "unimplemented"
+                wrong = rpc.post(
+                    "/filesystem.Filesystem/WatchDir",
+                    content=b"{}",
+                    headers={"content-type": c.UNARY_TYPE},
+                )
+                assert wrong.status_code == 415 and wrong.json()["code"] == "invalid_argument"
                 stat, unary = "/filesystem.Filesystem/Stat", {"content-type": c.UNARY_TYPE}
                 big = rpc.post(stat, content=b" " * (2 << 20) + b"{}", headers=unary)
                 assert big.status_code == 429 and big.json()["code"] == "resource_exhausted"

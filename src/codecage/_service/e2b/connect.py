@@ -72,11 +72,13 @@ KEEPALIVE_MIN_S = 1.0
 
 
 class ConnectError(Exception):
-    def __init__(self, code: str, message: str) -> None:
+    """A Connect error; `status` overrides the code's HTTP status (a unary call's 415)."""
+
+    def __init__(self, code: str, message: str, status: int | None = None) -> None:
         if code not in CODES:
             raise ValueError(f"not a Connect code: {code!r}")
         super().__init__(message)
-        self.code, self.message = code, message
+        self.code, self.message, self.status = code, message, status
 
     def to_json(self) -> dict[str, str]:
         return {"code": self.code, "message": self.message}
@@ -84,7 +86,7 @@ class ConnectError(Exception):
 
 def error_response(err: ConnectError, status: int | None = None) -> JSONResponse:
     """A unary call's error: the Connect error JSON with the code's status."""
-    return JSONResponse(err.to_json(), status_code=status or CODES[err.code])
+    return JSONResponse(err.to_json(), status_code=status or err.status or CODES[err.code])
 
 
 def from_sandbox_error(exc: SandboxError, sandbox_id: str = "") -> ConnectError:
@@ -308,6 +310,7 @@ async def _unary(handler: Unary, access: SandboxAccess, request: Request) -> Res
             raise ConnectError(
                 "invalid_argument",
                 f"Content-Type {_media(request) or 'none'!r}: this server speaks {UNARY_TYPE}",
+                415,
             )
         _check_encoding(request)
         call = Call(access, request, _timeout(request), None)
@@ -318,7 +321,7 @@ async def _unary(handler: Unary, access: SandboxAccess, request: Request) -> Res
         else:
             reply = await handler(call, message)
     except ConnectError as err:
-        return error_response(err, 415 if "Content-Type" in err.message else None)
+        return error_response(err)
     except SandboxError as exc:
         return error_response(from_sandbox_error(exc, access.sandbox_id))
     except TimeoutError:
@@ -334,14 +337,14 @@ async def _streaming(method: _Stream, access: SandboxAccess, request: Request) -
             raise ConnectError(
                 "invalid_argument",
                 f"Content-Type {_media(request) or 'none'!r}: a stream is {STREAM_TYPE}",
+                415,
             )
         _check_encoding(request)
         call = Call(access, request, _timeout(request), _keepalive(request))
         message = parse_envelope(await _read(request))
     except ConnectError as err:
-        status = 415 if "Content-Type" in err.message else 200
-        if status == 415:
-            return error_response(err, 415)
+        if err.status == 415:  # not a Connect stream at all: a plain error answer
+            return error_response(err)
         return StreamingResponse(_once(end_stream(err)), media_type=STREAM_TYPE)
     replies = method.handler(call, message)
     frames = _frames(replies, call, method.keepalive, access.sandbox_id)
