@@ -171,6 +171,8 @@ async def _labelled(access: SandboxAccess, path: str, metadata: dict[str, str]) 
             access.manager.file_call,
             access.tenant,
             access.sandbox_id,
+            "file_metadata",
+            path,
             lambda sbx: sbx.files.set_metadata(path, metadata),
         )
     except SandboxError as exc:  # a filesystem without user attributes, say

@@ -1,7 +1,8 @@
 """envd's `filesystem.Filesystem` Connect service (port 49983), on the kernel's file
 requests (docs/protocol.md: `entry`, `walk`, `rename`, `mkdir`, `remove`, `watch`,
-`watch_events`, `unwatch`) through the Manager: reads take a place in the sandbox's queue,
-changes (MakeDir, Move, Remove) are recorded in the audit log as well.
+`watch_events`, `unwatch`) through the Manager: each takes a place in the sandbox's queue
+and is a row of the audit log (`file_stat`, `file_list`, `file_mkdir`, `file_rename`,
+`file_remove`, `file_watch`), but a watcher's polls for its events.
 
 Watchers: `WatchDir` streams a watcher's events (polled from the kernel's inotify queue
 every POLL_S; keepalives when asked for); `CreateWatcher` / `GetWatcherEvents` /
@@ -98,21 +99,23 @@ def _mapped(exc: SandboxError) -> Exception:
     return ConnectError(code, str(exc)) if code else exc
 
 
-async def _read(call: Call, op: Callable[[Sandbox], T]) -> T:
+async def _call(call: Call, kind: str, subject: str, op: Callable[[Sandbox], T]) -> T:
+    """One recorded file operation (the audit log's `kind`, with its paths)."""
     access = call.access
     try:
         return await run_in_threadpool(
-            access.manager.file_call, access.tenant, access.sandbox_id, op
+            access.manager.file_call, access.tenant, access.sandbox_id, kind, subject, op
         )
     except SandboxError as exc:
         raise _mapped(exc) from None
 
 
-async def _change(call: Call, kind: str, subject: str, op: Callable[[Sandbox], T]) -> T:
+async def _poll(call: Call, op: Callable[[Sandbox], T]) -> T:
+    """A watcher's poll (not a row of the audit log each time: its start is)."""
     access = call.access
     try:
         return await run_in_threadpool(
-            access.manager.file_change, access.tenant, access.sandbox_id, kind, subject, op
+            access.manager.file_poll, access.tenant, access.sandbox_id, op
         )
     except SandboxError as exc:
         raise _mapped(exc) from None
@@ -121,7 +124,8 @@ async def _change(call: Call, kind: str, subject: str, op: Callable[[Sandbox], T
 @service.unary("Stat")
 async def stat(call: Call, message: dict[str, Any]) -> dict[str, Any]:
     path = _path(message)
-    return {"entry": entry_json(await _read(call, lambda sbx: sbx.files.get_info(path)))}
+    info = await _call(call, "file_stat", path, lambda sbx: sbx.files.get_info(path))
+    return {"entry": entry_json(info)}
 
 
 @service.unary("MakeDir")
@@ -131,7 +135,7 @@ async def make_dir(call: Call, message: dict[str, Any]) -> dict[str, Any]:
     def work(sbx: Sandbox) -> EntryInfo | None:
         return sbx.files.get_info(path) if sbx.files.make_dir(path) else None
 
-    made = await _change(call, "file_mkdir", path, work)
+    made = await _call(call, "file_mkdir", path, work)
     if made is None:
         raise ConnectError("already_exists", f"directory '{path}' already exists")
     return {"entry": entry_json(made)}
@@ -140,7 +144,7 @@ async def make_dir(call: Call, message: dict[str, Any]) -> dict[str, Any]:
 @service.unary("Move")
 async def move(call: Call, message: dict[str, Any]) -> dict[str, Any]:
     source, destination = _path(message, "source"), _path(message, "destination")
-    moved = await _change(
+    moved = await _call(
         call,
         "file_rename",
         f"{source} -> {destination}",
@@ -153,14 +157,14 @@ async def move(call: Call, message: dict[str, Any]) -> dict[str, Any]:
 async def list_dir(call: Call, message: dict[str, Any]) -> dict[str, Any]:
     path = _path(message)
     depth = min(max(1, field(message, "depth", "int", 1)), MAX_DEPTH)
-    entries = await _read(call, lambda sbx: sbx.files.list(path, depth=depth))
+    entries = await _call(call, "file_list", path, lambda sbx: sbx.files.list(path, depth=depth))
     return {"entries": [entry_json(e) for e in entries]}
 
 
 @service.unary("Remove")
 async def remove(call: Call, message: dict[str, Any]) -> dict[str, Any]:
     path = _path(message)
-    await _change(call, "file_remove", path, lambda sbx: sbx.files.remove(path))
+    await _call(call, "file_remove", path, lambda sbx: sbx.files.remove(path))
     return {}
 
 
@@ -171,14 +175,14 @@ async def _events(
     call: Call, handle: WatchHandle, root: str, include_entry: bool
 ) -> list[dict[str, Any]]:
     """A watcher's new events as E2B's FilesystemEvent messages."""
-    events: list[FilesystemEvent] = await _read(call, lambda sbx: handle.get_new_events())
+    events: list[FilesystemEvent] = await _poll(call, lambda sbx: handle.get_new_events())
     out = []
     for number, event in enumerate(events):
         item: dict[str, Any] = {"name": event.name, "type": EVENT_TYPES[event.type]}
         if include_entry and number < ENTRIES_PER_POLL and event.type != "remove":
             where = f"{root.rstrip('/')}/{event.name}" if event.name else root
             try:
-                info = await _read(call, lambda sbx, where=where: sbx.files.get_info(where))  # type: ignore[misc]
+                info = await _poll(call, lambda sbx, where=where: sbx.files.get_info(where))  # type: ignore[misc]
                 item["entry"] = entry_json(info)
             except ConnectError:
                 pass  # gone meanwhile: an event without its entry, as envd sends it
@@ -196,13 +200,13 @@ async def _start(call: Call, message: dict[str, Any]) -> tuple[WatchHandle, str,
         handle = sbx.files.watch_dir(path, recursive=recursive)
         return handle, sbx.files.get_info(path).path
 
-    handle, root = await _read(call, work)
+    handle, root = await _call(call, "file_watch", path, work)
     return handle, root, include_entry
 
 
 async def _stop(call: Call, handle: WatchHandle) -> None:
     with contextlib.suppress(ConnectError, SandboxError):  # gone with its sandbox or kernel
-        await _read(call, lambda sbx: handle.stop())
+        await _poll(call, lambda sbx: handle.stop())
 
 
 @service.stream("WatchDir", keepalive={"keepalive": {}})
