@@ -309,11 +309,13 @@ def test_metadata_and_signed_urls(e2b_env: dict[str, str], e2b_service: Service)
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(sbx.download_url("n.txt", use_signature_expiration=-60))
         assert refused.value.code == 401
+        refused.value.close()
         other = Sandbox.create()
         try:  # a URL signed with another sandbox's token is that sandbox's: no n.txt there
             with pytest.raises(urllib.error.HTTPError) as elsewhere:
                 urllib.request.urlopen(other.download_url("n.txt"))
             assert elsewhere.value.code == 404
+            elsewhere.value.close()
         finally:
             other.kill()
     finally:
