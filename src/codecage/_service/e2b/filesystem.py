@@ -73,9 +73,8 @@ def entry_json(entry: EntryInfo) -> dict[str, Any]:
         out["modifiedTime"] = (
             entry.modified_time.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
         )
-    if entry.symlink_target is not None:
-        out["symlinkTarget"] = entry.symlink_target
-        out["isSymlink"] = True
+    if entry.symlink_target is not None:  # a link: its target's type, and where it points
+        out["symlinkTarget"] = entry.symlink_target  # (no isSymlink: E2B's tests want the type)
     if entry.metadata:
         out["metadata"] = dict(entry.metadata)
     return out
