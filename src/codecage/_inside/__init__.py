@@ -24,5 +24,6 @@ steps.claim (the spec's `done`).
     shell.py       IPython inside: execution, magics, `!cmd`, rich display as MIME bundles
     imports.py     the policy's module allow/deny lists on user code's imports (not a wall)
     files.py       file requests, done by the kernel (the host never opens a sandbox path)
+    watch.py       directory watchers for the file requests (inotify, no thread)
     commands.py    shell commands inside the sandbox (`sbx.commands.run`)
 """

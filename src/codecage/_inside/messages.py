@@ -109,6 +109,72 @@ class ShutdownRequest(TypedDict):
     op: Literal["shutdown"]
 
 
+class WalkArgs(TypedDict):
+    path: str
+    depth: int
+
+
+class RenameArgs(TypedDict):
+    source: str
+    destination: str
+
+
+class WatchArgs(TypedDict):
+    path: str
+    recursive: bool
+
+
+class WatcherArgs(TypedDict):
+    watcher: str
+
+
+class EntryRequest(TypedDict):
+    op: Literal["entry"]
+    id: NotRequired[str]
+    args: PathArgs
+
+
+class WalkRequest(TypedDict):
+    op: Literal["walk"]
+    id: NotRequired[str]
+    args: WalkArgs
+
+
+class RenameRequest(TypedDict):
+    op: Literal["rename"]
+    id: NotRequired[str]
+    args: RenameArgs
+
+
+class WatchRequest(TypedDict):
+    op: Literal["watch"]
+    id: NotRequired[str]
+    args: WatchArgs
+
+
+class WatchEventsRequest(TypedDict):
+    op: Literal["watch_events"]
+    id: NotRequired[str]
+    args: WatcherArgs
+
+
+class UnwatchRequest(TypedDict):
+    op: Literal["unwatch"]
+    id: NotRequired[str]
+    args: WatcherArgs
+
+
+class MetadataArgs(TypedDict):
+    path: str
+    metadata: dict[str, str]
+
+
+class SetMetadataRequest(TypedDict):
+    op: Literal["set_metadata"]
+    id: NotRequired[str]
+    args: MetadataArgs
+
+
 Request = (
     ExecuteRequest
     | ReadRequest
@@ -122,6 +188,13 @@ Request = (
     | GuardRequest
     | PrefaultRequest
     | ShutdownRequest
+    | EntryRequest
+    | WalkRequest
+    | RenameRequest
+    | WatchRequest
+    | WatchEventsRequest
+    | UnwatchRequest
+    | SetMetadataRequest
 )
 # A request that takes an id and a reply (`done` or `failed`) from HostSandbox.request.
 ReplyRequest = (
@@ -135,6 +208,13 @@ ReplyRequest = (
     | SetenvRequest
     | GuardRequest
     | PrefaultRequest
+    | EntryRequest
+    | WalkRequest
+    | RenameRequest
+    | WatchRequest
+    | WatchEventsRequest
+    | UnwatchRequest
+    | SetMetadataRequest
 )
 
 # -- kernel channel: what `done` carries, by request ----------------------------------------
@@ -190,6 +270,52 @@ class CommandReply(TypedDict):
 
 class NoReply(TypedDict):
     pass
+
+
+class EntryInfo(TypedDict):
+    """A file's full description (E2B's EntryInfo): `mode` the permission bits,
+    `permissions` as `ls -l` shows them, `mtime` in seconds since the epoch; a symlink is
+    described by its target (`is_symlink`, `symlink_target` the resolved path)."""
+
+    name: str
+    path: str
+    type: EntryType
+    size: int
+    mode: int
+    permissions: str
+    owner: str
+    group: str
+    mtime: float
+    is_symlink: bool
+    symlink_target: str | None
+    metadata: dict[str, str]  # E2B's file metadata: the `user.e2b.*` extended attributes
+
+
+class EntryReply(TypedDict):
+    entry: EntryInfo
+
+
+class WalkReply(TypedDict):
+    entries: list[EntryInfo]
+    truncated: bool
+
+
+class WatchReply(TypedDict):
+    watcher: str
+    path: str
+
+
+WatchEventType = Literal["create", "write", "remove", "rename", "chmod"]
+
+
+class WatchEvent(TypedDict):
+    name: str  # relative to the watched directory
+    type: WatchEventType
+
+
+class WatchEventsReply(TypedDict):
+    events: list[WatchEvent]
+    overflow: bool
 
 
 # -- kernel channel: events (kernel -> host) ------------------------------------------------
@@ -326,6 +452,13 @@ REQUESTS: dict[str, type[Any]] = {
     "guard": GuardRequest,
     "prefault": PrefaultRequest,
     "shutdown": ShutdownRequest,
+    "entry": EntryRequest,
+    "walk": WalkRequest,
+    "rename": RenameRequest,
+    "watch": WatchRequest,
+    "watch_events": WatchEventsRequest,
+    "unwatch": UnwatchRequest,
+    "set_metadata": SetMetadataRequest,
 }
 REPLIES: dict[str, type[Any]] = {
     "read": ReadReply,
@@ -338,6 +471,13 @@ REPLIES: dict[str, type[Any]] = {
     "setenv": NoReply,
     "guard": NoReply,
     "prefault": NoReply,
+    "entry": EntryReply,
+    "walk": WalkReply,
+    "rename": EntryReply,
+    "watch": WatchReply,
+    "watch_events": WatchEventsReply,
+    "unwatch": NoReply,
+    "set_metadata": EntryReply,
 }
 EVENTS: dict[str, type[Any]] = {
     "hello": HelloEvent,

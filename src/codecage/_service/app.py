@@ -511,7 +511,10 @@ def list_files(
     manager: Manager = MANAGER,
 ) -> list[EntryOut]:
     _check_path(path)
-    return [EntryOut(**vars(e)) for e in manager.list_files(who, sandbox_id, path)]
+    return [
+        EntryOut(name=e.name, path=e.path, type=e.type, size=e.size)
+        for e in manager.list_files(who, sandbox_id, path)
+    ]
 
 
 @files.get("/v1/sandboxes/{sandbox_id}/files/exists", response_model=ExistsOut, responses=ERRORS)
@@ -655,6 +658,9 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     _handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    from . import e2b
+
+    e2b.install(app, config, state)  # E2B's API, in front of all this (docs/e2b.md)
     return app
 
 
@@ -764,15 +770,49 @@ async def _upload_pieces(request: Request) -> AsyncIterator[bytes]:
             f"Content-Type {media or declared!r}: an upload is raw bytes ({RAW}) or "
             f"{MULTIPART} with one part named 'file'"
         )
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    parts = multipart_parts(request, declared, _refusal, max_parts=1)  # 400 without a boundary
+    yield b""
+    seen = False
+    async for _filename, pieces in parts:
+        seen = True
+        async for piece in pieces:
+            yield piece
+    if not seen:
+        raise BadRequest("multipart upload without a part named 'file'")
+
+
+def _refusal(status: int, message: str) -> Exception:
+    return UnsupportedMedia(message) if status == 415 else BadRequest(message)
+
+
+def multipart_parts(
+    request: Request,
+    declared: str,
+    refuse: Callable[[int, str], Exception],
+    max_parts: int,
+) -> AsyncIterator[tuple[str | None, AsyncIterator[bytes]]]:
+    """The parts named `file` of a multipart/form-data body, streamed: (each part's
+    filename, an iterator of its bytes), the next part read once the previous one has
+    been consumed. A part of another name, a Content-Transfer-Encoding (never decoded
+    here), more than `max_parts` parts or a malformed body is `refuse(status, message)`,
+    raised; a body without a boundary is refused at once, before anything is read."""
+    from python_multipart.multipart import parse_options_header
 
     boundary = parse_options_header(declared)[1].get(b"boundary")
     if not boundary:
-        raise BadRequest("multipart/form-data without a boundary")
-    yield b""
-    pieces: list[bytes] = []
+        raise refuse(400, "multipart/form-data without a boundary")
+    return _parts(request, boundary, refuse, max_parts)
+
+
+async def _parts(
+    request: Request, boundary: bytes, refuse: Callable[[int, str], Exception], max_parts: int
+) -> AsyncIterator[tuple[str | None, AsyncIterator[bytes]]]:
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    events: list[tuple[str, Any]] = []
     part: dict[str, Any] = {"headers": {}, "field": b"", "value": b""}
-    seen: list[str] = []
+    count = 0
 
     def header_field(data: bytes, start: int, end: int) -> None:
         part["field"] += data[start:end]
@@ -785,28 +825,37 @@ async def _upload_pieces(request: Request) -> AsyncIterator[bytes]:
         part["field"], part["value"] = b"", b""
 
     def headers_finished() -> None:
-        disposition = part["headers"].get(b"content-disposition", b"")
-        kind, options = parse_options_header(disposition)
+        nonlocal count
+        kind, options = parse_options_header(part["headers"].get(b"content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        if kind != b"form-data" or name != "file" or seen:
-            raise BadRequest(
-                f"multipart upload: one part named 'file' is expected (got {name!r}"
-                f"{' after another' if seen else ''})"
+        count += 1
+        if kind != b"form-data" or name != "file" or count > max_parts:
+            raise refuse(
+                400,
+                f"multipart upload: at most {max_parts} part(s), each named 'file' (got "
+                f"{name!r}{' after another' if count > max_parts else ''})",
             )
         coding = part["headers"].get(b"content-transfer-encoding", b"binary").lower()
         if coding not in (b"binary", b"8bit", b"7bit"):  # never decoded here
-            raise UnsupportedMedia(
+            raise refuse(
+                415,
                 f"multipart upload: Content-Transfer-Encoding {coding.decode('latin-1')!r}:"
-                " the part is sent as the file's own bytes"
+                " the part is sent as the file's own bytes",
             )
-        seen.append(name)
+        filename = options.get(b"filename")
+        try:
+            events.append(("start", filename.decode() if filename else None))
+        except UnicodeDecodeError:
+            raise refuse(400, "multipart upload: a filename that is not UTF-8") from None
 
     def part_data(data: bytes, start: int, end: int) -> None:
-        if seen:
-            pieces.append(data[start:end])
+        events.append(("data", data[start:end]))
 
     def part_begin() -> None:
         part["headers"] = {}
+
+    def part_end() -> None:
+        events.append(("end", None))
 
     parser = MultipartParser(
         boundary,
@@ -817,24 +866,56 @@ async def _upload_pieces(request: Request) -> AsyncIterator[bytes]:
             "on_header_end": header_end,
             "on_headers_finished": headers_finished,
             "on_part_data": part_data,
+            "on_part_end": part_end,
         },
     )
-    from python_multipart.exceptions import MultipartParseError
+    stream = request.stream()
+    finished = False
 
-    async for chunk in request.stream():
+    async def more() -> bool:
+        """Feed the parser the next chunk; False once the body is over."""
+        nonlocal finished
+        if finished:
+            return False
+        try:
+            chunk = await anext(stream)
+        except StopAsyncIteration:
+            finished = True
+            try:
+                parser.finalize()
+            except MultipartParseError:
+                raise refuse(400, "a malformed multipart/form-data body") from None
+            return bool(events)
         try:
             parser.write(chunk)
         except MultipartParseError:
-            raise BadRequest("a malformed multipart/form-data body") from None
-        for piece in pieces:
-            yield piece
-        pieces.clear()
-    try:
-        parser.finalize()
-    except MultipartParseError:
-        raise BadRequest("a malformed multipart/form-data body") from None
-    if not seen:
-        raise BadRequest("multipart upload without a part named 'file'")
+            raise refuse(400, "a malformed multipart/form-data body") from None
+        return True
+
+    async def body_of() -> AsyncIterator[bytes]:
+        while True:
+            while events:
+                kind, value = events.pop(0)
+                if kind == "data":
+                    yield value
+                elif kind == "end":
+                    return
+                else:
+                    raise refuse(400, "a malformed multipart/form-data body")
+            if not await more():
+                raise refuse(400, "a truncated multipart/form-data body")
+
+    while True:
+        while not events:
+            if not await more():
+                return
+        kind, value = events.pop(0)
+        if kind != "start":
+            continue  # bytes outside a part (a preamble): dropped, as by any parser
+        pieces = body_of()
+        yield value, pieces
+        async for _ in pieces:  # whatever the consumer left of this part
+            pass
 
 
 class Unauthorized(Exception):
@@ -875,15 +956,20 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()))
-            parts.append(f"{where}: {err.get('msg')}")
-        return _error(422, "ValidationError", "; ".join(parts))
+        return _error(422, "ValidationError", validation_text(exc))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         return _error(500, "InternalError", "internal error (details are in the server's log)")
+
+
+def validation_text(exc: RequestValidationError) -> str:
+    """A malformed request's problems, one `where: what` each (any front end's message)."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts)
 
 
 def _error_body(exc: SandboxError) -> dict[str, Any]:
@@ -912,17 +998,25 @@ class BodyLimit:
     when it passes the limit: the 413 is sent from here and the app sees the client gone
     (the app's own answer goes nowhere), so an upload stops and leaves no file."""
 
-    def __init__(self, app: ASGIApp, default: int, upload: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        default: int,
+        upload: int,
+        is_upload: Callable[[Scope], bool] = lambda scope: scope["method"] == "PUT",
+        refuse: Refusal | None = None,
+    ) -> None:
         self.app, self.default, self.upload = app, default, upload
+        self.is_upload, self.refuse = is_upload, refuse or _answer_early
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.upload if scope["method"] == "PUT" else self.default
+        limit = self.upload if self.is_upload(scope) else self.default
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _too_large(send, limit)
+            await self.refuse(send, 413, "TooLarge", f"body over {limit} bytes", ())
             return
         seen = 0
         started = answered = False
@@ -935,7 +1029,7 @@ class BodyLimit:
             seen += len(message.get("body", b""))
             if seen > limit:
                 if not started:
-                    await _too_large(send, limit)
+                    await self.refuse(send, 413, "TooLarge", f"body over {limit} bytes", ())
                 answered = True
                 return {"type": "http.disconnect"}
             return message
@@ -950,8 +1044,13 @@ class BodyLimit:
         await self.app(scope, counted, guarded_send)
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    await _answer_early(send, 413, "TooLarge", f"body over {limit} bytes")
+class Refused(Exception):
+    """What `Admission.identify` raises to answer a request at once with another error
+    than 401 (a front end's own: an unknown sandbox, a key of the wrong kind)."""
+
+    def __init__(self, status: int, message: str, kind: str = "Refused") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
 
 
 class Admission:
@@ -961,10 +1060,33 @@ class Admission:
     off after `body_timeout_s`. Runs on the event loop: it never waits for a worker
     thread (the key is one indexed SQLite read)."""
 
+    open_paths: frozenset[str] = OPEN_PATHS
+
     def __init__(self, app: ASGIApp, config: ServerConfig, state: dict[str, Any]) -> None:
         self.app, self.config, self.state = app, config, state
         self.in_flight: dict[str, int] = {}
         self.scrapes = 0
+
+    def identify(self, scope: Scope) -> tuple[str, str, str] | None:
+        """(tenant, role, key id) of the request's API key (`Authorization: Bearer`), from
+        the headers alone; None: 401. A front end with other credentials overrides it."""
+        headers = dict(scope.get("headers", []))
+        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        audit = self.state.get("audit")
+        if audit and scheme.lower() == "bearer" and key:
+            return audit.identity(key.strip())  # type: ignore[no-any-return]
+        return None
+
+    async def refuse(
+        self,
+        send: Send,
+        status: int,
+        kind: str,
+        message: str,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        """An answer before the body was read, in this front end's error format."""
+        await _answer_early(send, status, kind, message, extra)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -991,16 +1113,16 @@ class Admission:
             except TimeoutError:
                 if not started:
                     answered = True
-                    await _answer_early(send, 408, "Timeout", f"no body for {timeout:g} s")
+                    await self.refuse(send, 408, "Timeout", f"no body for {timeout:g} s")
                 return {"type": "http.disconnect"}
             if message["type"] != "http.request" or not message.get("more_body"):
                 body_done = True
             return message
 
-        if scope["path"] in OPEN_PATHS:
+        if scope["path"] in self.open_paths:
             if scope["path"] == "/metrics":  # open and served by a worker thread: a few at once
                 if self.scrapes >= SCRAPES:
-                    await _answer_early(send, 429, "QuotaExceeded", "too many scrapes at once")
+                    await self.refuse(send, 429, "QuotaExceeded", "too many scrapes at once")
                     return
                 self.scrapes += 1
             try:
@@ -1009,12 +1131,13 @@ class Admission:
                 if scope["path"] == "/metrics":
                     self.scrapes -= 1
             return
-        headers = dict(scope.get("headers", []))
-        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        audit = self.state.get("audit")
-        who = audit.identity(key.strip()) if audit and scheme.lower() == "bearer" and key else None
+        try:
+            who = self.identify(scope)
+        except Refused as refused:
+            await self.refuse(send, refused.status, refused.kind, refused.message)
+            return
         if who is None:
-            await _answer_early(
+            await self.refuse(
                 send,
                 401,
                 "Unauthorized",
@@ -1024,7 +1147,7 @@ class Admission:
             return
         tenant, cap = who[0], self.config.quotas.concurrent_requests
         if self.in_flight.get(tenant, 0) >= cap:
-            await _answer_early(
+            await self.refuse(
                 send, 429, "QuotaExceeded", f"more than {cap} requests in flight (quota)"
             )
             return
@@ -1038,11 +1161,21 @@ class Admission:
                 del self.in_flight[tenant]
 
 
+Refusal = Callable[[Send, int, str, str, tuple[tuple[bytes, bytes], ...]], Awaitable[None]]
+
+
 async def _answer_early(
     send: Send, status: int, kind: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
 ) -> None:
     """An error answered before the body was read: the connection closes after it."""
-    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+    await answer_early(send, status, {"error": {"type": kind, "message": message}}, extra)
+
+
+async def answer_early(
+    send: Send, status: int, payload: Any, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """A JSON answer sent before the body was read (any front end's error format)."""
+    body = json.dumps(payload).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
