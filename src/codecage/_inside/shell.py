@@ -12,6 +12,7 @@ import io
 import re
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,8 @@ from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
+
+from . import charts
 
 Sink = Callable[[str, dict[str, Any]], None]
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -101,15 +104,37 @@ class CageShell(InteractiveShell):
         }
 
 
-def make_shell() -> CageShell:
+def _config() -> Config:
     config = Config()
     config.HistoryManager.enabled = False
     config.InteractiveShell.colors = "nocolor"
     config.InteractiveShell.autocall = 0
     config.InlineBackend.figure_formats = {"png"}
-    shell: CageShell = CageShell.instance(config=config)
+    return config
+
+
+def make_shell() -> CageShell:
+    """The session's shell: the default context's (and the one get_ipython() returns)."""
+    shell: CageShell = CageShell.instance(config=_config())
     shell.enable_matplotlib("inline")
+    charts.install(shell)
     return shell
+
+
+def make_context_shell() -> CageShell:
+    """Another context's shell: its own namespace (`__main__` module), execution count and
+    display formatter, in the same process as the session's."""
+    shell = CageShell(config=_config(), user_module=types.ModuleType("__main__"))
+    shell.enable_matplotlib("inline")
+    charts.install(shell)
+    return shell
+
+
+def activate(shell: CageShell) -> None:
+    """Make `shell` the one code sees (get_ipython(), display(), `__main__`) for its cell."""
+    for cls in (CageShell, InteractiveShell):
+        cls._instance = shell
+    sys.modules["__main__"] = shell.user_module
 
 
 def warm(shell: CageShell) -> None:

@@ -143,6 +143,8 @@ class ResultOut(BaseModel):
     svg: str | None = None
     latex: str | None = None
     json_: Any = Field(None, alias="json")
+    chart: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
     is_main_result: bool = False
     extra: dict[str, Any] = Field(default_factory=dict)
 
