@@ -89,6 +89,7 @@ def created(entry: Entry) -> dict[str, Any]:
         "clientID": CLIENT_ID,
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": entry.access_token,
+        "trafficAccessToken": entry.access_token,
         "domain": None,
     }
 
@@ -115,7 +116,12 @@ def listed(entry: Entry) -> dict[str, Any]:
 
 
 def detail(entry: Entry) -> dict[str, Any]:
-    return {**listed(entry), "envdAccessToken": entry.access_token, "domain": None}
+    return {
+        **listed(entry),
+        "envdAccessToken": entry.access_token,
+        "trafficAccessToken": entry.access_token,
+        "domain": None,
+    }
 
 
 @router.post("/v2/sandboxes", status_code=201)
