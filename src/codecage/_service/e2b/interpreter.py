@@ -201,9 +201,9 @@ async def execute(body: ExecuteBody, access: SandboxAccess = ACCESS) -> Streamin
             finished = True
             yield b'{"type": "end_of_execution"}\n'
         finally:
-            if not finished and not task.done() and sandbox is not None:
-                await run_in_threadpool(_interrupt, sandbox)  # the client went away
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True):  # a cancelled request still cleans up
+                if not finished and not task.done() and sandbox is not None:
+                    await run_in_threadpool(_interrupt, sandbox)  # the client went away
                 await asyncio.wait([task])
 
     return StreamingResponse(stream(), media_type=NDJSON)
