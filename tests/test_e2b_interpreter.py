@@ -5,7 +5,6 @@ mid-run, and bad input on /execute and /contexts."""
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Iterator
@@ -23,27 +22,16 @@ from e2b import TimeoutException as E2BTimeout  # noqa: E402
 from e2b_code_interpreter import Sandbox  # noqa: E402
 from e2b_code_interpreter.charts import BarChart, ChartType, LineChart, SuperChart  # noqa: E402
 
-from .conftest import Service, start_service, stop_service  # noqa: E402
+from .conftest import Service  # noqa: E402
+from .e2b_server import e2b_env, e2b_service  # noqa: E402, F401  (the fixtures)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.requires_root]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = start_service(tmp_path_factory.mktemp("e2b-interp") / "audit.db")
-    saved = {k: os.environ.get(k) for k in ("E2B_API_URL", "E2B_SANDBOX_URL", "E2B_API_KEY")}
-    os.environ.update(
-        E2B_API_URL=service.url, E2B_SANDBOX_URL=service.url, E2B_API_KEY=service.keys["alice"]
-    )
-    try:
-        yield service
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        stop_service(service)
+@pytest.fixture
+def server(e2b_service: Service, e2b_env: dict[str, str]) -> Service:  # noqa: F811
+    """The shared service (tests/e2b_server.py), with E2B's SDKs pointed at it as alice."""
+    return e2b_service
 
 
 @pytest.fixture

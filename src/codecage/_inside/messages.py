@@ -143,6 +143,61 @@ class ContextRemoveRequest(TypedDict):
     context_id: str
 
 
+class WalkArgs(TypedDict):
+    path: str
+    depth: int
+
+
+class RenameArgs(TypedDict):
+    source: str
+    destination: str
+
+
+class WatchArgs(TypedDict):
+    path: str
+    recursive: bool
+
+
+class WatcherArgs(TypedDict):
+    watcher: str
+
+
+class EntryRequest(TypedDict):
+    op: Literal["entry"]
+    id: NotRequired[str]
+    args: PathArgs
+
+
+class WalkRequest(TypedDict):
+    op: Literal["walk"]
+    id: NotRequired[str]
+    args: WalkArgs
+
+
+class RenameRequest(TypedDict):
+    op: Literal["rename"]
+    id: NotRequired[str]
+    args: RenameArgs
+
+
+class WatchRequest(TypedDict):
+    op: Literal["watch"]
+    id: NotRequired[str]
+    args: WatchArgs
+
+
+class WatchEventsRequest(TypedDict):
+    op: Literal["watch_events"]
+    id: NotRequired[str]
+    args: WatcherArgs
+
+
+class UnwatchRequest(TypedDict):
+    op: Literal["unwatch"]
+    id: NotRequired[str]
+    args: WatcherArgs
+
+
 Request = (
     ExecuteRequest
     | ReadRequest
@@ -161,6 +216,12 @@ Request = (
     | ContextSelectRequest
     | ContextRestartRequest
     | ContextRemoveRequest
+    | EntryRequest
+    | WalkRequest
+    | RenameRequest
+    | WatchRequest
+    | WatchEventsRequest
+    | UnwatchRequest
 )
 # A request that takes an id and a reply (`done` or `failed`) from HostSandbox.request.
 ReplyRequest = (
@@ -179,6 +240,12 @@ ReplyRequest = (
     | ContextSelectRequest
     | ContextRestartRequest
     | ContextRemoveRequest
+    | EntryRequest
+    | WalkRequest
+    | RenameRequest
+    | WatchRequest
+    | WatchEventsRequest
+    | UnwatchRequest
 )
 
 # -- kernel channel: what `done` carries, by request ----------------------------------------
@@ -252,6 +319,51 @@ class ContextReply(TypedDict):
 
 class ContextListReply(TypedDict):
     contexts: list[ContextInfo]
+
+
+class EntryInfo(TypedDict):
+    """A file's full description (E2B's EntryInfo): `mode` the permission bits,
+    `permissions` as `ls -l` shows them, `mtime` in seconds since the epoch; a symlink is
+    described by its target (`is_symlink`, `symlink_target` the resolved path)."""
+
+    name: str
+    path: str
+    type: EntryType
+    size: int
+    mode: int
+    permissions: str
+    owner: str
+    group: str
+    mtime: float
+    is_symlink: bool
+    symlink_target: str | None
+
+
+class EntryReply(TypedDict):
+    entry: EntryInfo
+
+
+class WalkReply(TypedDict):
+    entries: list[EntryInfo]
+    truncated: bool
+
+
+class WatchReply(TypedDict):
+    watcher: str
+    path: str
+
+
+WatchEventType = Literal["create", "write", "remove", "rename", "chmod"]
+
+
+class WatchEvent(TypedDict):
+    name: str  # relative to the watched directory
+    type: WatchEventType
+
+
+class WatchEventsReply(TypedDict):
+    events: list[WatchEvent]
+    overflow: bool
 
 
 # -- kernel channel: events (kernel -> host) ------------------------------------------------
@@ -393,6 +505,12 @@ REQUESTS: dict[str, type[Any]] = {
     "context_select": ContextSelectRequest,
     "context_restart": ContextRestartRequest,
     "context_remove": ContextRemoveRequest,
+    "entry": EntryRequest,
+    "walk": WalkRequest,
+    "rename": RenameRequest,
+    "watch": WatchRequest,
+    "watch_events": WatchEventsRequest,
+    "unwatch": UnwatchRequest,
 }
 REPLIES: dict[str, type[Any]] = {
     "read": ReadReply,
@@ -410,6 +528,12 @@ REPLIES: dict[str, type[Any]] = {
     "context_select": ContextReply,
     "context_restart": NoReply,
     "context_remove": NoReply,
+    "entry": EntryReply,
+    "walk": WalkReply,
+    "rename": EntryReply,
+    "watch": WatchReply,
+    "watch_events": WatchEventsReply,
+    "unwatch": NoReply,
 }
 EVENTS: dict[str, type[Any]] = {
     "hello": HelloEvent,

@@ -513,7 +513,10 @@ def list_files(
     manager: Manager = MANAGER,
 ) -> list[EntryOut]:
     _check_path(path)
-    return [EntryOut(**vars(e)) for e in manager.list_files(who, sandbox_id, path)]
+    return [
+        EntryOut(name=e.name, path=e.path, type=e.type, size=e.size)
+        for e in manager.list_files(who, sandbox_id, path)
+    ]
 
 
 @files.get("/v1/sandboxes/{sandbox_id}/files/exists", response_model=ExistsOut, responses=ERRORS)

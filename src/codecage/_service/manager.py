@@ -77,6 +77,7 @@ class Entry:
     access_token: str | None = None
     expires_at: float | None = None
     template: str = ""
+    watchers: dict[str, Any] = field(default_factory=dict)  # E2B's watchers on this sandbox
 
     def expired(self, now: float | None = None) -> bool:
         return self.expires_at is not None and (now or time.time()) >= self.expires_at
@@ -677,6 +678,25 @@ class Manager:
         """A file operation with a place in the sandbox's queue; a shutdown waits for it."""
         with self.using(tenant, sandbox_id) as entry, self._operation():
             return op(entry.sandbox)
+
+    def file_call(self, tenant: str, sandbox_id: str, op: Callable[[Sandbox], T]) -> T:
+        """A file operation that reads (E2B's Stat, ListDir, a watcher's events)."""
+        return self._file_op(tenant, sandbox_id, op)
+
+    def file_change(
+        self, tenant: str, sandbox_id: str, kind: str, subject: str, op: Callable[[Sandbox], T]
+    ) -> T:
+        """A file operation that changes the sandbox (E2B's MakeDir, Move, Remove),
+        recorded as a run of `kind` with `subject` (the paths) as its code."""
+        with self.using(tenant, sandbox_id) as entry:
+            run_id = self.begin(tenant, sandbox_id, kind, subject, entry.sandbox.policy)
+
+            def work() -> T:
+                result = op(entry.sandbox)
+                self.finish(run_id, kind, Execution())
+                return result
+
+            return self._recorded(run_id, kind, work)
 
     def list_files(self, tenant: str, sandbox_id: str, path: str) -> list[EntryInfo]:
         return self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.list(path))
