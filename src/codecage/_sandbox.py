@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 from ._api import check_envs, prepare_code
-from ._approvals import Approver, Gate, with_envs
+from ._approvals import Approver, Gate, _pending_event, with_envs
 from ._errors import (
     ContextNotFound,
     FileNotFoundInSandbox,
@@ -242,6 +242,19 @@ class Sandbox:
                 if not (m.get("op") == "context_create" and m.get("context_id") == cid)
             ]
 
+    def _is_bash(self, context: str | None, language: str) -> bool:
+        """Whether a cell runs in a bash context (as the host created it: its own record)."""
+        if context is None:
+            return language == "bash"
+        if context == _contexts.DEFAULT_BASH:
+            return True
+        return any(
+            m.get("op") == "context_create"
+            and m.get("context_id") == context
+            and m.get("language") == "bash"
+            for m in self._jailed._setup
+        )
+
     def _context_reply(self, reply: dict[str, Any], cid: str | None) -> Context:
         _context_failed(reply, cid)
         return _context(reply)
@@ -289,6 +302,20 @@ class Sandbox:
         if context is not None and language is not None:
             raise SandboxError("give a context or a language, not both")
         lang = check_language(language)
+        bash = self._is_bash(context, lang)
+        if bash:  # shell code: Python's analysis says nothing of it; a command's approval
+            findings = []
+            if self.policy.approval_commands:
+                reasons = with_envs(["approval_commands=true (a bash cell)"], envs)
+                self._gate.check(
+                    self.policy,
+                    "command",
+                    reasons,
+                    text,
+                    sandbox_id=self.id,
+                    run_id=run_id,
+                    notify=None if on_event is None else _pending_event(on_event),
+                )
         findings = self._gate.code(
             self.policy,
             text,
