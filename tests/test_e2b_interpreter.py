@@ -23,13 +23,12 @@ from e2b_code_interpreter import Sandbox  # noqa: E402
 from e2b_code_interpreter.charts import BarChart, ChartType, LineChart, SuperChart  # noqa: E402
 
 from .conftest import Service  # noqa: E402
-from .e2b_server import e2b_env, e2b_service  # noqa: E402, F401  (the fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.requires_root]
 
 
 @pytest.fixture
-def server(e2b_service: Service, e2b_env: dict[str, str]) -> Service:  # noqa: F811
+def server(e2b_service: Service, e2b_env: dict[str, str]) -> Service:
     """The shared service (tests/e2b_server.py), with E2B's SDKs pointed at it as alice."""
     return e2b_service
 
