@@ -123,3 +123,91 @@ def test_a_sandbox_holds_a_bounded_number_of_contexts() -> None:
         registry.create(f"c{n}", "python", "/")
     with pytest.raises(ValueError, match="at most"):
         registry.create("one-more", "python", "/")
+
+
+# -- the SDK's side of context requests, against scripted (and hostile) kernels --------------
+
+from codecage import (  # noqa: E402
+    ApprovalDenied,
+    ContextNotFound,
+    FileNotFoundInSandbox,
+    Policy,
+    Sandbox,
+    TransportError,
+)
+from codecage.testing import fake as f  # noqa: E402
+from codecage.testing.fake import FakeJail  # noqa: E402
+
+
+def test_a_cell_in_a_context_selects_it_first(fake: FakeJail) -> None:
+    fake.on("context_create", None, f.reply(context_id="c", language="bash", cwd="/tmp"))
+    fake.on("context_select", None, f.reply(context_id="c", language="bash", cwd="/tmp"))
+    with Sandbox() as sbx:
+        ctx = sbx.create_code_context(cwd="/tmp", language="bash")
+        sbx.run_code("1")  # the default context: no select
+        sbx.run_code("echo", context=ctx)
+        sbx.run_code("echo", language="bash")
+        ops = fake.ops()
+    relevant = [o for o in ops if o in ("context_create", "context_select", "execute")]
+    assert relevant == [
+        "context_create",
+        "execute",
+        "context_select",
+        "execute",
+        "context_select",
+        "execute",
+    ]
+    created = next(r for r in fake.requests if r.get("op") == "context_create")
+    assert created["language"] == "bash" and created["cwd"] == "/tmp"
+    assert len(created["context_id"]) == 32  # the host's choice, kept for restarts
+
+
+@pytest.mark.parametrize(
+    ("reply", "error"),
+    [
+        (f.failed("LookupError", message="context 'x' not found"), ContextNotFound),
+        (f.failed("FileNotFoundError", 2, "no such directory"), FileNotFoundInSandbox),
+        (
+            f.failed("ValueError", message="unsupported language 'r': supported are"),
+            UnsupportedLanguage,
+        ),
+        (f.reply(context_id=7, language="python", cwd="/"), TransportError),
+        (f.reply(context_id="c", language=["python"], cwd="/"), TransportError),
+        (f.reply(context_id="c", language="python", cwd="x" * 5000), TransportError),
+    ],
+)
+def test_context_replies_are_checked(fake: FakeJail, reply: f.Frame, error: type) -> None:
+    fake.on("context_create", None, reply)
+    with Sandbox() as sbx, pytest.raises(error):
+        sbx.create_code_context()
+
+
+@pytest.mark.parametrize(
+    "contexts",
+    ["not a list", [{"id": "a"}], [{"id": 1, "language": "python", "cwd": "/"}], [7] * 3],
+)
+def test_a_malformed_context_list_is_a_transport_error(fake: FakeJail, contexts: object) -> None:
+    fake.on("context_list", None, f.reply(contexts=contexts))
+    with Sandbox() as sbx, pytest.raises(TransportError):
+        sbx.list_code_contexts()
+
+
+def test_too_many_contexts_in_a_list_is_refused(fake: FakeJail) -> None:
+    item = {"id": "a", "language": "python", "cwd": "/"}
+    fake.on("context_list", None, f.reply(contexts=[item] * (contexts.MAX_CONTEXTS + 1)))
+    with Sandbox() as sbx, pytest.raises(TransportError):
+        sbx.list_code_contexts()
+
+
+def test_a_bash_cell_needs_the_command_approval(fake: FakeJail) -> None:
+    asked: list[str] = []
+
+    def no(request: Any) -> bool:
+        asked.append(request.kind)
+        return False
+
+    with Sandbox(Policy(approval_commands=True), approver=no) as sbx:
+        assert sbx.run_code("1").error is None  # python: no command approval
+        with pytest.raises(ApprovalDenied):
+            sbx.run_code("rm -rf /tmp/x", language="bash")
+    assert asked == ["command"] and "rm -rf /tmp/x" not in fake.ran()
