@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
+import codecage
+
 e2b = pytest.importorskip("e2b")
 e2b_ci = pytest.importorskip("e2b_code_interpreter")
 
@@ -333,3 +335,71 @@ def test_smolagents_code_agent_with_the_e2b_executor(server: Service) -> None:
         assert agent.run("What is twice the sum of 0..9?") == 90
     finally:
         agent.cleanup()
+
+
+# -- approvals and static analysis, through the E2B surface --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """A service whose default policy asks a person about code with findings of medium
+    severity or above, and blocks high ones."""
+    from .conftest import start_service, stop_service
+    from .e2b_server import CONFIG
+
+    where = tmp_path_factory.mktemp("e2b-guarded")
+    config = where / "service.toml"
+    policy = '[policy]\napproval_findings_at = "medium"\nanalysis_block_at = "high"\napproval_window_s = 30\n'
+    config.write_text(CONFIG.replace("pool_size = 1\n", "pool_size = 0\n") + policy)
+    service = start_service(where / "audit.db", ("alice",), config)
+    try:
+        yield service
+    finally:
+        stop_service(service)
+
+
+def test_flagged_code_waits_for_a_person_and_blocked_code_never_runs(
+    guarded: Service, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from .e2b_server import env_for, kill_all
+
+    for name, value in env_for(guarded).items():
+        monkeypatch.setenv(name, value)
+    operator = codecage.connect(guarded.url, guarded.keys["alice"])
+    sandbox = Sandbox.create(timeout=120)
+    try:
+        assert sandbox.run_code("1 + 1").text == "2"  # nothing found: nothing asked
+
+        def answer(yes: bool) -> None:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                for request in operator.approvals():
+                    if yes:
+                        operator.approve(request.id, "fine", "test")
+                    else:
+                        operator.deny(request.id, "not today", "test")
+                    return
+                time.sleep(0.1)
+
+        lines: list[str] = []
+        for yes, expected in ((True, None), (False, "ApprovalDenied")):
+            helper = threading.Thread(target=answer, args=(yes,))
+            helper.start()
+            ex = sandbox.run_code(
+                "import socket\nprint(socket.AF_INET > 0)", on_stdout=lambda m: lines.append(m.line)
+            )
+            helper.join()
+            if expected is None:
+                assert ex.error is None and ex.logs.stdout == ["True\n"]
+            else:
+                assert ex.error is not None and ex.error.name == expected
+                assert "not today" in ex.error.value and ex.logs.stdout == []
+        blocked = sandbox.run_code("import os\nos.system('echo ran')")
+        assert blocked.error is not None and blocked.error.name in (
+            "CodeRejected",
+            "ApprovalDenied",
+        )
+    finally:
+        sandbox.kill()
+        operator.close()
+        kill_all(guarded)
