@@ -29,6 +29,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from ..._errors import ContextNotFound, SandboxError, SandboxNotFound, UnsupportedLanguage
 from ..._models import Execution
@@ -206,7 +207,18 @@ async def execute(body: ExecuteBody, access: SandboxAccess = ACCESS) -> Streamin
                     await run_in_threadpool(_interrupt, sandbox)  # the client went away
                 await asyncio.wait([task])
 
-    return StreamingResponse(stream(), media_type=NDJSON)
+    return _Breakable(stream(), media_type=NDJSON)
+
+
+class _Breakable(StreamingResponse):
+    """A stream that a sandbox's end breaks off: the response is left incomplete, so the
+    server closes the connection without the last chunk (the client sees a broken read)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except* _Aborted:
+            pass
 
 
 def _interrupt(sandbox: Sandbox) -> None:
