@@ -76,6 +76,7 @@ class EntryInfo:
     group: str | None = None
     modified_time: datetime.datetime | None = None  # aware, UTC
     symlink_target: str | None = None
+    metadata: dict[str, str] | None = None  # E2B's file metadata (user.e2b.* attributes)
 
 
 @dataclass
@@ -545,6 +546,12 @@ class Files:
         _failed(reply, old_path)
         return _full_entry(reply.get("entry"))
 
+    def set_metadata(self, path: str, metadata: dict[str, str]) -> EntryInfo:
+        """Replace a file's metadata (E2B's: `user.e2b.*` extended attributes; `{}`
+        removes it). Keys and values: printable ASCII; at most 4096 bytes in all."""
+        check_metadata(metadata)
+        return _full_entry(self._op("set_metadata", path, metadata=dict(metadata)).get("entry"))
+
     def exists(self, path: str) -> bool:
         return bool(self._op("stat", path).get("exists"))
 
@@ -588,9 +595,31 @@ def _full_entry(data: Any) -> EntryInfo:
         entry.owner, entry.group = str(data["owner"])[:256], str(data["group"])[:256]
         entry.modified_time = datetime.datetime.fromtimestamp(float(data["mtime"]), datetime.UTC)
         entry.symlink_target = None if target is None else str(target)
+        metadata = data.get("metadata") or {}
+        if not isinstance(metadata, dict) or len(metadata) > 64:
+            raise TypeError("metadata")
+        entry.metadata = {str(k)[:256]: str(v)[:4096] for k, v in metadata.items()} or None
     except (KeyError, TypeError, ValueError, OverflowError, OSError):
         raise TransportError("a malformed file entry from the sandbox") from None
     return entry
+
+
+def check_metadata(metadata: dict[str, str]) -> None:
+    """E2B's rules for file metadata: keys and values printable US-ASCII, keys of at most
+    246 bytes, at most 4096 bytes in all (each key counted with its `user.e2b.` prefix)."""
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata: a map of strings")
+    total = 0
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise ValueError("metadata: keys and values are strings")
+        if not key or len(key) > 246 or not all(" " < c <= "~" for c in key):
+            raise ValueError(f"metadata: a key is 1-246 printable ASCII characters: {key[:50]!r}")
+        if not all(" " <= c <= "~" for c in value):
+            raise ValueError(f"metadata: the value of {key!r} is not printable ASCII")
+        total += len("user.e2b.") + len(key) + len(value)
+    if total > 4096:
+        raise ValueError("metadata: at most 4096 bytes in all")
 
 
 EVENT_TYPES = ("create", "write", "remove", "rename", "chmod")

@@ -190,7 +190,14 @@ def test_bad_control_plane_input_is_e2b_4xx(service: Service) -> None:
     with api(service) as http:
         unknown = http.post("/v2/sandboxes", json={"templateID": "no-such-template"})
         assert unknown.status_code == 404 and "not found" in unknown.json()["message"]
-        for bad in ({}, {"templateID": 5}, {"templateID": "base", "timeout": -1}):
+        for bad in (
+            {},
+            {"templateID": 5},
+            {"templateID": "base", "timeout": -1},
+            {"templateID": "base", "timeout": True},  # not 1 second
+            {"templateID": "base", "metadata": {"k": 5}},
+            {"templateID": "base", "envVars": ["A=1"]},
+        ):
             response = http.post("/v2/sandboxes", json=bad)
             assert response.status_code == 400, bad
             assert set(response.json()) == {"code", "message"}
@@ -235,5 +242,193 @@ def test_connect_rpcs_refuse_bad_input(service: Service) -> None:
                     headers={"content-type": c.UNARY_TYPE},
                 )
                 assert method.json()["code"] == "unimplemented"
+                stat, unary = "/filesystem.Filesystem/Stat", {"content-type": c.UNARY_TYPE}
+                big = rpc.post(stat, content=b" " * (2 << 20) + b"{}", headers=unary)
+                assert big.status_code == 429 and big.json()["code"] == "resource_exhausted"
+                huge = rpc.post(stat, content=b"x" * (12 << 20), headers=unary)
+                assert huge.status_code == 413 and huge.json()["code"] == 413  # the body limit
+                assert rpc.post(stat, json={"path": "."}, headers=unary).status_code == 200
         finally:
             http.delete(f"/sandboxes/{sid}")
+
+
+def test_hosted_addresses_and_signed_urls_reach_a_sandbox(service: Service) -> None:
+    """`{port}-{id}.{domain}` routes as the headers do (behind a proxy for every such
+    host); a signed /files URL needs no token, and an expired or wrong one is 401."""
+    with api(service) as http:
+        made = create(http)
+        sid, token = made["sandboxID"], made["envdAccessToken"]
+        try:
+            host = {"Host": f"{ENVD_PORT}-{sid}.sandbox.test"}
+            with httpx.Client(base_url=service.url, timeout=30) as plain:
+                assert (
+                    plain.get("/health", headers={**host, "X-Access-Token": token}).status_code
+                    == 204
+                )
+                assert plain.get("/health", headers=host).status_code == 401  # no token
+                unknown = {"Host": f"{ENVD_PORT}-{'0' * 32}.sandbox.test"}
+                assert plain.get("/health", headers=unknown).status_code == 502
+                assert (
+                    plain.get("/healthz", headers={"Host": "api.sandbox.test"}).status_code == 200
+                )
+                upload = plain.post(
+                    "/files",
+                    params={"path": "signed.txt"},
+                    content=b"signed",
+                    headers={
+                        **host,
+                        "X-Access-Token": token,
+                        "content-type": "application/octet-stream",
+                    },
+                )
+                assert upload.status_code == 200, upload.text
+                assert upload.json()[0]["path"] == "/home/user/signed.txt"
+                later = int(time.time()) + 60
+                good = {
+                    "path": "signed.txt",
+                    "signature": signature("signed.txt", "read", "", token, later),
+                    "signature_expiration": str(later),
+                }
+                assert plain.get("/files", params=good, headers=host).content == b"signed"
+                # no Host, no header (E2B_SANDBOX_URL names no sandbox): the signature does
+                assert plain.get("/files", params=good).content == b"signed"
+                nowhere = dict(good, signature="v1_" + "A" * 43)
+                assert plain.get("/files", params=nowhere).status_code == 401
+                expired = dict(good, signature_expiration=str(int(time.time()) - 10))
+                expired["signature"] = signature(
+                    "signed.txt", "read", "", token, int(expired["signature_expiration"])
+                )
+                for where in (host, {}):
+                    response = plain.get("/files", params=expired, headers=where)
+                    assert response.json() == {
+                        "code": 401,
+                        "message": "signature is already expired",
+                    }
+                wrong = dict(good, signature="v1_nope")
+                assert plain.get("/files", params=wrong, headers=host).status_code == 401
+                write_sig = dict(good, signature=signature("signed.txt", "write", "", token, later))
+                assert plain.get("/files", params=write_sig, headers=host).status_code == 401
+        finally:
+            http.delete(f"/sandboxes/{sid}")
+
+
+def test_control_plane_operations_are_audited(service: Service) -> None:
+    with api(service) as http:
+        sid = create(http)["sandboxID"]
+        assert http.post(f"/sandboxes/{sid}/timeout", json={"timeout": 60}).status_code == 204
+        assert http.delete(f"/sandboxes/{sid}").status_code == 204
+    kinds = [r["kind"] for r in service.audit.runs(tenant="alice", sandbox_id=sid)]
+    assert kinds == ["sandbox_create", "sandbox_timeout", "sandbox_kill"]
+
+
+def test_files_and_filesystem_over_the_fake(service: Service) -> None:
+    """envd's /files and a few Filesystem calls, end to end over the fake's files."""
+    with api(service) as http:
+        made = create(http)
+        sid, token = made["sandboxID"], made["envdAccessToken"]
+        try:
+            with envd(service, sid, token) as sbx:
+                boundary = "b0und"
+                body = (
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                    f'filename="one.txt"\r\n\r\n1\r\n--{boundary}\r\nContent-Disposition: '
+                    f'form-data; name="file"; filename="d/two.txt"\r\n\r\n22\r\n--{boundary}--\r\n'
+                ).encode()
+                response = sbx.post(
+                    "/files",
+                    content=body,
+                    headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+                )
+                assert [e["path"] for e in response.json()] == [
+                    "/home/user/one.txt",
+                    "/home/user/d/two.txt",
+                ]
+                assert sbx.get("/files", params={"path": "d/two.txt"}).content == b"22"
+                missing = sbx.get("/files", params={"path": "nope"})
+                assert missing.status_code == 404 and missing.json()["code"] == 404
+                unary = {"content-type": c.UNARY_TYPE}
+                listed = sbx.post(
+                    "/filesystem.Filesystem/ListDir", json={"path": ".", "depth": 2}, headers=unary
+                )
+                assert [e["name"] for e in listed.json()["entries"]] == ["d", "two.txt", "one.txt"]
+                made_dir = sbx.post(
+                    "/filesystem.Filesystem/MakeDir", json={"path": "d"}, headers=unary
+                )
+                assert made_dir.status_code == 409 and made_dir.json()["code"] == "already_exists"
+                gone = sbx.post("/filesystem.Filesystem/Stat", json={"path": "nope"}, headers=unary)
+                assert gone.status_code == 404 and gone.json()["code"] == "not_found"
+                moved = sbx.post(
+                    "/filesystem.Filesystem/Move",
+                    json={"source": "one.txt", "destination": "e/one.txt"},
+                    headers=unary,
+                )
+                assert moved.json()["entry"]["path"] == "/home/user/e/one.txt"
+                assert (
+                    sbx.post(
+                        "/filesystem.Filesystem/Remove", json={"path": "nope"}, headers=unary
+                    ).json()
+                    == {}
+                )
+        finally:
+            http.delete(f"/sandboxes/{sid}")
+
+
+def _junk(seed: int) -> list[bytes]:
+    """Bodies no client should send: malformed JSON, wrong types, huge numbers, odd text."""
+    import random
+
+    rng = random.Random(seed)
+    fields = ["path", "depth", "source", "destination", "watcherId", "recursive", "timeout"]
+    values: list[Any] = [None, -1, 2**70, "1e999", "", "\ud800", [], {}, True, "a" * 5000, 3.5]
+    bodies = [b"", b"{", b"null", b"[]", b'"x"', b"\xff\xfe", b"{}" * 3]
+    for _ in range(40):
+        body = {rng.choice(fields): rng.choice(values) for _ in range(rng.randint(1, 3))}
+        bodies.append(json.dumps(body).encode())
+    return bodies
+
+
+def test_no_junk_is_a_500(service: Service) -> None:
+    """Every E2B route, fed junk: a 4xx or a Connect error, never a 5xx nor a traceback."""
+    methods = [
+        "Stat", "MakeDir", "Move", "ListDir", "Remove", "CreateWatcher",
+        "GetWatcherEvents", "RemoveWatcher",
+    ]  # fmt: skip
+    with api(service) as http:
+        made = create(http)
+        sid, token = made["sandboxID"], made["envdAccessToken"]
+        try:
+            with envd(service, sid, token) as rpc:
+                for body in _junk(7):
+                    for method in methods:
+                        response = rpc.post(
+                            f"/filesystem.Filesystem/{method}",
+                            content=body,
+                            headers={"content-type": c.UNARY_TYPE},
+                        )
+                        assert response.status_code < 500, (method, body, response.text)
+                        assert "Traceback" not in response.text
+                    streamed = rpc.post(
+                        "/filesystem.Filesystem/WatchDir",
+                        content=struct.pack(">BI", 0, len(body)) + body,
+                        headers={"content-type": c.STREAM_TYPE},
+                    )
+                    assert streamed.status_code == 200
+                    for path, params in (("/files", {"path": body.decode("latin-1")[:200]}),):
+                        assert rpc.get(path, params=params).status_code < 500
+                        response = rpc.post(path, params=params, content=body)
+                        assert response.status_code < 500, response.text
+                    for route in ("/v2/sandboxes", f"/sandboxes/{'0' * 32}/timeout"):
+                        response = http.post(
+                            route, content=body, headers={"content-type": "application/json"}
+                        )
+                        assert response.status_code < 500, (route, body, response.text)
+        finally:
+            http.delete(f"/sandboxes/{sid}")
+        assert kill_left(http) == []
+
+
+def kill_left(http: httpx.Client) -> list[str]:
+    left = [s["sandboxID"] for s in http.get("/v2/sandboxes").json()]
+    for sandbox_id in left:
+        http.delete(f"/sandboxes/{sandbox_id}")
+    return left

@@ -22,5 +22,6 @@ protocol.py (framing), seccomp.py and landlock.py (probes, profiles) and mounts.
     charts.py      structured results: a matplotlib figure as chart data, a DataFrame as columns
     imports.py     the policy's module allow/deny lists on user code's imports (not a wall)
     files.py       file requests, done by the kernel (the host never opens a sandbox path)
+    watch.py       directory watchers for the file requests (inotify, no thread)
     commands.py    shell commands inside the sandbox (`sbx.commands.run`)
 """

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import grp
 import os
-import pwd
 import shutil
 import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import watch
 from .messages import (
     Entry,
     EntryInfo,
@@ -63,7 +60,10 @@ def read(path: str, offset: int = 0, length: int = CHUNK) -> ReadReply:
 def write(path: str, data: str, append: bool = False) -> Entry:
     full = resolve(path)
     os.makedirs(os.path.dirname(full), exist_ok=True)
+    new = not os.path.lexists(full)
     with open(full, "ab" if append else "wb") as f:
+        if new:  # as envd sets a new file's owner and mode: a watcher sees create, chmod, write
+            os.fchmod(f.fileno(), stat.S_IMODE(os.fstat(f.fileno()).st_mode))
         f.write(base64.b64decode(data))
     return _entry(full, os.stat(full))
 
@@ -102,9 +102,15 @@ def make_dir(path: str) -> MkdirReply:
     return MkdirReply(path=full, created=not existed)
 
 
-def _name_of(table: Any, number: int) -> str:
+def _name_of(table: str, number: int) -> str:
+    """A uid's or gid's name in the sandbox's own /etc (imported here, on first use: the
+    kernel's memory is the sandbox's)."""
+    import grp
+    import pwd
+
+    lookup = pwd.getpwuid if table == "passwd" else grp.getgrgid
     try:
-        return str(table(number)[0])
+        return str(lookup(number)[0])
     except (KeyError, OverflowError):
         return str(number)
 
@@ -123,18 +129,58 @@ def _info(path: str) -> EntryInfo:
     if stat.S_ISLNK(st.st_mode):
         kind = "symlink"  # a link that points nowhere
     return EntryInfo(
+        metadata=_metadata(path),
         name=os.path.basename(path) or path,
         path=path,
         type=kind,
         size=st.st_size,
         mode=stat.S_IMODE(st.st_mode),
         permissions=stat.filemode(st.st_mode),
-        owner=_name_of(pwd.getpwuid, st.st_uid),
-        group=_name_of(grp.getgrgid, st.st_gid),
+        owner=_name_of("passwd", st.st_uid),
+        group=_name_of("group", st.st_gid),
         mtime=st.st_mtime,
         is_symlink=link,
         symlink_target=os.path.realpath(path) if link else None,
     )
+
+
+METADATA = "user.e2b."  # E2B's file metadata: extended attributes in this namespace
+METADATA_BYTES = 4096
+
+
+def _metadata(path: str) -> dict[str, str]:
+    """The file's `user.e2b.*` attributes, the prefix stripped (none where the
+    filesystem keeps no user attributes)."""
+    found: dict[str, str] = {}
+    try:
+        names = os.listxattr(path)
+    except OSError:
+        return found
+    for name in names:
+        if name.startswith(METADATA):
+            with contextlib.suppress(OSError):
+                found[name[len(METADATA) :]] = os.getxattr(path, name)[:METADATA_BYTES].decode(
+                    "utf-8", "replace"
+                )
+    return found
+
+
+def set_metadata(path: str, metadata: dict[str, str]) -> EntryReply:
+    """Replace the file's `user.e2b.*` attributes with `metadata` (empty: remove them)."""
+    full = resolve(path)
+    if not isinstance(metadata, dict) or len(metadata) > 64:
+        raise ValueError("metadata: a map of at most 64 keys")
+    try:
+        current = {n for n in os.listxattr(full) if n.startswith(METADATA)}
+    except OSError:
+        if metadata:
+            raise
+        current = set()  # a filesystem without user attributes has none to clear
+    for name in current - {METADATA + str(k) for k in metadata}:
+        os.removexattr(full, name)
+    for key, value in metadata.items():
+        os.setxattr(full, METADATA + str(key), str(value).encode())
+    return EntryReply(entry=_info(full))
 
 
 def entry(path: str) -> EntryReply:
@@ -180,6 +226,19 @@ def rename(source: str, destination: str) -> EntryReply:
     return EntryReply(entry=_info(dst))
 
 
+def _watch(name: str) -> Callable[..., Mapping[str, Any]]:
+    """A watcher op of watch.py, imported on first use (ctypes: memory a sandbox that never
+    watches would pay for)."""
+
+    def call(**args: Any) -> Mapping[str, Any]:
+        from . import watch
+
+        op: Callable[..., Mapping[str, Any]] = getattr(watch, name)
+        return op(**args)
+
+    return call
+
+
 # Each op's reply is messages.REPLIES[op].
 OPS: dict[str, Callable[..., Mapping[str, Any]]] = {
     "read": read,
@@ -191,7 +250,8 @@ OPS: dict[str, Callable[..., Mapping[str, Any]]] = {
     "entry": entry,
     "walk": walk,
     "rename": rename,
-    "watch": watch.start,
-    "watch_events": watch.events,
-    "unwatch": watch.stop,
+    "watch": _watch("start"),
+    "watch_events": _watch("events"),
+    "unwatch": _watch("stop"),
+    "set_metadata": set_metadata,
 }

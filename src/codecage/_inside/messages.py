@@ -198,6 +198,17 @@ class UnwatchRequest(TypedDict):
     args: WatcherArgs
 
 
+class MetadataArgs(TypedDict):
+    path: str
+    metadata: dict[str, str]
+
+
+class SetMetadataRequest(TypedDict):
+    op: Literal["set_metadata"]
+    id: NotRequired[str]
+    args: MetadataArgs
+
+
 Request = (
     ExecuteRequest
     | ReadRequest
@@ -222,6 +233,7 @@ Request = (
     | WatchRequest
     | WatchEventsRequest
     | UnwatchRequest
+    | SetMetadataRequest
 )
 # A request that takes an id and a reply (`done` or `failed`) from HostSandbox.request.
 ReplyRequest = (
@@ -246,6 +258,7 @@ ReplyRequest = (
     | WatchRequest
     | WatchEventsRequest
     | UnwatchRequest
+    | SetMetadataRequest
 )
 
 # -- kernel channel: what `done` carries, by request ----------------------------------------
@@ -337,6 +350,7 @@ class EntryInfo(TypedDict):
     mtime: float
     is_symlink: bool
     symlink_target: str | None
+    metadata: dict[str, str]  # E2B's file metadata: the `user.e2b.*` extended attributes
 
 
 class EntryReply(TypedDict):
@@ -511,6 +525,7 @@ REQUESTS: dict[str, type[Any]] = {
     "watch": WatchRequest,
     "watch_events": WatchEventsRequest,
     "unwatch": UnwatchRequest,
+    "set_metadata": SetMetadataRequest,
 }
 REPLIES: dict[str, type[Any]] = {
     "read": ReadReply,
@@ -534,6 +549,7 @@ REPLIES: dict[str, type[Any]] = {
     "watch": WatchReply,
     "watch_events": WatchEventsReply,
     "unwatch": NoReply,
+    "set_metadata": EntryReply,
 }
 EVENTS: dict[str, type[Any]] = {
     "hello": HelloEvent,

@@ -250,6 +250,17 @@ class Manager:
             return None
         return entry
 
+    def tokens(self) -> list[tuple[str, str]]:
+        """(sandbox id, access token) of every live sandbox that has a token: for telling
+        which sandbox a signed URL is for (the caller checks the signature against each)."""
+        with self._lock:
+            entries = list(self._sandboxes.items())
+        return [
+            (sid, e.access_token)
+            for sid, e in entries
+            if e.access_token is not None and e.sandbox.alive and not e.expired()
+        ]
+
     def _reap_soon(self) -> None:
         """Start the reaper if it is not running (under _lock)."""
         if self._reaper is None and not self._closing.is_set():
@@ -429,10 +440,12 @@ class Manager:
         code: str,
         policy: Policy,
         findings: list[Finding] | None = None,
+        admit: bool = True,
     ) -> str:
         """Admit and durably record a run (with its static-analysis findings) before it
-        starts. Returns the run id."""
-        self._admit(tenant)
+        starts. Returns the run id. `admit=False`: outside the run quota."""
+        if admit:
+            self._admit(tenant)
         run_id = secrets.token_hex(16)
         self.audit.start_run(
             run_id=run_id,
@@ -444,6 +457,15 @@ class Manager:
             findings=[dataclasses.asdict(f) for f in findings or []],
         )
         return run_id
+
+    def note(self, tenant: str, sandbox_id: str, kind: str, subject: str) -> None:
+        """Record an operation on a sandbox that runs nothing in it (E2B's create, kill,
+        timeout, connect), durably, outside the run quota."""
+        with self._lock:
+            entry = self._sandboxes.get(sandbox_id)
+        policy = entry.sandbox.policy if entry is not None else self.config.policy
+        run_id = self.begin(tenant, sandbox_id, kind, subject, policy, admit=False)
+        self.finish(run_id, kind, Execution())
 
     def finish(
         self, run_id: str, kind: str, ex: Execution, files: list[dict[str, Any]] | None = None

@@ -447,6 +447,7 @@ class FakeSandbox(HostSandbox):
         self.tree = FakeTree(self)
         self.cgroups = self.tree
         self.files: dict[str, bytes] = {}
+        self.metadata: dict[str, dict[str, str]] = {}  # set_metadata's, by path
         self.dirs: set[str] = {"/", "/home", HOME, "/tmp", "/dev", "/dev/shm"}
         self.start_envs = dict(envs)
         self.requests: list[Message] = []
@@ -603,6 +604,11 @@ class FakeSandbox(HostSandbox):
                 return {"ev": "done", **getattr(self, f"_file_{op}")(self.path(args["path"]), args)}
             if op == "rename":
                 return {"ev": "done", **self._file_rename(args)}
+            if op == "set_metadata":
+                path = self.path(args["path"])
+                self._file_entry(path, args)  # its error
+                self.metadata[path] = dict(args.get("metadata") or {})
+                return {"ev": "done", "entry": self.info(path)}
         except OSError as exc:
             name = type(exc).__name__
             return {"ev": "failed", "error": name, "errno": exc.errno, "message": str(exc)}
@@ -688,6 +694,7 @@ class FakeSandbox(HostSandbox):
             "mtime": 1_700_000_000.0,
             "is_symlink": False,
             "symlink_target": None,
+            "metadata": dict(self.metadata.get(path, {})),
         }
 
     def _file_entry(self, path: str, args: Message) -> Message:

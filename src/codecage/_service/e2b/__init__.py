@@ -25,6 +25,7 @@ import base64
 import hashlib
 import hmac
 import importlib
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -226,7 +227,7 @@ class Dispatch:
     """The outermost layer: a request to the E2B surface it is for, else to codecage's."""
 
     def __init__(self, app: ASGIApp, config: ServerConfig, state: dict[str, Any]) -> None:
-        self.app = app
+        self.app, self.state = app, state
         default = config.max_code_bytes + (1 << 20)
 
         def refuse(send: Send, status: int, kind: str, message: str, extra: Any) -> Any:
@@ -248,6 +249,9 @@ class Dispatch:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            scope = _by_host(scope)
+            if scope["path"] == "/files" and _header(scope, b"e2b-sandbox-id") is None:
+                scope = _by_signature(scope, self.state)
             if _header(scope, b"e2b-sandbox-id") is not None:
                 await self.sandbox(scope, receive, send)
                 return
@@ -256,6 +260,49 @@ class Dispatch:
                 await self.control(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+HOSTED = re.compile(r"([0-9]{1,5})-([0-9a-f]{32})\.")  # a sandbox id: 32 hex digits
+
+
+def _by_host(scope: Scope) -> Scope:
+    """E2B's hosted addressing, `{port}-{sandbox id}.{domain}` (behind a TLS proxy that
+    hands every such host to this service: docs/e2b.md), as the headers the SDKs send
+    with `E2B_SANDBOX_URL`: what a signed file URL opened by any HTTP client carries."""
+    if _header(scope, b"e2b-sandbox-id") is not None:
+        return scope
+    found = HOSTED.match((_header(scope, b"host") or "").lower())
+    if found is None:
+        return scope
+    port, sandbox_id = found.group(1).encode(), found.group(2).encode()
+    headers = [*scope.get("headers", []), (b"e2b-sandbox-id", sandbox_id)]
+    headers.append((b"e2b-sandbox-port", port))
+    return {**scope, "headers": headers}
+
+
+def _by_signature(scope: Scope, state: dict[str, Any]) -> Scope:
+    """A signed `/files` URL that names no sandbox (E2B_SANDBOX_URL is one address for
+    all): the sandbox whose token made the signature, if one did (expired or not: the
+    admission then says which). Else it goes on as it came, and is refused for what it
+    lacks."""
+    manager = state.get("manager")
+    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+    given = query.get("signature", [""])[0]
+    if manager is None or not given.startswith("v1_") or len(given) > 100:
+        return scope
+    raw = query.get("signature_expiration", [None])[0]
+    expiration = (
+        int(raw) if raw is not None and raw.lstrip("-").isdigit() and len(raw) < 20 else None
+    )
+    operation = "read" if scope["method"] == "GET" else "write"
+    path, user = query.get("path", [""])[0], query.get("username", [""])[0]
+    for sandbox_id, token in manager.tokens():
+        wanted = signature(path, operation, user, token, expiration)
+        if hmac.compare_digest(wanted.encode(), given.encode()):
+            headers = [*scope.get("headers", []), (b"e2b-sandbox-id", sandbox_id.encode())]
+            headers.append((b"e2b-sandbox-port", str(ENVD_PORT).encode()))
+            return {**scope, "headers": headers}
+    return scope
 
 
 def install(app: FastAPI, config: ServerConfig, state: dict[str, Any]) -> None:

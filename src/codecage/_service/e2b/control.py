@@ -2,7 +2,9 @@
 given more time and killed, as Manager operations of the key's tenant.
 
 Templates: `base` and `code-interpreter-v1` (E2B's SDKs' defaults) are the service's
-default policy; any other name is E2B's 404 "template not found". A sandbox's `timeout` is
+default policy; any other name is E2B's 404 "template not found". `mcp` is accepted: the
+SDK then starts E2B's MCP gateway itself, which a sandbox here does not have (so the
+create fails there, and the SDK kills the sandbox). A sandbox's `timeout` is
 its lifetime: the Manager kills it when it passes, `POST /sandboxes/{id}/timeout` moves it.
 Every sandbox gets an envd access token (E2B's SDKs secure every sandbox). Pausing,
 snapshots, forks, logs and network changes are not served: E2B's answer for an API this
@@ -45,7 +47,7 @@ class NewSandbox(BaseModel):
 
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     template_id: str = Field(alias="templateID", max_length=256)
-    timeout: int = Field(300, ge=0, le=MAX_TIMEOUT_S)
+    timeout: int = Field(300, ge=0, le=MAX_TIMEOUT_S, strict=True)
     metadata: dict[str, str] | None = None
     env_vars: dict[str, str] | None = Field(None, alias="envVars")
     auto_pause: bool = Field(False, alias="autoPause")
@@ -57,12 +59,12 @@ class NewSandbox(BaseModel):
 
 class Timeout(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    timeout: int = Field(ge=0, le=MAX_TIMEOUT_S)
+    timeout: int = Field(ge=0, le=MAX_TIMEOUT_S, strict=True)
 
 
 class Connect(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    timeout: int = Field(300, ge=0, le=MAX_TIMEOUT_S)
+    timeout: int = Field(300, ge=0, le=MAX_TIMEOUT_S, strict=True)
 
 
 def _iso(at: float) -> str:
@@ -133,10 +135,10 @@ async def create_sandbox(
         raise E2BError(404, f"template '{body.template_id}' not found")
     if body.auto_pause:
         raise E2BError(400, "autoPause: this server does not pause sandboxes")
-    if body.mcp:
-        raise E2BError(400, "mcp: this server runs no MCP gateway")
     if body.volume_mounts:
         raise E2BError(400, "volumeMounts: this server has no volumes")
+    if body.allow_internet_access:
+        raise E2BError(400, "allow_internet_access: sandboxes here have no network (policy)")
     _check_text("metadata", body.metadata)
     _check_text("envVars", body.env_vars)
     token = secrets.token_urlsafe(32)
@@ -144,7 +146,7 @@ async def create_sandbox(
 
     def work() -> Entry:
         with operation(client_ref=ref[:64] if ref else None):
-            return manager.create(
+            entry = manager.create(
                 who,
                 {},
                 dict(body.env_vars or {}),
@@ -153,6 +155,9 @@ async def create_sandbox(
                 access_token=token,
                 template=body.template_id,
             )
+        subject = f"create {body.template_id} timeout={body.timeout}"
+        manager.note(who, entry.sandbox.id, "sandbox_create", subject)
+        return entry
 
     return created(await run_in_threadpool(work))
 
@@ -198,6 +203,7 @@ def get_sandbox(sandbox_id: str, who: str = TENANT, manager: Manager = MANAGER) 
 @router.delete("/sandboxes/{sandbox_id}", status_code=204)
 def kill_sandbox(sandbox_id: str, who: str = TENANT, manager: Manager = MANAGER) -> Response:
     manager.delete(who, sandbox_id)
+    manager.note(who, sandbox_id, "sandbox_kill", "kill")
     return Response(status_code=204)
 
 
@@ -206,6 +212,7 @@ def set_timeout(
     sandbox_id: str, body: Timeout, who: str = TENANT, manager: Manager = MANAGER
 ) -> Response:
     manager.set_lifetime(who, sandbox_id, body.timeout or 1)
+    manager.note(who, sandbox_id, "sandbox_timeout", f"timeout={body.timeout}")
     return Response(status_code=204)
 
 
@@ -227,17 +234,24 @@ def connect_sandbox(
 
 @router.get("/sandboxes/{sandbox_id}/metrics")
 def sandbox_metrics(
-    sandbox_id: str, who: str = TENANT, manager: Manager = MANAGER
+    sandbox_id: str,
+    start: int | None = Query(None, ge=0, le=2**40),
+    end: int | None = Query(None, ge=0, le=2**40),
+    who: str = TENANT,
+    manager: Manager = MANAGER,
 ) -> list[dict[str, Any]]:
-    """One reading, now: the host's (cgroups) memory and CPU time of the sandbox."""
+    """One reading, now: the host's (cgroups) memory and CPU time of the sandbox (none
+    when now is outside [start, end], Unix seconds)."""
     entry = manager.get(who, sandbox_id)
+    now = time.time()
+    if (start is not None and now < start) or (end is not None and now > end + 1):
+        return []
     policy, jailed = entry.sandbox.policy, entry.sandbox._jailed
     try:
         memory = jailed.memory_current() or 0
         cpu_s = jailed.usage().cpu_s
     except OSError:
         memory, cpu_s = 0, 0.0
-    now = time.time()
     age = max(now - entry.created_at, 1e-3)
     cores = policy.cpu_cores or 1
     return [

@@ -144,9 +144,38 @@ async def _store(access: SandboxAccess, path: str, pieces: AsyncIterator[bytes])
         raise _file_error(exc, path) from None
 
 
-def _written(path: str, sink_path: str | None = None) -> dict[str, Any]:
-    full = sink_path or path
-    return {"name": full.rstrip("/").rsplit("/", 1)[-1], "type": "file", "path": full}
+def _metadata(request: Request) -> dict[str, str]:
+    """`X-Metadata-<key>: <value>` headers: the key lowercased, the first value of each
+    (envd's rules: printable ASCII, 246 bytes a key, 4096 in all)."""
+    from ..._sandbox import check_metadata
+
+    found: dict[str, str] = {}
+    for name, value in request.headers.items():
+        if name.lower().startswith("x-metadata-"):
+            found.setdefault(name[len("x-metadata-") :].lower(), value)
+    try:
+        check_metadata(found)
+    except ValueError as exc:
+        raise E2BError(400, str(exc)) from None
+    return found
+
+
+async def _labelled(access: SandboxAccess, path: str, metadata: dict[str, str]) -> dict[str, Any]:
+    """An uploaded file's metadata replaced by the request's (none: removed, as envd does),
+    and E2B's WriteInfo of it."""
+    try:
+        entry = await run_in_threadpool(
+            access.manager.file_call,
+            access.tenant,
+            access.sandbox_id,
+            lambda sbx: sbx.files.set_metadata(path, metadata),
+        )
+    except SandboxError as exc:  # a filesystem without user attributes, say
+        raise _file_error(exc, path) from None
+    out: dict[str, Any] = {"name": entry.name, "type": "file", "path": entry.path}
+    if entry.metadata:
+        out["metadata"] = entry.metadata
+    return out
 
 
 @router.post("/files")
@@ -156,15 +185,14 @@ async def upload(
     username: str | None = Query(None, max_length=64),
     access: SandboxAccess = ACCESS,
 ) -> list[dict[str, Any]]:
-    if any(k.lower().startswith("x-metadata-") for k in request.headers):
-        raise E2BError(400, "file metadata (X-Metadata-*) is not supported by this server")
+    metadata = _metadata(request)
     declared = request.headers.get("content-type")
     media = (declared or "").split(";")[0].strip().lower()
     limit = access.manager.config.max_upload_bytes
     if declared is None or media == RAW:
         wanted = _path(path)
         await _store(access, wanted, _raw_pieces(request, limit))
-        return [_written(wanted, _resolved(wanted))]
+        return [await _labelled(access, wanted, metadata)]
     if media != MULTIPART:
         raise E2BError(400, f"Content-Type {media!r}: {RAW} or {MULTIPART}")
     if request.headers.get("content-encoding", "identity").strip().lower() not in (
@@ -177,16 +205,7 @@ async def upload(
     async for name, pieces in parts:
         target = _path(path if path and name is None else name or path)
         await _store(access, target, pieces)
-        written.append(_written(target, _resolved(target)))
+        written.append(await _labelled(access, target, metadata))
     if not written:
         raise E2BError(400, "multipart upload without a part named 'file'")
     return written
-
-
-def _resolved(path: str) -> str:
-    """The path as the sandbox resolves it (relative paths are under /home/user)."""
-    import posixpath
-
-    from ..._inside.files import WORKSPACE
-
-    return posixpath.normpath(posixpath.join(WORKSPACE, path))

@@ -74,6 +74,8 @@ def entry_json(entry: EntryInfo) -> dict[str, Any]:
     if entry.symlink_target is not None:
         out["symlinkTarget"] = entry.symlink_target
         out["isSymlink"] = True
+    if entry.metadata:
+        out["metadata"] = dict(entry.metadata)
     return out
 
 
