@@ -404,3 +404,27 @@ def test_flagged_code_waits_for_a_person_and_blocked_code_never_runs(
         sandbox.kill()
         operator.close()
         kill_all(guarded)
+
+
+def test_the_async_sdk_streams_to_async_callbacks(server: Service) -> None:
+    import asyncio
+
+    from e2b_code_interpreter import AsyncSandbox
+
+    async def main() -> tuple[list[str], str | None, list[str]]:
+        sandbox = await AsyncSandbox.create(timeout=120)
+        try:
+            seen: list[str] = []
+
+            async def on_stdout(message: Any) -> None:
+                seen.append(message.line)
+
+            ex = await sandbox.run_code("print('a')\nprint('b')\n6 * 7", on_stdout=on_stdout)
+            ctx = await sandbox.create_code_context(language="bash")
+            bash = await sandbox.run_code("echo $((6 * 7))", context=ctx)
+            return seen, ex.text, bash.logs.stdout
+        finally:
+            await sandbox.kill()
+
+    seen, text, bash = asyncio.run(main())
+    assert "".join(seen) == "a\nb\n" and text == "42" and bash == ["42\n"]
