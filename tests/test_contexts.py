@@ -138,3 +138,13 @@ def test_the_remote_sdk_has_the_same_contexts(service: Service, alice: codecage.
             remote.run_code("1", language="cobol")
         with pytest.raises(ContextNotFound):
             remote.restart_code_context("nope")
+
+
+def test_an_image_the_code_saves_is_also_a_result(sbx: Sandbox) -> None:
+    ex = sbx.run_code(
+        "from PIL import Image\nImage.new('RGB', (4, 4)).save('i.png')\n"
+        "import matplotlib.pyplot as plt\nplt.figure(); plt.plot([1, 2]); plt.savefig('p.png')\n"
+        "plt.close('all')"
+    )
+    assert ex.error is None and len([r for r in ex.results if r.png]) == 1  # PIL's, not savefig's
+    assert sbx.files.exists("i.png") and sbx.files.exists("p.png")

@@ -8,7 +8,9 @@ Display goes to a sink that the kernel points at its channel.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import os
 import re
 import subprocess
 import sys
@@ -118,7 +120,31 @@ def make_shell() -> CageShell:
     shell: CageShell = CageShell.instance(config=_config())
     shell.enable_matplotlib("inline")
     charts.install(shell)
+    _show_saved_images()
     return shell
+
+
+def _show_saved_images() -> None:
+    """An image that a cell's own code saves to a file is also one of its results (as in
+    E2B's sandboxes): PIL's Image.save to a path displays the image first. Saves made by
+    matplotlib (savefig: its figure is a result already) or by PIL itself are left alone."""
+    pil = sys.modules.get("PIL.Image")  # matplotlib (enable_matplotlib) has loaded it
+    if pil is None or getattr(pil.Image.save, "_codecage", False):
+        return
+    original = pil.Image.save
+
+    def save(image: Any, fp: Any, *args: Any, **params: Any) -> Any:
+        caller = str(sys._getframe(1).f_globals.get("__name__", ""))
+        mine = not caller.startswith(("matplotlib", "PIL", "IPython"))
+        if mine and isinstance(fp, (str, os.PathLike)) and state.sink is not _discard:
+            from IPython.display import display
+
+            with contextlib.suppress(Exception):  # the file is what was asked for
+                display(image)
+        return original(image, fp, *args, **params)
+
+    save._codecage = True  # type: ignore[attr-defined]
+    pil.Image.save = save
 
 
 def make_context_shell() -> CageShell:
