@@ -318,3 +318,37 @@ def test_metadata_and_signed_urls(e2b_env: dict[str, str], e2b_service: Service)
             other.kill()
     finally:
         sbx.kill()
+
+
+def test_a_watch_stream_the_client_drops_frees_its_watcher(
+    e2b_env: dict[str, str], e2b_service: Service
+) -> None:
+    """The kernel holds 16 watchers: 20 streams opened and dropped one after the other
+    leave none behind (each is stopped when its client goes), so the next one works."""
+    sbx = Sandbox.create()
+    try:
+        sbx.files.make_dir("w")
+        body = json.dumps({"path": "w"}).encode()
+        frame = struct.pack(">BI", 0, len(body)) + body
+        headers = {"content-type": "application/connect+json"}
+        with envd(e2b_service, sbx) as http:
+            for _ in range(20):
+                with http.stream(
+                    "POST", "/filesystem.Filesystem/WatchDir", content=frame, headers=headers
+                ) as stream:
+                    first = next(stream.iter_raw())
+                    assert json.loads(first[5:]) == {"start": {}}
+                # dropped here: the service sees the client gone and stops the watcher
+                deadline = time.monotonic() + 30
+                while time.monotonic() < deadline:  # wait until it is released
+                    try:
+                        handle = sbx.files.watch_dir("w")
+                    except SandboxException:
+                        time.sleep(0.1)
+                        continue
+                    handle.stop()
+                    break
+                else:
+                    raise AssertionError("the dropped stream's watcher was never released")
+    finally:
+        sbx.kill()

@@ -443,6 +443,8 @@ def _failed(reply: dict[str, Any], path: str) -> None:
         raise FileNotFoundInSandbox(message)
     error = SandboxError(message)
     error.reason = str(reply.get("error"))[:64]  # type: ignore[attr-defined]  # the kernel's name for it
+    code = reply.get("errno")
+    error.errno = code if isinstance(code, int) else None  # type: ignore[attr-defined]
     raise error
 
 

@@ -432,3 +432,35 @@ def kill_left(http: httpx.Client) -> list[str]:
     for sandbox_id in left:
         http.delete(f"/sandboxes/{sandbox_id}")
     return left
+
+
+def test_an_e2b_sandbox_is_the_tenants_on_both_apis(service: Service) -> None:
+    """One Manager: codecage's API sees the tenant's E2B sandbox (its idle timeout raised
+    to the lifetime asked for), another tenant sees nothing on either."""
+    with api(service) as http, service.http() as native, service.http("bob") as bob:
+        sid = create(http, timeout=1200)["sandboxID"]
+        try:
+            policy = native.get(f"/v1/sandboxes/{sid}").json()["policy"]
+            assert policy["idle_timeout_s"] == 1200
+            assert bob.get(f"/v1/sandboxes/{sid}").status_code == 404
+        finally:
+            http.delete(f"/sandboxes/{sid}")
+        assert native.get(f"/v1/sandboxes/{sid}").status_code == 404
+
+
+def test_a_full_disk_is_507(service: Service, fake: fakes.FakeJail) -> None:
+    fake.on("write", None, fakes.failed("OSError", 28, "No space left on device"))
+    with api(service) as http:
+        made = create(http)
+        sid, token = made["sandboxID"], made["envdAccessToken"]
+        try:
+            with envd(service, sid, token) as sbx:
+                response = sbx.post(
+                    "/files",
+                    params={"path": "full.bin"},
+                    content=b"x",
+                    headers={"content-type": "application/octet-stream"},
+                )
+                assert response.status_code == 507 and response.json()["code"] == 507
+        finally:
+            http.delete(f"/sandboxes/{sid}")

@@ -143,12 +143,16 @@ async def create_sandbox(
     _check_text("envVars", body.env_vars)
     token = secrets.token_urlsafe(32)
     ref = request.headers.get("idempotency-key")
+    overrides: dict[str, Any] = {}
+    idle, most = manager.config.policy.idle_timeout_s, manager.config.ceiling.idle_timeout_s
+    if idle is not None and body.timeout > idle:  # idle for its whole lifetime, if allowed
+        overrides["idle_timeout_s"] = body.timeout if most is None else min(body.timeout, most)
 
     def work() -> Entry:
         with operation(client_ref=ref[:64] if ref else None):
             entry = manager.create(
                 who,
-                {},
+                overrides,
                 dict(body.env_vars or {}),
                 lifetime_s=body.timeout or 1,
                 metadata=body.metadata,

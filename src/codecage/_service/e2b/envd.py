@@ -9,6 +9,7 @@ service's upload limit, decoded bytes included.
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 import zlib
 from collections.abc import AsyncIterator
@@ -53,6 +54,8 @@ def _file_error(exc: SandboxError, path: str) -> E2BError | SandboxError:
     directory or otherwise unusable path; the service's own errors keep theirs."""
     if isinstance(exc, FileNotFoundInSandbox):
         return E2BError(404, f"path '{path}' does not exist")
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return E2BError(507, f"not enough disk space in the sandbox for '{path}'")
     if type(exc) is SandboxError:  # the sandbox's own refusal (a directory, permissions)
         return E2BError(400, str(exc))
     return exc

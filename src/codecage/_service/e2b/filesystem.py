@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import errno
 import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -91,6 +92,8 @@ def _path(message: dict[str, Any], name: str = "path") -> str:
 def _mapped(exc: SandboxError) -> Exception:
     if isinstance(exc, FileNotFoundInSandbox):
         return ConnectError("not_found", str(exc))
+    if getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+        return ConnectError("resource_exhausted", f"not enough disk space: {exc}")
     code = REASONS.get(str(getattr(exc, "reason", "")))
     return ConnectError(code, str(exc)) if code else exc
 
