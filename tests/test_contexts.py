@@ -148,3 +148,14 @@ def test_an_image_the_code_saves_is_also_a_result(sbx: Sandbox) -> None:
     )
     assert ex.error is None and len([r for r in ex.results if r.png]) == 1  # PIL's, not savefig's
     assert sbx.files.exists("i.png") and sbx.files.exists("p.png")
+
+
+def test_a_full_tmp_is_the_bash_cells_error_not_the_kernels_end() -> None:
+    with Sandbox(Policy(tmp_mb=1, timeout_s=60)) as sbx:
+        sbx.run_code("true", language="bash")  # the shell and its cell directory exist
+        sbx.run_code("open('/tmp/fill', 'wb').write(b'x' * (2 << 20))")  # fills /tmp
+        full = sbx.run_code("echo " + "x" * 200_000, language="bash")
+        assert full.error is not None and full.error.name == "OSError"
+        assert not full.state_lost and sbx.run_code("1 + 1").text == "2"  # the kernel lives
+        sbx.run_code("import os; os.remove('/tmp/fill')")
+        assert sbx.run_code("echo ok", language="bash").logs.stdout == ["ok\n"]

@@ -101,6 +101,7 @@ class BashContext:
     def start(self) -> None:
         if not os.path.isdir(self.cwd):
             raise FileNotFoundError(2, "no such directory", self.cwd)
+        self._dir = tempfile.mkdtemp(prefix=".codecage-bash-", dir="/tmp")
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
         commands_r, commands_w = os.pipe2(os.O_CLOEXEC)
         try:
@@ -117,7 +118,6 @@ class BashContext:
         # status_w is the shell's own descriptor number (pass_fds keeps it); ours is closed,
         # so the shell's end is the pipe's end of file.
         self._commands, self._status, self._bash_fd = commands_w, status_r, status_w
-        self._dir = tempfile.mkdtemp(prefix=".codecage-bash-", dir="/tmp")
         # An interrupt stops the cell, never the shell (and the state it keeps).
         self._send("trap 'return 130 2>/dev/null' INT\n")
 
@@ -130,21 +130,25 @@ class BashContext:
         self, code: str, envs: Mapping[str, str], sink: Sink, base: Mapping[str, str]
     ) -> tuple[int, Error | None, int | None]:
         """`envs` for this cell only; `base` is the session's environment they go back to."""
-        if self.proc is None or self.proc.poll() is not None:
-            self.stop()
-            self.start()  # the shell exited (`exit`): a new one, its state is gone
         self.count += 1
-        path = os.path.join(self._dir, f"cell-{self.count}.sh")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(code if code.endswith("\n") else code + "\n")
         token = os.urandom(8).hex()
-        fd = self._bash_fd
-        sets = "".join(f"export {k}={shlex.quote(v)}; " for k, v in envs.items() if _name(k))
-        resets = "".join(_reset(k, base) for k in envs if _name(k))
-        self._send(
-            f"{sets}source {shlex.quote(path)} </dev/null {fd}>&-; __cc_s=$?; {resets}"
-            f'printf "%s %d %s\\n" {token} "$__cc_s" "$PWD" >&{fd}\n'
-        )
+        try:
+            if self.proc is None or self.proc.poll() is not None:
+                self.stop()
+                self.start()  # the shell exited (`exit`): a new one, its state is gone
+            path = os.path.join(self._dir, f"cell-{self.count}.sh")
+            with open(path, "w", encoding="utf-8") as f:  # /tmp may be full: an error, below
+                f.write(code if code.endswith("\n") else code + "\n")
+            fd = self._bash_fd
+            sets = "".join(f"export {k}={shlex.quote(v)}; " for k, v in envs.items() if _name(k))
+            resets = "".join(_reset(k, base) for k in envs if _name(k))
+            self._send(
+                f"{sets}source {shlex.quote(path)} </dev/null {fd}>&-; __cc_s=$?; {resets}"
+                f'printf "%s %d %s\\n" {token} "$__cc_s" "$PWD" >&{fd}\n'
+            )
+        except OSError as exc:  # no room for the cell, no process for a shell, a dead pipe
+            value = f"the bash context could not run the cell: {exc}"
+            return self.count, {"name": type(exc).__name__, "value": value, "traceback": ""}, None
         status, interrupted = self._wait(token)
         with contextlib.suppress(OSError):
             os.unlink(path)
