@@ -480,7 +480,10 @@ class Kernel:
 
         context = self.contexts.take()
         clean = {str(k): str(v) for k, v in envs.items()}
-        return context.run(code, clean, sink, base)
+        try:
+            return context.run(code, clean, sink, base)
+        except Exception as exc:  # the context's own machinery failed: the cell's error
+            return 0, {"name": type(exc).__name__, "value": str(exc), "traceback": ""}, None
 
 
 def _reply(info: dict[str, str]) -> dict[str, str]:
