@@ -134,12 +134,16 @@ def test_stdout_and_errors(sbx: Any) -> None:
 def test_rich_results(sbx: Any) -> None:
     ex = sbx.run_code("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3]);")
     (fig,) = ex.results
-    assert fig.formats() == ["png"] and base64.b64decode(fig.png or "").startswith(PNG_MAGIC)
+    assert fig.formats() == ["png", "chart"] and base64.b64decode(fig.png or "").startswith(
+        PNG_MAGIC
+    )
+    assert fig.chart is not None and fig.chart["type"] == "line"  # the figure's data too
     ex = sbx.run_code("plt.plot([3, 1]); plt.show()\n40 + 2")
     assert len(ex.results) == 2 and ex.results[0].png and not ex.results[0].is_main_result
     assert ex.results[1].is_main_result and ex.text == "42"
     ex = sbx.run_code("import pandas as pd; pd.DataFrame({'a': [1, 2]})")
     assert ex.results[0].html and "<table" in ex.results[0].html and ex.text and "a" in ex.text
+    assert ex.results[0].data == {"a": [1, 2]}
     ex = sbx.run_code("from IPython.display import Latex, Markdown, JSON, display\nLatex(r'$x^2$')")
     assert ex.results[0].formats() == ["latex"]
     ex = sbx.run_code("display(Markdown('**b**')); display({'k': 1}, raw=True)")

@@ -20,6 +20,7 @@ if _typing.TYPE_CHECKING:
         AuditUnavailable,
         BackendUnavailable,
         CodeRejected,
+        ContextNotFound,
         ExecutionTimeout,
         FileNotFoundInSandbox,
         PolicyError,
@@ -28,12 +29,13 @@ if _typing.TYPE_CHECKING:
         SandboxError,
         SandboxNotFound,
         TransportError,
+        UnsupportedLanguage,
     )
     from ._jail.pool import Pool
     from ._models import Execution, ExecutionError, Finding, Logs, Result
     from ._policy import Policy
     from ._remote import Client, connect
-    from ._sandbox import CommandResult, EntryInfo, OutputMessage, Sandbox
+    from ._sandbox import CommandResult, Context, EntryInfo, OutputMessage, Sandbox
     from ._warm import start_pool, stop_pool
 
 __version__ = "0.1.0"
@@ -53,6 +55,9 @@ _EXPORTS = {
     "connect": "_remote",
     "AsyncSandbox": "_async",
     "CommandResult": "_sandbox",
+    "Context": "_sandbox",
+    "ContextNotFound": "_errors",
+    "UnsupportedLanguage": "_errors",
     "EntryInfo": "_sandbox",
     "OutputMessage": "_sandbox",
     "Sandbox": "_sandbox",
@@ -85,6 +90,8 @@ __all__ = [
     "Client",
     "CodeRejected",
     "CommandResult",
+    "Context",
+    "ContextNotFound",
     "Decision",
     "EntryInfo",
     "Execution",
@@ -104,6 +111,7 @@ __all__ = [
     "SandboxError",
     "SandboxNotFound",
     "TransportError",
+    "UnsupportedLanguage",
     "analyze",
     "approvals",
     "connect",

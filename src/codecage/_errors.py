@@ -12,7 +12,9 @@ SandboxError
 ├── QuotaExceeded          a tenant's quota is used up
 ├── SandboxBusy            the sandbox's queue of operations is full
 ├── AuditUnavailable       the audit log cannot be written
-└── ExecutionTimeout       (also TimeoutError) where a deadline is raised rather than reported
+├── ExecutionTimeout       (also TimeoutError) where a deadline is raised rather than reported
+├── ContextNotFound        (also LookupError) no code context by that id in the sandbox
+└── UnsupportedLanguage    (also ValueError) a language other than python and bash
 
 `WIRE` maps each class to its HTTP status and its name on the wire (`{"error": {"type"}}`):
 the service answers with it (`wire`), the remote SDK raises the class back (`from_wire`),
@@ -88,6 +90,14 @@ class ExecutionTimeout(SandboxError, TimeoutError):
     """A deadline passed where it is raised rather than reported as a value."""
 
 
+class ContextNotFound(SandboxError, LookupError):
+    """The sandbox has no code context by that id (never created, or removed)."""
+
+
+class UnsupportedLanguage(SandboxError, ValueError):
+    """Code in a language the sandbox does not run: python and bash only."""
+
+
 # -- the wire: one table for the service, the remote SDK and the MCP server ------------------
 
 
@@ -115,6 +125,8 @@ WIRE: dict[type[SandboxError], Wire] = {
     SandboxBusy: Wire(409, "SandboxBusy"),
     AuditUnavailable: Wire(503, "AuditUnavailable"),
     ExecutionTimeout: Wire(409, "ExecutionTimeout"),
+    ContextNotFound: Wire(404, "ContextNotFound"),
+    UnsupportedLanguage: Wire(400, "UnsupportedLanguage"),
 }
 # Names on the wire that are not a class's own: the service's 422 for a malformed body.
 ALIASES: dict[str, type[SandboxError]] = {"ValidationError": PolicyError}

@@ -17,6 +17,9 @@ MIME_FIELDS = {
     "image/svg+xml": "svg",
     "text/latex": "latex",
     "application/json": "json",
+    # structured results (docs/protocol.md): a matplotlib figure's chart data, a DataFrame
+    "application/vnd.codecage.chart+json": "chart",
+    "application/vnd.codecage.data+json": "data",
 }
 
 
@@ -62,12 +65,17 @@ class Result:
     svg: str | None = None
     latex: str | None = None
     json: Any = None
+    chart: dict[str, Any] | None = None  # E2B's Result.chart: type, title, elements, axes
+    data: dict[str, Any] | None = None  # a DataFrame as {column: [values]}
     is_main_result: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_bundle(cls, bundle: dict[str, Any], is_main_result: bool) -> Result:
         known = {MIME_FIELDS[k]: v for k, v in bundle.items() if k in MIME_FIELDS}
+        for name in ("chart", "data"):  # objects, or nothing: the sandbox's word is untrusted
+            if name in known and not isinstance(known[name], dict):
+                del known[name]
         extra = {k: v for k, v in bundle.items() if k not in MIME_FIELDS}
         return cls(**known, is_main_result=is_main_result, extra=extra)
 

@@ -10,6 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, overload
+from urllib.parse import quote
 
 import httpx
 
@@ -18,7 +19,7 @@ from ._async import AsyncSandbox, _in_thread
 from ._errors import CodeRejected, SandboxError, SandboxNotFound, TransportError, from_wire
 from ._models import Execution, ExecutionError, Finding, Result
 from ._policy import Policy
-from ._sandbox import CommandResult, EntryInfo, OutputMessage, _dispatcher
+from ._sandbox import CommandResult, Context, EntryInfo, OutputMessage, _context_id, _dispatcher
 
 NDJSON = "application/x-ndjson"
 
@@ -225,10 +226,31 @@ class RemoteSandbox:
         on_error: Callable[[ExecutionError], Any] | None = None,
         timeout: float | None = None,
         envs: dict[str, str] | None = None,
+        language: str | None = None,
+        context: Context | str | None = None,
     ) -> Execution:
+        cell = {"language": language, "context": _context_id(context)}
         with self._answering() as headers:
             callbacks = (on_stdout, on_stderr, on_result, on_error)
-            return self._run_code(code, timeout, envs, headers, *callbacks)
+            return self._run_code(code, timeout, envs, headers, *callbacks, cell=cell)
+
+    # -- code contexts, as Sandbox's ----------------------------------------------------
+
+    def create_code_context(self, cwd: str | None = None, language: str | None = None) -> Context:
+        body = {"cwd": cwd, "language": language}
+        return Context(**self._client.request("POST", f"{self._base}/contexts", json=body).json())
+
+    def list_code_contexts(self) -> list[Context]:
+        found = self._client.request("GET", f"{self._base}/contexts").json()
+        return [Context(**c) for c in found]
+
+    def restart_code_context(self, context: Context | str) -> None:
+        cid = quote(str(_context_id(context)), safe="")
+        self._client.request("POST", f"{self._base}/contexts/{cid}/restart")
+
+    def remove_code_context(self, context: Context | str) -> None:
+        cid = quote(str(_context_id(context)), safe="")
+        self._client.request("DELETE", f"{self._base}/contexts/{cid}")
 
     def _answering(self) -> contextlib.AbstractContextManager[dict[str, str]]:
         return self._client._answering(self._approver)
@@ -240,8 +262,10 @@ class RemoteSandbox:
         envs: dict[str, str] | None,
         headers: dict[str, str],
         *callbacks: Any,
+        cell: dict[str, Any] | None = None,
     ) -> Execution:
         body = {"code": code, "timeout": timeout, "envs": envs or {}}
+        body.update({k: v for k, v in (cell or {}).items() if v is not None})
         url = f"{self._base}/execute"
         if not any(callbacks):
             reply = self._client.request("POST", url, json=body, headers=headers)

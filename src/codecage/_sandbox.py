@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import secrets
 import signal
 import threading
 import time
@@ -18,9 +19,17 @@ from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 from ._api import check_envs, prepare_code
-from ._approvals import Approver, Gate, with_envs
-from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound, TransportError
-from ._inside.messages import CommandRequest, ReplyRequest
+from ._approvals import Approver, Gate, _pending_event, with_envs
+from ._errors import (
+    ContextNotFound,
+    FileNotFoundInSandbox,
+    SandboxError,
+    SandboxNotFound,
+    TransportError,
+    UnsupportedLanguage,
+)
+from ._inside import contexts as _contexts
+from ._inside.messages import CommandRequest, ContextCreateRequest, ReplyRequest
 from ._jail import get_jail
 from ._jail.host import HostSandbox
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
@@ -39,6 +48,16 @@ class OutputMessage:
 
     def __str__(self) -> str:
         return self.line
+
+
+@dataclass
+class Context:
+    """A code context: an interpreter state of its own in the sandbox (E2B's Context).
+    `language` is "python" or "bash"; `cwd` is where its cells start."""
+
+    id: str
+    language: str
+    cwd: str
 
 
 @dataclass
@@ -149,6 +168,8 @@ class Sandbox:
         self,
         code: str,
         *,
+        language: str | None = None,
+        context: Context | str | None = None,
         on_stdout: Callable[[OutputMessage], Any] | None = None,
         on_stderr: Callable[[OutputMessage], Any] | None = None,
         on_result: Callable[[Result], Any] | None = None,
@@ -157,10 +178,87 @@ class Sandbox:
         envs: dict[str, str] | None = None,
     ) -> Execution:
         """Run a cell. The last expression is the main result; state persists between calls.
+        `language` ("python", the default, or "bash") runs it in that language's default
+        context; `context` (one of create_code_context's) in that one, not both.
         `timeout` can only lower the policy's `timeout_s`. Runs on one sandbox are serialized."""
         callbacks = (on_stdout, on_stderr, on_result, on_error)
         on_event = _dispatcher(*callbacks) if any(callbacks) else None
-        return self._run(code, timeout=timeout, envs=envs, on_event=on_event)
+        return self._run(
+            code,
+            timeout=timeout,
+            envs=envs,
+            on_event=on_event,
+            context=_context_id(context),
+            language=language,
+        )
+
+    # -- code contexts (E2B's names) ------------------------------------------------------
+
+    def create_code_context(self, cwd: str | None = None, language: str | None = None) -> Context:
+        """A new context: its own variables (python) or shell state (bash), starting in
+        `cwd` (default /home/user; relative paths are under it). It lives until removed or
+        until the sandbox ends; a kernel restart (a timeout, a crash) empties it."""
+        name = check_language(language)
+        if cwd is not None and (not isinstance(cwd, str) or "\0" in cwd or len(cwd) > 4096):
+            raise SandboxError("a context's cwd must be a path without NUL bytes")
+        message = ContextCreateRequest(
+            op="context_create",
+            context_id=secrets.token_hex(16),
+            language=name,
+            cwd=cwd or _contexts.HOME,
+        )
+        with self._lock:
+            jailed = self._use()
+            if sum(1 for m in jailed._setup if m.get("op") == "context_create") >= (
+                _contexts.MAX_CONTEXTS - 2
+            ):
+                raise SandboxError(f"a sandbox holds at most {_contexts.MAX_CONTEXTS} contexts")
+            reply = self._context_reply(self._request(message), message["context_id"])
+            jailed._setup.append(message)  # created again, empty, after a kernel restart
+        return reply
+
+    def list_code_contexts(self) -> list[Context]:
+        """Every context, in creation order; the default python one first."""
+        reply = self._request({"op": "context_list"})
+        _context_failed(reply, None)
+        items = reply.get("contexts")
+        if not isinstance(items, list) or len(items) > _contexts.MAX_CONTEXTS:
+            raise TransportError("a malformed context list from the sandbox")
+        return [_context(item) for item in items]
+
+    def restart_code_context(self, context: Context | str) -> None:
+        """Empty a context's state (variables, shell state) and put it back in its cwd."""
+        cid = _context_id(context)
+        _context_failed(self._request({"op": "context_restart", "context_id": cid}), cid)
+
+    def remove_code_context(self, context: Context | str) -> None:
+        """End a context (the default one cannot be removed)."""
+        cid = _context_id(context)
+        with self._lock:
+            jailed = self._use()
+            _context_failed(self._request({"op": "context_remove", "context_id": cid}), cid)
+            jailed._setup = [
+                m
+                for m in jailed._setup
+                if not (m.get("op") == "context_create" and m.get("context_id") == cid)
+            ]
+
+    def _is_bash(self, context: str | None, language: str) -> bool:
+        """Whether a cell runs in a bash context (as the host created it: its own record)."""
+        if context is None:
+            return language == "bash"
+        if context == _contexts.DEFAULT_BASH:
+            return True
+        return any(
+            m.get("op") == "context_create"
+            and m.get("context_id") == context
+            and m.get("language") == "bash"
+            for m in self._jailed._setup
+        )
+
+    def _context_reply(self, reply: dict[str, Any], cid: str | None) -> Context:
+        _context_failed(reply, cid)
+        return _context(reply)
 
     def _run(
         self,
@@ -171,6 +269,8 @@ class Sandbox:
         on_event: Callable[[dict[str, Any]], None] | None = None,
         findings: list[Finding] | None = None,
         run_id: str | None = None,
+        context: str | None = None,
+        language: str | None = None,
     ) -> Execution:
         """run_code with the raw protocol events (for the service's NDJSON stream). The
         static-analysis verdict and any approval come first: blocked or denied code never
@@ -182,6 +282,8 @@ class Sandbox:
             on_event=on_event,
             findings=findings,
             run_id=run_id,
+            context=context,
+            language=language,
         )
 
     def _run_prepared(
@@ -193,9 +295,28 @@ class Sandbox:
         on_event: Callable[[dict[str, Any]], None] | None = None,
         findings: list[Finding] | None = None,
         run_id: str | None = None,
+        context: str | None = None,
+        language: str | None = None,
     ) -> Execution:
         """`_run` of code already through `prepare_code` (and, with `findings`, analysed)."""
         envs = check_envs(envs)
+        if context is not None and language is not None:
+            raise SandboxError("give a context or a language, not both")
+        lang = check_language(language)
+        bash = self._is_bash(context, lang)
+        if bash:  # shell code: Python's analysis says nothing of it; a command's approval
+            findings = []
+            if self.policy.approval_commands:
+                reasons = with_envs(["approval_commands=true (a bash cell)"], envs)
+                self._gate.check(
+                    self.policy,
+                    "command",
+                    reasons,
+                    text,
+                    sandbox_id=self.id,
+                    run_id=run_id,
+                    notify=None if on_event is None else _pending_event(on_event),
+                )
         findings = self._gate.code(
             self.policy,
             text,
@@ -209,6 +330,10 @@ class Sandbox:
             jailed = self._use()
             self.busy = True
             try:
+                if context is not None or lang != "python":
+                    # The kernel runs the next cell there (then the default context again).
+                    select = {"op": "context_select", "context_id": context, "language": lang}
+                    _context_failed(jailed.request(select, 30), context)
                 ex = jailed.execute(
                     text, mode="session", timeout_s=timeout, envs=envs, on_event=on_event
                 )
@@ -244,6 +369,46 @@ class Sandbox:
         _registry.discard(self)
 
     close = kill
+
+
+def check_language(language: object) -> str:
+    """ "python" (also for None) or "bash"; anything else is UnsupportedLanguage."""
+    try:
+        return _contexts.check_language(language)
+    except ValueError as exc:
+        raise UnsupportedLanguage(str(exc)) from None
+
+
+def _context_id(context: Context | str | None) -> str | None:
+    if context is None or isinstance(context, str):
+        return context
+    if isinstance(context, Context):
+        return context.id
+    raise SandboxError(f"a context is a Context or its id, not {type(context).__name__}")
+
+
+def _context(data: object) -> Context:
+    if not isinstance(data, dict):
+        raise TransportError("a malformed context from the sandbox")
+    fields = [data.get("context_id", data.get("id")), data.get("language"), data.get("cwd")]
+    if not all(isinstance(f, str) and len(f) <= 4096 for f in fields):
+        raise TransportError("a malformed context from the sandbox")
+    return Context(*[str(f) for f in fields])
+
+
+def _context_failed(reply: dict[str, Any], cid: str | None) -> None:
+    """A context request's `failed` reply as the error it stands for."""
+    if reply.get("ev") != "failed":
+        return
+    message = str(reply.get("message"))[:500]
+    kind = reply.get("error")
+    if kind == "LookupError":
+        raise ContextNotFound(f"no code context {cid!r} in this sandbox")
+    if kind == "ValueError" and "unsupported language" in message:
+        raise UnsupportedLanguage(message)
+    if kind in ("FileNotFoundError", "NotADirectoryError"):
+        raise FileNotFoundInSandbox(message)
+    raise SandboxError(message)
 
 
 def _dispatcher(

@@ -22,6 +22,8 @@ steps.claim (the spec's `done`).
     protocol.py    framing of the kernel channel (length + JSON), shared with the host
     messages.py    the typed requests and events of every channel (docs/protocol.md)
     shell.py       IPython inside: execution, magics, `!cmd`, rich display as MIME bundles
+    contexts.py    code contexts: independent Python shells and bash processes in one kernel
+    charts.py      structured results: a matplotlib figure as chart data, a DataFrame as columns
     imports.py     the policy's module allow/deny lists on user code's imports (not a wall)
     files.py       file requests, done by the kernel (the host never opens a sandbox path)
     watch.py       directory watchers for the file requests (inotify, no thread)

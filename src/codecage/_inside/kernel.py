@@ -24,7 +24,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import commands, files, libc
+from . import commands, contexts, files, libc
 from .messages import (
     DoneEvent,
     EndEvent,
@@ -151,14 +151,14 @@ class DescriptorCapture:
 
     def __init__(self, output: Output) -> None:
         self.output = output
-        self.done = threading.Event()
+        self.done = {1: threading.Event(), 2: threading.Event()}
+        self.tokens: dict[int, bytes] = {}
         self.pipes: dict[int, int] = {}
         for fd in (1, 2):
             r, w = os.pipe2(os.O_CLOEXEC)
             os.dup2(w, fd)
             os.close(w)
             self.pipes[r] = fd
-        self.token = b""
         for r, fd in self.pipes.items():
             threading.Thread(target=self._pump, args=(r, fd), daemon=True).start()
 
@@ -167,21 +167,24 @@ class DescriptorCapture:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         name = "stdout" if fd == 1 else "stderr"
         while data := os.read(r, CHUNK):
-            if fd == 1 and self.token and data.endswith(self.token):
-                data = data[: -len(self.token)]
+            token = self.tokens.get(fd, b"")
+            if token and data.endswith(token):
+                data = data[: -len(token)]
                 if data:
                     self.output.emit(name, data.decode("utf-8", "replace"))
-                self.done.set()
+                self.done[fd].set()
                 continue
             self.output.emit(name, data.decode("utf-8", "replace"))
 
     def flush(self) -> None:
-        """Wait until everything written to descriptor 1 so far has been forwarded."""
-        self.token = b"\0codecage-" + secrets.token_hex(8).encode() + b"\0"
-        self.done.clear()
-        os.write(1, self.token)
-        self.done.wait(1.0)
-        self.token = b""
+        """Wait until everything written to descriptors 1 and 2 so far has been forwarded."""
+        for fd in (1, 2):
+            self.tokens[fd] = b"\0codecage-" + secrets.token_hex(8).encode() + b"\0"
+            self.done[fd].clear()
+            os.write(fd, self.tokens[fd])
+        for fd in (1, 2):
+            self.done[fd].wait(1.0)
+            self.tokens[fd] = b""
 
 
 class Executor:
@@ -274,6 +277,7 @@ class Kernel:
         sys.stdin = io.StringIO("")
         self.executor = Executor()
         self.shell: Any = None
+        self.contexts = contexts.Contexts(self.session_shell, self._context_shell)
         # pid and fd let the host find this process and its channel in /proc (it checks
         # both): it accepts a run's end only once this main thread waits on that descriptor.
         channel.put(
@@ -402,6 +406,44 @@ class Kernel:
             self.shell = shell.make_shell()
         return self.shell
 
+    def _context_shell(self) -> Any:
+        from . import shell
+
+        return shell.make_context_shell()
+
+    def context_op(self, request: Message) -> None:
+        """context_create, _list, _restart, _remove, _select (docs/protocol.md)."""
+        op, registry = str(request["op"]), self.contexts
+        try:
+            if op == "context_create":
+                made = registry.create(
+                    request.get("context_id"), request.get("language"), request.get("cwd")
+                )
+                reply: dict[str, Any] = _reply(made.describe())
+            elif op == "context_list":
+                reply = {"contexts": [c.describe() for c in registry.all.values()]}
+            elif op == "context_select":
+                chosen = registry.select(request.get("context_id"), request.get("language"))
+                reply = _reply(chosen.describe())
+            elif op == "context_restart":
+                registry.get(request.get("context_id")).restart()
+                reply = {}
+            else:
+                registry.remove(request.get("context_id"))
+                reply = {}
+        except (OSError, ValueError, LookupError) as exc:
+            self.channel.put(
+                FailedEvent(
+                    ev="failed",
+                    id=request.get("id"),
+                    error=type(exc).__name__,
+                    errno=getattr(exc, "errno", None),
+                    message=str(exc),
+                )
+            )
+            return
+        self.done(request, reply)
+
     def execute(self, request: Message) -> None:
         run_id = request.get("id")
         self.output.reset(
@@ -416,7 +458,7 @@ class Kernel:
         exit_code: int | None = None
         try:
             if mode == "session":
-                count, error = self._cell(run_id, code)
+                count, error, exit_code = self._cell(run_id, code, request.get("envs") or {}, saved)
             else:
                 result, error, exit_code = self.executor.run(code, mode)
                 count = self.executor.execution_count
@@ -444,8 +486,10 @@ class Kernel:
             )
         )
 
-    def _cell(self, run_id: Any, code: str) -> tuple[int, Message | None]:
-        from . import shell
+    def _cell(
+        self, run_id: Any, code: str, envs: Mapping[str, str], base: Mapping[str, str]
+    ) -> tuple[int, Message | None, int | None]:
+        """A cell in the selected context (context_select), else in the default one."""
 
         def sink(kind: str, payload: dict[str, Any]) -> None:
             for stream in (sys.stdout, sys.stderr):  # output printed before a result comes first
@@ -457,7 +501,17 @@ class Kernel:
             if self.output.take_result(size):
                 self.channel.put({"ev": kind, "id": run_id, **payload})
 
-        return shell.run_cell(self.session_shell(), code, sink)
+        context = self.contexts.take()
+        clean = {str(k): str(v) for k, v in envs.items()}
+        try:
+            return context.run(code, clean, sink, base)
+        except Exception as exc:  # the context's own machinery failed: the cell's error
+            return 0, {"name": type(exc).__name__, "value": str(exc), "traceback": ""}, None
+
+
+def _reply(info: dict[str, str]) -> dict[str, str]:
+    """A context as a reply's fields: its id as `context_id` (`id` is the request's)."""
+    return {"context_id": info["id"], "language": info["language"], "cwd": info["cwd"]}
 
 
 # The kernel's requests, by op (docs/protocol.md); `shutdown` is the serve loop's own.
@@ -468,4 +522,5 @@ HANDLERS: dict[str, Callable[[Kernel, Message], None]] = {
     "setenv": Kernel.setenv,
     "guard": Kernel.guard,
     "prefault": Kernel.prefault,
+    **{op: Kernel.context_op for op in contexts.OPS},
 }

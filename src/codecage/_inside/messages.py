@@ -109,6 +109,40 @@ class ShutdownRequest(TypedDict):
     op: Literal["shutdown"]
 
 
+class ContextCreateRequest(TypedDict):
+    op: Literal["context_create"]
+    id: NotRequired[str]
+    context_id: str  # chosen by the host: the same context again after a kernel restart
+    language: str  # "python" or "bash"
+    cwd: str
+
+
+class ContextListRequest(TypedDict):
+    op: Literal["context_list"]
+    id: NotRequired[str]
+
+
+class ContextSelectRequest(TypedDict):
+    """The context the next `execute` runs in (then the default one again)."""
+
+    op: Literal["context_select"]
+    id: NotRequired[str]
+    context_id: str | None  # None: the language's default context
+    language: str
+
+
+class ContextRestartRequest(TypedDict):
+    op: Literal["context_restart"]
+    id: NotRequired[str]
+    context_id: str
+
+
+class ContextRemoveRequest(TypedDict):
+    op: Literal["context_remove"]
+    id: NotRequired[str]
+    context_id: str
+
+
 class WalkArgs(TypedDict):
     path: str
     depth: int
@@ -188,6 +222,11 @@ Request = (
     | GuardRequest
     | PrefaultRequest
     | ShutdownRequest
+    | ContextCreateRequest
+    | ContextListRequest
+    | ContextSelectRequest
+    | ContextRestartRequest
+    | ContextRemoveRequest
     | EntryRequest
     | WalkRequest
     | RenameRequest
@@ -208,6 +247,11 @@ ReplyRequest = (
     | SetenvRequest
     | GuardRequest
     | PrefaultRequest
+    | ContextCreateRequest
+    | ContextListRequest
+    | ContextSelectRequest
+    | ContextRestartRequest
+    | ContextRemoveRequest
     | EntryRequest
     | WalkRequest
     | RenameRequest
@@ -270,6 +314,24 @@ class CommandReply(TypedDict):
 
 class NoReply(TypedDict):
     pass
+
+
+class ContextInfo(TypedDict):
+    id: str
+    language: str
+    cwd: str
+
+
+class ContextReply(TypedDict):
+    """`context_id`, not `id`: the reply's `id` is the request's."""
+
+    context_id: str
+    language: str
+    cwd: str
+
+
+class ContextListReply(TypedDict):
+    contexts: list[ContextInfo]
 
 
 class EntryInfo(TypedDict):
@@ -452,6 +514,11 @@ REQUESTS: dict[str, type[Any]] = {
     "guard": GuardRequest,
     "prefault": PrefaultRequest,
     "shutdown": ShutdownRequest,
+    "context_create": ContextCreateRequest,
+    "context_list": ContextListRequest,
+    "context_select": ContextSelectRequest,
+    "context_restart": ContextRestartRequest,
+    "context_remove": ContextRemoveRequest,
     "entry": EntryRequest,
     "walk": WalkRequest,
     "rename": RenameRequest,
@@ -471,6 +538,11 @@ REPLIES: dict[str, type[Any]] = {
     "setenv": NoReply,
     "guard": NoReply,
     "prefault": NoReply,
+    "context_create": ContextReply,
+    "context_list": ContextListReply,
+    "context_select": ContextReply,
+    "context_restart": NoReply,
+    "context_remove": NoReply,
     "entry": EntryReply,
     "walk": WalkReply,
     "rename": EntryReply,

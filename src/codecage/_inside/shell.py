@@ -8,10 +8,13 @@ Display goes to a sink that the kernel points at its channel.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import os
 import re
 import subprocess
 import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +22,8 @@ from IPython.core.displayhook import DisplayHook
 from IPython.core.displaypub import DisplayPublisher
 from IPython.core.interactiveshell import InteractiveShell
 from traitlets.config import Config
+
+from . import charts
 
 Sink = Callable[[str, dict[str, Any]], None]
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -101,15 +106,61 @@ class CageShell(InteractiveShell):
         }
 
 
-def make_shell() -> CageShell:
+def _config() -> Config:
     config = Config()
     config.HistoryManager.enabled = False
     config.InteractiveShell.colors = "nocolor"
     config.InteractiveShell.autocall = 0
     config.InlineBackend.figure_formats = {"png"}
-    shell: CageShell = CageShell.instance(config=config)
+    return config
+
+
+def make_shell() -> CageShell:
+    """The session's shell: the default context's (and the one get_ipython() returns)."""
+    shell: CageShell = CageShell.instance(config=_config())
     shell.enable_matplotlib("inline")
+    charts.install(shell)
+    _show_saved_images()
     return shell
+
+
+def _show_saved_images() -> None:
+    """An image that a cell's own code saves to a file is also one of its results (as in
+    E2B's sandboxes): PIL's Image.save to a path displays the image first. Saves made by
+    matplotlib (savefig: its figure is a result already) or by PIL itself are left alone."""
+    pil = sys.modules.get("PIL.Image")  # matplotlib (enable_matplotlib) has loaded it
+    if pil is None or getattr(pil.Image.save, "_codecage", False):
+        return
+    original = pil.Image.save
+
+    def save(image: Any, fp: Any, *args: Any, **params: Any) -> Any:
+        caller = str(sys._getframe(1).f_globals.get("__name__", ""))
+        mine = not caller.startswith(("matplotlib", "PIL", "IPython"))
+        if mine and isinstance(fp, (str, os.PathLike)) and state.sink is not _discard:
+            from IPython.display import display
+
+            with contextlib.suppress(Exception):  # the file is what was asked for
+                display(image)
+        return original(image, fp, *args, **params)
+
+    save._codecage = True  # type: ignore[attr-defined]
+    pil.Image.save = save
+
+
+def make_context_shell() -> CageShell:
+    """Another context's shell: its own namespace (`__main__` module), execution count and
+    display formatter, in the same process as the session's."""
+    shell = CageShell(config=_config(), user_module=types.ModuleType("__main__"))
+    shell.enable_matplotlib("inline")
+    charts.install(shell)
+    return shell
+
+
+def activate(shell: CageShell) -> None:
+    """Make `shell` the one code sees (get_ipython(), display(), `__main__`) for its cell."""
+    for cls in (CageShell, InteractiveShell):
+        cls._instance = shell
+    sys.modules["__main__"] = shell.user_module
 
 
 def warm(shell: CageShell) -> None:

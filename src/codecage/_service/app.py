@@ -29,6 +29,7 @@ from .._approvals import operation
 from .._errors import CodeRejected, SandboxError, wire
 from .._jail import cgroups, close_jails
 from .._models import Execution
+from .._sandbox import check_language
 from .._text import has_lone_surrogate
 from .audit import AuditLog
 from .config import ServerConfig, check_fits
@@ -61,6 +62,30 @@ class ExecuteBody(BaseModel):
         None, gt=0, description="seconds; can only lower the policy's timeout_s"
     )
     envs: dict[str, str] = Field(default_factory=dict)
+
+
+class CellBody(ExecuteBody):
+    language: str | None = Field(
+        None,
+        max_length=64,
+        description="python (the default) or bash: the language's default context",
+    )
+    context: str | None = Field(
+        None,
+        max_length=64,
+        description="a code context's id (POST .../contexts); not with language",
+    )
+
+
+class ContextBody(BaseModel):
+    cwd: str | None = Field(None, max_length=4096, description="default /home/user")
+    language: str | None = Field(None, max_length=64, description="python (default) or bash")
+
+
+class ContextOut(BaseModel):
+    id: str
+    language: str
+    cwd: str
 
 
 class RunBody(ExecuteBody):
@@ -143,6 +168,8 @@ class ResultOut(BaseModel):
     svg: str | None = None
     latex: str | None = None
     json_: Any = Field(None, alias="json")
+    chart: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None
     is_main_result: bool = False
     extra: dict[str, Any] = Field(default_factory=dict)
 
@@ -378,7 +405,7 @@ def delete_sandbox(
 )
 async def execute(
     sandbox_id: str,
-    body: ExecuteBody,
+    body: CellBody,
     request: Request,
     who: str = Depends(tenant),
     ref: str | None = ref_header,
@@ -391,9 +418,60 @@ async def execute(
 
     def work(started: Started, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
         with operation(client_ref=ref):
-            return manager.carry_out(started, body.envs, on_event, body.timeout)
+            return manager.carry_out(
+                started,
+                body.envs,
+                on_event,
+                body.timeout,
+                context=body.context,
+                language=body.language,
+            )
 
+    if body.language is not None:
+        check_language(body.language)  # a 400 before anything is recorded
     return await _answer(request, begin, work)
+
+
+@runs.post("/v1/sandboxes/{sandbox_id}/contexts", response_model=ContextOut, responses=ERRORS)
+def create_context(
+    sandbox_id: str, body: ContextBody, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> ContextOut:
+    _valid_text(body)
+    what = f"create_code_context(language={body.language!r}, cwd={body.cwd!r})"
+    made = manager.code_context(
+        who, sandbox_id, what, lambda s: s.create_code_context(cwd=body.cwd, language=body.language)
+    )
+    return ContextOut(id=made.id, language=made.language, cwd=made.cwd)
+
+
+@runs.get("/v1/sandboxes/{sandbox_id}/contexts", response_model=list[ContextOut], responses=ERRORS)
+def list_contexts(
+    sandbox_id: str, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> list[ContextOut]:
+    found = manager.code_context(
+        who, sandbox_id, "list_code_contexts()", lambda s: s.list_code_contexts()
+    )
+    return [ContextOut(id=c.id, language=c.language, cwd=c.cwd) for c in found]
+
+
+@runs.post(
+    "/v1/sandboxes/{sandbox_id}/contexts/{context_id}/restart", status_code=204, responses=ERRORS
+)
+def restart_context(
+    sandbox_id: str, context_id: str, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> Response:
+    what = f"restart_code_context({context_id!r})"
+    manager.code_context(who, sandbox_id, what, lambda s: s.restart_code_context(context_id))
+    return Response(status_code=204)
+
+
+@runs.delete("/v1/sandboxes/{sandbox_id}/contexts/{context_id}", status_code=204, responses=ERRORS)
+def remove_context(
+    sandbox_id: str, context_id: str, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> Response:
+    what = f"remove_code_context({context_id!r})"
+    manager.code_context(who, sandbox_id, what, lambda s: s.remove_code_context(context_id))
+    return Response(status_code=204)
 
 
 @runs.post(

@@ -552,12 +552,18 @@ class Manager:
         envs: dict[str, str],
         on_event: EventCallback | None = None,
         timeout: float | None = None,
+        *,
+        context: str | None = None,
+        language: str | None = None,
     ) -> Execution:
         """Run what `start_execute` or `start_run` recorded, record how it ended, and
-        release its place (`timeout` can only lower a cell's)."""
+        release its place (`timeout` can only lower a cell's; `context` or `language` say
+        which code context of the sandbox runs it)."""
         try:
             return self._recorded(
-                started.run_id, started.kind, lambda: self._now(started, envs, on_event, timeout)
+                started.run_id,
+                started.kind,
+                lambda: self._now(started, envs, on_event, timeout, context, language),
             )
         finally:
             started.release()
@@ -568,6 +574,8 @@ class Manager:
         envs: dict[str, str],
         on_event: EventCallback | None,
         timeout: float | None,
+        context: str | None = None,
+        language: str | None = None,
     ) -> Execution:
         if started.entry is not None:
             ex = started.entry.sandbox._run_prepared(
@@ -577,6 +585,8 @@ class Manager:
                 on_event=on_event,
                 findings=started.findings,
                 run_id=started.run_id,
+                context=context,
+                language=language,
             )
         else:
             ex = run_prepared(
@@ -629,6 +639,23 @@ class Manager:
             return result
 
         return self._recorded(run_id, "command", work)
+
+    def code_context(
+        self, tenant: str, sandbox_id: str, what: str, op: Callable[[Sandbox], T]
+    ) -> T:
+        """A code-context operation (create, list, restart, remove) with a place in the
+        sandbox's queue and an audit record (kind "context", `what` as its code)."""
+        with self.using(tenant, sandbox_id) as entry:
+            run_id = self.begin(tenant, sandbox_id, "context", what, entry.sandbox.policy)
+
+            def work() -> T:
+                started = time.monotonic()
+                result = op(entry.sandbox)
+                ex = Execution(duration_ms=(time.monotonic() - started) * 1000)
+                self.finish(run_id, "context", ex)
+                return result
+
+            return self._recorded(run_id, "context", work)
 
     # -- files: the small operations (uploads and downloads are recorded transfers, below) ---
 

@@ -48,7 +48,7 @@ ENVD_MODULES = ["envd", "filesystem"]
 
 ENVD_MODULES += []  # e2b-proc: "process"
 
-INTERPRETER_MODULES: list[str] = []  # e2b-interp: "interpreter"
+INTERPRETER_MODULES: list[str] = ["interpreter"]
 
 CONTROL_MODULES = ["control"]
 CONTROL_PREFIXES = ("/sandboxes", "/v2/sandboxes")
@@ -163,7 +163,9 @@ class Front(Admission):
         entry = manager.find(sandbox_id)
         if entry is None:
             raise Refused(502, NOT_FOUND.format(sandbox_id[:64]))
-        token = _header(scope, b"x-access-token")
+        # E2B's code-interpreter SDK sends X-Access-Token on /execute only, and on every
+        # call the traffic token the control plane gave it (trafficAccessToken): the same.
+        token = _header(scope, b"x-access-token") or _header(scope, b"e2b-traffic-access-token")
         wanted = entry.access_token
         if wanted is None:
             raise Refused(401, "this sandbox was not created through E2B's API")

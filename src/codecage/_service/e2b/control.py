@@ -91,6 +91,7 @@ def created(entry: Entry) -> dict[str, Any]:
         "clientID": CLIENT_ID,
         "envdVersion": ENVD_VERSION,
         "envdAccessToken": entry.access_token,
+        "trafficAccessToken": entry.access_token,
         "domain": None,
     }
 
@@ -117,7 +118,12 @@ def listed(entry: Entry) -> dict[str, Any]:
 
 
 def detail(entry: Entry) -> dict[str, Any]:
-    return {**listed(entry), "envdAccessToken": entry.access_token, "domain": None}
+    return {
+        **listed(entry),
+        "envdAccessToken": entry.access_token,
+        "trafficAccessToken": entry.access_token,
+        "domain": None,
+    }
 
 
 @router.post("/v2/sandboxes", status_code=201)

@@ -20,6 +20,8 @@ from ..._errors import CodeRejected, PolicyError, SandboxError, SandboxNotFound,
 # What E2B's proxy says of a sandbox it does not know (the clients look for "was not found")
 # and of a port nothing listens on ("port is not open").
 NOT_FOUND = "The sandbox {} was not found"
+# The surfaces on a sandbox's own ports, where an ended sandbox is the proxy's 502.
+SANDBOX_SURFACES = ("envd", "interpreter")
 PORT_NOT_OPEN = "The sandbox {} is running but port is not open (nothing serves port {} here)"
 
 
@@ -42,7 +44,7 @@ def response(status: int, message: str) -> JSONResponse:
 def status_of(exc: SandboxError, surface: str = "control") -> int:
     """The HTTP status E2B's clients expect for a codecage error. `surface` is "control"
     (the API) or "envd" (a sandbox's own port, where an ended sandbox is the proxy's 502)."""
-    if isinstance(exc, SandboxNotFound) and surface == "envd":
+    if isinstance(exc, SandboxNotFound) and surface in SANDBOX_SURFACES:
         return 502
     if isinstance(exc, (PolicyError, CodeRejected)):
         return 400
@@ -50,7 +52,7 @@ def status_of(exc: SandboxError, surface: str = "control") -> int:
 
 
 def message_of(exc: SandboxError, sandbox_id: str | None = None, surface: str = "control") -> str:
-    if isinstance(exc, SandboxNotFound) and surface == "envd" and sandbox_id is not None:
+    if isinstance(exc, SandboxNotFound) and surface in SANDBOX_SURFACES and sandbox_id is not None:
         return f"{NOT_FOUND.format(sandbox_id)}: {exc}"
     return f"{wire(exc).name}: {exc}"
 
