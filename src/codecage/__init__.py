@@ -23,6 +23,7 @@ if _typing.TYPE_CHECKING:
         ExecutionTimeout,
         FileNotFoundInSandbox,
         PolicyError,
+        ProcessNotFound,
         QuotaExceeded,
         SandboxBusy,
         SandboxError,
@@ -32,6 +33,7 @@ if _typing.TYPE_CHECKING:
     from ._jail.pool import Pool
     from ._models import Execution, ExecutionError, Finding, Logs, Result
     from ._policy import Policy
+    from ._processes import CommandHandle, ProcessInfo, PtySize
     from ._remote import Client, connect
     from ._sandbox import CommandResult, EntryInfo, OutputMessage, Sandbox
     from ._warm import start_pool, stop_pool
@@ -65,6 +67,10 @@ _EXPORTS = {
     "Logs": "_models",
     "Policy": "_policy",
     "PolicyError": "_errors",
+    "ProcessNotFound": "_errors",
+    "CommandHandle": "_processes",
+    "ProcessInfo": "_processes",
+    "PtySize": "_processes",
     "Result": "_models",
     "SandboxError": "_errors",
     "SandboxNotFound": "_errors",
@@ -84,6 +90,7 @@ __all__ = [
     "BackendUnavailable",
     "Client",
     "CodeRejected",
+    "CommandHandle",
     "CommandResult",
     "Decision",
     "EntryInfo",
@@ -97,6 +104,9 @@ __all__ = [
     "Policy",
     "PolicyError",
     "Pool",
+    "ProcessInfo",
+    "ProcessNotFound",
+    "PtySize",
     "QuotaExceeded",
     "Result",
     "Sandbox",

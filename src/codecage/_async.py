@@ -71,6 +71,7 @@ class AsyncSandbox(_AsyncProxy):
         super().__init__(sandbox)
         self.files = _AsyncProxy(sandbox.files)
         self.commands = _AsyncProxy(sandbox.commands)
+        self.pty = _AsyncProxy(sandbox.pty)
 
     @classmethod
     async def create(

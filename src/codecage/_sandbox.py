@@ -17,12 +17,29 @@ from typing import Any, Literal, overload
 
 from ._api import check_envs, prepare_code
 from ._approvals import Approver, Gate, with_envs
-from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound, TransportError
+from ._errors import (
+    FileNotFoundInSandbox,
+    ProcessNotFound,
+    SandboxError,
+    SandboxNotFound,
+    TransportError,
+)
 from ._inside.messages import CommandRequest, ReplyRequest
 from ._jail import get_jail
 from ._jail.host import HostSandbox
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
 from ._policy import Policy, effective_timeout
+from ._processes import (
+    CommandHandle,
+    ProcessInfo,
+    Pty,
+    call,
+    check_user,
+    listing,
+    send_input,
+    signal_process,
+    start_process,
+)
 
 FILE_CHUNK = 4 << 20
 
@@ -85,6 +102,7 @@ class Sandbox:
         self.busy = False
         self.files = Files(self)
         self.commands = Commands(self)
+        self.pty = Pty(self)
         _registry.add(self)
 
     @classmethod
@@ -212,6 +230,12 @@ class Sandbox:
                 self.last_activity = time.monotonic()
                 if jailed._dying:  # ended meanwhile (kill(), the watchdog): release the rest
                     jailed.kill()
+
+    def _gate_command(self, cmd: str, envs: dict[str, str]) -> None:
+        """The policy's approval for commands (`approval_commands`), if it asks for one."""
+        if self.policy.approval_commands:
+            reasons = with_envs(["approval_commands=true"], envs)
+            self._gate.check(self.policy, "command", reasons, cmd, sandbox_id=self.id)
 
     def kill(self) -> None:
         """End the sandbox: every process, its cgroups and its workspace are gone. Never
@@ -349,13 +373,95 @@ def _entry(data: dict[str, Any]) -> EntryInfo:
 
 
 class Commands:
-    """Shell commands inside the same sandbox."""
+    """Shell commands inside the same sandbox. A foreground command without callbacks, cwd
+    or user runs through the kernel (`/bin/sh -c`, the policy's timeout); background ones,
+    and foreground ones with any of those, run under the process manager as E2B's do
+    (`/bin/bash -l -c`), so they work while a cell runs and outlive kernel restarts."""
 
     def __init__(self, sandbox: Sandbox) -> None:
         self._sbx = sandbox
 
+    @overload
     def run(
-        self, cmd: str, *, timeout: float | None = None, envs: dict[str, str] | None = None
+        self,
+        cmd: str,
+        background: Literal[False] = False,
+        envs: dict[str, str] | None = None,
+        user: str | None = None,
+        cwd: str | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+    ) -> CommandResult: ...
+    @overload
+    def run(
+        self,
+        cmd: str,
+        background: Literal[True],
+        envs: dict[str, str] | None = None,
+        user: str | None = None,
+        cwd: str | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+    ) -> CommandHandle: ...
+
+    def run(
+        self,
+        cmd: str,
+        background: bool = False,
+        envs: dict[str, str] | None = None,
+        user: str | None = None,
+        cwd: str | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+    ) -> CommandResult | CommandHandle:
+        """Run a shell command. In the foreground, its result; with `background=True`, a
+        handle (`wait()`, `kill()`, `send_stdin()`; `stdin=True` gives it a stdin pipe).
+        `timeout` bounds a foreground command (the policy's `timeout_s` caps it); a
+        background one runs until it ends or the sandbox does."""
+        if not background and on_stdout is None and on_stderr is None and cwd is None:
+            check_user(user)
+            return self._run_in_kernel(cmd, timeout, envs)
+        check_user(user)
+        envs = check_envs(envs)
+        self._sbx._gate_command(cmd, envs)
+        pid = start_process(
+            self._sbx, "/bin/bash", ["-l", "-c", cmd], envs=envs, cwd=cwd, stdin=stdin
+        )
+        handle = CommandHandle(self._sbx, pid)
+        if background:
+            return handle
+        limit = effective_timeout(self._sbx.policy, timeout)
+        return handle.wait(on_stdout=on_stdout, on_stderr=on_stderr, timeout=limit)
+
+    def list(self) -> list[ProcessInfo]:
+        """The running background commands and ptys."""
+        return listing(self._sbx)
+
+    def connect(self, pid: int) -> CommandHandle:
+        """A handle on a running process: its output from now on."""
+        handle = CommandHandle(self._sbx, pid, offset=None)
+        if not any(p.pid == pid for p in self.list()):
+            raise ProcessNotFound(f"no running process {pid}")
+        return handle
+
+    def kill(self, pid: int) -> bool:
+        """SIGKILL to a process's group; False if no such process runs."""
+        return signal_process(self._sbx, pid, signal.SIGKILL)
+
+    def send_stdin(self, pid: int, data: str | bytes) -> None:
+        send_input(self._sbx, pid, data)
+
+    def close_stdin(self, pid: int) -> None:
+        call(self._sbx, {"op": "proc_close_stdin", "pid": pid})
+
+    def _run_in_kernel(
+        self, cmd: str, timeout: float | None, envs: dict[str, str] | None
     ) -> CommandResult:
         limit = effective_timeout(self._sbx.policy, timeout)
         envs = check_envs(envs)
@@ -366,10 +472,7 @@ class Commands:
             envs=envs,
             output_bytes=self._sbx.policy.output_bytes,
         )
-        policy = self._sbx.policy
-        if policy.approval_commands:
-            reasons = with_envs(["approval_commands=true"], envs)
-            self._sbx._gate.check(policy, "command", reasons, cmd, sandbox_id=self._sbx.id)
+        self._sbx._gate_command(cmd, envs)
         started_alive = self._sbx._jailed.alive  # ended before: the call is the error
         # The kernel enforces the timeout; the host waits a little longer as a backstop.
         jailed = self._sbx._jailed

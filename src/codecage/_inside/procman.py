@@ -97,24 +97,24 @@ class Proc:
             offset = self.next
         dropped = max(0, self.first - offset)
         offset = max(offset, self.first)
-        out: list[list[str]] = []
+        out: list[tuple[str, bytearray]] = []
         taken, at = 0, offset
         for start, stream, chunk in self.chunks:
             if start + len(chunk) <= at:
                 continue
-            piece = bytes(chunk[at - start : at - start + max_bytes - taken])
+            piece = chunk[at - start : at - start + max_bytes - taken]
             if not piece:
                 break
             if out and out[-1][0] == stream:
-                out[-1][1] += base64.b64encode(piece).decode()  # whole groups: concatenable
+                out[-1][1].extend(piece)
             else:
-                out.append([stream, base64.b64encode(piece).decode()])
+                out.append((stream, bytearray(piece)))
             taken += len(piece)
             at += len(piece)
             if taken >= max_bytes:
                 break
         return {
-            "chunks": out,
+            "chunks": [[stream, base64.b64encode(data).decode()] for stream, data in out],
             "offset": offset,
             "next": at,
             "dropped": dropped,
