@@ -35,6 +35,9 @@ STREAMS = frozenset({"stdout", "stderr", "pty"})
 USERS = frozenset({"user", "root"})  # both the sandbox's one unprivileged uid
 READ_BYTES = 1 << 20
 POLL_MIN_S, POLL_MAX_S = 0.005, 0.05
+# One request to a process manager (native: the sandbox's own; remote: through the service),
+# answering with the fields of its `done` reply, or raising.
+Caller = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 @dataclass
@@ -162,10 +165,10 @@ def start_process(
     return pid
 
 
-def read(sbx: Sandbox, pid: int, offset: int | None) -> tuple[list[Chunk], int, Exit | None]:
+def read(caller: Caller, pid: int, offset: int | None) -> tuple[list[Chunk], int, Exit | None]:
     """Output of `pid` from `offset` (None: from now on): the chunks, the next offset, and
     its exit once it ended and everything before it was read."""
-    reply = call(sbx, {"op": "proc_read", "pid": pid, "offset": offset, "max_bytes": READ_BYTES})
+    reply = caller({"op": "proc_read", "pid": pid, "offset": offset, "max_bytes": READ_BYTES})
     try:
         at, nxt, dropped = reply["offset"], reply["next"], reply["dropped"]
         running, raw = reply["running"], reply["chunks"]
@@ -200,22 +203,22 @@ def read(sbx: Sandbox, pid: int, offset: int | None) -> tuple[list[Chunk], int, 
     return chunks, nxt, ended
 
 
-def signal_process(sbx: Sandbox, pid: int, sig: int) -> bool:
+def signal_process(caller: Caller, pid: int, sig: int) -> bool:
     """Signal a running process's group; False if no such process runs."""
     try:
-        call(sbx, {"op": "proc_signal", "pid": pid, "signal": int(sig)})
+        caller({"op": "proc_signal", "pid": pid, "signal": int(sig)})
     except ProcessNotFound:
         return False
     return True
 
 
-def send_input(sbx: Sandbox, pid: int, data: str | bytes) -> None:
+def send_input(caller: Caller, pid: int, data: str | bytes) -> None:
     raw = data.encode() if isinstance(data, str) else bytes(data)
-    call(sbx, {"op": "proc_input", "pid": pid, "data": base64.b64encode(raw).decode()})
+    caller({"op": "proc_input", "pid": pid, "data": base64.b64encode(raw).decode()})
 
 
-def listing(sbx: Sandbox) -> list[ProcessInfo]:
-    reply = call(sbx, {"op": "proc_list"})
+def listing(caller: Caller) -> list[ProcessInfo]:
+    reply = caller({"op": "proc_list"})
     out: list[ProcessInfo] = []
     try:
         for p in reply["processes"][:4096]:
@@ -245,11 +248,11 @@ class CommandHandle:
     `kill`, `send_stdin`, `close_stdin`. The process runs on whatever the handle does;
     `disconnect` only stops this handle (reconnect with `sbx.commands.connect(pid)`)."""
 
-    def __init__(self, sbx: Sandbox, pid: int, offset: int | None = 0) -> None:
-        self._sbx = sbx
+    def __init__(self, caller: Caller, pid: int, output_bytes: int, offset: int | None = 0) -> None:
+        self._call = caller
         self.pid = pid
         self._offset = offset
-        self._limit = sbx.policy.output_bytes
+        self._limit = output_bytes
         self._stdout: list[str] = []
         self._stderr: list[str] = []
         self._kept = 0
@@ -286,7 +289,7 @@ class CommandHandle:
     def _events(self, deadline: float | None) -> Iterator[tuple[str, str | bytes]]:
         delay = POLL_MIN_S
         while self._exit is None and not self._disconnected:
-            chunks, self._offset, ended = read(self._sbx, self.pid, self._offset)
+            chunks, self._offset, ended = read(self._call, self.pid, self._offset)
             for chunk in chunks:
                 if chunk.dropped:
                     self.truncated = True
@@ -354,23 +357,29 @@ class CommandHandle:
 
     def kill(self) -> bool:
         """SIGKILL to its process group; False if it had already ended."""
-        return signal_process(self._sbx, self.pid, signal.SIGKILL)
+        return signal_process(self._call, self.pid, signal.SIGKILL)
 
     def send_stdin(self, data: str | bytes) -> None:
-        send_input(self._sbx, self.pid, data)
+        send_input(self._call, self.pid, data)
 
     def close_stdin(self) -> None:
-        call(self._sbx, {"op": "proc_close_stdin", "pid": self.pid})
+        self._call({"op": "proc_close_stdin", "pid": self.pid})
 
     def disconnect(self) -> None:
         self._disconnected = True
 
 
 class Pty:
-    """Pseudo-terminals in the sandbox (`sbx.pty`): an interactive bash on a pty."""
+    """Pseudo-terminals in the sandbox (`sbx.pty`): an interactive bash on a pty. `opener`
+    starts one (the pty's size, cwd, envs) and gives its pid; `caller` serves the rest."""
 
-    def __init__(self, sandbox: Sandbox) -> None:
-        self._sbx = sandbox
+    def __init__(
+        self,
+        opener: Callable[[PtySize, str | None, dict[str, str]], int],
+        caller: Caller,
+        output_bytes: int,
+    ) -> None:
+        self._open, self._call, self._output_bytes = opener, caller, output_bytes
 
     def create(
         self,
@@ -381,24 +390,30 @@ class Pty:
         envs: dict[str, str] | None = None,
     ) -> CommandHandle:
         check_user(user)
-        envs = {"TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", **(envs or {})}
-        self._sbx._gate_command("/bin/bash -i -l (a pty)", envs)
-        pid = start_process(
-            self._sbx, "/bin/bash", ["-i", "-l"], envs=envs, cwd=cwd, pty=size or PtySize()
-        )
-        return CommandHandle(self._sbx, pid)
+        envs = {**PTY_ENVS, **(envs or {})}
+        pid = self._open(size or PtySize(), cwd, envs)
+        return CommandHandle(self._call, pid, self._output_bytes)
 
     def connect(self, pid: int) -> CommandHandle:
-        return self._sbx.commands.connect(pid)
+        return connect(self._call, pid, self._output_bytes)
 
     def resize(self, pid: int, size: PtySize) -> None:
-        call(
-            self._sbx,
-            {"op": "proc_resize", "pid": pid, "size": {"rows": size.rows, "cols": size.cols}},
+        self._call(
+            {"op": "proc_resize", "pid": pid, "size": {"rows": size.rows, "cols": size.cols}}
         )
 
     def send_stdin(self, pid: int, data: bytes) -> None:
-        send_input(self._sbx, pid, data)
+        send_input(self._call, pid, data)
 
     def kill(self, pid: int) -> bool:
-        return signal_process(self._sbx, pid, signal.SIGKILL)
+        return signal_process(self._call, pid, signal.SIGKILL)
+
+
+def connect(caller: Caller, pid: int, output_bytes: int) -> CommandHandle:
+    """A handle on a running process: its output from now on."""
+    if not any(p.pid == pid for p in listing(caller)):
+        raise ProcessNotFound(f"no running process {pid}")
+    return CommandHandle(caller, pid, output_bytes, offset=None)
+
+
+PTY_ENVS = {"TERM": "xterm-256color", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}

@@ -19,7 +19,6 @@ from ._api import check_envs, prepare_code
 from ._approvals import Approver, Gate, with_envs
 from ._errors import (
     FileNotFoundInSandbox,
-    ProcessNotFound,
     SandboxError,
     SandboxNotFound,
     TransportError,
@@ -33,8 +32,10 @@ from ._processes import (
     CommandHandle,
     ProcessInfo,
     Pty,
+    PtySize,
     call,
     check_user,
+    connect,
     listing,
     send_input,
     signal_process,
@@ -102,7 +103,7 @@ class Sandbox:
         self.busy = False
         self.files = Files(self)
         self.commands = Commands(self)
-        self.pty = Pty(self)
+        self.pty = Pty(self._open_pty, self._proc_call, self.policy.output_bytes)
         _registry.add(self)
 
     @classmethod
@@ -230,6 +231,13 @@ class Sandbox:
                 self.last_activity = time.monotonic()
                 if jailed._dying:  # ended meanwhile (kill(), the watchdog): release the rest
                     jailed.kill()
+
+    def _proc_call(self, message: dict[str, Any]) -> dict[str, Any]:
+        return call(self, message)
+
+    def _open_pty(self, size: PtySize, cwd: str | None, envs: dict[str, str]) -> int:
+        self._gate_command("/bin/bash -i -l (a pty)", envs)
+        return start_process(self, "/bin/bash", ["-i", "-l"], envs=envs, cwd=cwd, pty=size)
 
     def _gate_command(self, cmd: str, envs: dict[str, str]) -> None:
         """The policy's approval for commands (`approval_commands`), if it asks for one."""
@@ -433,7 +441,7 @@ class Commands:
         pid = start_process(
             self._sbx, "/bin/bash", ["-l", "-c", cmd], envs=envs, cwd=cwd, stdin=stdin
         )
-        handle = CommandHandle(self._sbx, pid)
+        handle = CommandHandle(self._sbx._proc_call, pid, self._sbx.policy.output_bytes)
         if background:
             return handle
         limit = effective_timeout(self._sbx.policy, timeout)
@@ -441,24 +449,21 @@ class Commands:
 
     def list(self) -> list[ProcessInfo]:
         """The running background commands and ptys."""
-        return listing(self._sbx)
+        return listing(self._sbx._proc_call)
 
     def connect(self, pid: int) -> CommandHandle:
         """A handle on a running process: its output from now on."""
-        handle = CommandHandle(self._sbx, pid, offset=None)
-        if not any(p.pid == pid for p in self.list()):
-            raise ProcessNotFound(f"no running process {pid}")
-        return handle
+        return connect(self._sbx._proc_call, pid, self._sbx.policy.output_bytes)
 
     def kill(self, pid: int) -> bool:
         """SIGKILL to a process's group; False if no such process runs."""
-        return signal_process(self._sbx, pid, signal.SIGKILL)
+        return signal_process(self._sbx._proc_call, pid, signal.SIGKILL)
 
     def send_stdin(self, pid: int, data: str | bytes) -> None:
-        send_input(self._sbx, pid, data)
+        send_input(self._sbx._proc_call, pid, data)
 
     def close_stdin(self, pid: int) -> None:
-        call(self._sbx, {"op": "proc_close_stdin", "pid": pid})
+        self._sbx._proc_call({"op": "proc_close_stdin", "pid": pid})
 
     def _run_in_kernel(
         self, cmd: str, timeout: float | None, envs: dict[str, str] | None
