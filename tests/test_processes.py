@@ -21,6 +21,8 @@ from codecage import (
     TransportError,
 )
 
+from .conftest import Service
+
 pytestmark = pytest.mark.requires_root
 
 
@@ -236,3 +238,80 @@ def _broken(sbx: Sandbox) -> bool:
     except TransportError:
         return True
     return False
+
+
+# -- the same through the service (the remote SDK over its process routes) ------------------
+
+
+def test_remote_background_processes_are_the_tenants_and_audited(service: Service) -> None:
+    alice, bob = service.client("alice"), service.client("bob")
+    with alice.Sandbox() as sbx:
+        cat = sbx.commands.run("cat; echo bye >&2", background=True, stdin=True)
+        assert cat.pid in [p.pid for p in sbx.commands.list()]
+        cat.send_stdin("over the wire\n")
+        cat.close_stdin()
+        result = cat.wait()
+        assert (result.exit_code, result.stdout, result.stderr) == (0, "over the wire\n", "bye\n")
+        streamed: list[str] = []
+        fg = sbx.commands.run("echo one; exit 4", on_stdout=streamed.append)
+        assert fg.exit_code == 4 and "".join(streamed) == "one\n"
+        term = sbx.pty.create(PtySize(rows=12, cols=34))
+        sbx.pty.resize(term.pid, PtySize(rows=13, cols=35))
+        term.send_stdin(b"stty size; exit\n")
+        out = bytearray()
+        assert term.wait(on_pty=out.extend).exit_code == 0 and b"13 35" in out
+        sleeper = sbx.commands.run("sleep 300", background=True)
+        # another tenant sees no such sandbox, whatever it asks
+        for method, path, body in [
+            ("GET", "processes", None),
+            ("POST", "processes", {"cmd": "id"}),
+            ("GET", f"processes/{sleeper.pid}/output", None),
+            ("POST", f"processes/{sleeper.pid}/signal", {"signal": "SIGKILL"}),
+            ("POST", f"processes/{sleeper.pid}/stdin", {"data": ""}),
+        ]:
+            answer = bob._http.request(method, f"/v1/sandboxes/{sbx.id}/{path}", json=body)
+            assert answer.status_code == 404, (method, path, answer.text)
+            assert answer.json()["error"]["type"] == "SandboxNotFound"
+        assert sleeper.pid in [p.pid for p in sbx.commands.list()]  # untouched
+        assert sbx.commands.kill(sleeper.pid) is True
+        assert sleeper.wait().exit_code == 137
+        assert sbx.commands.kill(sleeper.pid) is False
+        with pytest.raises(ProcessNotFound):
+            sbx.commands.send_stdin(sleeper.pid, "x")
+        sid = sbx.id
+
+    def recorded() -> list[dict[str, object]]:
+        rows = alice._http.get("/v1/audit", params={"sandbox_id": sid}).json()
+        return [r for r in rows if r["kind"] == "process"]
+
+    wait_until(lambda: len(recorded()) == 4 and all(r["outcome"] for r in recorded()))
+    by_code = {str(r["code"]): r for r in recorded()}
+    assert by_code["/bin/bash -l -c 'cat; echo bye >&2'"]["outcome"] == "ok"
+    assert by_code["/bin/bash -l -c 'sleep 300'"]["outcome"] == "killed"
+    assert "/bin/bash -i -l" in by_code
+
+
+def test_remote_bad_input_is_a_clear_error(service: Service) -> None:
+    alice = service.client("alice")
+    with alice.Sandbox() as sbx:
+        base = f"/v1/sandboxes/{sbx.id}/processes"
+        cases = [
+            ("POST", base, {}, 400),  # neither a command nor a pty
+            ("POST", base, {"cmd": "id", "user": "admin"}, 422),
+            ("POST", base, {"cmd": "id", "pty": {"rows": 0, "cols": 80}}, 422),
+            ("POST", base, {"cmd": "\ud800"}, 400),
+            ("POST", base, {"cmd": "pwd", "cwd": "/nonexistent"}, 404),
+            ("POST", f"{base}/999999/signal", {"signal": "SIGSTOP"}, 422),
+            ("POST", f"{base}/999999/signal", {"signal": "SIGKILL"}, 404),
+            ("POST", f"{base}/999999/stdin", {"data": "!!"}, 400),
+            ("POST", f"{base}/999999/stdin", {"data": ""}, 404),
+            ("GET", f"{base}/999999/output", None, 404),
+            ("GET", f"{base}/abc/output", None, 422),
+            ("GET", f"{base}/1/output?offset=-1", None, 422),
+        ]
+        for method, path, body, status in cases:
+            answer = alice._http.request(method, path, json=body)
+            assert answer.status_code == status, (path, body, answer.text)
+            assert set(answer.json()["error"]) >= {"type", "message"}
+        # positive control: a well-formed start works
+        assert alice._http.post(base, json={"cmd": "true"}).status_code == 201

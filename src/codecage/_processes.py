@@ -16,8 +16,9 @@ import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
+from ._api import check_envs
 from ._errors import (
     ExecutionTimeout,
     FileNotFoundInSandbox,
@@ -407,6 +408,95 @@ class Pty:
 
     def kill(self, pid: int) -> bool:
         return signal_process(self._call, pid, signal.SIGKILL)
+
+
+class ProcessCommands:
+    """What `sbx.commands` offers on background processes, native or remote: a subclass
+    sets `_call` and `_output_bytes`."""
+
+    _call: Caller
+    _output_bytes: int
+
+    @overload
+    def run(
+        self,
+        cmd: str,
+        background: Literal[False] = False,
+        envs: dict[str, str] | None = None,
+        user: str | None = None,
+        cwd: str | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+    ) -> CommandResult: ...
+    @overload
+    def run(
+        self,
+        cmd: str,
+        background: Literal[True],
+        envs: dict[str, str] | None = None,
+        user: str | None = None,
+        cwd: str | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+    ) -> CommandHandle: ...
+
+    def run(
+        self,
+        cmd: str,
+        background: bool = False,
+        envs: dict[str, str] | None = None,
+        user: str | None = None,
+        cwd: str | None = None,
+        on_stdout: Callable[[str], Any] | None = None,
+        on_stderr: Callable[[str], Any] | None = None,
+        stdin: bool = False,
+        timeout: float | None = None,
+    ) -> CommandResult | CommandHandle:
+        """Run a shell command. In the foreground, its result; with `background=True`, a
+        handle (`wait()`, `kill()`, `send_stdin()`; `stdin=True` gives it a stdin pipe).
+        `timeout` bounds a foreground command (the policy's `timeout_s` caps it); a
+        background one runs until it ends or the sandbox does."""
+        check_user(user)
+        if not background and on_stdout is None and on_stderr is None and cwd is None:
+            return self._foreground(cmd, timeout, envs)
+        pid = self._start(cmd, check_envs(envs), cwd, stdin)
+        handle = CommandHandle(self._call, pid, self._output_bytes)
+        if background:
+            return handle
+        return handle.wait(on_stdout=on_stdout, on_stderr=on_stderr, timeout=self._limit(timeout))
+
+    def _start(self, cmd: str, envs: dict[str, str], cwd: str | None, stdin: bool) -> int:
+        raise NotImplementedError
+
+    def _limit(self, timeout: float | None) -> float | None:
+        return timeout
+
+    def _foreground(
+        self, cmd: str, timeout: float | None, envs: dict[str, str] | None
+    ) -> CommandResult:
+        raise NotImplementedError
+
+    def list(self) -> list[ProcessInfo]:
+        """The running background commands and ptys."""
+        return listing(self._call)
+
+    def connect(self, pid: int) -> CommandHandle:
+        """A handle on a running process: its output from now on."""
+        return connect(self._call, pid, self._output_bytes)
+
+    def kill(self, pid: int) -> bool:
+        """SIGKILL to a process's group; False if no such process runs."""
+        return signal_process(self._call, pid, signal.SIGKILL)
+
+    def send_stdin(self, pid: int, data: str | bytes) -> None:
+        send_input(self._call, pid, data)
+
+    def close_stdin(self, pid: int) -> None:
+        self._call({"op": "proc_close_stdin", "pid": pid})
 
 
 def connect(caller: Caller, pid: int, output_bytes: int) -> CommandHandle:

@@ -29,16 +29,10 @@ from ._jail.host import HostSandbox
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
 from ._policy import Policy, effective_timeout
 from ._processes import (
-    CommandHandle,
-    ProcessInfo,
+    ProcessCommands,
     Pty,
     PtySize,
     call,
-    check_user,
-    connect,
-    listing,
-    send_input,
-    signal_process,
     start_process,
 )
 
@@ -380,7 +374,7 @@ def _entry(data: dict[str, Any]) -> EntryInfo:
         raise TransportError("a malformed file entry from the sandbox") from None
 
 
-class Commands:
+class Commands(ProcessCommands):
     """Shell commands inside the same sandbox. A foreground command without callbacks, cwd
     or user runs through the kernel (`/bin/sh -c`, the policy's timeout); background ones,
     and foreground ones with any of those, run under the process manager as E2B's do
@@ -388,82 +382,22 @@ class Commands:
 
     def __init__(self, sandbox: Sandbox) -> None:
         self._sbx = sandbox
+        self._call = sandbox._proc_call
+        self._output_bytes = sandbox.policy.output_bytes
 
-    @overload
-    def run(
-        self,
-        cmd: str,
-        background: Literal[False] = False,
-        envs: dict[str, str] | None = None,
-        user: str | None = None,
-        cwd: str | None = None,
-        on_stdout: Callable[[str], Any] | None = None,
-        on_stderr: Callable[[str], Any] | None = None,
-        stdin: bool = False,
-        timeout: float | None = None,
-    ) -> CommandResult: ...
-    @overload
-    def run(
-        self,
-        cmd: str,
-        background: Literal[True],
-        envs: dict[str, str] | None = None,
-        user: str | None = None,
-        cwd: str | None = None,
-        on_stdout: Callable[[str], Any] | None = None,
-        on_stderr: Callable[[str], Any] | None = None,
-        stdin: bool = False,
-        timeout: float | None = None,
-    ) -> CommandHandle: ...
-
-    def run(
-        self,
-        cmd: str,
-        background: bool = False,
-        envs: dict[str, str] | None = None,
-        user: str | None = None,
-        cwd: str | None = None,
-        on_stdout: Callable[[str], Any] | None = None,
-        on_stderr: Callable[[str], Any] | None = None,
-        stdin: bool = False,
-        timeout: float | None = None,
-    ) -> CommandResult | CommandHandle:
-        """Run a shell command. In the foreground, its result; with `background=True`, a
-        handle (`wait()`, `kill()`, `send_stdin()`; `stdin=True` gives it a stdin pipe).
-        `timeout` bounds a foreground command (the policy's `timeout_s` caps it); a
-        background one runs until it ends or the sandbox does."""
-        if not background and on_stdout is None and on_stderr is None and cwd is None:
-            check_user(user)
-            return self._run_in_kernel(cmd, timeout, envs)
-        check_user(user)
-        envs = check_envs(envs)
+    def _start(self, cmd: str, envs: dict[str, str], cwd: str | None, stdin: bool) -> int:
         self._sbx._gate_command(cmd, envs)
-        pid = start_process(
+        return start_process(
             self._sbx, "/bin/bash", ["-l", "-c", cmd], envs=envs, cwd=cwd, stdin=stdin
         )
-        handle = CommandHandle(self._sbx._proc_call, pid, self._sbx.policy.output_bytes)
-        if background:
-            return handle
-        limit = effective_timeout(self._sbx.policy, timeout)
-        return handle.wait(on_stdout=on_stdout, on_stderr=on_stderr, timeout=limit)
 
-    def list(self) -> list[ProcessInfo]:
-        """The running background commands and ptys."""
-        return listing(self._sbx._proc_call)
+    def _limit(self, timeout: float | None) -> float | None:
+        return effective_timeout(self._sbx.policy, timeout)
 
-    def connect(self, pid: int) -> CommandHandle:
-        """A handle on a running process: its output from now on."""
-        return connect(self._sbx._proc_call, pid, self._sbx.policy.output_bytes)
-
-    def kill(self, pid: int) -> bool:
-        """SIGKILL to a process's group; False if no such process runs."""
-        return signal_process(self._sbx._proc_call, pid, signal.SIGKILL)
-
-    def send_stdin(self, pid: int, data: str | bytes) -> None:
-        send_input(self._sbx._proc_call, pid, data)
-
-    def close_stdin(self, pid: int) -> None:
-        self._sbx._proc_call({"op": "proc_close_stdin", "pid": pid})
+    def _foreground(
+        self, cmd: str, timeout: float | None, envs: dict[str, str] | None
+    ) -> CommandResult:
+        return self._run_in_kernel(cmd, timeout, envs)
 
     def _run_in_kernel(
         self, cmd: str, timeout: float | None, envs: dict[str, str] | None
