@@ -7,11 +7,13 @@ One implementation, synchronous and without a thread or event-loop hop per call;
 from __future__ import annotations
 
 import base64
+import contextlib
+import datetime
 import signal
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
@@ -53,10 +55,29 @@ class OutputMessage:
 
 @dataclass
 class EntryInfo:
+    """A file or directory in the sandbox. `list`, `get_info` and `rename` fill every
+    field (as E2B's EntryInfo); `write` the first four. A symlink is described by what it
+    points to, with `symlink_target` its resolved path."""
+
     name: str
     path: str
-    type: str  # "file", "dir", "symlink" or "other"
+    type: str  # "file", "dir", "symlink" (a broken link) or "other"
     size: int
+    mode: int | None = None  # the permission bits, 0o644
+    permissions: str | None = None  # as `ls -l` shows them, "-rw-r--r--"
+    owner: str | None = None
+    group: str | None = None
+    modified_time: datetime.datetime | None = None  # aware, UTC
+    symlink_target: str | None = None
+
+
+@dataclass
+class FilesystemEvent:
+    """A change in a watched directory: `name` relative to it; `type` one of "create",
+    "write", "remove", "rename", "chmod"."""
+
+    name: str
+    type: str
 
 
 @dataclass
@@ -280,7 +301,9 @@ def _failed(reply: dict[str, Any], path: str) -> None:
     message = f"{path}: {reply.get('message')}"
     if reply.get("error") == "FileNotFoundError":
         raise FileNotFoundInSandbox(message)
-    raise SandboxError(message)
+    error = SandboxError(message)
+    error.reason = str(reply.get("error"))[:64]  # type: ignore[attr-defined]  # the kernel's name for it
+    raise error
 
 
 class Files:
@@ -299,10 +322,18 @@ class Files:
     def read(self, path: str, format: Literal["bytes"] = "bytes") -> bytes: ...
     @overload
     def read(self, path: str, format: Literal["text"]) -> str: ...
+    @overload
+    def read(self, path: str, format: Literal["stream"]) -> Iterator[bytes]: ...
 
-    def read(self, path: str, format: Literal["bytes", "text"] = "bytes") -> bytes | str:
-        """Read a file. The kernel's replies are untrusted: the size it states first bounds
-        the transfer, as do the sandbox's own disk sizes and one deadline for the whole."""
+    def read(
+        self, path: str, format: Literal["bytes", "text", "stream"] = "bytes"
+    ) -> bytes | str | Iterator[bytes]:
+        """Read a file: its bytes, its text (UTF-8, invalid bytes replaced) or, with
+        "stream", an iterator of chunks (`chunks`). The kernel's replies are untrusted: the
+        size it states first bounds the transfer, as do the sandbox's own disk sizes and
+        one deadline for the whole."""
+        if format == "stream":
+            return self.chunks(path)
         data = b"".join(self.chunks(path))
         return data.decode("utf-8", "replace") if format == "text" else data
 
@@ -353,14 +384,46 @@ class Files:
         following ones append to it."""
         return _entry(self._op("write", path, data=base64.b64encode(chunk).decode(), append=append))
 
-    def list(self, path: str = ".") -> list[EntryInfo]:
-        return [_entry(e) for e in self._op("list", path).get("entries", [])]
+    def write_files(self, files: Iterable[dict[str, Any]]) -> list[EntryInfo]:
+        """Write several files (`[{"path": ..., "data": ...}]`), in order."""
+        return [self.write(str(f["path"]), f["data"]) for f in files]
+
+    def list(self, path: str = ".", depth: int = 1) -> list[EntryInfo]:
+        """A directory's entries, down to `depth` levels (1: its own), sorted by path."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError("depth should be at least 1")
+        return [_full_entry(e) for e in self._op("walk", path, depth=depth).get("entries", [])]
+
+    def get_info(self, path: str) -> EntryInfo:
+        """Everything about one file or directory (FileNotFoundInSandbox if missing)."""
+        return _full_entry(self._op("entry", path).get("entry"))
+
+    def rename(self, old_path: str, new_path: str) -> EntryInfo:
+        """Move a file or directory (the destination's parents are created)."""
+        reply = self._sbx._request(
+            {"op": "rename", "args": {"source": old_path, "destination": new_path}}
+        )
+        _failed(reply, old_path)
+        return _full_entry(reply.get("entry"))
 
     def exists(self, path: str) -> bool:
         return bool(self._op("stat", path).get("exists"))
 
     def remove(self, path: str) -> None:
-        self._op("remove", path)
+        """Remove a file, or a directory with everything in it; a missing path is not an
+        error (as in E2B)."""
+        with contextlib.suppress(FileNotFoundInSandbox):
+            self._op("remove", path)
+
+    def watch_dir(self, path: str, recursive: bool = False) -> WatchHandle:
+        """Watch a directory (and, `recursive`, those under it): `handle.get_new_events()`
+        gives the changes since the last call, `handle.stop()` ends it. The kernel keeps
+        the events queued between calls; a kernel restart ends the watcher."""
+        reply = self._op("watch", path, recursive=bool(recursive))
+        watcher = reply.get("watcher")
+        if not isinstance(watcher, str) or len(watcher) > 64:
+            raise TransportError("a malformed watch reply from the sandbox")
+        return WatchHandle(self, watcher)
 
     def make_dir(self, path: str) -> bool:
         """Create a directory (and its parents); False if it already existed."""
@@ -372,6 +435,53 @@ def _entry(data: dict[str, Any]) -> EntryInfo:
         return EntryInfo(str(data["name"]), str(data["path"]), str(data["type"]), int(data["size"]))
     except (KeyError, TypeError, ValueError):
         raise TransportError("a malformed file entry from the sandbox") from None
+
+
+def _full_entry(data: Any) -> EntryInfo:
+    """The kernel's full entry (messages.EntryInfo), checked: it is the sandbox's claim."""
+    if not isinstance(data, dict):
+        raise TransportError("a malformed file entry from the sandbox")
+    entry = _entry(data)
+    try:
+        target = data.get("symlink_target")
+        entry.mode = int(data["mode"]) & 0o7777
+        entry.permissions = str(data["permissions"])[:16]
+        entry.owner, entry.group = str(data["owner"])[:256], str(data["group"])[:256]
+        entry.modified_time = datetime.datetime.fromtimestamp(float(data["mtime"]), datetime.UTC)
+        entry.symlink_target = None if target is None else str(target)
+    except (KeyError, TypeError, ValueError, OverflowError, OSError):
+        raise TransportError("a malformed file entry from the sandbox") from None
+    return entry
+
+
+EVENT_TYPES = ("create", "write", "remove", "rename", "chmod")
+
+
+class WatchHandle:
+    """A watcher of a directory in the sandbox (`Files.watch_dir`)."""
+
+    def __init__(self, files: Files, watcher: str) -> None:
+        self._files, self.id = files, watcher
+        self.overflowed = False  # some events were lost (the kernel's queue was full)
+
+    def get_new_events(self) -> list[FilesystemEvent]:
+        reply = self._files._sbx._request({"op": "watch_events", "args": {"watcher": self.id}})
+        _failed(reply, self.id)
+        events = reply.get("events")
+        if not isinstance(events, list):
+            raise TransportError("a malformed watch reply from the sandbox")
+        self.overflowed = self.overflowed or bool(reply.get("overflow"))
+        out = []
+        for event in events[:1000]:
+            if not isinstance(event, dict) or event.get("type") not in EVENT_TYPES:
+                raise TransportError("a malformed watch event from the sandbox")
+            out.append(FilesystemEvent(str(event.get("name", ""))[:4096], str(event["type"])))
+        return out
+
+    def stop(self) -> None:
+        reply = self._files._sbx._request({"op": "unwatch", "args": {"watcher": self.id}})
+        if reply.get("ev") == "failed" and reply.get("error") != "UnknownWatcher":
+            _failed(reply, self.id)
 
 
 class Commands(ProcessCommands):

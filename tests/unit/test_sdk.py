@@ -398,7 +398,8 @@ def test_a_missing_file_is_file_not_found(fake: FakeJail) -> None:
         with pytest.raises(FileNotFoundInSandbox, match=r"missing\.txt"):
             sbx.files.read("missing.txt")
         with pytest.raises(FileNotFoundError):  # also the builtin
-            sbx.files.remove("missing.txt")
+            sbx.files.get_info("missing.txt")
+        sbx.files.remove("missing.txt")  # as in E2B: nothing to remove is not an error
 
 
 def test_other_failures_are_sandbox_errors(fake: FakeJail) -> None:
@@ -438,7 +439,7 @@ def test_malformed_read_replies_are_transport_errors(
 
 
 def test_a_malformed_entry_is_a_transport_error(fake: FakeJail) -> None:
-    fake.on("list", None, f.reply(entries=[{"name": "x"}]))
+    fake.on("walk", None, f.reply(entries=[{"name": "x"}]))
     with Sandbox() as sbx, pytest.raises(TransportError, match="malformed file entry"):
         sbx.files.list()
 

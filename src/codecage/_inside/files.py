@@ -4,16 +4,32 @@ inside a sandbox): relative paths are under /home/user, absolute ones are the sa
 from __future__ import annotations
 
 import base64
+import contextlib
+import grp
 import os
+import pwd
 import shutil
 import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .messages import Entry, EntryType, ListReply, MkdirReply, ReadReply, RemoveReply, StatReply
+from . import watch
+from .messages import (
+    Entry,
+    EntryInfo,
+    EntryReply,
+    EntryType,
+    ListReply,
+    MkdirReply,
+    ReadReply,
+    RemoveReply,
+    StatReply,
+    WalkReply,
+)
 
 WORKSPACE = "/home/user"
 CHUNK = 4 << 20
+WALK_ENTRIES = 10000  # entries one `walk` reply holds at most
 
 
 def resolve(path: str) -> str:
@@ -86,6 +102,84 @@ def make_dir(path: str) -> MkdirReply:
     return MkdirReply(path=full, created=not existed)
 
 
+def _name_of(table: Any, number: int) -> str:
+    try:
+        return str(table(number)[0])
+    except (KeyError, OverflowError):
+        return str(number)
+
+
+def _info(path: str) -> EntryInfo:
+    """Everything E2B's EntryInfo holds: a symlink is described by what it points to
+    (`is_symlink`, `symlink_target` the resolved path), a broken one by itself."""
+    st = os.lstat(path)
+    link = stat.S_ISLNK(st.st_mode)
+    if link:
+        with contextlib.suppress(OSError):
+            st = os.stat(path)
+    kind: EntryType = (
+        "dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode) else "other"
+    )
+    if stat.S_ISLNK(st.st_mode):
+        kind = "symlink"  # a link that points nowhere
+    return EntryInfo(
+        name=os.path.basename(path) or path,
+        path=path,
+        type=kind,
+        size=st.st_size,
+        mode=stat.S_IMODE(st.st_mode),
+        permissions=stat.filemode(st.st_mode),
+        owner=_name_of(pwd.getpwuid, st.st_uid),
+        group=_name_of(grp.getgrgid, st.st_gid),
+        mtime=st.st_mtime,
+        is_symlink=link,
+        symlink_target=os.path.realpath(path) if link else None,
+    )
+
+
+def entry(path: str) -> EntryReply:
+    return EntryReply(entry=_info(resolve(path)))
+
+
+def walk(path: str, depth: int = 1) -> WalkReply:
+    """A directory's entries down to `depth` levels (1: its own), sorted by path; symlinks
+    to directories are not followed. At most WALK_ENTRIES (`truncated` then)."""
+    full = resolve(path)
+    if not os.path.isdir(full):
+        os.scandir(full).close()  # the error a missing path or a file gives
+    depth = max(1, int(depth))
+    found: list[EntryInfo] = []
+    truncated = False
+
+    def visit(directory: str, level: int) -> None:
+        nonlocal truncated
+        with os.scandir(directory) as it:
+            items = sorted(it, key=lambda e: e.name)
+        for item in items:
+            if len(found) >= WALK_ENTRIES:
+                truncated = True
+                return
+            try:
+                found.append(_info(item.path))
+            except FileNotFoundError:
+                continue  # gone meanwhile
+            if level < depth and item.is_dir(follow_symlinks=False):
+                with contextlib.suppress(PermissionError):
+                    visit(item.path, level + 1)
+
+    visit(full, 1)
+    return WalkReply(entries=sorted(found, key=lambda e: e["path"]), truncated=truncated)
+
+
+def rename(source: str, destination: str) -> EntryReply:
+    """Move a file or directory (creating the destination's parents)."""
+    src, dst = resolve(source), resolve(destination)
+    os.lstat(src)  # FileNotFoundError before any directory is made
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.rename(src, dst)
+    return EntryReply(entry=_info(dst))
+
+
 # Each op's reply is messages.REPLIES[op].
 OPS: dict[str, Callable[..., Mapping[str, Any]]] = {
     "read": read,
@@ -94,4 +188,10 @@ OPS: dict[str, Callable[..., Mapping[str, Any]]] = {
     "stat": info,
     "remove": remove,
     "mkdir": make_dir,
+    "entry": entry,
+    "walk": walk,
+    "rename": rename,
+    "watch": watch.start,
+    "watch_events": watch.events,
+    "unwatch": watch.stop,
 }

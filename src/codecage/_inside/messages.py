@@ -109,6 +109,61 @@ class ShutdownRequest(TypedDict):
     op: Literal["shutdown"]
 
 
+class WalkArgs(TypedDict):
+    path: str
+    depth: int
+
+
+class RenameArgs(TypedDict):
+    source: str
+    destination: str
+
+
+class WatchArgs(TypedDict):
+    path: str
+    recursive: bool
+
+
+class WatcherArgs(TypedDict):
+    watcher: str
+
+
+class EntryRequest(TypedDict):
+    op: Literal["entry"]
+    id: NotRequired[str]
+    args: PathArgs
+
+
+class WalkRequest(TypedDict):
+    op: Literal["walk"]
+    id: NotRequired[str]
+    args: WalkArgs
+
+
+class RenameRequest(TypedDict):
+    op: Literal["rename"]
+    id: NotRequired[str]
+    args: RenameArgs
+
+
+class WatchRequest(TypedDict):
+    op: Literal["watch"]
+    id: NotRequired[str]
+    args: WatchArgs
+
+
+class WatchEventsRequest(TypedDict):
+    op: Literal["watch_events"]
+    id: NotRequired[str]
+    args: WatcherArgs
+
+
+class UnwatchRequest(TypedDict):
+    op: Literal["unwatch"]
+    id: NotRequired[str]
+    args: WatcherArgs
+
+
 Request = (
     ExecuteRequest
     | ReadRequest
@@ -122,6 +177,12 @@ Request = (
     | GuardRequest
     | PrefaultRequest
     | ShutdownRequest
+    | EntryRequest
+    | WalkRequest
+    | RenameRequest
+    | WatchRequest
+    | WatchEventsRequest
+    | UnwatchRequest
 )
 # A request that takes an id and a reply (`done` or `failed`) from HostSandbox.request.
 ReplyRequest = (
@@ -135,6 +196,12 @@ ReplyRequest = (
     | SetenvRequest
     | GuardRequest
     | PrefaultRequest
+    | EntryRequest
+    | WalkRequest
+    | RenameRequest
+    | WatchRequest
+    | WatchEventsRequest
+    | UnwatchRequest
 )
 
 # -- kernel channel: what `done` carries, by request ----------------------------------------
@@ -190,6 +257,51 @@ class CommandReply(TypedDict):
 
 class NoReply(TypedDict):
     pass
+
+
+class EntryInfo(TypedDict):
+    """A file's full description (E2B's EntryInfo): `mode` the permission bits,
+    `permissions` as `ls -l` shows them, `mtime` in seconds since the epoch; a symlink is
+    described by its target (`is_symlink`, `symlink_target` the resolved path)."""
+
+    name: str
+    path: str
+    type: EntryType
+    size: int
+    mode: int
+    permissions: str
+    owner: str
+    group: str
+    mtime: float
+    is_symlink: bool
+    symlink_target: str | None
+
+
+class EntryReply(TypedDict):
+    entry: EntryInfo
+
+
+class WalkReply(TypedDict):
+    entries: list[EntryInfo]
+    truncated: bool
+
+
+class WatchReply(TypedDict):
+    watcher: str
+    path: str
+
+
+WatchEventType = Literal["create", "write", "remove", "rename", "chmod"]
+
+
+class WatchEvent(TypedDict):
+    name: str  # relative to the watched directory
+    type: WatchEventType
+
+
+class WatchEventsReply(TypedDict):
+    events: list[WatchEvent]
+    overflow: bool
 
 
 # -- kernel channel: events (kernel -> host) ------------------------------------------------
@@ -443,6 +555,12 @@ REQUESTS: dict[str, type[Any]] = {
     "guard": GuardRequest,
     "prefault": PrefaultRequest,
     "shutdown": ShutdownRequest,
+    "entry": EntryRequest,
+    "walk": WalkRequest,
+    "rename": RenameRequest,
+    "watch": WatchRequest,
+    "watch_events": WatchEventsRequest,
+    "unwatch": UnwatchRequest,
 }
 REPLIES: dict[str, type[Any]] = {
     "read": ReadReply,
@@ -455,6 +573,12 @@ REPLIES: dict[str, type[Any]] = {
     "setenv": NoReply,
     "guard": NoReply,
     "prefault": NoReply,
+    "entry": EntryReply,
+    "walk": WalkReply,
+    "rename": EntryReply,
+    "watch": WatchReply,
+    "watch_events": WatchEventsReply,
+    "unwatch": NoReply,
 }
 EVENTS: dict[str, type[Any]] = {
     "hello": HelloEvent,

@@ -575,7 +575,10 @@ def list_files(
     manager: Manager = MANAGER,
 ) -> list[EntryOut]:
     _check_path(path)
-    return [EntryOut(**vars(e)) for e in manager.list_files(who, sandbox_id, path)]
+    return [
+        EntryOut(name=e.name, path=e.path, type=e.type, size=e.size)
+        for e in manager.list_files(who, sandbox_id, path)
+    ]
 
 
 @files.get("/v1/sandboxes/{sandbox_id}/files/exists", response_model=ExistsOut, responses=ERRORS)
@@ -858,6 +861,9 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     _handlers(app)
     for router in ROUTERS:
         app.include_router(router)
+    from . import e2b
+
+    e2b.install(app, config, state)  # E2B's API, in front of all this (docs/e2b.md)
     return app
 
 
@@ -1115,17 +1121,25 @@ class BodyLimit:
     when it passes the limit: the 413 is sent from here and the app sees the client gone
     (the app's own answer goes nowhere), so an upload stops and leaves no file."""
 
-    def __init__(self, app: ASGIApp, default: int, upload: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        default: int,
+        upload: int,
+        is_upload: Callable[[Scope], bool] = lambda scope: scope["method"] == "PUT",
+        refuse: Refusal | None = None,
+    ) -> None:
         self.app, self.default, self.upload = app, default, upload
+        self.is_upload, self.refuse = is_upload, refuse or _answer_early
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.upload if scope["method"] == "PUT" else self.default
+        limit = self.upload if self.is_upload(scope) else self.default
         declared = dict(scope.get("headers", [])).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _too_large(send, limit)
+            await self.refuse(send, 413, "TooLarge", f"body over {limit} bytes", ())
             return
         seen = 0
         started = answered = False
@@ -1138,7 +1152,7 @@ class BodyLimit:
             seen += len(message.get("body", b""))
             if seen > limit:
                 if not started:
-                    await _too_large(send, limit)
+                    await self.refuse(send, 413, "TooLarge", f"body over {limit} bytes", ())
                 answered = True
                 return {"type": "http.disconnect"}
             return message
@@ -1153,8 +1167,13 @@ class BodyLimit:
         await self.app(scope, counted, guarded_send)
 
 
-async def _too_large(send: Send, limit: int) -> None:
-    await _answer_early(send, 413, "TooLarge", f"body over {limit} bytes")
+class Refused(Exception):
+    """What `Admission.identify` raises to answer a request at once with another error
+    than 401 (a front end's own: an unknown sandbox, a key of the wrong kind)."""
+
+    def __init__(self, status: int, message: str, kind: str = "Refused") -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
 
 
 class Admission:
@@ -1164,10 +1183,33 @@ class Admission:
     off after `body_timeout_s`. Runs on the event loop: it never waits for a worker
     thread (the key is one indexed SQLite read)."""
 
+    open_paths: frozenset[str] = OPEN_PATHS
+
     def __init__(self, app: ASGIApp, config: ServerConfig, state: dict[str, Any]) -> None:
         self.app, self.config, self.state = app, config, state
         self.in_flight: dict[str, int] = {}
         self.scrapes = 0
+
+    def identify(self, scope: Scope) -> tuple[str, str, str] | None:
+        """(tenant, role, key id) of the request's API key (`Authorization: Bearer`), from
+        the headers alone; None: 401. A front end with other credentials overrides it."""
+        headers = dict(scope.get("headers", []))
+        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+        audit = self.state.get("audit")
+        if audit and scheme.lower() == "bearer" and key:
+            return audit.identity(key.strip())  # type: ignore[no-any-return]
+        return None
+
+    async def refuse(
+        self,
+        send: Send,
+        status: int,
+        kind: str,
+        message: str,
+        extra: tuple[tuple[bytes, bytes], ...] = (),
+    ) -> None:
+        """An answer before the body was read, in this front end's error format."""
+        await _answer_early(send, status, kind, message, extra)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -1194,16 +1236,16 @@ class Admission:
             except TimeoutError:
                 if not started:
                     answered = True
-                    await _answer_early(send, 408, "Timeout", f"no body for {timeout:g} s")
+                    await self.refuse(send, 408, "Timeout", f"no body for {timeout:g} s")
                 return {"type": "http.disconnect"}
             if message["type"] != "http.request" or not message.get("more_body"):
                 body_done = True
             return message
 
-        if scope["path"] in OPEN_PATHS:
+        if scope["path"] in self.open_paths:
             if scope["path"] == "/metrics":  # open and served by a worker thread: a few at once
                 if self.scrapes >= SCRAPES:
-                    await _answer_early(send, 429, "QuotaExceeded", "too many scrapes at once")
+                    await self.refuse(send, 429, "QuotaExceeded", "too many scrapes at once")
                     return
                 self.scrapes += 1
             try:
@@ -1212,12 +1254,13 @@ class Admission:
                 if scope["path"] == "/metrics":
                     self.scrapes -= 1
             return
-        headers = dict(scope.get("headers", []))
-        scheme, _, key = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-        audit = self.state.get("audit")
-        who = audit.identity(key.strip()) if audit and scheme.lower() == "bearer" and key else None
+        try:
+            who = self.identify(scope)
+        except Refused as refused:
+            await self.refuse(send, refused.status, refused.kind, refused.message)
+            return
         if who is None:
-            await _answer_early(
+            await self.refuse(
                 send,
                 401,
                 "Unauthorized",
@@ -1227,7 +1270,7 @@ class Admission:
             return
         tenant, cap = who[0], self.config.quotas.concurrent_requests
         if self.in_flight.get(tenant, 0) >= cap:
-            await _answer_early(
+            await self.refuse(
                 send, 429, "QuotaExceeded", f"more than {cap} requests in flight (quota)"
             )
             return
@@ -1241,11 +1284,21 @@ class Admission:
                 del self.in_flight[tenant]
 
 
+Refusal = Callable[[Send, int, str, str, tuple[tuple[bytes, bytes], ...]], Awaitable[None]]
+
+
 async def _answer_early(
     send: Send, status: int, kind: str, message: str, extra: tuple[tuple[bytes, bytes], ...] = ()
 ) -> None:
     """An error answered before the body was read: the connection closes after it."""
-    body = json.dumps({"error": {"type": kind, "message": message}}).encode()
+    await answer_early(send, status, {"error": {"type": kind, "message": message}}, extra)
+
+
+async def answer_early(
+    send: Send, status: int, payload: Any, extra: tuple[tuple[bytes, bytes], ...] = ()
+) -> None:
+    """A JSON answer sent before the body was read (any front end's error format)."""
+    body = json.dumps(payload).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

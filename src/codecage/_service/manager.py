@@ -74,6 +74,16 @@ class Entry:
     created_at: float = field(default_factory=time.time)
     queued: int = 0  # operations running or waiting on this sandbox (Manager._lock)
     transfer: threading.Lock = field(default_factory=threading.Lock)  # one file transfer
+    # What E2B's API keeps of a sandbox (docs/e2b.md): its labels, the token its own ports
+    # (envd) want, when it ends (time.time(); None: when its policy ends it), its template.
+    metadata: dict[str, str] = field(default_factory=dict)
+    access_token: str | None = None
+    expires_at: float | None = None
+    template: str = ""
+    watchers: dict[str, Any] = field(default_factory=dict)  # E2B's watchers on this sandbox
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.expires_at is not None and (now or time.time()) >= self.expires_at
 
 
 class Metrics:
@@ -169,6 +179,8 @@ class Manager:
         self._oneshots: collections.Counter[str] = collections.Counter()  # /v1/run in flight
         self._buffers: collections.Counter[str] = collections.Counter()  # transfer MiB held
         self._idle = threading.Condition(self._lock)
+        self._reaper: threading.Thread | None = None  # ends sandboxes whose lifetime is over
+        self._closing = threading.Event()
         self.approvals = Approvals(
             on_change=self._approval_changed,
             max_pending_per_tenant=config.quotas.pending_approvals,
@@ -183,7 +195,20 @@ class Manager:
 
     # -- sandboxes -------------------------------------------------------------------------
 
-    def create(self, tenant: str, overrides: dict[str, Any], envs: dict[str, str]) -> Entry:
+    def create(
+        self,
+        tenant: str,
+        overrides: dict[str, Any],
+        envs: dict[str, str],
+        *,
+        lifetime_s: float | None = None,
+        metadata: dict[str, str] | None = None,
+        access_token: str | None = None,
+        template: str = "",
+    ) -> Entry:
+        """A sandbox for the tenant, within its quota and the ceiling. `lifetime_s`: it
+        is killed that long after (`set_lifetime` moves the end); the rest is kept for
+        E2B's API."""
         policy = within(self.config.policy, overrides, self.config.ceiling)
         with self._lock:
             self._prune()
@@ -191,15 +216,62 @@ class Manager:
             if live >= self.config.quotas.live_sandboxes:
                 raise QuotaExceeded(f"tenant already has {live} live sandboxes (quota)")
         gate = Gate(self.approvals, tenant=tenant)
-        entry = Entry(tenant, Sandbox(policy, envs=envs, gate=gate, defaults=self.config.policy))
+        entry = Entry(
+            tenant,
+            Sandbox(policy, envs=envs, gate=gate, defaults=self.config.policy),
+            metadata=dict(metadata or {}),
+            access_token=access_token,
+            template=template,
+        )
+        if lifetime_s is not None:
+            entry.expires_at = entry.created_at + lifetime_s
         with self._lock:  # again: a create may have waited for approval meanwhile
             live = self._live(tenant)
             if live < self.config.quotas.live_sandboxes:
                 self._sandboxes[entry.sandbox.id] = entry
                 self.metrics.live.set(len(self._sandboxes))
+                if entry.expires_at is not None:
+                    self._reap_soon()
                 return entry
         entry.sandbox.kill()
         raise QuotaExceeded(f"tenant already has {live} live sandboxes (quota)")
+
+    def set_lifetime(self, tenant: str, sandbox_id: str, seconds: float) -> Entry:
+        """The sandbox now ends `seconds` from now (earlier or later than it would have)."""
+        entry = self.get(tenant, sandbox_id)
+        with self._lock:
+            entry.expires_at = time.time() + seconds
+            self._reap_soon()
+        return entry
+
+    def find(self, sandbox_id: str) -> Entry | None:
+        """A live sandbox by its id alone, whoever's it is: for a front end whose requests
+        carry a sandbox's own credentials (E2B's envd: its access token) rather than an
+        API key. The caller checks those credentials before it answers anything else."""
+        with self._lock:
+            entry = self._sandboxes.get(sandbox_id)
+        if entry is None or not entry.sandbox.alive or entry.expired():
+            return None
+        return entry
+
+    def _reap_soon(self) -> None:
+        """Start the reaper if it is not running (under _lock)."""
+        if self._reaper is None and not self._closing.is_set():
+            self._reaper = threading.Thread(target=self._reap, name="codecage-reaper", daemon=True)
+            self._reaper.start()
+
+    def _reap(self) -> None:
+        """Kill the sandboxes whose lifetime is over, as it passes (checked twice a second)."""
+        while not self._closing.wait(0.5):
+            now = time.time()
+            with self._lock:
+                ended = [(sid, e) for sid, e in self._sandboxes.items() if e.expired(now)]
+                for sid, _ in ended:
+                    del self._sandboxes[sid]
+                self.metrics.live.set(len(self._sandboxes))
+            for _, entry in ended:
+                entry.sandbox._jailed.terminate("its timeout (lifetime) passed")
+                entry.sandbox.kill()
 
     def _live(self, tenant: str) -> int:
         """The tenant's live sandboxes, one-shot runs in flight included (under _lock)."""
@@ -270,6 +342,8 @@ class Manager:
             entry = self._sandboxes.get(sandbox_id)
             if entry is None or entry.tenant != tenant:
                 raise SandboxNotFound(f"no sandbox {sandbox_id!r}")
+            if entry.expired():  # the reaper kills it within a moment
+                raise SandboxNotFound(f"sandbox {sandbox_id} has ended: its lifetime passed")
             if not entry.sandbox.alive:  # its owner learns why, once
                 del self._sandboxes[sandbox_id]
                 raise SandboxNotFound(
@@ -313,6 +387,9 @@ class Manager:
     def shutdown(self, wait_s: float = 15.0) -> None:
         """Kill every sandbox, then wait until the runs that were in flight are recorded."""
         self.approvals.deny_all("service", "the service is shutting down")
+        self._closing.set()
+        if self._reaper is not None:
+            self._reaper.join()
         with self._lock:
             entries = list(self._sandboxes.values())
             self._sandboxes.clear()
@@ -579,6 +656,25 @@ class Manager:
         """A file operation with a place in the sandbox's queue; a shutdown waits for it."""
         with self.using(tenant, sandbox_id) as entry, self._operation():
             return op(entry.sandbox)
+
+    def file_call(self, tenant: str, sandbox_id: str, op: Callable[[Sandbox], T]) -> T:
+        """A file operation that reads (E2B's Stat, ListDir, a watcher's events)."""
+        return self._file_op(tenant, sandbox_id, op)
+
+    def file_change(
+        self, tenant: str, sandbox_id: str, kind: str, subject: str, op: Callable[[Sandbox], T]
+    ) -> T:
+        """A file operation that changes the sandbox (E2B's MakeDir, Move, Remove),
+        recorded as a run of `kind` with `subject` (the paths) as its code."""
+        with self.using(tenant, sandbox_id) as entry:
+            run_id = self.begin(tenant, sandbox_id, kind, subject, entry.sandbox.policy)
+
+            def work() -> T:
+                result = op(entry.sandbox)
+                self.finish(run_id, kind, Execution())
+                return result
+
+            return self._recorded(run_id, kind, work)
 
     def list_files(self, tenant: str, sandbox_id: str, path: str) -> list[EntryInfo]:
         return self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.list(path))

@@ -599,8 +599,10 @@ class FakeSandbox(HostSandbox):
                 return command_reply(
                     stderr=f"fake: no script for {request.get('cmd')!r}\n", exit_code=127
                 ).fields
-            if op in ("read", "write", "list", "stat", "remove", "mkdir"):
+            if op in ("read", "write", "list", "stat", "remove", "mkdir", "entry", "walk"):
                 return {"ev": "done", **getattr(self, f"_file_{op}")(self.path(args["path"]), args)}
+            if op == "rename":
+                return {"ev": "done", **self._file_rename(args)}
         except OSError as exc:
             name = type(exc).__name__
             return {"ev": "failed", "error": name, "errno": exc.errno, "message": str(exc)}
@@ -673,6 +675,53 @@ class FakeSandbox(HostSandbox):
         else:
             raise self._missing(path)
         return {}
+
+    def info(self, path: str) -> dict[str, Any]:
+        """The kernel's full entry (messages.EntryInfo), as a fresh sandbox's would be."""
+        directory = path in self.dirs
+        return {
+            **self.entry(path),
+            "mode": 0o755 if directory else 0o644,
+            "permissions": "drwxr-xr-x" if directory else "-rw-r--r--",
+            "owner": "user",
+            "group": "user",
+            "mtime": 1_700_000_000.0,
+            "is_symlink": False,
+            "symlink_target": None,
+        }
+
+    def _file_entry(self, path: str, args: Message) -> Message:
+        if path not in self.dirs and path not in self.files:
+            raise self._missing(path)
+        return {"entry": self.info(path)}
+
+    def _file_walk(self, path: str, args: Message) -> Message:
+        self._file_list(path, args)  # its errors
+        depth, inside = int(args.get("depth", 1)), path.rstrip("/") + "/"
+        found = sorted(
+            p
+            for p in (*self.dirs, *self.files)
+            if p.startswith(inside) and p[len(inside) :].count("/") < depth
+        )
+        return {"entries": [self.info(p) for p in found], "truncated": False}
+
+    def _file_rename(self, args: Message) -> Message:
+        src, dst = self.path(args["source"]), self.path(args["destination"])
+        if src in self.files:
+            self.files[dst] = self.files.pop(src)
+        elif src in self.dirs:
+            inside = src.rstrip("/") + "/"
+            self.dirs = {
+                dst + d[len(src) :] if d == src or d.startswith(inside) else d for d in self.dirs
+            }
+            self.files = {
+                (dst + f[len(src) :] if f.startswith(inside) else f): v
+                for f, v in self.files.items()
+            }
+        else:
+            raise self._missing(src)
+        self.dirs.add(posixpath.dirname(dst))
+        return {"entry": self.info(dst)}
 
     def _file_mkdir(self, path: str, args: Message) -> Message:
         if path in self.files:

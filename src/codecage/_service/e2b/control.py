@@ -1,0 +1,262 @@
+"""E2B's control plane (REST/JSON, `X-API-KEY`): sandboxes created, listed, described,
+given more time and killed, as Manager operations of the key's tenant.
+
+Templates: `base` and `code-interpreter-v1` (E2B's SDKs' defaults) are the service's
+default policy; any other name is E2B's 404 "template not found". A sandbox's `timeout` is
+its lifetime: the Manager kills it when it passes, `POST /sandboxes/{id}/timeout` moves it.
+Every sandbox gets an envd access token (E2B's SDKs secure every sandbox). Pausing,
+snapshots, forks, logs and network changes are not served: E2B's answer for an API this
+server does not have, with a message that says so.
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+import time
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..._approvals import operation
+from ..._text import has_lone_surrogate
+from ..manager import Entry, Manager
+from . import ENVD_VERSION, api_manager, api_tenant
+from .errors import E2BError
+
+TEMPLATES = ("base", "code-interpreter-v1")
+MAX_TIMEOUT_S = 24 * 3600  # E2B's own ceiling for a sandbox's lifetime
+METADATA_MAX = 64  # entries; each key and value at most METADATA_TEXT characters
+METADATA_TEXT = 1024
+CLIENT_ID = "codecage"
+
+router = APIRouter()
+TENANT = Depends(api_tenant)
+MANAGER = Depends(api_manager)
+
+
+class NewSandbox(BaseModel):
+    """E2B's NewSandbox (v2): the fields this server honours; the others are accepted
+    and ignored when they ask for nothing (`autoPause: false`, empty lists), refused when
+    they ask for what it does not do."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    template_id: str = Field(alias="templateID", max_length=256)
+    timeout: int = Field(300, ge=0, le=MAX_TIMEOUT_S)
+    metadata: dict[str, str] | None = None
+    env_vars: dict[str, str] | None = Field(None, alias="envVars")
+    auto_pause: bool = Field(False, alias="autoPause")
+    allow_internet_access: bool | None = None
+    secure: bool | None = None
+    mcp: Any = None
+    volume_mounts: list[Any] | None = Field(None, alias="volumeMounts")
+
+
+class Timeout(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    timeout: int = Field(ge=0, le=MAX_TIMEOUT_S)
+
+
+class Connect(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    timeout: int = Field(300, ge=0, le=MAX_TIMEOUT_S)
+
+
+def _iso(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at, datetime.UTC).isoformat().replace("+00:00", "Z")
+
+
+def _check_text(what: str, mapping: dict[str, str] | None) -> None:
+    if not mapping:
+        return
+    if len(mapping) > METADATA_MAX:
+        raise E2BError(400, f"{what}: at most {METADATA_MAX} entries")
+    for key, value in mapping.items():
+        if len(key) > METADATA_TEXT or len(value) > METADATA_TEXT:
+            raise E2BError(400, f"{what}: keys and values of at most {METADATA_TEXT} characters")
+        if has_lone_surrogate(key) or has_lone_surrogate(value):
+            raise E2BError(400, f"{what}: text must be valid Unicode")
+
+
+def created(entry: Entry) -> dict[str, Any]:
+    """E2B's Sandbox: what a create or a connect answers."""
+    return {
+        "templateID": entry.template,
+        "sandboxID": entry.sandbox.id,
+        "clientID": CLIENT_ID,
+        "envdVersion": ENVD_VERSION,
+        "envdAccessToken": entry.access_token,
+        "domain": None,
+    }
+
+
+def listed(entry: Entry) -> dict[str, Any]:
+    """E2B's ListedSandbox (and, with a few more fields, SandboxDetail)."""
+    policy = entry.sandbox.policy
+    ends = entry.expires_at
+    if ends is None:  # no lifetime: the policy's idle timeout is the nearest end it has
+        ends = time.time() + (policy.idle_timeout_s or MAX_TIMEOUT_S)
+    return {
+        "templateID": entry.template,
+        "sandboxID": entry.sandbox.id,
+        "clientID": CLIENT_ID,
+        "startedAt": _iso(entry.created_at),
+        "endAt": _iso(ends),
+        "cpuCount": max(1, round(policy.cpu_cores or 1)),
+        "memoryMB": policy.memory_mb or 0,
+        "diskSizeMB": policy.disk_mb,
+        "state": "running",
+        "envdVersion": ENVD_VERSION,
+        "metadata": dict(entry.metadata),
+    }
+
+
+def detail(entry: Entry) -> dict[str, Any]:
+    return {**listed(entry), "envdAccessToken": entry.access_token, "domain": None}
+
+
+@router.post("/v2/sandboxes", status_code=201)
+@router.post("/sandboxes", status_code=201)
+async def create_sandbox(
+    body: NewSandbox, request: Request, who: str = TENANT, manager: Manager = MANAGER
+) -> dict[str, Any]:
+    if body.template_id not in TEMPLATES:
+        raise E2BError(404, f"template '{body.template_id}' not found")
+    if body.auto_pause:
+        raise E2BError(400, "autoPause: this server does not pause sandboxes")
+    if body.mcp:
+        raise E2BError(400, "mcp: this server runs no MCP gateway")
+    if body.volume_mounts:
+        raise E2BError(400, "volumeMounts: this server has no volumes")
+    _check_text("metadata", body.metadata)
+    _check_text("envVars", body.env_vars)
+    token = secrets.token_urlsafe(32)
+    ref = request.headers.get("idempotency-key")
+
+    def work() -> Entry:
+        with operation(client_ref=ref[:64] if ref else None):
+            return manager.create(
+                who,
+                {},
+                dict(body.env_vars or {}),
+                lifetime_s=body.timeout or 1,
+                metadata=body.metadata,
+                access_token=token,
+                template=body.template_id,
+            )
+
+    return created(await run_in_threadpool(work))
+
+
+def _metadata_filter(raw: str | None) -> dict[str, str]:
+    """`?metadata=k1%3Dv1%26k2%3Dv2`: as E2B's SDKs send it (each key and value quoted,
+    then the pairs urlencoded)."""
+    if not raw:
+        return {}
+    if len(raw) > 8192:
+        raise E2BError(400, "metadata: a filter of at most 8192 characters")
+    return {unquote(k): unquote(v) for k, v in parse_qsl(raw, keep_blank_values=True)}
+
+
+@router.get("/v2/sandboxes")
+@router.get("/sandboxes")
+def list_sandboxes(
+    metadata: str | None = Query(None),
+    state: str | None = Query(None, max_length=200),
+    limit: int = Query(100, ge=1, le=1000),
+    who: str = TENANT,
+    manager: Manager = MANAGER,
+) -> list[dict[str, Any]]:
+    wanted = _metadata_filter(metadata)
+    states = {s.strip() for s in (state or "running").split(",") if s.strip()}
+    if not states <= {"running", "paused"}:
+        raise E2BError(400, f"state: running or paused, not {state!r}")
+    if "running" not in states:
+        return []  # nothing here is ever paused
+    out = []
+    for entry in sorted(manager.entries(who), key=lambda e: e.created_at):
+        if entry.expired() or any(entry.metadata.get(k) != v for k, v in wanted.items()):
+            continue
+        out.append(listed(entry))
+    return out[:limit]
+
+
+@router.get("/sandboxes/{sandbox_id}")
+def get_sandbox(sandbox_id: str, who: str = TENANT, manager: Manager = MANAGER) -> dict[str, Any]:
+    return detail(manager.get(who, sandbox_id))
+
+
+@router.delete("/sandboxes/{sandbox_id}", status_code=204)
+def kill_sandbox(sandbox_id: str, who: str = TENANT, manager: Manager = MANAGER) -> Response:
+    manager.delete(who, sandbox_id)
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/timeout", status_code=204)
+def set_timeout(
+    sandbox_id: str, body: Timeout, who: str = TENANT, manager: Manager = MANAGER
+) -> Response:
+    manager.set_lifetime(who, sandbox_id, body.timeout or 1)
+    return Response(status_code=204)
+
+
+@router.post("/v2/sandboxes/{sandbox_id}/connect")
+@router.post("/sandboxes/{sandbox_id}/connect")
+def connect_sandbox(
+    sandbox_id: str, body: Connect, who: str = TENANT, manager: Manager = MANAGER
+) -> Response:
+    """A running sandbox, with its lifetime at least `timeout` from now (E2B's answer: 200
+    for a running sandbox; 201 is a paused one resumed, which never happens here)."""
+    from fastapi.responses import JSONResponse
+
+    entry = manager.get(who, sandbox_id)
+    ends = time.time() + (body.timeout or 1)
+    if entry.expires_at is not None and entry.expires_at < ends:
+        entry = manager.set_lifetime(who, sandbox_id, body.timeout or 1)
+    return JSONResponse(created(entry), status_code=200)
+
+
+@router.get("/sandboxes/{sandbox_id}/metrics")
+def sandbox_metrics(
+    sandbox_id: str, who: str = TENANT, manager: Manager = MANAGER
+) -> list[dict[str, Any]]:
+    """One reading, now: the host's (cgroups) memory and CPU time of the sandbox."""
+    entry = manager.get(who, sandbox_id)
+    policy, jailed = entry.sandbox.policy, entry.sandbox._jailed
+    try:
+        memory = jailed.memory_current() or 0
+        cpu_s = jailed.usage().cpu_s
+    except OSError:
+        memory, cpu_s = 0, 0.0
+    now = time.time()
+    age = max(now - entry.created_at, 1e-3)
+    cores = policy.cpu_cores or 1
+    return [
+        {
+            "timestamp": _iso(now),
+            "timestampUnix": int(now),
+            "cpuCount": max(1, round(cores)),
+            "cpuUsedPct": round(min(100.0, 100 * cpu_s / age / cores), 2),
+            "memUsed": int(memory),
+            "memTotal": (policy.memory_mb or 0) << 20,
+            "memCache": 0,
+            "diskUsed": 0,
+            "diskTotal": policy.disk_mb << 20,
+        }
+    ]
+
+
+_UNSERVED = ("pause", "resume", "snapshots", "fork", "refreshes", "logs", "network")
+
+
+@router.api_route("/sandboxes/{sandbox_id}/{action}", methods=["GET", "POST", "PUT"])
+def unserved(
+    sandbox_id: str, action: str, who: str = TENANT, manager: Manager = MANAGER
+) -> Response:
+    manager.get(who, sandbox_id)  # another tenant's, or none: 404 first
+    if action in _UNSERVED:
+        raise E2BError(501, f"{action}: this server (codecage) does not {action} sandboxes")
+    raise E2BError(404, f"no route /sandboxes/{{id}}/{action}")

@@ -1,0 +1,249 @@
+"""envd's `filesystem.Filesystem` Connect service (port 49983), on the kernel's file
+requests (docs/protocol.md: `entry`, `walk`, `rename`, `mkdir`, `remove`, `watch`,
+`watch_events`, `unwatch`) through the Manager: reads take a place in the sandbox's queue,
+changes (MakeDir, Move, Remove) are recorded in the audit log as well.
+
+Watchers: `WatchDir` streams a watcher's events (polled from the kernel's inotify queue
+every POLL_S; keepalives when asked for); `CreateWatcher` / `GetWatcherEvents` /
+`RemoveWatcher` keep one on the sandbox's Manager entry (WATCHERS at most), gone with it.
+`allowNetworkMounts` changes nothing here: a sandbox has no network mounts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import secrets
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from starlette.concurrency import run_in_threadpool
+
+from ..._errors import FileNotFoundInSandbox, SandboxError
+from ..._sandbox import EntryInfo, FilesystemEvent, Sandbox, WatchHandle
+from ..app import _check_path
+from .connect import Call, ConnectError, Service, field
+
+service = Service("filesystem.Filesystem")
+POLL_S = 0.2  # a WatchDir stream asks the kernel for new events this often
+WATCHERS = 16  # CreateWatcher's watchers per sandbox
+ENTRIES_PER_POLL = 100  # events given their entry (includeEntry) per poll
+MAX_DEPTH = 1024
+T = TypeVar("T")
+
+FILE_TYPES = {
+    "file": "FILE_TYPE_FILE",
+    "dir": "FILE_TYPE_DIRECTORY",
+    "symlink": "FILE_TYPE_SYMLINK",
+}
+EVENT_TYPES = {
+    "create": "EVENT_TYPE_CREATE",
+    "write": "EVENT_TYPE_WRITE",
+    "remove": "EVENT_TYPE_REMOVE",
+    "rename": "EVENT_TYPE_RENAME",
+    "chmod": "EVENT_TYPE_CHMOD",
+}
+# The kernel's error names (a failed file request) as Connect codes.
+REASONS = {
+    "FileExistsError": "already_exists",
+    "IsADirectoryError": "invalid_argument",
+    "NotADirectoryError": "invalid_argument",
+    "PermissionError": "permission_denied",
+    "UnknownWatcher": "not_found",
+    "ValueError": "invalid_argument",
+}
+
+
+def entry_json(entry: EntryInfo) -> dict[str, Any]:
+    """E2B's EntryInfo in protobuf's JSON form (int64 as a string, enums by name)."""
+    out: dict[str, Any] = {
+        "name": entry.name,
+        "type": FILE_TYPES.get(entry.type, "FILE_TYPE_UNSPECIFIED"),
+        "path": entry.path,
+        "size": str(entry.size),
+        "mode": entry.mode or 0,
+        "permissions": entry.permissions or "",
+        "owner": entry.owner or "",
+        "group": entry.group or "",
+    }
+    if entry.modified_time is not None:
+        out["modifiedTime"] = (
+            entry.modified_time.astimezone(datetime.UTC).isoformat().replace("+00:00", "Z")
+        )
+    if entry.symlink_target is not None:
+        out["symlinkTarget"] = entry.symlink_target
+        out["isSymlink"] = True
+    return out
+
+
+def _path(message: dict[str, Any], name: str = "path") -> str:
+    path = field(message, name, "str", "")
+    try:
+        _check_path(path)
+    except Exception as exc:
+        raise ConnectError("invalid_argument", f"{name}: {exc}") from None
+    return str(path)
+
+
+def _mapped(exc: SandboxError) -> Exception:
+    if isinstance(exc, FileNotFoundInSandbox):
+        return ConnectError("not_found", str(exc))
+    code = REASONS.get(str(getattr(exc, "reason", "")))
+    return ConnectError(code, str(exc)) if code else exc
+
+
+async def _read(call: Call, op: Callable[[Sandbox], T]) -> T:
+    access = call.access
+    try:
+        return await run_in_threadpool(
+            access.manager.file_call, access.tenant, access.sandbox_id, op
+        )
+    except SandboxError as exc:
+        raise _mapped(exc) from None
+
+
+async def _change(call: Call, kind: str, subject: str, op: Callable[[Sandbox], T]) -> T:
+    access = call.access
+    try:
+        return await run_in_threadpool(
+            access.manager.file_change, access.tenant, access.sandbox_id, kind, subject, op
+        )
+    except SandboxError as exc:
+        raise _mapped(exc) from None
+
+
+@service.unary("Stat")
+async def stat(call: Call, message: dict[str, Any]) -> dict[str, Any]:
+    path = _path(message)
+    return {"entry": entry_json(await _read(call, lambda sbx: sbx.files.get_info(path)))}
+
+
+@service.unary("MakeDir")
+async def make_dir(call: Call, message: dict[str, Any]) -> dict[str, Any]:
+    path = _path(message)
+
+    def work(sbx: Sandbox) -> EntryInfo | None:
+        return sbx.files.get_info(path) if sbx.files.make_dir(path) else None
+
+    made = await _change(call, "file_mkdir", path, work)
+    if made is None:
+        raise ConnectError("already_exists", f"directory '{path}' already exists")
+    return {"entry": entry_json(made)}
+
+
+@service.unary("Move")
+async def move(call: Call, message: dict[str, Any]) -> dict[str, Any]:
+    source, destination = _path(message, "source"), _path(message, "destination")
+    moved = await _change(
+        call,
+        "file_rename",
+        f"{source} -> {destination}",
+        lambda sbx: sbx.files.rename(source, destination),
+    )
+    return {"entry": entry_json(moved)}
+
+
+@service.unary("ListDir")
+async def list_dir(call: Call, message: dict[str, Any]) -> dict[str, Any]:
+    path = _path(message)
+    depth = min(max(1, field(message, "depth", "int", 1)), MAX_DEPTH)
+    entries = await _read(call, lambda sbx: sbx.files.list(path, depth=depth))
+    return {"entries": [entry_json(e) for e in entries]}
+
+
+@service.unary("Remove")
+async def remove(call: Call, message: dict[str, Any]) -> dict[str, Any]:
+    path = _path(message)
+    await _change(call, "file_remove", path, lambda sbx: sbx.files.remove(path))
+    return {}
+
+
+# -- watchers ----------------------------------------------------------------------------
+
+
+async def _events(
+    call: Call, handle: WatchHandle, root: str, include_entry: bool
+) -> list[dict[str, Any]]:
+    """A watcher's new events as E2B's FilesystemEvent messages."""
+    events: list[FilesystemEvent] = await _read(call, lambda sbx: handle.get_new_events())
+    out = []
+    for number, event in enumerate(events):
+        item: dict[str, Any] = {"name": event.name, "type": EVENT_TYPES[event.type]}
+        if include_entry and number < ENTRIES_PER_POLL and event.type != "remove":
+            where = f"{root.rstrip('/')}/{event.name}" if event.name else root
+            try:
+                info = await _read(call, lambda sbx, where=where: sbx.files.get_info(where))  # type: ignore[misc]
+                item["entry"] = entry_json(info)
+            except ConnectError:
+                pass  # gone meanwhile: an event without its entry, as envd sends it
+        out.append(item)
+    return out
+
+
+async def _start(call: Call, message: dict[str, Any]) -> tuple[WatchHandle, str, bool]:
+    path = _path(message)
+    recursive = bool(field(message, "recursive", "bool", False))
+    include_entry = bool(field(message, "include_entry", "bool", False))
+    field(message, "allow_network_mounts", "bool", False)  # checked; nothing to allow here
+
+    def work(sbx: Sandbox) -> tuple[WatchHandle, str]:
+        handle = sbx.files.watch_dir(path, recursive=recursive)
+        return handle, sbx.files.get_info(path).path
+
+    handle, root = await _read(call, work)
+    return handle, root, include_entry
+
+
+async def _stop(call: Call, handle: WatchHandle) -> None:
+    with contextlib.suppress(ConnectError, SandboxError):  # gone with its sandbox or kernel
+        await _read(call, lambda sbx: handle.stop())
+
+
+@service.stream("WatchDir", keepalive={"keepalive": {}})
+async def watch_dir(call: Call, message: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    handle, root, include_entry = await _start(call, message)
+    try:
+        yield {"start": {}}
+        while True:
+            for event in await _events(call, handle, root, include_entry):
+                yield {"filesystem": event}
+            await asyncio.sleep(POLL_S)
+    finally:
+        await asyncio.shield(_stop(call, handle))
+
+
+@service.unary("CreateWatcher")
+async def create_watcher(call: Call, message: dict[str, Any]) -> dict[str, Any]:
+    watchers = call.access.entry.watchers
+    if len(watchers) >= WATCHERS:
+        raise ConnectError("resource_exhausted", f"at most {WATCHERS} watchers per sandbox")
+    handle, root, include_entry = await _start(call, message)
+    watcher_id = secrets.token_hex(12)
+    watchers[watcher_id] = (handle, root, include_entry)
+    return {"watcherId": watcher_id}
+
+
+def _watcher(call: Call, message: dict[str, Any]) -> tuple[str, tuple[WatchHandle, str, bool]]:
+    watcher_id = field(message, "watcher_id", "str", "")
+    found = call.access.entry.watchers.get(watcher_id)
+    if found is None:
+        raise ConnectError("not_found", f"watcher '{watcher_id[:64]}' not found")
+    return watcher_id, found
+
+
+@service.unary("GetWatcherEvents")
+async def get_watcher_events(call: Call, message: dict[str, Any]) -> dict[str, Any]:
+    _, (handle, root, include_entry) = _watcher(call, message)
+    return {"events": await _events(call, handle, root, include_entry)}
+
+
+@service.unary("RemoveWatcher")
+async def remove_watcher(call: Call, message: dict[str, Any]) -> dict[str, Any]:
+    watcher_id, (handle, _, _) = _watcher(call, message)
+    call.access.entry.watchers.pop(watcher_id, None)
+    await _stop(call, handle)
+    return {}
+
+
+router = service.router()
