@@ -28,7 +28,7 @@ from .openapi_check import validate
 collect_ignore = ["unit"]
 
 # The conformance kit: tests using the `backend` fixture run once per backend of this host.
-pytest_plugins = ["codecage.testing.pytest_plugin"]
+pytest_plugins = ["codecage.testing.pytest_plugin", "tests.e2b_server"]  # + E2B's fixtures
 
 
 def pytest_configure(config: pytest.Config) -> None:

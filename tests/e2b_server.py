@@ -1,9 +1,6 @@
 """A real `codecage serve` on loopback for E2B's own SDKs (`e2b`, `e2b-code-interpreter`),
-shared by the E2B tests (tests/test_e2b*.py). Use it from a test module with
-
-    from .e2b_server import e2b_env, e2b_service  # noqa: F401  (the fixtures)
-
-`e2b_service` is one service for the module (tenants alice and bob); `e2b_env` points the
+shared by the E2B tests (tests/test_e2b*.py): tests/conftest.py loads it as a plugin, so
+a test asks for the fixtures by name. `e2b_service` is one service for the module (tenants alice and bob); `e2b_env` points the
 SDKs at it for one test (E2B_API_URL, E2B_SANDBOX_URL and E2B_API_KEY of alice, in the
 environment, where the SDKs read them) and, after the test, kills whatever sandbox alice
 left and fails the test if there was one. `env_for(service, tenant)` is the same
@@ -21,8 +18,6 @@ import httpx
 import pytest
 
 from .conftest import Service, start_service, stop_service
-
-pytestmark = pytest.mark.requires_root
 
 CONFIG = (  # room for a few sandboxes at once; a small warm pool
     "pool_size = 1\n"
