@@ -21,4 +21,5 @@ protocol.py (framing), seccomp.py and landlock.py (probes, profiles) and mounts.
     imports.py     the policy's module allow/deny lists on user code's imports (not a wall)
     files.py       file requests, done by the kernel (the host never opens a sandbox path)
     commands.py    shell commands inside the sandbox (`sbx.commands.run`)
+    procman.py     the process manager: background commands and ptys, outside the kernel
 """
