@@ -115,10 +115,12 @@ def manager(sbx: Sandbox) -> ProcessManager:
     return procs
 
 
-def call(sbx: Sandbox, message: dict[str, Any]) -> dict[str, Any]:
-    """One request to the sandbox's process manager; a `failed` reply is raised."""
+def call(sbx: Sandbox, message: dict[str, Any], touch: bool = True) -> dict[str, Any]:
+    """One request to the sandbox's process manager; a `failed` reply is raised. It counts
+    as the sandbox's activity (its idle timeout) unless `touch` is False."""
     reply = manager(sbx).request(message)
-    sbx.last_activity = time.monotonic()
+    if touch:
+        sbx.last_activity = time.monotonic()
     if reply.get("ev") == "failed":
         error, text = str(reply.get("error"))[:64], str(reply.get("message"))[:1000]
         if error == "ProcessLookupError":

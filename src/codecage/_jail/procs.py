@@ -10,6 +10,7 @@ anything else ends the sandbox. Replies are checked field by field by their user
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import select
 import socket
@@ -52,9 +53,16 @@ class ProcessManager:
         self.envs: dict[str, str] = {}  # the session's own environment (a pooled sandbox)
 
     def close(self) -> None:
-        with self._lock:
-            self.closed = True
-            self._sock.close()
+        """Never waits long for a request in flight: the socket is shut down first, which
+        wakes it (it then fails); the descriptor is closed by whichever comes last."""
+        self.closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        if self._lock.acquire(timeout=REPLY_S):
+            try:
+                self._sock.close()
+            finally:
+                self._lock.release()
 
     def request(self, message: ProcRequest | dict[str, Any], timeout_s: float = REPLY_S) -> Message:
         """Send one request and return its reply (`done` or `failed`)."""
@@ -131,6 +139,7 @@ class ProcessManager:
 
     def _gone(self, exc: OSError | None) -> None:
         self.closed = True
+        self._sock.close()
         why = f": {exc}" if exc else ""
         raise TransportError(
             "the sandbox's process manager has ended (killed from inside the sandbox?); "

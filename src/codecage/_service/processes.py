@@ -72,7 +72,7 @@ class ProcessRecords:
                     self._fail(w, why)
                 continue
             try:
-                reply = call(sandbox, {"op": "proc_list"})
+                reply = call(sandbox, {"op": "proc_list"}, touch=False)
                 running = {
                     p.get("pid") for p in reply.get("processes") or [] if p.get("running") is True
                 }
@@ -87,6 +87,7 @@ class ProcessRecords:
             reply = call(
                 w.sandbox,
                 {"op": "proc_read", "pid": w.pid, "offset": 0, "max_bytes": 1 << 20},
+                touch=False,  # watching is not using: the sandbox's idle timeout still runs
             )
         except ProcessNotFound:
             self._fail(w, ProcessNotFound("its sandbox's process manager lost it"))
