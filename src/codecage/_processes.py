@@ -93,6 +93,11 @@ class Exit:
         return f"killed by signal {self.signal} ({name})"
 
 
+def _marker(size: int, pty: bool) -> str | bytes:
+    text = dropped_text(size)
+    return text.encode() if pty else text
+
+
 def dropped_text(size: int) -> str:
     return f"\n[codecage: {size} bytes of output dropped: the process's buffer is bounded]\n"
 
@@ -265,6 +270,8 @@ class CommandHandle:
         }
         self._exit: Exit | None = None
         self._disconnected = False
+        self._pty = False  # output seen on a pty: markers go there
+        self.dropped = 0  # bytes the process manager's bounded buffer let go unread
 
     @property
     def stdout(self) -> str:
@@ -272,7 +279,10 @@ class CommandHandle:
 
     @property
     def stderr(self) -> str:
-        return "".join(self._stderr)
+        """What the process wrote to stderr (within the policy's output_bytes), and a note
+        of how much output was dropped unread, if any was."""
+        text = "".join(self._stderr)
+        return text + dropped_text(self.dropped) if self.dropped else text
 
     @property
     def exit_code(self) -> int | None:
@@ -296,9 +306,10 @@ class CommandHandle:
             for chunk in chunks:
                 if chunk.dropped:
                     self.truncated = True
-                    text = dropped_text(chunk.dropped)
-                    yield from self._text("stderr", text)
+                    self.dropped += chunk.dropped
+                    yield ("pty" if self._pty else "stderr"), _marker(chunk.dropped, self._pty)
                 elif chunk.stream == "pty":
+                    self._pty = True
                     yield "pty", chunk.data
                 else:
                     yield from self._text(

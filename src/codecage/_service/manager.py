@@ -374,6 +374,7 @@ class Manager:
 
     def delete(self, tenant: str, sandbox_id: str) -> None:
         entry = self.get(tenant, sandbox_id)
+        self.process_records.sweep(sandbox_id)  # the ends of its processes, as they were
         entry.sandbox.kill()
         with self._lock:
             self._sandboxes.pop(sandbox_id, None)
@@ -393,6 +394,7 @@ class Manager:
         with self._lock:
             entries = list(self._sandboxes.values())
             self._sandboxes.clear()
+        self.process_records.sweep()
         for entry in entries:
             entry.sandbox.kill()
         self.process_records.close()

@@ -4,8 +4,9 @@ starts, and an end record when it ends, whoever watches it (or nobody).
 `ProcessRecords` holds the run id of every process the service started and a thread that
 looks at the sandboxes holding them (every `POLL_S`): a process seen ended gets its
 completion record (exit code or signal, duration, the output its buffer still held); a
-sandbox that ended, or a process manager that lost it, gets a `failed` one. At shutdown
-the rest are recorded as failed before the audit log closes.
+sandbox that ended gets a `killed` one (ended with it), and a process manager that lost it
+a `failed` one. A sandbox is swept once more before it is deleted, and at shutdown the
+rest are recorded as killed before the audit log closes.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .._errors import ProcessNotFound, SandboxError, SandboxNotFound, TransportError
+from .._errors import ProcessNotFound, SandboxError, TransportError
 from .._models import Execution, ExecutionError
 from .._processes import call
 
@@ -58,18 +59,19 @@ class ProcessRecords:
         while not self._stop.wait(POLL_S):
             self.sweep()
 
-    def sweep(self) -> None:
-        """Record every watched process that has ended."""
+    def sweep(self, sandbox_id: str | None = None) -> None:
+        """Record every watched process (of one sandbox, or all) that has ended. Those of a
+        sandbox that has ended were killed with it."""
         with self._lock:
             by_sandbox: dict[str, list[Watched]] = {}
             for w in self._watched.values():
-                by_sandbox.setdefault(w.sandbox.id, []).append(w)
+                if sandbox_id is None or w.sandbox.id == sandbox_id:
+                    by_sandbox.setdefault(w.sandbox.id, []).append(w)
         for watched in by_sandbox.values():
             sandbox = watched[0].sandbox
             if not sandbox.alive:
-                why = SandboxNotFound(f"the sandbox ended: {sandbox._jailed.ended_because}")
                 for w in watched:
-                    self._fail(w, why)
+                    self._killed(w, f"the sandbox ended: {sandbox._jailed.ended_because}")
                 continue
             try:
                 reply = call(sandbox, {"op": "proc_list"}, touch=False)
@@ -109,6 +111,13 @@ class ProcessRecords:
         self._forget(w)
         self._manager.finish(w.run_id, "process", ex)
 
+    def _killed(self, w: Watched, why: str) -> None:
+        """A process that died with its sandbox (its last output is gone with it)."""
+        ex = Execution(duration_ms=(time.monotonic() - w.started) * 1000, exit_code=137)
+        ex.killed_by, ex.error = "signal", ExecutionError("SandboxEnded", why[:1000], "")
+        self._forget(w)
+        self._manager.finish(w.run_id, "process", ex)
+
     def _fail(self, w: Watched, exc: BaseException) -> None:
         self._forget(w)
         self._manager.fail(w.run_id, "process", exc)
@@ -118,12 +127,12 @@ class ProcessRecords:
             self._watched.pop((w.sandbox.id, w.pid), None)
 
     def close(self) -> None:
-        """At shutdown (every sandbox killed): the processes still watched end `failed`."""
+        """At shutdown (every sandbox killed): the processes still watched were killed."""
         self._stop.set()
         with self._lock:
             rest = list(self._watched.values())
         for w in rest:
-            self._fail(w, SandboxNotFound("the service shut down"))
+            self._killed(w, "the service shut down")
 
 
 def _tail(chunks: object) -> tuple[str, str]:
