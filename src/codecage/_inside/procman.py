@@ -37,6 +37,7 @@ MAX_READ = 1 << 20  # bytes of output one proc_read returns, at most
 MAX_INPUT = 1 << 20  # bytes of stdin waiting for a process that does not read it
 RETAIN_EXITED = 32  # exited processes kept for readers still to take their last output
 MAX_ARG = 1 << 16  # bytes of a command, an argument, a variable, a path
+KILL_WAIT_S = 1.0  # how long a SIGKILL's answer waits for the process to be gone
 
 
 class Failure(Exception):
@@ -315,9 +316,13 @@ class Manager:
                 return
             if pid == 0:
                 return
-            proc = self.procs.get(pid)
-            if proc is None or not proc.running:
-                continue  # an orphan of one of ours (we are its subreaper)
+            self.ended(pid, status)
+
+    def ended(self, pid: int, status: int) -> None:
+        """A child was reaped: if it is one of ours, take the rest of its output, close its
+        descriptors and keep its exit (an orphan of one of ours is only reaped)."""
+        proc = self.procs.get(pid)
+        if proc is not None and proc.running:
             proc.status, proc.exited_at = status, time.monotonic()
             proc.popen.returncode = os.waitstatus_to_exitcode(status)
             for fd in list(proc.fds):  # what it wrote before it ended is all in there
@@ -409,6 +414,14 @@ class Manager:
             os.killpg(proc.pid, sig)  # its process group: a shell's children too
         except ProcessLookupError:
             os.kill(proc.pid, sig)
+        if sig == signal.SIGKILL:  # gone (reaped) before the answer, as a kill is awaited
+            deadline = time.monotonic() + KILL_WAIT_S
+            while time.monotonic() < deadline:
+                pid, status = os.waitpid(proc.pid, os.WNOHANG)
+                if pid:
+                    self.ended(pid, status)
+                    break
+                time.sleep(0.001)
         return {}
 
     def resize(self, request: Message) -> dict[str, Any]:

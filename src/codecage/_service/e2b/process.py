@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
-from ..._errors import PolicyError, ProcessNotFound, SandboxError
+from ..._errors import PolicyError, ProcessNotFound, SandboxError, SandboxNotFound
 from ..._processes import USERS, Exit, PtySize, dropped_text, listing, signal_process
 from ..._processes import read as read_output
 from ..._sandbox import Sandbox
@@ -121,10 +121,17 @@ async def _follow(
     """A process's output events from `offset` (None: from now on), then its end."""
     delay = POLL_MIN_S
     while True:
-        chunks, offset, ended = await _on(
-            call,
-            lambda sbx, at=offset: read_output(sbx._proc_call, pid, at),  # type: ignore[misc]
-        )
+        try:
+            chunks, offset, ended = await _on(
+                call,
+                lambda sbx, at=offset: read_output(sbx._proc_call, pid, at),  # type: ignore[misc]
+            )
+        except SandboxNotFound:
+            # as E2B's proxy words it when a sandbox ends under a stream: the client then
+            # asks the sandbox's health and says it was killed or reached its end of life
+            sid = call.access.sandbox_id
+            message = f"the connection to sandbox {sid} ended before the stream completed"
+            raise ConnectError("unavailable", message) from None
         for chunk in chunks:
             if chunk.dropped:
                 marker = dropped_text(chunk.dropped).encode()
