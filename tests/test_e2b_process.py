@@ -270,3 +270,34 @@ def test_other_tenants_and_bad_input(e2b_env: dict[str, str], e2b_service: Servi
 
 def _as(tenant: str, service: Service) -> dict[str, str]:
     return {"api_key": env_for(service, tenant)["E2B_API_KEY"]}
+
+
+def test_stream_input(e2b_env: dict[str, str], e2b_service: Service) -> None:
+    sbx = Sandbox.create(timeout=300)
+    try:
+        cat = sbx.commands.run("cat", background=True, stdin=True, timeout=0)
+        sbx.commands.stream_input(cat.pid, ["one ", b"two\n", "three\n"])
+        sbx.commands.close_stdin(cat.pid)
+        assert cat.wait().stdout == "one two\nthree\n"
+        term = sbx.pty.create(PtySize(rows=24, cols=80), timeout=0)
+        sbx.pty.stream_input(term.pid, [b"exit 5\n"])
+        with pytest.raises(CommandExitException) as ended:
+            term.wait()
+        assert ended.value.exit_code == 5
+        with pytest.raises(NotFoundException):
+            sbx.commands.stream_input(99999, ["x"])
+        with envd(e2b_service, sbx) as client:
+            for body in [
+                frame({"data": {"input": {"stdin": "eA=="}}}),  # data before start
+                frame({"start": {"process": {"pid": 1}}})[:-1],  # cut inside an envelope
+                b"\x03" + frame({})[1:],
+                frame({"other": {}}),
+            ]:
+                answer = client.post(
+                    "/process.Process/StreamInput", content=body, headers={"Content-Type": STREAM}
+                )
+                assert answer.status_code == 200
+                (flags, end), *_ = frames(answer.content)[-1:]
+                assert flags == 2 and "error" in end, (body, answer.content)
+    finally:
+        sbx.kill()

@@ -24,13 +24,28 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
+from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from ..._errors import PolicyError, ProcessNotFound, SandboxError, SandboxNotFound
 from ..._processes import USERS, Exit, PtySize, dropped_text, listing, signal_process
 from ..._processes import read as read_output
 from ..._sandbox import Sandbox
-from .connect import Call, ConnectError, Service, field
+from . import SandboxAccess, sandbox_access
+from .connect import (
+    HEADER,
+    MAX_MESSAGE,
+    STREAM_TYPE,
+    Call,
+    ConnectError,
+    Service,
+    end_stream,
+    envelope,
+    error_response,
+    field,
+    from_sandbox_error,
+    parse_message,
+)
 
 service = Service("process.Process")
 POLL_MIN_S, POLL_MAX_S = 0.01, 0.05
@@ -294,4 +309,68 @@ async def update(call: Call, message: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-router = service.router()
+# -- StreamInput: the one client stream (a body of envelopes, read as they arrive) --------
+
+
+async def _messages(request: Request) -> AsyncIterator[dict[str, Any]]:
+    """A client stream's messages, each envelope parsed as soon as it is whole."""
+    held = bytearray()
+    async for piece in request.stream():
+        held += piece
+        while len(held) >= HEADER.size:
+            flags, length = HEADER.unpack_from(held)
+            if flags != 0:
+                raise ConnectError("invalid_argument", f"a malformed envelope: flags {flags:#x}")
+            if length > MAX_MESSAGE:
+                raise ConnectError("resource_exhausted", f"a message over {MAX_MESSAGE} bytes")
+            if len(held) < HEADER.size + length:
+                break
+            data = bytes(held[HEADER.size : HEADER.size + length])
+            del held[: HEADER.size + length]
+            yield parse_message(data)
+    if held:
+        raise ConnectError("invalid_argument", "a malformed envelope: the body ends inside one")
+
+
+async def _stream_input(call: Call) -> None:
+    pid: int | None = None
+    async for message in _messages(call.request):
+        if "start" in message:
+            if pid is not None:
+                raise ConnectError("invalid_argument", "a second start event")
+            pid = await _pid(call, field(message, "start", "dict", {}))
+        elif "data" in message:
+            if pid is None:
+                raise ConnectError("invalid_argument", "data before the start event")
+            await _send(call, pid, _input(field(message, "data", "dict", {})))
+        elif "keepalive" not in message:
+            raise ConnectError("invalid_argument", "an event that is not start, data or keepalive")
+    if pid is None:
+        raise ConnectError("invalid_argument", "no start event")
+
+
+router = APIRouter()
+ACCESS = Depends(sandbox_access)
+
+
+@router.post("/process.Process/StreamInput", include_in_schema=False)
+async def stream_input(request: Request, access: SandboxAccess = ACCESS) -> Response:
+    """Input as the client streams it, to the process's stdin or pty; one empty reply."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != STREAM_TYPE:
+        err = ConnectError(
+            "invalid_argument", f"Content-Type {media or 'none'!r}: a stream is {STREAM_TYPE}"
+        )
+        return error_response(err, 415)
+    try:
+        await _stream_input(Call(access, request, None, None))
+    except ConnectError as err:
+        return Response(end_stream(err), media_type=STREAM_TYPE)
+    except SandboxError as exc:
+        return Response(
+            end_stream(from_sandbox_error(exc, access.sandbox_id)), media_type=STREAM_TYPE
+        )
+    return Response(envelope({}) + end_stream(), media_type=STREAM_TYPE)
+
+
+router.include_router(service.router())
