@@ -7,7 +7,7 @@ RUNTIME ?= $(or $(CODECAGE_RUNTIME),/var/lib/codecage/runtime)
 export CODECAGE_RUNTIME := $(RUNTIME)
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test check bench runtime backends clean
+.PHONY: all demo test check bench runtime backends clean e2b-suite
 
 all: test
 
@@ -43,5 +43,14 @@ bench: $(STAMP) runtime
 	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bwrap,container,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python benchmarks/run.py
 
+# E2B's own Python tests against codecage (docs/e2b.md): `make e2b-suite E2B=path/to/checkout`
+# (of github.com/e2b-dev/E2B or e2b-dev/code-interpreter; GROUPS= picks test directories).
+E2B_VENV := .venv-e2b
+e2b-suite: $(STAMP)
+	@test -n "$(E2B)" || { echo "usage: make e2b-suite E2B=path/to/checkout [GROUPS=...]"; exit 2; }
+	test -x $(E2B_VENV)/bin/python || $(PY) -m venv $(E2B_VENV)
+	$(E2B_VENV)/bin/pip install --quiet --progress-bar off -e '.[service,e2b-suite]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(E2B_VENV)/bin/python scripts/e2b-suite $(E2B) $(GROUPS)
+
 clean:
-	rm -rf $(VENV) demo-output .pytest_cache .mypy_cache
+	rm -rf $(VENV) $(E2B_VENV) demo-output .pytest_cache .mypy_cache

@@ -34,7 +34,6 @@ def env_for(service: Service, tenant: str = "alice") -> dict[str, str]:
         "E2B_API_URL": service.url,
         "E2B_SANDBOX_URL": service.url,
         "E2B_API_KEY": service.keys[tenant],
-        "E2B_DEBUG": "false",
     }
 
 
@@ -74,7 +73,7 @@ def e2b_env(e2b_service: Service, monkeypatch: pytest.MonkeyPatch) -> Iterator[d
     env = env_for(e2b_service)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
-    for name in ("E2B_ACCESS_TOKEN", "E2B_DOMAIN", "E2B_HTTP_VERSION"):
+    for name in ("E2B_DEBUG", "E2B_ACCESS_TOKEN", "E2B_DOMAIN", "E2B_HTTP_VERSION"):
         monkeypatch.delenv(name, raising=False)
     yield env
     left = kill_all(e2b_service, "alice") + kill_all(e2b_service, "bob")

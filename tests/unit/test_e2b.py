@@ -235,5 +235,121 @@ def test_connect_rpcs_refuse_bad_input(service: Service) -> None:
                     headers={"content-type": c.UNARY_TYPE},
                 )
                 assert method.json()["code"] == "unimplemented"
+                stat, unary = "/filesystem.Filesystem/Stat", {"content-type": c.UNARY_TYPE}
+                big = rpc.post(stat, content=b" " * (2 << 20) + b"{}", headers=unary)
+                assert big.status_code == 429 and big.json()["code"] == "resource_exhausted"
+                huge = rpc.post(stat, content=b"x" * (12 << 20), headers=unary)
+                assert huge.status_code == 413 and huge.json()["code"] == 413  # the body limit
+                assert rpc.post(stat, json={"path": "."}, headers=unary).status_code == 200
+        finally:
+            http.delete(f"/sandboxes/{sid}")
+
+
+def test_hosted_addresses_and_signed_urls_reach_a_sandbox(service: Service) -> None:
+    """`{port}-{id}.{domain}` routes as the headers do (behind a proxy for every such
+    host); a signed /files URL needs no token, and an expired or wrong one is 401."""
+    with api(service) as http:
+        made = create(http)
+        sid, token = made["sandboxID"], made["envdAccessToken"]
+        try:
+            host = {"Host": f"{ENVD_PORT}-{sid}.sandbox.test"}
+            with httpx.Client(base_url=service.url, timeout=30) as plain:
+                assert (
+                    plain.get("/health", headers={**host, "X-Access-Token": token}).status_code
+                    == 204
+                )
+                assert plain.get("/health", headers=host).status_code == 401  # no token
+                unknown = {"Host": f"{ENVD_PORT}-{'0' * 32}.sandbox.test"}
+                assert plain.get("/health", headers=unknown).status_code == 502
+                assert (
+                    plain.get("/healthz", headers={"Host": "api.sandbox.test"}).status_code == 200
+                )
+                upload = plain.post(
+                    "/files",
+                    params={"path": "signed.txt"},
+                    content=b"signed",
+                    headers={
+                        **host,
+                        "X-Access-Token": token,
+                        "content-type": "application/octet-stream",
+                    },
+                )
+                assert upload.status_code == 200, upload.text
+                assert upload.json()[0]["path"] == "/home/user/signed.txt"
+                later = int(time.time()) + 60
+                good = {
+                    "path": "signed.txt",
+                    "signature": signature("signed.txt", "read", "", token, later),
+                    "signature_expiration": str(later),
+                }
+                assert plain.get("/files", params=good, headers=host).content == b"signed"
+                expired = dict(good, signature_expiration=str(int(time.time()) - 10))
+                response = plain.get("/files", params=expired, headers=host)
+                assert response.json() == {"code": 401, "message": "signature is already expired"}
+                wrong = dict(good, signature="v1_nope")
+                assert plain.get("/files", params=wrong, headers=host).status_code == 401
+                write_sig = dict(good, signature=signature("signed.txt", "write", "", token, later))
+                assert plain.get("/files", params=write_sig, headers=host).status_code == 401
+        finally:
+            http.delete(f"/sandboxes/{sid}")
+
+
+def test_control_plane_operations_are_audited(service: Service) -> None:
+    with api(service) as http:
+        sid = create(http)["sandboxID"]
+        assert http.post(f"/sandboxes/{sid}/timeout", json={"timeout": 60}).status_code == 204
+        assert http.delete(f"/sandboxes/{sid}").status_code == 204
+    kinds = [r["kind"] for r in service.audit.runs(tenant="alice", sandbox_id=sid)]
+    assert kinds == ["sandbox_create", "sandbox_timeout", "sandbox_kill"]
+
+
+def test_files_and_filesystem_over_the_fake(service: Service) -> None:
+    """envd's /files and a few Filesystem calls, end to end over the fake's files."""
+    with api(service) as http:
+        made = create(http)
+        sid, token = made["sandboxID"], made["envdAccessToken"]
+        try:
+            with envd(service, sid, token) as sbx:
+                boundary = "b0und"
+                body = (
+                    f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+                    f'filename="one.txt"\r\n\r\n1\r\n--{boundary}\r\nContent-Disposition: '
+                    f'form-data; name="file"; filename="d/two.txt"\r\n\r\n22\r\n--{boundary}--\r\n'
+                ).encode()
+                response = sbx.post(
+                    "/files",
+                    content=body,
+                    headers={"content-type": f"multipart/form-data; boundary={boundary}"},
+                )
+                assert [e["path"] for e in response.json()] == [
+                    "/home/user/one.txt",
+                    "/home/user/d/two.txt",
+                ]
+                assert sbx.get("/files", params={"path": "d/two.txt"}).content == b"22"
+                missing = sbx.get("/files", params={"path": "nope"})
+                assert missing.status_code == 404 and missing.json()["code"] == 404
+                unary = {"content-type": c.UNARY_TYPE}
+                listed = sbx.post(
+                    "/filesystem.Filesystem/ListDir", json={"path": ".", "depth": 2}, headers=unary
+                )
+                assert [e["name"] for e in listed.json()["entries"]] == ["d", "two.txt", "one.txt"]
+                made_dir = sbx.post(
+                    "/filesystem.Filesystem/MakeDir", json={"path": "d"}, headers=unary
+                )
+                assert made_dir.status_code == 409 and made_dir.json()["code"] == "already_exists"
+                gone = sbx.post("/filesystem.Filesystem/Stat", json={"path": "nope"}, headers=unary)
+                assert gone.status_code == 404 and gone.json()["code"] == "not_found"
+                moved = sbx.post(
+                    "/filesystem.Filesystem/Move",
+                    json={"source": "one.txt", "destination": "e/one.txt"},
+                    headers=unary,
+                )
+                assert moved.json()["entry"]["path"] == "/home/user/e/one.txt"
+                assert (
+                    sbx.post(
+                        "/filesystem.Filesystem/Remove", json={"path": "nope"}, headers=unary
+                    ).json()
+                    == {}
+                )
         finally:
             http.delete(f"/sandboxes/{sid}")

@@ -20,6 +20,7 @@ protocol.py (framing), seccomp.py and landlock.py (probes, profiles) and mounts.
     shell.py       IPython inside: execution, magics, `!cmd`, rich display as MIME bundles
     imports.py     the policy's module allow/deny lists on user code's imports (not a wall)
     files.py       file requests, done by the kernel (the host never opens a sandbox path)
+    watch.py       directory watchers for the file requests (inotify, no thread)
     commands.py    shell commands inside the sandbox (`sbx.commands.run`)
     procman.py     the process manager: background commands and ptys, outside the kernel
 """

@@ -5,15 +5,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import grp
 import os
-import pwd
 import shutil
 import stat
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import watch
 from .messages import (
     Entry,
     EntryInfo,
@@ -63,7 +60,10 @@ def read(path: str, offset: int = 0, length: int = CHUNK) -> ReadReply:
 def write(path: str, data: str, append: bool = False) -> Entry:
     full = resolve(path)
     os.makedirs(os.path.dirname(full), exist_ok=True)
+    new = not os.path.lexists(full)
     with open(full, "ab" if append else "wb") as f:
+        if new:  # as envd sets a new file's owner and mode: a watcher sees create, chmod, write
+            os.fchmod(f.fileno(), stat.S_IMODE(os.fstat(f.fileno()).st_mode))
         f.write(base64.b64decode(data))
     return _entry(full, os.stat(full))
 
@@ -102,9 +102,15 @@ def make_dir(path: str) -> MkdirReply:
     return MkdirReply(path=full, created=not existed)
 
 
-def _name_of(table: Any, number: int) -> str:
+def _name_of(table: str, number: int) -> str:
+    """A uid's or gid's name in the sandbox's own /etc (imported here, on first use: the
+    kernel's memory is the sandbox's)."""
+    import grp
+    import pwd
+
+    lookup = pwd.getpwuid if table == "passwd" else grp.getgrgid
     try:
-        return str(table(number)[0])
+        return str(lookup(number)[0])
     except (KeyError, OverflowError):
         return str(number)
 
@@ -129,8 +135,8 @@ def _info(path: str) -> EntryInfo:
         size=st.st_size,
         mode=stat.S_IMODE(st.st_mode),
         permissions=stat.filemode(st.st_mode),
-        owner=_name_of(pwd.getpwuid, st.st_uid),
-        group=_name_of(grp.getgrgid, st.st_gid),
+        owner=_name_of("passwd", st.st_uid),
+        group=_name_of("group", st.st_gid),
         mtime=st.st_mtime,
         is_symlink=link,
         symlink_target=os.path.realpath(path) if link else None,
@@ -180,6 +186,19 @@ def rename(source: str, destination: str) -> EntryReply:
     return EntryReply(entry=_info(dst))
 
 
+def _watch(name: str) -> Callable[..., Mapping[str, Any]]:
+    """A watcher op of watch.py, imported on first use (ctypes: memory a sandbox that never
+    watches would pay for)."""
+
+    def call(**args: Any) -> Mapping[str, Any]:
+        from . import watch
+
+        op: Callable[..., Mapping[str, Any]] = getattr(watch, name)
+        return op(**args)
+
+    return call
+
+
 # Each op's reply is messages.REPLIES[op].
 OPS: dict[str, Callable[..., Mapping[str, Any]]] = {
     "read": read,
@@ -191,7 +210,7 @@ OPS: dict[str, Callable[..., Mapping[str, Any]]] = {
     "entry": entry,
     "walk": walk,
     "rename": rename,
-    "watch": watch.start,
-    "watch_events": watch.events,
-    "unwatch": watch.stop,
+    "watch": _watch("start"),
+    "watch_events": _watch("events"),
+    "unwatch": _watch("stop"),
 }

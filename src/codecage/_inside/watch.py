@@ -99,14 +99,30 @@ class Watcher:
                 continue
             name = os.fsdecode(raw.rstrip(b"\0"))
             relative = os.path.join(base, name) if base and name else base or name
-            if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
-                try:
-                    self._add(relative)
-                except OSError:
-                    self.overflow = True  # a directory it cannot watch: say events are missing
             for bits, kind in _KINDS:
                 if mask & bits:
                     self.pending.append(WatchEvent(name=relative, type=kind))
+            if self.recursive and mask & IN_ISDIR and mask & (IN_CREATE | IN_MOVED_TO):
+                self._adopt(relative)
+
+    def _adopt(self, relative: str) -> None:
+        """A directory that appeared under a recursive watcher: watched from now on, and
+        what it already holds (made before the watch could see it) reported as created
+        (and written, for a file with content)."""
+        try:
+            self._add(relative)
+            for top, subdirs, names in os.walk(os.path.join(self.root, relative)):
+                for name in subdirs:
+                    inner = os.path.relpath(os.path.join(top, name), self.root)
+                    self._add(inner)
+                    self.pending.append(WatchEvent(name=inner, type="create"))
+                for name in names:
+                    inner = os.path.relpath(os.path.join(top, name), self.root)
+                    self.pending.append(WatchEvent(name=inner, type="create"))
+                    if os.path.getsize(os.path.join(top, name)):
+                        self.pending.append(WatchEvent(name=inner, type="write"))
+        except OSError:
+            self.overflow = True  # a directory it cannot watch: say events are missing
 
     def close(self) -> None:
         os.close(self.fd)

@@ -973,15 +973,49 @@ async def _upload_pieces(request: Request) -> AsyncIterator[bytes]:
             f"Content-Type {media or declared!r}: an upload is raw bytes ({RAW}) or "
             f"{MULTIPART} with one part named 'file'"
         )
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    parts = multipart_parts(request, declared, _refusal, max_parts=1)  # 400 without a boundary
+    yield b""
+    seen = False
+    async for _filename, pieces in parts:
+        seen = True
+        async for piece in pieces:
+            yield piece
+    if not seen:
+        raise BadRequest("multipart upload without a part named 'file'")
+
+
+def _refusal(status: int, message: str) -> Exception:
+    return UnsupportedMedia(message) if status == 415 else BadRequest(message)
+
+
+def multipart_parts(
+    request: Request,
+    declared: str,
+    refuse: Callable[[int, str], Exception],
+    max_parts: int,
+) -> AsyncIterator[tuple[str | None, AsyncIterator[bytes]]]:
+    """The parts named `file` of a multipart/form-data body, streamed: (each part's
+    filename, an iterator of its bytes), the next part read once the previous one has
+    been consumed. A part of another name, a Content-Transfer-Encoding (never decoded
+    here), more than `max_parts` parts or a malformed body is `refuse(status, message)`,
+    raised; a body without a boundary is refused at once, before anything is read."""
+    from python_multipart.multipart import parse_options_header
 
     boundary = parse_options_header(declared)[1].get(b"boundary")
     if not boundary:
-        raise BadRequest("multipart/form-data without a boundary")
-    yield b""
-    pieces: list[bytes] = []
+        raise refuse(400, "multipart/form-data without a boundary")
+    return _parts(request, boundary, refuse, max_parts)
+
+
+async def _parts(
+    request: Request, boundary: bytes, refuse: Callable[[int, str], Exception], max_parts: int
+) -> AsyncIterator[tuple[str | None, AsyncIterator[bytes]]]:
+    from python_multipart.exceptions import MultipartParseError
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    events: list[tuple[str, Any]] = []
     part: dict[str, Any] = {"headers": {}, "field": b"", "value": b""}
-    seen: list[str] = []
+    count = 0
 
     def header_field(data: bytes, start: int, end: int) -> None:
         part["field"] += data[start:end]
@@ -994,28 +1028,37 @@ async def _upload_pieces(request: Request) -> AsyncIterator[bytes]:
         part["field"], part["value"] = b"", b""
 
     def headers_finished() -> None:
-        disposition = part["headers"].get(b"content-disposition", b"")
-        kind, options = parse_options_header(disposition)
+        nonlocal count
+        kind, options = parse_options_header(part["headers"].get(b"content-disposition", b""))
         name = options.get(b"name", b"").decode("utf-8", "replace")
-        if kind != b"form-data" or name != "file" or seen:
-            raise BadRequest(
-                f"multipart upload: one part named 'file' is expected (got {name!r}"
-                f"{' after another' if seen else ''})"
+        count += 1
+        if kind != b"form-data" or name != "file" or count > max_parts:
+            raise refuse(
+                400,
+                f"multipart upload: at most {max_parts} part(s), each named 'file' (got "
+                f"{name!r}{' after another' if count > max_parts else ''})",
             )
         coding = part["headers"].get(b"content-transfer-encoding", b"binary").lower()
         if coding not in (b"binary", b"8bit", b"7bit"):  # never decoded here
-            raise UnsupportedMedia(
+            raise refuse(
+                415,
                 f"multipart upload: Content-Transfer-Encoding {coding.decode('latin-1')!r}:"
-                " the part is sent as the file's own bytes"
+                " the part is sent as the file's own bytes",
             )
-        seen.append(name)
+        filename = options.get(b"filename")
+        try:
+            events.append(("start", filename.decode() if filename else None))
+        except UnicodeDecodeError:
+            raise refuse(400, "multipart upload: a filename that is not UTF-8") from None
 
     def part_data(data: bytes, start: int, end: int) -> None:
-        if seen:
-            pieces.append(data[start:end])
+        events.append(("data", data[start:end]))
 
     def part_begin() -> None:
         part["headers"] = {}
+
+    def part_end() -> None:
+        events.append(("end", None))
 
     parser = MultipartParser(
         boundary,
@@ -1026,24 +1069,56 @@ async def _upload_pieces(request: Request) -> AsyncIterator[bytes]:
             "on_header_end": header_end,
             "on_headers_finished": headers_finished,
             "on_part_data": part_data,
+            "on_part_end": part_end,
         },
     )
-    from python_multipart.exceptions import MultipartParseError
+    stream = request.stream()
+    finished = False
 
-    async for chunk in request.stream():
+    async def more() -> bool:
+        """Feed the parser the next chunk; False once the body is over."""
+        nonlocal finished
+        if finished:
+            return False
+        try:
+            chunk = await anext(stream)
+        except StopAsyncIteration:
+            finished = True
+            try:
+                parser.finalize()
+            except MultipartParseError:
+                raise refuse(400, "a malformed multipart/form-data body") from None
+            return bool(events)
         try:
             parser.write(chunk)
         except MultipartParseError:
-            raise BadRequest("a malformed multipart/form-data body") from None
-        for piece in pieces:
-            yield piece
-        pieces.clear()
-    try:
-        parser.finalize()
-    except MultipartParseError:
-        raise BadRequest("a malformed multipart/form-data body") from None
-    if not seen:
-        raise BadRequest("multipart upload without a part named 'file'")
+            raise refuse(400, "a malformed multipart/form-data body") from None
+        return True
+
+    async def body_of() -> AsyncIterator[bytes]:
+        while True:
+            while events:
+                kind, value = events.pop(0)
+                if kind == "data":
+                    yield value
+                elif kind == "end":
+                    return
+                else:
+                    raise refuse(400, "a malformed multipart/form-data body")
+            if not await more():
+                raise refuse(400, "a truncated multipart/form-data body")
+
+    while True:
+        while not events:
+            if not await more():
+                return
+        kind, value = events.pop(0)
+        if kind != "start":
+            continue  # bytes outside a part (a preamble): dropped, as by any parser
+        pieces = body_of()
+        yield value, pieces
+        async for _ in pieces:  # whatever the consumer left of this part
+            pass
 
 
 class Unauthorized(Exception):
@@ -1084,15 +1159,20 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()))
-            parts.append(f"{where}: {err.get('msg')}")
-        return _error(422, "ValidationError", "; ".join(parts))
+        return _error(422, "ValidationError", validation_text(exc))
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         return _error(500, "InternalError", "internal error (details are in the server's log)")
+
+
+def validation_text(exc: RequestValidationError) -> str:
+    """A malformed request's problems, one `where: what` each (any front end's message)."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err.get('msg')}")
+    return "; ".join(parts)
 
 
 def _error_body(exc: SandboxError) -> dict[str, Any]:

@@ -436,10 +436,12 @@ class Manager:
         code: str,
         policy: Policy,
         findings: list[Finding] | None = None,
+        admit: bool = True,
     ) -> str:
         """Admit and durably record a run (with its static-analysis findings) before it
-        starts. Returns the run id."""
-        self._admit(tenant)
+        starts. Returns the run id. `admit=False`: outside the run quota."""
+        if admit:
+            self._admit(tenant)
         run_id = secrets.token_hex(16)
         self.audit.start_run(
             run_id=run_id,
@@ -451,6 +453,15 @@ class Manager:
             findings=[dataclasses.asdict(f) for f in findings or []],
         )
         return run_id
+
+    def note(self, tenant: str, sandbox_id: str, kind: str, subject: str) -> None:
+        """Record an operation on a sandbox that runs nothing in it (E2B's create, kill,
+        timeout, connect), durably, outside the run quota."""
+        with self._lock:
+            entry = self._sandboxes.get(sandbox_id)
+        policy = entry.sandbox.policy if entry is not None else self.config.policy
+        run_id = self.begin(tenant, sandbox_id, kind, subject, policy, admit=False)
+        self.finish(run_id, kind, Execution())
 
     def finish(
         self, run_id: str, kind: str, ex: Execution, files: list[dict[str, Any]] | None = None

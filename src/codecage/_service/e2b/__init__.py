@@ -25,6 +25,7 @@ import base64
 import hashlib
 import hmac
 import importlib
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -246,6 +247,7 @@ class Dispatch:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            scope = _by_host(scope)
             if _header(scope, b"e2b-sandbox-id") is not None:
                 await self.sandbox(scope, receive, send)
                 return
@@ -254,6 +256,24 @@ class Dispatch:
                 await self.control(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+HOSTED = re.compile(r"([0-9]{1,5})-([0-9a-f]{32})\.")  # a sandbox id: 32 hex digits
+
+
+def _by_host(scope: Scope) -> Scope:
+    """E2B's hosted addressing, `{port}-{sandbox id}.{domain}` (behind a TLS proxy that
+    hands every such host to this service: docs/e2b.md), as the headers the SDKs send
+    with `E2B_SANDBOX_URL`: what a signed file URL opened by any HTTP client carries."""
+    if _header(scope, b"e2b-sandbox-id") is not None:
+        return scope
+    found = HOSTED.match((_header(scope, b"host") or "").lower())
+    if found is None:
+        return scope
+    port, sandbox_id = found.group(1).encode(), found.group(2).encode()
+    headers = [*scope.get("headers", []), (b"e2b-sandbox-id", sandbox_id)]
+    headers.append((b"e2b-sandbox-port", port))
+    return {**scope, "headers": headers}
 
 
 def install(app: FastAPI, config: ServerConfig, state: dict[str, Any]) -> None:

@@ -131,6 +131,8 @@ async def create_sandbox(
         raise E2BError(400, "mcp: this server runs no MCP gateway")
     if body.volume_mounts:
         raise E2BError(400, "volumeMounts: this server has no volumes")
+    if body.allow_internet_access:
+        raise E2BError(400, "allow_internet_access: sandboxes here have no network (policy)")
     _check_text("metadata", body.metadata)
     _check_text("envVars", body.env_vars)
     token = secrets.token_urlsafe(32)
@@ -138,7 +140,7 @@ async def create_sandbox(
 
     def work() -> Entry:
         with operation(client_ref=ref[:64] if ref else None):
-            return manager.create(
+            entry = manager.create(
                 who,
                 {},
                 dict(body.env_vars or {}),
@@ -147,6 +149,9 @@ async def create_sandbox(
                 access_token=token,
                 template=body.template_id,
             )
+        subject = f"create {body.template_id} timeout={body.timeout}"
+        manager.note(who, entry.sandbox.id, "sandbox_create", subject)
+        return entry
 
     return created(await run_in_threadpool(work))
 
@@ -192,6 +197,7 @@ def get_sandbox(sandbox_id: str, who: str = TENANT, manager: Manager = MANAGER) 
 @router.delete("/sandboxes/{sandbox_id}", status_code=204)
 def kill_sandbox(sandbox_id: str, who: str = TENANT, manager: Manager = MANAGER) -> Response:
     manager.delete(who, sandbox_id)
+    manager.note(who, sandbox_id, "sandbox_kill", "kill")
     return Response(status_code=204)
 
 
@@ -200,6 +206,7 @@ def set_timeout(
     sandbox_id: str, body: Timeout, who: str = TENANT, manager: Manager = MANAGER
 ) -> Response:
     manager.set_lifetime(who, sandbox_id, body.timeout or 1)
+    manager.note(who, sandbox_id, "sandbox_timeout", f"timeout={body.timeout}")
     return Response(status_code=204)
 
 

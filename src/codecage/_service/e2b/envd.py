@@ -20,7 +20,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..._errors import FileNotFoundInSandbox, SandboxError
-from ..app import _check_path, _stream
+from ..app import _check_path, _stream, multipart_parts
 from . import SandboxAccess, sandbox_access
 from .errors import E2BError
 
@@ -173,7 +173,8 @@ async def upload(
     ):
         raise E2BError(415, "Content-Encoding: a multipart upload is sent without a coding")
     written = []
-    async for name, pieces in _parts(request, declared):
+    parts = multipart_parts(request, declared, E2BError, max_parts=MAX_PARTS)
+    async for name, pieces in parts:
         target = _path(path if path and name is None else name or path)
         await _store(access, target, pieces)
         written.append(_written(target, _resolved(target)))
@@ -189,112 +190,3 @@ def _resolved(path: str) -> str:
     from ..._inside.files import WORKSPACE
 
     return posixpath.normpath(posixpath.join(WORKSPACE, path))
-
-
-async def _parts(request: Request, declared: str) -> AsyncIterator[tuple[str | None, Any]]:
-    """Each part named `file` of a multipart body, in order: (its filename, an async
-    iterator of its bytes). The next part is only read once the previous one is consumed."""
-    from python_multipart.exceptions import MultipartParseError
-    from python_multipart.multipart import MultipartParser, parse_options_header
-
-    boundary = parse_options_header(declared)[1].get(b"boundary")
-    if not boundary:
-        raise E2BError(400, "multipart/form-data without a boundary")
-    events: list[tuple[str, Any]] = []
-    part: dict[str, Any] = {"headers": {}, "field": b"", "value": b""}
-
-    def header_field(data: bytes, start: int, end: int) -> None:
-        part["field"] += data[start:end]
-
-    def header_value(data: bytes, start: int, end: int) -> None:
-        part["value"] += data[start:end]
-
-    def header_end() -> None:
-        part["headers"][part["field"].strip().lower()] = part["value"].strip()
-        part["field"], part["value"] = b"", b""
-
-    def headers_finished() -> None:
-        kind, options = parse_options_header(part["headers"].get(b"content-disposition", b""))
-        name = options.get(b"name", b"").decode("utf-8", "replace")
-        if kind != b"form-data" or name != "file":
-            raise E2BError(400, f"multipart upload: parts are named 'file' (got {name!r})")
-        coding = part["headers"].get(b"content-transfer-encoding", b"binary").lower()
-        if coding not in (b"binary", b"8bit", b"7bit"):
-            raise E2BError(415, "multipart upload: a part is sent as the file's own bytes")
-        filename = options.get(b"filename")
-        try:
-            events.append(("start", filename.decode() if filename else None))
-        except UnicodeDecodeError:
-            raise E2BError(400, "multipart upload: a filename that is not UTF-8") from None
-
-    def part_data(data: bytes, start: int, end: int) -> None:
-        events.append(("data", data[start:end]))
-
-    def part_begin() -> None:
-        part["headers"] = {}
-
-    def part_end() -> None:
-        events.append(("end", None))
-
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": part_begin,
-            "on_header_field": header_field,
-            "on_header_value": header_value,
-            "on_header_end": header_end,
-            "on_headers_finished": headers_finished,
-            "on_part_data": part_data,
-            "on_part_end": part_end,
-        },
-    )
-    stream = request.stream()
-    finished = False
-
-    async def more() -> bool:
-        nonlocal finished
-        if finished:
-            return False
-        try:
-            chunk = await anext(stream)
-        except StopAsyncIteration:
-            finished = True
-            try:
-                parser.finalize()
-            except MultipartParseError:
-                raise E2BError(400, "a malformed multipart/form-data body") from None
-            return bool(events)
-        try:
-            parser.write(chunk)
-        except MultipartParseError:
-            raise E2BError(400, "a malformed multipart/form-data body") from None
-        return True
-
-    async def body_of() -> AsyncIterator[bytes]:
-        while True:
-            while events:
-                kind, value = events.pop(0)
-                if kind == "data":
-                    yield value
-                elif kind == "end":
-                    return
-                else:
-                    raise E2BError(400, "a malformed multipart/form-data body")
-            if not await more():
-                raise E2BError(400, "a truncated multipart/form-data body")
-
-    count = 0
-    while True:
-        while not events:
-            if not await more():
-                return
-        kind, value = events.pop(0)
-        if kind != "start":
-            continue  # data outside a part (a preamble): dropped, as by any parser
-        count += 1
-        if count > MAX_PARTS:
-            raise E2BError(400, f"a multipart upload of at most {MAX_PARTS} files")
-        pieces = body_of()
-        yield value, pieces
-        async for _ in pieces:  # whatever the consumer left of this part
-            pass

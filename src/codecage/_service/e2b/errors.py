@@ -70,11 +70,9 @@ def install_handlers(app: FastAPI, surface: str) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()))
-            parts.append(f"{where}: {err.get('msg')}")
-        return response(400, "invalid request: " + "; ".join(parts))
+        from ..app import validation_text
+
+        return response(400, "invalid request: " + validation_text(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
