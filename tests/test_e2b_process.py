@@ -301,3 +301,25 @@ def test_stream_input(e2b_env: dict[str, str], e2b_service: Service) -> None:
                 assert flags == 2 and "error" in end, (body, answer.content)
     finally:
         sbx.kill()
+
+
+def test_oversized_requests_are_refused(e2b_env: dict[str, str], e2b_service: Service) -> None:
+    sbx = Sandbox.create(timeout=300)
+    try:
+        with envd(e2b_service, sbx) as client:
+            huge = frame({"process": {"cmd": "/bin/echo", "args": ["x" * (8 << 20)]}})
+            answer = client.post(
+                "/process.Process/Start", content=huge, headers={"Content-Type": STREAM}
+            )
+            assert answer.status_code in (200, 413) and answer.status_code < 500
+            if answer.status_code == 200:
+                assert "error" in frames(answer.content)[-1][1]
+            big_arg = frame({"process": {"cmd": "/bin/echo", "args": ["x" * (200 << 10)]}})
+            answer = client.post(
+                "/process.Process/Start", content=big_arg, headers={"Content-Type": STREAM}
+            )
+            end = frames(answer.content)[-1][1]
+            assert end["error"]["code"] == "invalid_argument"  # type: ignore[index]
+        assert sbx.commands.run("echo still fine").stdout == "still fine\n"
+    finally:
+        sbx.kill()

@@ -11,6 +11,8 @@ from collections.abc import Iterator
 import pytest
 
 from codecage import (
+    ApprovalDenied,
+    ApprovalRequest,
     Client,
     FileNotFoundInSandbox,
     Policy,
@@ -322,3 +324,30 @@ def test_remote_bad_input_is_a_clear_error(service: Service) -> None:
         assert surrogate.status_code == 422, surrogate.text  # not valid Unicode: refused
         # positive control: a well-formed start works
         assert alice._http.post(base, json={"cmd": "true"}).status_code == 201
+
+
+def test_remote_background_commands_ask_for_approval(service: Service) -> None:
+    asked: list[str] = []
+
+    def yes_for_echo(request: ApprovalRequest) -> bool:
+        asked.append(request.subject)
+        return "echo" in request.subject
+
+    with (
+        service.client("alice") as alice,
+        alice.Sandbox(Policy(approval_commands=True), approver=yes_for_echo) as sbx,
+    ):
+        assert sbx.commands.run("echo approved", background=True).wait().stdout == "approved\n"
+        with pytest.raises(ApprovalDenied):
+            sbx.commands.run("rm -rf /home/user", background=True)
+        with pytest.raises(ApprovalDenied):
+            sbx.pty.create()
+        assert [p.pid for p in sbx.commands.list()] == []  # the denied ones never started
+        assert any("echo approved" in s for s in asked) and len(asked) == 3
+
+        def outcomes() -> list[str]:
+            rows = alice._http.get("/v1/audit", params={"sandbox_id": sbx.id}).json()
+            return sorted(str(r["outcome"]) for r in rows if r["kind"] == "process")
+
+        wait_until(lambda: "None" not in outcomes())
+        assert outcomes() == ["denied", "denied", "ok"]
