@@ -351,3 +351,26 @@ def test_remote_background_commands_ask_for_approval(service: Service) -> None:
 
         wait_until(lambda: "None" not in outcomes())
         assert outcomes() == ["denied", "denied", "ok"]
+
+
+def test_async_background_commands_and_ptys() -> None:
+    import asyncio
+
+    from codecage import AsyncSandbox
+
+    async def main() -> None:
+        async with await AsyncSandbox.create() as sbx:
+            seen: list[str] = []
+
+            async def collect(text: str) -> None:
+                seen.append(text)
+
+            handle = await sbx.commands.run("echo async; exit 2", background=True)
+            result = await handle.wait(on_stdout=collect)
+            assert (result.exit_code, result.stdout, "".join(seen)) == (2, "async\n", "async\n")
+            term = await sbx.pty.create(PtySize(rows=10, cols=20))
+            await term.send_stdin(b"stty size; exit\n")
+            out = bytearray()
+            assert (await term.wait(on_pty=out.extend)).exit_code == 0 and b"10 20" in out
+
+    asyncio.run(main())

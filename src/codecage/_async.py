@@ -16,9 +16,10 @@ from typing import Any
 from ._approvals import Approver
 from ._models import Execution
 from ._policy import Policy
+from ._processes import CommandHandle
 from ._sandbox import Sandbox
 
-_CALLBACKS = ("on_stdout", "on_stderr", "on_result", "on_error")
+_CALLBACKS = ("on_stdout", "on_stderr", "on_result", "on_error", "on_pty")
 
 
 def _bridge_callback(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -55,7 +56,9 @@ class _AsyncProxy:
             return value
 
         async def method(*args: Any, **kwargs: Any) -> Any:
-            return await _in_thread(value, *args, **kwargs)
+            result = await _in_thread(value, *args, **kwargs)
+            # a background command's handle is awaited as well (wait, kill, send_stdin)
+            return _AsyncProxy(result) if isinstance(result, CommandHandle) else result
 
         method.__name__ = name
         method.__doc__ = value.__doc__
