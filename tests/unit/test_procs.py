@@ -226,3 +226,59 @@ def test_spared_is_the_tree_of_its_root() -> None:
     finally:
         child.kill()
         child.wait()
+
+
+class Records:
+    """The Manager's side of ProcessRecords: what it finished and failed."""
+
+    def __init__(self) -> None:
+        self.finished: list[tuple[str, Any]] = []
+        self.failed: list[tuple[str, BaseException]] = []
+
+    def finish(self, run_id: str, kind: str, ex: Any) -> None:
+        self.finished.append((run_id, ex))
+
+    def fail(self, run_id: str, kind: str, exc: BaseException) -> None:
+        self.failed.append((run_id, exc))
+
+
+class LiveBox(Box):
+    id = "sbx"
+    alive = True
+
+    class _jailed:
+        ended_because = "it was killed"
+
+
+def manager_script(sock: socket.socket, req: dict[str, Any]) -> None:
+    if req["op"] == "proc_list":
+        reply = {"processes": [{"pid": 5, "running": True}, {"pid": 6, "running": False}]}
+    elif req["pid"] == 6:
+        reply = {**GOOD, "chunks": [chunk(b"out"), chunk(b"err", "stderr")], "next": 6}
+        reply |= {"running": False, "exit_code": None, "signal": 9}
+    else:
+        sock.sendall(encode({"ev": "failed", "id": req["id"], "error": "ProcessLookupError"}))
+        return
+    sock.sendall(encode({"ev": "done", "id": req["id"], **reply}))
+
+
+def test_process_records_finish_what_ended_and_kill_what_died_with_its_sandbox(
+    peers: list[Peer],
+) -> None:
+    from codecage._service.processes import ProcessRecords, Watched
+
+    box = LiveBox(peer(peers, manager_script).manager)
+    manager = Records()
+    records = ProcessRecords(manager)  # type: ignore[arg-type]
+    for run_id, pid in (("running", 5), ("ended", 6), ("lost", 7)):
+        records._watched[(box.id, pid)] = Watched(run_id, box, pid, 0.0)  # type: ignore[arg-type]
+    records.sweep()
+    ended = dict(manager.finished)["ended"]
+    assert ended.exit_code == 137 and ended.killed_by == "signal"
+    assert ended.logs.stdout == ["out"] and ended.logs.stderr == ["err"]
+    assert [r for r, _ in manager.failed] == ["lost"]  # its process manager lost it
+    box.alive = False
+    records.sweep()
+    killed = dict(manager.finished)["running"]
+    assert killed.killed_by == "signal" and killed.error.name == "SandboxEnded"
+    assert records._watched == {}
