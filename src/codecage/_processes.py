@@ -120,10 +120,12 @@ def manager(sbx: Sandbox) -> ProcessManager:
     return procs
 
 
-def call(sbx: Sandbox, message: dict[str, Any], touch: bool = True) -> dict[str, Any]:
+def call(
+    sbx: Sandbox, message: dict[str, Any], touch: bool = True, timeout_s: float = 10.0
+) -> dict[str, Any]:
     """One request to the sandbox's process manager; a `failed` reply is raised. It counts
     as the sandbox's activity (its idle timeout) unless `touch` is False."""
-    reply = manager(sbx).request(message)
+    reply = manager(sbx).request(message, timeout_s)
     if touch:
         sbx.last_activity = time.monotonic()
     if reply.get("ev") == "failed":

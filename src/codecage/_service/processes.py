@@ -27,6 +27,9 @@ if TYPE_CHECKING:
     from .manager import Manager
 
 POLL_S = 0.5
+# A process manager stopped by code in its sandbox delays the others' records this long at
+# most per sweep (its own are looked at again next time).
+REPLY_S = 1.0
 OUTPUT_BYTES = 64 << 10  # the tail of a process's output kept in its end record
 
 
@@ -74,7 +77,7 @@ class ProcessRecords:
                     self._killed(w, f"the sandbox ended: {sandbox._jailed.ended_because}")
                 continue
             try:
-                reply = call(sandbox, {"op": "proc_list"}, touch=False)
+                reply = call(sandbox, {"op": "proc_list"}, touch=False, timeout_s=REPLY_S)
                 running = {
                     p.get("pid") for p in reply.get("processes") or [] if p.get("running") is True
                 }
@@ -90,6 +93,7 @@ class ProcessRecords:
                 w.sandbox,
                 {"op": "proc_read", "pid": w.pid, "offset": 0, "max_bytes": 1 << 20},
                 touch=False,  # watching is not using: the sandbox's idle timeout still runs
+                timeout_s=REPLY_S,
             )
         except ProcessNotFound:
             self._fail(w, ProcessNotFound("its sandbox's process manager lost it"))
