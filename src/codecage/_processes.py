@@ -125,7 +125,12 @@ def call(
 ) -> dict[str, Any]:
     """One request to the sandbox's process manager; a `failed` reply is raised. It counts
     as the sandbox's activity (its idle timeout) unless `touch` is False."""
-    reply = manager(sbx).request(message, timeout_s)
+    procs = manager(sbx)
+    try:
+        reply = procs.request(message, timeout_s)
+    except TransportError:
+        sbx._use()  # a sandbox ending meanwhile is said as such (its processes died with it)
+        raise
     if touch:
         sbx.last_activity = time.monotonic()
     if reply.get("ev") == "failed":
