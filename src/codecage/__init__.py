@@ -24,6 +24,7 @@ if _typing.TYPE_CHECKING:
         ExecutionTimeout,
         FileNotFoundInSandbox,
         PolicyError,
+        ProcessNotFound,
         QuotaExceeded,
         SandboxBusy,
         SandboxError,
@@ -34,6 +35,7 @@ if _typing.TYPE_CHECKING:
     from ._jail.pool import Pool
     from ._models import Execution, ExecutionError, Finding, Logs, Result
     from ._policy import Policy
+    from ._processes import CommandHandle, ProcessInfo, PtySize
     from ._remote import Client, connect
     from ._sandbox import CommandResult, Context, EntryInfo, OutputMessage, Sandbox
     from ._warm import start_pool, stop_pool
@@ -70,6 +72,10 @@ _EXPORTS = {
     "Logs": "_models",
     "Policy": "_policy",
     "PolicyError": "_errors",
+    "ProcessNotFound": "_errors",
+    "CommandHandle": "_processes",
+    "ProcessInfo": "_processes",
+    "PtySize": "_processes",
     "Result": "_models",
     "SandboxError": "_errors",
     "SandboxNotFound": "_errors",
@@ -89,6 +95,7 @@ __all__ = [
     "BackendUnavailable",
     "Client",
     "CodeRejected",
+    "CommandHandle",
     "CommandResult",
     "Context",
     "ContextNotFound",
@@ -104,6 +111,9 @@ __all__ = [
     "Policy",
     "PolicyError",
     "Pool",
+    "ProcessInfo",
+    "ProcessNotFound",
+    "PtySize",
     "QuotaExceeded",
     "Result",
     "Sandbox",

@@ -16,9 +16,10 @@ from typing import Any
 from ._approvals import Approver
 from ._models import Execution
 from ._policy import Policy
-from ._sandbox import Sandbox
+from ._processes import CommandHandle
+from ._sandbox import Sandbox, WatchHandle
 
-_CALLBACKS = ("on_stdout", "on_stderr", "on_result", "on_error")
+_CALLBACKS = ("on_stdout", "on_stderr", "on_result", "on_error", "on_pty")
 
 
 def _bridge_callback(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -55,7 +56,11 @@ class _AsyncProxy:
             return value
 
         async def method(*args: Any, **kwargs: Any) -> Any:
-            return await _in_thread(value, *args, **kwargs)
+            result = await _in_thread(value, *args, **kwargs)
+            # a background command's handle and a directory watch are awaited as well
+            # (wait, kill, send_stdin; get_new_events, stop)
+            handle = isinstance(result, (CommandHandle, WatchHandle))
+            return _AsyncProxy(result) if handle else result
 
         method.__name__ = name
         method.__doc__ = value.__doc__
@@ -71,6 +76,7 @@ class AsyncSandbox(_AsyncProxy):
         super().__init__(sandbox)
         self.files = _AsyncProxy(sandbox.files)
         self.commands = _AsyncProxy(sandbox.commands)
+        self.pty = _AsyncProxy(sandbox.pty)
 
     @classmethod
     async def create(

@@ -47,6 +47,10 @@ class FileNotFoundInSandbox(SandboxError, FileNotFoundError):
     """A path inside the sandbox does not exist."""
 
 
+class ProcessNotFound(SandboxError, ProcessLookupError):
+    """No process of that pid runs in the sandbox (it never did, or it has ended)."""
+
+
 class CodeRejected(PolicyError):
     """Static analysis found something the policy blocks (`analysis_block_at`); the code
     never ran. `.findings` lists what was found."""
@@ -117,6 +121,7 @@ WIRE: dict[type[SandboxError], Wire] = {
     BackendUnavailable: Wire(409, "BackendUnavailable"),
     SandboxNotFound: Wire(404, "SandboxNotFound"),  # another tenant's too: the same answer
     FileNotFoundInSandbox: Wire(404, "FileNotFound", "no such file or directory: {}"),
+    ProcessNotFound: Wire(404, "ProcessNotFound", "no such process: {}"),
     CodeRejected: Wire(422, "CodeRejected"),  # with its `findings`
     ApprovalDenied: Wire(403, "ApprovalDenied"),
     ApprovalNotFound: Wire(404, "ApprovalNotFound"),

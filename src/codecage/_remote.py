@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import secrets
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from ._async import AsyncSandbox, _in_thread
 from ._errors import CodeRejected, SandboxError, SandboxNotFound, TransportError, from_wire
 from ._models import Execution, ExecutionError, Finding, Result
 from ._policy import Policy
+from ._processes import ProcessCommands, Pty, PtySize
 from ._sandbox import CommandResult, Context, EntryInfo, OutputMessage, _context_id, _dispatcher
 
 NDJSON = "application/x-ndjson"
@@ -190,6 +192,7 @@ class RemoteSandbox:
         self._alive = True
         self.files = RemoteFiles(self)
         self.commands = RemoteCommands(self)
+        self.pty = Pty(self._open_pty, self._proc_call, self.policy.output_bytes)
 
     @property
     def id(self) -> str:
@@ -211,6 +214,43 @@ class RemoteSandbox:
 
     def __repr__(self) -> str:
         return f"<RemoteSandbox {self._id}>"
+
+    def _start_process(self, body: dict[str, Any]) -> int:
+        with self._answering() as headers:
+            reply = self._client.request(
+                "POST", f"{self._base}/processes", json=body, headers=headers
+            )
+        return int(reply.json()["pid"])
+
+    def _open_pty(self, size: PtySize, cwd: str | None, envs: dict[str, str]) -> int:
+        pty = {"rows": size.rows, "cols": size.cols}
+        return self._start_process({"pty": pty, "cwd": cwd, "envs": envs})
+
+    def _proc_call(self, message: dict[str, Any]) -> dict[str, Any]:
+        """A process manager request, as the service's process routes serve it."""
+        op, base = message["op"], f"{self._base}/processes"
+        http = self._client.request
+        if op == "proc_list":
+            found = http("GET", base).json()
+            return {"processes": [{**p, "running": True} for p in found]}
+        pid = int(message["pid"])
+        if op == "proc_read":
+            params = {} if message["offset"] is None else {"offset": message["offset"]}
+            out = http("GET", f"{base}/{pid}/output", params=params).json()
+            out["chunks"] = [[c["stream"], c["data"]] for c in out["chunks"]]
+            return dict(out)
+        if op == "proc_input":
+            http("POST", f"{base}/{pid}/stdin", json={"data": message["data"]})
+        elif op == "proc_close_stdin":
+            http("POST", f"{base}/{pid}/close-stdin")
+        elif op == "proc_signal":
+            name = signal.Signals(message["signal"]).name
+            http("POST", f"{base}/{pid}/signal", json={"signal": name})
+        elif op == "proc_resize":
+            http("POST", f"{base}/{pid}/resize", json=message["size"])
+        else:
+            raise SandboxError(f"unknown process operation {op!r}")
+        return {}
 
     @property
     def _base(self) -> str:
@@ -348,12 +388,17 @@ class RemoteFiles:
         )
 
 
-class RemoteCommands:
+class RemoteCommands(ProcessCommands):
     def __init__(self, sandbox: RemoteSandbox) -> None:
         self._sbx = sandbox
+        self._call = sandbox._proc_call
+        self._output_bytes = sandbox.policy.output_bytes
 
-    def run(
-        self, cmd: str, *, timeout: float | None = None, envs: dict[str, str] | None = None
+    def _start(self, cmd: str, envs: dict[str, str], cwd: str | None, stdin: bool) -> int:
+        return self._sbx._start_process({"cmd": cmd, "envs": envs, "cwd": cwd, "stdin": stdin})
+
+    def _foreground(
+        self, cmd: str, timeout: float | None, envs: dict[str, str] | None
     ) -> CommandResult:
         body = {"cmd": cmd, "timeout": timeout, "envs": envs or {}}
         with self._sbx._answering() as headers:

@@ -34,6 +34,13 @@ from ._jail import get_jail
 from ._jail.host import HostSandbox
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
 from ._policy import Policy, effective_timeout
+from ._processes import (
+    ProcessCommands,
+    Pty,
+    PtySize,
+    call,
+    start_process,
+)
 
 FILE_CHUNK = 4 << 20
 
@@ -126,6 +133,7 @@ class Sandbox:
         self.busy = False
         self.files = Files(self)
         self.commands = Commands(self)
+        self.pty = Pty(self._open_pty, self._proc_call, self.policy.output_bytes)
         _registry.add(self)
 
     @classmethod
@@ -359,6 +367,19 @@ class Sandbox:
                 self.last_activity = time.monotonic()
                 if jailed._dying:  # ended meanwhile (kill(), the watchdog): release the rest
                     jailed.kill()
+
+    def _proc_call(self, message: dict[str, Any]) -> dict[str, Any]:
+        return call(self, message)
+
+    def _open_pty(self, size: PtySize, cwd: str | None, envs: dict[str, str]) -> int:
+        self._gate_command("/bin/bash -i -l (a pty)", envs)
+        return start_process(self, "/bin/bash", ["-i", "-l"], envs=envs, cwd=cwd, pty=size)
+
+    def _gate_command(self, cmd: str, envs: dict[str, str]) -> None:
+        """The policy's approval for commands (`approval_commands`), if it asks for one."""
+        if self.policy.approval_commands:
+            reasons = with_envs(["approval_commands=true"], envs)
+            self._gate.check(self.policy, "command", reasons, cmd, sandbox_id=self.id)
 
     def kill(self) -> None:
         """End the sandbox: every process, its cgroups and its workspace are gone. Never
@@ -654,14 +675,33 @@ class WatchHandle:
             _failed(reply, self.id)
 
 
-class Commands:
-    """Shell commands inside the same sandbox."""
+class Commands(ProcessCommands):
+    """Shell commands inside the same sandbox. A foreground command without callbacks, cwd
+    or user runs through the kernel (`/bin/sh -c`, the policy's timeout); background ones,
+    and foreground ones with any of those, run under the process manager as E2B's do
+    (`/bin/bash -l -c`), so they work while a cell runs and outlive kernel restarts."""
 
     def __init__(self, sandbox: Sandbox) -> None:
         self._sbx = sandbox
+        self._call = sandbox._proc_call
+        self._output_bytes = sandbox.policy.output_bytes
 
-    def run(
-        self, cmd: str, *, timeout: float | None = None, envs: dict[str, str] | None = None
+    def _start(self, cmd: str, envs: dict[str, str], cwd: str | None, stdin: bool) -> int:
+        self._sbx._gate_command(cmd, envs)
+        return start_process(
+            self._sbx, "/bin/bash", ["-l", "-c", cmd], envs=envs, cwd=cwd, stdin=stdin
+        )
+
+    def _limit(self, timeout: float | None) -> float | None:
+        return effective_timeout(self._sbx.policy, timeout)
+
+    def _foreground(
+        self, cmd: str, timeout: float | None, envs: dict[str, str] | None
+    ) -> CommandResult:
+        return self._run_in_kernel(cmd, timeout, envs)
+
+    def _run_in_kernel(
+        self, cmd: str, timeout: float | None, envs: dict[str, str] | None
     ) -> CommandResult:
         limit = effective_timeout(self._sbx.policy, timeout)
         envs = check_envs(envs)
@@ -672,10 +712,7 @@ class Commands:
             envs=envs,
             output_bytes=self._sbx.policy.output_bytes,
         )
-        policy = self._sbx.policy
-        if policy.approval_commands:
-            reasons = with_envs(["approval_commands=true"], envs)
-            self._sbx._gate.check(policy, "command", reasons, cmd, sandbox_id=self._sbx.id)
+        self._sbx._gate_command(cmd, envs)
         started_alive = self._sbx._jailed.alive  # ended before: the call is the error
         # The kernel enforces the timeout; the host waits a little longer as a backstop.
         jailed = self._sbx._jailed

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from codecage._inside import files, kernel, messages
+from codecage._inside import files, kernel, messages, procman
 from codecage._inside.protocol import FrameReader, encode
 
 DOC = (Path(__file__).resolve().parents[2] / "docs" / "protocol.md").read_text()
@@ -123,6 +123,19 @@ def test_supervisor_messages_match_the_document(heading: str, table: dict[str, t
     for name, cls in table.items():
         keys = set(typing.get_type_hints(cls)) - {"ev", "op"}
         assert documented[name] == keys, f"fields of {name!r}"
+
+
+def test_process_channel_matches_the_document() -> None:
+    table = {
+        names(op)[0]: (args, reply)
+        for op, args, reply in rows(section("## Process channel (host <-> the process manager)"))
+    }
+    assert set(table) == set(messages.PROC_REQUESTS) == set(procman.OPS)
+    for op, (args, reply) in table.items():
+        assert fields(args) == typed(messages.PROC_REQUESTS[op], "op"), f"fields of {op!r}"
+        said = reply.split("`done` with", 1)
+        documented = fields(said[1].split(";")[0]) if len(said) == 2 else {}
+        assert documented == typed(messages.PROC_REPLIES[op], ""), f"done fields of {op!r}"
 
 
 def test_the_drift_check_sees_a_missing_field() -> None:

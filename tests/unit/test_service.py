@@ -495,3 +495,35 @@ def test_a_run_prepares_looks_up_and_analyses_once(
     assert http.post("/v1/run", json={"code": "x"}, headers=headers).status_code == 200
     assert calls == {"prepare_code": 1, "get": 0, "analyze": 1}
     http.delete(f"/v1/sandboxes/{sid}")
+
+
+# -- background processes: the routes' validation (the process manager itself: tests/) -------
+
+
+def test_process_routes_refuse_bad_input_and_other_tenants(
+    service: Service, http: httpx.Client, fake: FakeJail
+) -> None:
+    sid = create(http)
+    base = f"/v1/sandboxes/{sid}/processes"
+    for method, path, body, status in [
+        ("POST", base, {}, 400),
+        ("POST", base, {"cmd": "id", "user": "admin"}, 422),
+        ("POST", base, {"cmd": "id", "pty": {"rows": 0}}, 422),
+        ("POST", base, {"cmd": "x" * (1 << 17)}, 422),
+        ("POST", f"{base}/1/signal", {"signal": "SIGSTOP"}, 422),
+        ("POST", f"{base}/1/stdin", {"data": "!!"}, 400),
+        ("POST", f"{base}/1/resize", {"rows": 99999, "cols": 1}, 422),
+        ("GET", f"{base}/x/output", None, 422),
+        ("GET", f"{base}/1/output?offset=-3", None, 422),
+    ]:
+        answer = http.request(method, path, json=body)
+        assert answer.status_code == status, (path, body, answer.text)
+    with service.http("bob") as bob:
+        for method, path in [("GET", base), ("POST", f"{base}/1/signal")]:
+            answer = bob.request(method, path, json={"signal": "SIGKILL"})
+            assert answer.status_code == 404
+            assert answer.json()["error"]["type"] == "SandboxNotFound"
+    # the fake backend starts no process manager: a clear 409, never a 500
+    answer = http.post(base, json={"cmd": "true"})
+    assert answer.status_code == 409 and "process manager" in answer.json()["error"]["message"]
+    assert http.delete(f"/v1/sandboxes/{sid}").status_code == 204

@@ -28,4 +28,5 @@ steps.claim (the spec's `done`).
     files.py       file requests, done by the kernel (the host never opens a sandbox path)
     watch.py       directory watchers for the file requests (inotify, no thread)
     commands.py    shell commands inside the sandbox (`sbx.commands.run`)
+    procman.py     the process manager: background commands and ptys, outside the kernel
 """

@@ -23,13 +23,15 @@ import os
 import select
 import signal
 import socket
+import time
+from collections.abc import Callable
 from typing import Any, NoReturn
 
 from . import caps
-from .messages import ExitEvent, InitEvent, KernelEvent, SetupErrorEvent
+from .messages import ExitEvent, InitEvent, KernelEvent, ProcmanEvent, SetupErrorEvent
 
 
-def message(fields: KernelEvent | ExitEvent | SetupErrorEvent | InitEvent) -> bytes:
+def message(fields: KernelEvent | ProcmanEvent | ExitEvent | SetupErrorEvent | InitEvent) -> bytes:
     return json.dumps(fields).encode()
 
 
@@ -41,30 +43,64 @@ def run(spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any]) ->
     # init's own: the kernel must not inherit them (with the oom_score_adj descriptor, code
     # could give init the kernel's score, or its own a lower one than init's)
     ctx["init_fds"] = (wake_r, wake_w, ctx["oom_fd"])
+    procman = _start_procman(spec, supervisor, ctx)
     kernel = _start_kernel(spec, supervisor, ctx, generation)
     while True:
         ready, _, _ = select.select([supervisor.fileno(), wake_r], [], [])
         if wake_r in ready:
             drain(wake_r)
-            kernel = _reap(supervisor, kernel, generation)
+            kernel, procman = _reap(supervisor, kernel, generation, procman)
         if supervisor.fileno() in ready:
             data = supervisor.recv(4096)
             if not data:  # the host is gone: nothing may outlive it
                 _kill_all_and_exit()
             request = json.loads(data)
             if request.get("op") == "signal":  # where the host cannot signal our processes
-                _signal_others(int(request.get("signal", signal.SIGKILL)))
+                _signal_others(int(request.get("signal", signal.SIGKILL)), procman)
             if request.get("op") == "restart":
-                _kill_others()
-                _reap_all_children()  # no zombie of the old kernel outlives the restart
+                # every process but the process manager's tree (the user's background
+                # processes outlive a kernel restart, as the kernel's own never do)
+                procman = _kill_kernel_tree(procman)
                 kernel = -1
                 generation += 1
+                if procman <= 0:  # killed by code in the sandbox: a fresh one, empty
+                    procman = _start_procman(spec, supervisor, ctx)
                 kernel = _start_kernel(spec, supervisor, ctx, generation)
 
 
 def _start_kernel(
     spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any], generation: int
 ) -> int:
+    def run(channel: socket.socket) -> None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        from . import kernel
+
+        kernel.main(channel, spec, ctx)
+
+    return _spawn(spec, supervisor, ctx, KernelEvent(ev="kernel", generation=generation), run)
+
+
+def _start_procman(spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any]) -> int:
+    """The process manager (procman.py): background processes and ptys, outside the kernel.
+    Its channel goes to the host as a kernel's does, announced by a "procman" message."""
+
+    def run(channel: socket.socket) -> None:
+        from . import procman
+
+        procman.main(channel, spec)
+
+    return _spawn(spec, supervisor, ctx, ProcmanEvent(ev="procman"), run)
+
+
+def _spawn(
+    spec: dict[str, Any],
+    supervisor: socket.socket,
+    ctx: dict[str, Any],
+    announce: KernelEvent | ProcmanEvent,
+    run: Callable[[socket.socket], None],
+) -> int:
+    """Fork a child with a fresh stream socket to the host, announced on the supervisor
+    channel with the host's end (or, on the OCI backends, the token it presents)."""
     token = None
     if spec.get("kernel_socket"):
         token = os.urandom(16).hex()
@@ -90,13 +126,10 @@ def _start_kernel(
             for fd in ctx.get("init_fds", ()):
                 os.close(fd)
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
             supervisor.close()
             if host_end is not None:
                 host_end.close()
-            from . import kernel
-
-            kernel.main(kernel_end, spec, ctx)
+            run(kernel_end)
         finally:
             os._exit(70)
     try:
@@ -105,10 +138,10 @@ def _start_kernel(
         _fail(supervisor, f"init cannot take back its own OOM score: {exc}")
     kernel_end.close()
     if host_end is None:
-        supervisor.send(message(KernelEvent(ev="kernel", generation=generation, token=token)))
+        announce["token"] = token
+        supervisor.send(message(announce))
         return pid
-    announce = message(KernelEvent(ev="kernel", generation=generation))
-    socket.send_fds(supervisor, [announce], [host_end.fileno()])
+    socket.send_fds(supervisor, [message(announce)], [host_end.fileno()])
     host_end.close()
     return pid
 
@@ -120,14 +153,16 @@ def _fail(supervisor: socket.socket, why: str) -> NoReturn:
     _kill_all_and_exit()
 
 
-def _reap(supervisor: socket.socket, kernel: int, generation: int) -> int:
+def _reap(supervisor: socket.socket, kernel: int, generation: int, procman: int) -> tuple[int, int]:
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return kernel
+            return kernel, procman
         if pid == 0:
-            return kernel
+            return kernel, procman
+        if pid == procman:
+            procman = -1  # a new one comes with the next kernel restart
         if pid == kernel:
             sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None
@@ -135,14 +170,6 @@ def _reap(supervisor: socket.socket, kernel: int, generation: int) -> int:
                 message(ExitEvent(ev="exit", generation=generation, signal=sig, code=code))
             )
             kernel = -1
-
-
-def _reap_all_children() -> None:
-    while True:
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            return
 
 
 def drain(fd: int) -> None:
@@ -154,10 +181,88 @@ def drain(fd: int) -> None:
         pass
 
 
-def _signal_others(sig: int) -> None:
-    # From PID 1, kill(-1) reaches every other process of the namespace.
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(-1, sig)
+def _signal_others(sig: int, procman: int = -1) -> None:
+    """Signal every process but init and the process manager's tree."""
+    if procman <= 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, sig)  # from PID 1, kill(-1) reaches every other process
+        return
+    for pid in _outside_tree(procman):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
+def _kill_kernel_tree(procman: int, timeout_s: float = 10.0) -> int:
+    """SIGKILL every process but init and the process manager's tree, and reap them (no
+    zombie of the old kernel outlives a restart). Listed again until none is left: one
+    forked meanwhile is a child of one listed, and killed in the next round. Returns the
+    process manager's pid, or -1 if it died meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        procman = _reap_others(procman)
+        victims = _outside_tree(procman) if procman > 0 else _others()
+        if not victims or time.monotonic() > deadline:
+            return procman
+        for pid in victims:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.001)
+
+
+def _reap_others(procman: int) -> int:
+    """Reap every dead child; -1 if the process manager was one of them."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return procman
+        if pid == 0:
+            return procman
+        if pid == procman:
+            procman = -1
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process of the namespace but init (its /proc)."""
+    out: dict[int, int] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or name == "1":
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+            out[int(name)] = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return out
+
+
+def _others() -> list[int]:
+    return list(_parents())
+
+
+def _outside_tree(root: int) -> list[int]:
+    """Every process but init that is not `root` or one of its descendants (zombies too:
+    a killed process stays listed until reaped)."""
+    parents = _parents()
+    inside: dict[int, bool] = {root: True}
+
+    def within(pid: int) -> bool:
+        seen = []
+        while pid not in inside:
+            seen.append(pid)
+            parent = parents.get(pid)
+            if parent is None or parent <= 1 or len(seen) > 4096:
+                for p in seen:
+                    inside[p] = False
+                return False
+            pid = parent
+        verdict = inside[pid]
+        for p in seen:
+            inside[p] = verdict
+        return verdict
+
+    return [pid for pid in parents if not within(pid)]
 
 
 def _kill_others() -> None:

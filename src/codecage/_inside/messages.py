@@ -472,6 +472,13 @@ class KernelEvent(TypedDict):
     token: NotRequired[str | None]
 
 
+class ProcmanEvent(TypedDict):
+    """The process manager's channel (one descriptor, or on the OCI backends a token)."""
+
+    ev: Literal["procman"]
+    token: NotRequired[str | None]
+
+
 class ExitEvent(TypedDict):
     ev: Literal["exit"]
     generation: int
@@ -487,6 +494,116 @@ class SetupErrorEvent(TypedDict):
 class InitEvent(TypedDict):
     ev: Literal["init"]
     pid: int
+
+
+# -- process channel (host <-> the process manager, procman.py) ------------------------------
+# Every request carries an `id` (added by ProcessManager.request); the reply is `done` with
+# the fields below, or `failed` with `error` and `message`.
+
+
+class PtySize(TypedDict):
+    rows: int
+    cols: int
+
+
+class ProcStartRequest(TypedDict):
+    op: Literal["proc_start"]
+    id: NotRequired[str]
+    cmd: str
+    args: list[str]
+    envs: dict[str, str]
+    cwd: str | None
+    tag: str | None
+    pty: PtySize | None
+    stdin: bool
+    buffer_bytes: int
+    max_procs: int
+
+
+class ProcReadRequest(TypedDict):
+    op: Literal["proc_read"]
+    id: NotRequired[str]
+    pid: int
+    offset: int | None
+    max_bytes: int
+
+
+class ProcListRequest(TypedDict):
+    op: Literal["proc_list"]
+    id: NotRequired[str]
+
+
+class ProcInputRequest(TypedDict):
+    op: Literal["proc_input"]
+    id: NotRequired[str]
+    pid: int
+    data: str
+
+
+class ProcCloseStdinRequest(TypedDict):
+    op: Literal["proc_close_stdin"]
+    id: NotRequired[str]
+    pid: int
+
+
+class ProcSignalRequest(TypedDict):
+    op: Literal["proc_signal"]
+    id: NotRequired[str]
+    pid: int
+    signal: int
+
+
+class ProcResizeRequest(TypedDict):
+    op: Literal["proc_resize"]
+    id: NotRequired[str]
+    pid: int
+    size: PtySize
+
+
+class ProcStartReply(TypedDict):
+    pid: int
+
+
+class ProcReadReply(TypedDict):
+    chunks: list[list[str]]  # [stream, base64], stream "stdout", "stderr" or "pty"
+    offset: int
+    next: int
+    dropped: int
+    running: bool
+    exit_code: int | None
+    signal: int | None
+
+
+class ProcInfo(TypedDict):
+    pid: int
+    cmd: str
+    args: list[str]
+    envs: dict[str, str]
+    cwd: str
+    tag: str | None
+    pty: PtySize | None
+    running: bool
+
+
+class ProcListReply(TypedDict):
+    processes: list[ProcInfo]
+
+
+class ProcHelloEvent(TypedDict):
+    ev: Literal["hello"]
+    protocol: int
+    pid: int
+
+
+ProcRequest = (
+    ProcStartRequest
+    | ProcReadRequest
+    | ProcListRequest
+    | ProcInputRequest
+    | ProcCloseStdinRequest
+    | ProcSignalRequest
+    | ProcResizeRequest
+)
 
 
 # -- template channel (host <-> template) ---------------------------------------------------
@@ -565,8 +682,27 @@ SUPERVISOR: dict[str, type[Any]] = {  # by "op" (host -> init) or "ev" (init -> 
     "restart": RestartRequest,
     "signal": SignalRequest,
     "kernel": KernelEvent,
+    "procman": ProcmanEvent,
     "exit": ExitEvent,
     "error": SetupErrorEvent,
+}
+PROC_REQUESTS: dict[str, type[Any]] = {
+    "proc_start": ProcStartRequest,
+    "proc_read": ProcReadRequest,
+    "proc_list": ProcListRequest,
+    "proc_input": ProcInputRequest,
+    "proc_close_stdin": ProcCloseStdinRequest,
+    "proc_signal": ProcSignalRequest,
+    "proc_resize": ProcResizeRequest,
+}
+PROC_REPLIES: dict[str, type[Any]] = {
+    "proc_start": ProcStartReply,
+    "proc_read": ProcReadReply,
+    "proc_list": ProcListReply,
+    "proc_input": NoReply,
+    "proc_close_stdin": NoReply,
+    "proc_signal": NoReply,
+    "proc_resize": NoReply,
 }
 SETUP: dict[str, type[Any]] = {"init": InitEvent, "error": SetupErrorEvent}
 TEMPLATE: dict[str, type[Any]] = {op: TemplateRequest for op in ("spawn", "reap", "ping")}

@@ -18,6 +18,7 @@ a policy asking for more. How a backend plugs in: docs/backends-internals.md.
     image.py      `codecage image build`: the OCI backends' root filesystem, cached by hash
     cgroups.py    the host's cgroups of a sandbox: limits, readings, killing, removal
     proctree.py   rootless stand-in for cgroups: the sandbox's process tree from its init
+    procs.py      the host's end of a sandbox's process manager (background processes)
 """
 
 from __future__ import annotations

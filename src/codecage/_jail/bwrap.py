@@ -24,6 +24,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -337,9 +338,9 @@ class BwrapSandbox(HostSandbox):
         monitor = self.process.pid if self.process is not None else None
         self.cgroups.kill(spare=monitor)
 
-    def _spared(self) -> tuple[int, ...]:
+    def _spared(self) -> Container[int]:
         monitor = self.process.pid if self.process is not None else None
-        return tuple(pid for pid in (self.init_pid, monitor) if pid is not None)
+        return self._with_procman(tuple(p for p in (self.init_pid, monitor) if p is not None))
 
     def _release(self, init_dead: bool) -> None:
         if self.process is not None:

@@ -12,6 +12,7 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,7 +174,7 @@ class SandboxCgroups:
         except FileNotFoundError:
             return []
 
-    def kill(self, spare: int | tuple[int, ...] | None = None, sig: int = signal.SIGKILL) -> None:
+    def kill(self, spare: int | Container[int] | None = None, sig: int = signal.SIGKILL) -> None:
         """Signal every process of the sandbox but `spare` (one pid or several).
 
         Never through the freezer: a host killed between a freeze and its thaw would leave
@@ -182,7 +183,7 @@ class SandboxCgroups:
         pidfd pins it (so a reused pid is never signalled), and the cgroup is listed again
         until it holds nothing not yet signalled (children forked meanwhile included). A
         whole sandbox's end also SIGKILLs its init, which takes its PID namespace with it."""
-        keep = {spare} if isinstance(spare, int) else set(spare or ())
+        keep: Container[int] = {spare} if isinstance(spare, int) else (spare or ())
         if self.version == 2 and spare is None and sig == signal.SIGKILL:
             kill_file = self.dirs["unified"] / "cgroup.kill"
             if kill_file.exists():

@@ -30,7 +30,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -58,6 +58,7 @@ from .cgroups import Usage
 
 if TYPE_CHECKING:
     from .pool import Pool
+    from .procs import ProcessManager
     from .template import Runtime
 
 EventCallback = Callable[[Message], None]
@@ -173,7 +174,7 @@ class Tree(Protocol):
     def reset_peak(self) -> None: ...
 
     def kill(
-        self, spare: int | tuple[int, ...] | None = None, sig: int = signal.SIGKILL
+        self, spare: int | Container[int] | None = None, sig: int = signal.SIGKILL
     ) -> None: ...
 
     def remove(self, timeout_s: float = 5.0) -> None: ...
@@ -336,6 +337,7 @@ class HostSandbox:
         # /proc/PID/syscall of that kernel, kept open: a pread is cheaper than an open, and a
         # descriptor names the process itself, never a later one given the same pid.
         self._syscall_fd: int | None = None
+        self.procs: ProcessManager | None = None  # background processes (procs.py)
 
     @property
     def _channel(self) -> socket.socket:
@@ -420,6 +422,9 @@ class HostSandbox:
                 raise SandboxError(f"sandbox set-up failed: {message.get('message')}")
             if message.get("ev") == "kernel" and len(fds) == 1:
                 break
+            if message.get("ev") == "procman" and len(fds) == 1:  # before a kernel
+                self._new_procman(socket.socket(fileno=fds[0]))
+                continue
             for fd in fds:
                 os.close(fd)
         self._channel.setblocking(False)
@@ -447,6 +452,18 @@ class HostSandbox:
                 break
             time.sleep(look)
             look = min(look * 2, POLL_S)
+
+    def _new_procman(self, sock: socket.socket) -> None:
+        """A (new) process manager's channel: init starts one with the sandbox, and again
+        at a kernel restart if code inside killed the last one."""
+        from .procs import ProcessManager
+
+        envs = {}
+        if self.procs is not None:
+            envs = self.procs.envs
+            self.procs.close()
+        self.procs = ProcessManager(sock, self.terminate, self.init_pid)
+        self.procs.envs = envs
 
     def _find_kernel(self, ns_pid: object, fd: object) -> tuple[int | None, int | None]:
         """The kernel's host pid and channel descriptor, for `kernel_waiting`. The hello is
@@ -655,6 +672,8 @@ class HostSandbox:
     def set_envs(self, envs: dict[str, str]) -> None:
         """A pooled sandbox's own environment, set when it is handed out (no code ran yet)."""
         self.setup(SetenvRequest(op="setenv", envs=envs))
+        if self.procs is not None:
+            self.procs.envs.update(envs)
 
     def setup(self, message: ReplyRequest) -> None:
         """A request that configures the session (environment, import guard): sent now, and
@@ -683,12 +702,23 @@ class HostSandbox:
 
     def kill_kernel(self) -> None:
         """Kill the kernel and everything it started; init (PID 1) stays. A backend whose
-        init is not a host process overrides this and interrupt()."""
-        self.cgroups.kill(spare=self.init_pid)
+        init is not a host process overrides this and interrupt(). The process manager's
+        tree (background processes) is spared, as init spares it at the restart."""
+        self.cgroups.kill(spare=self._spared())
 
     def interrupt(self) -> None:
-        """SIGINT to every process but init, like Ctrl-C to a terminal's foreground group."""
-        self.cgroups.kill(spare=self.init_pid, sig=signal.SIGINT)
+        """SIGINT to every process but init (and the process manager's tree), like Ctrl-C
+        to a terminal's foreground group."""
+        self.cgroups.kill(spare=self._spared(), sig=signal.SIGINT)
+
+    def _spared(self) -> Container[int]:
+        return self._with_procman(() if self.init_pid is None else (self.init_pid,))
+
+    def _with_procman(self, keep: tuple[int, ...]) -> Container[int]:
+        """`keep`, and the process manager's tree if there is one."""
+        if self.procs is None or self.procs.closed:
+            return keep
+        return self.procs.spared(keep)
 
     def send(self, message: Mapping[str, Any], timeout_s: float = 30.0) -> None:
         """Send a request; a kernel that stops reading cannot block the host for ever."""
@@ -784,6 +814,8 @@ class HostSandbox:
             self._supervisor.close()
         if self._kernel is not None:
             self._kernel.close()
+        if self.procs is not None:
+            self.procs.close()
         self._kernel_pid = None
         self._watch_kernel()
         with contextlib.suppress(OSError):

@@ -85,7 +85,7 @@ class OciSandbox(HostSandbox):
         namespace jail's init passes; the rest of the host protocol is unchanged."""
         message, fds = super()._supervisor_message()
         token = message.get("token")
-        if message.get("ev") == "kernel" and not fds and isinstance(token, str):
+        if message.get("ev") in ("kernel", "procman") and not fds and isinstance(token, str):
             assert self._oci_channel is not None
             fds = [self._oci_channel.accept_kernel(token, time.monotonic() + 10).detach()]
         return message, fds

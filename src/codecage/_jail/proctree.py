@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from collections.abc import Container
 from pathlib import Path
 
 from .._policy import Policy
@@ -64,10 +65,10 @@ class ProcessTree:
     def reset_peak(self) -> None:
         pass
 
-    def kill(self, spare: int | tuple[int, ...] | None = None, sig: int = signal.SIGKILL) -> None:
+    def kill(self, spare: int | Container[int] | None = None, sig: int = signal.SIGKILL) -> None:
         """Signal through pidfds, and only processes still inside a nested PID namespace:
         there is no freezer here, so a pid read a moment ago may have been reused."""
-        keep = {spare} if isinstance(spare, int) else set(spare or ())
+        keep: Container[int] = {spare} if isinstance(spare, int) else (spare or ())
         for pid in self.pids():
             if pid in keep:
                 continue

@@ -7,9 +7,11 @@ stack trace, never a host path. Another tenant's sandbox is the same 404 as a mi
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
 import json
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,9 +28,11 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._approvals import operation
-from .._errors import CodeRejected, SandboxError, wire
+from .._errors import CodeRejected, ProcessNotFound, SandboxError, wire
 from .._jail import cgroups, close_jails
 from .._models import Execution
+from .._processes import PTY_ENVS, PtySize, signal_process
+from .._processes import read as read_output
 from .._sandbox import check_language
 from .._text import has_lone_surrogate
 from .audit import AuditLog
@@ -100,6 +104,36 @@ class CommandBody(BaseModel):
 
 class PathBody(BaseModel):
     path: str
+
+
+class PtySizeBody(BaseModel):
+    rows: int = Field(24, ge=1, le=4096)
+    cols: int = Field(80, ge=1, le=4096)
+
+
+class ProcessBody(BaseModel):
+    cmd: str | None = Field(
+        None,
+        max_length=1 << 16,
+        description="a shell command, run as `/bin/bash -l -c CMD`; none with `pty`: an "
+        "interactive `/bin/bash -i -l`",
+    )
+    envs: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = Field(None, max_length=4096, description="default /home/user")
+    user: Literal["user", "root"] | None = Field(
+        None, description="both name the sandbox's one unprivileged identity"
+    )
+    stdin: bool = Field(False, description="a stdin pipe (else /dev/null)")
+    pty: PtySizeBody | None = None
+    tag: str | None = Field(None, max_length=256)
+
+
+class InputBody(BaseModel):
+    data: str = Field(..., max_length=2 << 20, description="base64")
+
+
+class SignalBody(BaseModel):
+    signal: Literal["SIGKILL", "SIGTERM", "SIGINT", "SIGHUP"] = "SIGKILL"
 
 
 class SandboxOut(BaseModel):
@@ -199,6 +233,35 @@ class CommandOut(BaseModel):
     killed_by: str | None = Field(
         None, description="the limit that ended the sandbox during the command (cpu_limit)"
     )
+
+
+class ProcessOut(BaseModel):
+    pid: int
+    cmd: str
+    args: list[str]
+    envs: dict[str, str]
+    cwd: str | None
+    tag: str | None
+    pty: PtySizeBody | None
+
+
+class StartedOut(BaseModel):
+    pid: int
+
+
+class ChunkOut(BaseModel):
+    stream: Literal["stdout", "stderr", "pty"]
+    data: str = Field(description="base64")
+
+
+class OutputOut(BaseModel):
+    chunks: list[ChunkOut]
+    offset: int = Field(description="where `chunks` start in the process's output")
+    next: int = Field(description="the offset to ask for next")
+    dropped: int = Field(description="bytes before `offset` the bounded buffer let go")
+    running: bool
+    exit_code: int | None = Field(description="once it ended (and all was read) by exiting")
+    signal: int | None = Field(description="once it ended (and all was read) by a signal")
 
 
 class EntryOut(BaseModel):
@@ -341,9 +404,10 @@ service = APIRouter()  # liveness and metrics: open (no key needed)
 sandboxes = APIRouter()
 runs = APIRouter()  # cells, one-shot runs, commands
 files = APIRouter()
+processes = APIRouter()  # background commands and ptys
 approvals = APIRouter()
 audit_log = APIRouter()
-ROUTERS = (service, sandboxes, runs, files, approvals, audit_log)
+ROUTERS = (service, sandboxes, runs, files, processes, approvals, audit_log)
 
 
 @service.get("/healthz", response_model=HealthOut)
@@ -627,6 +691,145 @@ def make_dir(
 ) -> MadeOut:
     _check_path(body.path)
     return MadeOut(created=manager.make_dir(who, sandbox_id, body.path))
+
+
+@processes.post(
+    "/v1/sandboxes/{sandbox_id}/processes",
+    response_model=StartedOut,
+    status_code=201,
+    responses=ERRORS,
+)
+def start_process(
+    sandbox_id: str,
+    body: ProcessBody,
+    who: str = Depends(tenant),
+    ref: str | None = ref_header,
+    manager: Manager = MANAGER,
+) -> StartedOut:
+    """Start a background command (or, with `pty`, a terminal): recorded at its start and
+    at its end; it runs while cells run and outlives kernel restarts."""
+    _valid_text(body)
+    if body.cmd is None and body.pty is None:
+        raise BadRequest("cmd: a command, or a pty")
+    args = ["-l", "-c", body.cmd] if body.cmd is not None else ["-i", "-l"]
+    envs = {**PTY_ENVS, **body.envs} if body.pty is not None else body.envs
+    size = None if body.pty is None else PtySize(body.pty.rows, body.pty.cols)
+    with operation(client_ref=ref):
+        pid = manager.start_process(
+            who,
+            sandbox_id,
+            "/bin/bash",
+            args,
+            envs=envs,
+            cwd=body.cwd,
+            tag=body.tag,
+            pty=size,
+            stdin=body.stdin,
+            user=body.user,
+        )
+    return StartedOut(pid=pid)
+
+
+@processes.get(
+    "/v1/sandboxes/{sandbox_id}/processes", response_model=list[ProcessOut], responses=ERRORS
+)
+def list_processes(
+    sandbox_id: str, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> list[ProcessOut]:
+    """The running background commands and terminals."""
+    found = manager.on_process(who, sandbox_id, lambda sbx: sbx.commands.list())
+    return [ProcessOut(**{**vars(p), "pty": None if p.pty is None else vars(p.pty)}) for p in found]
+
+
+@processes.get(
+    "/v1/sandboxes/{sandbox_id}/processes/{pid}/output", response_model=OutputOut, responses=ERRORS
+)
+def process_output(
+    sandbox_id: str,
+    pid: int,
+    offset: int | None = Query(None, ge=0, description="none: from now on"),
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> OutputOut:
+    """A process's output from `offset` (poll again from `next`); `exit_code` or `signal`
+    once it ended and everything before was read."""
+    chunks, nxt, ended = manager.on_process(
+        who, sandbox_id, lambda sbx: read_output(sbx._proc_call, pid, offset)
+    )
+    dropped = sum(c.dropped for c in chunks)
+    data = [c for c in chunks if not c.dropped]
+    size = sum(len(c.data) for c in data)
+    return OutputOut(
+        chunks=[ChunkOut(stream=c.stream, data=base64.b64encode(c.data).decode()) for c in data],
+        offset=nxt - size,
+        next=nxt,
+        dropped=dropped,
+        running=ended is None,
+        exit_code=None if ended is None else ended.exit_code,
+        signal=None if ended is None else ended.signal,
+    )
+
+
+@processes.post(
+    "/v1/sandboxes/{sandbox_id}/processes/{pid}/stdin", status_code=204, responses=ERRORS
+)
+def process_stdin(
+    sandbox_id: str,
+    pid: int,
+    body: InputBody,
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> Response:
+    """Bytes (base64) to a process's stdin, or a terminal's input."""
+    try:
+        data = base64.b64decode(body.data, validate=True)
+    except ValueError:
+        raise BadRequest("data: base64") from None
+    manager.on_process(who, sandbox_id, lambda sbx: sbx.commands.send_stdin(pid, data))
+    return Response(status_code=204)
+
+
+@processes.post(
+    "/v1/sandboxes/{sandbox_id}/processes/{pid}/close-stdin", status_code=204, responses=ERRORS
+)
+def process_close_stdin(
+    sandbox_id: str, pid: int, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> Response:
+    manager.on_process(who, sandbox_id, lambda sbx: sbx.commands.close_stdin(pid))
+    return Response(status_code=204)
+
+
+@processes.post(
+    "/v1/sandboxes/{sandbox_id}/processes/{pid}/signal", status_code=204, responses=ERRORS
+)
+def process_signal(
+    sandbox_id: str,
+    pid: int,
+    body: SignalBody,
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> Response:
+    """A signal to a process's group (404 if it is not running)."""
+    sig = int(getattr(signal, body.signal))
+    done = manager.on_process(who, sandbox_id, lambda sbx: signal_process(sbx._proc_call, pid, sig))
+    if not done:
+        raise ProcessNotFound(f"no running process {pid}")
+    return Response(status_code=204)
+
+
+@processes.post(
+    "/v1/sandboxes/{sandbox_id}/processes/{pid}/resize", status_code=204, responses=ERRORS
+)
+def process_resize(
+    sandbox_id: str,
+    pid: int,
+    body: PtySizeBody,
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> Response:
+    size = PtySize(body.rows, body.cols)
+    manager.on_process(who, sandbox_id, lambda sbx: sbx.pty.resize(pid, size))
+    return Response(status_code=204)
 
 
 @approvals.get("/v1/approvals", response_model=list[ApprovalOut], responses=ERRORS)

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import hashlib
 import secrets
+import shlex
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -20,7 +21,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from .._analysis import analyze
-from .._api import prepare_code, run_prepared
+from .._api import check_envs, prepare_code, run_prepared
 from .._approvals import ApprovalRequest, Approvals, Decision, Gate, operation
 from .._errors import (
     ApprovalDenied,
@@ -35,9 +36,11 @@ from .._jail.host import HostJail
 from .._jail.pool import Pool
 from .._models import Execution, Finding
 from .._policy import Policy
+from .._processes import PtySize, check_user, start_process
 from .._sandbox import FILE_CHUNK, CommandResult, EntryInfo, Sandbox
 from .audit import AuditLog
 from .config import ServerConfig, within
+from .processes import ProcessRecords
 
 EventCallback = Callable[[dict[str, Any]], None]
 T = TypeVar("T")
@@ -182,6 +185,7 @@ class Manager:
             on_change=self._approval_changed,
             max_pending_per_tenant=config.quotas.pending_approvals,
         )
+        self.process_records = ProcessRecords(self)
 
     def _approval_changed(self, request: ApprovalRequest, decision: Decision | None) -> None:
         if decision is None:
@@ -381,6 +385,7 @@ class Manager:
 
     def delete(self, tenant: str, sandbox_id: str) -> None:
         entry = self.get(tenant, sandbox_id)
+        self.process_records.sweep(sandbox_id)  # the ends of its processes, as they were
         entry.sandbox.kill()
         with self._lock:
             self._sandboxes.pop(sandbox_id, None)
@@ -400,8 +405,10 @@ class Manager:
         with self._lock:
             entries = list(self._sandboxes.values())
             self._sandboxes.clear()
+        self.process_records.sweep()
         for entry in entries:
             entry.sandbox.kill()
+        self.process_records.close()
         with self._idle:
             self._idle.wait_for(lambda: self._busy == 0, timeout=wait_s)
 
@@ -761,6 +768,48 @@ class Manager:
                     if not recorded:
                         self.fail(run_id, "file_download", exc)
                     raise
+
+    # -- background processes and ptys (never queued: they work while a cell runs) ----------
+
+    def start_process(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        cmd: str,
+        args: list[str],
+        *,
+        envs: dict[str, str],
+        cwd: str | None = None,
+        tag: str | None = None,
+        pty: PtySize | None = None,
+        stdin: bool = False,
+        user: str | None = None,
+    ) -> int:
+        """Start a process: admitted (runs per minute) and durably recorded first, the
+        policy's approval for commands asked for, then its end recorded when it ends."""
+        check_user(user)
+        envs = check_envs(envs)
+        entry = self.get(tenant, sandbox_id)
+        sandbox = entry.sandbox
+        code = shlex.join([cmd, *args])
+        run_id = self.begin(tenant, sandbox_id, "process", code, sandbox.policy)
+
+        def work() -> int:
+            sandbox._gate_command(code, envs)
+            return start_process(
+                sandbox, cmd, args, envs=envs, cwd=cwd, tag=tag, pty=pty, stdin=stdin
+            )
+
+        pid = self._recorded(run_id, "process", work)
+        self.process_records.add(run_id, sandbox, pid)
+        return pid
+
+    def on_process(self, tenant: str, sandbox_id: str, op: Callable[[Sandbox], T]) -> T:
+        """An operation on the tenant's sandbox's processes (read, list, input, signal,
+        resize): no place in its queue, so it never waits for a cell; a shutdown waits."""
+        entry = self.get(tenant, sandbox_id)
+        with self._operation():
+            return op(entry.sandbox)
 
 
 class Upload:

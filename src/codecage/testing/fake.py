@@ -41,7 +41,7 @@ import select
 import signal
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -227,7 +227,7 @@ class FakeTree:
         self.memory_peak_bytes: int | None = 0
         self.memory_now: int | None = 0
         self.workspace_full = False
-        self.kills: list[tuple[int | tuple[int, ...] | None, int]] = []  # (spare, signal)
+        self.kills: list[tuple[int | Container[int] | None, int]] = []  # (spare, signal)
         self.removed = False
 
     def apply(self, reading: Reading) -> None:
@@ -258,7 +258,7 @@ class FakeTree:
         if self.memory_peak_bytes is not None:
             self.memory_peak_bytes = self.memory_now
 
-    def kill(self, spare: int | tuple[int, ...] | None = None, sig: int = signal.SIGKILL) -> None:
+    def kill(self, spare: int | Container[int] | None = None, sig: int = signal.SIGKILL) -> None:
         self.kills.append((spare, sig))
         if spare is None:
             self._box._end_all()

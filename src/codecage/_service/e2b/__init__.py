@@ -46,7 +46,7 @@ INTERPRETER_PORT = 49999
 # The modules whose `router` (an APIRouter) each surface serves, in this order.
 ENVD_MODULES = ["envd", "filesystem"]
 
-ENVD_MODULES += []  # e2b-proc: "process"
+ENVD_MODULES += ["process"]  # e2b-proc
 
 INTERPRETER_MODULES: list[str] = ["interpreter"]
 
