@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -37,7 +38,7 @@ from .._sandbox import check_language
 from .._text import has_lone_surrogate
 from .audit import AuditLog
 from .config import ServerConfig, check_fits
-from .manager import Manager, Started
+from .manager import Manager, Started, Upload
 
 NDJSON = "application/x-ndjson"
 STREAM_EVENTS = {
@@ -588,19 +589,34 @@ async def upload(
     manager: Manager = MANAGER,
 ) -> EntryOut:
     """Store a file: streamed to the sandbox as it arrives (the host holds one chunk)."""
-    from .._sandbox import FILE_CHUNK
 
     _check_path(path)
     pieces = _upload_pieces(request)  # 415 / 400 before anything is stored
     await anext(pieces)
     uploading = manager.uploading(who, sandbox_id, path)
+    sink = await stream_upload(uploading, pieces, RequestTimeout)
+    assert sink.info is not None
+    return EntryOut(**vars(sink.info))
+
+
+async def stream_upload(
+    uploading: contextlib.AbstractContextManager[Upload],
+    pieces: AsyncIterator[bytes],
+    too_slow: Callable[[str], Exception],
+) -> Upload:
+    """Feed a recorded upload (`Manager.uploading`) from a body's pieces, FILE_CHUNK at a
+    time, within the policy's time for the whole transfer (`too_slow` is the front end's
+    error for it). A failure aborts and records the upload; its first error is the one
+    raised."""
+    from .._sandbox import FILE_CHUNK
+
     sink = await run_in_threadpool(uploading.__enter__)
     try:
         held: list[bytes] = []
         size = 0
         async for piece in pieces:
             if time.monotonic() > sink.deadline:  # a trickle cannot hold the sandbox
-                raise RequestTimeout("the upload took longer than the policy's timeout_s")
+                raise too_slow("the upload took longer than the policy's timeout_s")
             held.append(piece)
             size += len(piece)
             if size >= FILE_CHUNK:
@@ -608,12 +624,11 @@ async def upload(
                 held, size = [], 0
         await run_in_threadpool(sink.write, b"".join(held))
     except BaseException as exc:
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), contextlib.suppress(SandboxError):
             await run_in_threadpool(uploading.__exit__, type(exc), exc, exc.__traceback__)
         raise
     await run_in_threadpool(uploading.__exit__, None, None, None)
-    assert sink.info is not None
-    return EntryOut(**vars(sink.info))
+    return sink
 
 
 @files.get(

@@ -8,20 +8,17 @@ service's upload limit, decoded bytes included.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import time
 import zlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..._errors import FileNotFoundInSandbox, SandboxError
-from ..app import _check_path, _stream, multipart_parts
+from ..app import _check_path, _stream, multipart_parts, stream_upload
 from . import SandboxAccess, sandbox_access
 from .errors import E2BError
 
@@ -118,31 +115,9 @@ async def _raw_pieces(request: Request, limit: int) -> AsyncIterator[bytes]:
 
 async def _store(access: SandboxAccess, path: str, pieces: AsyncIterator[bytes]) -> None:
     """One file, streamed to the sandbox through a recorded upload."""
-    from ..._sandbox import FILE_CHUNK
-
     uploading = access.manager.uploading(access.tenant, access.sandbox_id, path)
-    sink = await run_in_threadpool(uploading.__enter__)
     try:
-        held: list[bytes] = []
-        size = 0
-        async for piece in pieces:
-            if time.monotonic() > sink.deadline:
-                raise E2BError(408, "the upload took longer than the policy's timeout_s")
-            held.append(piece)
-            size += len(piece)
-            if size >= FILE_CHUNK:
-                await run_in_threadpool(sink.write, b"".join(held))
-                held, size = [], 0
-        await run_in_threadpool(sink.write, b"".join(held))
-    except BaseException as exc:
-        with anyio.CancelScope(shield=True):
-            with contextlib.suppress(SandboxError):
-                await run_in_threadpool(uploading.__exit__, type(exc), exc, exc.__traceback__)
-        if isinstance(exc, SandboxError):
-            raise _file_error(exc, path) from None
-        raise
-    try:
-        await run_in_threadpool(uploading.__exit__, None, None, None)
+        await stream_upload(uploading, pieces, lambda message: E2BError(408, message))
     except SandboxError as exc:
         raise _file_error(exc, path) from None
 
