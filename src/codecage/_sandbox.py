@@ -20,7 +20,7 @@ from ._approvals import Approver, Gate, with_envs
 from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound, TransportError
 from ._inside.messages import CommandRequest, ReplyRequest
 from ._jail import get_jail
-from ._jail.host import HostSandbox
+from ._jail.sandbox import HostSandbox
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
 from ._policy import Policy, effective_timeout
 

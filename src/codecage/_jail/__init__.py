@@ -33,7 +33,7 @@ from .._errors import BackendUnavailable
 from .._policy import Policy
 
 if TYPE_CHECKING:
-    from .host import HostSandbox
+    from .sandbox import HostSandbox
 
 
 class Jail(Protocol):

@@ -33,7 +33,9 @@ from .._inside import seccomp
 from .._policy import Policy
 from . import cgroups, features, oci
 from . import image as _image
-from .host import HostJail, Launched, uids
+from .host import HostJail, uids
+from .launcher import Launched
+from .sandbox import HostSandbox
 from .template import Runtime, state_dir
 
 DEFAULT_URL = "unix:///run/codecage/podman.sock"
@@ -155,8 +157,8 @@ class ContainerJail(HostJail):
         the namespace jail stages it, staged here too."""
         return oci.staged_package(self.image)
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> ContainerSandbox:
-        return ContainerSandbox(self, policy, envs)
+    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
+        return HostSandbox(policy, lambda box: ContainerLauncher(self, box), envs, START_TIMEOUT_S)
 
     def close(self) -> None:
         super().close()
@@ -230,21 +232,21 @@ class EngineCgroups(cgroups.SandboxCgroups):
         self.close_files()  # the engine removes the directories with the container
 
 
-class ContainerSandbox(oci.OciSandbox):
+class ContainerLauncher(oci.OciLauncher):
     """One container. Its processes are host processes (runc), so signals and the host's
     readings work as in the namespace jail."""
 
-    def __init__(self, jail: ContainerJail, policy: Policy, envs: dict[str, str]) -> None:
-        super().__init__(policy)
+    def __init__(self, jail: ContainerJail, box: HostSandbox) -> None:
+        super().__init__(box)
+        self.id, self.policy = box.id, box.policy
         self.jail = jail
         self.uid = uids.take()
-        self.cgroups: EngineCgroups = EngineCgroups(jail.cgroup_version, jail.owner)
+        self.tree: EngineCgroups = EngineCgroups(jail.cgroup_version, jail.owner)
         self._container: Any = None
-        self._start(envs, START_TIMEOUT_S)
 
-    def _launch(self, envs: dict[str, str]) -> Launched:
+    def launch(self, envs: dict[str, str]) -> Launched:
         deadline = time.monotonic() + START_TIMEOUT_S
-        self._oci_channel = channel = oci.Channel(self.id)
+        self.oci_channel = channel = oci.Channel(self.id)
         self._container = self.jail.client.containers.create(**self._settings(channel.dir))
         self._container.start()
         supervisor = channel.accept_supervisor(deadline)
@@ -254,15 +256,14 @@ class ContainerSandbox(oci.OciSandbox):
         supervisor.send(json.dumps(spec).encode())
         self._container.reload()
         pid = int(self._container.attrs["State"]["Pid"])
-        self.cgroups.bind(_cgroup_leaf(pid, self.jail.cgroup_version))
-        launched = Launched(supervisor, os.pidfd_open(pid), pid)
+        self.tree.bind(_cgroup_leaf(pid, self.jail.cgroup_version))
         root = Path(f"/proc/{pid}/root")
         weak = [m for m in weak_mounts(Path(f"/proc/{pid}/mountinfo").read_text(), root)]
         weak = [m for m in weak if not m.startswith("/ ")]  # the root: declared in LACKING
-        if weak:
-            self._supervisor, self._init_pidfd, self.init_pid = launched
+        if weak:  # the sandbox's kill() kills the bound cgroup; release removes the container
+            supervisor.close()
             raise SandboxError(f"the container has mounts without nosuid,nodev: {weak}")
-        return launched
+        return Launched(supervisor, os.pidfd_open(pid), pid)
 
     def _settings(self, channel: Path) -> dict[str, Any]:
         """The seed's DockerSandbox settings, from the policy."""
@@ -318,12 +319,12 @@ class ContainerSandbox(oci.OciSandbox):
             settings["pids_limit"] = p.pids_max
         return settings
 
-    def _release(self, init_dead: bool) -> None:
+    def release(self, init_dead: bool) -> None:
         if self._container is not None:
             with contextlib.suppress(Exception):
                 self._container.remove(force=True)
-        if self._oci_channel is not None:
-            self._oci_channel.close()
+        if self.oci_channel is not None:
+            self.oci_channel.close()
         uids.give_back(self.uid)
 
 

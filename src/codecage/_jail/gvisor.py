@@ -40,13 +40,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._errors import BackendUnavailable, SandboxError, TransportError
+from .._errors import BackendUnavailable, SandboxError
 from .._inside.messages import SignalRequest
-from .._models import Execution, ExecutionError
 from .._policy import Policy
 from . import cgroups, features, oci
 from . import image as _image
-from .host import HostJail, Launched, readable
+from .channel import readable
+from .host import HostJail
+from .launcher import NO_MOUNTS, Launched, Mounts
+from .sandbox import HostSandbox
 from .template import Runtime, state_dir
 
 PIDS_FLOOR = 256  # host tasks: below ~256 in its cgroup, runsc's sentry crashes (MEASURED.md)
@@ -124,8 +126,8 @@ class GvisorJail(HostJail):
         the namespace jail stages it, staged here too."""
         return oci.staged_package(self.image)
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> GvisorSandbox:
-        return GvisorSandbox(self, policy, envs)
+    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
+        return HostSandbox(policy, lambda box: GvisorLauncher(self, box), envs, START_TIMEOUT_S)
 
     def close(self) -> None:
         super().close()
@@ -154,32 +156,28 @@ class GvisorJail(HostJail):
         return [shutil.which("runsc") or "runsc", f"--root={self.state_root}", *RUNSC_FLAGS, *args]
 
 
-class GvisorSandbox(oci.OciSandbox):
+class GvisorLauncher(oci.OciLauncher):
     """One runsc sandbox. Signals reach the code through init (the guest's processes are
     not host processes); its death shows as the sentry's exit."""
 
-    def __init__(self, jail: GvisorJail, policy: Policy, envs: dict[str, str]) -> None:
-        super().__init__(policy)
-        self.jail = jail
-        self.cgroups: FlooredCgroups = FlooredCgroups(jail.cgroup_version, self.id, jail.owner)
-        self.cgroups.on_guest_oom = self._guest_oom
-        self._started = False
-        self._sentry_died = False
-        self._start(envs, START_TIMEOUT_S)
-        # The kernel's first cell imports IPython through the gofer (~1.2 s of CPU here):
-        # the sandbox's start-up, not the session's cpu_s (a pool's prefault repeats it cheaply).
-        try:
-            self.prefault()
-        except BaseException:
-            self.kill()
-            raise
+    # The kernel's first cell imports IPython through the gofer (~1.2 s of CPU here): the
+    # sandbox's start-up, not the session's cpu_s (a pool's prefault repeats it cheaply).
+    prefault_at_start = True
 
-    def _launch(self, envs: dict[str, str]) -> Launched:
+    def __init__(self, jail: GvisorJail, box: HostSandbox) -> None:
+        super().__init__(box)
+        self.id, self.policy = box.id, box.policy
+        self.jail = jail
+        self.tree: FlooredCgroups = FlooredCgroups(jail.cgroup_version, self.id, jail.owner)
+        self.tree.on_guest_oom = self._guest_oom
+        self._started = False
+
+    def launch(self, envs: dict[str, str]) -> Launched:
         deadline = time.monotonic() + START_TIMEOUT_S
-        self._oci_channel = channel = oci.Channel(self.id)
+        self.oci_channel = channel = oci.Channel(self.id)
         bundle = oci.bundle_dir(self.id)
         (bundle.parent / "owner").write_text(self.jail.owner)  # for the start-up sweep
-        config = bundle_config(self.jail.image, self.policy, str(channel.dir), self.cgroups)
+        config = bundle_config(self.jail.image, self.policy, str(channel.dir), self.tree)
         (bundle / "config.json").write_text(json.dumps(config))
         self._started = True
         # init connects while `runsc run` is still starting it: accept before waiting.
@@ -215,70 +213,44 @@ class GvisorSandbox(oci.OciSandbox):
 
     # -- the whole sandbox dying (gVisor has no OOM handling of its own) -------------------
 
-    def _supervisor_message(self) -> tuple[dict[str, Any], list[int]]:
+    def init_hung_up(self) -> bool:
         """When the sentry itself dies (the host's OOM killer picks it: gVisor has no OOM
-        handling inside, google/gvisor#2520), report the kernel's death like init would,
-        once, so the run ends as a value; restart_kernel then ends the sandbox."""
-        try:
-            return super()._supervisor_message()
-        except TransportError:
-            if self._dying or self._sentry_died or not self._sentry_exited(2.0):
-                raise
-            self._sentry_died = True
-            return {"ev": "exit", "generation": self.generation, "signal": 9, "code": None}, []
-
-    def _sentry_exited(self, within_s: float) -> bool:
+        handling inside, google/gvisor#2520), the kernel's death is reported like init would,
+        once, so the run ends as a value; restarting then ends the sandbox."""
         # the channel's hang-up can come a moment before the sentry's exit is visible
-        return self._init_pidfd is not None and bool(readable([self._init_pidfd], within_s))
+        pidfd = self.box.init_pidfd
+        return pidfd is not None and bool(readable([pidfd], 2.0))
 
-    def restart_kernel(self, deadline: float) -> None:
-        if not self._sentry_died:
-            super().restart_kernel(deadline)
-            return
-        oom = self.cgroups.usage().oom_kills > 0
-        if oom:
-            self.terminate(SENTRY_OOM, "memory_limit")
-        else:
-            self.terminate("its gVisor kernel (the sentry) died")
-
-    def execute(self, code: str, **kwargs: Any) -> Execution:
-        ex = super().execute(code, **kwargs)
-        if self._sentry_died and ex.error is not None:
-            ex.error = ExecutionError(
-                ex.error.name, f"{ex.error.value.split(';')[0]}; {self.ended_because}", ""
-            )
-        return ex
+    def ended_with_init(self) -> tuple[str, str | None]:
+        if self.tree.usage().oom_kills > 0:
+            return SENTRY_OOM, "memory_limit"
+        return "its gVisor kernel (the sentry) died", None
 
     def _guest_oom(self, give_up: bool) -> None:
         """From GuestOom's thread: the guest reached memory_mb (give_up=False: end its
         kernel), or the sentry did not give the memory back (give_up=True: end the
         sandbox)."""
-        if not give_up and self._supervisor is not None:
-            self._signal_inside(signal.SIGKILL)
+        if not give_up and self.box.channel.supervisor is not None:
+            self.signal(signal.SIGKILL)
         else:  # a limit ended it: a run in progress returns that as its value
-            self.terminate(SENTRY_OOM_STUCK, "memory_limit")
+            self.box.terminate(SENTRY_OOM_STUCK, "memory_limit")
 
-    def kill_kernel(self) -> None:
-        self._signal_inside(signal.SIGKILL)
-
-    def interrupt(self) -> None:
-        self._signal_inside(signal.SIGINT)
-
-    def _signal_inside(self, sig: int) -> None:
+    def signal(self, sig: int) -> None:
+        """Through init: the guest's processes are not the host's."""
         with contextlib.suppress(OSError):
-            self._channel.send(json.dumps(SignalRequest(op="signal", signal=int(sig))).encode())
+            self.box.channel.tell_init(SignalRequest(op="signal", signal=int(sig)))
 
-    def _open_mounts(self) -> None:
-        pass  # the guest's tmpfs lives in the sentry's memory: no host statvfs
+    def open_mounts(self) -> Mounts:
+        return NO_MOUNTS  # the guest's tmpfs lives in the sentry's memory: no host statvfs
 
-    def _release(self, init_dead: bool) -> None:
+    def release(self, init_dead: bool) -> None:
         if self._started:
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 subprocess.run(
                     self.jail.command("delete", "--force", self.id), capture_output=True, timeout=30
                 )
-        if self._oci_channel is not None:
-            self._oci_channel.close()
+        if self.oci_channel is not None:
+            self.oci_channel.close()
         shutil.rmtree(state_dir() / "oci" / self.id, ignore_errors=True)
 
 
