@@ -14,7 +14,7 @@ import pytest
 
 import codecage
 from codecage import AsyncSandbox, Policy, Sandbox
-from codecage._jail import BACKENDS, Backend, _jails, get_jail, started_jail
+from codecage._jail import BACKENDS, Backend, WithoutPools, _jails, get_jail, started_jail
 from codecage._jail.host import HostJail
 from codecage._jail.sandbox import HostSandbox
 
@@ -158,7 +158,7 @@ def test_bad_requests_are_refused_clearly() -> None:
         assert not pool.stopped and pool.size == 1
 
 
-class _ColdOnly:
+class _ColdOnly(WithoutPools):
     """A backend that is not a HostJail: it has no warm pool."""
 
     name = "cold-only"

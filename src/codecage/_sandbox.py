@@ -19,8 +19,7 @@ from ._api import check_envs, prepare_code
 from ._approvals import Approver, Gate, with_envs
 from ._errors import FileNotFoundInSandbox, SandboxError, SandboxNotFound, TransportError
 from ._inside.messages import CommandRequest, ReplyRequest
-from ._jail import get_jail
-from ._jail.sandbox import HostSandbox
+from ._jail import Jailed, get_jail
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
 from ._policy import Policy, effective_timeout
 
@@ -80,7 +79,7 @@ class Sandbox:
         self._lock = threading.RLock()
         self._gate.limits(self.policy, defaults)
         jail = get_jail(self.policy.isolation)
-        self._jailed: HostSandbox = jail.create(self.policy, check_envs(envs))
+        self._jailed: Jailed = jail.create(self.policy, check_envs(envs))
         self.last_activity = time.monotonic()
         self.busy = False
         self.files = Files(self)
@@ -118,7 +117,7 @@ class Sandbox:
     def __repr__(self) -> str:
         return f"<Sandbox {self.id} {'alive' if self.alive else 'ended'}>"
 
-    def _use(self) -> HostSandbox:
+    def _use(self) -> Jailed:
         if not self._jailed.alive:
             raise SandboxNotFound(f"sandbox {self.id} has ended: {self._jailed.ended_because}")
         return self._jailed
@@ -195,7 +194,7 @@ class Sandbox:
             finally:
                 self.busy = False
                 self.last_activity = time.monotonic()
-                if jailed._dying:  # ended meanwhile (kill(), the watchdog): release the rest
+                if not jailed.alive:  # ended meanwhile (kill(), the watchdog): release the rest
                     jailed.kill()
 
     def _request(
@@ -210,7 +209,7 @@ class Sandbox:
             finally:
                 self.busy = False
                 self.last_activity = time.monotonic()
-                if jailed._dying:  # ended meanwhile (kill(), the watchdog): release the rest
+                if not jailed.alive:  # ended meanwhile (kill(), the watchdog): release the rest
                     jailed.kill()
 
     def kill(self) -> None:
@@ -376,10 +375,10 @@ class Commands:
         try:
             reply = self._sbx._request(message, None if limit is None else limit + 5)
         except SandboxNotFound:
-            hit = getattr(jailed, "ended_limit", None)
+            hit = jailed.ended_limit
             if hit is None or not started_alive:
                 raise
-            because = getattr(jailed, "ended_because", hit)
+            because = jailed.ended_because
             return CommandResult(
                 stdout="",
                 stderr="",
@@ -435,7 +434,7 @@ class _Registry:
         if not jailed.alive:
             return
         idle = time.monotonic() - sandbox.last_activity
-        limit = None
+        limit: KilledBy | None = None
         if not sandbox.busy and policy.idle_timeout_s is not None and idle > policy.idle_timeout_s:
             reason = f"idle for more than idle_timeout_s={policy.idle_timeout_s}"
         else:  # busy or not: a sandbox's CPU budget covers everything it ever ran

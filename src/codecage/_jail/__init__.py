@@ -25,15 +25,58 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import BackendUnavailable
 from .._policy import Policy
 
 if TYPE_CHECKING:
-    from .sandbox import HostSandbox
+    from .._inside.messages import ReplyRequest
+    from .._inside.protocol import Message
+    from .._models import Execution, KilledBy
+    from .cgroups import Usage
+    from .pool import Pool
+
+
+class Jailed(Protocol):
+    """One live sandbox as the layers above the jail use it: what `Jail.create` returns
+    (sandbox.HostSandbox, whatever the backend). `ended_because` says why it ended (once it
+    has), `ended_limit` the limit that ended it ("cpu_limit"), if one did."""
+
+    id: str
+    policy: Policy
+    ended_because: str
+    ended_limit: KilledBy | None
+
+    @property
+    def alive(self) -> bool: ...
+
+    def execute(
+        self,
+        code: str,
+        *,
+        mode: str = "session",
+        timeout_s: float | None = None,
+        envs: dict[str, str] | None = None,
+        on_event: Callable[[Message], None] | None = None,
+        recover: bool = True,
+    ) -> Execution: ...
+
+    def request(
+        self, message: ReplyRequest | Mapping[str, Any], timeout_s: float | None
+    ) -> Message: ...
+
+    def usage(self) -> Usage: ...
+
+    def memory_current(self) -> int | None: ...
+
+    def terminate(self, reason: str, limit: KilledBy | None = None) -> None: ...
+
+    def end(self, reason: str, limit: KilledBy | None = None) -> None: ...
+
+    def kill(self) -> None: ...
 
 
 class Jail(Protocol):
@@ -42,9 +85,43 @@ class Jail(Protocol):
 
     def check(self, policy: Policy) -> None: ...
 
-    def create(self, policy: Policy, envs: dict[str, str] | None = None) -> HostSandbox: ...
+    def create(self, policy: Policy, envs: dict[str, str] | None = None) -> Jailed: ...
+
+    def pool_for(self, policy: Policy) -> Pool | None:
+        """The running warm pool that serves exactly this policy, if any."""
+        ...
+
+    def start_pool(
+        self,
+        size: int,
+        policy: Policy,
+        refill_per_s: float = 50.0,
+        template_max_age_s: float = 3600.0,
+    ) -> Pool:
+        """Keep `size` sandboxes of `policy` ready (BackendUnavailable: no pools here)."""
+        ...
 
     def close(self) -> None: ...
+
+
+class WithoutPools:
+    """For a backend whose sandboxes always start cold: the Jail protocol's pool members."""
+
+    name: str
+
+    def pool_for(self, policy: Policy) -> Pool | None:
+        return None
+
+    def start_pool(
+        self,
+        size: int,
+        policy: Policy,
+        refill_per_s: float = 50.0,
+        template_max_age_s: float = 3600.0,
+    ) -> Pool:
+        raise BackendUnavailable(
+            f"isolation backend {self.name!r} has no warm pool: its sandboxes start cold"
+        )
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any, NoReturn, Protocol
 
 from .._errors import SandboxError, SandboxNotFound, TransportError
 from .._inside.protocol import FrameReader, Message, ProtocolError, encode
+from .._models import KilledBy
 from .._policy import Policy
 from .._text import valid_deep
 from .proctree import KernelWatch
@@ -61,7 +62,7 @@ class Owner(Protocol):
     @property
     def dying(self) -> bool: ...
 
-    def terminate(self, reason: str, limit: str | None = None) -> None: ...
+    def terminate(self, reason: str, limit: KilledBy | None = None) -> None: ...
 
 
 class Hooks(Protocol):

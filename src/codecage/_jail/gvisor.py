@@ -42,6 +42,7 @@ from typing import Any
 
 from .._errors import BackendUnavailable, SandboxError
 from .._inside.messages import SignalRequest
+from .._models import KilledBy
 from .._policy import Policy
 from . import cgroups, features, oci
 from . import image as _image
@@ -221,7 +222,7 @@ class GvisorLauncher(oci.OciLauncher):
         pidfd = self.box.init_pidfd
         return pidfd is not None and bool(readable([pidfd], 2.0))
 
-    def ended_with_init(self) -> tuple[str, str | None]:
+    def ended_with_init(self) -> tuple[str, KilledBy | None]:
         if self.tree.usage().oom_kills > 0:
             return SENTRY_OOM, "memory_limit"
         return "its gVisor kernel (the sentry) died", None

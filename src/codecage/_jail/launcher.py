@@ -30,6 +30,7 @@ import socket
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from .._inside.protocol import Message
+from .._models import KilledBy
 from .._policy import Policy
 from .cgroups import Usage
 
@@ -130,7 +131,7 @@ class Launcher(Protocol):
 
     def init_hung_up(self) -> bool: ...
 
-    def ended_with_init(self) -> tuple[str, str | None]: ...
+    def ended_with_init(self) -> tuple[str, KilledBy | None]: ...
 
 
 class BaseLauncher:
@@ -174,5 +175,5 @@ class BaseLauncher:
     def init_hung_up(self) -> bool:
         return False  # init's hang-up is the sandbox's end
 
-    def ended_with_init(self) -> tuple[str, str | None]:
+    def ended_with_init(self) -> tuple[str, KilledBy | None]:
         return "its init died", None

@@ -21,7 +21,7 @@ from typing import Any
 from .._errors import ExecutionTimeout, SandboxError, SandboxNotFound, TransportError
 from .._inside.messages import PrefaultRequest, ReplyRequest, RestartRequest, SetenvRequest
 from .._inside.protocol import Message
-from .._models import Execution, ExecutionError
+from .._models import Execution, ExecutionError, KilledBy
 from .._policy import Policy, effective_timeout
 from .cgroups import Usage
 from .channel import KERNEL_EVENTS, POLL_S, REPLY_EVENTS, Channel, readable
@@ -46,7 +46,9 @@ class HostSandbox:
         self._closed = False
         self._dying = False
         self.ended_because = "it was killed"
-        self.ended_limit: str | None = None  # the limit that ended it ("cpu_limit"), if one did
+        self.ended_limit: KilledBy | None = (
+            None  # the limit that ended it ("cpu_limit"), if one did
+        )
         self.last_usage = Usage(0, 0, 0, 0.0)
         self.init_pid: int | None = None
         self.init_pidfd: int | None = None
@@ -241,7 +243,7 @@ class HostSandbox:
 
     # -- ending -------------------------------------------------------------------------
 
-    def terminate(self, reason: str, limit: str | None = None) -> None:
+    def terminate(self, reason: str, limit: KilledBy | None = None) -> None:
         """Kill every process of the sandbox now, from any thread, without waiting for a run
         in progress (it sees its kernel die and returns); kill() then releases the rest.
         `limit` names the limit that ended it ("cpu_limit"): a run in progress then returns
@@ -258,7 +260,7 @@ class HostSandbox:
         with contextlib.suppress(OSError):
             self.launcher.kill_tree()
 
-    def end(self, reason: str, limit: str | None = None) -> None:
+    def end(self, reason: str, limit: KilledBy | None = None) -> None:
         """Kill the sandbox for a reason that later calls will report."""
         self.terminate(reason, limit)
         self.kill()
