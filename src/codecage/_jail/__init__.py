@@ -4,9 +4,13 @@ Backends are registered by name (`BACKENDS`) and loaded lazily from the policy's
 `isolation` field. Each declares what it enforces (`enforces`, see features.py) and refuses
 a policy asking for more. How a backend plugs in: docs/backends-internals.md.
 
-    __init__.py   the `Jail` protocol, the `BACKENDS` registry, get_jail / close_jails
-    host.py       HostSandbox/HostJail: the host side of every backend (the kernel protocol,
-                  budgets, deadlines, interrupt/kill/restart recovery, files, commands)
+    __init__.py   the `Jail` and `Jailed` protocols, the `BACKENDS` registry, get_jail
+    host.py       HostJail: the jail's base (policy check, create, warm pools); spec helpers
+    sandbox.py    HostSandbox: one sandbox's lifecycle over its launcher, for every backend
+                  (start, execute, requests, restart, interrupt/kill, readings, ending)
+    launcher.py   the Launcher protocol (what a backend provides per sandbox), BaseLauncher
+    channel.py    the supervisor and kernel sockets: framing, ids, budget, exit events
+    run.py        one execution: pump, deadline, CPU budget, recovery, accounting
     features.py   what a backend enforces, and the check refusing a policy asking for more
     namespace.py  backend `namespace` (default): sandboxes forked from the warm template
     template.py   the host's handle on the template (zygote) process; the staged package
@@ -17,7 +21,8 @@ a policy asking for more. How a backend plugs in: docs/backends-internals.md.
     oci.py        what gvisor and container share: the bundle, init's entry, the listeners
     image.py      `codecage image build`: the OCI backends' root filesystem, cached by hash
     cgroups.py    the host's cgroups of a sandbox: limits, readings, killing, removal
-    proctree.py   rootless stand-in for cgroups: the sandbox's process tree from its init
+    proctree.py   rootless stand-in for cgroups: the sandbox's process tree from its init;
+                  KernelWatch, the host's /proc/PID/syscall look at the kernel
 """
 
 from __future__ import annotations

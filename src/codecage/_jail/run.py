@@ -98,7 +98,7 @@ class Run:
         if sbx.dying:
             return False  # ended by the host for a reason of its own
         try:
-            after = sbx.launcher.tree.usage()
+            after = sbx.usage()
         except OSError:
             return False
         if after.oom_kills <= before.oom_kills:

@@ -195,8 +195,6 @@ class HostSandbox:
             return
         try:
             self.channel.tell_init(RestartRequest(op="restart"))
-            assert self.channel.supervisor is not None
-            self.channel.supervisor.setblocking(True)
             self.channel.await_kernel(deadline)
             for message in self._setup:
                 self.request(message, max(deadline - time.monotonic(), 1.0))
