@@ -15,7 +15,8 @@ import pytest
 import codecage
 from codecage import Policy, PolicyError
 from codecage._jail import available_backends, get_jail
-from codecage._jail.gvisor import PIDS_FLOOR, GvisorJail
+from codecage._jail.guest_oom import PIDS_FLOOR
+from codecage._jail.gvisor import GvisorJail
 from codecage._jail.image import package_root
 
 pytestmark = [pytest.mark.requires_root, pytest.mark.requires_runsc]

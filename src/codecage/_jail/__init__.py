@@ -17,9 +17,11 @@ a policy asking for more. How a backend plugs in: docs/backends-internals.md.
     pool.py       the warm pool: sandboxes forked ahead of demand, handed out once
     bwrap.py      backend `bwrap`: the policy as bubblewrap arguments, one exec per sandbox
     gvisor.py     backend `gvisor`: a runsc sandbox running an OCI bundle
+    guest_oom.py  gvisor's host cgroups (a pids floor) and the host's handling of its OOM
     container.py  backend `container`: a container through the Docker Engine API (Podman)
     oci.py        what gvisor and container share: the bundle, init's entry, the listeners
     image.py      `codecage image build`: the OCI backends' root filesystem, cached by hash
+                  (and the container engine's image made from it)
     cgroups.py    the host's cgroups of a sandbox: limits, readings, killing, removal
     proctree.py   rootless stand-in for cgroups: the sandbox's process tree from its init;
                   KernelWatch, the host's /proc/PID/syscall look at the kernel

@@ -18,12 +18,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
-import re
-import subprocess
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -135,7 +131,7 @@ class ContainerJail(HostJail):
         self.client = _client()
         self.runtime = runtime or Runtime.default()
         self.image = _image.require(self.runtime)
-        self.tag = ensure_engine_image(self.client, self.image, print)
+        self.tag = _image.ensure_engine_image(self.client, self.image, print)
         self.cgroup_version = cgroups.detect_version() or 1
         self.owner = f"{cgroups.owner_name()}-container"
         self._sweep()
@@ -360,59 +356,3 @@ def _cgroup_leaf(pid: int, version: int) -> str:
         ):
             return path.rstrip("/").rsplit("/", 1)[-1]
     raise SandboxError(f"no memory cgroup for the container's init ({pid})")
-
-
-def ensure_engine_image(client: Any, image: _image.Image, progress: _image.Progress) -> str:
-    """The engine's image for `image`: Debian + runtime imported once, the package as a
-    layer on top. Returns its tag."""
-    tag = f"localhost/codecage-sandbox:{image.key}"
-    if client.images.list(name=tag):
-        return tag
-    base = f"localhost/codecage-sandbox-base:{_image.runtime_key(image.runtime)}"
-    if not client.images.list(name=base):
-        progress(f"image: importing {image.root} into the engine as {base} (~35 s, once)")
-        exclude = "./" + image.package_root.strip("/")
-        tar = subprocess.Popen(
-            ["tar", "-C", str(image.root), "-c", f"--exclude={exclude}", "."],
-            stdout=subprocess.PIPE,
-        )
-        try:
-            repository, _, version = base.rpartition(":")
-            out = client.api.import_image(src=tar.stdout, repository=repository, stream_src=True)
-        finally:
-            tar.kill()
-            tar.wait()
-            if tar.stdout is not None:
-                tar.stdout.close()
-        # engines differ in how they name an import (Podman ignores `tag`): tag it by its id
-        found = re.findall(r"sha256:[0-9a-f]{64}", str(out))
-        if not found:
-            raise BackendUnavailable(f"container: the engine's import said {str(out)[-500:]}")
-        client.images.get(found[-1]).tag(repository, version)
-        with contextlib.suppress(Exception):  # the name the import gave it, if any
-            client.images.remove(f"{repository}:latest")
-    progress(f"image: adding the codecage package as {tag}")
-    context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as tf:
-        dockerfile = f"FROM {base}\nCOPY codecage {image.package_root}/codecage\n".encode()
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(dockerfile)
-        tf.addfile(info, io.BytesIO(dockerfile))
-        tf.add(image.root / image.package_root.strip("/") / "codecage", arcname="codecage")
-    context.seek(0)
-    try:
-        client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
-    except Exception as exc:
-        raise BackendUnavailable(f"container: could not build {tag}: {exc}") from None
-    _prune(client, keep={tag, base})
-    return tag
-
-
-def _prune(client: Any, keep: set[str]) -> None:
-    """Untag the engine's images of earlier codecage versions (those in use stay)."""
-    for repository in ("localhost/codecage-sandbox", "localhost/codecage-sandbox-base"):
-        for image in client.images.list(name=repository):
-            for old in set(image.tags) - keep:
-                if old.startswith(repository + ":"):
-                    with contextlib.suppress(Exception):
-                        client.images.remove(old)
