@@ -417,6 +417,31 @@ def test_init_dying_of_its_memory_limit_is_the_runs_value(fake: FakeJail, box: H
         box.execute("1 + 1")  # the next call on the ended sandbox is the error
 
 
+@pytest.mark.parametrize(
+    ("limit", "killed_by", "error"),
+    [(None, "signal", "KernelDied"), ("memory_limit", "memory_limit", "MemoryLimitExceeded")],
+)
+def test_a_launcher_taking_inits_hang_up_for_the_kernels_death_ends_the_run_as_a_value(
+    fake: FakeJail, limit: str | None, killed_by: str, error: str
+) -> None:
+    # The generic code's hooks for gVisor (its sentry dying): one exit event stands in for
+    # init's report, the restart ends the sandbox with the launcher's reason, and the run's
+    # error says so. Positive control: test_init_dying_ends_the_run_with_a_transport_error.
+    fake.init_death = ("its fake sentry died", limit)  # type: ignore[assignment]
+    box = make(fake)
+    try:
+        fake.on_code("x", f.InitDies())
+        ex = box.execute("x")
+        assert ex.killed_by == killed_by and ex.state_lost
+        assert ex.error is not None and ex.error.name == error
+        assert ex.error.value.endswith("; its fake sentry died")
+        assert not box.alive and box.ended_because == "its fake sentry died"
+        with pytest.raises(SandboxNotFound, match="its fake sentry died"):
+            box.execute("1 + 1")
+    finally:
+        box.kill()
+
+
 def test_a_killed_sandbox_refuses_runs(fake: FakeJail, box: HostSandbox) -> None:
     box.kill()
     with pytest.raises(SandboxNotFound, match="it was killed"):

@@ -54,6 +54,7 @@ from .._jail.cgroups import Usage
 from .._jail.host import HostJail
 from .._jail.launcher import BaseLauncher, Launched, Mounts
 from .._jail.sandbox import HostSandbox
+from .._models import KilledBy
 from .._policy import Policy
 
 __all__ = [
@@ -495,6 +496,13 @@ class FakeLauncher(BaseLauncher):
     def signal(self, sig: int) -> None:
         self.tree.kill(spare=INIT_PID, sig=sig)
 
+    def init_hung_up(self) -> bool:
+        return self.jail.init_death is not None
+
+    def ended_with_init(self) -> tuple[str, KilledBy | None]:
+        assert self.jail.init_death is not None
+        return self.jail.init_death
+
     def release(self, init_dead: bool) -> None:
         self.jail.released.append(self.id)
 
@@ -720,6 +728,9 @@ class FakeJail(HostJail):
     why: dict[str, str] = field(default_factory=dict)
     start_error: str | None = None  # init reports this set-up error instead of a kernel
     hello: Message | None = None  # the kernel's first frame instead of its hello
+    # Init's hang-up is the kernel's death (as gVisor's sentry dying is): the run ends as a
+    # value, then the sandbox ends with this reason and limit instead of restarting.
+    init_death: tuple[str, KilledBy | None] | None = None
     scripts: list[_Script] = field(default_factory=list)
     sandboxes: list[HostSandbox] = field(default_factory=list)
     requests: list[Message] = field(default_factory=list)
