@@ -442,6 +442,21 @@ def test_a_launcher_taking_inits_hang_up_for_the_kernels_death_ends_the_run_as_a
         box.kill()
 
 
+def test_a_kernel_announced_by_token_is_handed_over_by_the_launcher(fake: FakeJail) -> None:
+    # The OCI backends' path (no descriptor crosses into the host): init names a token, the
+    # launcher's handover gives the socket; restarts go the same way.
+    fake.kernel_by_token = True
+    box = make(fake)
+    try:
+        fake.on_code("die", f.Die(signal=9))
+        assert box.execute("x").execution_count == 1
+        box.execute("die")
+        assert box.generation == 1 and box.alive
+        assert box.execute("x").execution_count == 1  # the restarted kernel's, by token too
+    finally:
+        box.kill()
+
+
 def test_a_killed_sandbox_refuses_runs(fake: FakeJail, box: HostSandbox) -> None:
     box.kill()
     with pytest.raises(SandboxNotFound, match="it was killed"):

@@ -40,6 +40,7 @@ import errno as errnos
 import json
 import os
 import posixpath
+import secrets
 import select
 import signal
 import socket
@@ -476,6 +477,7 @@ class FakeLauncher(BaseLauncher):
         self._init_dies = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._init: threading.Thread | None = None
+        self._announced: dict[str, socket.socket] = {}  # kernel_by_token: token -> socket
         jail.sandboxes.append(box)  # before it starts: a failed start is seen too
 
     # -- the seam -------------------------------------------------------------------------
@@ -495,6 +497,16 @@ class FakeLauncher(BaseLauncher):
 
     def signal(self, sig: int) -> None:
         self.tree.kill(spare=INIT_PID, sig=sig)
+
+    def handover(self, message: Message, fds: list[int]) -> list[int]:
+        """With `kernel_by_token`, the socket init announced by token (as the OCI backends'
+        init does); an unknown token hands over nothing (init's message is then no kernel)."""
+        token = message.get("token")
+        if message.get("ev") == "kernel" and not fds and isinstance(token, str):
+            with self._klock:
+                announced = self._announced.pop(token, None)
+            return [] if announced is None else [announced.detach()]
+        return fds
 
     def init_hung_up(self) -> bool:
         return self.jail.init_death is not None
@@ -547,6 +559,14 @@ class FakeLauncher(BaseLauncher):
         with self._klock:
             self.kernels.append(kernel)
         kernel.thread.start()
+        if self.jail.kernel_by_token:  # announced, handed over by the launcher (handover)
+            token = secrets.token_hex(16)
+            with self._klock:
+                self._announced[token] = kernel.host_end
+            sup.send(
+                json.dumps({"ev": "kernel", "generation": generation, "token": token}).encode()
+            )
+            return
         message = json.dumps({"ev": "kernel", "generation": generation}).encode()
         socket.send_fds(sup, [message], [kernel.host_end.fileno()])
         kernel.host_end.close()
@@ -731,6 +751,7 @@ class FakeJail(HostJail):
     # Init's hang-up is the kernel's death (as gVisor's sentry dying is): the run ends as a
     # value, then the sandbox ends with this reason and limit instead of restarting.
     init_death: tuple[str, KilledBy | None] | None = None
+    kernel_by_token: bool = False  # init announces each kernel by a token, no descriptor
     scripts: list[_Script] = field(default_factory=list)
     sandboxes: list[HostSandbox] = field(default_factory=list)
     requests: list[Message] = field(default_factory=list)
