@@ -29,9 +29,12 @@ backends: $(STAMP) runtime
 	scripts/install-backends
 	$(BIN)/codecage image build
 
-# --durations: the slowest tests, for keeping CI in its budget.
+# -n 3: three pytest-xdist workers (the suite mostly waits on sandboxes: starts, timeouts,
+# kills); --durations: the slowest tests, for keeping CI in its budget. PYTEST_WORKERS=0
+# runs it in one process.
+PYTEST_WORKERS ?= 3
 test: $(STAMP) runtime backends
-	$(BIN)/pytest --durations=30
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --durations=30
 
 check: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

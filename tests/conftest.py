@@ -4,6 +4,7 @@ host mount may outlive the test that started it."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -46,10 +47,51 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(pytest.mark.skip(reason="needs root"))
 
 
+# The owner in a sandbox's cgroup path: codecage's own tree, or a container engine's.
+_OWNER = re.compile(r"/codecage(?:-engine)?/(\d+-\d+)-")
+
+
+def _uid_and_parent(pid: int) -> tuple[int, int] | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    fields = dict(line.split(":", 1) for line in status if ":" in line)
+    return int(fields["Uid"].split()[1]), int(fields["PPid"])
+
+
+def _held_by(pid: int) -> int | None:
+    """The nearest ancestor that is a host process (not a sandbox uid, not PID 1): who holds
+    a process that is in no sandbox cgroup (bwrap's, before the host moves it into its
+    cgroups). None if it has none: it escaped, and PID 1 or a subreaper took it in."""
+    for _ in range(64):
+        found = _uid_and_parent(pid)
+        if found is None or found[1] <= 1:
+            return None
+        pid = found[1]
+        parent = _uid_and_parent(pid)
+        if parent is not None and parent[0] < UID_BASE:
+            return pid
+    return None
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    for _ in range(64):
+        found = _uid_and_parent(pid)
+        if found is None or found[1] <= 1:
+            return False
+        if found[1] == ancestor:
+            return True
+        pid = found[1]
+    return False
+
+
 def sandbox_processes(owner: str | None = None) -> list[str]:
     """Host processes running as a sandbox uid (every sandbox gets one >= UID_BASE) that
-    belong to `owner` (default: this process), or to no codecage cgroup at all (escaped).
-    Sandboxes of other processes (a parallel run) are not this test's business."""
+    belong to `owner` (default: this process), or to no one at all (escaped). Sandboxes of
+    other processes (a parallel run, another pytest-xdist worker) are not this test's
+    business: a process is theirs by its cgroup path, or, in none yet, by its ancestry."""
+    mine = owner is None or owner == cgroups.owner_name()
     owner = owner or cgroups.owner_name()
     found = []
     for entry in Path("/proc").iterdir():
@@ -63,8 +105,15 @@ def sandbox_processes(owner: str | None = None) -> list[str]:
         uid = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
         if uid < UID_BASE:
             continue
-        if f"/codecage/{owner}-" in membership or "/codecage/" not in membership:
-            found.append(f"{entry.name}: {status.splitlines()[0]} {membership.split()[0]}")
+        match = _OWNER.search(membership)
+        if match is not None:
+            if match.group(1) != owner:
+                continue  # another owner's sandbox
+        elif _held_by(int(entry.name)) is not None and not (
+            mine and _descends_from(int(entry.name), os.getpid())
+        ):
+            continue  # being set up by another live process: its own check sees it
+        found.append(f"{entry.name}: {status.splitlines()[0]} {membership.split()[0]}")
     return found
 
 
@@ -77,8 +126,19 @@ def sandbox_cgroups() -> list[str]:
     return out
 
 
+# Mounts that another session's work brings and takes away (a parallel run's containers,
+# another pytest-xdist worker's temporary directories): not this test's.
+_WORKER = re.escape(os.environ.get("PYTEST_XDIST_WORKER", "gw-none")[2:])
+_OTHERS_MOUNTS = re.compile(
+    rf"^(/var/lib/containers/storage/|/tmp/pytest-of-[^/]+/pytest-\d+/popen-gw(?!{_WORKER}/))"
+)
+
+
 def host_mounts() -> set[str]:
-    return {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    mounts = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return mounts
+    return {m for m in mounts if not _OTHERS_MOUNTS.match(m)}
 
 
 @pytest.fixture(autouse=True)

@@ -738,9 +738,7 @@ while True:
 @pytest.mark.parametrize("bomb", ["fork", "thread"])
 def test_bombs_are_contained(bomb: str) -> None:
     code = FORK_BOMB if bomb == "fork" else THREAD_BOMB
-    started = time.monotonic()
     ex = codecage.run(code, policy(pids_max=32, timeout_s=5))
-    elapsed = time.monotonic() - started
     uid = uid_after("bombing", ex)
     if current_backend() == "gvisor":
         # The guest's tasks are counted by the sentry (RLIMIT_NPROC: EAGAIN inside, which
@@ -759,7 +757,6 @@ def test_bombs_are_contained(bomb: str) -> None:
     else:
         assert "pids_limit" in ex.limits_hit, ex.limits_hit
         assert ex.killed_by == "timeout", ex.killed_by
-    assert elapsed < 15, elapsed
     assert leftovers(uid) == []
     assert host_can_fork()
     t = threading.Thread(target=lambda: None)
@@ -874,14 +871,12 @@ def test_filling_a_filesystem(where: str, field: str) -> None:
     ids=["spin", "sleep"],
 )
 def test_timeout(code: str) -> None:
-    started = time.monotonic()
     ex = codecage.run(code, policy(timeout_s=1))
-    elapsed = time.monotonic() - started
     uid = uid_after("started", ex)  # it really ran
+    # Code that never ends came back, ended by its time limit (never before it: a lower
+    # bound, the only timing a loaded machine cannot break).
     assert ex.killed_by == "timeout" and "timeout" in ex.limits_hit, (ex.killed_by, ex.limits_hit)
-    assert 1000 <= ex.duration_ms < 3000, ex.duration_ms
-    # run() includes the sandbox's start: gVisor's is ~3 s (runsc, IPython via the gofer)
-    assert elapsed < (4 + 3 if current_backend() == "gvisor" else 4), elapsed
+    assert ex.duration_ms >= 1000, ex.duration_ms
     assert leftovers(uid) == []
 
 
@@ -1410,7 +1405,7 @@ MALFORMED = r"""
 import gc, struct, time
 channel = [o for o in gc.get_objects() if type(o).__name__ == "Channel"][0]
 channel.sock.sendall(PAYLOAD)
-time.sleep(3)
+time.sleep(10**6)  # only the host's reaction ends the run before its timeout
 """
 
 
@@ -1422,16 +1417,15 @@ time.sleep(3)
 def test_malformed_control_stream_ends_only_that_sandbox(payload: bytes) -> None:
     """The code can write anything on its channel to the host: the host must end that
     sandbox (a value or a SandboxError), stay up, and leave nothing behind."""
-    started = time.monotonic()
     try:
-        ex = codecage.run(f"PAYLOAD = {payload!r}\n" + MALFORMED, policy(timeout_s=20))
+        ex = codecage.run(f"PAYLOAD = {payload!r}\n" + MALFORMED, policy(timeout_s=120))
     except codecage.SandboxError:
         pass
     else:
         assert ex.error is None or ex.error.name != "IndexError", (
             ex.error
         )  # the probe found its channel
-    assert time.monotonic() - started < 10
+        assert ex.killed_by != "timeout", ex  # the host ended it, not its time limit
     assert stdout_of(codecage.run("print(6 * 7)", policy())) == "42\n"
 
 

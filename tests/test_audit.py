@@ -368,6 +368,10 @@ def test_the_service_refuses_work_below_the_free_space_floor(tmp_path: Path) -> 
         with svc.client() as client, client.Sandbox() as sbx:
             with pytest.raises(codecage.AuditUnavailable, match="floor"):
                 sbx.run_code("open('ran', 'w').write('x')")
-            assert not sbx.files.exists("ran")
+            with pytest.raises(codecage.AuditUnavailable, match="floor"):
+                sbx.files.exists("ran")  # a file operation is recorded work too
+        assert sqlite3.connect(tmp_path / "audit.db").execute(
+            "SELECT count(*) FROM runs"
+        ).fetchone() == (0,)
     finally:
         stop_service(svc)

@@ -296,7 +296,7 @@ def test_no_answer_within_the_window_is_a_no() -> None:
         started = time.monotonic()
         with pytest.raises(ApprovalDenied, match=r"no answer within approval_window_s=0\.5"):
             sbx.commands.run("touch /home/user/ran")
-        assert 0.5 <= time.monotonic() - started < 5
+        assert 0.5 <= time.monotonic() - started < 60  # it waited the window, not for ever
         assert not sbx.files.exists("ran")
         assert codecage.approvals.pending() == []
 

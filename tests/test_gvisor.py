@@ -45,10 +45,10 @@ def runsc_containers(j: GvisorJail) -> list[str]:
 
 @pytest.fixture
 def sandbox(jail: GvisorJail) -> Iterator[codecage.Sandbox]:
-    before = set(runsc_containers(jail))
     with codecage.Sandbox(policy=POLICY) as sbx:
+        assert sbx.id in runsc_containers(jail)  # positive control: runsc lists it
         yield sbx
-    assert set(runsc_containers(jail)) <= before  # runsc's state is gone
+    assert sbx.id not in runsc_containers(jail)  # runsc's state is gone
     assert not (Path("/run/codecage/oci") / sbx.id).exists()
 
 

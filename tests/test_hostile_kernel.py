@@ -104,7 +104,7 @@ def test_kill_does_not_wait_for_a_blocked_request() -> None:
     time.sleep(0.5)
     started = time.monotonic()
     sbx.kill()
-    assert time.monotonic() - started < 10 and not sbx.alive
+    assert time.monotonic() - started < 60 and not sbx.alive  # not the 10**6 s sleep
     stuck.join(10)
     assert not stuck.is_alive()
 

@@ -16,8 +16,9 @@ if TYPE_CHECKING:
 MAX_CODE_BYTES = 16 << 20
 
 
-def prepare_code(code: str | bytes) -> str:
-    """Decode and size-check code; invalid UTF-8 is refused with a clear message."""
+def prepare_code(code: str | bytes, max_bytes: int = MAX_CODE_BYTES) -> str:
+    """Decode and size-check code (UTF-8 bytes; the SDK's cap, or the service's
+    `max_code_bytes`); invalid UTF-8 is refused with a clear message."""
     from ._errors import PolicyError
 
     if isinstance(code, bytes):
@@ -25,8 +26,9 @@ def prepare_code(code: str | bytes) -> str:
             code = code.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise PolicyError(f"code is not valid UTF-8 (byte {exc.start})") from None
-    if len(code.encode("utf-8", "surrogatepass")) > MAX_CODE_BYTES:
-        raise PolicyError(f"code is larger than {MAX_CODE_BYTES >> 20} MiB")
+    size = len(code.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise PolicyError(f"code is {size} bytes, more than the {max_bytes} allowed")
     return code
 
 

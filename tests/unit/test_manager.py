@@ -15,10 +15,12 @@ import pytest
 from codecage import Policy
 from codecage._errors import (
     ApprovalDenied,
+    AuditUnavailable,
     CodeRejected,
     PolicyError,
     QuotaExceeded,
     SandboxBusy,
+    SandboxError,
     SandboxNotFound,
 )
 from codecage._sandbox import FILE_CHUNK
@@ -49,9 +51,8 @@ def manager(audit: AuditLog) -> Iterator[Manager]:
 
 
 def run(m: Manager, tenant: str, sid: str, code: str, **kw: Any) -> Any:
-    policy = m.get(tenant, sid).sandbox.policy
-    run_id = m.begin(tenant, sid, "execute", code, policy)
-    return run_id, m.execute(tenant, sid, run_id, code, None, {}, **kw)
+    started = m.start_execute(tenant, sid, code)
+    return started.run_id, m.carry_out(started, {}, **kw)
 
 
 # -- sandboxes and tenants -------------------------------------------------------------------
@@ -256,26 +257,29 @@ def test_truncated_output_is_recorded(manager: Manager, fake: FakeJail) -> None:
 def test_a_run_that_raises_is_recorded_as_failed(manager: Manager, fake: FakeJail) -> None:
     fake.on_code("evil", f.Frame({"ev": "stdout", "id": "forged", "text": ""}))
     sid = manager.create("alice", {}, {}).sandbox.id
-    run_id = manager.begin("alice", sid, "execute", "evil", Policy())
+    started = manager.start_execute("alice", sid, "evil")
+    run_id = started.run_id
     with pytest.raises(SandboxNotFound):
-        manager.execute("alice", sid, run_id, "evil", None, {})
+        manager.carry_out(started, {})
     row = manager.audit.run(run_id)
     assert row is not None and (row["outcome"], row["error_name"]) == ("failed", "SandboxNotFound")
 
 
 def test_blocked_code_is_recorded_as_rejected(manager: Manager, fake: FakeJail) -> None:
     sid = manager.create("alice", {"analysis_block_at": "high"}, {}).sandbox.id
-    run_id = manager.begin("alice", sid, "execute", "import subprocess", Policy())
+    started = manager.start_execute("alice", sid, "import subprocess")
+    run_id = started.run_id
     with pytest.raises(CodeRejected):
-        manager.execute("alice", sid, run_id, "import subprocess", None, {})
+        manager.carry_out(started, {})
     row = manager.audit.run(run_id)
     assert row is not None and row["outcome"] == "rejected" and fake.ran() == []
 
 
 def test_a_denied_run_is_recorded_with_its_approval(manager: Manager, fake: FakeJail) -> None:
     sid = manager.create("alice", {"approval_findings_at": "high"}, {}).sandbox.id
-    run_id = manager.begin("alice", sid, "execute", "import subprocess", Policy())
-    worker, raised = in_thread(manager.execute, "alice", sid, run_id, "import subprocess", None, {})
+    started = manager.start_execute("alice", sid, "import subprocess")
+    run_id = started.run_id
+    worker, raised = in_thread(manager.carry_out, started, {})
     try:
         while not manager.approvals.pending("alice"):
             threading.Event().wait(0.005)
@@ -401,8 +405,9 @@ def test_a_missing_download_is_recorded_failed(manager: Manager) -> None:
 
 def test_a_one_shot_run_is_recorded(manager: Manager, fake: FakeJail) -> None:
     fake.on_code("print(2)", f.stdout("2\n"))
-    run_id = manager.begin("alice", None, "run", "print(2)", Policy())
-    ex = manager.run("alice", run_id, "print(2)", Policy(), {}, None)
+    started = manager.start_run("alice", "print(2)", {})
+    run_id = started.run_id
+    ex = manager.carry_out(started, {})
     assert ex.exit_code == 0
     row = manager.audit.run(run_id)
     assert row is not None and (row["kind"], row["sandbox_id"], row["output"]) == (
@@ -448,3 +453,56 @@ def test_memory_metrics_are_the_trees_readings(manager: Manager, fake: FakeJail)
     each = samples(manager.metrics.detail)
     key = frozenset({"sandbox": entry.sandbox.id, "tenant": "alice"}.items())
     assert each["codecage_sandbox_memory_bytes", key] == 5 << 20
+
+
+def test_the_code_size_rule_is_the_services_own(audit: AuditLog, fake: FakeJail) -> None:
+    """`max_code_bytes` bounds the code itself (UTF-8 bytes), for cells and one-shot runs
+    alike, not only the body that carries it."""
+    config = ServerConfig(db=str(audit.path), pool_size=0, max_code_bytes=10)
+    m = Manager(config, audit)
+    try:
+        sid = m.create("alice", {}, {}).sandbox.id
+        m.carry_out(m.start_execute("alice", sid, "x = 12345"), {})  # 9 bytes: fits
+        with pytest.raises(PolicyError, match="11 bytes, more than the 10"):
+            m.start_execute("alice", sid, "x = 1234é.")  # é is two bytes
+        with pytest.raises(PolicyError, match="more than the 10"):
+            m.start_run("alice", "print(123456)", {})
+        assert len(m.audit.runs(tenant="alice")) == 1  # the refused ones never began
+    finally:
+        m.shutdown()
+
+
+def test_every_file_operation_is_recorded(manager: Manager) -> None:
+    sid = manager.create("alice", {}, {}).sandbox.id
+    manager.upload("alice", sid, "a.txt", b"hi")
+    assert [e.name for e in manager.list_files("alice", sid, ".")] == ["a.txt"]
+    assert manager.exists("alice", sid, "a.txt")
+    assert manager.make_dir("alice", sid, "d")
+    manager.remove("alice", sid, "a.txt")
+    with pytest.raises(SandboxError):
+        manager.list_files("alice", sid, "a.txt/x")
+    rows = manager.audit.runs(tenant="alice")
+    got = [(r["kind"], r["code"], r["outcome"]) for r in rows]
+    assert got == [
+        ("file_upload", "a.txt", "ok"),
+        ("file_list", ".", "ok"),
+        ("file_exists", "a.txt", "ok"),
+        ("file_mkdir", "d", "ok"),
+        ("file_remove", "a.txt", "ok"),
+        ("file_list", "a.txt/x", "failed"),
+    ]
+
+
+def test_below_the_audit_floor_nothing_reaches_the_kernel(tmp_path: Path, fake: FakeJail) -> None:
+    log = AuditLog(tmp_path / "audit.db", min_free_bytes=1 << 62)
+    m = Manager(ServerConfig(db=str(log.path), pool_size=0), log)
+    try:
+        sid = m.create("alice", {}, {}).sandbox.id
+        with pytest.raises(AuditUnavailable, match="floor"):
+            m.start_execute("alice", sid, "open('ran', 'w').write('x')")
+        with pytest.raises(AuditUnavailable, match="floor"):
+            m.exists("alice", sid, "ran")
+        assert fake.ran() == [] and m.audit.runs(tenant="alice") == []
+    finally:
+        m.shutdown()
+        log.close()

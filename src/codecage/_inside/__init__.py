@@ -1,17 +1,21 @@
 """Code that runs in the template and inside the jail: standard library only.
 
 Nothing here imports pydantic or anything of the service; the host imports only
-protocol.py (framing), seccomp.py and landlock.py (probes, profiles) and mounts.DEVICES.
+protocol.py (framing), seccomp.py and landlock.py (probes, profiles), mounts.DEVICES and
+steps.claim (the spec's `done`).
 
     zygote.py      the template: imports the preload list once, forks sandboxes on request
-    pipeline.py    the namespace jail as one ordered pipeline: setup -> init -> kernel
+    steps.py       the one ordered list of confinement steps and its runner, for every
+                   backend: the spec's `done` names the steps its runtime already did
+    pipeline.py    the namespace jail's path: set-up runs the list's "setup" phase, forks
+                   init, which runs the "init" phase, then init.run
     namespaces.py  cgroup membership, namespaces, hostname, loopback (first steps after fork)
     mounts.py      the sandbox's filesystem: tmpfs root, read-only binds, /etc, /dev, tmpfs
     caps.py        rlimits, the unprivileged uid/gid, no capabilities, no_new_privs
     landlock.py    Landlock: writes only under the workspace, /tmp, /dev/shm, the devices
     seccomp.py     the seccomp deny list, built once in the template, loaded in each sandbox
     libc.py        the system calls Python lacks (unshare, mount, pivot_root, prctl, capset)
-    entry.py       PID 1 of an exec-based sandbox (bwrap): the pipeline's last steps, then init
+    entry.py       PID 1 of an exec-based sandbox (bwrap): the list but its `done`, then init
     oci.py         PID 1 of an OCI sandbox (gvisor, container): the host's listeners, then entry
     init.py        PID 1's loop: starts the kernel, reaps orphans, restarts it on request
     kernel.py      the kernel: runs code in a persistent namespace, streams frames to the host

@@ -56,8 +56,8 @@ def write_oom_score_adj(fd: int, value: int) -> None:
 
 
 def drop_privileges(uid: int, gid: int, userns: bool = False) -> None:
-    """Become `uid`:`gid` with no groups, no capabilities (bounding set included) and
-    no way to gain any back (no_new_privs; not dumpable, so /proc/<pid>/mem stays closed)."""
+    """Become `uid`:`gid` with no groups and no capabilities (bounding set and ambient
+    included). no_new_privs follows (the next step): no way to gain any back."""
     with open("/proc/sys/kernel/cap_last_cap") as f:
         last_cap = int(f.read())
     for cap in range(last_cap + 1):
@@ -68,5 +68,10 @@ def drop_privileges(uid: int, gid: int, userns: bool = False) -> None:
     os.setresuid(uid, uid, uid)
     libc.capset_zero()
     libc.prctl(libc.PR_CAP_AMBIENT, libc.PR_CAP_AMBIENT_CLEAR_ALL)
+
+
+def no_new_privs() -> None:
+    """No privilege gained by exec (no_new_privs), and not dumpable, so /proc/<pid>/mem and
+    the other owner-only files of /proc stay closed to the sandbox's own uid."""
     libc.prctl(libc.PR_SET_NO_NEW_PRIVS, 1)
     libc.prctl(libc.PR_SET_DUMPABLE, 0)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import BackendUnavailable, SandboxError
-from .._inside import landlock, seccomp
+from .._inside import landlock, seccomp, steps
 from .._policy import Policy
 from . import cgroups, features, oci
 from .channel import readable
@@ -312,7 +312,14 @@ class BwrapLauncher(BaseLauncher):
             "rlimits": rlimits,
             "landlock": self.jail.landlock,
             "preload": list(self.jail.preload),
-            "seccomp": "loaded",  # by bwrap, before the entry's first instruction
+            # the host joined the cgroups (JOIN); bwrap made the namespaces, the root, the
+            # identity (--uid, --cap-drop ALL) and loaded the filter (--seccomp) before the
+            # entry's first instruction; the entry runs the rest of _inside/steps.py
+            "done": steps.claim(
+                *("cgroups", "namespaces", "root", "enter_root", "oom_score", "identity"),
+                "seccomp",
+                seccomp_program=self.jail.seccomp_program,
+            ),
         }
 
     # -- ending -------------------------------------------------------------------------

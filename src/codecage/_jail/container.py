@@ -247,7 +247,7 @@ class ContainerLauncher(oci.OciLauncher):
         self._container.start()
         supervisor = channel.accept_supervisor(deadline)
         env = oci.environment(self.jail.runtime, self.policy, envs)
-        spec = oci.spec(self.policy, env, [])
+        spec = oci.spec(self.policy, env, [], done=oci.RUNTIME_DONE)
         spec |= {"uid": self.uid, "gid": self.uid, "landlock": self.jail.landlock}
         supervisor.send(json.dumps(spec).encode())
         self._container.reload()

@@ -186,7 +186,7 @@ class GvisorLauncher(oci.OciLauncher):
             try:
                 supervisor = channel.accept_supervisor(deadline)
                 env = oci.environment(self.jail.runtime, self.policy, envs)
-                spec = oci.spec(self.policy, env, [])
+                spec = oci.spec(self.policy, env, [], done=(*oci.RUNTIME_DONE, "identity"))
                 if self.policy.pids_max is not None:  # the guest's own count, exactly
                     spec["rlimits"]["nproc"] = self.policy.pids_max
                 supervisor.send(json.dumps(spec).encode())

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import BackendUnavailable, SandboxError
+from .._inside import steps
 from .._policy import Policy
 from . import cgroups, features
 from .host import UID_BASE, HostJail, environment, raise_nofile, uids
@@ -213,4 +214,7 @@ class NamespaceLauncher(BaseLauncher):
             "env": env,
             "rlimits": rlimits,
             "landlock": self.template.landlock_abi >= 1,
+            # the one confinement list runs whole, in set-up and init; only the preload is
+            # the template's, done once before it forks any sandbox (_inside/steps.py)
+            "done": steps.claim("preload"),
         }

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import SandboxError, TransportError
+from .._inside import steps
 from .._inside.mounts import DEVICES
 from .._inside.protocol import Message
 from .._policy import Policy
@@ -46,15 +47,26 @@ def bootstrap(image: Image) -> list[str]:
     return [image.python, "-I", "-c", code, f"{CHANNEL_INSIDE}/supervisor.sock"]
 
 
-def spec(policy: Policy, env: dict[str, str], preload: list[str]) -> dict[str, Any]:
-    """What init needs (see _inside/entry.py), sent as the supervisor channel's first message."""
+# The confinement steps an OCI runtime has done when init starts (_inside/steps.py): the
+# cgroups, the namespaces and the root of the bundle or container. runsc also starts init
+# as the sandbox's uid with no capabilities (the bundle's process.user), so its backend adds
+# "identity"; a container engine starts it as root, to drop to a uid with no groups itself.
+RUNTIME_DONE = ("cgroups", "namespaces", "root", "enter_root", "oom_score")
+
+
+def spec(
+    policy: Policy, env: dict[str, str], preload: list[str], *, done: tuple[str, ...]
+) -> dict[str, Any]:
+    """What init needs (see _inside/entry.py), sent as the supervisor channel's first message.
+    `done`: the steps the runtime did (checked by steps.claim); the entry does the rest, the
+    seccomp filter always (the runtime's own filter is no substitute for it)."""
     return {
         "env": env,
         "uid": SANDBOX_UID,
         "gid": SANDBOX_UID,
         "rlimits": rlimits(policy),
         "landlock": False,
-        "seccomp": "load",
+        "done": steps.claim(*done),
         "preload": preload,
         "kernel_socket": f"{CHANNEL_INSIDE}/kernel.sock",
     }

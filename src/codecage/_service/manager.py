@@ -417,7 +417,7 @@ class Manager:
         """A cell for the tenant's sandbox, up to its durable start record: the code is
         prepared and size-checked, the sandbox looked up and a place in its queue taken
         (SandboxBusy), the code analysed, the run admitted (quota) and recorded."""
-        text = prepare_code(code)
+        text = prepare_code(code, self.config.max_code_bytes)
         entry = self.get(tenant, sandbox_id)
         self.enter(entry)  # a place in the sandbox's short queue, or 409
         try:
@@ -433,7 +433,7 @@ class Manager:
     def start_run(self, tenant: str, code: str | bytes, overrides: dict[str, Any]) -> Started:
         """A one-shot run up to its durable start record: the code prepared, the policy
         within the ceiling, a place in the live-sandbox quota, the analysis and the record."""
-        text = prepare_code(code)
+        text = prepare_code(code, self.config.max_code_bytes)
         policy = within(self.config.policy, overrides, self.config.ceiling)
         slot = self.oneshot(tenant)  # a one-shot run counts as a live sandbox while it runs
         slot.__enter__()
@@ -461,43 +461,6 @@ class Manager:
             )
         finally:
             started.release()
-
-    def execute(
-        self,
-        tenant: str,
-        sandbox_id: str,
-        run_id: str,
-        code: str,
-        timeout: float | None,
-        envs: dict[str, str],
-        on_event: EventCallback | None = None,
-    ) -> Execution:
-        """A cell that `begin` recorded (no place in the queue is held: `start_execute`)."""
-
-        def work() -> Execution:
-            entry = self.get(tenant, sandbox_id)
-            policy = entry.sandbox.policy
-            started = Started(run_id, tenant, "execute", prepare_code(code), policy, None, entry)
-            return self._now(started, envs, on_event, timeout)
-
-        return self._recorded(run_id, "execute", work)
-
-    def run(
-        self,
-        tenant: str,
-        run_id: str,
-        code: str,
-        policy: Policy,
-        envs: dict[str, str],
-        on_event: EventCallback | None,
-    ) -> Execution:
-        """A one-shot run that `begin` recorded (no quota place is held: `start_run`)."""
-
-        def work() -> Execution:
-            started = Started(run_id, tenant, "run", prepare_code(code), policy, None, None)
-            return self._now(started, envs, on_event, None)
-
-        return self._recorded(run_id, "run", work)
 
     def _now(
         self,
@@ -569,22 +532,39 @@ class Manager:
 
     # -- files: the small operations (uploads and downloads are recorded transfers, below) ---
 
-    def _file_op(self, tenant: str, sandbox_id: str, op: Callable[[Sandbox], T]) -> T:
-        """A file operation with a place in the sandbox's queue; a shutdown waits for it."""
-        with self.using(tenant, sandbox_id) as entry, self._operation():
-            return op(entry.sandbox)
+    def _file_op(
+        self, tenant: str, sandbox_id: str, kind: str, path: str, op: Callable[[Sandbox], T]
+    ) -> T:
+        """A file operation with a place in the sandbox's queue, recorded like every other
+        operation (`kind` and the path; a failure too); a shutdown waits for it."""
+        with self.using(tenant, sandbox_id) as entry:
+            run_id = self.begin(tenant, sandbox_id, kind, path, entry.sandbox.policy)
+
+            def work() -> T:
+                started = time.monotonic()
+                value = op(entry.sandbox)
+                self.finish(
+                    run_id, kind, Execution(duration_ms=(time.monotonic() - started) * 1000)
+                )
+                return value
+
+            return self._recorded(run_id, kind, work)
 
     def list_files(self, tenant: str, sandbox_id: str, path: str) -> list[EntryInfo]:
-        return self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.list(path))
+        return self._file_op(tenant, sandbox_id, "file_list", path, lambda s: s.files.list(path))
 
     def exists(self, tenant: str, sandbox_id: str, path: str) -> bool:
-        return self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.exists(path))
+        return self._file_op(
+            tenant, sandbox_id, "file_exists", path, lambda s: s.files.exists(path)
+        )
 
     def remove(self, tenant: str, sandbox_id: str, path: str) -> None:
-        self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.remove(path))
+        self._file_op(tenant, sandbox_id, "file_remove", path, lambda s: s.files.remove(path))
 
     def make_dir(self, tenant: str, sandbox_id: str, path: str) -> bool:
-        return self._file_op(tenant, sandbox_id, lambda sbx: sbx.files.make_dir(path))
+        return self._file_op(
+            tenant, sandbox_id, "file_mkdir", path, lambda s: s.files.make_dir(path)
+        )
 
     def upload(self, tenant: str, sandbox_id: str, path: str, data: bytes) -> EntryInfo:
         with self.uploading(tenant, sandbox_id, path) as sink:
