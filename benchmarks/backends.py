@@ -55,7 +55,7 @@ def _memory(policy: Policy, count: int) -> dict[str, float]:
         uss, charged = [], []
         for sbx in sandboxes:
             sbx.run_code("print(1)")
-            pids = sbx._jailed.cgroups.pids()  # type: ignore[attr-defined]
+            pids = sbx._jailed.launcher.tree.pids()  # type: ignore[attr-defined]
             uss.append(sum(memory_kb(pid)["uss"] for pid in pids) / 1024)
             charged.append((sbx._jailed.memory_current() or 0) / (1 << 20))
         return {"uss_mb": statistics.median(uss), "charged_mb": statistics.median(charged)}

@@ -119,10 +119,10 @@ def scaling(
                 live.append(sbx)
             sample = live[:: max(1, len(live) // 50)]
             uss = statistics.median(
-                sum(memory_kb(pid)["uss"] for pid in s._jailed.cgroups.pids()) / 1024
+                sum(memory_kb(pid)["uss"] for pid in s._jailed.launcher.tree.pids()) / 1024
                 for s in sample
             )
-            charged = sum(s._jailed.cgroups.memory_current() or 0 for s in live) / (1 << 20)
+            charged = sum(s._jailed.launcher.tree.memory_current() or 0 for s in live) / (1 << 20)
             row = {
                 "live": float(target),
                 "create_p50_ms": statistics.median(creates),

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from codecage._jail import image as _image
-from codecage._jail.gvisor import PIDS_FLOOR, RUNSC_FLAGS
+from codecage._jail.guest_oom import PIDS_FLOOR
+from codecage._jail.gvisor import RUNSC_FLAGS
 
 Measure = Callable[[Callable[[], float | None], int], dict[str, float]]
 ENGINE_URL = "unix:///run/codecage/podman-bench.sock"

@@ -145,7 +145,7 @@ def sandbox_memory(memory: dict[str, float]) -> None:
         uss, charged = [], []
         for sbx in sandboxes:
             sbx.run_code("print(1)")
-            cg = sbx._jailed.cgroups
+            cg = sbx._jailed.launcher.tree
             uss.append(sum(memory_kb(pid)["uss"] for pid in cg.pids()) / 1024)
             charged.append(int(cg._get("memory", "memory.usage_in_bytes")) / (1 << 20))
         memory["sandbox_uss_mb_median"] = statistics.median(uss)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 import codecage
-from codecage._jail import BACKENDS, get_jail, gvisor, oci
+from codecage._jail import BACKENDS, get_jail, guest_oom, oci
 from codecage._jail.host import UID_BASE
 from codecage.testing import (
     PRELUDE,
@@ -744,7 +744,7 @@ def test_bombs_are_contained(bomb: str) -> None:
         # The guest's tasks are counted by the sentry (RLIMIT_NPROC: EAGAIN inside, which
         # the host does not see); the host cgroup counts runsc's own tasks, ~35 per guest
         # process on the ptrace platform here, so a fork bomb reaches its floor
-        # (gvisor.PIDS_FLOOR) and the sentry SIGKILLs the forking kernel; a thread bomb
+        # (guest_oom.PIDS_FLOOR) and the sentry SIGKILLs the forking kernel; a thread bomb
         # stays below it and runs into its timeout (the guest's EAGAIN is not seen).
         # A fork bomb also costs host memory per guest process (page tables, the stubs):
         # whichever of the host's floor or memory limit comes first ends it, contained.
@@ -772,7 +772,7 @@ def test_memory_bomb() -> None:
     assert ex.killed_by == "memory_limit", (ex.killed_by, ex.limits_hit, ex.error)
     assert "memory_limit" in ex.limits_hit
     # gvisor: the host raises the limit by GUEST_OOM_HEADROOM_MB while the kernel is ended
-    headroom = gvisor.GUEST_OOM_HEADROOM_MB if current_backend() == "gvisor" else 0
+    headroom = guest_oom.GUEST_OOM_HEADROOM_MB if current_backend() == "gvisor" else 0
     assert ex.peak_memory_mb is not None and ex.peak_memory_mb <= 128 + 1 + headroom
     assert vm_rss_kb() - before < 20 << 10
     assert host_can_fork()
@@ -1593,7 +1593,7 @@ MEMORY_BOMB = 'print("eating", flush=True)\nx = []\nwhile True:\n    x.append(b"
 @pytest.mark.requires_feature("kernel_oom")
 def test_memory_bomb_ends_the_kernel_and_the_next_run_works() -> None:
     """At memory_mb the kernel ends, not the sandbox, on every level (gVisor: the host's own
-    OOM handling, gvisor.GuestOom); twice in a row, each time a working next run. Positive
+    OOM handling, guest_oom.GuestOom); twice in a row, each time a working next run. Positive
     control: the same sandbox holds the state it had before, and the bomb hits the limit."""
     with codecage.Sandbox(policy(memory_mb=192, timeout_s=60)) as sbx:
         assert stdout_of(sbx.run_code("kept = 41\nprint(kept + 1)")) == "42\n"

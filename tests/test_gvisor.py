@@ -15,7 +15,8 @@ import pytest
 import codecage
 from codecage import Policy, PolicyError
 from codecage._jail import available_backends, get_jail
-from codecage._jail.gvisor import PIDS_FLOOR, GvisorJail
+from codecage._jail.guest_oom import PIDS_FLOOR
+from codecage._jail.gvisor import GvisorJail
 from codecage._jail.image import package_root
 
 pytestmark = [pytest.mark.requires_root, pytest.mark.requires_runsc]
@@ -122,7 +123,7 @@ def test_cgroup_limits_on_the_whole_sandbox(jail: GvisorJail) -> None:
     policy = POLICY.model_copy(update={"memory_mb": 300, "cpu_cores": 0.5})
     sbx = jail.create(policy)
     try:
-        dirs = sbx.cgroups.dirs  # type: ignore[attr-defined]
+        dirs = sbx.launcher.tree.dirs  # type: ignore[attr-defined]
         assert (dirs["memory"] / "memory.limit_in_bytes").read_text().strip() == str(300 << 20)
         assert int((dirs["pids"] / "pids.max").read_text()) == PIDS_FLOOR
         assert (dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
@@ -162,7 +163,7 @@ def test_pids_limit_is_the_guests_and_the_host_floor_is_runscs(jail: GvisorJail)
     tight = POLICY.model_copy(update={"pids_max": 8, "memory_mb": 1024})
     sbx = jail.create(tight)
     try:
-        pids_max = sbx.cgroups.dirs["pids"] / "pids.max"  # type: ignore[attr-defined]
+        pids_max = sbx.launcher.tree.dirs["pids"] / "pids.max"  # type: ignore[attr-defined]
         assert pids_max.read_text().strip() == str(PIDS_FLOOR)  # runsc's own threads
         out = "".join(sbx.execute(FORKS).logs.stdout)
         assert "stopped 11" in out, out  # EAGAIN from the sentry: the guest's limit
@@ -182,7 +183,7 @@ def test_memory_limit_ends_the_kernel_and_the_sandbox_goes_on(jail: GvisorJail) 
     with codecage.Sandbox(policy=roomy) as sbx:
         assert sbx.run_code(grab).text == str(400 << 20)  # positive control
     with codecage.Sandbox(policy=POLICY.model_copy(update={"memory_mb": 256})) as sbx:
-        groups = sbx._jailed.cgroups
+        groups = sbx._jailed.launcher.tree
         oom_control = groups.dirs["memory"] / "memory.oom_control"
         assert "oom_kill_disable 1" in oom_control.read_text()  # the host handles the OOM
         ex = sbx.run_code(grab)

@@ -69,7 +69,7 @@ def test_a_pooled_sandbox_is_indistinguishable_from_a_fresh_one(pool: Pool) -> N
     assert pa["env"] == "pooled" and pb["env"] is None and pc["env"] == "fresh"
     assert len({pa["uid"], pb["uid"], pc["uid"]}) == 3  # each its own uid
     assert pa["rng"] != pb["rng"] and pa["rng"][1] != pb["rng"][1]  # type: ignore[index]
-    assert a.id != b.id and a._jailed.cgroups.dirs != b._jailed.cgroups.dirs
+    assert a.id != b.id and a._jailed.launcher.tree.dirs != b._jailed.launcher.tree.dirs
 
 
 def test_other_policies_and_an_empty_pool_start_cold(pool: Pool) -> None:
@@ -90,7 +90,7 @@ def test_other_policies_and_an_empty_pool_start_cold(pool: Pool) -> None:
 def test_a_sandbox_that_dies_in_the_pool_is_replaced(pool: Pool) -> None:
     wait_ready(pool, 3)
     victim = pool._ready[0]
-    victim.cgroups.kill()  # dies while waiting
+    victim.launcher.tree.kill()  # dies while waiting
     deadline = time.monotonic() + 30
     while (pool.replaced == 0 or pool.ready < 3) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -112,7 +112,7 @@ def test_the_template_is_renewed_and_the_old_one_ends_with_its_sandboxes() -> No
         assert first.process.poll() is None  # still serving `keep`
         assert keep.run_code("40 + 2").text == "42"
         with Sandbox() as fresh:
-            assert fresh._jailed.template is not first and fresh.run_code("1").text == "1"
+            assert fresh._jailed.launcher.template is not first and fresh.run_code("1").text == "1"
     finally:
         p.stop()
         keep.kill()
@@ -123,7 +123,7 @@ def test_all_sandboxes_sit_under_one_capped_parent() -> None:
     from codecage._jail import cgroups
 
     with Sandbox() as sbx:
-        memory_dir = sbx._jailed.cgroups.dirs["memory"]
+        memory_dir = sbx._jailed.launcher.tree.dirs["memory"]
         parent = memory_dir.parent
         assert parent.name == jail().owner and parent.name.startswith(cgroups.owner_name() + "-")
         cap = int((parent / "memory.limit_in_bytes").read_text())

@@ -14,8 +14,9 @@ import pytest
 
 import codecage
 from codecage import AsyncSandbox, Policy, Sandbox
-from codecage._jail import BACKENDS, Backend, _jails, get_jail, started_jail
-from codecage._jail.host import HostJail, HostSandbox
+from codecage._jail import BACKENDS, Backend, WithoutPools, _jails, get_jail, started_jail
+from codecage._jail.host import HostJail
+from codecage._jail.sandbox import HostSandbox
 
 from .conftest import sandbox_cgroups, sandbox_processes
 
@@ -157,7 +158,7 @@ def test_bad_requests_are_refused_clearly() -> None:
         assert not pool.stopped and pool.size == 1
 
 
-class _ColdOnly:
+class _ColdOnly(WithoutPools):
     """A backend that is not a HostJail: it has no warm pool."""
 
     name = "cold-only"
@@ -196,7 +197,7 @@ def test_a_template_renewal_replaces_what_waits_in_every_pool() -> None:
     other = Policy(memory_mb=300)
     with codecage.start_pool(2, other) as waiting:
         assert waiting.wait_ready()
-        assert all(s.template is first for s in waiting._ready)  # type: ignore[attr-defined]
+        assert all(s.launcher.template is first for s in waiting._ready)  # type: ignore[attr-defined]
         with codecage.start_pool(1, template_max_age_s=0.5) as renewing:
             assert renewing.wait_ready()
             deadline = time.monotonic() + 60
@@ -206,7 +207,7 @@ def test_a_template_renewal_replaces_what_waits_in_every_pool() -> None:
         assert waiting.wait_ready()
         with Sandbox(other) as sbx:
             assert waiting.hits == 1
-            assert sbx._jailed.template is not first  # type: ignore[attr-defined]
+            assert sbx._jailed.launcher.template is not first  # type: ignore[attr-defined]
             assert sbx.run_code("1 + 1").text == "2"
     first.process.wait(timeout=30)  # nothing forked from it is left: it stopped
 
@@ -218,7 +219,7 @@ def test_a_fork_whose_first_cell_fails_is_not_left_behind(monkeypatch: pytest.Mo
     real = HostSandbox.prefault
 
     def dies_first(self: HostSandbox) -> None:
-        self.cgroups.kill()  # every process of the fresh sandbox, init included
+        self.launcher.tree.kill()  # every process of the fresh sandbox, init included
         real(self)
 
     monkeypatch.setattr(HostSandbox, "prefault", dies_first)

@@ -30,8 +30,7 @@ from ._errors import (
 )
 from ._inside import contexts as _contexts
 from ._inside.messages import CommandRequest, ContextCreateRequest, ReplyRequest
-from ._jail import get_jail
-from ._jail.host import HostSandbox
+from ._jail import Jailed, get_jail
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
 from ._policy import Policy, effective_timeout
 from ._processes import (
@@ -128,7 +127,7 @@ class Sandbox:
         self._lock = threading.RLock()
         self._gate.limits(self.policy, defaults)
         jail = get_jail(self.policy.isolation)
-        self._jailed: HostSandbox = jail.create(self.policy, check_envs(envs))
+        self._jailed: Jailed = jail.create(self.policy, check_envs(envs))
         self.last_activity = time.monotonic()
         self.busy = False
         self.files = Files(self)
@@ -167,7 +166,7 @@ class Sandbox:
     def __repr__(self) -> str:
         return f"<Sandbox {self.id} {'alive' if self.alive else 'ended'}>"
 
-    def _use(self) -> HostSandbox:
+    def _use(self) -> Jailed:
         if not self._jailed.alive:
             raise SandboxNotFound(f"sandbox {self.id} has ended: {self._jailed.ended_because}")
         return self._jailed
@@ -217,12 +216,12 @@ class Sandbox:
         )
         with self._lock:
             jailed = self._use()
-            if sum(1 for m in jailed._setup if m.get("op") == "context_create") >= (
+            if sum(1 for m in jailed.setups if m.get("op") == "context_create") >= (
                 _contexts.MAX_CONTEXTS - 2
             ):
                 raise SandboxError(f"a sandbox holds at most {_contexts.MAX_CONTEXTS} contexts")
             reply = self._context_reply(self._request(message), message["context_id"])
-            jailed._setup.append(message)  # created again, empty, after a kernel restart
+            jailed.record_setup(message)  # created again, empty, after a kernel restart
         return reply
 
     def list_code_contexts(self) -> list[Context]:
@@ -245,11 +244,9 @@ class Sandbox:
         with self._lock:
             jailed = self._use()
             _context_failed(self._request({"op": "context_remove", "context_id": cid}), cid)
-            jailed._setup = [
-                m
-                for m in jailed._setup
-                if not (m.get("op") == "context_create" and m.get("context_id") == cid)
-            ]
+            jailed.forget_setup(
+                lambda m: m.get("op") == "context_create" and m.get("context_id") == cid
+            )
 
     def _is_bash(self, context: str | None, language: str) -> bool:
         """Whether a cell runs in a bash context (as the host created it: its own record)."""
@@ -261,7 +258,7 @@ class Sandbox:
             m.get("op") == "context_create"
             and m.get("context_id") == context
             and m.get("language") == "bash"
-            for m in self._jailed._setup
+            for m in self._jailed.setups
         )
 
     def _context_reply(self, reply: dict[str, Any], cid: str | None) -> Context:
@@ -350,7 +347,7 @@ class Sandbox:
             finally:
                 self.busy = False
                 self.last_activity = time.monotonic()
-                if jailed._dying:  # ended meanwhile (kill(), the watchdog): release the rest
+                if not jailed.alive:  # ended meanwhile (kill(), the watchdog): release the rest
                     jailed.kill()
 
     def _request(
@@ -365,7 +362,7 @@ class Sandbox:
             finally:
                 self.busy = False
                 self.last_activity = time.monotonic()
-                if jailed._dying:  # ended meanwhile (kill(), the watchdog): release the rest
+                if not jailed.alive:  # ended meanwhile (kill(), the watchdog): release the rest
                     jailed.kill()
 
     def _proc_call(self, message: dict[str, Any]) -> dict[str, Any]:
@@ -719,10 +716,10 @@ class Commands(ProcessCommands):
         try:
             reply = self._sbx._request(message, None if limit is None else limit + 5)
         except SandboxNotFound:
-            hit = getattr(jailed, "ended_limit", None)
+            hit = jailed.ended_limit
             if hit is None or not started_alive:
                 raise
-            because = getattr(jailed, "ended_because", hit)
+            because = jailed.ended_because
             return CommandResult(
                 stdout="",
                 stderr="",
@@ -778,7 +775,7 @@ class _Registry:
         if not jailed.alive:
             return
         idle = time.monotonic() - sandbox.last_activity
-        limit = None
+        limit: KilledBy | None = None
         if not sandbox.busy and policy.idle_timeout_s is not None and idle > policy.idle_timeout_s:
             reason = f"idle for more than idle_timeout_s={policy.idle_timeout_s}"
         else:  # busy or not: a sandbox's CPU budget covers everything it ever ran

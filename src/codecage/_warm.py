@@ -8,9 +8,7 @@ is handed out once and never reused; the pool forks a fresh one to replace it.
 
 from __future__ import annotations
 
-from ._errors import BackendUnavailable
 from ._jail import get_jail, started_jail
-from ._jail.host import HostJail
 from ._jail.pool import Pool
 from ._policy import Policy
 
@@ -30,12 +28,7 @@ def start_pool(
     the backend refuses, BackendUnavailable for a backend that has no pool, and
     SandboxError if a pool for this policy is already running (one pool per policy)."""
     policy = policy or Policy()
-    jail = get_jail(policy.isolation)
-    if not isinstance(jail, HostJail):
-        raise BackendUnavailable(
-            f"isolation backend {policy.isolation!r} has no warm pool: its sandboxes start cold"
-        )
-    return jail.start_pool(size, policy, refill_per_s, template_max_age_s)
+    return get_jail(policy.isolation).start_pool(size, policy, refill_per_s, template_max_age_s)
 
 
 def stop_pool(policy: Policy | None = None) -> None:
@@ -43,6 +36,6 @@ def stop_pool(policy: Policy | None = None) -> None:
     nothing to do if there is none. Sandboxes it already handed out live on."""
     policy = policy or Policy()
     jail = started_jail(policy.isolation)
-    pool = jail.pool_for(policy) if isinstance(jail, HostJail) else None
+    pool = jail.pool_for(policy) if jail is not None else None
     if pool is not None:
         pool.stop()

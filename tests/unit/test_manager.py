@@ -353,7 +353,7 @@ def test_an_upload_is_recorded_as_the_host_saw_it(manager: Manager, fake: FakeJa
     data = b"z" * (FILE_CHUNK + 3)
     info = manager.upload("alice", sid, "up.bin", data)
     assert info.size == len(data)
-    assert fake.sandboxes[-1].files["/home/user/up.bin"] == data
+    assert fake.sandboxes[-1].launcher.files["/home/user/up.bin"] == data
     row = manager.audit.runs(tenant="alice", sandbox_id=sid)[-1]
     assert row["kind"] == "file_upload"
     assert row["files"] == [
@@ -371,13 +371,13 @@ def test_an_aborted_upload_leaves_no_partial_file(manager: Manager, fake: FakeJa
     with pytest.raises(RuntimeError), manager.uploading("alice", sid, "part") as sink:
         sink.write(b"x" * (FILE_CHUNK + 1))  # one chunk already sent
         raise RuntimeError("client went away")
-    assert "/home/user/part" not in fake.sandboxes[-1].files
+    assert "/home/user/part" not in fake.sandboxes[-1].launcher.files
     assert manager.audit.runs(tenant="alice")[-1]["outcome"] == "failed"
 
 
 def test_a_download_is_recorded_with_its_digest(manager: Manager, fake: FakeJail) -> None:
     sid = manager.create("alice", {}, {}).sandbox.id
-    fake.sandboxes[-1].files["/home/user/out.txt"] = b"result"
+    fake.sandboxes[-1].launcher.files["/home/user/out.txt"] = b"result"
     assert b"".join(manager.download("alice", sid, "out.txt")) == b"result"
     row = manager.audit.runs(tenant="alice", sandbox_id=sid)[-1]
     assert row["files"][0]["sha256"] == hashlib.sha256(b"result").hexdigest()
@@ -386,7 +386,7 @@ def test_a_download_is_recorded_with_its_digest(manager: Manager, fake: FakeJail
 
 def test_a_download_closed_early_is_recorded_failed(manager: Manager, fake: FakeJail) -> None:
     sid = manager.create("alice", {}, {}).sandbox.id
-    fake.sandboxes[-1].files["/home/user/big"] = b"q" * (2 * FILE_CHUNK)
+    fake.sandboxes[-1].launcher.files["/home/user/big"] = b"q" * (2 * FILE_CHUNK)
     chunks = manager.download("alice", sid, "big")
     next(chunks)
     chunks.close()
@@ -445,8 +445,8 @@ def test_metrics_count_runs_by_outcome(manager: Manager, fake: FakeJail) -> None
 def test_memory_metrics_are_the_trees_readings(manager: Manager, fake: FakeJail) -> None:
     entry = manager.create("alice", {}, {})
     manager.create("alice", {}, {})
-    fake.sandboxes[0].tree.memory_now = 5 << 20
-    fake.sandboxes[1].tree.memory_now = 1 << 20
+    fake.sandboxes[0].launcher.tree.memory_now = 5 << 20
+    fake.sandboxes[1].launcher.tree.memory_now = 1 << 20
     assert (
         samples(manager.metrics.registry)["codecage_sandboxes_memory_bytes", frozenset()] == 6 << 20
     )

@@ -235,7 +235,7 @@ def test_mcp_download_refuses_a_size_the_stat_understated(fake: FakeJail) -> Non
 
     big = mcp_server.MAX_FILE_BYTES + 1
     with Sandbox() as sbx:
-        box = fake.sandboxes[-1]
+        box = fake.sandboxes[-1].launcher
         box.files["/home/user/big"] = b"x" * big
         fake.on("stat", "big", f.reply(exists=True, path="/home/user/big", type="file", size=1))
         with pytest.raises(SandboxError):

@@ -100,7 +100,7 @@ def test_invalid_envs_are_refused_before_the_kernel(fake: FakeJail, envs: dict[s
 
 def test_sandbox_envs_are_the_sandboxs_own(fake: FakeJail) -> None:
     with Sandbox(envs={"A": "1"}):
-        assert fake.sandboxes[-1].start_envs == {"A": "1"}
+        assert fake.sandboxes[-1].launcher.start_envs == {"A": "1"}
 
 
 def test_bytes_code_must_be_utf8(fake: FakeJail) -> None:
@@ -364,7 +364,7 @@ def test_write_then_read_round_trips(fake: FakeJail) -> None:
         )
         assert sbx.files.read("data/a.txt") == "héllo".encode()
         assert sbx.files.read("data/a.txt", format="text") == "héllo"
-        assert fake.sandboxes[-1].files["/home/user/data/a.txt"] == "héllo".encode()
+        assert fake.sandboxes[-1].launcher.files["/home/user/data/a.txt"] == "héllo".encode()
 
 
 def test_a_large_write_goes_in_chunks(fake: FakeJail) -> None:
@@ -511,7 +511,7 @@ def test_the_watchdog_ends_an_idle_sandbox(fake: FakeJail) -> None:
 
 def test_the_watchdog_ends_a_sandbox_over_its_cpu_between_runs(fake: FakeJail) -> None:
     sbx = Sandbox(Policy(cpu_s=1.0))
-    fake.sandboxes[-1].tree.cpu_s = 2.0  # a thread left spinning after the run
+    fake.sandboxes[-1].launcher.tree.cpu_s = 2.0  # a thread left spinning after the run
     _registry.check(sbx)
     assert not sbx.alive and fake.sandboxes[-1].ended_limit == "cpu_limit"
     sbx.kill()

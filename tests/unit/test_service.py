@@ -372,7 +372,7 @@ def test_the_pool_serves_creates_when_configured(tmp_path: Path, fake: FakeJail)
             sid = create(http)
             assert fake.pools[0].hits == 1
             prefaulted = next(b for b in fake.sandboxes if b.id == sid)
-            assert [r["op"] for r in prefaulted.requests] == ["prefault"]
+            assert [r["op"] for r in prefaulted.launcher.requests] == ["prefault"]
             http.delete(f"/v1/sandboxes/{sid}")
     assert not fake.live()
 

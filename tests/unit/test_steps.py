@@ -16,8 +16,8 @@ import pytest
 from codecage._inside import steps
 from codecage._inside.steps import INIT, SETUP, Step, StepError
 from codecage._jail import oci
-from codecage._jail.bwrap import BwrapSandbox
-from codecage._jail.namespace import NamespaceSandbox
+from codecage._jail.bwrap import BwrapLauncher
+from codecage._jail.namespace import NamespaceLauncher
 from codecage._policy import Policy
 
 # What each path ran before the one list (the old pipeline.setup + confine, entry.confine):
@@ -245,9 +245,9 @@ def namespace_spec() -> dict[str, Any]:
         uid=20000,
         jail=SimpleNamespace(runtime=runtime(), rootless=False),
         template=template,
-        cgroups=SimpleNamespace(procs_files=list, mount_names=[]),
+        tree=SimpleNamespace(procs_files=list, mount_names=[]),
     )
-    return NamespaceSandbox._spec(sandbox, {})  # type: ignore[arg-type]
+    return NamespaceLauncher._spec(sandbox, {})  # type: ignore[arg-type]
 
 
 def bwrap_spec() -> dict[str, Any]:
@@ -255,4 +255,4 @@ def bwrap_spec() -> dict[str, Any]:
         runtime=runtime(), landlock=True, preload=("json",), seccomp_program=b"\x00" * 8
     )
     sandbox = SimpleNamespace(policy=Policy(), id="s", uid=20000, jail=jail)
-    return BwrapSandbox._spec(sandbox, {})  # type: ignore[arg-type]
+    return BwrapLauncher._spec(sandbox, {})  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ describes them; tests/unit/test_protocol.py keeps that document and these types 
 
 These types say what the sender builds and what a well-behaved peer sends. They are no
 validation: every frame the host reads comes from the sandbox, and the host checks each
-field it uses (codecage/_jail/host.py).
+field it uses (codecage/_jail/channel.py, run.py, sandbox.py).
 """
 
 # No `from __future__ import annotations`: TypedDict must see NotRequired (Python 3.11).

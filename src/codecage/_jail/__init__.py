@@ -4,20 +4,27 @@ Backends are registered by name (`BACKENDS`) and loaded lazily from the policy's
 `isolation` field. Each declares what it enforces (`enforces`, see features.py) and refuses
 a policy asking for more. How a backend plugs in: docs/backends-internals.md.
 
-    __init__.py   the `Jail` protocol, the `BACKENDS` registry, get_jail / close_jails
-    host.py       HostSandbox/HostJail: the host side of every backend (the kernel protocol,
-                  budgets, deadlines, interrupt/kill/restart recovery, files, commands)
+    __init__.py   the `Jail` and `Jailed` protocols, the `BACKENDS` registry, get_jail
+    host.py       HostJail: the jail's base (policy check, create, warm pools); spec helpers
+    sandbox.py    HostSandbox: one sandbox's lifecycle over its launcher, for every backend
+                  (start, execute, requests, restart, interrupt/kill, readings, ending)
+    launcher.py   the Launcher protocol (what a backend provides per sandbox), BaseLauncher
+    channel.py    the supervisor and kernel sockets: framing, ids, budget, exit events
+    run.py        one execution: pump, deadline, CPU budget, recovery, accounting
     features.py   what a backend enforces, and the check refusing a policy asking for more
     namespace.py  backend `namespace` (default): sandboxes forked from the warm template
     template.py   the host's handle on the template (zygote) process; the staged package
     pool.py       the warm pool: sandboxes forked ahead of demand, handed out once
     bwrap.py      backend `bwrap`: the policy as bubblewrap arguments, one exec per sandbox
     gvisor.py     backend `gvisor`: a runsc sandbox running an OCI bundle
+    guest_oom.py  gvisor's host cgroups (a pids floor) and the host's handling of its OOM
     container.py  backend `container`: a container through the Docker Engine API (Podman)
     oci.py        what gvisor and container share: the bundle, init's entry, the listeners
     image.py      `codecage image build`: the OCI backends' root filesystem, cached by hash
+                  (and the container engine's image made from it)
     cgroups.py    the host's cgroups of a sandbox: limits, readings, killing, removal
-    proctree.py   rootless stand-in for cgroups: the sandbox's process tree from its init
+    proctree.py   rootless stand-in for cgroups: the sandbox's process tree from its init;
+                  KernelWatch, the host's /proc/PID/syscall look at the kernel
     procs.py      the host's end of a sandbox's process manager (background processes)
 """
 
@@ -26,15 +33,69 @@ from __future__ import annotations
 import atexit
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._errors import BackendUnavailable
 from .._policy import Policy
 
 if TYPE_CHECKING:
-    from .host import HostSandbox
+    from .._inside.messages import ReplyRequest
+    from .._inside.protocol import Message
+    from .._models import Execution, KilledBy
+    from .cgroups import Usage
+    from .pool import Pool
+    from .procs import ProcessManager
+
+
+class Jailed(Protocol):
+    """One live sandbox as the layers above the jail use it: what `Jail.create` returns
+    (sandbox.HostSandbox, whatever the backend). `ended_because` says why it ended (once it
+    has), `ended_limit` the limit that ended it ("cpu_limit"), if one did."""
+
+    id: str
+    policy: Policy
+    ended_because: str
+    ended_limit: KilledBy | None
+    procs: ProcessManager | None  # background processes, once init started their manager
+
+    @property
+    def alive(self) -> bool: ...
+
+    def execute(
+        self,
+        code: str,
+        *,
+        mode: str = "session",
+        timeout_s: float | None = None,
+        envs: dict[str, str] | None = None,
+        on_event: Callable[[Message], None] | None = None,
+        recover: bool = True,
+    ) -> Execution: ...
+
+    def request(
+        self, message: ReplyRequest | Mapping[str, Any], timeout_s: float | None
+    ) -> Message: ...
+
+    def record_setup(self, message: ReplyRequest) -> None: ...
+
+    @property
+    def setups(self) -> tuple[ReplyRequest, ...]: ...
+
+    def forget_setup(self, drop: Callable[[ReplyRequest], bool]) -> None: ...
+
+    def interrupt(self) -> None: ...
+
+    def usage(self) -> Usage: ...
+
+    def memory_current(self) -> int | None: ...
+
+    def terminate(self, reason: str, limit: KilledBy | None = None) -> None: ...
+
+    def end(self, reason: str, limit: KilledBy | None = None) -> None: ...
+
+    def kill(self) -> None: ...
 
 
 class Jail(Protocol):
@@ -43,9 +104,43 @@ class Jail(Protocol):
 
     def check(self, policy: Policy) -> None: ...
 
-    def create(self, policy: Policy, envs: dict[str, str] | None = None) -> HostSandbox: ...
+    def create(self, policy: Policy, envs: dict[str, str] | None = None) -> Jailed: ...
+
+    def pool_for(self, policy: Policy) -> Pool | None:
+        """The running warm pool that serves exactly this policy, if any."""
+        ...
+
+    def start_pool(
+        self,
+        size: int,
+        policy: Policy,
+        refill_per_s: float = 50.0,
+        template_max_age_s: float = 3600.0,
+    ) -> Pool:
+        """Keep `size` sandboxes of `policy` ready (BackendUnavailable: no pools here)."""
+        ...
 
     def close(self) -> None: ...
+
+
+class WithoutPools:
+    """For a backend whose sandboxes always start cold: the Jail protocol's pool members."""
+
+    name: str
+
+    def pool_for(self, policy: Policy) -> Pool | None:
+        return None
+
+    def start_pool(
+        self,
+        size: int,
+        policy: Policy,
+        refill_per_s: float = 50.0,
+        template_max_age_s: float = 3600.0,
+    ) -> Pool:
+        raise BackendUnavailable(
+            f"isolation backend {self.name!r} has no warm pool: its sandboxes start cold"
+        )
 
 
 @dataclass(frozen=True)

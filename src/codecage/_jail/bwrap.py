@@ -24,7 +24,6 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Container
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,11 @@ from .._errors import BackendUnavailable, SandboxError
 from .._inside import landlock, seccomp, steps
 from .._policy import Policy
 from . import cgroups, features, oci
-from .host import HostJail, HostSandbox, Launched, environment, raise_nofile, readable, uids
+from .channel import readable
+from .host import HostJail, environment, raise_nofile, uids
 from .host import rlimits as base_rlimits
+from .launcher import BaseLauncher, Launched
+from .sandbox import HostSandbox
 from .template import DEFAULT_PRELOAD, Runtime, package_dir, state_dir
 
 _jail_numbers = itertools.count(1)
@@ -114,8 +116,8 @@ class BwrapJail(HostJail):
         # it. So every bwrap is started from this one thread, which lives as long as the jail.
         self.spawner = ThreadPoolExecutor(1, thread_name_prefix="codecage-bwrap-spawner")
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> BwrapSandbox:
-        return BwrapSandbox(self, policy, envs)
+    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
+        return HostSandbox(policy, lambda box: BwrapLauncher(self, box), envs)
 
     def close(self) -> None:
         super().close()
@@ -141,30 +143,30 @@ def _static_etc(base: Path) -> Path:
     return target
 
 
-class BwrapSandbox(HostSandbox):
+class BwrapLauncher(BaseLauncher):
     """A sandbox started by exec of bubblewrap; the protocol is HostSandbox's."""
 
-    def __init__(self, jail: BwrapJail, policy: Policy, envs: dict[str, str]) -> None:
-        super().__init__(policy)
+    def __init__(self, jail: BwrapJail, box: HostSandbox) -> None:
+        super().__init__(box)
+        self.id, self.policy = box.id, box.policy
         self.jail = jail
         self.uid = uids.take()
-        self.cgroups: cgroups.SandboxCgroups = cgroups.SandboxCgroups(
+        self.tree: cgroups.SandboxCgroups = cgroups.SandboxCgroups(
             jail.cgroup_version, self.id, jail.owner
         )
         self.process: subprocess.Popen[bytes] | None = None
         self._last_words = ""
-        self._start(envs)
 
     # -- launch -------------------------------------------------------------------------
 
-    def _tree_policy(self) -> Policy:
+    def tree_policy(self, policy: Policy) -> Policy:
         """bwrap's monitor sits in the pids cgroup: one more, so pids_max means for the
         sandbox's own processes what it means in the namespace jail."""
-        if self.policy.pids_max is None:
-            return self.policy
-        return self.policy.model_copy(update={"pids_max": self.policy.pids_max + 1})
+        if policy.pids_max is None:
+            return policy
+        return policy.model_copy(update={"pids_max": policy.pids_max + 1})
 
-    def _launch(self, envs: dict[str, str]) -> Launched:
+    def launch(self, envs: dict[str, str]) -> Launched:
         host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         data = {
             "seccomp": self.jail.seccomp_program,
@@ -207,7 +209,7 @@ class BwrapSandbox(HostSandbox):
         finally:
             os.close(info_r)
         try:
-            if init_pid not in self.cgroups.pids():  # the pidfd pins it: is it still ours?
+            if init_pid not in self.tree.pids():  # the pidfd pins it: is it still ours?
                 raise SandboxError("the sandbox's init is not in its cgroup")
             host_end.send(json.dumps(self._spec(envs)).encode())
         except BaseException:
@@ -253,7 +255,7 @@ class BwrapSandbox(HostSandbox):
             "-c",
             JOIN,
             "sh",
-            *self.cgroups.procs_files(),
+            *self.tree.procs_files(),
             "--",
             *to_user,
             jail.bwrap,
@@ -264,8 +266,8 @@ class BwrapSandbox(HostSandbox):
         """Read-only views of the sandbox's own cgroups (its limits and usage), where the
         namespace jail shows them: /sys/fs/cgroup/<controller>."""
         views = []
-        for name in self.cgroups.mount_names:
-            views += ["--ro-bind", str(self.cgroups.dirs[name]), f"/sys/fs/cgroup/{name}"]
+        for name in self.tree.mount_names:
+            views += ["--ro-bind", str(self.tree.dirs[name]), f"/sys/fs/cgroup/{name}"]
         return views
 
     def _child_pid(self, info_r: int, deadline: float) -> int:
@@ -282,7 +284,7 @@ class BwrapSandbox(HostSandbox):
                 break
         raise SandboxError(f"bubblewrap did not start the sandbox: {self._stderr()}")
 
-    def _diagnostics(self) -> str:
+    def diagnostics(self) -> str:
         return self._last_words
 
     def _stderr(self) -> str:
@@ -322,27 +324,20 @@ class BwrapSandbox(HostSandbox):
 
     # -- ending -------------------------------------------------------------------------
 
-    def kill_kernel(self) -> None:
-        """Kill the kernel and its children; init and bwrap's monitor (its parent, which
+    def signal(self, sig: int) -> None:
+        """To the kernel and its children; init and bwrap's monitor (its parent, which
         would take init with it: --die-with-parent) stay."""
-        self.cgroups.kill(spare=self._spared())
+        monitor = self.process.pid if self.process is not None else None
+        spared = tuple(pid for pid in (self.box.init_pid, monitor) if pid is not None)
+        self.tree.kill(spare=self.box.spared(spared), sig=sig)
 
-    def interrupt(self) -> None:
-        import signal
-
-        self.cgroups.kill(spare=self._spared(), sig=signal.SIGINT)
-
-    def _kill_tree(self) -> None:
-        """Everything but bwrap's monitor: it reaps init and exits by itself (and _release
+    def kill_tree(self) -> None:
+        """Everything but bwrap's monitor: it reaps init and exits by itself (and release
         waits for it). Killed with the rest, it would leave init a zombie of the host's PID 1."""
         monitor = self.process.pid if self.process is not None else None
-        self.cgroups.kill(spare=monitor)
+        self.tree.kill(spare=monitor)
 
-    def _spared(self) -> Container[int]:
-        monitor = self.process.pid if self.process is not None else None
-        return self._with_procman(tuple(p for p in (self.init_pid, monitor) if p is not None))
-
-    def _release(self, init_dead: bool) -> None:
+    def release(self, init_dead: bool) -> None:
         if self.process is not None:
             try:
                 self.process.wait(timeout=5)

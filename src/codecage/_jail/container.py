@@ -18,12 +18,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import io
 import json
 import os
-import re
-import subprocess
-import tarfile
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +29,9 @@ from .._inside import seccomp
 from .._policy import Policy
 from . import cgroups, features, oci
 from . import image as _image
-from .host import HostJail, Launched, uids
+from .host import HostJail, uids
+from .launcher import Launched
+from .sandbox import HostSandbox
 from .template import Runtime, state_dir
 
 DEFAULT_URL = "unix:///run/codecage/podman.sock"
@@ -133,7 +131,7 @@ class ContainerJail(HostJail):
         self.client = _client()
         self.runtime = runtime or Runtime.default()
         self.image = _image.require(self.runtime)
-        self.tag = ensure_engine_image(self.client, self.image, print)
+        self.tag = _image.ensure_engine_image(self.client, self.image, print)
         self.cgroup_version = cgroups.detect_version() or 1
         self.owner = f"{cgroups.owner_name()}-container"
         self._sweep()
@@ -155,8 +153,8 @@ class ContainerJail(HostJail):
         the namespace jail stages it, staged here too."""
         return oci.staged_package(self.image)
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> ContainerSandbox:
-        return ContainerSandbox(self, policy, envs)
+    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
+        return HostSandbox(policy, lambda box: ContainerLauncher(self, box), envs, START_TIMEOUT_S)
 
     def close(self) -> None:
         super().close()
@@ -230,21 +228,21 @@ class EngineCgroups(cgroups.SandboxCgroups):
         self.close_files()  # the engine removes the directories with the container
 
 
-class ContainerSandbox(oci.OciSandbox):
+class ContainerLauncher(oci.OciLauncher):
     """One container. Its processes are host processes (runc), so signals and the host's
     readings work as in the namespace jail."""
 
-    def __init__(self, jail: ContainerJail, policy: Policy, envs: dict[str, str]) -> None:
-        super().__init__(policy)
+    def __init__(self, jail: ContainerJail, box: HostSandbox) -> None:
+        super().__init__(box)
+        self.id, self.policy = box.id, box.policy
         self.jail = jail
         self.uid = uids.take()
-        self.cgroups: EngineCgroups = EngineCgroups(jail.cgroup_version, jail.owner)
+        self.tree: EngineCgroups = EngineCgroups(jail.cgroup_version, jail.owner)
         self._container: Any = None
-        self._start(envs, START_TIMEOUT_S)
 
-    def _launch(self, envs: dict[str, str]) -> Launched:
+    def launch(self, envs: dict[str, str]) -> Launched:
         deadline = time.monotonic() + START_TIMEOUT_S
-        self._oci_channel = channel = oci.Channel(self.id)
+        self.oci_channel = channel = oci.Channel(self.id)
         self._container = self.jail.client.containers.create(**self._settings(channel.dir))
         self._container.start()
         supervisor = channel.accept_supervisor(deadline)
@@ -254,15 +252,14 @@ class ContainerSandbox(oci.OciSandbox):
         supervisor.send(json.dumps(spec).encode())
         self._container.reload()
         pid = int(self._container.attrs["State"]["Pid"])
-        self.cgroups.bind(_cgroup_leaf(pid, self.jail.cgroup_version))
-        launched = Launched(supervisor, os.pidfd_open(pid), pid)
+        self.tree.bind(_cgroup_leaf(pid, self.jail.cgroup_version))
         root = Path(f"/proc/{pid}/root")
         weak = [m for m in weak_mounts(Path(f"/proc/{pid}/mountinfo").read_text(), root)]
         weak = [m for m in weak if not m.startswith("/ ")]  # the root: declared in LACKING
-        if weak:
-            self._supervisor, self._init_pidfd, self.init_pid = launched
+        if weak:  # the sandbox's kill() kills the bound cgroup; release removes the container
+            supervisor.close()
             raise SandboxError(f"the container has mounts without nosuid,nodev: {weak}")
-        return launched
+        return Launched(supervisor, os.pidfd_open(pid), pid)
 
     def _settings(self, channel: Path) -> dict[str, Any]:
         """The seed's DockerSandbox settings, from the policy."""
@@ -318,12 +315,12 @@ class ContainerSandbox(oci.OciSandbox):
             settings["pids_limit"] = p.pids_max
         return settings
 
-    def _release(self, init_dead: bool) -> None:
+    def release(self, init_dead: bool) -> None:
         if self._container is not None:
             with contextlib.suppress(Exception):
                 self._container.remove(force=True)
-        if self._oci_channel is not None:
-            self._oci_channel.close()
+        if self.oci_channel is not None:
+            self.oci_channel.close()
         uids.give_back(self.uid)
 
 
@@ -359,59 +356,3 @@ def _cgroup_leaf(pid: int, version: int) -> str:
         ):
             return path.rstrip("/").rsplit("/", 1)[-1]
     raise SandboxError(f"no memory cgroup for the container's init ({pid})")
-
-
-def ensure_engine_image(client: Any, image: _image.Image, progress: _image.Progress) -> str:
-    """The engine's image for `image`: Debian + runtime imported once, the package as a
-    layer on top. Returns its tag."""
-    tag = f"localhost/codecage-sandbox:{image.key}"
-    if client.images.list(name=tag):
-        return tag
-    base = f"localhost/codecage-sandbox-base:{_image.runtime_key(image.runtime)}"
-    if not client.images.list(name=base):
-        progress(f"image: importing {image.root} into the engine as {base} (~35 s, once)")
-        exclude = "./" + image.package_root.strip("/")
-        tar = subprocess.Popen(
-            ["tar", "-C", str(image.root), "-c", f"--exclude={exclude}", "."],
-            stdout=subprocess.PIPE,
-        )
-        try:
-            repository, _, version = base.rpartition(":")
-            out = client.api.import_image(src=tar.stdout, repository=repository, stream_src=True)
-        finally:
-            tar.kill()
-            tar.wait()
-            if tar.stdout is not None:
-                tar.stdout.close()
-        # engines differ in how they name an import (Podman ignores `tag`): tag it by its id
-        found = re.findall(r"sha256:[0-9a-f]{64}", str(out))
-        if not found:
-            raise BackendUnavailable(f"container: the engine's import said {str(out)[-500:]}")
-        client.images.get(found[-1]).tag(repository, version)
-        with contextlib.suppress(Exception):  # the name the import gave it, if any
-            client.images.remove(f"{repository}:latest")
-    progress(f"image: adding the codecage package as {tag}")
-    context = io.BytesIO()
-    with tarfile.open(fileobj=context, mode="w") as tf:
-        dockerfile = f"FROM {base}\nCOPY codecage {image.package_root}/codecage\n".encode()
-        info = tarfile.TarInfo("Dockerfile")
-        info.size = len(dockerfile)
-        tf.addfile(info, io.BytesIO(dockerfile))
-        tf.add(image.root / image.package_root.strip("/") / "codecage", arcname="codecage")
-    context.seek(0)
-    try:
-        client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
-    except Exception as exc:
-        raise BackendUnavailable(f"container: could not build {tag}: {exc}") from None
-    _prune(client, keep={tag, base})
-    return tag
-
-
-def _prune(client: Any, keep: set[str]) -> None:
-    """Untag the engine's images of earlier codecage versions (those in use stay)."""
-    for repository in ("localhost/codecage-sandbox", "localhost/codecage-sandbox-base"):
-        for image in client.images.list(name=repository):
-            for old in set(image.tags) - keep:
-                if old.startswith(repository + ":"):
-                    with contextlib.suppress(Exception):
-                        client.images.remove(old)

@@ -14,7 +14,7 @@ sentry on the guest's own tasks.
 
 gVisor has no OOM handling of its own (google/gvisor#2520): at the cgroup's limit the host's
 OOM killer would pick the sentry and end the whole sandbox. So the host handles the OOM
-itself (cgroup v1: `oom_kill_disable` and an OOM eventfd, GuestOom): at memory_mb the
+itself (cgroup v1: `oom_kill_disable` and an OOM eventfd, guest_oom.GuestOom): at memory_mb the
 sandbox is paused by the host kernel, the limit is raised by GUEST_OOM_HEADROOM_MB so the
 sentry can run again, the guest's kernel is SIGKILLed through init, and the limit comes
 back once the sentry has given the memory back: the run ends with
@@ -29,27 +29,27 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import select
 import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._errors import BackendUnavailable, SandboxError, TransportError
+from .._errors import BackendUnavailable, SandboxError
 from .._inside.messages import SignalRequest
-from .._models import Execution, ExecutionError
+from .._models import KilledBy
 from .._policy import Policy
 from . import cgroups, features, oci
 from . import image as _image
-from .host import HostJail, Launched, readable
+from .channel import readable
+from .guest_oom import FlooredCgroups
+from .host import HostJail
+from .launcher import NO_MOUNTS, Launched, Mounts
+from .sandbox import HostSandbox
 from .template import Runtime, state_dir
 
-PIDS_FLOOR = 256  # host tasks: below ~256 in its cgroup, runsc's sentry crashes (MEASURED.md)
 RUNSC_FLAGS = ("--network=none", "--host-uds=open", "--platform=ptrace")
 START_TIMEOUT_S = 30.0
 SENTRY_OOM_STUCK = (
@@ -60,9 +60,6 @@ SENTRY_OOM = (
     "the sandbox reached its memory limit and the host's OOM killer ended its gVisor kernel "
     "(gVisor has no OOM handling of its own): the sandbox has ended"
 )
-GUEST_OOM_HEADROOM_MB = 64  # above memory_mb, only while the guest's kernel is being ended
-GUEST_OOM_MARGIN_MB = 32  # the limit comes back once usage is this far below it
-GUEST_OOM_SETTLE_S = 10.0  # for the sentry to give the memory back, else the sandbox ends
 MASKED_DEVICES = ("/dev/fuse", "/dev/net/tun", "/dev/tty")  # runsc makes them always
 LACKING = {
     "landlock": "the sentry has no Landlock; its root is read-only instead, so only "
@@ -124,8 +121,8 @@ class GvisorJail(HostJail):
         the namespace jail stages it, staged here too."""
         return oci.staged_package(self.image)
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> GvisorSandbox:
-        return GvisorSandbox(self, policy, envs)
+    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
+        return HostSandbox(policy, lambda box: GvisorLauncher(self, box), envs, START_TIMEOUT_S)
 
     def close(self) -> None:
         super().close()
@@ -154,32 +151,28 @@ class GvisorJail(HostJail):
         return [shutil.which("runsc") or "runsc", f"--root={self.state_root}", *RUNSC_FLAGS, *args]
 
 
-class GvisorSandbox(oci.OciSandbox):
+class GvisorLauncher(oci.OciLauncher):
     """One runsc sandbox. Signals reach the code through init (the guest's processes are
     not host processes); its death shows as the sentry's exit."""
 
-    def __init__(self, jail: GvisorJail, policy: Policy, envs: dict[str, str]) -> None:
-        super().__init__(policy)
-        self.jail = jail
-        self.cgroups: FlooredCgroups = FlooredCgroups(jail.cgroup_version, self.id, jail.owner)
-        self.cgroups.on_guest_oom = self._guest_oom
-        self._started = False
-        self._sentry_died = False
-        self._start(envs, START_TIMEOUT_S)
-        # The kernel's first cell imports IPython through the gofer (~1.2 s of CPU here):
-        # the sandbox's start-up, not the session's cpu_s (a pool's prefault repeats it cheaply).
-        try:
-            self.prefault()
-        except BaseException:
-            self.kill()
-            raise
+    # The kernel's first cell imports IPython through the gofer (~1.2 s of CPU here): the
+    # sandbox's start-up, not the session's cpu_s (a pool's prefault repeats it cheaply).
+    prefault_at_start = True
 
-    def _launch(self, envs: dict[str, str]) -> Launched:
+    def __init__(self, jail: GvisorJail, box: HostSandbox) -> None:
+        super().__init__(box)
+        self.id, self.policy = box.id, box.policy
+        self.jail = jail
+        self.tree: FlooredCgroups = FlooredCgroups(jail.cgroup_version, self.id, jail.owner)
+        self.tree.on_guest_oom = self._guest_oom
+        self._started = False
+
+    def launch(self, envs: dict[str, str]) -> Launched:
         deadline = time.monotonic() + START_TIMEOUT_S
-        self._oci_channel = channel = oci.Channel(self.id)
+        self.oci_channel = channel = oci.Channel(self.id)
         bundle = oci.bundle_dir(self.id)
         (bundle.parent / "owner").write_text(self.jail.owner)  # for the start-up sweep
-        config = bundle_config(self.jail.image, self.policy, str(channel.dir), self.cgroups)
+        config = bundle_config(self.jail.image, self.policy, str(channel.dir), self.tree)
         (bundle / "config.json").write_text(json.dumps(config))
         self._started = True
         # init connects while `runsc run` is still starting it: accept before waiting.
@@ -215,205 +208,45 @@ class GvisorSandbox(oci.OciSandbox):
 
     # -- the whole sandbox dying (gVisor has no OOM handling of its own) -------------------
 
-    def _supervisor_message(self) -> tuple[dict[str, Any], list[int]]:
+    def init_hung_up(self) -> bool:
         """When the sentry itself dies (the host's OOM killer picks it: gVisor has no OOM
-        handling inside, google/gvisor#2520), report the kernel's death like init would,
-        once, so the run ends as a value; restart_kernel then ends the sandbox."""
-        try:
-            return super()._supervisor_message()
-        except TransportError:
-            if self._dying or self._sentry_died or not self._sentry_exited(2.0):
-                raise
-            self._sentry_died = True
-            return {"ev": "exit", "generation": self.generation, "signal": 9, "code": None}, []
-
-    def _sentry_exited(self, within_s: float) -> bool:
+        handling inside, google/gvisor#2520), the kernel's death is reported like init would,
+        once, so the run ends as a value; restarting then ends the sandbox."""
         # the channel's hang-up can come a moment before the sentry's exit is visible
-        return self._init_pidfd is not None and bool(readable([self._init_pidfd], within_s))
+        pidfd = self.box.init_pidfd
+        return pidfd is not None and bool(readable([pidfd], 2.0))
 
-    def restart_kernel(self, deadline: float) -> None:
-        if not self._sentry_died:
-            super().restart_kernel(deadline)
-            return
-        oom = self.cgroups.usage().oom_kills > 0
-        if oom:
-            self.terminate(SENTRY_OOM, "memory_limit")
-        else:
-            self.terminate("its gVisor kernel (the sentry) died")
-
-    def execute(self, code: str, **kwargs: Any) -> Execution:
-        ex = super().execute(code, **kwargs)
-        if self._sentry_died and ex.error is not None:
-            ex.error = ExecutionError(
-                ex.error.name, f"{ex.error.value.split(';')[0]}; {self.ended_because}", ""
-            )
-        return ex
+    def ended_with_init(self) -> tuple[str, KilledBy | None]:
+        if self.tree.usage().oom_kills > 0:
+            return SENTRY_OOM, "memory_limit"
+        return "its gVisor kernel (the sentry) died", None
 
     def _guest_oom(self, give_up: bool) -> None:
         """From GuestOom's thread: the guest reached memory_mb (give_up=False: end its
         kernel), or the sentry did not give the memory back (give_up=True: end the
         sandbox)."""
-        if not give_up and self._supervisor is not None:
-            self._signal_inside(signal.SIGKILL)
+        if not give_up and self.box.channel.supervisor is not None:
+            self.signal(signal.SIGKILL)
         else:  # a limit ended it: a run in progress returns that as its value
-            self.terminate(SENTRY_OOM_STUCK, "memory_limit")
+            self.box.terminate(SENTRY_OOM_STUCK, "memory_limit")
 
-    def kill_kernel(self) -> None:
-        self._signal_inside(signal.SIGKILL)
-
-    def interrupt(self) -> None:
-        self._signal_inside(signal.SIGINT)
-
-    def _signal_inside(self, sig: int) -> None:
+    def signal(self, sig: int) -> None:
+        """Through init: the guest's processes are not the host's."""
         with contextlib.suppress(OSError):
-            self._channel.send(json.dumps(SignalRequest(op="signal", signal=int(sig))).encode())
+            self.box.channel.tell_init(SignalRequest(op="signal", signal=int(sig)))
 
-    def _open_mounts(self) -> None:
-        pass  # the guest's tmpfs lives in the sentry's memory: no host statvfs
+    def open_mounts(self) -> Mounts:
+        return NO_MOUNTS  # the guest's tmpfs lives in the sentry's memory: no host statvfs
 
-    def _release(self, init_dead: bool) -> None:
+    def release(self, init_dead: bool) -> None:
         if self._started:
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 subprocess.run(
                     self.jail.command("delete", "--force", self.id), capture_output=True, timeout=30
                 )
-        if self._oci_channel is not None:
-            self._oci_channel.close()
+        if self.oci_channel is not None:
+            self.oci_channel.close()
         shutil.rmtree(state_dir() / "oci" / self.id, ignore_errors=True)
-
-
-class FlooredCgroups(cgroups.SandboxCgroups):
-    """The host cgroups of a runsc sandbox: pids.max counts runsc's own threads (the sentry,
-    the gofer, the ptrace stubs), so it gets at least PIDS_FLOOR; the policy's pids_max is
-    enforced inside, by the sentry, on the guest's tasks (RLIMIT_NPROC of the one guest uid).
-    With a memory limit on cgroup v1, the OOM is the host's to handle (GuestOom); the kernels
-    it ends count as the cgroup's OOM kills."""
-
-    on_guest_oom: Callable[[bool], None] | None = None
-    guest_oom: GuestOom | None = None
-
-    def create(self, policy: Policy) -> None:
-        if policy.pids_max is not None and policy.pids_max < PIDS_FLOOR:
-            policy = policy.model_copy(update={"pids_max": PIDS_FLOOR})
-        super().create(policy)
-        if self.version == 1 and policy.memory_mb is not None:
-            try:
-                self.guest_oom = GuestOom(self.dirs["memory"], policy.memory_mb, self._on_oom)
-            except OSError:
-                self.remove()
-                raise
-
-    def _on_oom(self, give_up: bool) -> None:
-        if self.on_guest_oom is not None:
-            self.on_guest_oom(give_up)
-
-    def usage(self) -> cgroups.Usage:
-        usage = super().usage()
-        if self.guest_oom is not None:
-            usage.oom_kills += self.guest_oom.kills
-        return usage
-
-    def close_files(self) -> None:
-        if self.guest_oom is not None:
-            self.guest_oom.stop()
-        super().close_files()
-
-
-class GuestOom:
-    """The OOM handler of one runsc sandbox's memory cgroup (v1), on a thread of its own.
-
-    `oom_kill_disable`: at the limit the host kernel pauses the sandbox's allocating tasks
-    instead of killing one (it would pick the sentry). The OOM eventfd wakes this thread,
-    which raises the limit by GUEST_OOM_HEADROOM_MB (the paused sentry runs again), asks for
-    the guest's kernel to be killed (`on_oom(False)`), then brings the limit back as soon as
-    the memory is given back; if it is not within GUEST_OOM_SETTLE_S, or the sandbox reaches
-    the raised limit as well, `on_oom(True)` ends the sandbox."""
-
-    def __init__(self, memory_dir: Path, memory_mb: int, on_oom: Callable[[bool], None]) -> None:
-        self.dir = memory_dir
-        self.limit = memory_mb << 20
-        self.on_oom = on_oom
-        self.kills = 0
-        cgroups._write(memory_dir / "memory.oom_control", "1")
-        self.event = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
-        control = os.open(memory_dir / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            cgroups._write(memory_dir / "cgroup.event_control", f"{self.event} {control}")
-        except OSError:
-            self._close()
-            raise
-        finally:
-            os.close(control)
-        self.thread = threading.Thread(target=self._run, name="gvisor-oom", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            while self._wait(None):
-                if self._under_oom():
-                    self._handle()
-        except OSError:
-            pass  # the cgroup is gone (removal also signals the eventfd)
-
-    def _wait(self, timeout_s: float | None) -> bool:
-        """Until the OOM event (True, counter consumed) or stop() (False)."""
-        poller = select.poll()
-        poller.register(self.event, select.POLLIN)
-        poller.register(self._stop_r, select.POLLIN)
-        ready = {fd for fd, _ in poller.poll(None if timeout_s is None else timeout_s * 1000)}
-        if self._stop_r in ready:
-            return False
-        if self.event in ready:
-            with contextlib.suppress(BlockingIOError):
-                os.eventfd_read(self.event)
-        return True
-
-    def _under_oom(self) -> bool:
-        text = (self.dir / "memory.oom_control").read_text()
-        return cgroups._keyed(text).get("under_oom", 0) == 1
-
-    def _set_limit(self, value: int) -> None:
-        """memory.limit_in_bytes (and memsw, which must stay >= it, where swap is counted)."""
-        memsw = self.dir / "memory.memsw.limit_in_bytes"
-        order = ["memory.limit_in_bytes", "memory.memsw.limit_in_bytes"]
-        current = int((self.dir / "memory.limit_in_bytes").read_text())
-        for name in reversed(order) if value > current else order:
-            if name == order[1] and not memsw.exists():
-                continue
-            cgroups._write(self.dir / name, str(value))
-
-    def _handle(self) -> None:
-        self.kills += 1
-        self._set_limit(self.limit + (GUEST_OOM_HEADROOM_MB << 20))  # wakes the paused tasks
-        self.on_oom(False)
-        # back once the killed kernel's pages are given back: well below the limit (else the
-        # sandbox would pause again at once, before the sentry ever ends the kernel)
-        settled = self.limit - min(GUEST_OOM_MARGIN_MB << 20, self.limit // 4)
-        deadline = time.monotonic() + GUEST_OOM_SETTLE_S
-        while time.monotonic() < deadline:
-            if int((self.dir / "memory.usage_in_bytes").read_text()) <= settled:
-                with contextlib.suppress(OSError):  # EBUSY: more came meanwhile; wait again
-                    self._set_limit(self.limit)
-                    return
-            if not self._wait(0.05):
-                return  # the sandbox is being removed
-            if self._under_oom():
-                break  # the raised limit is reached too
-        self.on_oom(True)
-
-    def stop(self) -> None:
-        if self._stop_w >= 0:
-            os.write(self._stop_w, b"x")
-            if self.thread is not threading.current_thread():
-                self.thread.join(timeout=GUEST_OOM_SETTLE_S + 5)
-            self._close()
-
-    def _close(self) -> None:
-        for fd in (self.event, self._stop_r, self._stop_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._stop_w = -1
 
 
 def _sandbox_pid(jail: GvisorJail, sandbox_id: str) -> int:

@@ -1,4 +1,5 @@
-"""The root filesystem of the OCI-based backends (`gvisor`, `container`): `codecage image build`.
+"""The root filesystem of the OCI-based backends (`gvisor`, `container`): `codecage image build`
+(and `ensure_engine_image`: the same root filesystem as the container engine's image).
 
 Two layers, each cached under a content hash so that a rebuild happens only when its inputs
 change:
@@ -16,15 +17,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
+import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .._errors import BackendUnavailable, SandboxError
 from .template import PACKAGE_SOURCE, Runtime, package_digest, state_dir
@@ -286,3 +291,62 @@ def _write_identity(root: Path) -> None:
         (etc / name).unlink(missing_ok=True)
     (etc / "hostname").unlink(missing_ok=True)
     (etc / "hostname").write_text("sandbox\n")
+
+
+# -- the container backend's engine image ----------------------------------------------
+
+
+def ensure_engine_image(client: Any, image: Image, progress: Progress) -> str:
+    """The engine's image for `image`: Debian + runtime imported once, the package as a
+    layer on top. Returns its tag."""
+    tag = f"localhost/codecage-sandbox:{image.key}"
+    if client.images.list(name=tag):
+        return tag
+    base = f"localhost/codecage-sandbox-base:{runtime_key(image.runtime)}"
+    if not client.images.list(name=base):
+        progress(f"image: importing {image.root} into the engine as {base} (~35 s, once)")
+        exclude = "./" + image.package_root.strip("/")
+        tar = subprocess.Popen(
+            ["tar", "-C", str(image.root), "-c", f"--exclude={exclude}", "."],
+            stdout=subprocess.PIPE,
+        )
+        try:
+            repository, _, version = base.rpartition(":")
+            out = client.api.import_image(src=tar.stdout, repository=repository, stream_src=True)
+        finally:
+            tar.kill()
+            tar.wait()
+            if tar.stdout is not None:
+                tar.stdout.close()
+        # engines differ in how they name an import (Podman ignores `tag`): tag it by its id
+        found = re.findall(r"sha256:[0-9a-f]{64}", str(out))
+        if not found:
+            raise BackendUnavailable(f"container: the engine's import said {str(out)[-500:]}")
+        client.images.get(found[-1]).tag(repository, version)
+        with contextlib.suppress(Exception):  # the name the import gave it, if any
+            client.images.remove(f"{repository}:latest")
+    progress(f"image: adding the codecage package as {tag}")
+    context = io.BytesIO()
+    with tarfile.open(fileobj=context, mode="w") as tf:
+        dockerfile = f"FROM {base}\nCOPY codecage {image.package_root}/codecage\n".encode()
+        info = tarfile.TarInfo("Dockerfile")
+        info.size = len(dockerfile)
+        tf.addfile(info, io.BytesIO(dockerfile))
+        tf.add(image.root / image.package_root.strip("/") / "codecage", arcname="codecage")
+    context.seek(0)
+    try:
+        client.images.build(fileobj=context, custom_context=True, tag=tag, rm=True)
+    except Exception as exc:
+        raise BackendUnavailable(f"container: could not build {tag}: {exc}") from None
+    _prune_engine(client, keep={tag, base})
+    return tag
+
+
+def _prune_engine(client: Any, keep: set[str]) -> None:
+    """Untag the engine's images of earlier codecage versions (those in use stay)."""
+    for repository in ("localhost/codecage-sandbox", "localhost/codecage-sandbox-base"):
+        for image in client.images.list(name=repository):
+            for old in set(image.tags) - keep:
+                if old.startswith(repository + ":"):
+                    with contextlib.suppress(Exception):
+                        client.images.remove(old)

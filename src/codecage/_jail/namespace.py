@@ -1,7 +1,7 @@
 """The namespace jail (the default backend): sandboxes forked from a warm template.
 
 The template forks each sandbox and the in-jail pipeline (_inside/pipeline.py) confines it;
-everything after the launch (the protocol, budgets, recovery) is host.HostSandbox's.
+everything after the launch (the protocol, budgets, recovery) is sandbox.HostSandbox's.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from .._errors import BackendUnavailable, SandboxError
 from .._inside import steps
 from .._policy import Policy
 from . import cgroups, features
-from .host import UID_BASE, HostJail, HostSandbox, Launched, environment, raise_nofile, uids
+from .host import UID_BASE, HostJail, environment, raise_nofile, uids
 from .host import rlimits as base_rlimits
+from .launcher import NO_MOUNTS, BaseLauncher, Launched, Mounts
 from .proctree import ProcessTree
+from .sandbox import HostSandbox
 from .template import Runtime, Template
 
-__all__ = ["UID_BASE", "NamespaceJail", "NamespaceSandbox"]
+__all__ = ["UID_BASE", "NamespaceJail", "NamespaceLauncher"]
 
 _jail_numbers = itertools.count(1)
 
@@ -81,8 +83,8 @@ class NamespaceJail(HostJail):
         """The staged codecage package sandboxes see (read-only, at this path)."""
         return self.template.package
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> NamespaceSandbox:
-        return NamespaceSandbox(self, policy, envs)
+    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
+        return HostSandbox(policy, lambda box: NamespaceLauncher(self, box), envs)
 
     def renew_if_older(self, max_age_s: float) -> bool:
         if time.monotonic() - self.template.started <= max_age_s:
@@ -123,23 +125,23 @@ def pid_of(pidfd: int) -> int | None:
     return None
 
 
-class NamespaceSandbox(HostSandbox):
+class NamespaceLauncher(BaseLauncher):
     """A sandbox forked from the template; the pipeline confines it on the way to its init."""
 
-    def __init__(self, jail: NamespaceJail, policy: Policy, envs: dict[str, str]) -> None:
-        super().__init__(policy)
+    def __init__(self, jail: NamespaceJail, box: HostSandbox) -> None:
+        super().__init__(box)
+        self.id, self.policy = box.id, box.policy
         self.jail = jail
         self.template = jail.template  # its own: the jail may re-execute a newer one meanwhile
         self.template.acquire()
         self.uid = uids.take()
-        self.cgroups: cgroups.SandboxCgroups | ProcessTree = (
+        self.tree: cgroups.SandboxCgroups | ProcessTree = (
             ProcessTree()
             if jail.rootless
             else cgroups.SandboxCgroups(jail.cgroup_version, self.id, jail.owner)
         )
-        self._start(envs)
 
-    def _launch(self, envs: dict[str, str], timeout_s: float = 30.0) -> Launched:
+    def launch(self, envs: dict[str, str], timeout_s: float = 30.0) -> Launched:
         """The template forks a bare set-up process; its spec (environment, uid, cgroups)
         goes to it over its own channel, and it answers with a pidfd on init."""
         supervisor = self.template.spawn(timeout_s)
@@ -157,7 +159,7 @@ class NamespaceSandbox(HostSandbox):
                 raise SandboxError(f"sandbox set-up failed: {why or 'a bad report'}")
             pidfd = fds.pop()
             pid = pid_of(pidfd)  # the kernel's word on whom the pidfd names, not set-up's
-            if pid is None or (not self.jail.rootless and pid not in self.cgroups.pids()):
+            if pid is None or (not self.jail.rootless and pid not in self.tree.pids()):
                 os.close(pidfd)
                 raise SandboxError("sandbox set-up failed: its init is gone or not in its cgroup")
         except BaseException:
@@ -165,16 +167,17 @@ class NamespaceSandbox(HostSandbox):
                 os.close(fd)
             supervisor.close()
             raise
-        if isinstance(self.cgroups, ProcessTree):
-            self.cgroups.attach(pid)
+        if isinstance(self.tree, ProcessTree):
+            self.tree.attach(pid)
         return Launched(supervisor, pidfd, pid)
 
-    def _open_mounts(self) -> None:
-        if not self.jail.rootless:  # rootless: another user namespace's root is closed to us
-            super()._open_mounts()
+    def open_mounts(self) -> Mounts:
+        if self.jail.rootless:  # another user namespace's root is closed to us
+            return NO_MOUNTS
+        return super().open_mounts()
 
-    def _release(self, init_dead: bool) -> None:
-        if init_dead and self.init_pid is not None:
+    def release(self, init_dead: bool) -> None:
+        if init_dead and self.box.init_pid is not None:
             # init is now a zombie of the template: have it reaped before we return
             with contextlib.suppress(OSError, SandboxError):
                 self.template.reap()
@@ -200,8 +203,8 @@ class NamespaceSandbox(HostSandbox):
             "gid": 1000 if self.jail.rootless else self.uid,
             "userns": {"uid": os.geteuid(), "gid": os.getegid()} if self.jail.rootless else None,
             "root_mountpoint": str(self.template.root_mountpoint),
-            "cgroup_procs": self.cgroups.procs_files(),
-            "cgroup_controllers": self.cgroups.mount_names,
+            "cgroup_procs": self.tree.procs_files(),
+            "cgroup_controllers": self.tree.mount_names,
             "ro_binds": [
                 b for b in dict.fromkeys(binds) if not b.startswith("/usr/") or b == "/usr"
             ],

@@ -25,8 +25,8 @@ from .._inside.mounts import DEVICES
 from .._inside.protocol import Message
 from .._policy import Policy
 from . import host
-from .host import HostSandbox
 from .image import Image
+from .launcher import BaseLauncher
 from .template import package_dir, state_dir
 
 CHANNEL_INSIDE = "/run/codecage-channel"  # where the channel directory appears in the sandbox
@@ -75,20 +75,19 @@ def spec(
 environment, rlimits = host.environment, host.rlimits  # shared by every backend
 
 
-class OciSandbox(HostSandbox):
+class OciLauncher(BaseLauncher):
     """A sandbox whose init announces each kernel by token (see the module's docstring)."""
 
-    _oci_channel: Channel | None = None
+    oci_channel: Channel | None = None
 
-    def _supervisor_message(self) -> tuple[Message, list[int]]:
+    def handover(self, message: Message, fds: list[int]) -> list[int]:
         """The connection presenting the announced token stands in for the socket the
         namespace jail's init passes; the rest of the host protocol is unchanged."""
-        message, fds = super()._supervisor_message()
         token = message.get("token")
         if message.get("ev") in ("kernel", "procman") and not fds and isinstance(token, str):
-            assert self._oci_channel is not None
-            fds = [self._oci_channel.accept_kernel(token, time.monotonic() + 10).detach()]
-        return message, fds
+            assert self.oci_channel is not None
+            fds = [self.oci_channel.accept_kernel(token, time.monotonic() + 10).detach()]
+        return fds
 
 
 class Channel:

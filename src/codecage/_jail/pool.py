@@ -20,7 +20,8 @@ from .._errors import SandboxError
 from .._policy import Policy
 
 if TYPE_CHECKING:
-    from .host import HostJail, HostSandbox
+    from .host import HostJail
+    from .sandbox import HostSandbox
 
 _renewing = threading.Lock()  # one template renewal at a time, whichever pool notices
 

@@ -99,7 +99,7 @@ class ProcessManager:
         raise SandboxNotFound(f"the sandbox has ended: {reason}")
 
     def _send(self, data: bytes, deadline: float) -> None:
-        from .host import readable
+        from .channel import readable
 
         view = memoryview(data)
         while view:
@@ -115,7 +115,7 @@ class ProcessManager:
                 self._gone(exc)
 
     def _next(self, deadline: float) -> Message:
-        from .host import readable
+        from .channel import readable
 
         while not self._pending:
             left = deadline - time.monotonic()
@@ -157,7 +157,7 @@ class ProcessManager:
                 self.request({"op": "proc_list"}, 2.0)
             except (TransportError, SandboxNotFound):
                 return None
-        from .host import _children, _nspid
+        from .proctree import _children, _nspid
 
         for child in _children(self._init_pid):
             if _nspid(child) == self.ns_pid:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import signal
 from collections.abc import Container
 from pathlib import Path
@@ -18,6 +19,13 @@ from .._policy import Policy
 from .cgroups import Usage
 
 TICKS = os.sysconf("SC_CLK_TCK")
+
+# System calls in which a kernel waiting for its next request blocks on its channel
+# (Channel.recv: a blocking recv, which glibc issues as recvfrom), by machine.
+_WAITING_SYSCALLS = {
+    "x86_64": frozenset({0, 19, 45, 47}),  # read, readv, recvfrom, recvmsg
+    "aarch64": frozenset({63, 65, 207, 212}),
+}.get(platform.machine())
 
 
 class ProcessTree:
@@ -97,3 +105,93 @@ def _nested(pid: int) -> bool:
         if line.startswith("NSpid:"):
             return len(line.split()) > 2
     return False
+
+
+def _children(pid: int) -> list[int]:
+    """The host pids of a process's children (every thread's), from /proc."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _nspid(pid: int) -> int | None:
+    """A process's pid in its innermost pid namespace."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    return int(line.split()[-1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+class KernelWatch:
+    """The host's own look at a kernel generation: its /proc/PID/syscall says whether its
+    main thread is blocked reading its channel (the evidence that a run's code stopped)."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None  # the kernel's host pid, where the host can look
+        self.fd: int | None = None  # its channel's descriptor number inside
+        # /proc/PID/syscall of that kernel, kept open: a pread is cheaper than an open, and a
+        # descriptor names the process itself, never a later one given the same pid.
+        self._syscall_fd: int | None = None
+
+    def find(self, init_pid: int | None, ns_pid: object, fd: object) -> None:
+        """Watch the kernel that greeted with pid `ns_pid` and channel `fd`. The hello is
+        sent before any code of this kernel generation ran; the host checks it against
+        /proc: a child of init whose innermost pid is `ns_pid`, holding a socket at `fd`.
+        Nothing to watch where the host cannot look (init is not a host process: gVisor)."""
+        self.stop()
+        if init_pid is None or _WAITING_SYSCALLS is None:
+            return
+        if not isinstance(ns_pid, int) or not isinstance(fd, int) or fd < 0:
+            return
+        todo, looked = [init_pid], 0
+        while todo and looked < 64:
+            pid, looked = todo.pop(0), looked + 1
+            for child in _children(pid):
+                if _nspid(child) == ns_pid:
+                    try:
+                        if not os.readlink(f"/proc/{child}/fd/{fd}").startswith("socket:"):
+                            return
+                        watched = os.open(f"/proc/{child}/syscall", os.O_RDONLY)
+                    except OSError:
+                        return
+                    try:
+                        os.pread(watched, 256, 0)  # readable by the host, not only openable
+                    except OSError:
+                        os.close(watched)
+                        return
+                    self._syscall_fd, self.pid, self.fd = watched, child, fd
+                    return
+                todo.append(child)
+
+    def waiting(self) -> bool | None:
+        """Whether the kernel's main thread is blocked reading its channel (the host's own
+        reading of /proc/PID/syscall). None where the host cannot look, and then a run's
+        end is the sandbox's claim."""
+        if self._syscall_fd is None or _WAITING_SYSCALLS is None:
+            return None
+        try:
+            fields = os.pread(self._syscall_fd, 256, 0).split()
+            nr, first = int(fields[0]), int(fields[1], 16)
+        except (OSError, ValueError, IndexError):  # "running", or gone
+            return False
+        return nr in _WAITING_SYSCALLS and first == self.fd
+
+    def stop(self) -> None:
+        """Watch nothing (the kernel is gone, or cannot be looked at)."""
+        if self._syscall_fd is not None:
+            os.close(self._syscall_fd)
+        self._syscall_fd = None
+        self.pid = self.fd = None

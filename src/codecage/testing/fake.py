@@ -1,10 +1,13 @@
 """A scripted in-memory backend for unit tests (like httpx's MockTransport).
 
-The fake replaces only what is below the jail seam (docs/backends-internals.md): `_launch`
-gives the REAL host side (`codecage._jail.host.HostSandbox`: the supervisor channel, frame
+The fake replaces only what is below the jail seam (docs/backends-internals.md): it is a
+launcher (`FakeLauncher`) whose `launch` gives the REAL host side (the one
+`codecage._jail.sandbox.HostSandbox` of every backend: the supervisor channel, frame
 validation, budgets, deadlines, recovery, accounting) a socket pair whose other end is a
 scripted init and kernel, each in a thread, speaking the kernel protocol of docs/protocol.md;
 its `Tree` hands out scripted readings (CPU seconds, peak memory, OOM kills, pids events).
+`FakeJail.sandboxes` are the real HostSandboxes it created; `sandbox.launcher` is the
+scripted side (its `files`, `requests`, `tree`).
 Everything above the jail (the SDK, `codecage.run`, the Manager, the service, approvals,
 tool and MCP rendering) then runs unchanged, without root, a runtime or a kernel.
 
@@ -37,6 +40,7 @@ import errno as errnos
 import json
 import os
 import posixpath
+import secrets
 import select
 import signal
 import socket
@@ -48,14 +52,17 @@ from typing import Any
 from .._inside.protocol import PROTOCOL_VERSION, FrameReader, Message, ProtocolError, encode
 from .._jail import BACKENDS, Backend, _jails, _lock, features, register
 from .._jail.cgroups import Usage
-from .._jail.host import HostJail, HostSandbox, Launched
+from .._jail.host import HostJail
+from .._jail.launcher import BaseLauncher, Launched, Mounts
+from .._jail.sandbox import HostSandbox
+from .._models import KilledBy
 from .._policy import Policy
 
 __all__ = [
     "ID",
     "Die",
     "FakeJail",
-    "FakeSandbox",
+    "FakeLauncher",
     "FakeTree",
     "Flood",
     "Frame",
@@ -149,7 +156,7 @@ class InitDies:
 
 
 Step = Frame | Raw | Reading | Die | Hang | Sleep | Flood | InitDies
-Responder = Callable[[Message, "FakeSandbox"], Sequence[Step]]
+Responder = Callable[[Message, "FakeLauncher"], Sequence[Step]]
 
 
 def frame(ev: str, **fields: Any) -> Frame:
@@ -218,7 +225,7 @@ class FakeTree:
     """The `host.Tree` of a fake sandbox. Its readings change only by `Reading` steps (or a
     test setting them); `kill` reaches the fake's init and kernel as signals would."""
 
-    def __init__(self, box: FakeSandbox) -> None:
+    def __init__(self, box: FakeLauncher) -> None:
         self._box = box
         self.policy: Policy | None = None
         self.cpu_s = 0.0
@@ -276,7 +283,7 @@ class FakeTree:
 class _Kernel:
     """One kernel generation: a thread serving its end of a stream socket pair."""
 
-    def __init__(self, box: FakeSandbox, generation: int) -> None:
+    def __init__(self, box: FakeLauncher, generation: int) -> None:
         self.box, self.generation = box, generation
         self.host_end, self.sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(0.05)
@@ -437,15 +444,29 @@ class _Exit(_Gone):
     pass
 
 
-class FakeSandbox(HostSandbox):
-    """A HostSandbox whose init and kernel are threads of this process. `files` maps paths
-    inside the sandbox to their bytes; `requests` is every request its kernels received."""
+class _ScriptedMounts:
+    """The tree's scripted `workspace_full` stands in for the host's statvfs."""
 
-    def __init__(self, jail: FakeJail, policy: Policy, envs: dict[str, str]) -> None:
-        super().__init__(policy)
+    def __init__(self, tree: FakeTree) -> None:
+        self.tree = tree
+
+    def full(self) -> bool:
+        return self.tree.workspace_full
+
+    def close(self) -> None:
+        pass
+
+
+class FakeLauncher(BaseLauncher):
+    """The launcher of a sandbox whose init and kernel are threads of this process. `files`
+    maps paths inside the sandbox to their bytes; `requests` is every request its kernels
+    received."""
+
+    def __init__(self, jail: FakeJail, box: HostSandbox, envs: dict[str, str]) -> None:
+        super().__init__(box)
+        self.id = box.id
         self.jail = jail
-        self.tree = FakeTree(self)
-        self.cgroups = self.tree
+        self.tree: FakeTree = FakeTree(self)
         self.files: dict[str, bytes] = {}
         self.metadata: dict[str, dict[str, str]] = {}  # set_metadata's, by path
         self.dirs: set[str] = {"/", "/home", HOME, "/tmp", "/dev", "/dev/shm"}
@@ -457,12 +478,12 @@ class FakeSandbox(HostSandbox):
         self._init_dies = threading.Event()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._init: threading.Thread | None = None
-        jail.sandboxes.append(self)  # before it starts: a failed start is seen too
-        self._start(envs)
+        self._announced: dict[str, socket.socket] = {}  # kernel_by_token: token -> socket
+        jail.sandboxes.append(box)  # before it starts: a failed start is seen too
 
     # -- the seam -------------------------------------------------------------------------
 
-    def _launch(self, envs: dict[str, str]) -> Launched:
+    def launch(self, envs: dict[str, str]) -> Launched:
         host, inside = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._init = threading.Thread(
             target=self._init_main, args=(inside,), name=f"codecage-fake-init-{self.id[:8]}"
@@ -471,19 +492,31 @@ class FakeSandbox(HostSandbox):
         self._init.start()
         return Launched(host, None, None)
 
-    def _open_mounts(self) -> None:
+    def open_mounts(self) -> Mounts:
         """No filesystems to look at: `workspace_full()` is the tree's scripted reading."""
+        return _ScriptedMounts(self.tree)
 
-    def workspace_full(self) -> bool:
-        return self.tree.workspace_full
+    def signal(self, sig: int) -> None:
+        self.tree.kill(spare=INIT_PID, sig=sig)
 
-    def kill_kernel(self) -> None:
-        self.cgroups.kill(spare=INIT_PID)
+    def handover(self, message: Message, fds: list[int]) -> list[int]:
+        """With `kernel_by_token`, the socket init announced by token (as the OCI backends'
+        init does); an unknown token hands over nothing (init's message is then no kernel)."""
+        token = message.get("token")
+        if message.get("ev") == "kernel" and not fds and isinstance(token, str):
+            with self._klock:
+                announced = self._announced.pop(token, None)
+            return [] if announced is None else [announced.detach()]
+        return fds
 
-    def interrupt(self) -> None:
-        self.cgroups.kill(spare=INIT_PID, sig=signal.SIGINT)
+    def init_hung_up(self) -> bool:
+        return self.jail.init_death is not None
 
-    def _release(self, init_dead: bool) -> None:
+    def ended_with_init(self) -> tuple[str, KilledBy | None]:
+        assert self.jail.init_death is not None
+        return self.jail.init_death
+
+    def release(self, init_dead: bool) -> None:
         self.jail.released.append(self.id)
 
     # -- init -------------------------------------------------------------------------------
@@ -527,6 +560,14 @@ class FakeSandbox(HostSandbox):
         with self._klock:
             self.kernels.append(kernel)
         kernel.thread.start()
+        if self.jail.kernel_by_token:  # announced, handed over by the launcher (handover)
+            token = secrets.token_hex(16)
+            with self._klock:
+                self._announced[token] = kernel.host_end
+            sup.send(
+                json.dumps({"ev": "kernel", "generation": generation, "token": token}).encode()
+            )
+            return
         message = json.dumps({"ev": "kernel", "generation": generation}).encode()
         socket.send_fds(sup, [message], [kernel.host_end.fileno()])
         kernel.host_end.close()
@@ -763,16 +804,20 @@ class FakeJail(HostJail):
     why: dict[str, str] = field(default_factory=dict)
     start_error: str | None = None  # init reports this set-up error instead of a kernel
     hello: Message | None = None  # the kernel's first frame instead of its hello
+    # Init's hang-up is the kernel's death (as gVisor's sentry dying is): the run ends as a
+    # value, then the sandbox ends with this reason and limit instead of restarting.
+    init_death: tuple[str, KilledBy | None] | None = None
+    kernel_by_token: bool = False  # init announces each kernel by a token, no descriptor
     scripts: list[_Script] = field(default_factory=list)
-    sandboxes: list[FakeSandbox] = field(default_factory=list)
+    sandboxes: list[HostSandbox] = field(default_factory=list)
     requests: list[Message] = field(default_factory=list)
     released: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # exceptions in the fake's own threads
 
     name = "fake"
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> FakeSandbox:
-        return FakeSandbox(self, policy, envs)
+    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
+        return HostSandbox(policy, lambda box: FakeLauncher(self, box, envs), envs)
 
     def on(self, op: str, match: Match, *steps: Step | Responder, times: int | None = None) -> None:
         """Answer requests `op` whose key (code, cmd or path) equals `match` (a string), or
@@ -798,7 +843,7 @@ class FakeJail(HostJail):
     def ops(self) -> list[str]:
         return [str(r.get("op")) for r in list(self.requests)]
 
-    def _script_for(self, request: Message, box: FakeSandbox) -> Sequence[Step]:
+    def _script_for(self, request: Message, box: FakeLauncher) -> Sequence[Step]:
         op = request.get("op")
         key = request.get("code") if op == "execute" else request.get("cmd")
         if key is None:
@@ -814,8 +859,9 @@ class FakeJail(HostJail):
                 return steps(request, box) if callable(steps) else steps
         return ()
 
-    def live(self) -> list[FakeSandbox]:
-        return [b for b in self.sandboxes if not b._closed]
+    def live(self) -> list[HostSandbox]:
+        """The sandboxes not yet killed (their launcher not released)."""
+        return [b for b in self.sandboxes if b.id not in self.released]
 
     def threads(self) -> list[threading.Thread]:
         """The fake's threads still running (none once every sandbox was killed)."""

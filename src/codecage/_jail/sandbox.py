@@ -1,0 +1,325 @@
+"""One live sandbox, the same class for every backend: its lifecycle over a Launcher.
+
+`HostSandbox` composes the backend's launcher (launcher.py: the tree, init's launch,
+signals, release) and the channel to init and the kernel (channel.py). It starts the
+sandbox, runs code (run.py) and requests, restarts, interrupts and kills the kernel, takes
+the host's readings, and ends the sandbox. Outcomes come from the host's own timer and
+readings, never from the kernel's word.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import secrets
+import signal
+import socket
+import time
+from collections.abc import Callable, Container, Mapping
+from typing import TYPE_CHECKING, Any
+
+from .._errors import ExecutionTimeout, SandboxError, SandboxNotFound, TransportError
+from .._inside.messages import PrefaultRequest, ReplyRequest, RestartRequest, SetenvRequest
+from .._inside.protocol import Message
+from .._models import Execution, ExecutionError, KilledBy
+from .._policy import Policy, effective_timeout
+from .cgroups import Usage
+from .channel import KERNEL_EVENTS, POLL_S, REPLY_EVENTS, Channel, readable
+from .launcher import NO_MOUNTS, Launcher, Mounts
+from .run import EventCallback, Run
+
+if TYPE_CHECKING:
+    from .procs import ProcessManager
+
+
+class HostSandbox:
+    """One live sandbox: its launcher (what confines it), its init (PID 1) and the channel
+    to the current kernel. `make(sandbox)` builds the launcher; the sandbox starts at once
+    (on any failure everything started is killed)."""
+
+    def __init__(
+        self,
+        policy: Policy,
+        make: Callable[[HostSandbox], Launcher],
+        envs: dict[str, str],
+        timeout_s: float = 30.0,
+    ) -> None:
+        self.id = secrets.token_hex(16)
+        self.policy = policy
+        self._closed = False
+        self._dying = False
+        self.ended_because = "it was killed"
+        self.ended_limit: KilledBy | None = (
+            None  # the limit that ended it ("cpu_limit"), if one did
+        )
+        self.last_usage = Usage(0, 0, 0, 0.0)
+        self.init_pid: int | None = None
+        self.init_pidfd: int | None = None
+        self._mounts: Mounts = NO_MOUNTS
+        self._setup: list[ReplyRequest] = []
+        self._cpu_base = 0.0
+        self._full_at_end = False
+        self.procs: ProcessManager | None = None  # background processes (procs.py)
+        self.launcher = make(self)
+        self.channel = Channel(self, policy, self.launcher)
+        self._start(envs, timeout_s)
+
+    @property
+    def generation(self) -> int:
+        """The current kernel's generation (0 first; each restart adds one)."""
+        return self.channel.generation
+
+    @property
+    def dying(self) -> bool:
+        """Ended or being ended (its processes are killed; kill() releases the rest)."""
+        return self._dying
+
+    @property
+    def alive(self) -> bool:
+        return not self._closed and not self._dying
+
+    def _start(self, envs: dict[str, str], timeout_s: float) -> None:
+        launcher = self.launcher
+        try:
+            launcher.tree.create(launcher.tree_policy(self.policy))
+            supervisor, self.init_pidfd, self.init_pid = launcher.launch(envs)
+            self.channel.attach(supervisor, self.init_pid)
+            self.channel.await_kernel(time.monotonic() + timeout_s)
+            self._mounts = launcher.open_mounts()
+            self._cpu_base = launcher.tree.usage().cpu_s  # start-up is not the session's
+        except OSError as exc:  # e.g. init died before it could report why
+            self.kill()
+            why = launcher.diagnostics()
+            raise SandboxError(
+                f"sandbox set-up failed: {exc}" + (f": {why}" if why else "")
+            ) from None
+        except BaseException:
+            self.kill()
+            raise
+        if launcher.prefault_at_start:
+            # A first cell whose cost is the sandbox's start-up, not the session's cpu_s
+            # (gVisor: the kernel's first import through the gofer).
+            try:
+                self.prefault()
+            except BaseException:
+                self.kill()
+                raise
+
+    def _ended(self) -> SandboxNotFound:
+        return SandboxNotFound(f"sandbox {self.id} has ended: {self.ended_because}")
+
+    def check_alive(self) -> None:
+        if self._closed or self._dying:
+            raise self._ended()
+
+    # -- running code -------------------------------------------------------------------
+
+    def execute(
+        self,
+        code: str,
+        *,
+        mode: str = "session",
+        timeout_s: float | None = None,
+        envs: dict[str, str] | None = None,
+        on_event: EventCallback | None = None,
+        recover: bool = True,
+    ) -> Execution:
+        """Run code in the kernel. With `recover`, a timeout interrupts (SIGINT) and, after
+        the policy's grace, kills and restarts the kernel; a dead kernel is restarted. Without
+        it (one-shot runs, whose sandbox is destroyed next), the run just stops waiting."""
+        self.check_alive()
+        limit = effective_timeout(self.policy, timeout_s)
+        ex = Run(self, on_event).go(code, mode, limit, envs or {}, recover)
+        if self.channel.init_died and ex.error is not None:
+            # The whole sandbox died with the kernel: the error says why it ended.
+            value = f"{ex.error.value.split(';')[0]}; {self.ended_because}"
+            ex.error = ExecutionError(ex.error.name, value, "")
+        return ex
+
+    def request(
+        self, message: ReplyRequest | Mapping[str, Any], timeout_s: float | None
+    ) -> Message:
+        """Send a file or command request and wait for its reply ("done" or "failed").
+
+        If the kernel dies meanwhile it is restarted and TransportError is raised; past the
+        deadline the kernel is interrupted, then killed and restarted."""
+        self.check_alive()
+        channel = self.channel
+        message = {**message, "id": channel.issue()}  # sent as built, with a fresh id
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        channel.start_budget()  # the request's own channel budget
+        channel.send(message)
+        while True:
+            while (frame := channel.next_pending()) is not None:
+                # a prefault runs a cell under the request's id: its run events are dropped
+                if (
+                    channel.frame_is_for(frame, message["id"], KERNEL_EVENTS)
+                    and frame.get("ev") in REPLY_EVENTS
+                ):
+                    return frame
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                self.kill_kernel()
+                self.restart_kernel(time.monotonic() + 30)
+                raise ExecutionTimeout(
+                    f"{message.get('op')} did not finish within {timeout_s} s; the kernel was restarted"
+                )
+            wait = POLL_S if deadline is None else min(POLL_S, deadline - now)
+            from_kernel, from_init = channel.wait(wait)
+            if from_kernel:
+                channel.receive()
+            if from_init and not channel.pending:
+                status = channel.exit_event()
+                if status is not None:
+                    self.restart_kernel(time.monotonic() + 30)
+                    raise TransportError(
+                        f"the kernel died during {message.get('op')} ({status}); it was restarted"
+                    )
+
+    def prefault(self) -> None:
+        """The pool's first, uncounted cell: not the session's CPU either."""
+        self.request(PrefaultRequest(op="prefault"), 30)
+        self._cpu_base = self.launcher.tree.usage().cpu_s
+
+    def set_envs(self, envs: dict[str, str]) -> None:
+        """A pooled sandbox's own environment, set when it is handed out (no code ran yet)."""
+        self.setup(SetenvRequest(op="setenv", envs=envs))
+        if self.procs is not None:
+            self.procs.envs.update(envs)
+
+    def setup(self, message: ReplyRequest) -> None:
+        """A request that configures the session (environment, import guard, a code
+        context): sent now, and again to every kernel a restart brings, before any code runs
+        there."""
+        self.request(message, 30)
+        self._setup.append(message)
+
+    def record_setup(self, message: ReplyRequest) -> None:
+        """A set-up request already sent (and answered) by the caller, for restarts only."""
+        self._setup.append(message)
+
+    @property
+    def setups(self) -> tuple[ReplyRequest, ...]:
+        """The session's set-up requests, in the order a restart sends them again."""
+        return tuple(self._setup)
+
+    def forget_setup(self, drop: Callable[[ReplyRequest], bool]) -> None:
+        """No longer send the set-up requests `drop` picks to a restarted kernel."""
+        self._setup = [m for m in self._setup if not drop(m)]
+
+    def new_procman(self, sock: socket.socket) -> None:
+        """A (new) process manager's channel: init starts one with the sandbox, and again
+        at a kernel restart if code inside killed the last one."""
+        from .procs import ProcessManager
+
+        envs = {}
+        if self.procs is not None:
+            envs = self.procs.envs
+            self.procs.close()
+        self.procs = ProcessManager(sock, self.terminate, self.init_pid)
+        self.procs.envs = envs
+
+    def spared(self, keep: tuple[int, ...]) -> Container[int]:
+        """`keep` (init, a launcher's own processes), and the process manager's tree if there
+        is one: a kernel's kill or interrupt spares them, as init does at a restart."""
+        if self.procs is None or self.procs.closed:
+            return keep
+        return self.procs.spared(keep)
+
+    def restart_kernel(self, deadline: float) -> None:
+        """A fresh kernel from init, configured like the last; the sandbox ends if none
+        comes (or if the whole sandbox died with the kernel: then the launcher says why)."""
+        if self.channel.init_died:
+            self.terminate(*self.launcher.ended_with_init())
+            return
+        try:
+            self.channel.tell_init(RestartRequest(op="restart"))
+            self.channel.await_kernel(deadline)
+            for message in self._setup:
+                self.request(message, max(deadline - time.monotonic(), 1.0))
+        except (OSError, SandboxError) as exc:
+            self.terminate(f"its kernel could not be restarted ({exc})")
+            raise self._ended() from None
+
+    def kill_kernel(self) -> None:
+        """Kill the kernel and everything it started; init (PID 1) stays."""
+        self.launcher.signal(signal.SIGKILL)
+
+    def interrupt(self) -> None:
+        """SIGINT to every process but init, like Ctrl-C to a terminal's foreground group."""
+        self.launcher.signal(signal.SIGINT)
+
+    # -- readings -----------------------------------------------------------------------
+
+    def usage(self) -> Usage:
+        """The host's readings; CPU counted from when the sandbox was handed out (its
+        start-up, a cold import of the data stack on exec backends, is not the session's)."""
+        usage = self.launcher.tree.usage()
+        return dataclasses.replace(usage, cpu_s=max(0.0, usage.cpu_s - self._cpu_base))
+
+    def reset_peak(self) -> None:
+        self.launcher.tree.reset_peak()
+
+    def memory_current(self) -> int | None:
+        """Memory charged to the sandbox now (the host's reading), None where unknown."""
+        return self.launcher.tree.memory_current()
+
+    def workspace_full(self) -> bool:
+        """Whether a memory-backed filesystem of the sandbox is full (the host's own statvfs
+        on descriptors it opened when the sandbox started, before any code ran); once the
+        sandbox is killed, what it was then."""
+        return self._full_at_end if self._closed else self._mounts.full()
+
+    def dead(self) -> bool:
+        """Whether the sandbox died on its own (its init, or the channel to it, is gone)."""
+        if self._dying or self._closed:
+            return True
+        if self.init_pidfd is not None:
+            return bool(readable([self.init_pidfd], 0))
+        return self.channel.hung_up()
+
+    # -- ending -------------------------------------------------------------------------
+
+    def terminate(self, reason: str, limit: KilledBy | None = None) -> None:
+        """Kill every process of the sandbox now, from any thread, without waiting for a run
+        in progress (it sees its kernel die and returns); kill() then releases the rest.
+        `limit` names the limit that ended it ("cpu_limit"): a run in progress then returns
+        it as a value (killed_by) instead of raising."""
+        if self._dying:
+            return
+        with contextlib.suppress(OSError):
+            self.last_usage = self.launcher.tree.usage()
+        self.ended_because, self.ended_limit = reason, limit
+        self._dying = True
+        if self.init_pidfd is not None:  # PID 1 first: its namespace dies with it
+            with contextlib.suppress(OSError):
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
+        with contextlib.suppress(OSError):
+            self.launcher.kill_tree()
+
+    def end(self, reason: str, limit: KilledBy | None = None) -> None:
+        """Kill the sandbox for a reason that later calls will report."""
+        self.terminate(reason, limit)
+        self.kill()
+
+    def kill(self) -> None:
+        """Stop the whole tree (SIGKILL, never a freeze) and remove the cgroups. Idempotent."""
+        if self._closed:
+            return
+        self.terminate(self.ended_because)
+        self._closed = True
+        dead = False
+        if self.init_pidfd is not None:
+            dead = bool(readable([self.init_pidfd], 5.0))
+            os.close(self.init_pidfd)
+        self.channel.close()
+        if self.procs is not None:
+            self.procs.close()
+        with contextlib.suppress(OSError):
+            self._full_at_end = self._mounts.full()
+        self._mounts.close()
+        try:
+            self.launcher.release(dead)
+        finally:
+            self.launcher.tree.remove()
