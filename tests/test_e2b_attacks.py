@@ -194,3 +194,54 @@ def test_process_deadlines_pile_up_no_threads(
         wait_until(lambda: not any("sleep 30" in " ".join(p.args) for p in sbx.commands.list()))
     finally:
         sbx.kill()
+
+
+def _run_over(db: Path, sandbox_id: str, code: str) -> bool:
+    conn = sqlite3.connect(db)
+    try:
+        row = conn.execute(
+            "SELECT ended_at FROM runs WHERE sandbox_id = ? AND kind = 'execute' AND code = ?",
+            (sandbox_id, code),
+        ).fetchone()
+    finally:
+        conn.close()
+    return row is not None and row[0] is not None
+
+
+def test_a_client_that_does_not_read_holds_the_host_to_a_bound(
+    e2b_env: dict[str, str], e2b_service: Service
+) -> None:
+    import json
+
+    from e2b_code_interpreter import Sandbox as Interpreter
+
+    sbx = Interpreter.create()
+    headers = {
+        "E2b-Sandbox-Id": sbx.sandbox_id,
+        "E2b-Sandbox-Port": "49999",
+        "X-Access-Token": sbx._envd_access_token or "",
+    }
+    try:
+        with httpx.Client(base_url=e2b_service.url, headers=headers, timeout=300) as http:
+            # control: a client that reads gets every line
+            small = http.post("/execute", json={"code": "for i in range(2000):\n    print(i % 10)"})
+            lines = [json.loads(line) for line in small.text.splitlines()]
+            out = "".join(line["text"] for line in lines if line["type"] == "stdout")
+            assert out.count("\n") == 2000 and "dropped" not in small.text
+            # a line each for 300000 lines, and a client that reads none until the run is over
+            code = "for i in range(300000):\n    print(i % 10)"
+            with http.stream("POST", "/execute", json={"code": code}) as response:
+                wait_until(lambda: _run_over(e2b_service.db, sbx.sandbox_id, code), 240)
+                body = response.read().decode()
+        lines = [json.loads(line) for line in body.splitlines()]
+        assert lines[-1] == {"type": "end_of_execution"}
+        notes = [
+            line["text"] for line in lines if "lines of output dropped" in line.get("text", "")
+        ]
+        assert notes, "every line was held for a client that read none"
+        kept = sum(line["text"].count("\n") for line in lines if line["type"] == "stdout")
+        dropped = sum(int(note.split()[1]) for note in notes)
+        assert kept < 300000 and kept + dropped == 300000
+        assert sbx.run_code("1 + 1").text == "2"  # the sandbox is fine
+    finally:
+        sbx.kill()
