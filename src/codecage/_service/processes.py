@@ -60,7 +60,10 @@ class ProcessRecords:
 
     def _loop(self) -> None:
         while not self._stop.wait(POLL_S):
-            self.sweep()
+            try:
+                self.sweep()
+            except Exception:  # an audit write that failed (a full disk, a slow commit):
+                continue  # the thread goes on, or no process's end would be recorded again
 
     def sweep(self, sandbox_id: str | None = None) -> None:
         """Record every watched process (of one sandbox, or all) that has ended. Those of a
@@ -112,8 +115,8 @@ class ProcessRecords:
         ex.logs.stdout, ex.logs.stderr = [out], [err]
         dropped = reply.get("dropped")
         ex.truncated = isinstance(dropped, int) and dropped > 0
-        self._forget(w)
         self._manager.finish(w.run_id, "process", ex)
+        self._forget(w)  # once recorded: a record that failed is tried again next time
 
     def _killed(self, w: Watched, why: str) -> None:
         """A process that died with its sandbox (its last output is gone with it)."""

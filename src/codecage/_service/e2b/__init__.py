@@ -29,7 +29,7 @@ import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -116,15 +116,35 @@ def signature(path: str, operation: str, user: str, token: str, expiration: int 
     return "v1_" + base64.b64encode(digest).rstrip(b"=").decode()
 
 
+SIGNED_FIELDS = ("path", "username", "signature", "signature_expiration")
+
+
+def signed_query(scope: Scope) -> dict[str, str] | None:
+    """A `/files` query's signed fields, parsed as the routes parse them (Starlette's
+    parse_qsl, blanks kept); None when one of them is given twice. The routes read a
+    field's last value, so a URL signed for one `path` with a second `path` appended
+    would pass the signature on one and act on the other."""
+    pairs = parse_qsl(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
+    found: dict[str, str] = {}
+    for key, value in pairs:
+        if key in SIGNED_FIELDS:
+            if key in found:
+                return None
+            found[key] = value
+    return found
+
+
 def _signed(scope: Scope, token: str) -> bool:
     """A `/files` request whose query carries a valid, unexpired signature."""
     if scope["path"] != "/files" or scope["method"] not in ("GET", "POST"):
         return False
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    given = query.get("signature", [""])[0]
+    query = signed_query(scope)
+    if query is None:
+        raise Refused(401, f"a signed URL gives each of {', '.join(SIGNED_FIELDS)} at most once")
+    given = query.get("signature", "")
     if not given:
         return False
-    raw_expiration = query.get("signature_expiration", [None])[0]
+    raw_expiration = query.get("signature_expiration")
     expiration = None
     if raw_expiration is not None:
         if not raw_expiration.lstrip("-").isdigit() or len(raw_expiration) > 20:
@@ -133,8 +153,7 @@ def _signed(scope: Scope, token: str) -> bool:
         if expiration < time.time():
             raise Refused(401, "signature is already expired")
     operation = "read" if scope["method"] == "GET" else "write"
-    path = query.get("path", [""])[0]
-    user = query.get("username", [""])[0]
+    path, user = query.get("path", ""), query.get("username", "")
     wanted = signature(path, operation, user, token, expiration)
     return hmac.compare_digest(wanted.encode(), given.encode())
 
@@ -285,17 +304,18 @@ def _by_signature(scope: Scope, state: dict[str, Any]) -> Scope:
     all): the sandbox whose token made the signature, if one did (expired or not: the
     admission then says which). Else it goes on as it came, and is refused for what it
     lacks."""
-    manager = state.get("manager")
-    query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-    given = query.get("signature", [""])[0]
+    manager, query = state.get("manager"), signed_query(scope)
+    if query is None:  # refused by the admission if it reaches a sandbox
+        return scope
+    given = query.get("signature", "")
     if manager is None or not given.startswith("v1_") or len(given) > 100:
         return scope
-    raw = query.get("signature_expiration", [None])[0]
+    raw = query.get("signature_expiration")
     expiration = (
         int(raw) if raw is not None and raw.lstrip("-").isdigit() and len(raw) < 20 else None
     )
     operation = "read" if scope["method"] == "GET" else "write"
-    path, user = query.get("path", [""])[0], query.get("username", [""])[0]
+    path, user = query.get("path", ""), query.get("username", "")
     for sandbox_id, token in manager.tokens():
         wanted = signature(path, operation, user, token, expiration)
         if hmac.compare_digest(wanted.encode(), given.encode()):

@@ -233,6 +233,7 @@ def connect_sandbox(
     ends = time.time() + (body.timeout or 1)
     if entry.expires_at is not None and entry.expires_at < ends:
         entry = manager.set_lifetime(who, sandbox_id, body.timeout or 1)
+        manager.note(who, sandbox_id, "sandbox_timeout", f"connect timeout={body.timeout}")
     return JSONResponse(created(entry), status_code=200)
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -166,13 +167,24 @@ async def execute(body: ExecuteBody, access: SandboxAccess = ACCESS) -> Streamin
     except ContextNotFound as exc:
         raise E2BError(404, str(exc)) from None
     loop = asyncio.get_running_loop()
-    lines: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    lines: asyncio.Queue[tuple[str, bytes, int] | None] = asyncio.Queue()
+    policy = started.entry.sandbox.policy if started.entry is not None else None
+    held = _Held(HELD_BYTES + (policy.results_bytes if policy is not None else 0))
     streamed_error = False
 
     def on_event(event: dict[str, Any]) -> None:
         line = event_line(event)
-        if line is not None:
-            loop.call_soon_threadsafe(lines.put_nowait, line)
+        if line is None:
+            return
+        data = _json(line)
+        size = len(data) + LINE_OVERHEAD
+        gap = held.take(size, line["type"] in ("stdout", "stderr"))
+        if gap is None:
+            return  # dropped: the client is that far behind
+        if gap:  # where the dropped lines were, in order
+            note = _json({"type": "stderr", "text": dropped_note(gap), "timestamp": _stamp()})
+            loop.call_soon_threadsafe(lines.put_nowait, ("stderr", note, 0))
+        loop.call_soon_threadsafe(lines.put_nowait, (str(line["type"]), data, size))
 
     def work() -> Execution:
         return manager.carry_out(
@@ -189,14 +201,20 @@ async def execute(body: ExecuteBody, access: SandboxAccess = ACCESS) -> Streamin
         try:
             while True:
                 try:
-                    line = await asyncio.wait_for(lines.get(), KEEPALIVE_S)
+                    item = await asyncio.wait_for(lines.get(), KEEPALIVE_S)
                 except TimeoutError:
                     yield b'{"type": "keepalive"}\n'
                     continue
-                if line is None:
+                if item is None:
+                    gap = held.take(0)  # dropped at the end, after the last line queued
+                    if gap:
+                        note = {"type": "stderr", "text": dropped_note(gap), "timestamp": _stamp()}
+                        yield _json(note)
                     break
-                streamed_error |= line["type"] == "error"
-                yield _json(line)
+                kind, data, size = item
+                held.give(size)
+                streamed_error |= kind == "error"
+                yield data
             for line in _closing(task, streamed_error):
                 yield _json(line)
             finished = True
@@ -219,6 +237,44 @@ class _Breakable(StreamingResponse):
             await super().__call__(scope, receive, send)
         except* _Aborted:
             pass
+
+
+# What a run's stream holds for a client that reads slower than the run writes (or not at
+# all): the lines' bytes plus LINE_OVERHEAD for each (what a queued line costs the host),
+# at most HELD_BYTES + the policy's results_bytes (twice that for lines other than
+# output). Lines past it are dropped, and the stream says how many on stderr where they were. A cell's output is bounded by
+# output_bytes, but a line each character is many small lines.
+HELD_BYTES = 16 << 20
+LINE_OVERHEAD = 512
+
+
+def dropped_note(count: int) -> str:
+    return f"\n[codecage: {count} lines of output dropped: the client read them too slowly]\n"
+
+
+class _Held:
+    """The bytes a run's stream holds, from the run's thread and the event loop."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.size, self.dropped = limit, 0, 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int, output: bool = True) -> int | None:
+        """Room for `size` more: None if there is none (the line is dropped), else how many
+        lines were dropped since the last one that had room. Output (stdout, stderr) has
+        `limit`; the other lines (results, errors, the count of executions: bounded by the
+        results budget, or one a run) have twice that, so they outlast the output."""
+        with self._lock:
+            if self.size + size > self.limit * (1 if output else 2):
+                self.dropped += 1
+                return None
+            self.size += size
+            gap, self.dropped = self.dropped, 0
+            return gap
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.size -= size
 
 
 def _interrupt(sandbox: Sandbox) -> None:

@@ -20,7 +20,6 @@ import asyncio
 import base64
 import contextlib
 import signal
-import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -161,23 +160,29 @@ async def _follow(
         await asyncio.sleep(delay)
 
 
-def _kill_at_deadline(call: Call, pid: int) -> None:
-    """envd's process context: the request's timeout bounds the process itself."""
+def _kill_at_deadline(
+    call: Call, pid: int, cmd: str, args: list[str]
+) -> asyncio.TimerHandle | None:
+    """envd's process context: the request's timeout bounds the process itself. A timer
+    of the event loop (no thread of its own waits for it: a client that starts many
+    processes with long timeouts piles up no threads), cancelled once the process is seen
+    to end; when it fires, it kills the pid only if that pid still runs the same command
+    (a pid that ended and was used again is another process)."""
     if call.timeout_s is None:
-        return
+        return None
     access = call.access
 
     def kill() -> None:
-        with contextlib.suppress(SandboxError):  # gone with its sandbox or process manager
-            access.manager.on_process(
-                access.tenant,
-                access.sandbox_id,
-                lambda sbx: signal_process(sbx._proc_call, pid, signal.SIGKILL),
-            )
+        def op(sbx: Sandbox) -> None:
+            for info in listing(sbx._proc_call):
+                if info.pid == pid and (info.cmd, info.args) == (cmd, args):
+                    signal_process(sbx._proc_call, pid, signal.SIGKILL)
 
-    timer = threading.Timer(call.timeout_s, kill)
-    timer.daemon = True
-    timer.start()
+        with contextlib.suppress(SandboxError):  # gone with its sandbox or process manager
+            access.manager.on_process(access.tenant, access.sandbox_id, op)
+
+    loop = asyncio.get_running_loop()
+    return loop.call_later(call.timeout_s, lambda: loop.run_in_executor(None, kill))
 
 
 @service.stream("Start", keepalive={"event": {"keepalive": {}}})
@@ -215,9 +220,11 @@ async def start(call: Call, message: dict[str, Any]) -> AsyncIterator[dict[str, 
         )
     except PolicyError as exc:
         raise ConnectError("invalid_argument", str(exc)) from None
-    _kill_at_deadline(call, pid)
+    deadline = _kill_at_deadline(call, pid, cmd, args)
     yield {"event": {"start": {"pid": pid}}}
     async for event in _follow(call, pid, 0, size is not None):
+        if deadline is not None and "end" in event["event"]:
+            deadline.cancel()  # a client that went away leaves it for the deadline
         yield event
 
 
