@@ -141,12 +141,13 @@ def check_unary(response: httpx.Response) -> None:
     assert response.status_code < 500 or found["code"] in ("unimplemented", "deadline_exceeded")
 
 
-def check_stream(response: httpx.Response, most: int = 4) -> None:
+def check_stream(response: httpx.Response, most: int = 1) -> None:
     """A streaming Connect answer: envelopes, of which an end-of-stream one carries any
-    error; read until it ends or `most` messages came (a watch or a process that runs on
-    does not end by itself; the connection is then closed)."""
+    error; read until it ends or `most` messages came (a watch, or a process that runs on,
+    does not end by itself and may stay silent: the connection is then closed)."""
     where = f"{response.request.method} {response.request.url}"
-    if response.status_code != 200:
+    streamed = response.headers.get("content-type", "").startswith("application/connect+json")
+    if response.status_code != 200 or not streamed:  # an error, or a unary method's answer
         response.read()
         check_unary(response)
         return
