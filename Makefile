@@ -43,7 +43,7 @@ check: $(STAMP)
 	$(BIN)/pytest tests/unit -q
 
 bench: $(STAMP) runtime
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,bwrap,container,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,service,bwrap,container,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python benchmarks/run.py
 
 # E2B's own Python tests against codecage (docs/e2b.md): `make e2b-suite E2B=path/to/checkout`

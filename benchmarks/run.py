@@ -31,6 +31,7 @@ from baselines import (  # noqa: E402
     timed,
 )
 from density import bwrap_baseline, pool_figures, scaling, throughput  # noqa: E402
+from e2b_sdk import e2b_figures  # noqa: E402
 from mcp_overhead import mcp_overhead  # noqa: E402
 from regression import BASE, compare  # noqa: E402
 from service import audit_figures, http_figures, service_at_scale  # noqa: E402
@@ -206,6 +207,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--backends-only", action="store_true", help="backends side by side only")
     parser.add_argument(
+        "--e2b-only", action="store_true", help="E2B's SDK against codecage's remote SDK only"
+    )
+    parser.add_argument(
         "--regression-only", action="store_true", help="this tree against the code before it only"
     )
     args = parser.parse_args()
@@ -215,6 +219,9 @@ def main() -> None:
         return
     if args.regression_only:
         regression(2 if args.quick else 4)
+        return
+    if args.e2b_only:
+        e2b_side_by_side(n)
         return
     results: Figures = {}
     ratios: dict[str, float] = {}
@@ -226,6 +233,7 @@ def main() -> None:
     tool_overhead(results, ratios, n * 25)
     mcp_overhead(results, ratios, n * 5)
     http_figures(results, ratios, measure, n * 25)
+    e2b_figures(results, ratios, measure, n)
     throughput(results, ratios)
     audit_figures(results, ratios)
     service_at_scale(results, ratios, measure, 100 if args.quick else 1000)
@@ -234,6 +242,18 @@ def main() -> None:
     write(results, ratios, memory, rows)
     backends_side_by_side()
     regression(2 if args.quick else 4)
+
+
+def e2b_side_by_side(n: int) -> None:
+    """E2B's code-interpreter SDK and codecage's remote SDK on one `codecage serve`
+    (benchmarks/e2b_sdk.py), printed; `make bench` puts them in results.md with the rest."""
+    results: Figures = {}
+    ratios: dict[str, float] = {}
+    e2b_figures(results, ratios, measure, n)
+    for name, figure in results.items():
+        print(f"| {name} | {figure['p50_ms']:.2f} | {figure['p99_ms']:.2f} | {int(figure['n'])} |")
+    for name, value in ratios.items():
+        print(f"| {name} | {value:.2f}x |")
 
 
 def regression(rounds: int) -> None:

@@ -23,14 +23,14 @@ from codecage._service.audit import AuditLog
 Figures = dict[str, dict[str, float]]
 
 
-def start(db: Path) -> tuple[subprocess.Popen[bytes], str, str]:
+def start(db: Path, pool_size: int = 0) -> tuple[subprocess.Popen[bytes], str, str]:
     key = subprocess.run(
         [sys.executable, "-m", "codecage", "keys", "create", "--tenant", "bench", "--db", str(db)],
         capture_output=True, text=True, check=True,
     ).stdout.strip()  # fmt: skip
     config = db.with_suffix(".toml")
     config.write_text(  # the default ceiling with pids_max 64: 1000 x 64 must fit the total
-        "pool_size = 0\n[quotas]\nlive_sandboxes = 1000\nruns_per_minute = 10000000\n"
+        f"pool_size = {pool_size}\n[quotas]\nlive_sandboxes = 1000\nruns_per_minute = 10000000\n"
         "concurrent_requests = 64\n"
         "[ceiling]\nmemory_mb = 4096\ncpu_cores = 2.0\ncpu_s = 3600\npids_max = 64\n"
         "disk_mb = 4096\ntmp_mb = 1024\nshm_mb = 1024\ntimeout_s = 600\n"
