@@ -1294,7 +1294,7 @@ def test_cannot_lift_its_own_cgroup_limits(scratch_cgroups: tuple[str, str]) -> 
         k: host[k] for k in ("pids.max", "notify_on_release", "cgroup.procs", "memory")
     } == dict.fromkeys(("pids.max", "notify_on_release", "cgroup.procs", "memory"), "ok"), host
     probe = "DIR = '/sys/fs/cgroup/pids'\nMEMDIR = '/sys/fs/cgroup/memory'\n" + CGROUP_WRITE
-    inside = in_jail(probe, policy(pids_max=20, memory_mb=100))
+    inside = in_jail(probe, policy(pids_max=20, memory_mb=256))
     if current_backend() == "gvisor":
         # the sentry shows no cgroup hierarchy at all: the host's cgroups (on the whole
         # runsc sandbox) are out of the guest's reach, and nothing inside reads them
@@ -1306,13 +1306,15 @@ def test_cannot_lift_its_own_cgroup_limits(scratch_cgroups: tuple[str, str]) -> 
     for key in ("pids.max", "notify_on_release", "cgroup.procs", "memory"):
         assert inside[key] in ("EROFS", "EACCES", "EPERM"), (key, inside[key])
     assert inside["release_agent"] is False  # the hierarchy's root is not visible inside
+    # 256 MiB: bwrap's init imports the data stack itself; at 100 MiB an unlucky start could
+    # be killed by its memory limit before the probe ran
     limits = in_jail(
         "import json\nprint('RESULT ' + json.dumps({'pids': open('/sys/fs/cgroup/pids/pids.max').read().strip(),"
         " 'mem': open('/sys/fs/cgroup/memory/memory.limit_in_bytes').read().strip()}))",
-        policy(pids_max=20, memory_mb=100),
+        policy(pids_max=20, memory_mb=256),
     )
     monitor = 1 if policy().isolation == "bwrap" else 0  # bwrap's monitor shares the cgroup
-    assert limits == {"pids": str(20 + monitor), "mem": str(100 << 20)}
+    assert limits == {"pids": str(20 + monitor), "mem": str(256 << 20)}
 
 
 MKNOD = (

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import dataclasses
 import itertools
 import json
 import os
@@ -307,7 +306,9 @@ def build_server(policy: Policy | None = None, sessions: Sessions | None = None)
         """List a directory of the session's sandbox: JSON entries (name, path, type, size)."""
         sbx, _ = await _in_thread(sessions.get, _connection_id(ctx, sessions), session)
         entries = await _in_thread(sbx.files.list, path)
-        return json.dumps([dataclasses.asdict(entry) for entry in entries])
+        return json.dumps(  # the four fields a model needs, not the whole entry info
+            [{"name": e.name, "path": e.path, "type": e.type, "size": e.size} for e in entries]
+        )
 
     @server.tool()
     async def reset_session(ctx: Context, session: SessionName = "default") -> str:

@@ -319,9 +319,32 @@ class ContainerLauncher(oci.OciLauncher):
         if self._container is not None:
             with contextlib.suppress(Exception):
                 self._container.remove(force=True)
+            _await_reaped(self.uid, time.monotonic() + 5)
         if self.oci_channel is not None:
             self.oci_channel.close()
         uids.give_back(self.uid)
+
+
+def _await_reaped(uid: int, deadline: float) -> None:
+    """Wait (bounded) until no host process runs as the sandbox's uid, zombies included:
+    the engine's removal returns once init is dead, while the engine's reaper may still
+    hold the zombies of init's children a moment longer (seen on a loaded host)."""
+    while time.monotonic() < deadline:
+        if not any(_owned_by(entry, uid) for entry in os.scandir("/proc") if entry.name.isdigit()):
+            return
+        time.sleep(0.02)
+
+
+def _owned_by(entry: os.DirEntry[str], uid: int) -> bool:
+    """By the real uid in its status (a non-dumpable process's /proc entry is root's)."""
+    try:
+        with open(f"{entry.path}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    return int(line.split()[1]) == uid
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
 
 
 def weak_mounts(mountinfo: str, root: Path) -> list[str]:
