@@ -305,3 +305,20 @@ def test_an_interrupt_outside_the_cells_code_still_ends_the_run_as_a_run() -> No
         assert ex.logs.stdout == ["forged-but-taken\n"]  # control: the kernel's own channel
         assert ex.error is not None and ex.error.name == "KeyboardInterrupt", ex.error
         assert sbx.alive and sbx.run_code("1 + 1").text == "2"
+
+
+@pytest.mark.usefixtures("backend")
+def test_forged_error_events_are_paid_from_the_output_budget() -> None:
+    """A kernel sends one error per run; code that writes thousands on the kernel's channel
+    gets them past the callbacks only within the output budget (the first is free)."""
+    with Sandbox(policy(timeout_s=60, output_bytes=10_000)) as sbx:
+        seen: list[int] = []
+        ex = sbx._run(
+            FIND + CONTROL + "for i in range(2000):\n"
+            "    ch.send(ev='error', id=rid, name='Forged', value=str(i) + 'x' * 1000, traceback='')\n",
+            on_event=lambda e: seen.append(len(str(e))) if e.get("ev") == "error" else None,
+        )
+        assert ex.logs.stdout == ["forged-but-taken\n"]  # control: the kernel's own channel
+        assert 1 <= len(seen) <= 11, len(seen)  # the first, then what 10,000 bytes pay for
+        assert ex.truncated and "output_limit" in ex.limits_hit
+        assert sbx.run_code("1 + 1").text == "2"

@@ -39,6 +39,7 @@ class Run:
         self.ex = Execution()
         self.budget = sandbox.policy.output_bytes
         self.results_budget = sandbox.policy.results_bytes
+        self.errors = 0  # error events of this run: the first is free, the rest budgeted
         self.dropped = (
             0  # bytes refused after a budget ran out: a sandbox that keeps sending is ended
         )
@@ -191,11 +192,19 @@ class Run:
             if not self._result(frame.get("data"), bool(frame.get("is_main_result"))):
                 return
         elif ev == "error":
-            self.ex.error = ExecutionError(
+            error = ExecutionError(
                 str(frame.get("name", "Error")),
                 str(frame.get("value", "")),
                 str(frame.get("traceback", "")),
             )
+            self.ex.error = error  # one object: the last one is the run's error
+            self.errors += 1
+            if self.errors > 1:  # a kernel sends one; more are paid from the output budget
+                size = sum(len(x.encode("utf-8", "replace")) for x in vars(error).values())
+                if size > self.budget:
+                    self._drop(size)
+                    return
+                self.budget -= size
         elif ev == "end":
             # The kernel's word only: the run ends once the host sees the kernel's main thread
             # back on its channel (code in the cell's process can send an "end" too).
