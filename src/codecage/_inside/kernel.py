@@ -347,6 +347,18 @@ class Kernel:
     def done(self, request: Message, reply: Mapping[str, Any] | None = None) -> None:
         self.channel.put({**DoneEvent(ev="done", id=request.get("id")), **(reply or {})})
 
+    def failed(self, request: Message, exc: BaseException) -> None:
+        """A request's failure, named by its exception (and errno, for an OSError)."""
+        self.channel.put(
+            FailedEvent(
+                ev="failed",
+                id=request.get("id"),
+                error=type(exc).__name__,
+                errno=getattr(exc, "errno", None),
+                message=str(exc),
+            )
+        )
+
     def setenv(self, request: Message) -> None:
         os.environ.update({str(k): str(v) for k, v in (request.get("envs") or {}).items()})
         self.done(request)
@@ -366,15 +378,7 @@ class Kernel:
         try:
             reply = files.OPS[op](**args)
         except (OSError, ValueError, TypeError) as exc:
-            self.channel.put(
-                FailedEvent(
-                    ev="failed",
-                    id=request.get("id"),
-                    error=type(exc).__name__,
-                    errno=getattr(exc, "errno", None),
-                    message=str(exc),
-                )
-            )
+            self.failed(request, exc)
             return
         self.done(request, reply)
 
@@ -432,15 +436,7 @@ class Kernel:
                 registry.remove(request.get("context_id"))
                 reply = {}
         except (OSError, ValueError, LookupError) as exc:
-            self.channel.put(
-                FailedEvent(
-                    ev="failed",
-                    id=request.get("id"),
-                    error=type(exc).__name__,
-                    errno=getattr(exc, "errno", None),
-                    message=str(exc),
-                )
-            )
+            self.failed(request, exc)
             return
         self.done(request, reply)
 
