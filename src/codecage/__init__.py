@@ -29,6 +29,7 @@ if _typing.TYPE_CHECKING:
         SandboxBusy,
         SandboxError,
         SandboxNotFound,
+        SandboxPaused,
         TransportError,
         UnsupportedLanguage,
     )
@@ -54,6 +55,7 @@ _EXPORTS = {
     "Client": "_remote",
     "QuotaExceeded": "_errors",
     "SandboxBusy": "_errors",
+    "SandboxPaused": "_errors",
     "connect": "_remote",
     "AsyncSandbox": "_async",
     "CommandResult": "_sandbox",
@@ -120,6 +122,7 @@ __all__ = [
     "SandboxBusy",
     "SandboxError",
     "SandboxNotFound",
+    "SandboxPaused",
     "TransportError",
     "UnsupportedLanguage",
     "analyze",

@@ -256,7 +256,8 @@ approvals = Approvals()
 
 LIMIT_FIELDS = (
     "memory_mb", "cpu_cores", "cpu_s", "pids_max", "disk_mb", "tmp_mb", "shm_mb", "timeout_s",
-    "idle_timeout_s", "interrupt_grace_s", "output_bytes", "results_bytes", "open_files_max",
+    "idle_timeout_s", "paused_timeout_s", "interrupt_grace_s", "output_bytes", "results_bytes",
+    "open_files_max",
 )  # fmt: skip
 
 

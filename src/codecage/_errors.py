@@ -11,6 +11,7 @@ SandboxError
 ├── TransportError         the channel to a sandbox or a service broke
 ├── QuotaExceeded          a tenant's quota is used up
 ├── SandboxBusy            the sandbox's queue of operations is full
+├── SandboxPaused          the sandbox is paused: resume it first
 ├── AuditUnavailable       the audit log cannot be written
 ├── ExecutionTimeout       (also TimeoutError) where a deadline is raised rather than reported
 ├── ContextNotFound        (also LookupError) no code context by that id in the sandbox
@@ -86,6 +87,11 @@ class SandboxBusy(SandboxError):
     (HTTP 409): try again when one has finished."""
 
 
+class SandboxPaused(SandboxError):
+    """The sandbox is paused (frozen, its clocks stopped): nothing runs in it until it is
+    resumed (`resume()`, or E2B's connect) (HTTP 409)."""
+
+
 class AuditUnavailable(SandboxError):
     """The audit log cannot be written: no work may run unrecorded (HTTP 503)."""
 
@@ -128,6 +134,7 @@ WIRE: dict[type[SandboxError], Wire] = {
     TransportError: Wire(409, "TransportError"),
     QuotaExceeded: Wire(429, "QuotaExceeded"),
     SandboxBusy: Wire(409, "SandboxBusy"),
+    SandboxPaused: Wire(409, "SandboxPaused"),
     AuditUnavailable: Wire(503, "AuditUnavailable"),
     ExecutionTimeout: Wire(409, "ExecutionTimeout"),
     ContextNotFound: Wire(404, "ContextNotFound"),

@@ -39,6 +39,7 @@ class Policy(BaseModel):
     shm_mb: int = Field(64, ge=1, le=1 << 20)
     timeout_s: float | None = Field(30.0, gt=0)
     idle_timeout_s: float | None = Field(600.0, gt=0)
+    paused_timeout_s: float | None = Field(86400.0, gt=0)
     interrupt_grace_s: float = Field(2.0, ge=0, le=600)
     output_bytes: int = Field(1 << 20, ge=0, le=1 << 30)
     results_bytes: int = Field(16 << 20, ge=0, le=1 << 30)

@@ -90,6 +90,13 @@ class Client:
 
     create = Sandbox  # E2B's name
 
+    def connect_sandbox(self, sandbox_id: str, *, resume: bool = True) -> RemoteSandbox:
+        """A handle on a live sandbox of this tenant (made by another client, or before a
+        restart of this one), resumed first if it is paused (E2B's `Sandbox.connect`)."""
+        path = f"/v1/sandboxes/{sandbox_id}"
+        data = self.request("POST" if resume else "GET", path + ("/resume" if resume else ""))
+        return RemoteSandbox(self, None, None, attach=data.json())
+
     # -- approvals -------------------------------------------------------------------------
 
     def approvals(self) -> list[ApprovalRequest]:
@@ -181,12 +188,16 @@ class RemoteSandbox:
         policy: Policy | None,
         envs: dict[str, str] | None,
         approver: Approver | None = None,
+        *,
+        attach: dict[str, Any] | None = None,
     ) -> None:
         self._client = client
         self._approver = approver
-        body = {"policy": _overrides(policy), "envs": envs or {}}
-        with client._answering(approver) as headers:
-            data = client.request("POST", "/v1/sandboxes", json=body, headers=headers).json()
+        data = attach
+        if data is None:
+            body = {"policy": _overrides(policy), "envs": envs or {}}
+            with client._answering(approver) as headers:
+                data = client.request("POST", "/v1/sandboxes", json=body, headers=headers).json()
         self._id: str = data["id"]
         self.policy = Policy(**data["policy"])
         self._alive = True
@@ -214,6 +225,19 @@ class RemoteSandbox:
 
     def __repr__(self) -> str:
         return f"<RemoteSandbox {self._id}>"
+
+    # -- pausing (docs/pause.md) -------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._client.request("GET", self._base).json()["state"] == "paused")
+
+    def pause(self) -> None:
+        """Freeze the sandbox; it stays paused when this client goes away."""
+        self._client.request("POST", f"{self._base}/pause")
+
+    def resume(self) -> None:
+        self._client.request("POST", f"{self._base}/resume")
 
     def _start_process(self, body: dict[str, Any]) -> int:
         with self._answering() as headers:

@@ -23,8 +23,10 @@ from ._approvals import Approver, Gate, _pending_event, with_envs
 from ._errors import (
     ContextNotFound,
     FileNotFoundInSandbox,
+    SandboxBusy,
     SandboxError,
     SandboxNotFound,
+    SandboxPaused,
     TransportError,
     UnsupportedLanguage,
 )
@@ -129,6 +131,7 @@ class Sandbox:
         jail = get_jail(self.policy.isolation)
         self._jailed: Jailed = jail.create(self.policy, check_envs(envs))
         self.last_activity = time.monotonic()
+        self.paused_at: float | None = None  # time.monotonic() of the pause, while paused
         self.busy = False
         self.files = Files(self)
         self.commands = Commands(self)
@@ -169,7 +172,38 @@ class Sandbox:
     def _use(self) -> Jailed:
         if not self._jailed.alive:
             raise SandboxNotFound(f"sandbox {self.id} has ended: {self._jailed.ended_because}")
+        if self._jailed.paused:
+            raise SandboxPaused(f"sandbox {self.id} is paused: resume() it first")
         return self._jailed
+
+    # -- pausing (docs/pause.md) -------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self._jailed.paused
+
+    def pause(self) -> None:
+        """Freeze the sandbox where it is: every process stops (background ones too), no
+        CPU is used, memory stays charged, and its clocks stop (the idle timeout and the CPU
+        budget; `paused_timeout_s` runs instead). Nothing can run in it until `resume()`.
+        SandboxBusy if code or a request is running in it now; SandboxPaused if paused."""
+        if not self._lock.acquire(blocking=False):
+            raise SandboxBusy(
+                f"sandbox {self.id} is running code or a request: pause it once that has ended"
+            )
+        try:
+            self._use().pause()
+            self.paused_at = time.monotonic()
+        finally:
+            self._lock.release()
+
+    def resume(self) -> float:
+        """Thaw a paused sandbox (a running one is left as it is); returns how long it was
+        paused, in seconds. Its idle clock goes on from where the pause stopped it."""
+        paused_for = self._jailed.resume()
+        self.paused_at = None
+        self.last_activity += paused_for
+        return paused_for
 
     def run_code(
         self,
@@ -774,8 +808,19 @@ class _Registry:
         policy, jailed = sandbox.policy, sandbox._jailed
         if not jailed.alive:
             return
-        idle = time.monotonic() - sandbox.last_activity
         limit: KilledBy | None = None
+        paused_at = sandbox.paused_at
+        if jailed.paused and paused_at is not None:  # its clocks stand still, but this one
+            if policy.paused_timeout_s is None:
+                return
+            if time.monotonic() - paused_at <= policy.paused_timeout_s:
+                return
+            reason = f"it was paused for more than paused_timeout_s={policy.paused_timeout_s}"
+            jailed.terminate(reason)
+            jailed.kill()  # nothing runs in a paused sandbox: its lock is free or soon is
+            self.discard(sandbox)
+            return
+        idle = time.monotonic() - sandbox.last_activity
         if not sandbox.busy and policy.idle_timeout_s is not None and idle > policy.idle_timeout_s:
             reason = f"idle for more than idle_timeout_s={policy.idle_timeout_s}"
         else:  # busy or not: a sandbox's CPU budget covers everything it ever ran

@@ -506,3 +506,60 @@ def test_below_the_audit_floor_nothing_reaches_the_kernel(tmp_path: Path, fake: 
     finally:
         m.shutdown()
         log.close()
+
+
+# -- pause and resume (docs/pause.md) ----------------------------------------------------------
+
+
+def test_a_pause_stops_the_lifetime_and_counts_against_the_paused_quota(audit: AuditLog) -> None:
+    import time
+
+    from codecage._errors import SandboxPaused
+
+    m = manager_with(audit, paused_sandboxes=1)
+    try:
+        one = m.create("alice", {}, {}, lifetime_s=30)
+        two = m.create("alice", {}, {})
+        bobs = m.create("bob", {}, {})
+        ends = one.expires_at
+        m.pause("alice", one.sandbox.id)
+        assert one.sandbox.paused and one.sandbox._jailed.launcher.tree.frozen  # type: ignore[attr-defined]
+        assert not one.expired(time.time() + 60)  # its lifetime stands still
+        with pytest.raises(SandboxPaused):
+            m.pause("alice", one.sandbox.id)
+        with pytest.raises(QuotaExceeded, match="paused_sandboxes"):
+            m.pause("alice", two.sandbox.id)
+        m.pause("bob", bobs.sandbox.id)  # another tenant's quota is its own
+        with pytest.raises(SandboxNotFound):
+            m.resume("bob", one.sandbox.id)  # another tenant's: the same as none
+        time.sleep(0.2)
+        entry, resumed = m.resume("alice", one.sandbox.id)
+        assert resumed and not entry.sandbox.paused
+        assert entry.expires_at is not None and ends is not None
+        assert entry.expires_at - ends >= 0.2  # moved on by the time it was paused
+        assert m.resume("alice", one.sandbox.id)[1] is False  # running: nothing to do
+        kinds = [r["kind"] for r in audit.runs(sandbox_id=one.sandbox.id)]
+        assert kinds == ["sandbox_pause", "sandbox_resume"]
+    finally:
+        m.shutdown()
+
+
+def test_auto_pause_pauses_at_the_lifetimes_end_and_a_resume_gives_it_again(
+    manager: Manager,
+) -> None:
+    import time
+
+    entry = manager.create("alice", {}, {}, lifetime_s=0.3)
+    entry.on_timeout = "pause"
+    deadline = time.monotonic() + 5
+    while entry.paused_at is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert entry.paused_at is not None and entry.sandbox.alive  # paused, not killed
+    assert manager.get("alice", entry.sandbox.id) is entry  # still there to be resumed
+    manager.resume("alice", entry.sandbox.id)
+    assert entry.expires_at is not None and entry.expires_at > time.time()  # a new lifetime
+    plain = manager.create("alice", {}, {}, lifetime_s=0.3)
+    deadline = time.monotonic() + 5
+    while plain.sandbox.alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not plain.sandbox.alive  # positive control: without autoPause the end kills it

@@ -340,6 +340,40 @@ def cmd_approvals(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_sandboxes(args: argparse.Namespace) -> int:
+    """A running service's sandboxes of the key's tenant: list, pause, resume, kill."""
+    import os
+
+    from .._remote import connect
+
+    url = args.url or os.environ.get("CODECAGE_URL")
+    key = args.key or os.environ.get("CODECAGE_API_KEY")
+    if not url or not key:
+        raise SandboxError("give --url and --key (or set CODECAGE_URL and CODECAGE_API_KEY)")
+    with connect(url, key) as client:
+        if args.action == "list":
+            found = client.request("GET", "/v1/sandboxes").json()
+            if args.json:
+                print(json.dumps(found, indent=2))
+            elif not found:
+                print("no sandboxes")
+            for each in [] if args.json else found:
+                print(clean(f"{each['id']}  {each['state']:<8} created {each['created_at']:.0f}"))
+            return 0
+        if not args.sandbox_id:
+            raise SandboxError(
+                f"sandboxes {args.action}: give the sandbox id (see 'sandboxes list')"
+            )
+        path = f"/v1/sandboxes/{args.sandbox_id}"
+        if args.action == "kill":
+            client.request("DELETE", path)
+            print(f"{args.sandbox_id}: killed")
+            return 0
+        state = client.request("POST", f"{path}/{args.action}").json()["state"]
+        print(f"{args.sandbox_id}: {state}")
+        return 0
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from ..agents import ToolCall, data_agent, math_agent
 
@@ -481,6 +515,16 @@ def build_parser() -> argparse.ArgumentParser:
     approvals.add_argument("--by", help="who decides (default: $USER)")
     approvals.add_argument("--json", action="store_true")
     approvals.set_defaults(func=cmd_approvals)
+
+    boxes = sub.add_parser(
+        "sandboxes", help="sandboxes of a running service: list, pause, resume, kill"
+    )
+    boxes.add_argument("action", choices=["list", "pause", "resume", "kill"])
+    boxes.add_argument("sandbox_id", nargs="?")
+    boxes.add_argument("--url", help="the service (or CODECAGE_URL)")
+    boxes.add_argument("--key", help="an API key of the tenant (or CODECAGE_API_KEY)")
+    boxes.add_argument("--json", action="store_true")
+    boxes.set_defaults(func=cmd_sandboxes)
 
     agent = sub.add_parser("agent", help="the example agents: data analysis, math")
     agent_sub = agent.add_subparsers(dest="agent", required=True)

@@ -226,6 +226,7 @@ class EngineCgroups(cgroups.SandboxCgroups):
 
     def remove(self, timeout_s: float = 5.0) -> None:
         self.close_files()  # the engine removes the directories with the container
+        self._thaw()  # a paused container: its processes take their SIGKILL
 
 
 class ContainerLauncher(oci.OciLauncher):

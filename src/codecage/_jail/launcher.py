@@ -6,7 +6,8 @@ starts, signals, kills and frees what confines the sandbox, and answers a few qu
 generic code asks at fixed points (the hooks below). No backend overrides execution,
 recovery or restart.
 
-    tree                the Tree: limits, the host's own readings, signalling every process
+    tree                the Tree: limits, the host's own readings, signalling every process,
+                        freezing and thawing them (pause, resume)
     tree_policy(p)      the limits the tree is created with (the policy's, or more room for
                         the backend's own processes charged to it)
     launch(envs)        start init, confined and charged to the tree: Launched
@@ -56,6 +57,13 @@ class Tree(Protocol):
     ) -> None: ...
 
     def remove(self, timeout_s: float = 5.0) -> None: ...
+
+    def freeze(self, timeout_s: float = 5.0) -> None:
+        """Stop every process where it is (pause); OSError if it cannot be done in time,
+        BackendUnavailable where there is no freezer."""
+        ...
+
+    def thaw(self) -> None: ...
 
 
 class Launched(NamedTuple):

@@ -15,6 +15,7 @@ import signal
 from collections.abc import Container
 from pathlib import Path
 
+from .._errors import BackendUnavailable
 from .._policy import Policy
 from .cgroups import Usage
 
@@ -91,6 +92,14 @@ class ProcessTree:
                 pass
             finally:
                 os.close(pidfd)
+
+    def freeze(self, timeout_s: float = 5.0) -> None:
+        raise BackendUnavailable(
+            "pausing a sandbox needs the cgroup freezer: a jail started without root has none"
+        )
+
+    def thaw(self) -> None:
+        pass  # never frozen
 
     def remove(self, timeout_s: float = 5.0) -> None:
         pass

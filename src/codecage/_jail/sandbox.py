@@ -19,7 +19,13 @@ import time
 from collections.abc import Callable, Container, Mapping
 from typing import TYPE_CHECKING, Any
 
-from .._errors import ExecutionTimeout, SandboxError, SandboxNotFound, TransportError
+from .._errors import (
+    ExecutionTimeout,
+    SandboxError,
+    SandboxNotFound,
+    SandboxPaused,
+    TransportError,
+)
 from .._inside.messages import PrefaultRequest, ReplyRequest, RestartRequest, SetenvRequest
 from .._inside.protocol import Message
 from .._models import Execution, ExecutionError, KilledBy
@@ -61,6 +67,7 @@ class HostSandbox:
         self._cpu_base = 0.0
         self._full_at_end = False
         self.procs: ProcessManager | None = None  # background processes (procs.py)
+        self.paused_at: float | None = None  # time.monotonic() of the pause, while paused
         self.launcher = make(self)
         self.channel = Channel(self, policy, self.launcher)
         self._start(envs, timeout_s)
@@ -112,6 +119,39 @@ class HostSandbox:
     def check_alive(self) -> None:
         if self._closed or self._dying:
             raise self._ended()
+        if self.paused_at is not None:
+            raise SandboxPaused(f"sandbox {self.id} is paused: resume it first")
+
+    # -- pausing ------------------------------------------------------------------------
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None and self.alive
+
+    def pause(self) -> None:
+        """Freeze every process of the sandbox (init, the kernel, background processes)
+        where it is: nothing runs and no CPU is used, memory stays charged, the channels
+        stay open. The caller makes sure no run or request is in flight."""
+        self.check_alive()
+        try:
+            self.launcher.tree.freeze()
+        except OSError as exc:
+            raise SandboxError(f"sandbox {self.id} could not be paused: {exc}") from None
+        self.paused_at = time.monotonic()
+
+    def resume(self) -> float:
+        """Thaw the sandbox; returns how long it was paused (seconds)."""
+        if self._closed or self._dying:
+            raise self._ended()
+        if self.paused_at is None:
+            return 0.0
+        try:
+            self.launcher.tree.thaw()
+        except OSError as exc:
+            self.terminate(f"it could not be resumed ({exc})")
+            raise self._ended() from None
+        paused_for, self.paused_at = time.monotonic() - self.paused_at, None
+        return paused_for
 
     # -- running code -------------------------------------------------------------------
 
@@ -297,6 +337,9 @@ class HostSandbox:
                 signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
         with contextlib.suppress(OSError):
             self.launcher.kill_tree()
+        if self.paused_at is not None:  # a frozen process takes its SIGKILL once thawed
+            with contextlib.suppress(OSError):
+                self.launcher.tree.thaw()
 
     def end(self, reason: str, limit: KilledBy | None = None) -> None:
         """Kill the sandbox for a reason that later calls will report."""

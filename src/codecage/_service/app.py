@@ -141,6 +141,8 @@ class SandboxOut(BaseModel):
     id: str
     created_at: float
     policy: dict[str, Any]
+    state: Literal["running", "paused"] = "running"
+    paused_at: float | None = Field(None, description="Unix time of its pause, while paused")
 
 
 class FindingOut(BaseModel):
@@ -396,6 +398,8 @@ def sandbox_out(entry: Any) -> SandboxOut:
         id=entry.sandbox.id,
         created_at=entry.created_at,
         policy=entry.sandbox.policy.model_dump(),
+        state="paused" if entry.paused_at is not None else "running",
+        paused_at=entry.paused_at,
     )
 
 
@@ -461,6 +465,23 @@ def delete_sandbox(
 ) -> Response:
     manager.delete(who, sandbox_id)
     return Response(status_code=204)
+
+
+@sandboxes.post("/v1/sandboxes/{sandbox_id}/pause", response_model=SandboxOut, responses=ERRORS)
+def pause_sandbox(
+    sandbox_id: str, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> SandboxOut:
+    """Freeze the sandbox (docs/pause.md): 409 SandboxPaused if it is paused, SandboxBusy
+    while an operation runs in it; 429 past quotas.paused_sandboxes."""
+    return sandbox_out(manager.pause(who, sandbox_id))
+
+
+@sandboxes.post("/v1/sandboxes/{sandbox_id}/resume", response_model=SandboxOut, responses=ERRORS)
+def resume_sandbox(
+    sandbox_id: str, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> SandboxOut:
+    """Thaw a paused sandbox (a running one is answered as it is)."""
+    return sandbox_out(manager.resume(who, sandbox_id)[0])
 
 
 @runs.post(

@@ -30,6 +30,8 @@ class Quotas(BaseModel):
     # Host memory a tenant's file transfers may hold at once (each transfer holds at most
     # a few chunks, TRANSFER_BUFFER_MB). Beyond: 429.
     transfer_buffer_mb: int = Field(64, ge=1)
+    # Sandboxes of one tenant paused at once (each keeps its memory charged). Beyond: 429.
+    paused_sandboxes: int = Field(4, ge=0)
 
 
 class ServerConfig(BaseModel):
@@ -68,7 +70,8 @@ class ServerConfig(BaseModel):
     policy: Policy = Policy()
     ceiling: Policy = Policy(
         memory_mb=4096, cpu_cores=2.0, cpu_s=3600, pids_max=512, disk_mb=4096, tmp_mb=1024,
-        shm_mb=1024, timeout_s=600, idle_timeout_s=3600, output_bytes=16 << 20,
+        shm_mb=1024, timeout_s=600, idle_timeout_s=3600, paused_timeout_s=7 * 86400,
+        output_bytes=16 << 20,
     )  # fmt: skip
     quotas: Quotas = Field(default_factory=lambda: Quotas(live_sandboxes=20, runs_per_minute=600))
 

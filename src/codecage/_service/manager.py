@@ -30,6 +30,7 @@ from .._errors import (
     SandboxBusy,
     SandboxError,
     SandboxNotFound,
+    SandboxPaused,
 )
 from .._jail import get_jail
 from .._jail.pool import Pool
@@ -80,9 +81,23 @@ class Entry:
     expires_at: float | None = None
     template: str = ""
     watchers: dict[str, Any] = field(default_factory=dict)  # E2B's watchers on this sandbox
+    # Pausing (docs/pause.md): when it was paused (time.time(); None: running); what its
+    # lifetime's end does (E2B's autoPause: "pause", else "kill"); whether a request to
+    # its ports resumes it (E2B's autoResume).
+    paused_at: float | None = None
+    on_timeout: str = "kill"
+    auto_resume: bool = False
+    lifetime_s: float | None = None  # as created: what a resume after an autoPause gives
+
+    def due(self, now: float | None = None) -> bool:
+        """Its lifetime has passed (a paused sandbox's lifetime clock stands still)."""
+        if self.paused_at is not None:
+            return False
+        return self.expires_at is not None and (now or time.time()) >= self.expires_at
 
     def expired(self, now: float | None = None) -> bool:
-        return self.expires_at is not None and (now or time.time()) >= self.expires_at
+        """Its lifetime has passed and that ends it (with autoPause, it is paused instead)."""
+        return self.on_timeout != "pause" and self.due(now)
 
 
 class Metrics:
@@ -224,6 +239,7 @@ class Manager:
         )
         if lifetime_s is not None:
             entry.expires_at = entry.created_at + lifetime_s
+            entry.lifetime_s = lifetime_s
         with self._lock:  # again: a create may have waited for approval meanwhile
             live = self._live(tenant)
             if live < self.config.quotas.live_sandboxes:
@@ -242,6 +258,59 @@ class Manager:
             entry.expires_at = time.time() + seconds
             self._reap_soon()
         return entry
+
+    def pause(self, tenant: str, sandbox_id: str, why: str = "pause") -> Entry:
+        """Freeze the tenant's sandbox (docs/pause.md): within quotas.paused_sandboxes,
+        never while an operation runs in it (SandboxBusy), SandboxPaused if it is paused."""
+        return self._pause(self.get(tenant, sandbox_id), why)
+
+    def _pause(self, entry: Entry, why: str, lifetime_over: bool = False) -> Entry:
+        tenant, sandbox_id = entry.tenant, entry.sandbox.id
+        with self._lock:  # the place is taken first: two pauses at once count as two
+            if entry.paused_at is not None:
+                raise SandboxPaused(f"sandbox {sandbox_id} is already paused")
+            paused = sum(
+                1
+                for e in self._sandboxes.values()
+                if e.tenant == tenant and e.paused_at is not None and e.sandbox.alive
+            )
+            if paused >= self.config.quotas.paused_sandboxes:
+                raise QuotaExceeded(
+                    f"tenant already has {paused} paused sandboxes "
+                    f"(quotas.paused_sandboxes={self.config.quotas.paused_sandboxes})"
+                )
+            if entry.queued:
+                raise SandboxBusy(
+                    f"sandbox {sandbox_id} has an operation running: pause it once that ended"
+                )
+            entry.paused_at = time.time()
+            ends, entry.expires_at = entry.expires_at, None if lifetime_over else entry.expires_at
+        try:
+            entry.sandbox.pause()
+        except BaseException:
+            with self._lock:
+                entry.paused_at, entry.expires_at = None, ends
+            raise
+        self.note(tenant, sandbox_id, "sandbox_pause", why)
+        return entry
+
+    def resume(self, tenant: str, sandbox_id: str, why: str = "resume") -> tuple[Entry, bool]:
+        """Thaw the tenant's paused sandbox; (its entry, whether it was paused). Its
+        lifetime (if it has one) is moved on by the time it spent paused."""
+        entry = self.get(tenant, sandbox_id)
+        with self._lock:
+            paused_at, entry.paused_at = entry.paused_at, None
+        if paused_at is None:
+            return entry, False
+        paused_for = entry.sandbox.resume()
+        with self._lock:
+            if entry.expires_at is not None:
+                entry.expires_at += paused_for
+            elif entry.lifetime_s is not None:  # paused by its lifetime's end: a new one
+                entry.expires_at = time.time() + entry.lifetime_s
+                self._reap_soon()
+        self.note(tenant, sandbox_id, "sandbox_resume", f"{why} after {paused_for:.3f} s")
+        return entry, True
 
     def find(self, sandbox_id: str) -> Entry | None:
         """A live sandbox by its id alone, whoever's it is: for a front end whose requests
@@ -275,13 +344,26 @@ class Manager:
         while not self._closing.wait(0.5):
             now = time.time()
             with self._lock:
-                ended = [(sid, e) for sid, e in self._sandboxes.items() if e.expired(now)]
-                for sid, _ in ended:
-                    del self._sandboxes[sid]
+                ended = [(sid, e) for sid, e in self._sandboxes.items() if e.due(now)]
+                pausing = [(sid, e) for sid, e in ended if e.on_timeout == "pause"]
+                for sid, entry in ended:
+                    if entry.on_timeout != "pause":
+                        del self._sandboxes[sid]
                 self.metrics.live.set(len(self._sandboxes))
+            for sid, entry in pausing:
+                try:  # E2B's autoPause: its lifetime's end pauses it; a connect resumes it
+                    self._pause(entry, "its timeout (lifetime) passed: autoPause", True)
+                except SandboxBusy:
+                    continue  # an operation in flight: the next round pauses it
+                except SandboxError as exc:  # cannot pause (quota, backend): it ends
+                    with self._lock:
+                        self._sandboxes.pop(sid, None)
+                    entry.sandbox._jailed.terminate(f"its timeout passed ({exc})")
+                    entry.sandbox.kill()
             for _, entry in ended:
-                entry.sandbox._jailed.terminate("its timeout (lifetime) passed")
-                entry.sandbox.kill()
+                if entry.on_timeout != "pause":
+                    entry.sandbox._jailed.terminate("its timeout (lifetime) passed")
+                    entry.sandbox.kill()
 
     def _live(self, tenant: str) -> int:
         """The tenant's live sandboxes, one-shot runs in flight included (under _lock)."""

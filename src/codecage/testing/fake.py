@@ -236,6 +236,7 @@ class FakeTree:
         self.workspace_full = False
         self.kills: list[tuple[int | Container[int] | None, int]] = []  # (spare, signal)
         self.removed = False
+        self.frozen = False  # paused: the host's freezer (the fake's kernel does not stop)
 
     def apply(self, reading: Reading) -> None:
         self.cpu_s += reading.cpu_s
@@ -271,6 +272,12 @@ class FakeTree:
             self._box._end_all()
         else:
             self._box._signal_kernel(sig)
+
+    def freeze(self, timeout_s: float = 5.0) -> None:
+        self.frozen = True
+
+    def thaw(self) -> None:
+        self.frozen = False
 
     def remove(self, timeout_s: float = 5.0) -> None:
         self._box._join(timeout_s)

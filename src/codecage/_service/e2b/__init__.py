@@ -34,8 +34,9 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..._errors import SandboxError
 from ..app import Admission, BodyLimit, Refused, answer_early
-from .errors import NOT_FOUND, PORT_NOT_OPEN, E2BError, body, install_handlers
+from .errors import NOT_FOUND, PAUSED, PORT_NOT_OPEN, E2BError, body, install_handlers
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -194,6 +195,13 @@ class Front(Admission):
         elif not _signed(scope, wanted):
             raise Refused(401, "missing access token (X-Access-Token) or URL signature")
         user = _basic_user(scope)
+        if entry.paused_at is not None:  # E2B's proxy: a paused sandbox answers nothing
+            if not entry.auto_resume:
+                raise Refused(502, PAUSED.format(sandbox_id))
+            try:  # autoResume: a request to its ports resumes it
+                manager.resume(entry.tenant, sandbox_id, "autoResume: a request to its ports")
+            except SandboxError as exc:
+                raise Refused(502, f"{NOT_FOUND.format(sandbox_id)}: {exc}") from None
         access = SandboxAccess(sandbox_id, entry.tenant, entry, user, manager)
         scope.setdefault("state", {})["e2b_access"] = access
         return (entry.tenant, "client", f"sandbox:{sandbox_id}")

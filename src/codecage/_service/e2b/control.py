@@ -5,10 +5,12 @@ Templates: `base` and `code-interpreter-v1` (E2B's SDKs' defaults) are the servi
 default policy; any other name is E2B's 404 "template not found". `mcp` is accepted: the
 SDK then starts E2B's MCP gateway itself, which a sandbox here does not have (so the
 create fails there, and the SDK kills the sandbox). A sandbox's `timeout` is
-its lifetime: the Manager kills it when it passes, `POST /sandboxes/{id}/timeout` moves it.
-Every sandbox gets an envd access token (E2B's SDKs secure every sandbox). Pausing,
-snapshots, forks, logs and network changes are not served: E2B's answer for an API this
-server does not have, with a message that says so.
+its lifetime: the Manager kills it when it passes (or pauses it: `autoPause`),
+`POST /sandboxes/{id}/timeout` moves it. Every sandbox gets an envd access token (E2B's
+SDKs secure every sandbox). Pause and resume are the Manager's (docs/pause.md: the cgroup
+freezer; memory is always kept); `connect` resumes a paused sandbox. Snapshots, forks, logs
+and network changes are not served: E2B's answer for an API this server does not have,
+with a message that says so.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from __future__ import annotations
 import datetime
 import secrets
 import time
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import parse_qsl, unquote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
@@ -24,6 +26,7 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..._approvals import operation
+from ..._errors import SandboxBusy, SandboxPaused
 from ..._text import has_lone_surrogate
 from ..manager import Entry, Manager
 from . import ENVD_VERSION, api_manager, api_tenant
@@ -51,10 +54,24 @@ class NewSandbox(BaseModel):
     metadata: dict[str, str] | None = None
     env_vars: dict[str, str] | None = Field(None, alias="envVars")
     auto_pause: bool = Field(False, alias="autoPause")
+    auto_resume: AutoResume | None = Field(None, alias="autoResume")
     allow_internet_access: bool | None = None
     secure: bool | None = None
     mcp: Any = None
     volume_mounts: list[Any] | None = Field(None, alias="volumeMounts")
+
+
+class AutoResume(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    enabled: bool = False
+
+
+class Pause(BaseModel):
+    """E2B's pause request: `memory` "full" or "filesystem" (a pause here always keeps the
+    memory: both are served as "full")."""
+
+    model_config = ConfigDict(extra="ignore")
+    memory: Literal["full", "filesystem"] | None = None
 
 
 class Timeout(BaseModel):
@@ -111,7 +128,7 @@ def listed(entry: Entry) -> dict[str, Any]:
         "cpuCount": max(1, round(policy.cpu_cores or 1)),
         "memoryMB": policy.memory_mb or 0,
         "diskSizeMB": policy.disk_mb,
-        "state": "running",
+        "state": "paused" if entry.paused_at is not None else "running",
         "envdVersion": ENVD_VERSION,
         "metadata": dict(entry.metadata),
     }
@@ -133,8 +150,6 @@ async def create_sandbox(
 ) -> dict[str, Any]:
     if body.template_id not in TEMPLATES:
         raise E2BError(404, f"template '{body.template_id}' not found")
-    if body.auto_pause:
-        raise E2BError(400, "autoPause: this server does not pause sandboxes")
     if body.volume_mounts:
         raise E2BError(400, "volumeMounts: this server has no volumes")
     if body.allow_internet_access:
@@ -159,7 +174,11 @@ async def create_sandbox(
                 access_token=token,
                 template=body.template_id,
             )
+        entry.on_timeout = "pause" if body.auto_pause else "kill"
+        entry.auto_resume = bool(body.auto_resume and body.auto_resume.enabled)
         subject = f"create {body.template_id} timeout={body.timeout}"
+        if body.auto_pause:
+            subject += " autoPause" + (" autoResume" if entry.auto_resume else "")
         manager.note(who, entry.sandbox.id, "sandbox_create", subject)
         return entry
 
@@ -189,13 +208,12 @@ def list_sandboxes(
     states = {s.strip() for s in (state or "running").split(",") if s.strip()}
     if not states <= {"running", "paused"}:
         raise E2BError(400, f"state: running or paused, not {state!r}")
-    if "running" not in states:
-        return []  # nothing here is ever paused
     out = []
     for entry in sorted(manager.entries(who), key=lambda e: e.created_at):
         if entry.expired() or any(entry.metadata.get(k) != v for k, v in wanted.items()):
             continue
-        out.append(listed(entry))
+        if ("paused" if entry.paused_at is not None else "running") in states:
+            out.append(listed(entry))
     return out[:limit]
 
 
@@ -225,16 +243,47 @@ def set_timeout(
 def connect_sandbox(
     sandbox_id: str, body: Connect, who: str = TENANT, manager: Manager = MANAGER
 ) -> Response:
-    """A running sandbox, with its lifetime at least `timeout` from now (E2B's answer: 200
-    for a running sandbox; 201 is a paused one resumed, which never happens here)."""
+    """The sandbox, running, with its lifetime at least `timeout` from now: 200 for a
+    running sandbox, 201 for a paused one, resumed."""
     from fastapi.responses import JSONResponse
 
-    entry = manager.get(who, sandbox_id)
+    entry, resumed = _resume(manager, who, sandbox_id, "connect")
     ends = time.time() + (body.timeout or 1)
-    if entry.expires_at is not None and entry.expires_at < ends:
+    if entry.expires_at is None or entry.expires_at < ends:
         entry = manager.set_lifetime(who, sandbox_id, body.timeout or 1)
         manager.note(who, sandbox_id, "sandbox_timeout", f"connect timeout={body.timeout}")
-    return JSONResponse(created(entry), status_code=200)
+    return JSONResponse(created(entry), status_code=201 if resumed else 200)
+
+
+def _resume(manager: Manager, who: str, sandbox_id: str, why: str) -> tuple[Entry, bool]:
+    return manager.resume(who, sandbox_id, why)
+
+
+@router.post("/sandboxes/{sandbox_id}/pause", status_code=204)
+def pause_sandbox(
+    sandbox_id: str, body: Pause | None = None, who: str = TENANT, manager: Manager = MANAGER
+) -> Response:
+    """Freeze it (memory kept): 204; 409 if it is paused already (E2B's answer)."""
+    try:
+        manager.pause(who, sandbox_id, f"pause memory={(body.memory if body else None) or 'full'}")
+    except SandboxPaused:
+        raise E2BError(409, f"sandbox {sandbox_id} is already paused") from None
+    except SandboxBusy as exc:
+        raise E2BError(429, str(exc)) from None
+    return Response(status_code=204)
+
+
+@router.post("/sandboxes/{sandbox_id}/resume", status_code=201)
+def resume_sandbox(
+    sandbox_id: str, body: Connect | None = None, who: str = TENANT, manager: Manager = MANAGER
+) -> dict[str, Any]:
+    """E2B's older resume: 201 with the sandbox; 409 if it is not paused."""
+    entry, resumed = _resume(manager, who, sandbox_id, "resume")
+    if not resumed:
+        raise E2BError(409, f"sandbox {sandbox_id} is not paused")
+    if body is not None and body.timeout:
+        entry = manager.set_lifetime(who, sandbox_id, body.timeout)
+    return created(entry)
 
 
 @router.get("/sandboxes/{sandbox_id}/metrics")
@@ -274,7 +323,7 @@ def sandbox_metrics(
     ]
 
 
-_UNSERVED = ("pause", "resume", "snapshots", "fork", "refreshes", "logs", "network")
+_UNSERVED = ("snapshots", "fork", "refreshes", "logs", "network")
 
 
 @router.api_route("/sandboxes/{sandbox_id}/{action}", methods=["GET", "POST", "PUT"])

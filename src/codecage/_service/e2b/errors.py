@@ -20,6 +20,7 @@ from ..._errors import CodeRejected, PolicyError, SandboxError, SandboxNotFound,
 # What E2B's proxy says of a sandbox it does not know (the clients look for "was not found")
 # and of a port nothing listens on ("port is not open").
 NOT_FOUND = "The sandbox {} was not found"
+PAUSED = "The sandbox {} is paused: connect to it (Sandbox.connect) to resume it"
 # The surfaces on a sandbox's own ports, where an ended sandbox is the proxy's 502.
 SANDBOX_SURFACES = ("envd", "interpreter")
 PORT_NOT_OPEN = "The sandbox {} is running but port is not open (nothing serves port {} here)"
