@@ -7,12 +7,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from .._errors import SandboxError
 from .._policy import Policy
 from .prompt import FILTERED_NOTICE, terminal_approver
 from .terminal import changed, clean, for_stream
+
+if TYPE_CHECKING:
+    from .._remote import Client
 
 
 def _writer(stream: TextIO) -> Any:
@@ -283,10 +286,9 @@ def _when(value: str | None) -> float | None:
         return datetime.fromisoformat(value).timestamp()
 
 
-def cmd_approvals(args: argparse.Namespace) -> int:
-    """Pending approvals of a running service: list, approve, deny (over its HTTP API)."""
+def _service_client(args: argparse.Namespace) -> Client:
+    """A client of the running service `--url`/`--key` (or CODECAGE_URL, CODECAGE_API_KEY)."""
     import os
-    import time as _time
 
     from .._remote import connect
 
@@ -294,7 +296,15 @@ def cmd_approvals(args: argparse.Namespace) -> int:
     key = args.key or os.environ.get("CODECAGE_API_KEY")
     if not url or not key:
         raise SandboxError("give --url and --key (or set CODECAGE_URL and CODECAGE_API_KEY)")
-    with connect(url, key) as client:
+    return connect(url, key)
+
+
+def cmd_approvals(args: argparse.Namespace) -> int:
+    """Pending approvals of a running service: list, approve, deny (over its HTTP API)."""
+    import os
+    import time as _time
+
+    with _service_client(args) as client:
         if args.action == "list":
             pending = client.approvals()
             if args.json:
@@ -342,15 +352,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
 
 def cmd_sandboxes(args: argparse.Namespace) -> int:
     """A running service's sandboxes of the key's tenant: list, pause, resume, kill."""
-    import os
-
-    from .._remote import connect
-
-    url = args.url or os.environ.get("CODECAGE_URL")
-    key = args.key or os.environ.get("CODECAGE_API_KEY")
-    if not url or not key:
-        raise SandboxError("give --url and --key (or set CODECAGE_URL and CODECAGE_API_KEY)")
-    with connect(url, key) as client:
+    with _service_client(args) as client:
         if args.action == "list":
             found = client.request("GET", "/v1/sandboxes").json()
             if args.json:
