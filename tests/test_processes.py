@@ -1,6 +1,9 @@
 """Background commands and ptys (the process manager, docs/protocol.md "Process channel")
-through the native SDK, against the real jail. Default backend only: the process manager
-is the same code on every backend, and these tests start many processes."""
+through the native SDK, against the real jail. The process manager is the same code on
+every backend, but how its channel reaches the host (a descriptor, or a token on the OCI
+backends' listener) and what the runtime's kernel implements are not: the first tests run
+on every backend (the conformance kit), the rest, which start many processes, on the
+default one."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from codecage import (
     SandboxError,
     TransportError,
 )
+from codecage.testing import policy
 
 from .conftest import Service
 
@@ -41,6 +45,71 @@ def wait_until(check: object, timeout_s: float = 20.0) -> None:
     while not check():  # type: ignore[operator]
         assert time.monotonic() < deadline, "condition never became true"
         time.sleep(0.02)
+
+
+# -- on every backend ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def each(backend: str) -> Iterator[Sandbox]:
+    """A sandbox of the backend under test."""
+    with Sandbox(policy(timeout_s=60)) as sandbox:
+        yield sandbox
+
+
+def test_background_commands_and_a_pty_on_every_backend(each: Sandbox, backend: str) -> None:
+    quick = each.commands.run("echo out; echo err >&2; exit 3", background=True)
+    assert quick.pid > 1
+    done = quick.wait()
+    assert (done.exit_code, done.stdout, done.stderr) == (3, "out\n", "err\n")
+
+    slow = each.commands.run("echo started; exec sleep 300", background=True)
+    assert slow.pid in [p.pid for p in each.commands.list()]
+    got = ""
+    for stdout, _, _ in slow:  # its output from the start (connect's is from now on)
+        got += stdout or ""
+        if "started" in got:
+            break
+    assert each.commands.connect(slow.pid).pid == slow.pid
+    orphan = each.commands.run("sleep 300 & echo $!", background=True).wait().stdout.strip()
+    # it outlives a kernel restart (init and the host spare the process manager's tree)
+    died = each.run_code("import os\nos._exit(7)")
+    assert died.error is not None and died.error.name == "KernelDied"
+    assert slow.pid in [p.pid for p in each.commands.list()]
+    # and so do its processes' orphans where the process manager is their subreaper; gVisor
+    # has no PR_SET_CHILD_SUBREAPER: there they are init's, and go with the kernel's own
+    alive = each.commands.run(f"kill -0 {orphan} && echo alive", background=True).wait()
+    assert (alive.stdout == "alive\n") is (backend != "gvisor")
+    assert each.commands.kill(slow.pid) is True
+    assert slow.wait().exit_code == 128 + 9
+    assert slow.pid not in [p.pid for p in each.commands.list()]
+    assert each.commands.kill(slow.pid) is False
+
+    term = each.pty.create(PtySize(rows=30, cols=100))
+    term.send_stdin(b"stty size; tty; exit\n")
+    out = bytearray()
+    assert term.wait(on_pty=out.extend).exit_code == 0
+    assert b"30 100" in out and b"/dev/pts/" in out
+
+
+def test_a_process_manager_killed_from_inside_comes_back_with_the_next_kernel(
+    each: Sandbox,
+) -> None:
+    assert each.commands.run("echo before", background=True).wait().stdout == "before\n"
+    each.run_code(
+        "import os, signal\n"
+        "for pid in os.listdir('/proc'):\n"
+        "    if pid.isdigit() and int(pid) not in (1, os.getpid()):\n"
+        "        stat = open(f'/proc/{pid}/stat').read()\n"
+        "        if stat.rsplit(')', 1)[1].split()[1] == '1':\n"
+        "            os.kill(int(pid), signal.SIGKILL)\n"
+    )
+    wait_until(lambda: _broken(each))
+    each.run_code("import os\nos._exit(0)")  # a kernel restart brings a new one
+    assert each.commands.run("echo after", background=True).wait().stdout == "after\n"
+
+
+# -- the default backend ----------------------------------------------------------------------
 
 
 def test_foreground_with_callbacks_streams_and_returns_the_exit_code(sbx: Sandbox) -> None:
@@ -210,22 +279,6 @@ def test_bad_input_is_a_clear_error(sbx: Sandbox) -> None:
     assert as_root.strip() != "0"
     for p in sbx.commands.list():
         sbx.commands.kill(p.pid)
-
-
-def test_a_process_manager_killed_from_inside_comes_back_with_the_next_kernel() -> None:
-    with Sandbox() as victim:
-        assert victim.commands.run("echo before", background=True).wait().stdout == "before\n"
-        victim.run_code(
-            "import os, signal\n"
-            "for pid in os.listdir('/proc'):\n"
-            "    if pid.isdigit() and int(pid) not in (1, os.getpid()):\n"
-            "        stat = open(f'/proc/{pid}/stat').read()\n"
-            "        if stat.rsplit(')', 1)[1].split()[1] == '1':\n"
-            "            os.kill(int(pid), signal.SIGKILL)\n"
-        )
-        wait_until(lambda: _broken(victim))
-        victim.run_code("import os\nos._exit(0)")  # a kernel restart brings a new one
-        assert victim.commands.run("echo after", background=True).wait().stdout == "after\n"
 
 
 def _echo(sbx: Sandbox) -> str | None:

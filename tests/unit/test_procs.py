@@ -11,6 +11,7 @@ import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
+from errno import EINVAL, EPERM
 from typing import Any
 
 import pytest
@@ -213,6 +214,25 @@ def test_small_writes_share_a_chunk() -> None:
     for _ in range(1000):
         proc.add("stdout", b"y")
     assert len(proc.chunks) == 1
+
+
+def test_a_kernel_without_subreapers_is_no_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """gVisor answers PR_SET_CHILD_SUBREAPER with EINVAL: the manager runs without; any other
+    failure still ends it."""
+
+    def failing(code: int) -> Callable[..., int]:
+        def prctl(*args: int) -> int:
+            raise OSError(code, "prctl")
+
+        return prctl
+
+    monkeypatch.setattr(procman.libc, "prctl", lambda *args: 0)
+    assert procman._become_subreaper() is True
+    monkeypatch.setattr(procman.libc, "prctl", failing(EINVAL))
+    assert procman._become_subreaper() is False
+    monkeypatch.setattr(procman.libc, "prctl", failing(EPERM))
+    with pytest.raises(OSError):
+        procman._become_subreaper()
 
 
 def test_spared_is_the_tree_of_its_root() -> None:

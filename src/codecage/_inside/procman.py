@@ -3,11 +3,11 @@
 Init starts it next to the first kernel and hands the host its channel (docs/protocol.md,
 "Process channel"). It is no part of the kernel, so processes keep running while a cell
 runs and across kernel restarts (init and the host spare its tree), and the host can use
-them while the kernel is busy. It is a subreaper: whatever its processes start stays in
-its tree. One thread, one `select` loop: requests from the host, the processes' output,
-their exits. Each process's output is kept in a bounded buffer (the oldest bytes are
-dropped first, and a reader is told how many it missed); the host polls it (`proc_read`
-with an offset). Standard library only, like everything in _inside/.
+them while the kernel is busy. It is a subreaper (where the kernel has them: not gVisor):
+whatever its processes start stays in its tree. One thread, one `select` loop: requests
+from the host, the processes' output, their exits. Each process's output is kept in a
+bounded buffer (the oldest bytes are dropped first, and a reader is told how many it
+missed); the host polls it (`proc_read` with an offset). Standard library only, like everything in _inside/.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import fcntl
 import os
 import select
@@ -492,11 +493,26 @@ def _drain(fd: int) -> None:
             pass
 
 
+def _become_subreaper() -> bool:
+    """Keep what the processes start in this tree. gVisor does not implement
+    PR_SET_CHILD_SUBREAPER (EINVAL): there a process's orphans go to init, which reaps
+    them, and a kernel restart or an interrupt reaches them as it reaches the kernel's own
+    (docs/protocol.md, "Process channel"). Any other failure is no kernel's lack: it ends
+    the process manager."""
+    try:
+        libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return False
+    return True
+
+
 def main(sock: socket.socket, spec: dict[str, Any]) -> None:
     """Procman's life, in init's fresh child (see init.py)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the host's interrupt is the kernel's
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    libc.prctl(libc.PR_SET_CHILD_SUBREAPER, 1)
+    _become_subreaper()
     os.environ.clear()
     os.environ.update(spec["env"])
     with contextlib.suppress(OSError):
