@@ -386,3 +386,15 @@ def test_a_quiet_watch_stream_sends_keepalives(
             assert (0, {"keepalive": {}}) in messages
     finally:
         sbx.kill()
+
+
+def test_a_proc_file_of_size_zero_reads_whole(e2b_env: dict[str, str]) -> None:
+    # /proc/sys answers a read of 4 MiB with ENOMEM, and says size 0 (E2B's own tests read
+    # the boot id this way)
+    sbx = Sandbox.create(timeout=60)
+    try:
+        path = "/proc/sys/kernel/random/boot_id"
+        read = sbx.files.read(path)
+        assert read == sbx.commands.run(f"cat {path}").stdout and len(read) == 37
+    finally:
+        sbx.kill()

@@ -556,7 +556,9 @@ class Files:
                 raise TransportError(f"{path}: a malformed reply from the sandbox") from None
             del reply  # the base64 text is gone before the chunk goes on
             size = stated if size is None else size
-            if offset + len(chunk) > min(size, limit) or time.monotonic() > deadline:
+            # A file of /proc or /sys says size 0 and has content: one chunk, at most.
+            bound = min(size or FILE_CHUNK, limit)
+            if offset + len(chunk) > bound or time.monotonic() > deadline:
                 raise TransportError(f"{path}: the sandbox sent more than the file's size or limit")
             offset += len(chunk)
             last = eof or not chunk or offset >= size

@@ -415,6 +415,18 @@ def test_a_kernel_sending_more_than_the_stated_size_is_refused(fake: FakeJail) -
         sbx.files.read("f")
 
 
+def test_a_file_of_size_zero_brings_one_chunk_at_most(fake: FakeJail) -> None:
+    # /proc and /sys files say size 0 and have content: one chunk of it, never more.
+    small = base64.b64encode(b"boot-id\n").decode()
+    fake.on("read", "/proc/x", f.reply(data=small, size=0, eof=True))
+    over = base64.b64encode(b"x" * (FILE_CHUNK + 1)).decode()
+    fake.on("read", "/proc/y", f.reply(data=over, size=0, eof=False))
+    with Sandbox() as sbx:
+        assert sbx.files.read("/proc/x") == b"boot-id\n"
+        with pytest.raises(TransportError, match="more than the file's size"):
+            sbx.files.read("/proc/y")
+
+
 def test_a_kernel_sending_past_the_disk_sizes_is_refused(fake: FakeJail) -> None:
     big = base64.b64encode(b"x" * (3 << 20)).decode()
     fake.on("read", "f", f.reply(data=big, size=1 << 40, eof=False))

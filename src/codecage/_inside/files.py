@@ -26,6 +26,7 @@ from .messages import (
 
 WORKSPACE = "/home/user"
 CHUNK = 4 << 20
+READ_PIECE = 64 << 10
 WALK_ENTRIES = 10000  # entries one `walk` reply holds at most
 
 
@@ -51,10 +52,17 @@ def read(path: str, offset: int = 0, length: int = CHUNK) -> ReadReply:
         if stat.S_ISDIR(os.fstat(f.fileno()).st_mode):
             raise IsADirectoryError(21, "is a directory", path)
         f.seek(offset)
-        data = f.read(min(length, CHUNK))
-    return ReadReply(
-        data=base64.b64encode(data).decode(), size=size, eof=offset + len(data) >= size
-    )
+        want, parts, got = min(length, CHUNK), [], 0
+        while got < want:  # in pieces: /proc/sys answers a read of 4 MiB with ENOMEM
+            piece = f.read(min(want - got, READ_PIECE))
+            if not piece:
+                break
+            parts.append(piece)
+            got += len(piece)
+    data = b"".join(parts)
+    # A file of /proc or /sys says size 0: its end is where a read comes back short.
+    eof = got < want or offset + got >= size
+    return ReadReply(data=base64.b64encode(data).decode(), size=size, eof=eof)
 
 
 def write(path: str, data: str, append: bool = False) -> Entry:
