@@ -435,6 +435,13 @@ def cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _service_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a command that talks to a running service (`_service_client`)."""
+    parser.add_argument("--url", help="the service (or CODECAGE_URL)")
+    parser.add_argument("--key", help="an API key of the tenant (or CODECAGE_API_KEY)")
+    parser.add_argument("--json", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="codecage", description="Run untrusted Python in a sandbox."
@@ -511,11 +518,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     approvals.add_argument("action", choices=["list", "show", "approve", "deny"])
     approvals.add_argument("approval_id", nargs="?")
-    approvals.add_argument("--url", help="the service (or CODECAGE_URL)")
-    approvals.add_argument("--key", help="an API key of the tenant (or CODECAGE_API_KEY)")
+    _service_options(approvals)
     approvals.add_argument("--reason", help="why (kept in the audit log)")
     approvals.add_argument("--by", help="who decides (default: $USER)")
-    approvals.add_argument("--json", action="store_true")
     approvals.set_defaults(func=cmd_approvals)
 
     boxes = sub.add_parser(
@@ -523,9 +528,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     boxes.add_argument("action", choices=["list", "pause", "resume", "kill"])
     boxes.add_argument("sandbox_id", nargs="?")
-    boxes.add_argument("--url", help="the service (or CODECAGE_URL)")
-    boxes.add_argument("--key", help="an API key of the tenant (or CODECAGE_API_KEY)")
-    boxes.add_argument("--json", action="store_true")
+    _service_options(boxes)
     boxes.set_defaults(func=cmd_sandboxes)
 
     agent = sub.add_parser("agent", help="the example agents: data analysis, math")
