@@ -42,7 +42,7 @@ OWNER_LABEL = "io.codecage.owner"  # the process that made it: "<pid>-<start tim
 # (Podman's conmon) that the jail's sweep must not take for sandboxes.
 ENGINE_PARENT = "codecage-engine"
 # Podman on this host: the hard limits it would copy from the service exceed what runc
-# may set here (MEASURED.md), so the sandbox's own are given explicitly.
+# may set here (measured: runc refuses them), so the sandbox's own are given explicitly.
 NPROC_ULIMIT = 1024
 # init's, dropped before any code of the sandbox exists (with the bounding set: SETPCAP)
 INIT_CAPABILITIES = ("SETUID", "SETGID", "SETPCAP")
