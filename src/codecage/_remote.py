@@ -226,6 +226,11 @@ class RemoteSandbox:
     def __repr__(self) -> str:
         return f"<RemoteSandbox {self._id}>"
 
+    def fork(self) -> RemoteSandbox:
+        """A new sandbox with this one's state and a copy of its workspace (docs/fork.md)."""
+        made = self._client.request("POST", f"{self._base}/fork", json={"count": 1}).json()
+        return RemoteSandbox(self._client, None, None, self._approver, attach=made[0])
+
     # -- pausing (docs/pause.md) -------------------------------------------------------------
 
     @property

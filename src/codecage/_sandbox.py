@@ -44,6 +44,8 @@ from ._processes import (
 )
 
 FILE_CHUNK = 4 << 20
+FORK_S = 600.0  # a whole fork's pack and unpack at most
+FORK_STEP_S = 60.0  # one chunk's
 
 
 @dataclass
@@ -129,7 +131,9 @@ class Sandbox:
         self._lock = threading.RLock()
         self._gate.limits(self.policy, defaults)
         jail = get_jail(self.policy.isolation)
-        self._jailed: Jailed = jail.create(self.policy, check_envs(envs))
+        self._envs = check_envs(envs)
+        self._defaults = defaults
+        self._jailed: Jailed = jail.create(self.policy, self._envs)
         self.last_activity = time.monotonic()
         self.paused_at: float | None = None  # time.monotonic() of the pause, while paused
         self.busy = False
@@ -175,6 +179,43 @@ class Sandbox:
         if self._jailed.paused:
             raise SandboxPaused(f"sandbox {self.id} is paused: resume() it first")
         return self._jailed
+
+    # -- forking (docs/fork.md) ---------------------------------------------------------------
+
+    def fork(self) -> Sandbox:
+        """A new, independent sandbox with this one's interpreter state (the default
+        context's variables, its environment and working directory) and a copy of its
+        workspace (/home/user), under the same policy, with its own uid, cgroups and limits:
+        nothing is shared afterwards. Refused with a clear error, never partly carried: a
+        variable that does not pickle (an open file, a thread, a lock) is named; other code
+        contexts and running background processes must be gone first. SandboxBusy while
+        code or a request runs here."""
+        if not self._lock.acquire(blocking=False):
+            raise SandboxBusy(
+                f"sandbox {self.id} is running code or a request: fork it once that has ended"
+            )
+        try:
+            jailed = self._use()
+            if jailed.procs is not None and not jailed.procs.closed:
+                running = [p.pid for p in self.commands.list()]
+                if running:
+                    raise SandboxError(
+                        f"a fork cannot carry running processes (pids {running[:8]}): "
+                        "kill them or wait for them first"
+                    )
+            self.busy = True
+            first = _pack(self, None)  # a variable that does not pickle: before any sandbox
+            child = Sandbox(self.policy, envs=self._envs, gate=self._gate, defaults=self._defaults)
+            try:
+                _carry(self, child, first)
+            except BaseException:
+                child.kill()
+                raise
+            return child
+        finally:
+            self.busy = False
+            self.last_activity = time.monotonic()
+            self._lock.release()
 
     # -- pausing (docs/pause.md) -------------------------------------------------------------
 
@@ -421,6 +462,46 @@ class Sandbox:
         _registry.discard(self)
 
     close = kill
+
+
+def _pack(parent: Sandbox, cursor: str | None) -> tuple[str, str, int, bool]:
+    """The parent's next chunk of its pack: (cursor, base64 data, its size, last)."""
+    reply = parent._jailed.request(
+        {"op": "pack", "args": {"cursor": cursor, "size": FILE_CHUNK}}, FORK_STEP_S
+    )
+    if reply.get("ev") == "failed":
+        raise SandboxError(f"fork: {str(reply.get('message'))[:2000]}")
+    try:
+        data = str(reply["data"])
+        size = len(base64.b64decode(data, validate=True))
+        return str(reply["cursor"])[:64], data, size, reply["eof"] is True
+    except (KeyError, TypeError, ValueError):
+        raise TransportError("fork: a malformed pack from the sandbox") from None
+
+
+def _carry(parent: Sandbox, child: Sandbox, first: tuple[str, str, int, bool]) -> None:
+    """Stream the parent's pack into the child, chunk by chunk: the host holds one chunk at
+    a time and never reads what it carries, only bounds it (the parent's memory and disk)."""
+    policy = parent.policy
+    bound = ((policy.memory_mb or 4096) + policy.disk_mb) << 20
+    deadline = time.monotonic() + FORK_S
+    chunk, carried = first, 0
+    while True:
+        cursor, data, size, eof = chunk
+        carried += size
+        if size > FILE_CHUNK or carried > bound or time.monotonic() > deadline:
+            raise TransportError(
+                f"fork: the sandbox's pack passed its bound ({bound >> 20} MiB, or {FORK_S:g} s)"
+            )
+        done = child._jailed.request(
+            {"op": "unpack", "args": {"data": data, "last": eof}}, FORK_STEP_S
+        )
+        del data
+        if done.get("ev") == "failed":
+            raise SandboxError(f"fork: the new sandbox could not unpack: {done.get('message')}")
+        if eof:
+            return
+        chunk = _pack(parent, cursor)
 
 
 def check_language(language: object) -> str:

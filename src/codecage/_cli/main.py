@@ -351,7 +351,7 @@ def cmd_approvals(args: argparse.Namespace) -> int:
 
 
 def cmd_sandboxes(args: argparse.Namespace) -> int:
-    """A running service's sandboxes of the key's tenant: list, pause, resume, kill."""
+    """A running service's sandboxes of the key's tenant: list, pause, resume, fork, kill."""
     with _service_client(args) as client:
         if args.action == "list":
             found = client.request("GET", "/v1/sandboxes").json()
@@ -367,6 +367,11 @@ def cmd_sandboxes(args: argparse.Namespace) -> int:
                 f"sandboxes {args.action}: give the sandbox id (see 'sandboxes list')"
             )
         path = f"/v1/sandboxes/{args.sandbox_id}"
+        if args.action == "fork":
+            made = client.request("POST", f"{path}/fork", json={"count": args.count}).json()
+            for each in made:
+                print(f"{each['id']}: forked from {args.sandbox_id}")
+            return 0
         if args.action == "kill":
             client.request("DELETE", path)
             print(f"{args.sandbox_id}: killed")
@@ -524,10 +529,11 @@ def build_parser() -> argparse.ArgumentParser:
     approvals.set_defaults(func=cmd_approvals)
 
     boxes = sub.add_parser(
-        "sandboxes", help="sandboxes of a running service: list, pause, resume, kill"
+        "sandboxes", help="sandboxes of a running service: list, pause, resume, fork, kill"
     )
-    boxes.add_argument("action", choices=["list", "pause", "resume", "kill"])
+    boxes.add_argument("action", choices=["list", "pause", "resume", "fork", "kill"])
     boxes.add_argument("sandbox_id", nargs="?")
+    boxes.add_argument("--count", type=int, default=1, help="fork: how many (at most 20)")
     _service_options(boxes)
     boxes.set_defaults(func=cmd_sandboxes)
 

@@ -278,6 +278,7 @@ class Kernel:
         self.executor = Executor()
         self.shell: Any = None
         self.contexts = contexts.Contexts(self.session_shell, self._context_shell)
+        self.forks: Any = None  # fork.Forks, on the first pack or unpack
         # pid and fd let the host find this process and its channel in /proc (it checks
         # both): it accepts a run's end only once this main thread waits on that descriptor.
         channel.put(
@@ -378,6 +379,31 @@ class Kernel:
         try:
             reply = files.OPS[op](**args)
         except (OSError, ValueError, TypeError) as exc:
+            self.failed(request, exc)
+            return
+        self.done(request, reply)
+
+    def fork_op(self, request: Message) -> None:
+        """pack (this sandbox's state, streamed) and unpack (into this one): fork.py."""
+        import base64
+
+        from . import fork
+
+        if self.forks is None:
+            self.forks = fork.Forks()
+        op, args = str(request["op"]), dict(request.get("args") or {})
+        try:
+            if op == "pack":
+                size = min(int(args.get("size", files.CHUNK)), files.CHUNK)
+                out = self.forks.pack(
+                    self.session_shell(), self.contexts.all, args.get("cursor"), size
+                )
+                reply = {**out, "data": base64.b64encode(out["data"]).decode()}
+            else:
+                data = base64.b64decode(str(args.get("data", "")), validate=True)
+                last = bool(args.get("last"))
+                reply = self.forks.unpack(self.session_shell(), self.contexts.all, data, last)
+        except Exception as exc:  # a variable that does not pickle, a bad archive
             self.failed(request, exc)
             return
         self.done(request, reply)
@@ -519,4 +545,6 @@ HANDLERS: dict[str, Callable[[Kernel, Message], None]] = {
     "guard": Kernel.guard,
     "prefault": Kernel.prefault,
     **{op: Kernel.context_op for op in contexts.OPS},
+    "pack": Kernel.fork_op,
+    "unpack": Kernel.fork_op,
 }

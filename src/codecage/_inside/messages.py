@@ -143,6 +143,32 @@ class ContextRemoveRequest(TypedDict):
     context_id: str
 
 
+class PackArgs(TypedDict):
+    cursor: str | None  # None: a new pack
+    size: NotRequired[int]  # at most this many bytes (and files.CHUNK) per reply
+
+
+class PackRequest(TypedDict):
+    """The next chunk of this sandbox's state for a fork (fork.py)."""
+
+    op: Literal["pack"]
+    id: NotRequired[str]
+    args: PackArgs
+
+
+class UnpackArgs(TypedDict):
+    data: str  # base64
+    last: bool
+
+
+class UnpackRequest(TypedDict):
+    """The next chunk of another sandbox's pack, into this one (fork.py)."""
+
+    op: Literal["unpack"]
+    id: NotRequired[str]
+    args: UnpackArgs
+
+
 class WalkArgs(TypedDict):
     path: str
     depth: int
@@ -234,6 +260,8 @@ Request = (
     | WatchEventsRequest
     | UnwatchRequest
     | SetMetadataRequest
+    | PackRequest
+    | UnpackRequest
 )
 # A request that takes an id and a reply (`done` or `failed`) from HostSandbox.request.
 ReplyRequest = (
@@ -259,6 +287,8 @@ ReplyRequest = (
     | WatchEventsRequest
     | UnwatchRequest
     | SetMetadataRequest
+    | PackRequest
+    | UnpackRequest
 )
 
 # -- kernel channel: what `done` carries, by request ----------------------------------------
@@ -314,6 +344,17 @@ class CommandReply(TypedDict):
 
 class NoReply(TypedDict):
     pass
+
+
+class PackReply(TypedDict):
+    cursor: str
+    data: str  # base64
+    eof: bool
+
+
+class UnpackReply(TypedDict):
+    names: int  # variables the state held (0 until the last chunk)
+    files: int  # workspace entries unpacked (likewise)
 
 
 class ContextInfo(TypedDict):
@@ -643,6 +684,8 @@ REQUESTS: dict[str, type[Any]] = {
     "watch_events": WatchEventsRequest,
     "unwatch": UnwatchRequest,
     "set_metadata": SetMetadataRequest,
+    "pack": PackRequest,
+    "unpack": UnpackRequest,
 }
 REPLIES: dict[str, type[Any]] = {
     "read": ReadReply,
@@ -667,6 +710,8 @@ REPLIES: dict[str, type[Any]] = {
     "watch_events": WatchEventsReply,
     "unwatch": NoReply,
     "set_metadata": EntryReply,
+    "pack": PackReply,
+    "unpack": UnpackReply,
 }
 EVENTS: dict[str, type[Any]] = {
     "hello": HelloEvent,

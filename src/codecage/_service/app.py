@@ -484,6 +484,29 @@ def resume_sandbox(
     return sandbox_out(manager.resume(who, sandbox_id)[0])
 
 
+class ForkBody(BaseModel):
+    count: int = Field(1, ge=1, le=20, description="how many forks")
+
+
+@sandboxes.post(
+    "/v1/sandboxes/{sandbox_id}/fork",
+    response_model=list[SandboxOut],
+    status_code=201,
+    responses=ERRORS,
+)
+def fork_sandbox(
+    sandbox_id: str,
+    body: ForkBody | None = None,
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> list[SandboxOut]:
+    """New sandboxes with this one's interpreter state and a copy of its workspace
+    (docs/fork.md): 409 with the reason when something cannot be carried, 409 SandboxBusy
+    while an operation runs in it, 429 past the live-sandbox quota."""
+    count = body.count if body is not None else 1
+    return [sandbox_out(e) for e in manager.fork(who, sandbox_id, count)]
+
+
 @runs.post(
     "/v1/sandboxes/{sandbox_id}/execute",
     response_model=ExecutionOut,

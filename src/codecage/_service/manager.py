@@ -312,6 +312,58 @@ class Manager:
         self.note(tenant, sandbox_id, "sandbox_resume", f"{why} after {paused_for:.3f} s")
         return entry, True
 
+    def fork(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        count: int = 1,
+        *,
+        lifetime_s: float | None = None,
+        access_token: Callable[[], str | None] = lambda: None,
+    ) -> list[Entry]:
+        """`count` new sandboxes with the tenant's sandbox's state (docs/fork.md), each
+        within the live-sandbox quota, each an audit row of its own and one on the parent.
+        `access_token` makes each one's token (E2B's API)."""
+        parent = self.get(tenant, sandbox_id)
+        if parent.paused_at is not None:
+            raise SandboxPaused(f"sandbox {sandbox_id} is paused: resume it before forking it")
+        with self._lock:
+            live = self._live(tenant)
+            if live + count > self.config.quotas.live_sandboxes:
+                raise QuotaExceeded(
+                    f"tenant has {live} live sandboxes: {count} more would pass its quota"
+                )
+        forks: list[Entry] = []
+        self.enter(parent)
+        try:
+            for _ in range(count):
+                child = Entry(
+                    tenant,
+                    parent.sandbox.fork(),
+                    metadata=dict(parent.metadata),
+                    access_token=access_token(),
+                    template=parent.template,
+                )
+                if lifetime_s is not None:
+                    child.expires_at = child.created_at + lifetime_s
+                    child.lifetime_s = lifetime_s
+                with self._lock:
+                    if self._live(tenant) >= self.config.quotas.live_sandboxes:
+                        child.sandbox.kill()
+                        raise QuotaExceeded("the live-sandbox quota filled up during the fork")
+                    self._sandboxes[child.sandbox.id] = child
+                    self.metrics.live.set(len(self._sandboxes))
+                    if child.expires_at is not None:
+                        self._reap_soon()
+                forks.append(child)
+                self.note(tenant, child.sandbox.id, "sandbox_fork", f"forked from {sandbox_id}")
+        finally:
+            self.leave(parent)
+            if forks:
+                ids = ", ".join(f.sandbox.id for f in forks)
+                self.note(tenant, sandbox_id, "sandbox_fork", f"forked into {ids}")
+        return forks
+
     def find(self, sandbox_id: str) -> Entry | None:
         """A live sandbox by its id alone, whoever's it is: for a front end whose requests
         carry a sandbox's own credentials (E2B's envd: its access token) rather than an

@@ -8,8 +8,9 @@ create fails there, and the SDK kills the sandbox). A sandbox's `timeout` is
 its lifetime: the Manager kills it when it passes (or pauses it: `autoPause`),
 `POST /sandboxes/{id}/timeout` moves it. Every sandbox gets an envd access token (E2B's
 SDKs secure every sandbox). Pause and resume are the Manager's (docs/pause.md: the cgroup
-freezer; memory is always kept); `connect` resumes a paused sandbox. Snapshots, forks, logs
-and network changes are not served: E2B's answer for an API this server does not have,
+freezer; memory is always kept); `connect` resumes a paused sandbox; forks carry the
+interpreter state and the workspace (docs/fork.md). Snapshots, logs and network changes
+are not served: E2B's answer for an API this server does not have,
 with a message that says so.
 """
 
@@ -259,6 +260,35 @@ def _resume(manager: Manager, who: str, sandbox_id: str, why: str) -> tuple[Entr
     return manager.resume(who, sandbox_id, why)
 
 
+class Fork(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    timeout: int = Field(300, ge=0, le=MAX_TIMEOUT_S, strict=True)
+    count: int = Field(1, ge=1, le=20, strict=True)
+
+
+@router.post("/sandboxes/{sandbox_id}/fork", status_code=201)
+def fork_sandbox(
+    sandbox_id: str, body: Fork | None = None, who: str = TENANT, manager: Manager = MANAGER
+) -> list[dict[str, Any]]:
+    """`count` new sandboxes with this one's state and files (docs/fork.md), each with its
+    own token and lifetime `timeout`: E2B's list of `{"sandbox": ...}`. What cannot be
+    carried is a 409 naming it; no sandbox is made then."""
+    wanted = body or Fork()
+    try:
+        forks = manager.fork(
+            who,
+            sandbox_id,
+            wanted.count,
+            lifetime_s=wanted.timeout or 1,
+            access_token=lambda: secrets.token_urlsafe(32),
+        )
+    except SandboxBusy as exc:
+        raise E2BError(409, str(exc)) from None
+    except SandboxPaused as exc:
+        raise E2BError(409, str(exc)) from None
+    return [{"sandbox": created(entry)} for entry in forks]
+
+
 @router.post("/sandboxes/{sandbox_id}/pause", status_code=204)
 def pause_sandbox(
     sandbox_id: str, body: Pause | None = None, who: str = TENANT, manager: Manager = MANAGER
@@ -323,7 +353,7 @@ def sandbox_metrics(
     ]
 
 
-_UNSERVED = ("snapshots", "fork", "refreshes", "logs", "network")
+_UNSERVED = ("snapshots", "refreshes", "logs", "network")
 
 
 @router.api_route("/sandboxes/{sandbox_id}/{action}", methods=["GET", "POST", "PUT"])
