@@ -338,6 +338,7 @@ CONTROL_PATHS = [
     "/sandboxes/{id}/connect", "/v2/sandboxes/{id}/connect", "/sandboxes/{id}/metrics",
     "/sandboxes/{id}/pause", "/sandboxes/{id}/resume", "/sandboxes/{id}/refreshes",
     "/sandboxes/{id}/{text}", "/v2/sandboxes/{text}", "/sandboxes/{id}/logs",
+    "/sandboxes/{id}/fork", "/sandboxes/{id}/snapshots", "/snapshots", "/templates/{text}",
 ]  # fmt: skip
 
 
@@ -348,7 +349,9 @@ CONTROL_PATHS = [
     sandbox_id=st.sampled_from(["0" * 32, "x", "..", "%00"]) | st.text(max_size=40),
     text=st.text(max_size=12),
     query=st.dictionaries(
-        st.sampled_from(["metadata", "state", "limit", "nextToken", "x"]), TEXT, max_size=3
+        st.sampled_from(["metadata", "state", "limit", "nextToken", "sandboxID", "name", "x"]),
+        TEXT,
+        max_size=3,
     ),
     body=_fields(
         {
@@ -357,6 +360,10 @@ CONTROL_PATHS = [
             "metadata": st.dictionaries(TEXT, TEXT, max_size=3),
             "envVars": st.dictionaries(TEXT, TEXT, max_size=3),
             "autoPause": st.booleans(),
+            "autoResume": JSON,
+            "count": st.integers(-5, 100),
+            "name": TEXT,
+            "memory": st.booleans() | TEXT,
             "secure": st.booleans(),
             "allow_internet_access": st.booleans(),
         }

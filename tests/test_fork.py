@@ -21,7 +21,7 @@ import codecage
 from codecage import Policy, Sandbox, SandboxBusy, SandboxError, SandboxPaused
 from codecage._jail import get_jail
 
-from .conftest import Service
+from .conftest import Service, start_service, stop_service
 from .test_service import runs
 
 pytestmark = pytest.mark.requires_root
@@ -223,5 +223,88 @@ def test_e2b_fork(e2b_env: dict[str, str], e2b_service: Service) -> None:
         sbx.kill()
         with pytest.raises(SandboxNotFoundException):
             sbx.fork()
+    finally:
+        sbx.kill()
+
+
+# -- snapshots --------------------------------------------------------------------------------
+
+
+def test_snapshots_over_http_the_remote_sdk_and_the_cli(tmp_path: Path) -> None:
+    config = tmp_path / "service.toml"
+    config.write_text("[quotas]\nsnapshots = 2\n")
+    svc = start_service(tmp_path / "audit.db", ("alice", "bob"), config)
+    try:
+        with svc.client("alice") as alice, svc.client("bob") as bob:
+            with alice.Sandbox() as sbx:
+                sbx.run_code("import numpy as np\nweights = np.arange(4)")
+                sbx.files.write("model/notes.txt", "trained")
+                first = sbx.create_snapshot("trained")
+                files_only = sbx.create_snapshot(memory=False)
+                with pytest.raises(codecage.QuotaExceeded):
+                    sbx.create_snapshot()  # quotas.snapshots = 2
+                sbx.run_code("weights = None")  # the snapshot keeps what was
+            with alice.Sandbox(snapshot="trained") as again:  # by name; by id works too
+                assert again.run_code("int(weights.sum())").text == "6"
+                assert again.files.read("model/notes.txt") == b"trained"
+            with alice.Sandbox(snapshot=files_only) as bare:
+                assert bare.files.read("model/notes.txt") == b"trained"
+                assert bare.run_code("'weights' in dir()").text == "False"
+            assert bob.snapshots() == []  # another tenant's: unseen, unusable
+            with pytest.raises(codecage.SnapshotNotFound):
+                bob.Sandbox(snapshot=first)
+            with pytest.raises(codecage.SnapshotNotFound):
+                bob.delete_snapshot(first)
+            env = {**os.environ, "CODECAGE_URL": svc.url, "CODECAGE_API_KEY": svc.keys["alice"]}
+            listed = subprocess.run(
+                [sys.executable, "-m", "codecage", "snapshots", "list"],
+                capture_output=True, text=True, check=True, env=env,
+            ).stdout  # fmt: skip
+            assert first in listed and "trained" in listed
+            alice.delete_snapshot(first)
+            alice.delete_snapshot(files_only)
+            assert alice.snapshots() == []
+        stored = list((tmp_path / "snapshots").rglob("*"))
+        assert [p for p in stored if p.is_file()] == []  # deleted means gone from disk
+    finally:
+        stop_service(svc)
+
+
+def test_a_snapshot_outlives_the_service(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+    svc = start_service(db, ("alice",))
+    with svc.client() as client, client.Sandbox() as sbx:
+        sbx.run_code("kept = 'across a restart'")
+        snap = sbx.create_snapshot()
+    stop_service(svc)
+    again = start_service(db, ())
+    try:
+        again.keys = svc.keys
+        with again.client() as client, client.Sandbox(snapshot=snap) as sbx:
+            assert sbx.run_code("kept").text == "'across a restart'"
+            client.delete_snapshot(snap)
+    finally:
+        stop_service(again)
+
+
+def test_e2b_snapshots(e2b_env: dict[str, str], e2b_service: Service) -> None:
+    sbx = E2BSandbox.create(timeout=120)
+    try:
+        sbx.files.write("/home/user/app/config.json", '{"env": "test"}')
+        snap = sbx.create_snapshot(name="e2b-snap")
+        try:
+            assert snap.names == ["e2b-snap"]
+            listed = E2BSandbox.list_snapshots(sandbox_id=sbx.sandbox_id).next_items()
+            assert [s.snapshot_id for s in listed] == [snap.snapshot_id]
+            new = E2BSandbox.create(snap.snapshot_id)
+            try:
+                assert new.files.read("/home/user/app/config.json") == '{"env": "test"}'
+                new.files.write("/home/user/app/config.json", "changed")
+                assert sbx.files.read("/home/user/app/config.json") == '{"env": "test"}'
+            finally:
+                new.kill()
+        finally:
+            assert E2BSandbox.delete_snapshot(snap.snapshot_id) is True
+        assert E2BSandbox.delete_snapshot(snap.snapshot_id) is False
     finally:
         sbx.kill()

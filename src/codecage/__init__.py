@@ -30,6 +30,7 @@ if _typing.TYPE_CHECKING:
         SandboxError,
         SandboxNotFound,
         SandboxPaused,
+        SnapshotNotFound,
         TransportError,
         UnsupportedLanguage,
     )
@@ -56,6 +57,7 @@ _EXPORTS = {
     "QuotaExceeded": "_errors",
     "SandboxBusy": "_errors",
     "SandboxPaused": "_errors",
+    "SnapshotNotFound": "_errors",
     "connect": "_remote",
     "AsyncSandbox": "_async",
     "CommandResult": "_sandbox",
@@ -123,6 +125,7 @@ __all__ = [
     "SandboxError",
     "SandboxNotFound",
     "SandboxPaused",
+    "SnapshotNotFound",
     "TransportError",
     "UnsupportedLanguage",
     "analyze",

@@ -4,6 +4,7 @@ SandboxError
 ├── PolicyError            (also ValueError) a policy field is unknown, impossible or unenforceable
 ├── BackendUnavailable     the isolation backend cannot run on this host
 ├── SandboxNotFound        no such sandbox, or it has ended
+├── SnapshotNotFound       no snapshot by that id or name (the service's)
 ├── FileNotFoundInSandbox  (also FileNotFoundError) a path inside the sandbox does not exist
 ├── CodeRejected           (also PolicyError) static analysis found what the policy blocks
 ├── ApprovalDenied         a person said no, or nobody answered in time
@@ -42,6 +43,10 @@ class BackendUnavailable(SandboxError):
 
 class SandboxNotFound(SandboxError):
     """The sandbox does not exist or has already been killed."""
+
+
+class SnapshotNotFound(SandboxError):
+    """No snapshot of this tenant by that id or name (HTTP 404)."""
 
 
 class FileNotFoundInSandbox(SandboxError, FileNotFoundError):
@@ -126,6 +131,7 @@ WIRE: dict[type[SandboxError], Wire] = {
     PolicyError: Wire(422, "PolicyError"),
     BackendUnavailable: Wire(409, "BackendUnavailable"),
     SandboxNotFound: Wire(404, "SandboxNotFound"),  # another tenant's too: the same answer
+    SnapshotNotFound: Wire(404, "SnapshotNotFound"),  # likewise
     FileNotFoundInSandbox: Wire(404, "FileNotFound", "no such file or directory: {}"),
     ProcessNotFound: Wire(404, "ProcessNotFound", "no such process: {}"),
     CodeRejected: Wire(422, "CodeRejected"),  # with its `findings`

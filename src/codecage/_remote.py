@@ -85,10 +85,19 @@ class Client:
         *,
         envs: dict[str, str] | None = None,
         approver: Approver | None = None,
+        snapshot: str | None = None,
     ) -> RemoteSandbox:
-        return RemoteSandbox(self, policy, envs, approver)
+        """A new sandbox; from `snapshot` (an id or name: `create_snapshot`), its state."""
+        return RemoteSandbox(self, policy, envs, approver, snapshot=snapshot)
 
     create = Sandbox  # E2B's name
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        """This tenant's snapshots (docs/fork.md): id, sandbox_id, names, size, ..."""
+        return list(self.request("GET", "/v1/snapshots").json())
+
+    def delete_snapshot(self, snapshot_id: str) -> None:
+        self.request("DELETE", f"/v1/snapshots/{snapshot_id}")
 
     def connect_sandbox(self, sandbox_id: str, *, resume: bool = True) -> RemoteSandbox:
         """A handle on a live sandbox of this tenant (made by another client, or before a
@@ -190,12 +199,13 @@ class RemoteSandbox:
         approver: Approver | None = None,
         *,
         attach: dict[str, Any] | None = None,
+        snapshot: str | None = None,
     ) -> None:
         self._client = client
         self._approver = approver
         data = attach
         if data is None:
-            body = {"policy": _overrides(policy), "envs": envs or {}}
+            body = {"policy": _overrides(policy), "envs": envs or {}, "snapshot": snapshot}
             with client._answering(approver) as headers:
                 data = client.request("POST", "/v1/sandboxes", json=body, headers=headers).json()
         self._id: str = data["id"]
@@ -230,6 +240,12 @@ class RemoteSandbox:
         """A new sandbox with this one's state and a copy of its workspace (docs/fork.md)."""
         made = self._client.request("POST", f"{self._base}/fork", json={"count": 1}).json()
         return RemoteSandbox(self._client, None, None, self._approver, attach=made[0])
+
+    def create_snapshot(self, name: str | None = None, *, memory: bool = True) -> str:
+        """Keep this sandbox's state and files for new sandboxes (`client.Sandbox(snapshot=)`);
+        returns the snapshot's id. It runs on."""
+        body = {"name": name, "memory": memory}
+        return str(self._client.request("POST", f"{self._base}/snapshots", json=body).json()["id"])
 
     # -- pausing (docs/pause.md) -------------------------------------------------------------
 

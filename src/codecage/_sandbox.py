@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime
+import itertools
 import secrets
 import signal
 import threading
@@ -18,6 +19,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, overload
 
+from . import _state
 from ._api import check_envs, prepare_code
 from ._approvals import Approver, Gate, _pending_event, with_envs
 from ._errors import (
@@ -44,8 +46,6 @@ from ._processes import (
 )
 
 FILE_CHUNK = 4 << 20
-FORK_S = 600.0  # a whole fork's pack and unpack at most
-FORK_STEP_S = 60.0  # one chunk's
 
 
 @dataclass
@@ -190,9 +190,32 @@ class Sandbox:
         variable that does not pickle (an open file, a thread, a lock) is named; other code
         contexts and running background processes must be gone first. SandboxBusy while
         code or a request runs here."""
+        children: list[Sandbox] = []
+
+        def into_child(chunks: Iterator[bytes]) -> None:
+            first = next(chunks)  # a variable that does not pickle: before any sandbox
+            child = Sandbox(self.policy, envs=self._envs, gate=self._gate, defaults=self._defaults)
+            children.append(child)
+            child.import_state(itertools.chain([first], chunks))
+
+        try:
+            self.export_state(into_child)
+        except BaseException:
+            for child in children:
+                child.kill()
+            raise
+        return children[0]
+
+    def export_state(
+        self, consume: Callable[[Iterator[bytes]], None], *, memory: bool = True
+    ) -> None:
+        """This sandbox's state (docs/fork.md) as a stream of chunks, to `consume` (which
+        reads them while this sandbox is held: no code runs in it meanwhile). `memory`:
+        the interpreter's variables too, else only the workspace, the environment and the
+        working directory. What cannot be carried raises before the first chunk."""
         if not self._lock.acquire(blocking=False):
             raise SandboxBusy(
-                f"sandbox {self.id} is running code or a request: fork it once that has ended"
+                f"sandbox {self.id} is running code or a request: try once that has ended"
             )
         try:
             jailed = self._use()
@@ -200,22 +223,23 @@ class Sandbox:
                 running = [p.pid for p in self.commands.list()]
                 if running:
                     raise SandboxError(
-                        f"a fork cannot carry running processes (pids {running[:8]}): "
+                        f"its running processes cannot be carried (pids {running[:8]}): "
                         "kill them or wait for them first"
                     )
             self.busy = True
-            first = _pack(self, None)  # a variable that does not pickle: before any sandbox
-            child = Sandbox(self.policy, envs=self._envs, gate=self._gate, defaults=self._defaults)
-            try:
-                _carry(self, child, first)
-            except BaseException:
-                child.kill()
-                raise
-            return child
+            consume(_state.packed(jailed, self.policy, memory))
         finally:
             self.busy = False
             self.last_activity = time.monotonic()
             self._lock.release()
+
+    def import_state(self, chunks: Iterable[bytes]) -> None:
+        """Unpack a state that `export_state` made (another sandbox's, or one saved) into
+        this sandbox, inside its jail: its workspace gets the files, its default context
+        the variables."""
+        with self._lock:
+            _state.unpack(self._use(), chunks)
+            self.last_activity = time.monotonic()
 
     # -- pausing (docs/pause.md) -------------------------------------------------------------
 
@@ -462,46 +486,6 @@ class Sandbox:
         _registry.discard(self)
 
     close = kill
-
-
-def _pack(parent: Sandbox, cursor: str | None) -> tuple[str, str, int, bool]:
-    """The parent's next chunk of its pack: (cursor, base64 data, its size, last)."""
-    reply = parent._jailed.request(
-        {"op": "pack", "args": {"cursor": cursor, "size": FILE_CHUNK}}, FORK_STEP_S
-    )
-    if reply.get("ev") == "failed":
-        raise SandboxError(f"fork: {str(reply.get('message'))[:2000]}")
-    try:
-        data = str(reply["data"])
-        size = len(base64.b64decode(data, validate=True))
-        return str(reply["cursor"])[:64], data, size, reply["eof"] is True
-    except (KeyError, TypeError, ValueError):
-        raise TransportError("fork: a malformed pack from the sandbox") from None
-
-
-def _carry(parent: Sandbox, child: Sandbox, first: tuple[str, str, int, bool]) -> None:
-    """Stream the parent's pack into the child, chunk by chunk: the host holds one chunk at
-    a time and never reads what it carries, only bounds it (the parent's memory and disk)."""
-    policy = parent.policy
-    bound = ((policy.memory_mb or 4096) + policy.disk_mb) << 20
-    deadline = time.monotonic() + FORK_S
-    chunk, carried = first, 0
-    while True:
-        cursor, data, size, eof = chunk
-        carried += size
-        if size > FILE_CHUNK or carried > bound or time.monotonic() > deadline:
-            raise TransportError(
-                f"fork: the sandbox's pack passed its bound ({bound >> 20} MiB, or {FORK_S:g} s)"
-            )
-        done = child._jailed.request(
-            {"op": "unpack", "args": {"data": data, "last": eof}}, FORK_STEP_S
-        )
-        del data
-        if done.get("ev") == "failed":
-            raise SandboxError(f"fork: the new sandbox could not unpack: {done.get('message')}")
-        if eof:
-            return
-        chunk = _pack(parent, cursor)
 
 
 def check_language(language: object) -> str:

@@ -381,6 +381,28 @@ def cmd_sandboxes(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_snapshots(args: argparse.Namespace) -> int:
+    """A running service's snapshots of the key's tenant: list, delete (docs/fork.md)."""
+    with _service_client(args) as client:
+        if args.action == "list":
+            found = client.snapshots()
+            if args.json:
+                print(json.dumps(found, indent=2))
+                return 0
+            if not found:
+                print("no snapshots")
+            for snap in found:
+                names = ",".join(snap["names"]) or "-"
+                line = f"{snap['id']}  {names}  from {snap['sandbox_id']}  {snap['size']} bytes"
+                print(clean(line))
+            return 0
+        if not args.snapshot_id:
+            raise SandboxError("snapshots delete: give the snapshot id (see 'snapshots list')")
+        client.delete_snapshot(args.snapshot_id)
+        print(f"{args.snapshot_id}: deleted")
+        return 0
+
+
 def cmd_agent(args: argparse.Namespace) -> int:
     from ..agents import ToolCall, data_agent, math_agent
 
@@ -536,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     boxes.add_argument("--count", type=int, default=1, help="fork: how many (at most 20)")
     _service_options(boxes)
     boxes.set_defaults(func=cmd_sandboxes)
+
+    snaps = sub.add_parser("snapshots", help="snapshots of a running service: list, delete")
+    snaps.add_argument("action", choices=["list", "delete"])
+    snaps.add_argument("snapshot_id", nargs="?")
+    _service_options(snaps)
+    snaps.set_defaults(func=cmd_snapshots)
 
     agent = sub.add_parser("agent", help="the example agents: data analysis, math")
     agent_sub = agent.add_subparsers(dest="agent", required=True)

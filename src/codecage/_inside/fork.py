@@ -46,11 +46,12 @@ def carried_names(shell: Any) -> dict[str, Any]:
     }
 
 
-def dump_state(shell: Any, cwd: str) -> bytes:
-    """The session's state, pickled; ValueError naming each variable that cannot be."""
+def dump_state(shell: Any, cwd: str, memory: bool = True) -> bytes:
+    """The session's state, pickled; ValueError naming each variable that cannot be.
+    Without `memory`, no variable: the environment and the working directory only."""
     import cloudpickle
 
-    names = carried_names(shell)
+    names = carried_names(shell) if memory else {}
     state = {
         "names": names,
         "env": dict(os.environ),
@@ -269,7 +270,9 @@ class Forks:
         self.packer: tuple[str, Packer] | None = None
         self.unpacker: Unpacker | None = None
 
-    def pack(self, shell: Any, contexts: dict[str, Any], cursor: Any, size: int) -> dict[str, Any]:
+    def pack(
+        self, shell: Any, contexts: dict[str, Any], cursor: Any, size: int, memory: bool = True
+    ) -> dict[str, Any]:
         if cursor is None:
             if self.packer is not None:  # one the host gave up on
                 self.packer[1].cancel()
@@ -280,7 +283,7 @@ class Forks:
                     "a fork carries the default Python context only; this sandbox has "
                     f"others ({', '.join(others[:8])}): remove them first"
                 )
-            state = dump_state(shell, contexts[DEFAULT].cwd)
+            state = dump_state(shell, contexts[DEFAULT].cwd, memory)
             self.packer = (secrets.token_hex(8), Packer(state))
         elif self.packer is None or self.packer[0] != cursor:
             raise ValueError("no pack in progress by that cursor")

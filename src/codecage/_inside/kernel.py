@@ -395,9 +395,9 @@ class Kernel:
         try:
             if op == "pack":
                 size = min(int(args.get("size", files.CHUNK)), files.CHUNK)
-                out = self.forks.pack(
-                    self.session_shell(), self.contexts.all, args.get("cursor"), size
-                )
+                shell, every = self.session_shell(), self.contexts.all
+                memory = args.get("memory") is not False
+                out = self.forks.pack(shell, every, args.get("cursor"), size, memory)
                 reply = {**out, "data": base64.b64encode(out["data"]).decode()}
             else:
                 data = base64.b64decode(str(args.get("data", "")), validate=True)

@@ -146,6 +146,7 @@ class ContextRemoveRequest(TypedDict):
 class PackArgs(TypedDict):
     cursor: str | None  # None: a new pack
     size: NotRequired[int]  # at most this many bytes (and files.CHUNK) per reply
+    memory: NotRequired[bool]  # the variables too (default), else files, env and cwd only
 
 
 class PackRequest(TypedDict):

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._approvals import operation
-from .._errors import CodeRejected, ProcessNotFound, SandboxError, wire
+from .._errors import CodeRejected, ProcessNotFound, SandboxError, SnapshotNotFound, wire
 from .._jail import cgroups, close_jails
 from .._models import Execution
 from .._processes import PTY_ENVS, PtySize, signal_process
@@ -59,6 +59,24 @@ class CreateSandbox(BaseModel):
         default_factory=dict, description="overrides of the service's default policy"
     )
     envs: dict[str, str] = Field(default_factory=dict)
+    snapshot: str | None = Field(
+        None, max_length=256, description="start from this snapshot (id or name; docs/fork.md)"
+    )
+
+
+class SnapshotBody(BaseModel):
+    name: str | None = Field(None, min_length=1, max_length=256)
+    memory: bool = Field(True, description="the variables too (else the files only)")
+
+
+class SnapshotOut(BaseModel):
+    id: str
+    sandbox_id: str
+    names: list[str]
+    created_at: float
+    size: int
+    sha256: str
+    memory: bool
 
 
 class ExecuteBody(BaseModel):
@@ -444,6 +462,9 @@ def create_sandbox(
 ) -> SandboxOut:
     _valid_text(body)
     with operation(client_ref=ref):
+        if body.snapshot is not None:
+            made = manager.from_snapshot(who, body.snapshot, overrides=body.policy, envs=body.envs)
+            return sandbox_out(made)
         return sandbox_out(manager.create(who, body.policy, body.envs))
 
 
@@ -482,6 +503,51 @@ def resume_sandbox(
 ) -> SandboxOut:
     """Thaw a paused sandbox (a running one is answered as it is)."""
     return sandbox_out(manager.resume(who, sandbox_id)[0])
+
+
+def snapshot_out(snap: Any) -> SnapshotOut:
+    return SnapshotOut(
+        id=snap.id,
+        sandbox_id=snap.sandbox_id,
+        names=snap.names,
+        created_at=snap.created_at,
+        size=snap.size,
+        sha256=snap.sha256,
+        memory=snap.memory,
+    )
+
+
+@sandboxes.post(
+    "/v1/sandboxes/{sandbox_id}/snapshots",
+    response_model=SnapshotOut,
+    status_code=201,
+    responses=ERRORS,
+)
+def create_snapshot(
+    sandbox_id: str,
+    body: SnapshotBody | None = None,
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> SnapshotOut:
+    """Keep the sandbox's state and files for new sandboxes (docs/fork.md); it runs on.
+    409 naming what cannot be carried; 429 past quotas.snapshots or quotas.snapshot_mb."""
+    wanted = body or SnapshotBody()
+    _valid_text(wanted)
+    return snapshot_out(manager.snapshot(who, sandbox_id, wanted.name, wanted.memory))
+
+
+@sandboxes.get("/v1/snapshots", response_model=list[SnapshotOut], responses=ERRORS)
+def list_snapshots(who: str = Depends(tenant), manager: Manager = MANAGER) -> list[SnapshotOut]:
+    return [snapshot_out(s) for s in manager.snapshots.list(who)]
+
+
+@sandboxes.delete("/v1/snapshots/{snapshot_id}", status_code=204, responses=ERRORS)
+def delete_snapshot(
+    snapshot_id: str, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> Response:
+    if not manager.delete_snapshot(who, snapshot_id[:64]):
+        raise SnapshotNotFound(f"no snapshot {snapshot_id[:64]!r}")
+    return Response(status_code=204)
 
 
 class ForkBody(BaseModel):

@@ -32,6 +32,9 @@ class Quotas(BaseModel):
     transfer_buffer_mb: int = Field(64, ge=1)
     # Sandboxes of one tenant paused at once (each keeps its memory charged). Beyond: 429.
     paused_sandboxes: int = Field(4, ge=0)
+    # Snapshots a tenant keeps (docs/fork.md), and their bytes in all. Beyond: 429.
+    snapshots: int = Field(16, ge=0)
+    snapshot_mb: int = Field(4096, ge=0)
 
 
 class ServerConfig(BaseModel):
@@ -41,6 +44,8 @@ class ServerConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     db: str = "/var/lib/codecage/audit.db"
+    # Where snapshots are kept (None: a `snapshots` directory beside the audit log).
+    snapshot_dir: str | None = None
     # What one run may add to the audit log: its code up to this many bytes (the full length
     # and sha256 are always kept).
     audit_code_bytes: int = Field(64 << 10, ge=0)

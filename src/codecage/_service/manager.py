@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 from .._analysis import analyze
@@ -31,6 +32,7 @@ from .._errors import (
     SandboxError,
     SandboxNotFound,
     SandboxPaused,
+    SnapshotNotFound,
 )
 from .._jail import get_jail
 from .._jail.pool import Pool
@@ -41,6 +43,7 @@ from .._sandbox import FILE_CHUNK, CommandResult, EntryInfo, Sandbox
 from .audit import AuditLog
 from .config import ServerConfig, within
 from .processes import ProcessRecords
+from .snapshots import Snapshot, SnapshotStore
 
 EventCallback = Callable[[dict[str, Any]], None]
 T = TypeVar("T")
@@ -182,6 +185,7 @@ class Manager:
     def __init__(self, config: ServerConfig, audit: AuditLog) -> None:
         self.config = config
         self.audit = audit
+        self._snapshots: SnapshotStore | None = None
         self.metrics = Metrics()
         self.metrics.watch_sandboxes(self)
         self._lock = threading.Lock()
@@ -363,6 +367,61 @@ class Manager:
                 ids = ", ".join(f.sandbox.id for f in forks)
                 self.note(tenant, sandbox_id, "sandbox_fork", f"forked into {ids}")
         return forks
+
+    # -- snapshots (docs/fork.md) ------------------------------------------------------------
+
+    @property
+    def snapshots(self) -> SnapshotStore:
+        """The tenants' snapshots, in `snapshot_dir` (made on first use)."""
+        if self._snapshots is None:
+            config = self.config
+            root = Path(config.snapshot_dir or Path(config.db).parent / "snapshots")
+            quotas = config.quotas
+            self._snapshots = SnapshotStore(root, quotas.snapshots, quotas.snapshot_mb)
+        return self._snapshots
+
+    def snapshot(
+        self, tenant: str, sandbox_id: str, name: str | None = None, memory: bool = True
+    ) -> Snapshot:
+        """Keep the sandbox's state (as a fork carries it) in a snapshot of the tenant's; the
+        sandbox runs on. What cannot be carried is refused as a fork refuses it."""
+        entry = self.get(tenant, sandbox_id)
+        if entry.paused_at is not None:
+            raise SandboxPaused(f"sandbox {sandbox_id} is paused: resume it first")
+        made: list[Snapshot] = []
+        policy = entry.sandbox.policy.model_dump(mode="json")
+        with self.using(tenant, sandbox_id):
+            entry.sandbox.export_state(
+                lambda chunks: made.append(
+                    self.snapshots.save(tenant, sandbox_id, name, policy, memory, chunks)
+                ),
+                memory=memory,
+            )
+        snap = made[0]
+        self.note(tenant, sandbox_id, "sandbox_snapshot", f"{snap.id} ({snap.size} bytes)")
+        return snap
+
+    def delete_snapshot(self, tenant: str, snapshot_id: str) -> bool:
+        gone = self.snapshots.delete(tenant, snapshot_id)
+        if gone:
+            self.note(tenant, None, "snapshot_delete", snapshot_id)
+        return gone
+
+    def from_snapshot(self, tenant: str, id_or_name: str, **create: Any) -> Entry:
+        """A new sandbox of the tenant started from its snapshot (its policy, within the
+        ceiling; its files and variables unpacked inside the new sandbox's jail)."""
+        snap = self.snapshots.get(tenant, id_or_name)
+        if snap is None:
+            raise SnapshotNotFound(f"no snapshot {id_or_name!r}")
+        overrides = {**snap.policy, **create.pop("overrides", {})}
+        entry = self.create(tenant, overrides, create.pop("envs", {}), **create)
+        try:
+            entry.sandbox.import_state(self.snapshots.chunks(snap))
+        except BaseException:
+            self.delete(tenant, entry.sandbox.id)
+            raise
+        self.note(tenant, entry.sandbox.id, "sandbox_create", f"from snapshot {snap.id}")
+        return entry
 
     def find(self, sandbox_id: str) -> Entry | None:
         """A live sandbox by its id alone, whoever's it is: for a front end whose requests
@@ -598,11 +657,11 @@ class Manager:
         )
         return run_id
 
-    def note(self, tenant: str, sandbox_id: str, kind: str, subject: str) -> None:
+    def note(self, tenant: str, sandbox_id: str | None, kind: str, subject: str) -> None:
         """Record an operation on a sandbox that runs nothing in it (E2B's create, kill,
         timeout, connect), durably, outside the run quota."""
         with self._lock:
-            entry = self._sandboxes.get(sandbox_id)
+            entry = self._sandboxes.get(sandbox_id or "")
         policy = entry.sandbox.policy if entry is not None else self.config.policy
         run_id = self.begin(tenant, sandbox_id, kind, subject, policy, admit=False)
         self.finish(run_id, kind, Execution())

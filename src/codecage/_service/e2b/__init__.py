@@ -52,7 +52,7 @@ ENVD_MODULES += ["process"]  # e2b-proc
 INTERPRETER_MODULES: list[str] = ["interpreter"]
 
 CONTROL_MODULES = ["control"]
-CONTROL_PREFIXES = ("/sandboxes", "/v2/sandboxes")
+CONTROL_PREFIXES = ("/sandboxes", "/v2/sandboxes", "/snapshots", "/templates")
 ENVD_VERSION = "0.6.4"  # the envd features E2B's SDKs may use against this service (docs/e2b.md)
 DEFAULT_USER = "user"
 

@@ -9,8 +9,9 @@ its lifetime: the Manager kills it when it passes (or pauses it: `autoPause`),
 `POST /sandboxes/{id}/timeout` moves it. Every sandbox gets an envd access token (E2B's
 SDKs secure every sandbox). Pause and resume are the Manager's (docs/pause.md: the cgroup
 freezer; memory is always kept); `connect` resumes a paused sandbox; forks carry the
-interpreter state and the workspace (docs/fork.md). Snapshots, logs and network changes
-are not served: E2B's answer for an API this server does not have,
+interpreter state and the workspace, and snapshots keep them for new sandboxes
+(`templateID` a snapshot's id or name; docs/fork.md). Logs and network changes are not
+served: E2B's answer for an API this server does not have,
 with a message that says so.
 """
 
@@ -30,6 +31,7 @@ from ..._approvals import operation
 from ..._errors import SandboxBusy, SandboxPaused
 from ..._text import has_lone_surrogate
 from ..manager import Entry, Manager
+from ..snapshots import Snapshot
 from . import ENVD_VERSION, api_manager, api_tenant
 from .errors import E2BError
 
@@ -68,11 +70,19 @@ class AutoResume(BaseModel):
 
 
 class Pause(BaseModel):
-    """E2B's pause request: `memory` "full" or "filesystem" (a pause here always keeps the
-    memory: both are served as "full")."""
+    """E2B's pause request: `memory` true or false, or "full" or "filesystem" (a pause
+    here always keeps the memory: all are served as a full pause)."""
 
     model_config = ConfigDict(extra="ignore")
-    memory: Literal["full", "filesystem"] | None = None
+    memory: bool | Literal["full", "filesystem"] | None = None
+
+
+class NewSnapshot(BaseModel):
+    """E2B's snapshot request: an optional name; `memory` false: the files only."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: str | None = Field(None, min_length=1, max_length=256)
+    memory: bool | Literal["full", "filesystem"] | None = None
 
 
 class Timeout(BaseModel):
@@ -149,8 +159,11 @@ def detail(entry: Entry) -> dict[str, Any]:
 async def create_sandbox(
     body: NewSandbox, request: Request, who: str = TENANT, manager: Manager = MANAGER
 ) -> dict[str, Any]:
+    snapshot = None
     if body.template_id not in TEMPLATES:
-        raise E2BError(404, f"template '{body.template_id}' not found")
+        snapshot = manager.snapshots.get(who, body.template_id)
+        if snapshot is None:
+            raise E2BError(404, f"template '{body.template_id}' not found")
     if body.volume_mounts:
         raise E2BError(400, "volumeMounts: this server has no volumes")
     if body.allow_internet_access:
@@ -166,15 +179,19 @@ async def create_sandbox(
 
     def work() -> Entry:
         with operation(client_ref=ref[:64] if ref else None):
-            entry = manager.create(
-                who,
-                overrides,
-                dict(body.env_vars or {}),
-                lifetime_s=body.timeout or 1,
-                metadata=body.metadata,
-                access_token=token,
-                template=body.template_id,
-            )
+            envs = dict(body.env_vars or {})
+            common: dict[str, Any] = {
+                "lifetime_s": body.timeout or 1,
+                "metadata": body.metadata,
+                "access_token": token,
+                "template": body.template_id,
+            }
+            if snapshot is None:
+                entry = manager.create(who, overrides, envs, **common)
+            else:
+                entry = manager.from_snapshot(
+                    who, snapshot.id, overrides=overrides, envs=envs, **common
+                )
         entry.on_timeout = "pause" if body.auto_pause else "kill"
         entry.auto_resume = bool(body.auto_resume and body.auto_resume.enabled)
         subject = f"create {body.template_id} timeout={body.timeout}"
@@ -289,6 +306,53 @@ def fork_sandbox(
     return [{"sandbox": created(entry)} for entry in forks]
 
 
+def _snapshot_info(snap: Snapshot) -> dict[str, Any]:
+    return {"snapshotID": snap.id, "names": list(snap.names)}
+
+
+@router.post("/sandboxes/{sandbox_id}/snapshots", status_code=201)
+def create_snapshot(
+    sandbox_id: str,
+    body: NewSnapshot | None = None,
+    who: str = TENANT,
+    manager: Manager = MANAGER,
+) -> dict[str, Any]:
+    """Keep the sandbox's state and files (docs/fork.md); it runs on."""
+    wanted = body or NewSnapshot()
+    if wanted.name is not None and has_lone_surrogate(wanted.name):
+        raise E2BError(400, "name: text must be valid Unicode")
+    memory = wanted.memory not in (False, "filesystem")
+    try:
+        snap = manager.snapshot(who, sandbox_id, wanted.name, memory)
+    except (SandboxBusy, SandboxPaused) as exc:
+        raise E2BError(409, str(exc)) from None
+    return _snapshot_info(snap)
+
+
+@router.get("/snapshots")
+def list_snapshots(
+    sandbox_id: str | None = Query(None, alias="sandboxID", max_length=64),
+    name: str | None = Query(None, max_length=256),
+    limit: int = Query(100, ge=1, le=1000),
+    who: str = TENANT,
+    manager: Manager = MANAGER,
+) -> list[dict[str, Any]]:
+    found = manager.snapshots.list(who)
+    if sandbox_id is not None:
+        found = [s for s in found if s.sandbox_id == sandbox_id]
+    if name is not None:
+        found = [s for s in found if name in s.names]
+    return [_snapshot_info(s) for s in found[:limit]]
+
+
+@router.delete("/templates/{template_id}", status_code=204)
+def delete_snapshot(template_id: str, who: str = TENANT, manager: Manager = MANAGER) -> Response:
+    """A snapshot is gone (204), or there was none of this tenant's by that id (404)."""
+    if not manager.delete_snapshot(who, template_id[:64]):
+        raise E2BError(404, f"template '{template_id[:64]}' not found")
+    return Response(status_code=204)
+
+
 @router.post("/sandboxes/{sandbox_id}/pause", status_code=204)
 def pause_sandbox(
     sandbox_id: str, body: Pause | None = None, who: str = TENANT, manager: Manager = MANAGER
@@ -353,7 +417,7 @@ def sandbox_metrics(
     ]
 
 
-_UNSERVED = ("snapshots", "refreshes", "logs", "network")
+_UNSERVED = ("refreshes", "logs", "network")
 
 
 @router.api_route("/sandboxes/{sandbox_id}/{action}", methods=["GET", "POST", "PUT"])
