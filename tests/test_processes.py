@@ -7,6 +7,7 @@ default one."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Iterator
@@ -349,6 +350,17 @@ def _remote_processes(alice: Client, bob: Client) -> None:
     assert by_code["/bin/bash -l -c 'cat; echo bye >&2'"]["outcome"] == "ok"
     assert by_code["/bin/bash -l -c 'sleep 300'"]["outcome"] == "killed"
     assert "/bin/bash -i -l" in by_code
+    # what was sent to each: the input counted, hashed and its tail kept; signals; close
+    [sent] = by_code["/bin/bash -l -c 'cat; echo bye >&2'"]["files"]  # type: ignore[misc]
+    typed = b"over the wire\n"
+    assert sent["stdin_bytes"] == len(typed) and sent["stdin_closed"] is True
+    assert sent["stdin_sha256"] == hashlib.sha256(typed).hexdigest()
+    assert sent["stdin_tail"] == typed.decode() and sent["signals"] == []
+    [keys] = by_code["/bin/bash -i -l"]["files"]  # type: ignore[misc]
+    assert keys["stdin_tail"] == "stty size; exit\n"  # a terminal's keys, as typed
+    [killed] = by_code["/bin/bash -l -c 'sleep 300'"]["files"]  # type: ignore[misc]
+    # what was sent, whether or not it still found the process: both kills, the late "x"
+    assert killed["signals"] == [9, 9] and killed["stdin_bytes"] == 1
 
 
 def test_remote_bad_input_is_a_clear_error(service: Service) -> None:

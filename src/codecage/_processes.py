@@ -126,6 +126,9 @@ def call(
     """One request to the sandbox's process manager; a `failed` reply is raised. It counts
     as the sandbox's activity (its idle timeout) unless `touch` is False."""
     procs = manager(sbx)
+    observer = sbx.proc_observer
+    if observer is not None and message.get("op") in OBSERVED:
+        observer(message)  # before it is sent: a record never misses what the process got
     try:
         reply = procs.request(message, timeout_s)
     except TransportError:
@@ -143,6 +146,10 @@ def call(
             raise PolicyError(text)
         raise SandboxError(f"{error}: {text}")
     return reply
+
+
+# What a process manager request does to a process that its audit record keeps (docs/service.md).
+OBSERVED = frozenset({"proc_input", "proc_signal", "proc_close_stdin"})
 
 
 def start_process(

@@ -136,6 +136,9 @@ class Sandbox:
         self._jailed: Jailed = jail.create(self.policy, self._envs)
         self.last_activity = time.monotonic()
         self.paused_at: float | None = None  # time.monotonic() of the pause, while paused
+        # Told of each input, signal and stdin close for a process as it is sent (the
+        # service's audit records of processes).
+        self.proc_observer: Callable[[dict[str, Any]], None] | None = None
         self.busy = False
         self.files = Files(self)
         self.commands = Commands(self)

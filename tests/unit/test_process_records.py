@@ -22,11 +22,11 @@ class Flaky(Records):
         super().__init__()
         self.failures = 0
 
-    def finish(self, run_id: str, kind: str, ex: Any) -> None:
+    def finish(self, run_id: str, kind: str, ex: Any, files: Any = None) -> None:
         if self.failures == 0:
             self.failures += 1
             raise AuditUnavailable("the audit log did not commit in time")
-        super().finish(run_id, kind, ex)
+        super().finish(run_id, kind, ex, files)
 
 
 def test_a_failed_end_record_is_written_next_time(peers: list[Peer], monkeypatch: Any) -> None:  # noqa: F811

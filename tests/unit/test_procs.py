@@ -122,6 +122,7 @@ class Box:
         self.policy = Policy()
         self.procs = manager
         self.last_activity = 0.0
+        self.proc_observer = None
 
     def _use(self) -> Box:
         return self
@@ -255,7 +256,7 @@ class Records:
         self.finished: list[tuple[str, Any]] = []
         self.failed: list[tuple[str, BaseException]] = []
 
-    def finish(self, run_id: str, kind: str, ex: Any) -> None:
+    def finish(self, run_id: str, kind: str, ex: Any, files: Any = None) -> None:
         self.finished.append((run_id, ex))
 
     def fail(self, run_id: str, kind: str, exc: BaseException) -> None:

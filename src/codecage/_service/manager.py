@@ -994,6 +994,8 @@ class Manager:
 
         pid = self._recorded(run_id, "process", work)
         self.process_records.add(run_id, sandbox, pid)
+        if sandbox.proc_observer is None:  # what is sent to its processes, for their records
+            sandbox.proc_observer = partial(self.process_records.observe, sandbox.id)
         return pid
 
     def on_process(self, tenant: str, sandbox_id: str, op: Callable[[Sandbox], T]) -> T:

@@ -5,7 +5,9 @@ starts, and an end record when it ends, whoever watches it (or nobody).
 looks at the sandboxes holding them (every `POLL_S`): a process seen ended gets its
 completion record (exit code or signal, duration, the output its buffer still held); a
 sandbox that ended gets a `killed` one (ended with it), and a process manager that lost it
-a `failed` one. A sandbox is swept once more before it is deleted, and at shutdown the
+a `failed` one. The end record also says what was sent to the process (`observe`): how
+many bytes of input and their sha256, the last 64 KiB of it (a terminal's keys), each
+signal, whether its stdin was closed. A sandbox is swept once more before it is deleted, and at shutdown the
 rest are recorded as killed before the audit log closes.
 """
 
@@ -13,10 +15,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import hashlib
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .._errors import ProcessNotFound, SandboxError, TransportError
 from .._models import Execution, ExecutionError
@@ -31,6 +35,7 @@ POLL_S = 0.5
 # most per sweep (its own are looked at again next time).
 REPLY_S = 1.0
 OUTPUT_BYTES = 64 << 10  # the tail of a process's output kept in its end record
+INPUT_BYTES = 64 << 10  # and of its input (a terminal's keys)
 
 
 @dataclass
@@ -39,6 +44,27 @@ class Watched:
     sandbox: Sandbox
     pid: int
     started: float
+    # What was sent to it: every byte of input counted and hashed (its tail kept), every
+    # signal, the close of its stdin, in its end record.
+    input_bytes: int = 0
+    input_digest: Any = field(default_factory=hashlib.sha256)
+    input_tail: bytearray = field(default_factory=bytearray)
+    signals: list[int] = field(default_factory=list)
+    stdin_closed: bool = False
+
+    def sent(self) -> list[dict[str, Any]]:
+        """The end record's account of what was sent to the process."""
+        if not (self.input_bytes or self.signals or self.stdin_closed):
+            return []
+        return [
+            {
+                "stdin_bytes": self.input_bytes,
+                "stdin_sha256": self.input_digest.hexdigest(),
+                "stdin_tail": bytes(self.input_tail).decode("utf-8", "replace"),
+                "signals": list(self.signals),
+                "stdin_closed": self.stdin_closed,
+            }
+        ]
 
 
 class ProcessRecords:
@@ -57,6 +83,26 @@ class ProcessRecords:
                     target=self._loop, name="codecage-process-records", daemon=True
                 )
                 self._thread.start()
+
+    def observe(self, sandbox_id: str, message: dict[str, Any]) -> None:
+        """An input, signal or stdin close sent to a process (Sandbox.proc_observer)."""
+        pid = message.get("pid")
+        with self._lock:
+            w = self._watched.get((sandbox_id, pid)) if isinstance(pid, int) else None
+            if w is None:
+                return
+            op = message.get("op")
+            if op == "proc_input":
+                with contextlib.suppress(ValueError, TypeError, binascii.Error):
+                    data = base64.b64decode(str(message.get("data", "")), validate=True)
+                    w.input_bytes += len(data)
+                    w.input_digest.update(data)
+                    w.input_tail += data
+                    del w.input_tail[:-INPUT_BYTES]
+            elif op == "proc_signal" and len(w.signals) < 64:
+                w.signals.append(int(message.get("signal", 0)))
+            elif op == "proc_close_stdin":
+                w.stdin_closed = True
 
     def _loop(self) -> None:
         while not self._stop.wait(POLL_S):
@@ -115,7 +161,7 @@ class ProcessRecords:
         ex.logs.stdout, ex.logs.stderr = [out], [err]
         dropped = reply.get("dropped")
         ex.truncated = isinstance(dropped, int) and dropped > 0
-        self._manager.finish(w.run_id, "process", ex)
+        self._manager.finish(w.run_id, "process", ex, w.sent())
         self._forget(w)  # once recorded: a record that failed is tried again next time
 
     def _killed(self, w: Watched, why: str) -> None:
@@ -123,7 +169,7 @@ class ProcessRecords:
         ex = Execution(duration_ms=(time.monotonic() - w.started) * 1000, exit_code=137)
         ex.killed_by, ex.error = "signal", ExecutionError("SandboxEnded", why[:1000], "")
         self._forget(w)
-        self._manager.finish(w.run_id, "process", ex)
+        self._manager.finish(w.run_id, "process", ex, w.sent())
 
     def _fail(self, w: Watched, exc: BaseException) -> None:
         self._forget(w)
