@@ -265,16 +265,12 @@ def connect_sandbox(
     running sandbox, 201 for a paused one, resumed."""
     from fastapi.responses import JSONResponse
 
-    entry, resumed = _resume(manager, who, sandbox_id, "connect")
+    entry, resumed = manager.resume(who, sandbox_id, "connect")
     ends = time.time() + (body.timeout or 1)
     if entry.expires_at is None or entry.expires_at < ends:
         entry = manager.set_lifetime(who, sandbox_id, body.timeout or 1)
         manager.note(who, sandbox_id, "sandbox_timeout", f"connect timeout={body.timeout}")
     return JSONResponse(created(entry), status_code=201 if resumed else 200)
-
-
-def _resume(manager: Manager, who: str, sandbox_id: str, why: str) -> tuple[Entry, bool]:
-    return manager.resume(who, sandbox_id, why)
 
 
 class Fork(BaseModel):
@@ -299,9 +295,7 @@ def fork_sandbox(
             lifetime_s=wanted.timeout or 1,
             access_token=lambda: secrets.token_urlsafe(32),
         )
-    except SandboxBusy as exc:
-        raise E2BError(409, str(exc)) from None
-    except SandboxPaused as exc:
+    except (SandboxBusy, SandboxPaused) as exc:
         raise E2BError(409, str(exc)) from None
     return [{"sandbox": created(entry)} for entry in forks]
 
@@ -372,7 +366,7 @@ def resume_sandbox(
     sandbox_id: str, body: Connect | None = None, who: str = TENANT, manager: Manager = MANAGER
 ) -> dict[str, Any]:
     """E2B's older resume: 201 with the sandbox; 409 if it is not paused."""
-    entry, resumed = _resume(manager, who, sandbox_id, "resume")
+    entry, resumed = manager.resume(who, sandbox_id, "resume")
     if not resumed:
         raise E2BError(409, f"sandbox {sandbox_id} is not paused")
     if body is not None and body.timeout:
