@@ -343,10 +343,13 @@ def ensure_engine_image(client: Any, image: Image, progress: Progress) -> str:
 
 
 def _prune_engine(client: Any, keep: set[str]) -> None:
-    """Untag the engine's images of earlier codecage versions (those in use stay)."""
+    """Untag the engine's images of earlier codecage versions (those in use stay). An
+    image whose root filesystem `_prune` still keeps stays too: another checkout or
+    version on this host may be running sandboxes from it."""
+    kept = {p.name for p in images_dir().iterdir() if (p / "rootfs" / STAMP).exists()}
     for repository in ("localhost/codecage-sandbox", "localhost/codecage-sandbox-base"):
         for image in client.images.list(name=repository):
             for old in set(image.tags) - keep:
-                if old.startswith(repository + ":"):
+                if old.startswith(repository + ":") and old.rpartition(":")[2] not in kept:
                     with contextlib.suppress(Exception):
                         client.images.remove(old)
