@@ -36,11 +36,13 @@ PYTEST_WORKERS ?= 3
 test: $(STAMP) runtime backends
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --durations=30
 
+# The unit layer needs no privilege: as root it runs with every capability dropped.
+UNPRIVILEGED := $(if $(filter 0,$(shell id -u)),setpriv --inh-caps=-all --bounding-set=-all,)
 check: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
-	$(BIN)/pytest tests/unit -q
+	$(UNPRIVILEGED) $(BIN)/pytest tests/unit -q
 
 bench: $(STAMP) runtime
 	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,service,bwrap,container,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true
