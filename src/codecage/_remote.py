@@ -45,6 +45,12 @@ def _raise_for(response: httpx.Response) -> None:
     raise _error(kind, message, error.get("findings"))
 
 
+def segment(value: str) -> str:
+    """`value` as one segment of a URL's path: `/`, `?`, `#`, `%` and the dots of `.` and
+    `..` escaped, so an id goes nowhere but where it is named (the service finds none)."""
+    return quote(value, safe="").replace(".", "%2E")
+
+
 def _overrides(policy: Policy | None) -> dict[str, Any]:
     """Only the fields the caller set: the service applies them to its own defaults."""
     return {} if policy is None else policy.model_dump(mode="json", exclude_unset=True)
@@ -97,12 +103,12 @@ class Client:
         return list(self.request("GET", "/v1/snapshots").json())
 
     def delete_snapshot(self, snapshot_id: str) -> None:
-        self.request("DELETE", f"/v1/snapshots/{snapshot_id}")
+        self.request("DELETE", f"/v1/snapshots/{segment(snapshot_id)}")
 
     def connect_sandbox(self, sandbox_id: str, *, resume: bool = True) -> RemoteSandbox:
         """A handle on a live sandbox of this tenant (made by another client, or before a
         restart of this one), resumed first if it is paused (E2B's `Sandbox.connect`)."""
-        path = f"/v1/sandboxes/{sandbox_id}"
+        path = f"/v1/sandboxes/{segment(sandbox_id)}"
         data = self.request("POST" if resume else "GET", path + ("/resume" if resume else ""))
         return RemoteSandbox(self, None, None, attach=data.json())
 
@@ -121,7 +127,7 @@ class Client:
 
     def _decide(self, approval_id: str, decision: str, reason: str, by: str) -> Decision:
         body = {"decision": decision, "reason": reason, "by": by}
-        data = self.request("POST", f"/v1/approvals/{approval_id}", json=body).json()
+        data = self.request("POST", f"/v1/approvals/{segment(approval_id)}", json=body).json()
         return Decision(**data)
 
     @contextmanager
@@ -299,7 +305,7 @@ class RemoteSandbox:
 
     @property
     def _base(self) -> str:
-        return f"/v1/sandboxes/{self._id}"
+        return f"/v1/sandboxes/{segment(self._id)}"
 
     def run_code(
         self,
@@ -330,11 +336,11 @@ class RemoteSandbox:
         return [Context(**c) for c in found]
 
     def restart_code_context(self, context: Context | str) -> None:
-        cid = quote(str(_context_id(context)), safe="")
+        cid = segment(str(_context_id(context)))
         self._client.request("POST", f"{self._base}/contexts/{cid}/restart")
 
     def remove_code_context(self, context: Context | str) -> None:
-        cid = quote(str(_context_id(context)), safe="")
+        cid = segment(str(_context_id(context)))
         self._client.request("DELETE", f"{self._base}/contexts/{cid}")
 
     def _answering(self) -> contextlib.AbstractContextManager[dict[str, str]]:

@@ -6,6 +6,7 @@ One implementation, synchronous and without a thread or event-loop hop per call;
 
 from __future__ import annotations
 
+import atexit
 import base64
 import contextlib
 import datetime
@@ -129,6 +130,7 @@ class Sandbox:
         self.policy = policy or Policy()
         self._gate = gate or Gate(approver=approver)
         self._lock = threading.RLock()
+        self._pausing = threading.Lock()  # a pause and a resume take turns
         self._gate.limits(self.policy, defaults)
         jail = get_jail(self.policy.isolation)
         self._envs = check_envs(envs)
@@ -255,23 +257,28 @@ class Sandbox:
         CPU is used, memory stays charged, and its clocks stop (the idle timeout and the CPU
         budget; `paused_timeout_s` runs instead). Nothing can run in it until `resume()`.
         SandboxBusy if code or a request is running in it now; SandboxPaused if paused."""
-        if not self._lock.acquire(blocking=False):
-            raise SandboxBusy(
-                f"sandbox {self.id} is running code or a request: pause it once that has ended"
-            )
-        try:
-            self._use().pause()
-            self.paused_at = time.monotonic()
-        finally:
-            self._lock.release()
+        with self._pausing:
+            if not self._lock.acquire(blocking=False):
+                raise SandboxBusy(
+                    f"sandbox {self.id} is running code or a request: pause it once that has ended"
+                )
+            try:
+                self._use().pause()
+                self.paused_at = time.monotonic()
+                _registry.hold(self)  # kept (and killed at exit) even if dropped meanwhile
+            finally:
+                self._lock.release()
 
     def resume(self) -> float:
         """Thaw a paused sandbox (a running one is left as it is); returns how long it was
-        paused, in seconds. Its idle clock goes on from where the pause stopped it."""
-        paused_for = self._jailed.resume()
-        self.paused_at = None
-        self.last_activity += paused_for
-        return paused_for
+        paused, in seconds. Its idle clock goes on from where the pause stopped it. Waits
+        for a pause in progress: then it thaws what that pause froze."""
+        with self._pausing:
+            paused_for = self._jailed.resume()
+            self.paused_at = None
+            self.last_activity += paused_for
+            _registry.release(self)
+            return paused_for
 
     def run_code(
         self,
@@ -846,12 +853,36 @@ class Commands(ProcessCommands):
 
 class _Registry:
     """Live sandboxes of this process, watched for idle time and for their CPU budget
-    (a thread left spinning between runs counts)."""
+    (a thread left spinning between runs counts). A paused one is held even when its
+    owner drops it, until it is resumed or killed (its paused_timeout_s, or this process's
+    exit): frozen, its init cannot see the host go, so nothing else would end it."""
 
     def __init__(self) -> None:
         self._live: weakref.WeakSet[Sandbox] = weakref.WeakSet()
+        self._paused: set[Sandbox] = set()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._at_exit = False
+
+    def hold(self, sandbox: Sandbox) -> None:
+        with self._lock:
+            self._paused.add(sandbox)
+            if not self._at_exit:
+                self._at_exit = True
+                atexit.register(self.kill_paused)
+
+    def release(self, sandbox: Sandbox) -> None:
+        with self._lock:
+            self._paused.discard(sandbox)
+
+    def kill_paused(self) -> None:
+        """At exit: kill the paused sandboxes still held (a running one ends by itself
+        when this process goes: its init sees the channel close)."""
+        with self._lock:
+            paused = list(self._paused)
+        for sandbox in paused:
+            with contextlib.suppress(Exception):
+                sandbox.kill()
 
     def add(self, sandbox: Sandbox) -> None:
         with self._lock:
@@ -865,14 +896,19 @@ class _Registry:
     def discard(self, sandbox: Sandbox) -> None:
         with self._lock:
             self._live.discard(sandbox)
+            self._paused.discard(sandbox)
 
     def _watch(self) -> None:
         while True:
             time.sleep(0.5)
-            with self._lock:
-                live = list(self._live)
-            for sandbox in live:
-                self.check(sandbox)
+            self._round()
+
+    def _round(self) -> None:
+        """One look at each (its own frame: nothing of it names a sandbox afterwards)."""
+        with self._lock:
+            live = list(self._live)
+        for sandbox in live:
+            self.check(sandbox)
 
     def check(self, sandbox: Sandbox) -> None:
         policy, jailed = sandbox.policy, sandbox._jailed

@@ -352,6 +352,8 @@ def cmd_approvals(args: argparse.Namespace) -> int:
 
 def cmd_sandboxes(args: argparse.Namespace) -> int:
     """A running service's sandboxes of the key's tenant: list, pause, resume, fork, kill."""
+    from .._remote import segment
+
     with _service_client(args) as client:
         if args.action == "list":
             found = client.request("GET", "/v1/sandboxes").json()
@@ -366,7 +368,7 @@ def cmd_sandboxes(args: argparse.Namespace) -> int:
             raise SandboxError(
                 f"sandboxes {args.action}: give the sandbox id (see 'sandboxes list')"
             )
-        path = f"/v1/sandboxes/{args.sandbox_id}"
+        path = f"/v1/sandboxes/{segment(args.sandbox_id)}"
         if args.action == "fork":
             made = client.request("POST", f"{path}/fork", json={"count": args.count}).json()
             for each in made:

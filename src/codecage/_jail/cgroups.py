@@ -12,7 +12,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Container
+from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,16 +229,20 @@ class SandboxCgroups:
                 return pid, start
         return None
 
-    def freeze(self, timeout_s: float = 5.0) -> None:
+    def freeze(self, timeout_s: float = 5.0, abort: Callable[[], bool] = lambda: False) -> None:
         """Stop every process of the sandbox where it is (the freezer): nothing runs, memory
         stays charged. Waits until the kernel reports the cgroup frozen; if it does not
-        within `timeout_s` (a task stuck in the kernel), thaws it again and raises OSError."""
+        within `timeout_s` (a task stuck in the kernel), or `abort()` says the sandbox is
+        being ended meanwhile, thaws it again and raises OSError."""
         if self.version == 1:
             _write(self.dirs["freezer"] / "freezer.state", "FROZEN")
         else:
             _write(self.dirs["unified"] / "cgroup.freeze", "1")
         deadline = time.monotonic() + timeout_s
         while not self.frozen():
+            if abort():
+                self._thaw()
+                raise OSError("the sandbox was ended while it was being frozen")
             if time.monotonic() > deadline:
                 self.thaw()
                 raise OSError(f"the sandbox's cgroup did not freeze within {timeout_s} s")

@@ -164,6 +164,20 @@ class Channel:
                     return status
         return None
 
+    def kernel_exited(self) -> Message | None:
+        """init's report that the current kernel exited, if it did (between runs: nothing
+        waits on the channel then); None while it lives. Waits for the report only when the
+        kernel's channel has hung up and it is not there yet."""
+        for _ in range(64):  # init's messages waiting (others are handed over as they come)
+            if not readable([self._sup], 0):
+                break
+            status = self.exit_event()
+            if status is not None and status.get("generation") == self.generation:
+                return status
+        if self.kernel is not None and readable([self.kernel], 0, 0):  # hung up, no report yet
+            return self.wait_exit_event(time.monotonic() + 2.0)
+        return None
+
     def hung_up(self) -> bool:
         """Whether the supervisor channel hung up or failed (events 0: nothing else)."""
         return bool(readable([self._sup], 0, 0))

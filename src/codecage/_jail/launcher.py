@@ -28,7 +28,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
-from collections.abc import Container
+from collections.abc import Callable, Container
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from .._inside.protocol import Message
@@ -58,8 +58,9 @@ class Tree(Protocol):
 
     def remove(self, timeout_s: float = 5.0) -> None: ...
 
-    def freeze(self, timeout_s: float = 5.0) -> None:
-        """Stop every process where it is (pause); OSError if it cannot be done in time,
+    def freeze(self, timeout_s: float = 5.0, abort: Callable[[], bool] = lambda: False) -> None:
+        """Stop every process where it is (pause); OSError if it cannot be done in time or
+        `abort()` turns true meanwhile (the sandbox is being ended: the freeze is undone),
         BackendUnavailable where there is no freezer."""
         ...
 

@@ -12,7 +12,7 @@ import contextlib
 import os
 import platform
 import signal
-from collections.abc import Container
+from collections.abc import Callable, Container
 from pathlib import Path
 
 from .._errors import BackendUnavailable
@@ -93,7 +93,7 @@ class ProcessTree:
             finally:
                 os.close(pidfd)
 
-    def freeze(self, timeout_s: float = 5.0) -> None:
+    def freeze(self, timeout_s: float = 5.0, abort: Callable[[], bool] = lambda: False) -> None:
         raise BackendUnavailable(
             "pausing a sandbox needs the cgroup freezer: a jail started without root has none"
         )

@@ -330,12 +330,16 @@ class Run:
 
     def _how_died(self) -> str:
         """How the kernel died, from init's report (exit code or signal)."""
-        status = self.death or {}
-        sig, code = status.get("signal"), status.get("code")
-        if isinstance(sig, int):
-            with contextlib.suppress(ValueError):
-                return f"killed by signal {sig} ({signal.Signals(sig).name})"
-            return f"killed by signal {sig}"
-        if isinstance(code, int):
-            return f"exit code {code}"
-        return f"exit status {self.ex.exit_code}"
+        return how_died(self.death or {}, self.ex.exit_code)
+
+
+def how_died(status: Message, exit_code: int | None = None) -> str:
+    """How a kernel died, from init's report of its exit (an exit code or a signal)."""
+    sig, code = status.get("signal"), status.get("code")
+    if isinstance(sig, int):
+        with contextlib.suppress(ValueError):
+            return f"killed by signal {sig} ({signal.Signals(sig).name})"
+        return f"killed by signal {sig}"
+    if isinstance(code, int):
+        return f"exit code {code}"
+    return f"exit status {exit_code}"

@@ -15,6 +15,7 @@ import os
 import secrets
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Container, Mapping
 from typing import TYPE_CHECKING, Any
@@ -33,7 +34,7 @@ from .._policy import Policy, effective_timeout
 from .cgroups import Usage
 from .channel import KERNEL_EVENTS, POLL_S, REPLY_EVENTS, Channel, readable
 from .launcher import NO_MOUNTS, Launcher, Mounts
-from .run import EventCallback, Run
+from .run import EventCallback, Run, how_died
 
 if TYPE_CHECKING:
     from .procs import ProcessManager
@@ -68,6 +69,12 @@ class HostSandbox:
         self._full_at_end = False
         self.procs: ProcessManager | None = None  # background processes (procs.py)
         self.paused_at: float | None = None  # time.monotonic() of the pause, while paused
+        # A pause's start and a kill's thaw take turns (never for long: a kill never waits
+        # for a freeze): a freeze in progress when the sandbox is ended is undone at once.
+        self._freeze_lock = threading.Lock()
+        self._freezing = False
+        # How the kernel died between runs, once restarted, until the next run reports it.
+        self._lost: str | None = None
         self.launcher = make(self)
         self.channel = Channel(self, policy, self.launcher)
         self._start(envs, timeout_s)
@@ -131,13 +138,30 @@ class HostSandbox:
     def pause(self) -> None:
         """Freeze every process of the sandbox (init, the kernel, background processes)
         where it is: nothing runs and no CPU is used, memory stays charged, the channels
-        stay open. The caller makes sure no run or request is in flight."""
+        stay open. The caller makes sure no run or request is in flight. A kill meanwhile
+        undoes the freeze at once (the pause then raises SandboxNotFound)."""
         self.check_alive()
+        with self._freeze_lock:
+            if self._dying:
+                raise self._ended()
+            self._freezing = True
         try:
-            self.launcher.tree.freeze()
+            self.launcher.tree.freeze(abort=lambda: self._dying)
         except OSError as exc:
+            with self._freeze_lock:
+                self._freezing = False
+            if self._dying:
+                raise self._ended() from None
             raise SandboxError(f"sandbox {self.id} could not be paused: {exc}") from None
-        self.paused_at = time.monotonic()
+        with self._freeze_lock:
+            self._freezing = False
+            ended = self._dying
+            if not ended:
+                self.paused_at = time.monotonic()
+        if ended:  # ended as the freeze completed: its processes take their SIGKILL
+            with contextlib.suppress(OSError):
+                self.launcher.tree.thaw()
+            raise self._ended()
 
     def resume(self) -> float:
         """Thaw the sandbox; returns how long it was paused (seconds)."""
@@ -169,6 +193,14 @@ class HostSandbox:
         the policy's grace, kills and restarts the kernel; a dead kernel is restarted. Without
         it (one-shot runs, whose sandbox is destroyed next), the run just stops waiting."""
         self.check_alive()
+        self._revive()
+        if self._lost is not None:  # the state this code may need is gone: it does not run
+            how, self._lost = self._lost, None
+            value = (
+                f"the kernel died after the last run ({how}); it was restarted and its "
+                "variables are lost: this code did not run"
+            )
+            return Execution(error=ExecutionError("KernelDied", value, ""), state_lost=True)
         limit = effective_timeout(self.policy, timeout_s)
         ex = Run(self, on_event).go(code, mode, limit, envs or {}, recover)
         if self.channel.init_died and ex.error is not None:
@@ -183,8 +215,15 @@ class HostSandbox:
         """Send a file or command request and wait for its reply ("done" or "failed").
 
         If the kernel dies meanwhile it is restarted and TransportError is raised; past the
-        deadline the kernel is interrupted, then killed and restarted."""
+        deadline the kernel is interrupted, then killed and restarted. A kernel that died
+        since the last call is restarted first (the next run reports the loss)."""
         self.check_alive()
+        self._revive()
+        return self._request(message, timeout_s)
+
+    def _request(
+        self, message: ReplyRequest | Mapping[str, Any], timeout_s: float | None
+    ) -> Message:
         channel = self.channel
         message = {**message, "id": channel.issue()}  # sent as built, with a fresh id
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -216,6 +255,19 @@ class HostSandbox:
                     raise TransportError(
                         f"the kernel died during {message.get('op')} ({status}); it was restarted"
                     )
+
+    def _revive(self) -> None:
+        """Restart a kernel that died since the last run or request (code of the user's that
+        ends it later: a thread calling os._exit, a process of the sandbox killing it), by
+        init's report of its exit, before anything is sent to it. The next run reports the
+        loss of its state (`execute`); the sandbox ends if init died with it."""
+        status = self.channel.kernel_exited()
+        if status is None:
+            return
+        self.restart_kernel(time.monotonic() + 30)
+        if not self.alive:
+            raise self._ended()
+        self._lost = how_died(status)
 
     def prefault(self) -> None:
         """The pool's first, uncounted cell: not the session's CPU either."""
@@ -277,7 +329,7 @@ class HostSandbox:
             self.channel.tell_init(RestartRequest(op="restart"))
             self.channel.await_kernel(deadline)
             for message in self._setup:
-                self.request(message, max(deadline - time.monotonic(), 1.0))
+                self._request(message, max(deadline - time.monotonic(), 1.0))
         except (OSError, SandboxError) as exc:
             self.terminate(f"its kernel could not be restarted ({exc})")
             raise self._ended() from None
@@ -337,7 +389,9 @@ class HostSandbox:
                 signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
         with contextlib.suppress(OSError):
             self.launcher.kill_tree()
-        if self.paused_at is not None:  # a frozen process takes its SIGKILL once thawed
+        with self._freeze_lock:  # a frozen process takes its SIGKILL once thawed
+            frozen = self._freezing or self.paused_at is not None
+        if frozen:  # paused, or being paused: never wait for a freeze to complete
             with contextlib.suppress(OSError):
                 self.launcher.tree.thaw()
 

@@ -1483,6 +1483,10 @@ class Admission:
             return audit.identity(key.strip())  # type: ignore[no-any-return]
         return None
 
+    async def admitted(self, scope: Scope) -> None:
+        """What a front end does once the request is admitted (its tenant's place in
+        flight taken), before the app sees it; Refused answers it instead. Nothing here."""
+
     async def refuse(
         self,
         send: Send,
@@ -1560,6 +1564,11 @@ class Admission:
         scope.setdefault("state", {})["identity"] = who
         self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1
         try:
+            try:
+                await self.admitted(scope)
+            except Refused as refused:
+                await self.refuse(send, refused.status, refused.kind, refused.message)
+                return
             await self.app(scope, guarded_receive, guarded_send)
         finally:
             self.in_flight[tenant] -= 1

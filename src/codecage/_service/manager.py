@@ -11,6 +11,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import re
 import secrets
 import shlex
 import threading
@@ -49,6 +50,9 @@ EventCallback = Callable[[dict[str, Any]], None]
 T = TypeVar("T")
 
 
+# What a sandbox id is (HostSandbox: 16 random bytes in hex); anything else names none.
+SANDBOX_ID = re.compile(r"[0-9a-f]{32}")
+
 # Host memory one file transfer holds at most: a chunk, its base64 frame and their copies.
 TRANSFER_BUFFER_MB = 4 * (FILE_CHUNK >> 20)
 
@@ -77,6 +81,7 @@ class Entry:
     created_at: float = field(default_factory=time.time)
     queued: int = 0  # operations running or waiting on this sandbox (Manager._lock)
     transfer: threading.Lock = field(default_factory=threading.Lock)  # one file transfer
+    pausing: threading.Lock = field(default_factory=threading.Lock)  # pause, resume: in turn
     # What E2B's API keeps of a sandbox (docs/e2b.md): its labels, the token its own ports
     # (envd) want, when it ends (time.time(); None: when its policy ends it), its template.
     metadata: dict[str, str] = field(default_factory=dict)
@@ -264,55 +269,74 @@ class Manager:
         return entry
 
     def pause(self, tenant: str, sandbox_id: str, why: str = "pause") -> Entry:
-        """Freeze the tenant's sandbox (docs/pause.md): within quotas.paused_sandboxes,
-        never while an operation runs in it (SandboxBusy), SandboxPaused if it is paused."""
-        return self._pause(self.get(tenant, sandbox_id), why)
+        """Freeze the tenant's sandbox (docs/pause.md): within quotas.paused_sandboxes and
+        quotas.runs_per_minute, never while an operation runs in it (SandboxBusy),
+        SandboxPaused if it is paused."""
+        entry = self.get(tenant, sandbox_id)
+        self._admit(tenant)
+        paused = self._pause(entry, why)
+        assert paused is not None
+        return paused
 
-    def _pause(self, entry: Entry, why: str, lifetime_over: bool = False) -> Entry:
+    def _pause(self, entry: Entry, why: str, lifetime_over: bool = False) -> Entry | None:
+        """Pause and resume of one sandbox take turns (entry.pausing), so its state is the
+        freezer's. `lifetime_over` (the reaper's autoPause): only if its lifetime is still
+        over, under that lock (not killed, resumed or given more time since it looked);
+        otherwise None and nothing is done."""
         tenant, sandbox_id = entry.tenant, entry.sandbox.id
-        with self._lock:  # the place is taken first: two pauses at once count as two
-            if entry.paused_at is not None:
-                raise SandboxPaused(f"sandbox {sandbox_id} is already paused")
-            paused = sum(
-                1
-                for e in self._sandboxes.values()
-                if e.tenant == tenant and e.paused_at is not None and e.sandbox.alive
-            )
-            if paused >= self.config.quotas.paused_sandboxes:
-                raise QuotaExceeded(
-                    f"tenant already has {paused} paused sandboxes "
-                    f"(quotas.paused_sandboxes={self.config.quotas.paused_sandboxes})"
+        with entry.pausing:
+            with self._lock:  # the place is taken first: two pauses at once count as two
+                if lifetime_over and not (
+                    self._sandboxes.get(sandbox_id) is entry and entry.sandbox.alive and entry.due()
+                ):
+                    return None
+                if entry.paused_at is not None:
+                    raise SandboxPaused(f"sandbox {sandbox_id} is already paused")
+                paused = sum(
+                    1
+                    for e in self._sandboxes.values()
+                    if e.tenant == tenant and e.paused_at is not None and e.sandbox.alive
                 )
-            if entry.queued:
-                raise SandboxBusy(
-                    f"sandbox {sandbox_id} has an operation running: pause it once that ended"
-                )
-            entry.paused_at = time.time()
-            ends, entry.expires_at = entry.expires_at, None if lifetime_over else entry.expires_at
-        try:
-            entry.sandbox.pause()
-        except BaseException:
-            with self._lock:
-                entry.paused_at, entry.expires_at = None, ends
-            raise
+                if paused >= self.config.quotas.paused_sandboxes:
+                    raise QuotaExceeded(
+                        f"tenant already has {paused} paused sandboxes "
+                        f"(quotas.paused_sandboxes={self.config.quotas.paused_sandboxes})"
+                    )
+                if entry.queued:
+                    raise SandboxBusy(
+                        f"sandbox {sandbox_id} has an operation running: pause it once that ended"
+                    )
+                entry.paused_at = time.time()
+                ends = entry.expires_at
+                entry.expires_at = None if lifetime_over else ends
+            try:
+                entry.sandbox.pause()
+            except BaseException:
+                with self._lock:
+                    entry.paused_at, entry.expires_at = None, ends
+                raise
         self.note(tenant, sandbox_id, "sandbox_pause", why)
         return entry
 
     def resume(self, tenant: str, sandbox_id: str, why: str = "resume") -> tuple[Entry, bool]:
         """Thaw the tenant's paused sandbox; (its entry, whether it was paused). Its
-        lifetime (if it has one) is moved on by the time it spent paused."""
+        lifetime (if it has one) is moved on by the time it spent paused. Counts against
+        quotas.runs_per_minute; waits for a pause of it in progress (then thaws it)."""
         entry = self.get(tenant, sandbox_id)
-        with self._lock:
-            paused_at, entry.paused_at = entry.paused_at, None
-        if paused_at is None:
-            return entry, False
-        paused_for = entry.sandbox.resume()
-        with self._lock:
-            if entry.expires_at is not None:
-                entry.expires_at += paused_for
-            elif entry.lifetime_s is not None:  # paused by its lifetime's end: a new one
-                entry.expires_at = time.time() + entry.lifetime_s
-                self._reap_soon()
+        self._admit(tenant)
+        with entry.pausing:
+            with self._lock:
+                paused_at = entry.paused_at
+            if paused_at is None:
+                return entry, False
+            paused_for = entry.sandbox.resume()
+            with self._lock:
+                entry.paused_at = None
+                if entry.expires_at is not None:
+                    entry.expires_at += paused_for
+                elif entry.lifetime_s is not None:  # paused by its lifetime's end: a new one
+                    entry.expires_at = time.time() + entry.lifetime_s
+                    self._reap_soon()
         self.note(tenant, sandbox_id, "sandbox_resume", f"{why} after {paused_for:.3f} s")
         return entry, True
 
@@ -463,6 +487,7 @@ class Manager:
                 self.metrics.live.set(len(self._sandboxes))
             for sid, entry in pausing:
                 try:  # E2B's autoPause: its lifetime's end pauses it; a connect resumes it
+                    # (looked at again under the entry's lock: not if it changed meanwhile)
                     self._pause(entry, "its timeout (lifetime) passed: autoPause", True)
                 except SandboxBusy:
                     continue  # an operation in flight: the next round pauses it
@@ -541,6 +566,8 @@ class Manager:
                 self._buffers[tenant] -= TRANSFER_BUFFER_MB
 
     def get(self, tenant: str, sandbox_id: str) -> Entry:
+        if not SANDBOX_ID.fullmatch(sandbox_id):  # never looked up, nor echoed in full
+            raise SandboxNotFound(f"no sandbox {sandbox_id[:64]!r}")
         with self._lock:
             entry = self._sandboxes.get(sandbox_id)
             if entry is None or entry.tenant != tenant:

@@ -273,7 +273,7 @@ class FakeTree:
         else:
             self._box._signal_kernel(sig)
 
-    def freeze(self, timeout_s: float = 5.0) -> None:
+    def freeze(self, timeout_s: float = 5.0, abort: Callable[[], bool] = lambda: False) -> None:
         self.frozen = True
 
     def thaw(self) -> None:

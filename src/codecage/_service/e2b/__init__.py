@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
+import anyio
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..._errors import SandboxError
+from ..._errors import QuotaExceeded, SandboxError
 from ..app import Admission, BodyLimit, Refused, answer_early
 from .errors import NOT_FOUND, PAUSED, PORT_NOT_OPEN, E2BError, body, install_handlers
 
@@ -195,16 +196,28 @@ class Front(Admission):
         elif not _signed(scope, wanted):
             raise Refused(401, "missing access token (X-Access-Token) or URL signature")
         user = _basic_user(scope)
-        if entry.paused_at is not None:  # E2B's proxy: a paused sandbox answers nothing
-            if not entry.auto_resume:
-                raise Refused(502, PAUSED.format(sandbox_id))
-            try:  # autoResume: a request to its ports resumes it
-                manager.resume(entry.tenant, sandbox_id, "autoResume: a request to its ports")
-            except SandboxError as exc:
-                raise Refused(502, f"{NOT_FOUND.format(sandbox_id)}: {exc}") from None
+        if entry.paused_at is not None and not entry.auto_resume:
+            raise Refused(502, PAUSED.format(sandbox_id))  # E2B's proxy: it answers nothing
         access = SandboxAccess(sandbox_id, entry.tenant, entry, user, manager)
         scope.setdefault("state", {})["e2b_access"] = access
         return (entry.tenant, "client", f"sandbox:{sandbox_id}")
+
+    async def admitted(self, scope: Scope) -> None:
+        """autoResume: a request to the ports of a paused sandbox created with it resumes
+        it, once admitted (the tenant's requests in flight), in a worker thread: a resume
+        waits for the audit record and for a pause in progress, never on the event loop."""
+        access: SandboxAccess | None = scope.get("state", {}).get("e2b_access")
+        if access is None or access.entry.paused_at is None:
+            return
+        why = "autoResume: a request to its ports"
+        try:
+            await anyio.to_thread.run_sync(
+                access.manager.resume, access.tenant, access.sandbox_id, why
+            )
+        except QuotaExceeded as exc:
+            raise Refused(429, str(exc)) from None
+        except SandboxError as exc:
+            raise Refused(502, f"{NOT_FOUND.format(access.sandbox_id)}: {exc}") from None
 
     async def refuse(
         self,
