@@ -240,9 +240,11 @@ def build(
         say("resolving against the runtime's own packages")
         wanted = _resolve(runtime, spec.pip, finds, scratch) if spec.pip else []
         resolved = [{k: w[k] for k in ("name", "version", "sha256")} for w in wanted]
+        debs = _apt_download(spec.apt, scratch, say) if spec.apt else []
         ident = {
             "spec": spec.model_dump(exclude={"name"}),
             "resolved": resolved,
+            "debs": debs,
             "runtime": _runtime_id(runtime),
         }
         template_id = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
@@ -273,7 +275,7 @@ def build(
                 )
                 _compile(runtime, layer / "site")
             if spec.apt:
-                _apt(spec.apt, layer / "apt", scratch, say)
+                _apt_extract(scratch, layer / "apt", say)
             preload = tuple(dict.fromkeys((*DEFAULT_PRELOAD, *spec.preload)))
             say(
                 f"checking the preloads in a fresh interpreter: {', '.join(spec.preload) or '(the base ones)'}"
@@ -283,6 +285,7 @@ def build(
                 "id": template_id,
                 "spec": spec.model_dump(exclude={"name"}),
                 "resolved": resolved,
+                "debs": debs,
                 "runtime": str(runtime.path),
                 "preload": list(preload),
                 "env": spec.env,
@@ -294,7 +297,9 @@ def build(
             _seal(scratch)
         with layers.locked(root):
             if not cached and not (final / "meta.json").exists():
-                shutil.rmtree(scratch / "wheels", ignore_errors=True)
+                for scrap in ("wheels", "debs", "report.json"):
+                    shutil.rmtree(scratch / scrap, ignore_errors=True)
+                    (scratch / scrap).unlink(missing_ok=True)
                 scratch.rename(final)
             names = layers.read_index(root)
             names[spec.name] = template_id
@@ -452,9 +457,9 @@ def _check_preload(
         )
 
 
-def _apt(packages: tuple[str, ...], target: Path, scratch: Path, say: Progress) -> None:
-    """Plain apt packages: each .deb downloaded (`apt-get download`, no dependencies) and its
-    files extracted into the layer (`dpkg-deb -x`): no maintainer script runs."""
+def _apt_download(packages: tuple[str, ...], scratch: Path, say: Progress) -> list[dict[str, str]]:
+    """Plain apt packages: each .deb downloaded (`apt-get download`, no dependencies).
+    Each: its file name and sha256 (part of the template's id)."""
     debs = scratch / "debs"
     debs.mkdir()
     say(f"downloading apt packages {', '.join(packages)} (no dependencies, no scripts)")
@@ -467,8 +472,17 @@ def _apt(packages: tuple[str, ...], target: Path, scratch: Path, say: Progress) 
     )
     if done.returncode != 0:
         raise TemplateError(f"apt-get download failed: {done.stderr.strip()[-2000:]}")
+    return [
+        {"deb": deb.name, "sha256": hashlib.sha256(deb.read_bytes()).hexdigest()}
+        for deb in sorted(debs.glob("*.deb"))
+    ]
+
+
+def _apt_extract(scratch: Path, target: Path, say: Progress) -> None:
+    """Each downloaded .deb's files extracted into the layer (`dpkg-deb -x`): no maintainer
+    script runs."""
     target.mkdir(parents=True)
-    for deb in sorted(debs.glob("*.deb")):
+    for deb in sorted((scratch / "debs").glob("*.deb")):
         say(f"  extracting {deb.name}")
         subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
 

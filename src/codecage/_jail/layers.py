@@ -58,11 +58,15 @@ class Layer:
         apt files' programs and libraries."""
         env = base | dict(self.env)
         env["PYTHONPATH"] = str(self.site)
+        programs = [self.site / "bin"]  # the packages' console scripts
         apt = self.path / "apt" / "usr"
         if apt.is_dir():
             libs = [str(p) for p in (apt / "lib", *apt.glob("lib/*-linux-gnu")) if p.is_dir()]
             env["LD_LIBRARY_PATH"] = ":".join(libs)
-            env["PATH"] = f"{apt / 'bin'}:{env.get('PATH', '/usr/bin:/bin')}"
+            programs.append(apt / "bin")
+        found = [str(p) for p in programs if p.is_dir()]
+        if found:
+            env["PATH"] = ":".join([*found, env.get("PATH", "/usr/bin:/bin")])
         return env
 
 
