@@ -110,18 +110,32 @@ class NamespaceJail(HostJail):
                 template.acquire()
             return template
         layer = layers.resolve(policy.template)
-        with self._starting:
+        with self._templates_lock:
+            running = self.custom.get(layer.id)
+            if running is not None:
+                self._use(layer.id, running)
+                idle = self._evictable()
+        if running is not None:
+            for old in idle:
+                self.maybe_close(old)
+            return running
+        with self._starting:  # not while another sandbox's template starts
             with self._templates_lock:
                 found = self.custom.get(layer.id)
             template = found or Template(self.runtime, layer.preload, layer=layer)
             with self._templates_lock:
                 self.custom[layer.id] = template
-                self.custom.move_to_end(layer.id)
-                template.last_used = time.monotonic()
-                template.acquire()
+                self._use(layer.id, template)
                 idle = self._evictable()
         for old in idle:
             self.maybe_close(old)
+        return template
+
+    def _use(self, template_id: str, template: Template) -> Template:
+        """The caller holds the lock: most recently used now, and taken."""
+        self.custom.move_to_end(template_id)
+        template.last_used = time.monotonic()
+        template.acquire()
         return template
 
     def _evictable(self) -> list[Template]:
