@@ -10,6 +10,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -288,6 +289,17 @@ def test_the_http_api_and_the_remote_sdk(templated_service: Service) -> None:
     assert missing.status_code == 404, missing.text
     assert missing.json()["error"]["type"] == "TemplateNotFound"
     assert "template 'no-such' not found" in missing.json()["error"]["message"]
+    for hostile in ("../../etc", "/var/lib/codecage/runtime", "tiny/../tiny", "x" * 65):
+        refused = httpx.post(
+            f"{templated_service.url}/v1/sandboxes", json={"template": hostile}, headers=headers
+        )
+        assert refused.status_code == 422, (hostile, refused.text)
+        refused = httpx.post(
+            f"{templated_service.url}/v1/sandboxes",
+            json={"policy": {"template": hostile}},
+            headers=headers,
+        )
+        assert refused.status_code == 422, (hostile, refused.text)
 
 
 def test_e2b_create_from_a_template(
@@ -306,8 +318,11 @@ def test_e2b_create_from_a_template(
             assert sbx.run_code("import cctiny; cctiny.VALUE").text == "42"
         finally:
             sbx.kill()
-        with pytest.raises(SandboxException, match="template 'no-such' not found"):
-            E2BSandbox.create("no-such")
+        for unknown in ("no-such", "../../etc", "tiny/../tiny", "0123456789abcdef"):
+            with pytest.raises(
+                SandboxException, match=re.escape(f"template '{unknown}' not found")
+            ):
+                E2BSandbox.create(unknown)
     finally:
         assert kill_all(templated_service) == []
 
