@@ -36,6 +36,7 @@ from mcp_overhead import mcp_overhead  # noqa: E402
 from regression import BASE, compare  # noqa: E402
 from service import audit_figures, http_figures, service_at_scale  # noqa: E402
 from state import fork_figures, pause_figures  # noqa: E402
+from templates import template_figures  # noqa: E402
 from tools import tool_overhead  # noqa: E402
 
 from codecage import Policy, Sandbox  # noqa: E402
@@ -216,8 +217,17 @@ def main() -> None:
     parser.add_argument(
         "--state-only", action="store_true", help="pause/resume and fork figures only"
     )
+    parser.add_argument(
+        "--templates-only", action="store_true", help="template build and first create only"
+    )
     args = parser.parse_args()
     n = 10 if args.quick else 40
+    if args.templates_only:
+        figures_t: Figures = {}
+        rates_t: dict[str, float] = {}
+        template_figures(figures_t, rates_t, measure, n)
+        print(json.dumps({"results": figures_t, "ratios": rates_t}, indent=2))
+        return
     if args.backends_only:
         backends_side_by_side()
         return
@@ -247,6 +257,7 @@ def main() -> None:
     e2b_figures(results, ratios, measure, n)
     pause_figures(results, ratios, measure, n)
     fork_figures(results, ratios, measure, n)
+    template_figures(results, ratios, measure, n)
     throughput(results, ratios)
     audit_figures(results, ratios)
     service_at_scale(results, ratios, measure, 100 if args.quick else 1000)

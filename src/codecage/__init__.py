@@ -31,6 +31,8 @@ if _typing.TYPE_CHECKING:
         SandboxNotFound,
         SandboxPaused,
         SnapshotNotFound,
+        TemplateError,
+        TemplateNotFound,
         TransportError,
         UnsupportedLanguage,
     )
@@ -40,6 +42,7 @@ if _typing.TYPE_CHECKING:
     from ._processes import CommandHandle, ProcessInfo, PtySize
     from ._remote import Client, connect
     from ._sandbox import CommandResult, Context, EntryInfo, OutputMessage, Sandbox
+    from ._templates import Template
     from ._warm import start_pool, stop_pool
 
 __version__ = "0.1.0"
@@ -58,6 +61,9 @@ _EXPORTS = {
     "SandboxBusy": "_errors",
     "SandboxPaused": "_errors",
     "SnapshotNotFound": "_errors",
+    "Template": "_templates",
+    "TemplateError": "_errors",
+    "TemplateNotFound": "_errors",
     "connect": "_remote",
     "AsyncSandbox": "_async",
     "CommandResult": "_sandbox",
@@ -126,6 +132,9 @@ __all__ = [
     "SandboxNotFound",
     "SandboxPaused",
     "SnapshotNotFound",
+    "Template",
+    "TemplateError",
+    "TemplateNotFound",
     "TransportError",
     "UnsupportedLanguage",
     "analyze",

@@ -85,9 +85,10 @@ class AsyncSandbox(_AsyncProxy):
         *,
         envs: dict[str, str] | None = None,
         approver: Approver | None = None,
+        template: str | None = None,
     ) -> AsyncSandbox:
         """`approver` is called in a worker thread, never on the event loop."""
-        sandbox = await _in_thread(Sandbox, policy, envs=envs, approver=approver)
+        sandbox = await _in_thread(Sandbox, policy, envs=envs, approver=approver, template=template)
         return cls(sandbox)
 
     @property

@@ -49,6 +49,15 @@ class SnapshotNotFound(SandboxError):
     """No snapshot of this tenant by that id or name (HTTP 404)."""
 
 
+class TemplateNotFound(SandboxError):
+    """No template of that name or id on this node (`codecage template list`; HTTP 404)."""
+
+
+class TemplateError(SandboxError, ValueError):
+    """A template spec is invalid, or its build failed or was refused (a preload that
+    starts threads, an offline build without a wheelhouse): the message says which."""
+
+
 class FileNotFoundInSandbox(SandboxError, FileNotFoundError):
     """A path inside the sandbox does not exist."""
 
@@ -132,6 +141,8 @@ WIRE: dict[type[SandboxError], Wire] = {
     BackendUnavailable: Wire(409, "BackendUnavailable"),
     SandboxNotFound: Wire(404, "SandboxNotFound"),  # another tenant's too: the same answer
     SnapshotNotFound: Wire(404, "SnapshotNotFound"),  # likewise
+    TemplateNotFound: Wire(404, "TemplateNotFound"),
+    TemplateError: Wire(422, "TemplateError"),
     FileNotFoundInSandbox: Wire(404, "FileNotFound", "no such file or directory: {}"),
     ProcessNotFound: Wire(404, "ProcessNotFound", "no such process: {}"),
     CodeRejected: Wire(422, "CodeRejected"),  # with its `findings`

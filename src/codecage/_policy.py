@@ -46,6 +46,9 @@ class Policy(BaseModel):
     open_files_max: int = Field(1024, ge=16, le=1 << 20)
     env_allowlist: tuple[str, ...] = ()
     isolation: Isolation = "namespace"
+    # A built template's name (or id) the sandbox starts from (docs/templates.md); None:
+    # the node's runtime alone.
+    template: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
     allow_weaker: bool = False
     # Guards: layers on top of the jail, never instead of it (docs/policy.md).
     modules_allow: tuple[str, ...] | None = None

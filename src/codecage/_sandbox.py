@@ -122,12 +122,16 @@ class Sandbox:
         approver: Approver | None = None,
         gate: Gate | None = None,
         defaults: Policy | None = None,
+        template: str | None = None,
     ) -> None:
         """`approver(request) -> bool | Decision` answers the approvals the policy asks for
         (see docs/policy.md); without one, requests wait in `codecage.approvals` until
         answered or until `approval_window_s` passes (a no). `gate` and `defaults` are the
-        service's: its broker and tenant, and the limits above which a yes is needed."""
+        service's: its broker and tenant, and the limits above which a yes is needed.
+        `template`: a built template's name (the policy's `template`; docs/templates.md)."""
         self.policy = policy or Policy()
+        if template is not None:
+            self.policy = Policy(**(self.policy.model_dump() | {"template": template}))
         self._gate = gate or Gate(approver=approver)
         self._lock = threading.RLock()
         self._pausing = threading.Lock()  # a pause and a resume take turns
@@ -154,8 +158,9 @@ class Sandbox:
         *,
         envs: dict[str, str] | None = None,
         approver: Approver | None = None,
+        template: str | None = None,
     ) -> Sandbox:
-        return cls(policy, envs=envs, approver=approver)
+        return cls(policy, envs=envs, approver=approver, template=template)
 
     @property
     def id(self) -> str:

@@ -239,7 +239,7 @@ def runtime() -> SimpleNamespace:
 
 def namespace_spec() -> dict[str, Any]:
     template = SimpleNamespace(
-        package=Path("/pkg"), root_mountpoint="/root", landlock_abi=1, data_bytes=0
+        package=Path("/pkg"), root_mountpoint="/root", landlock_abi=1, data_bytes=0, layer=None
     )
     sandbox = SimpleNamespace(
         policy=Policy(),
@@ -256,5 +256,5 @@ def bwrap_spec() -> dict[str, Any]:
     jail = SimpleNamespace(
         runtime=runtime(), landlock=True, preload=("json",), seccomp_program=b"\x00" * 8
     )
-    sandbox = SimpleNamespace(policy=Policy(), id="s", uid=20000, jail=jail)
+    sandbox = SimpleNamespace(policy=Policy(), id="s", uid=20000, jail=jail, layer=None)
     return BwrapLauncher._spec(sandbox, {})  # type: ignore[arg-type]

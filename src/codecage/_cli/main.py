@@ -1,5 +1,5 @@
 """The `codecage` command: its parser and one `cmd_*` function per subcommand (run, shell,
-serve, mcp, keys, audit, approvals, agent, openapi, image, doctor)."""
+serve, mcp, keys, audit, approvals, agent, openapi, image, template, doctor)."""
 
 from __future__ import annotations
 
@@ -464,6 +464,38 @@ def cmd_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_template(args: argparse.Namespace) -> int:
+    """The node's templates (docs/templates.md): build FILE, list, rm NAME."""
+    from .._jail import layers
+
+    if args.template_command == "build":
+        from .._templates import TemplateSpec, build
+
+        spec = TemplateSpec.from_file(args.file)
+        if args.name:
+            spec = TemplateSpec(**(spec.model_dump() | {"name": args.name}))
+        made = build(
+            spec,
+            offline=args.offline,
+            wheelhouse=args.wheelhouse,
+            progress=None if args.json else lambda line: print(clean(line), flush=True),
+        )
+        print(json.dumps(made, indent=2) if args.json else f"{made['name']} {made['id']}")
+        return 0
+    if args.template_command == "list":
+        found = layers.listing()
+        if args.json:
+            print(json.dumps(found, indent=2))
+        elif not found:
+            print("no templates")
+        for t in [] if args.json else found:
+            packages = " ".join(t["packages"]) or "-"
+            print(clean(f"{t['name']}  {t['id']}  {(t['bytes'] or 0) >> 20} MiB  {packages}"))
+        return 0
+    print(f"{args.name}: removed ({layers.remove(args.name)})")
+    return 0
+
+
 def _service_options(parser: argparse.ArgumentParser) -> None:
     """The options of a command that talks to a running service (`_service_client`)."""
     parser.add_argument("--url", help="the service (or CODECAGE_URL)")
@@ -596,6 +628,21 @@ def build_parser() -> argparse.ArgumentParser:
     image_sub = image.add_subparsers(dest="image_command", required=True)
     image_sub.add_parser("build", help="build it (cached: only when its inputs change)")
     image.set_defaults(func=cmd_image)
+    template = sub.add_parser("template", help="custom templates: build, list, rm")
+    template_sub = template.add_subparsers(dest="template_command", required=True)
+    tbuild = template_sub.add_parser("build", help="build a template from a TOML or JSON spec")
+    tbuild.add_argument("file", help="the spec (docs/templates.md)")
+    tbuild.add_argument("--name", help="its name (instead of the spec's)")
+    tbuild.add_argument(
+        "--offline", action="store_true", help="wheels from the wheelhouse only, no index"
+    )
+    tbuild.add_argument("--wheelhouse", help="a directory of wheels (or CODECAGE_WHEELHOUSE)")
+    tbuild.add_argument("--json", action="store_true")
+    tlist = template_sub.add_parser("list", help="the templates built on this node")
+    tlist.add_argument("--json", action="store_true")
+    trm = template_sub.add_parser("rm", help="remove a template (by name)")
+    trm.add_argument("name")
+    template.set_defaults(func=cmd_template)
     doctor = sub.add_parser("doctor", help="which protections this host supports")
     doctor.set_defaults(func=cmd_doctor)
     return parser

@@ -41,6 +41,8 @@ def preload(modules: list[str]) -> None:
         importlib.import_module(name)
         if name == "matplotlib":
             importlib.import_module("matplotlib").use("Agg")
+        if threading.active_count() != 1 or thread_count() != 1:
+            raise RuntimeError(f"preload {name!r} started threads: a template forks, so never")
     _warm()
     gc.collect()
     gc.freeze()  # keep copy-on-write pages shared: the collector never touches them again

@@ -15,6 +15,7 @@ a policy asking for more. How a backend plugs in: docs/backends-internals.md.
     namespace.py  backend `namespace` (default): sandboxes forked from the warm template
     template.py   the host's handle on the template (zygote) process; the staged package
     pool.py       the warm pool: sandboxes forked ahead of demand, handed out once
+    layers.py     the store of built templates (docs/templates.md): name -> id -> layer
     bwrap.py      backend `bwrap`: the policy as bubblewrap arguments, one exec per sandbox
     gvisor.py     backend `gvisor`: a runsc sandbox running an OCI bundle
     guest_oom.py  gvisor's host cgroups (a pids floor) and the host's handling of its OOM

@@ -31,7 +31,7 @@ from typing import Any
 from .._errors import BackendUnavailable, SandboxError
 from .._inside import landlock, seccomp, steps
 from .._policy import Policy
-from . import cgroups, features, oci
+from . import cgroups, features, layers, oci
 from .channel import readable
 from .host import HostJail, environment, raise_nofile, uids
 from .host import rlimits as base_rlimits
@@ -82,6 +82,7 @@ def probe() -> str | None:
 
 class BwrapJail(HostJail):
     name = "bwrap"
+    templates = True
 
     def __init__(
         self, runtime: Runtime | None = None, preload: tuple[str, ...] | None = None
@@ -150,6 +151,8 @@ class BwrapLauncher(BaseLauncher):
         super().__init__(box)
         self.id, self.policy = box.id, box.policy
         self.jail = jail
+        # its custom template, if any (docs/templates.md): bound read-only, on sys.path
+        self.layer = layers.resolve(box.policy.template) if box.policy.template else None
         self.uid = uids.take()
         self.tree: cgroups.SandboxCgroups = cgroups.SandboxCgroups(
             jail.cgroup_version, self.id, jail.owner
@@ -221,9 +224,13 @@ class BwrapLauncher(BaseLauncher):
     def _argv(self, supervisor_fd: int, info_fd: int, pipes: dict[str, int]) -> list[str]:
         p, jail, uid = self.policy, self.jail, str(self.uid)
         runtime = str(jail.runtime.path.resolve())
-        binds = dict.fromkeys(["/usr", runtime, str(jail.package.parent)])
+        paths = [str(jail.package.parent)]
+        if self.layer is not None:
+            paths.append(str(self.layer.site))
+        layer = [str(self.layer.path)] if self.layer is not None else []
+        binds = dict.fromkeys(["/usr", runtime, str(jail.package.parent), *layer])
         bootstrap = (
-            f"import sys; sys.path.insert(0, {str(jail.package.parent)!r}); "
+            f"import sys; sys.path[0:0] = {paths!r}; "
             "from codecage._inside.entry import main; main()"
         )
         args = [
@@ -302,7 +309,7 @@ class BwrapLauncher(BaseLauncher):
 
     def _spec(self, envs: dict[str, str]) -> dict[str, Any]:
         p = self.policy
-        env = environment(self.jail.runtime, p, envs)
+        env = environment(self.jail.runtime, p, envs, self.layer)
         rlimits = base_rlimits(p)
         return {
             "id": self.id,
@@ -311,7 +318,7 @@ class BwrapLauncher(BaseLauncher):
             "env": env,
             "rlimits": rlimits,
             "landlock": self.jail.landlock,
-            "preload": list(self.jail.preload),
+            "preload": list(self.layer.preload if self.layer else self.jail.preload),
             # the host joined the cgroups (JOIN); bwrap made the namespaces, the root, the
             # identity (--uid, --cap-drop ALL) and loaded the filter (--seccomp) before the
             # entry's first instruction; the entry runs the rest of _inside/steps.py

@@ -19,6 +19,7 @@ from .._policy import Policy
 from . import features
 
 if TYPE_CHECKING:
+    from .layers import Layer
     from .pool import Pool
     from .sandbox import HostSandbox
     from .template import Runtime
@@ -54,9 +55,12 @@ def raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def environment(runtime: Runtime, policy: Policy, envs: dict[str, str]) -> dict[str, str]:
+def environment(
+    runtime: Runtime, policy: Policy, envs: dict[str, str], layer: Layer | None = None
+) -> dict[str, str]:
     """A sandbox's environment, for every backend: the runtime's, the paths inside the jail,
-    the host variables the policy names, then the sandbox's own."""
+    its template's (docs/templates.md), the host variables the policy names, then the
+    sandbox's own."""
     env = runtime.base_env() | {
         "HOME": "/home/user",
         "MPLCONFIGDIR": "/home/user/.config/matplotlib",
@@ -64,6 +68,8 @@ def environment(runtime: Runtime, policy: Policy, envs: dict[str, str]) -> dict[
         "TMPDIR": "/tmp",
         "PYTHONUNBUFFERED": "1",
     }
+    if layer is not None:
+        env = layer.environment(env)
     env |= {k: os.environ[k] for k in policy.env_allowlist if k in os.environ}
     return {**env, **envs}
 
@@ -100,10 +106,20 @@ class HostJail:
     why: dict[str, str] = {}
     pools: tuple[Pool, ...] = ()  # replaced whole under _pools_lock, read without it
     renewals = 0  # template renewals so far (a pool drops forks of a renewed template)
+    templates = False  # whether sandboxes may start from a custom template (docs/templates.md)
     _pools_lock = threading.Lock()
 
     def check(self, policy: Policy) -> None:
         features.check(self.name, self.enforces, policy, self.why)
+        if policy.template is not None:
+            if not self.templates:
+                raise PolicyError(
+                    f"policy field 'template': backend {self.name!r} does not run custom "
+                    "templates (namespace and bwrap do; docs/templates.md)"
+                )
+            from .layers import resolve
+
+            resolve(policy.template)  # TemplateNotFound before anything starts
 
     def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
         """Start a sandbox cold (the pool calls this too): a HostSandbox over this backend's

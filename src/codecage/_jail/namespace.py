@@ -6,6 +6,7 @@ everything after the launch (the protocol, budgets, recovery) is sandbox.HostSan
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import itertools
 import json
@@ -19,13 +20,13 @@ from typing import Any
 from .._errors import BackendUnavailable, SandboxError
 from .._inside import steps
 from .._policy import Policy
-from . import cgroups, features
+from . import cgroups, features, layers
 from .host import UID_BASE, HostJail, environment, raise_nofile, uids
 from .host import rlimits as base_rlimits
 from .launcher import NO_MOUNTS, BaseLauncher, Launched, Mounts
 from .proctree import ProcessTree
 from .sandbox import HostSandbox
-from .template import Runtime, Template
+from .template import DEFAULT_PRELOAD, Runtime, Template
 
 __all__ = ["UID_BASE", "NamespaceJail", "NamespaceLauncher"]
 
@@ -42,9 +43,13 @@ class NamespaceJail(HostJail):
     """Backend `namespace`: forks sandboxes from one template process."""
 
     name = "namespace"
+    templates = True
 
     def __init__(
-        self, runtime: Runtime | None = None, preload: tuple[str, ...] | None = None
+        self,
+        runtime: Runtime | None = None,
+        preload: tuple[str, ...] | None = None,
+        max_templates: int | None = None,
     ) -> None:
         raise_nofile()
         # Not root: a user namespace replaces root, and a process tree replaces cgroups.
@@ -61,9 +66,17 @@ class NamespaceJail(HostJail):
             cgroups.cap_owner(version, self.owner, total)
             self.total_memory_mb = total
         self.runtime = runtime or Runtime.default()
-        kwargs = {"preload": preload} if preload is not None else {}
-        self.template = Template(self.runtime, **kwargs)
+        self.template = Template(self.runtime, DEFAULT_PRELOAD if preload is None else preload)
         self._templates_lock = threading.Lock()
+        # Custom templates' processes, by template id, least recently used first; started on
+        # demand, and an idle one beyond `max_templates` is stopped (docs/templates.md).
+        self.custom: collections.OrderedDict[str, Template] = collections.OrderedDict()
+        self.max_templates = (
+            max_templates
+            if max_templates is not None
+            else int(os.environ.get("CODECAGE_TEMPLATE_PROCESSES", 4))
+        )
+        self._starting = threading.Lock()  # one custom template started at a time
         self._features()
 
     def _features(self) -> None:
@@ -86,11 +99,80 @@ class NamespaceJail(HostJail):
     def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
         return HostSandbox(policy, lambda box: NamespaceLauncher(self, box), envs)
 
+    def template_for(self, policy: Policy) -> Template:
+        """The template process a sandbox of this policy forks from: the base one, or its
+        custom template's, started now if it is not running (TemplateNotFound if there is
+        no such template). Taken (`acquire`) before it is returned, so it is never stopped
+        between the choice and the fork."""
+        if policy.template is None:
+            with self._templates_lock:
+                template = self.template
+                template.acquire()
+            return template
+        layer = layers.resolve(policy.template)
+        with self._templates_lock:
+            running = self.custom.get(layer.id)
+            if running is not None:
+                self._use(layer.id, running)
+                idle = self._evictable()
+        if running is not None:
+            for old in idle:
+                self.maybe_close(old)
+            return running
+        with self._starting:  # not while another sandbox's template starts
+            with self._templates_lock:
+                found = self.custom.get(layer.id)
+            template = found or Template(self.runtime, layer.preload, layer=layer)
+            with self._templates_lock:
+                self.custom[layer.id] = template
+                self._use(layer.id, template)
+                idle = self._evictable()
+        for old in idle:
+            self.maybe_close(old)
+        return template
+
+    def _use(self, template_id: str, template: Template) -> Template:
+        """The caller holds the lock: most recently used now, and taken."""
+        self.custom.move_to_end(template_id)
+        template.last_used = time.monotonic()
+        template.acquire()
+        return template
+
+    def _evictable(self) -> list[Template]:
+        """Beyond `max_templates`, the least recently used idle ones are retired (the caller
+        holds the lock); they stop now (no sandbox of theirs lives)."""
+        out = []
+        for template_id, template in list(self.custom.items()):
+            if len(self.custom) <= self.max_templates:
+                break
+            if template.live == 0:
+                del self.custom[template_id]
+                template.retired = True
+                out.append(template)
+        return out
+
     def renew_if_older(self, max_age_s: float) -> bool:
-        if time.monotonic() - self.template.started <= max_age_s:
-            return False
+        now = time.monotonic()
+        with self._templates_lock:
+            old = [t for t in self.custom.values() if now - t.started > max_age_s]
+        for template in old:
+            self._renew_custom(template)
+        if now - self.template.started <= max_age_s:
+            return bool(old)
         self.renew_template()
         return True
+
+    def _renew_custom(self, template: Template) -> None:
+        assert template.layer is not None
+        fresh = Template(self.runtime, template.preload, layer=template.layer)
+        with self._templates_lock:
+            if self.custom.get(template.layer.id) is template:
+                self.custom[template.layer.id] = fresh
+            else:
+                fresh.retired = True
+            template.retired = True
+        self.maybe_close(template)
+        self.maybe_close(fresh)
 
     def renew_template(self) -> None:
         """Re-execute the template, so sandboxes do not share one address-space layout,
@@ -111,6 +193,10 @@ class NamespaceJail(HostJail):
     def close(self) -> None:
         super().close()
         self.template.close()
+        with self._templates_lock:
+            custom, self.custom = list(self.custom.values()), collections.OrderedDict()
+        for template in custom:
+            template.close()
         if self.cgroup_version:
             cgroups.remove_owner(self.cgroup_version, self.owner)
 
@@ -132,8 +218,8 @@ class NamespaceLauncher(BaseLauncher):
         super().__init__(box)
         self.id, self.policy = box.id, box.policy
         self.jail = jail
-        self.template = jail.template  # its own: the jail may re-execute a newer one meanwhile
-        self.template.acquire()
+        # its own (acquired): the jail may re-execute a newer one meanwhile
+        self.template = jail.template_for(box.policy)
         self.uid = uids.take()
         self.tree: cgroups.SandboxCgroups | ProcessTree = (
             ProcessTree()
@@ -187,8 +273,11 @@ class NamespaceLauncher(BaseLauncher):
 
     def _spec(self, envs: dict[str, str]) -> dict[str, Any]:
         p, runtime = self.policy, self.jail.runtime
-        env = environment(runtime, p, envs)
+        layer = self.template.layer
+        env = environment(runtime, p, envs, layer)
         binds = ["/usr", str(runtime.path.resolve()), str(self.template.package)]
+        if layer is not None:
+            binds.append(str(layer.path))  # read-only, at the same path (docs/templates.md)
         rlimits = base_rlimits(p)
         if self.jail.rootless:  # no cgroups: per-process rlimits are all there is
             if p.pids_max is not None:

@@ -20,10 +20,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import BackendUnavailable, SandboxError
 from .._inside.messages import TemplateRequest
+
+if TYPE_CHECKING:
+    from .layers import Layer
 
 DEFAULT_RUNTIME = "/var/lib/codecage/runtime"
 DEFAULT_PRELOAD = ("numpy", "pandas", "matplotlib", "matplotlib.pyplot", "IPython")
@@ -126,26 +129,39 @@ def package_dir(stage: Path) -> Path:
 class Template:
     """One template process. spawn() is serialized: the template forks one sandbox at a time."""
 
-    def __init__(self, runtime: Runtime, preload: tuple[str, ...] = DEFAULT_PRELOAD) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        preload: tuple[str, ...] = DEFAULT_PRELOAD,
+        layer: Layer | None = None,
+    ) -> None:
+        """`layer`: a custom template's (docs/templates.md): its site directory goes on
+        sys.path, its environment into the template's, and its preload list is `preload`."""
         runtime.check()
         self.runtime = runtime
         self.preload = preload
+        self.layer = layer
+        self.last_used = time.monotonic()
         self._lock = threading.Lock()
         self._rid = 0
         self.started = time.monotonic()
         self.live = 0  # sandboxes forked from this template and not yet killed
         self.retired = False
+        self._closed = False
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         env = runtime.base_env() | {
             "HOME": "/home/user",
             "MPLCONFIGDIR": str(runtime.path / "share" / "mplconfig"),
         }
+        if layer is not None:
+            env = layer.environment(env)
         state = state_dir()
         self.package = package_dir(state / "pkg")
         self.root_mountpoint = state / "root"
         self.root_mountpoint.mkdir(exist_ok=True)
+        paths = [str(self.package.parent)] + ([str(layer.site)] if layer is not None else [])
         bootstrap = (
-            f"import sys; sys.path.insert(0, {str(self.package.parent)!r}); "
+            f"import sys; sys.path[0:0] = {paths!r}; "
             "from codecage._inside.zygote import main; main()"
         )
         config = json.dumps({"preload": list(preload)})
@@ -232,7 +248,10 @@ class Template:
         return ""
 
     def close(self) -> None:
-        """Closing the channel tells the template to reap its children and exit."""
+        """Closing the channel tells the template to reap its children and exit. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         with contextlib.suppress(OSError):
             self._sock.close()
         try:

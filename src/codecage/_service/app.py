@@ -62,6 +62,9 @@ class CreateSandbox(BaseModel):
     snapshot: str | None = Field(
         None, max_length=256, description="start from this snapshot (id or name; docs/fork.md)"
     )
+    template: str | None = Field(
+        None, max_length=64, description="a built template's name (docs/templates.md)"
+    )
 
 
 class SnapshotBody(BaseModel):
@@ -461,11 +464,12 @@ def create_sandbox(
     manager: Manager = MANAGER,
 ) -> SandboxOut:
     _valid_text(body)
+    overrides = body.policy | ({"template": body.template} if body.template else {})
     with operation(client_ref=ref):
         if body.snapshot is not None:
-            made = manager.from_snapshot(who, body.snapshot, overrides=body.policy, envs=body.envs)
+            made = manager.from_snapshot(who, body.snapshot, overrides=overrides, envs=body.envs)
             return sandbox_out(made)
-        return sandbox_out(manager.create(who, body.policy, body.envs))
+        return sandbox_out(manager.create(who, overrides, body.envs))
 
 
 @sandboxes.get("/v1/sandboxes", response_model=list[SandboxOut], responses=ERRORS)

@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .._errors import PolicyError
 from .._policy import SEVERITIES, Policy
+from .._wheelhouse import wheelhouse_dir
 
 if TYPE_CHECKING:
     from .audit import AuditLog
@@ -46,6 +47,12 @@ class ServerConfig(BaseModel):
     db: str = "/var/lib/codecage/audit.db"
     # Where snapshots are kept (None: a `snapshots` directory beside the audit log).
     snapshot_dir: str | None = None
+    # The operator's wheelhouse, a directory of wheels installed without the index (the
+    # environment's CODECAGE_WHEELHOUSE, default /var/lib/codecage/wheelhouse).
+    wheelhouse: str = Field(default_factory=lambda: str(wheelhouse_dir()))
+    # The node's built templates (docs/templates.md; None: CODECAGE_TEMPLATES, default
+    # /var/lib/codecage/templates).
+    template_dir: str | None = None
     # What one run may add to the audit log: its code up to this many bytes (the full length
     # and sha256 are always kept).
     audit_code_bytes: int = Field(64 << 10, ge=0)
@@ -144,6 +151,8 @@ def within(base: Policy, requested: dict[str, Any], ceiling: Policy) -> Policy:
     guards (module lists, static analysis, approvals) can only be made stricter than `base`."""
     policy = Policy(**(base.model_dump() | requested))
     for name in requested:
+        if name == "template":  # any of the node's templates (docs/templates.md)
+            continue
         if name in GUARDS:
             if not GUARDS[name](getattr(policy, name), getattr(base, name)):
                 raise PolicyError(

@@ -11,6 +11,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import os
 import re
 import secrets
 import shlex
@@ -189,6 +190,8 @@ class Metrics:
 class Manager:
     def __init__(self, config: ServerConfig, audit: AuditLog) -> None:
         self.config = config
+        if config.template_dir is not None:  # where the jail looks templates up
+            os.environ["CODECAGE_TEMPLATES"] = config.template_dir
         self.audit = audit
         self._snapshots: SnapshotStore | None = None
         self.metrics = Metrics()

@@ -28,7 +28,8 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..._approvals import operation
-from ..._errors import SandboxBusy, SandboxPaused
+from ..._errors import SandboxBusy, SandboxPaused, TemplateNotFound
+from ..._jail import layers
 from ..._text import has_lone_surrogate
 from ..manager import Entry, Manager
 from ..snapshots import Snapshot
@@ -159,11 +160,11 @@ def detail(entry: Entry) -> dict[str, Any]:
 async def create_sandbox(
     body: NewSandbox, request: Request, who: str = TENANT, manager: Manager = MANAGER
 ) -> dict[str, Any]:
-    snapshot = None
+    snapshot, template = None, None
     if body.template_id not in TEMPLATES:
         snapshot = manager.snapshots.get(who, body.template_id)
         if snapshot is None:
-            raise E2BError(404, f"template '{body.template_id}' not found")
+            template = _node_template(body.template_id)
     if body.volume_mounts:
         raise E2BError(400, "volumeMounts: this server has no volumes")
     if body.allow_internet_access:
@@ -176,6 +177,8 @@ async def create_sandbox(
     idle, most = manager.config.policy.idle_timeout_s, manager.config.ceiling.idle_timeout_s
     if idle is not None and body.timeout > idle:  # idle for its whole lifetime, if allowed
         overrides["idle_timeout_s"] = body.timeout if most is None else min(body.timeout, most)
+    if template is not None:
+        overrides["template"] = template
 
     def work() -> Entry:
         with operation(client_ref=ref[:64] if ref else None):
@@ -201,6 +204,15 @@ async def create_sandbox(
         return entry
 
     return created(await run_in_threadpool(work))
+
+
+def _node_template(template_id: str) -> str:
+    """A template built on this node (docs/templates.md), by name or id; E2B's 404 else."""
+    try:
+        layers.resolve(template_id)
+    except TemplateNotFound:
+        raise E2BError(404, f"template '{template_id}' not found") from None
+    return template_id
 
 
 def _metadata_filter(raw: str | None) -> dict[str, str]:
