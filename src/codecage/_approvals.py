@@ -243,6 +243,11 @@ def operation(**fields: str | None) -> Iterator[None]:
         _operation.reset(token)
 
 
+def current_run() -> str | None:
+    """The audit run of the operation being served on this thread, if any (see `operation`)."""
+    return dict(_operation.get()).get("run_id")
+
+
 def with_envs(reasons: list[str], envs: dict[str, str] | None) -> list[str]:
     """What was asked about must be what runs: environment overrides are part of it."""
     if reasons and envs:
