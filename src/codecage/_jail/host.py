@@ -65,12 +65,12 @@ def environment(runtime: Runtime, policy: Policy, envs: dict[str, str]) -> dict[
         "TMPDIR": "/tmp",
         "PYTHONUNBUFFERED": "1",
     }
-    env |= pip_environment(runtime)
+    env |= pip_environment(runtime.version, env.get("PATH", "/usr/bin:/bin"))
     env |= {k: os.environ[k] for k in policy.env_allowlist if k in os.environ}
     return {**env, **envs}
 
 
-def pip_environment(runtime: Runtime) -> dict[str, str]:
+def pip_environment(version: str, path: str) -> dict[str, str]:
     """pip inside: never an index, only the wheels the host handed in, installed into the
     workspace's site directory (on sys.path), never the read-only runtime (docs/packages.md)."""
     return {
@@ -81,8 +81,8 @@ def pip_environment(runtime: Runtime) -> dict[str, str]:
         "PIP_NO_CACHE_DIR": "1",
         "PIP_NO_INPUT": "1",
         "PIP_ROOT_USER_ACTION": "ignore",
-        "PYTHONPATH": site_dir(runtime.version),
-        "PATH": f"{runtime.base_env()['PATH']}:{PREFIX}/bin",
+        "PYTHONPATH": site_dir(version),
+        "PATH": f"{path}:{PREFIX}/bin",
     }
 
 
