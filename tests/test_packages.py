@@ -97,20 +97,24 @@ def test_a_package_not_in_the_wheelhouse_is_a_clear_error(backend: str, house: P
         with pytest.raises(PackageRefused, match="nosuchpkg"):
             sbx.commands.run("pip install -q nosuchpkg")
         # pip run where the host does not look (from Python) finds nothing, and tries no index
-        ex = sbx.run_code(
-            "import subprocess, sys\n"
-            "p = subprocess.run([sys.executable, '-m', 'pip', 'install', 'nosuchpkg'],"
-            " capture_output=True, text=True)\nprint(p.returncode, p.stderr)"
+        pip = (
+            "import os, subprocess, sys\n"
+            "def pip(*args, **env):\n"
+            "    env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}\n"
+            "    p = subprocess.run([sys.executable, '-m', 'pip', 'install', *args],"
+            " capture_output=True, text=True, env=env)\n"
+            "    return p.stdout + p.stderr\n"
         )
-        assert "No matching distribution found for nosuchpkg" in "".join(ex.logs.stdout), ex
-        # positive control: told to use an index, pip would go to the network, and the jail
-        # has none (the boundary)
-        ex = sbx.run_code(
-            "p = subprocess.run([sys.executable, '-m', 'pip', 'install', '--index-url',"
-            " 'http://192.0.2.1/simple', '--retries', '0', '--timeout', '2', 'nosuchpkg'],"
-            " capture_output=True, text=True)\nprint(p.returncode, p.stdout, p.stderr)"
-        )
-        assert "Network is unreachable" in "".join(ex.logs.stdout), ex
+        out = sbx.run_code(pip + "pip('--index-url', 'http://192.0.2.1/simple', 'nosuchpkg')").text
+        assert "No matching distribution found for nosuchpkg" in out, out
+        assert "Looking in indexes" not in out, out
+        # positive control: without PIP_NO_INDEX, pip would look there; and the jail has
+        # no network to look with (the boundary)
+        control = "pip('--index-url', 'http://192.0.2.1/simple', 'nosuchpkg', PIP_NO_INDEX=None)"
+        out = sbx.run_code(control).text
+        assert "Looking in indexes: http://192.0.2.1/simple" in out, out
+        ex = sbx.run_code("import socket\nsocket.create_connection(('192.0.2.1', 80), 2)")
+        assert ex.error is not None and "Network is unreachable" in ex.error.value, ex
         assert sbx.packages == [] and sbx.run_code("1 + 1").text == "2"
 
 
