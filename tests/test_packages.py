@@ -23,6 +23,7 @@ from codecage.testing import policy
 from codecage.testing.wheels import make_wheel
 
 from .conftest import start_service, stop_service
+from .e2b_server import env_for, kill_all
 
 pytestmark = pytest.mark.requires_root
 
@@ -274,3 +275,30 @@ def test_the_audit_log_records_what_was_installed(served: Any, house: Path) -> N
     assert kinds == ["execute", "execute", "command", "process"]
     refused = [r for r in runs.values() if r["error_name"] == "PackageRefused"]
     assert len(refused) == 1 and refused[0]["outcome"] == "failed"
+
+
+def test_e2b_sdks_install_from_the_wheelhouse(
+    served: Any, house: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    e2b_ci = pytest.importorskip("e2b_code_interpreter")
+    for name, value in env_for(served).items():
+        monkeypatch.setenv(name, value)
+    for name in ("E2B_DEBUG", "E2B_ACCESS_TOKEN", "E2B_DOMAIN", "E2B_HTTP_VERSION"):
+        monkeypatch.delenv(name, raising=False)
+    sandbox = e2b_ci.Sandbox.create(timeout=120)
+    try:
+        ex = sandbox.run_code("!pip install tinypkg\nimport tinypkg\nprint(tinypkg.ANSWER)")
+        assert ex.error is None and ex.logs.stdout[-1] == "42\n", ex
+        done = sandbox.commands.run("pip install shellpkg", timeout=120)
+        assert done.exit_code == 0, done
+        refused = sandbox.run_code("!pip install nosuchpkg")
+        assert refused.error is not None and refused.error.name == "PackageRefused", refused
+    finally:
+        sandbox.kill()
+    assert kill_all(served) == []
+    conn = sqlite3.connect(served.db)
+    try:
+        names = [r[0] for r in conn.execute("SELECT name FROM packages ORDER BY rowid")]
+    finally:
+        conn.close()
+    assert names == ["tinypkg", "tinydep", "shellpkg"]

@@ -33,7 +33,7 @@ class ApprovalRequest:
     """An operation waiting for a person's yes."""
 
     id: str
-    kind: str  # "execute", "command", "download" or "create"
+    kind: str  # "execute", "command", "download", "create" or "packages"
     reasons: list[str]
     subject: str  # the code, the command, the path, or the limits asked for
     sandbox_id: str | None = None
