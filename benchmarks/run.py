@@ -33,6 +33,7 @@ from baselines import (  # noqa: E402
 from density import bwrap_baseline, pool_figures, scaling, throughput  # noqa: E402
 from e2b_sdk import e2b_figures  # noqa: E402
 from mcp_overhead import mcp_overhead  # noqa: E402
+from packages import package_figures  # noqa: E402
 from regression import BASE, compare  # noqa: E402
 from service import audit_figures, http_figures, service_at_scale  # noqa: E402
 from state import fork_figures, pause_figures  # noqa: E402
@@ -220,6 +221,9 @@ def main() -> None:
     parser.add_argument(
         "--templates-only", action="store_true", help="template build and first create only"
     )
+    parser.add_argument(
+        "--packages-only", action="store_true", help="pip install from the wheelhouse only"
+    )
     args = parser.parse_args()
     n = 10 if args.quick else 40
     if args.templates_only:
@@ -237,11 +241,14 @@ def main() -> None:
     if args.e2b_only:
         e2b_side_by_side(n)
         return
-    if args.state_only:
+    if args.state_only or args.packages_only:
         figures: Figures = {}
         rates: dict[str, float] = {}
-        pause_figures(figures, rates, measure, n)
-        fork_figures(figures, rates, measure, n)
+        if args.state_only:
+            pause_figures(figures, rates, measure, n)
+            fork_figures(figures, rates, measure, n)
+        else:
+            package_figures(figures, rates, measure, n)
         print(json.dumps({"results": figures, "ratios": rates}, indent=2))
         return
     results: Figures = {}
@@ -258,6 +265,7 @@ def main() -> None:
     pause_figures(results, ratios, measure, n)
     fork_figures(results, ratios, measure, n)
     template_figures(results, ratios, measure, n)
+    package_figures(results, ratios, measure, n)
     throughput(results, ratios)
     audit_figures(results, ratios)
     service_at_scale(results, ratios, measure, 100 if args.quick else 1000)

@@ -33,7 +33,7 @@ class ApprovalRequest:
     """An operation waiting for a person's yes."""
 
     id: str
-    kind: str  # "execute", "command", "download" or "create"
+    kind: str  # "execute", "command", "download", "create" or "packages"
     reasons: list[str]
     subject: str  # the code, the command, the path, or the limits asked for
     sandbox_id: str | None = None
@@ -241,6 +241,11 @@ def operation(**fields: str | None) -> Iterator[None]:
         yield
     finally:
         _operation.reset(token)
+
+
+def current_run() -> str | None:
+    """The audit run of the operation being served on this thread, if any (see `operation`)."""
+    return dict(_operation.get()).get("run_id")
 
 
 def with_envs(reasons: list[str], envs: dict[str, str] | None) -> list[str]:

@@ -88,6 +88,11 @@ class ApprovalNotFound(SandboxError):
     """No pending approval has that id: it never existed, or it was already decided."""
 
 
+class PackageRefused(SandboxError):
+    """A `pip install` the host will not serve: not in the operator's wheelhouse, not
+    allowed by the policy (`packages_allow`), or not a package name (docs/packages.md)."""
+
+
 class TransportError(SandboxError):
     """The channel to a sandbox or to a service broke or carried invalid data."""
 
@@ -148,6 +153,7 @@ WIRE: dict[type[SandboxError], Wire] = {
     CodeRejected: Wire(422, "CodeRejected"),  # with its `findings`
     ApprovalDenied: Wire(403, "ApprovalDenied"),
     ApprovalNotFound: Wire(404, "ApprovalNotFound"),
+    PackageRefused: Wire(422, "PackageRefused"),
     TransportError: Wire(409, "TransportError"),
     QuotaExceeded: Wire(429, "QuotaExceeded"),
     SandboxBusy: Wire(409, "SandboxBusy"),

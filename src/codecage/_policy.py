@@ -21,6 +21,7 @@ from ._errors import PolicyError
 Isolation = Literal["namespace", "bwrap", "gvisor", "container"]
 Severity = Literal["low", "medium", "high"]
 SEVERITIES: tuple[Severity, ...] = ("low", "medium", "high")
+_PACKAGE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,98}[A-Za-z0-9])?")
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
@@ -59,6 +60,9 @@ class Policy(BaseModel):
     approval_download_mb: float | None = Field(None, ge=0)
     approval_limits_above_default: bool = False
     approval_window_s: float = Field(300.0, gt=0, le=86400)
+    # Packages a `pip install` may take from the operator's wheelhouse (docs/packages.md).
+    packages_allow: tuple[str, ...] | None = None
+    approval_packages: bool = False
 
     @field_validator("modules_allow", "modules_deny")
     @classmethod
@@ -66,6 +70,14 @@ class Policy(BaseModel):
         for name in names or ():
             if not _MODULE.fullmatch(name):
                 raise ValueError(f"{name!r} is not a module name")
+        return names
+
+    @field_validator("packages_allow")
+    @classmethod
+    def _package_names(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        for name in names or ():
+            if not _PACKAGE.fullmatch(name):
+                raise ValueError(f"{name!r} is not a package name")
         return names
 
     def __init__(self, **data: Any) -> None:

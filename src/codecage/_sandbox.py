@@ -9,8 +9,11 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import dataclasses
 import datetime
+import hashlib
 import itertools
+import os
 import secrets
 import signal
 import threading
@@ -18,14 +21,16 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, overload
 
 from . import _state
 from ._api import check_envs, prepare_code
-from ._approvals import Approver, Gate, _pending_event, with_envs
+from ._approvals import Approver, Gate, _pending_event, current_run, with_envs
 from ._errors import (
     ContextNotFound,
     FileNotFoundInSandbox,
+    PackageRefused,
     SandboxBusy,
     SandboxError,
     SandboxNotFound,
@@ -36,6 +41,7 @@ from ._errors import (
 from ._inside import contexts as _contexts
 from ._inside.messages import CommandRequest, ContextCreateRequest, ReplyRequest
 from ._jail import Jailed, get_jail
+from ._jail.template import Runtime
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
 from ._policy import Policy, effective_timeout
 from ._processes import (
@@ -44,6 +50,15 @@ from ._processes import (
     PtySize,
     call,
     start_process,
+)
+from ._wheelhouse import (
+    FIND_LINKS,
+    REQUIREMENT,
+    Wheel,
+    Wheelhouse,
+    canonical,
+    requested,
+    site_dir,
 )
 
 FILE_CHUNK = 4 << 20
@@ -123,15 +138,25 @@ class Sandbox:
         gate: Gate | None = None,
         defaults: Policy | None = None,
         template: str | None = None,
+        wheelhouse: str | os.PathLike[str] | None = None,
     ) -> None:
         """`approver(request) -> bool | Decision` answers the approvals the policy asks for
         (see docs/policy.md); without one, requests wait in `codecage.approvals` until
         answered or until `approval_window_s` passes (a no). `gate` and `defaults` are the
         service's: its broker and tenant, and the limits above which a yes is needed.
-        `template`: a built template's name (the policy's `template`; docs/templates.md)."""
+        `template`: a built template's name (the policy's `template`; docs/templates.md).
+        `wheelhouse`: the directory of wheels a `pip install` inside may take from
+        (default $CODECAGE_WHEELHOUSE, else /var/lib/codecage/wheelhouse; docs/packages.md)."""
         self.policy = policy or Policy()
         if template is not None:
             self.policy = Policy(**(self.policy.model_dump() | {"template": template}))
+        self._wheelhouse_path = None if wheelhouse is None else Path(wheelhouse)
+        self._wheelhouse: Wheelhouse | None = None
+        # The wheels handed in so far (their records, in order; by file name), and who is
+        # told of each batch before the install runs (the service's audit log).
+        self.packages: list[dict[str, Any]] = []
+        self._handed: dict[str, Wheel] = {}
+        self.package_observer: Callable[[str | None, list[dict[str, Any]]], None] | None = None
         self._gate = gate or Gate(approver=approver)
         self._lock = threading.RLock()
         self._pausing = threading.Lock()  # a pause and a resume take turns
@@ -204,7 +229,14 @@ class Sandbox:
 
         def into_child(chunks: Iterator[bytes]) -> None:
             first = next(chunks)  # a variable that does not pickle: before any sandbox
-            child = Sandbox(self.policy, envs=self._envs, gate=self._gate, defaults=self._defaults)
+            child = Sandbox(
+                self.policy,
+                envs=self._envs,
+                gate=self._gate,
+                defaults=self._defaults,
+                wheelhouse=self._wheelhouse_path,
+            )
+            child._handed = dict(self._handed)  # installed in the workspace it carries
             children.append(child)
             child.import_state(itertools.chain([first], chunks))
 
@@ -445,6 +477,7 @@ class Sandbox:
             on_event=on_event,
             envs=envs,
         )
+        self._packages(text, shell=bash, run_id=run_id, on_event=on_event)
         with self._lock:
             jailed = self._use()
             self.busy = True
@@ -487,10 +520,100 @@ class Sandbox:
         return start_process(self, "/bin/bash", ["-i", "-l"], envs=envs, cwd=cwd, pty=size)
 
     def _gate_command(self, cmd: str, envs: dict[str, str]) -> None:
-        """The policy's approval for commands (`approval_commands`), if it asks for one."""
+        """The policy's approval for commands (`approval_commands`), if it asks for one;
+        then the wheels of any `pip install` in it."""
         if self.policy.approval_commands:
             reasons = with_envs(["approval_commands=true"], envs)
             self._gate.check(self.policy, "command", reasons, cmd, sandbox_id=self.id)
+        self._packages(cmd, shell=True)
+
+    # -- packages from the operator's wheelhouse (docs/packages.md) ---------------------------
+
+    def _packages(
+        self,
+        text: str,
+        *,
+        shell: bool,
+        run_id: str | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
+        """Before code or a command runs: the wheels its `pip install` needs, resolved on
+        the host against the wheelhouse, checked against the policy (refused, or waiting
+        for a yes), recorded, then written into the sandbox, where its pip finds them."""
+        wanted = requested(text, shell)
+        if not wanted:
+            return
+        policy = self.policy
+        allow = (
+            None if policy.packages_allow is None else {canonical(n) for n in policy.packages_allow}
+        )
+        house = self._house()
+        have = house.installed() | {w.name for w in self._handed.values()}
+        asks = []
+        for req in wanted:
+            match = REQUIREMENT.fullmatch(req)
+            assert match is not None  # requested() returns only these
+            name = canonical(match["name"])
+            if req == match["name"] and name in have:
+                continue  # installed already: the sandbox's pip says so, offline
+            if allow is not None and name not in allow and name not in house.installed():
+                raise PackageRefused(
+                    f"{match['name']}: not allowed by the policy (packages_allow="
+                    f"{sorted(allow)}); nothing was run"
+                )
+            asks.append(req)
+        if not asks:
+            return
+        wheels = [w for w in house.resolve(asks) if w.wheel not in self._handed]
+        for wheel in wheels:
+            if wheel.requested and allow is not None and wheel.name not in allow:
+                raise PackageRefused(
+                    f"{wheel.name}: not allowed by the policy (packages_allow={sorted(allow)});"
+                    " nothing was run"
+                )
+        if not wheels:
+            return
+        if policy.approval_packages:
+            listed = "\n".join(str(w) for w in wheels)
+            self._gate.check(
+                policy,
+                "packages",
+                [f"approval_packages=true: {len(wheels)} package(s) from the wheelhouse"],
+                listed,
+                sandbox_id=self.id,
+                run_id=run_id,
+                notify=None if on_event is None else _pending_event(on_event),
+            )
+        handed = [self._hand_in(house, w) for w in wheels]
+        records = [w.to_dict() for w in handed]
+        if self.package_observer is not None:  # recorded before the install can run
+            self.package_observer(run_id or current_run(), records)
+        for wheel in handed:
+            self._handed[wheel.wheel] = wheel
+        self.packages.extend(records)
+
+    def _house(self) -> Wheelhouse:
+        if self._wheelhouse is None:
+            runtime = Runtime.default()
+            self._wheelhouse = Wheelhouse(
+                self._wheelhouse_path, runtime.python, runtime.site_packages
+            )
+        return self._wheelhouse
+
+    def _hand_in(self, house: Wheelhouse, wheel: Wheel) -> Wheel:
+        """Write one wheel into the sandbox (under a temporary name, renamed whole), hashing
+        the bytes as they go: the record is of what the sandbox was given."""
+        digest, size = hashlib.sha256(), 0
+        part = f"{FIND_LINKS}/.{wheel.wheel}.part"
+        for chunk in house.open(wheel):
+            self.files._write_chunk(part, chunk, append=size > 0)
+            digest.update(chunk)
+            size += len(chunk)
+        if size == 0:
+            self.files._write_chunk(part, b"", append=False)
+        self.files.rename(part, f"{FIND_LINKS}/{wheel.wheel}")
+        self.files.make_dir(site_dir(house.version))
+        return dataclasses.replace(wheel, sha256=digest.hexdigest(), size=size)
 
     def kill(self) -> None:
         """End the sandbox: every process, its cgroups and its workspace are gone. Never

@@ -234,7 +234,7 @@ def test_the_seccomp_claim_is_checked() -> None:
 
 
 def runtime() -> SimpleNamespace:
-    return SimpleNamespace(base_env=dict, path=Path("/opt/runtime"))
+    return SimpleNamespace(base_env=dict, path=Path("/opt/runtime"), version="3.11")
 
 
 def namespace_spec() -> dict[str, Any]:

@@ -24,7 +24,7 @@ import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from . import commands, contexts, files, libc
+from . import commands, contexts, files, libc, packages
 from .messages import (
     DoneEvent,
     EndEvent,
@@ -261,6 +261,7 @@ def main(sock: socket.socket, spec: dict[str, Any], ctx: dict[str, Any]) -> None
         os.chdir("/")
     if "" not in sys.path:  # as in Jupyter: modules written into the workspace import
         sys.path.insert(0, "")
+    packages.on_path()  # what `pip install` put in the workspace imports too
     _reseed()
     Kernel(Channel(sock)).serve()
 
@@ -475,6 +476,7 @@ class Kernel:
         )
         saved = dict(os.environ)
         os.environ.update({str(k): str(v) for k, v in (request.get("envs") or {}).items()})
+        packages.refresh()
         started = time.perf_counter()
         code, mode = str(request.get("code", "")), str(request.get("mode"))
         exit_code: int | None = None

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from .._errors import PolicyError, SandboxError
 from .._inside.messages import GuardRequest
+from .._inside.packages import FIND_LINKS, PREFIX, site_dir
 from .._policy import Policy
 from . import features
 
@@ -70,8 +71,28 @@ def environment(
     }
     if layer is not None:
         env = layer.environment(env)
+    pip = pip_environment(runtime.version, env.get("PATH", "/usr/bin:/bin"))
+    if env.get("PYTHONPATH"):  # the template's layer, after what pip installs inside
+        pip["PYTHONPATH"] += ":" + env["PYTHONPATH"]
+    env |= pip
     env |= {k: os.environ[k] for k in policy.env_allowlist if k in os.environ}
     return {**env, **envs}
+
+
+def pip_environment(version: str, path: str) -> dict[str, str]:
+    """pip inside: never an index, only the wheels the host handed in, installed into the
+    workspace's site directory (on sys.path), never the read-only runtime (docs/packages.md)."""
+    return {
+        "PIP_NO_INDEX": "1",
+        "PIP_FIND_LINKS": FIND_LINKS,
+        "PIP_PREFIX": PREFIX,
+        "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+        "PIP_NO_CACHE_DIR": "1",
+        "PIP_NO_INPUT": "1",
+        "PIP_ROOT_USER_ACTION": "ignore",
+        "PYTHONPATH": site_dir(version),
+        "PATH": f"{path}:{PREFIX}/bin",
+    }
 
 
 def rlimits(policy: Policy) -> dict[str, int]:

@@ -47,6 +47,16 @@ class Runtime:
     def python(self) -> Path:
         return self.path / "bin" / "python"
 
+    @property
+    def version(self) -> str:
+        """Its Python's "3.11", from the venv's lib/pythonX.Y (the build's default if none)."""
+        found = sorted(p.name for p in (self.path / "lib").glob("python3.*"))
+        return found[0].removeprefix("python") if found else "3.11"
+
+    @property
+    def site_packages(self) -> Path:
+        return self.path / "lib" / f"python{self.version}" / "site-packages"
+
     def check(self) -> None:
         if _shadowed(self.path.resolve()):
             raise BackendUnavailable(

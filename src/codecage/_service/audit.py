@@ -105,6 +105,23 @@ MIGRATIONS = [
     ALTER TABLE runs ADD COLUMN findings_count INTEGER;
     CREATE INDEX runs_time ON runs (started_at);
     """,
+    # 4: the wheels handed in to a sandbox's `pip install` (docs/packages.md)
+    """
+    CREATE TABLE packages (
+        run_id TEXT,
+        tenant TEXT NOT NULL,
+        sandbox_id TEXT,
+        at REAL NOT NULL,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        wheel TEXT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        requested INTEGER NOT NULL
+    );
+    CREATE INDEX packages_sandbox ON packages (sandbox_id);
+    CREATE INDEX packages_time ON packages (at);
+    """,
 ]
 
 
@@ -179,6 +196,10 @@ def _prune_chunk(conn: sqlite3.Connection, before: float) -> int:
         conn.execute(
             "DELETE FROM approvals WHERE rowid IN (SELECT rowid FROM approvals WHERE"
             " requested_at < ? AND decided_at IS NOT NULL LIMIT ?)",
+            (before, PRUNE_CHUNK),
+        )
+        conn.execute(
+            "DELETE FROM packages WHERE rowid IN (SELECT rowid FROM packages WHERE at < ? LIMIT ?)",
             (before, PRUNE_CHUNK),
         )
         conn.execute("COMMIT")
@@ -432,6 +453,47 @@ class AuditLog:
                 run_id,
             ),
         )
+
+    def packages_installed(
+        self,
+        *,
+        run_id: str | None,
+        tenant: str,
+        sandbox_id: str | None,
+        wheels: list[dict[str, Any]],
+    ) -> None:
+        """The wheels the host handed in to a sandbox's `pip install` (as the host read
+        them: name, version, file name, size, sha256), durable before the install runs."""
+        now = time.time()
+        for w in wheels:
+            self._write(
+                "INSERT INTO packages (run_id, tenant, sandbox_id, at, name, version, wheel,"
+                " sha256, size, requested) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run_id,
+                    tenant,
+                    sandbox_id,
+                    now,
+                    _cut(str(w["name"]), NAME_KEEP_BYTES),
+                    _cut(str(w["version"]), NAME_KEEP_BYTES),
+                    _cut(str(w["wheel"]), NAME_KEEP_BYTES),
+                    str(w["sha256"]),
+                    int(w["size"]),
+                    int(bool(w["requested"])),
+                ),
+            )
+
+    def packages(
+        self, tenant: str | None = None, sandbox_id: str | None = None
+    ) -> list[dict[str, Any]]:
+        """The wheels handed in, oldest first (a tenant's, a sandbox's, or all)."""
+        sql, params = "SELECT * FROM packages WHERE 1=1", list[str]()
+        if tenant is not None:
+            sql, params = sql + " AND tenant = ?", [*params, tenant]
+        if sandbox_id is not None:
+            sql, params = sql + " AND sandbox_id = ?", [*params, sandbox_id]
+        rows = self._reader().execute(sql + " ORDER BY at, rowid", params).fetchall()
+        return [{**dict(r), "requested": bool(r["requested"])} for r in rows]
 
     def approval_requested(self, request: dict[str, Any]) -> None:
         """A request starts waiting; its run (if any) is pending until a decision."""

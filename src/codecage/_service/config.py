@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .._errors import PolicyError
 from .._policy import SEVERITIES, Policy
-from .._wheelhouse import wheelhouse_dir
+from .._wheelhouse import canonical
 
 if TYPE_CHECKING:
     from .audit import AuditLog
@@ -47,9 +47,9 @@ class ServerConfig(BaseModel):
     db: str = "/var/lib/codecage/audit.db"
     # Where snapshots are kept (None: a `snapshots` directory beside the audit log).
     snapshot_dir: str | None = None
-    # The operator's wheelhouse, a directory of wheels installed without the index (the
-    # environment's CODECAGE_WHEELHOUSE, default /var/lib/codecage/wheelhouse).
-    wheelhouse: str = Field(default_factory=lambda: str(wheelhouse_dir()))
+    # The operator's wheelhouse: the wheels a sandbox's `pip install` may take
+    # (None: $CODECAGE_WHEELHOUSE, else /var/lib/codecage/wheelhouse; docs/packages.md).
+    wheelhouse: str | None = None
     # The node's built templates (docs/templates.md; None: CODECAGE_TEMPLATES, default
     # /var/lib/codecage/templates).
     template_dir: str | None = None
@@ -190,6 +190,11 @@ GUARDS: dict[str, Callable[[Any, Any], bool]] = {
     "analysis_block_at": _severity,
     "approval_findings_at": _severity,
     "approval_commands": lambda value, base: value or not base,
+    "approval_packages": lambda value, base: value or not base,
+    "packages_allow": lambda value, base: (
+        base is None
+        or (value is not None and {canonical(v) for v in value} <= {canonical(b) for b in base})
+    ),
     "approval_limits_above_default": lambda value, base: value or not base,
     "approval_download_mb": lambda value, base: (
         base is None or (value is not None and value <= base)

@@ -244,11 +244,18 @@ class Manager:
         gate = Gate(self.approvals, tenant=tenant)
         entry = Entry(
             tenant,
-            Sandbox(policy, envs=envs, gate=gate, defaults=self.config.policy),
+            Sandbox(
+                policy,
+                envs=envs,
+                gate=gate,
+                defaults=self.config.policy,
+                wheelhouse=self.config.wheelhouse,
+            ),
             metadata=dict(metadata or {}),
             access_token=access_token,
             template=template,
         )
+        self._record_packages(entry)
         if lifetime_s is not None:
             entry.expires_at = entry.created_at + lifetime_s
             entry.lifetime_s = lifetime_s
@@ -262,6 +269,18 @@ class Manager:
                 return entry
         entry.sandbox.kill()
         raise QuotaExceeded(f"tenant already has {live} live sandboxes (quota)")
+
+    def _record_packages(self, entry: Entry) -> None:
+        """The wheels handed in to the sandbox's `pip install`, in the audit log (durable
+        before the install runs; docs/packages.md)."""
+        sandbox = entry.sandbox
+
+        def record(run_id: str | None, wheels: list[dict[str, Any]]) -> None:
+            self.audit.packages_installed(
+                run_id=run_id, tenant=entry.tenant, sandbox_id=sandbox.id, wheels=wheels
+            )
+
+        sandbox.package_observer = record
 
     def set_lifetime(self, tenant: str, sandbox_id: str, seconds: float) -> Entry:
         """The sandbox now ends `seconds` from now (earlier or later than it would have)."""
@@ -375,6 +394,7 @@ class Manager:
                     access_token=access_token(),
                     template=parent.template,
                 )
+                self._record_packages(child)
                 if lifetime_s is not None:
                     child.expires_at = child.created_at + lifetime_s
                     child.lifetime_s = lifetime_s
