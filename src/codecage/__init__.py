@@ -33,6 +33,8 @@ if _typing.TYPE_CHECKING:
         SnapshotNotFound,
         TransportError,
         UnsupportedLanguage,
+        VolumeBusy,
+        VolumeNotFound,
     )
     from ._jail.pool import Pool
     from ._models import Execution, ExecutionError, Finding, Logs, Result
@@ -40,6 +42,7 @@ if _typing.TYPE_CHECKING:
     from ._processes import CommandHandle, ProcessInfo, PtySize
     from ._remote import Client, connect
     from ._sandbox import CommandResult, Context, EntryInfo, OutputMessage, Sandbox
+    from ._volumes import Volumes
     from ._warm import start_pool, stop_pool
 
 __version__ = "0.1.0"
@@ -58,6 +61,9 @@ _EXPORTS = {
     "SandboxBusy": "_errors",
     "SandboxPaused": "_errors",
     "SnapshotNotFound": "_errors",
+    "VolumeBusy": "_errors",
+    "VolumeNotFound": "_errors",
+    "Volumes": "_volumes",
     "connect": "_remote",
     "AsyncSandbox": "_async",
     "CommandResult": "_sandbox",
@@ -128,6 +134,9 @@ __all__ = [
     "SnapshotNotFound",
     "TransportError",
     "UnsupportedLanguage",
+    "VolumeBusy",
+    "VolumeNotFound",
+    "Volumes",
     "analyze",
     "approvals",
     "connect",

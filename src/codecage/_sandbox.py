@@ -35,6 +35,7 @@ from ._errors import (
 from ._inside import contexts as _contexts
 from ._inside.messages import CommandRequest, ContextCreateRequest, ReplyRequest
 from ._jail import Jailed, get_jail
+from ._jail.volumes import Attachment
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
 from ._policy import Policy, effective_timeout
 from ._processes import (
@@ -44,6 +45,7 @@ from ._processes import (
     call,
     start_process,
 )
+from ._volumes import Volumes
 
 FILE_CHUNK = 4 << 20
 
@@ -121,11 +123,17 @@ class Sandbox:
         approver: Approver | None = None,
         gate: Gate | None = None,
         defaults: Policy | None = None,
+        volumes: dict[str, str] | None = None,
+        volume_store: Volumes | None = None,
+        on_volume: Callable[[str, Attachment], None] | None = None,
     ) -> None:
         """`approver(request) -> bool | Decision` answers the approvals the policy asks for
         (see docs/policy.md); without one, requests wait in `codecage.approvals` until
         answered or until `approval_window_s` passes (a no). `gate` and `defaults` are the
-        service's: its broker and tenant, and the limits above which a yes is needed."""
+        service's: its broker and tenant, and the limits above which a yes is needed.
+        `volumes`: `{mount path: volume name}` of `volume_store` (default: the local store,
+        codecage.Volumes()), each attached to this sandbox alone until it ends
+        (docs/volumes.md); `on_volume("attach" | "detach", attachment)` is told of each."""
         self.policy = policy or Policy()
         self._gate = gate or Gate(approver=approver)
         self._lock = threading.RLock()
@@ -133,7 +141,22 @@ class Sandbox:
         jail = get_jail(self.policy.isolation)
         self._envs = check_envs(envs)
         self._defaults = defaults
-        self._jailed: Jailed = jail.create(self.policy, self._envs)
+        attached: tuple[Attachment, ...] = ()
+        if volumes:
+            store = volume_store if volume_store is not None else Volumes()
+            detached = (lambda a: on_volume("detach", a)) if on_volume else None
+            attached = store.attach_all(volumes, detached)
+        try:
+            self._jailed: Jailed = jail.create(self.policy, self._envs, attached)
+        except BaseException:
+            for attachment in attached:  # nothing was mounted, or the sandbox is gone
+                attachment.on_detach.clear()
+                attachment.detach()
+            raise
+        self.volumes = {a.path: a.name for a in attached}
+        if on_volume is not None:
+            for attachment in attached:
+                on_volume("attach", attachment)
         self.last_activity = time.monotonic()
         self.paused_at: float | None = None  # time.monotonic() of the pause, while paused
         # Told of each input, signal and stdin close for a process as it is sent (the

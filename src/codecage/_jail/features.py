@@ -33,7 +33,17 @@ FEATURES: dict[str, str] = {
     "nosuid_mounts": "isolation",
     # reaching memory_mb ends the kernel, not the sandbox: the next run gets a fresh kernel
     "kernel_oom": "memory_mb",
+    # persistent volumes (docs/volumes.md): not a policy field but the create's `volumes`
+    "volumes": "volumes",
+    # read/write bandwidth and IOPS caps on the sandbox's volumes (blkio or io.max)
+    "io_limits": "volume_read_bytes_per_s",
 }
+IO_FIELDS = (
+    "volume_read_bytes_per_s",
+    "volume_write_bytes_per_s",
+    "volume_read_iops",
+    "volume_write_iops",
+)
 ALL = frozenset(FEATURES)
 
 
@@ -50,6 +60,8 @@ def needed(policy: Policy) -> set[str]:
     ):
         if getattr(policy, name) is not None:
             out.add(feature)
+    if any(getattr(policy, name) is not None for name in IO_FIELDS):
+        out.add("io_limits")
     return out
 
 

@@ -19,13 +19,14 @@ from typing import Any
 from .._errors import BackendUnavailable, SandboxError
 from .._inside import steps
 from .._policy import Policy
-from . import cgroups, features
+from . import cgroups, features, volumes
 from .host import UID_BASE, HostJail, environment, raise_nofile, uids
 from .host import rlimits as base_rlimits
 from .launcher import NO_MOUNTS, BaseLauncher, Launched, Mounts
 from .proctree import ProcessTree
 from .sandbox import HostSandbox
 from .template import Runtime, Template
+from .volumes import Attachment
 
 __all__ = ["UID_BASE", "NamespaceJail", "NamespaceLauncher"]
 
@@ -75,6 +76,9 @@ class NamespaceJail(HostJail):
             # rlimits stand in for memory_mb, pids_max and cpu_s: weaker, so refused by default
             for f in ("memory", "kernel_oom", "pids", "cpu_quota", "cpu_budget", "own_uid"):
                 lacking[f] = ROOTLESS_WHY
+            lacking["volumes"] = lacking["io_limits"] = "not running as root: no loop devices"
+        elif (why := volumes.tools()) is not None:
+            lacking["volumes"] = lacking["io_limits"] = why
         self.enforces = features.ALL - frozenset(lacking)
         self.why = lacking
 
@@ -83,8 +87,10 @@ class NamespaceJail(HostJail):
         """The staged codecage package sandboxes see (read-only, at this path)."""
         return self.template.package
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
-        return HostSandbox(policy, lambda box: NamespaceLauncher(self, box), envs)
+    def spawn(
+        self, policy: Policy, envs: dict[str, str], volumes: tuple[Attachment, ...] = ()
+    ) -> HostSandbox:
+        return HostSandbox(policy, lambda box: NamespaceLauncher(self, box), envs, volumes=volumes)
 
     def renew_if_older(self, max_age_s: float) -> bool:
         if time.monotonic() - self.template.started <= max_age_s:
@@ -144,14 +150,20 @@ class NamespaceLauncher(BaseLauncher):
     def launch(self, envs: dict[str, str], timeout_s: float = 30.0) -> Launched:
         """The template forks a bare set-up process; its spec (environment, uid, cgroups)
         goes to it over its own channel, and it answers with a pidfd on init."""
-        supervisor = self.template.spawn(timeout_s)
+        mounted = volumes.mount_all(self.box.volumes, self.uid, self.uid)
         try:
-            supervisor.settimeout(timeout_s)
-            supervisor.send(json.dumps(self._spec(envs)).encode())
-            data, fds, _flags, _addr = socket.recv_fds(supervisor, 65536, 1)
-        except BaseException:
-            supervisor.close()
-            raise
+            supervisor = self.template.spawn(timeout_s)
+            try:
+                supervisor.settimeout(timeout_s)
+                spec = json.dumps(self._spec(envs)).encode()
+                socket.send_fds(supervisor, [spec], [m.fd for m in mounted])
+                data, fds, _flags, _addr = socket.recv_fds(supervisor, 65536, 1)
+            except BaseException:
+                supervisor.close()
+                raise
+        finally:  # set-up has its own descriptors on the mounts, or has failed (and freed them)
+            for m in mounted:
+                m.close()
         try:
             message = json.loads(data) if data else {"ev": "error", "message": "no report"}
             if not isinstance(message, dict) or message.get("ev") != "init" or len(fds) != 1:
@@ -190,6 +202,7 @@ class NamespaceLauncher(BaseLauncher):
         env = environment(runtime, p, envs)
         binds = ["/usr", str(runtime.path.resolve()), str(self.template.package)]
         rlimits = base_rlimits(p)
+        rlimits["fsize"] = max(rlimits["fsize"], volumes.largest_bytes(self.box.volumes))
         if self.jail.rootless:  # no cgroups: per-process rlimits are all there is
             if p.pids_max is not None:
                 rlimits["nproc"] = p.pids_max
@@ -217,4 +230,5 @@ class NamespaceLauncher(BaseLauncher):
             # the one confinement list runs whole, in set-up and init; only the preload is
             # the template's, done once before it forks any sandbox (_inside/steps.py)
             "done": steps.claim("preload"),
+            "volumes": [{"path": v.path} for v in self.box.volumes],
         }
