@@ -144,6 +144,7 @@ class Sandbox:
         attached: tuple[Attachment, ...] = ()
         if volumes:
             store = volume_store if volume_store is not None else Volumes()
+            on_volume = on_volume or store.on_volume
             detached = (lambda a: on_volume("detach", a)) if on_volume else None
             attached = store.attach_all(volumes, detached)
         try:

@@ -80,7 +80,11 @@ class Volumes:
         owner: str = "local",
         max_count: int | None = None,
         max_mb: int | None = None,
+        on_volume: Callable[[str, Attachment], None] | None = None,
     ) -> None:
+        """`on_volume("attach" | "detach", attachment)` is told of every attachment of
+        these volumes (the service's audit log), its sandboxes' and its exports' alike."""
+        self.on_volume = on_volume
         self.root = Path(root) if root is not None else default_dir()
         self.owner = owner
         self.max_count, self.max_mb = max_count, max_mb

@@ -383,11 +383,6 @@ class Manager:
         """The tenant's volumes, in `volume_dir`, within quotas.volumes and volume_mb."""
         config, quotas = self.config, self.config.quotas
         root = Path(config.volume_dir or Path(config.db).parent / "volumes")
-        return Volumes(root, owner=tenant, max_count=quotas.volumes, max_mb=quotas.volume_mb)
-
-    def _volume_args(self, tenant: str, volumes: dict[str, str] | None) -> dict[str, Any]:
-        if not volumes:
-            return {}
 
         def on_volume(kind: str, attachment: Any) -> None:
             subject = f"{attachment.name} at {attachment.path}"
@@ -395,11 +390,18 @@ class Manager:
                 subject += f" ({attachment.detach_s * 1000:.1f} ms)"
             self.note(tenant, attachment.sandbox_id, f"volume_{kind}", subject)
 
-        return {
-            "volumes": volumes,
-            "volume_store": self.volumes(tenant),
-            "on_volume": on_volume,
-        }
+        return Volumes(
+            root,
+            owner=tenant,
+            max_count=quotas.volumes,
+            max_mb=quotas.volume_mb,
+            on_volume=on_volume,
+        )
+
+    def _volume_args(self, tenant: str, volumes: dict[str, str] | None) -> dict[str, Any]:
+        if not volumes:
+            return {}
+        return {"volumes": volumes, "volume_store": self.volumes(tenant)}
 
     def create_volume(self, tenant: str, name: str, size_mb: int, inodes: int | None) -> Volume:
         volume = self.volumes(tenant).create(name, size_mb, inodes)
