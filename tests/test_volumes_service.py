@@ -85,7 +85,7 @@ def test_volumes_over_http_are_the_tenants_own_and_audited(svc: Service) -> None
     kinds = [r["kind"] for r in runs(svc.db, tenant="alice") if r["kind"].startswith("volume_")]
     assert kinds.count("volume_attach") == kinds.count("volume_detach") >= 4
     assert "volume_create" in kinds and "volume_delete" in kinds and "volume_import" in kinds
-    attach = [r for r in runs(svc.db, tenant="alice", kind="volume_attach")][0]
+    attach = runs(svc.db, tenant="alice", kind="volume_attach")[0]
     assert attach["sandbox_id"] == sbx.id
 
 
