@@ -256,10 +256,51 @@ def test_a_mount_path_that_is_not_allowed_is_refused(store: Volumes, path: str) 
         Sandbox(volumes={"/data": "p", "/data/x": "q"}, volume_store=store)
 
 
-def test_the_oci_backends_refuse_volumes_by_name(store: Volumes) -> None:
+def test_the_oci_backends_refuse_volumes_and_io_caps_by_name() -> None:
     from codecage._jail import features
 
     for backend in ("gvisor", "container"):
         module = __import__(f"codecage._jail.{backend}", fromlist=["LACKING"])
-        assert "volumes" in module.LACKING
-    assert "volumes" in features.FEATURES
+        enforces = features.ALL - frozenset(module.LACKING)
+        assert "volumes" not in enforces
+        capped = Policy(isolation=backend, volume_read_iops=100)  # type: ignore[arg-type]
+        with pytest.raises(PolicyError, match=f"backend '{backend}' cannot enforce io_limits"):
+            features.check(backend, enforces, capped)
+        with pytest.raises(PolicyError) as plain:  # the control: no cap, no such complaint
+            features.check(backend, enforces, Policy(isolation=backend))  # type: ignore[arg-type]
+        assert "io_limits" not in str(plain.value)
+
+
+IO = """
+import os, mmap, time
+flags = os.O_DIRECT | (os.O_WRONLY | os.O_CREAT if {write} else os.O_RDONLY)
+fd = os.open('/data/f', flags)
+buf = mmap.mmap(-1, 1 << 20)
+t = time.monotonic()
+for i in range(4):
+    os.write(fd, buf) if {write} else os.readv(fd, [buf])
+os.fsync(fd)
+os.close(fd)
+print(time.monotonic() - t)
+"""
+
+
+@pytest.mark.parametrize("kind", BACKENDS)
+def test_disk_io_caps_throttle_a_volume_and_are_reported(store: Volumes, kind: str) -> None:
+    """4 MiB written, then read, with O_DIRECT at 1 MiB/s take at least ~4 s (a lower
+    bound: the cap's effect, not a speed) and are in limits_hit; without caps, neither."""
+    store.create("io", 32)
+    for write in (True, False):
+        free = Policy(isolation=kind)  # type: ignore[arg-type]
+        field = "volume_write_bytes_per_s" if write else "volume_read_bytes_per_s"
+        capped = free.model_copy(update={field: 1 << 20})
+        for pol in (free, Policy(**capped.model_dump())):
+            with Sandbox(pol, volumes={"/data": "io"}, volume_store=store) as sbx:
+                ex = sbx.run_code(IO.format(write=write))
+                assert ex.error is None, ex.error
+                took = float(out(ex))
+                if pol is free:
+                    assert "volume_io_limit" not in ex.limits_hit
+                else:
+                    assert took >= 3.0, (field, took)
+                    assert "volume_io_limit" in ex.limits_hit, (field, ex.limits_hit)

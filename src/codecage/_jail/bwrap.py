@@ -116,6 +116,8 @@ class BwrapJail(HostJail):
         self.why = {} if self.landlock else {"landlock": "this host has no Landlock"}
         if (why := volumes.tools()) is not None:
             self.why |= {"volumes": why, "io_limits": why}
+        elif (why := cgroups.io_unavailable(version)) is not None:
+            self.why |= {"io_limits": why}
         self.enforces = features.ALL - frozenset(self.why)
         # --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that forked
         # bwrap exits: a request's worker thread or the pool's would take its sandboxes with
@@ -186,6 +188,9 @@ class BwrapLauncher(BaseLauncher):
         base.mkdir(mode=0o711)
         mounted = volumes.mount_all(self.box.volumes, self.uid, self.uid)
         try:
+            if cgroups.io_limited(self.policy):
+                for m in mounted:  # bwrap joins the cgroups (JOIN) before it starts
+                    self.tree.limit_io(m.rdev, self.policy)
             for n, (attachment, m) in enumerate(zip(self.box.volumes, mounted, strict=True)):
                 target = base / str(n)
                 target.mkdir(mode=0o700)

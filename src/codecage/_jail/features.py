@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from .._errors import PolicyError
 from .._policy import Policy
+from .cgroups import IO_FIELDS
 
 # feature -> the policy field it enforces
 FEATURES: dict[str, str] = {
@@ -38,12 +39,6 @@ FEATURES: dict[str, str] = {
     # read/write bandwidth and IOPS caps on the sandbox's volumes (blkio or io.max)
     "io_limits": "volume_read_bytes_per_s",
 }
-IO_FIELDS = (
-    "volume_read_bytes_per_s",
-    "volume_write_bytes_per_s",
-    "volume_read_iops",
-    "volume_write_iops",
-)
 ALL = frozenset(FEATURES)
 
 

@@ -79,6 +79,8 @@ class NamespaceJail(HostJail):
             lacking["volumes"] = lacking["io_limits"] = "not running as root: no loop devices"
         elif (why := volumes.tools()) is not None:
             lacking["volumes"] = lacking["io_limits"] = why
+        elif (why := cgroups.io_unavailable(self.cgroup_version)) is not None:
+            lacking["io_limits"] = why
         self.enforces = features.ALL - frozenset(lacking)
         self.why = lacking
 
@@ -152,6 +154,9 @@ class NamespaceLauncher(BaseLauncher):
         goes to it over its own channel, and it answers with a pidfd on init."""
         mounted = volumes.mount_all(self.box.volumes, self.uid, self.uid)
         try:
+            if cgroups.io_limited(self.policy) and isinstance(self.tree, cgroups.SandboxCgroups):
+                for m in mounted:  # before any process of the sandbox can touch it
+                    self.tree.limit_io(m.rdev, self.policy)
             supervisor = self.template.spawn(timeout_s)
             try:
                 supervisor.settimeout(timeout_s)
