@@ -35,7 +35,7 @@ from e2b_sdk import e2b_figures  # noqa: E402
 from mcp_overhead import mcp_overhead  # noqa: E402
 from regression import BASE, compare  # noqa: E402
 from service import audit_figures, http_figures, service_at_scale  # noqa: E402
-from state import fork_figures, pause_figures  # noqa: E402
+from state import fork_figures, pause_figures, volume_figures  # noqa: E402
 from tools import tool_overhead  # noqa: E402
 
 from codecage import Policy, Sandbox  # noqa: E402
@@ -214,7 +214,7 @@ def main() -> None:
         "--regression-only", action="store_true", help="this tree against the code before it only"
     )
     parser.add_argument(
-        "--state-only", action="store_true", help="pause/resume and fork figures only"
+        "--state-only", action="store_true", help="pause/resume, fork and volume figures only"
     )
     args = parser.parse_args()
     n = 10 if args.quick else 40
@@ -232,6 +232,7 @@ def main() -> None:
         rates: dict[str, float] = {}
         pause_figures(figures, rates, measure, n)
         fork_figures(figures, rates, measure, n)
+        volume_figures(figures, rates, measure, n)
         print(json.dumps({"results": figures, "ratios": rates}, indent=2))
         return
     results: Figures = {}
@@ -247,6 +248,7 @@ def main() -> None:
     e2b_figures(results, ratios, measure, n)
     pause_figures(results, ratios, measure, n)
     fork_figures(results, ratios, measure, n)
+    volume_figures(results, ratios, measure, n)
     throughput(results, ratios)
     audit_figures(results, ratios)
     service_at_scale(results, ratios, measure, 100 if args.quick else 1000)
