@@ -185,7 +185,8 @@ class BwrapLauncher(BaseLauncher):
         if not self.box.volumes:
             return
         base = self.jail.volume_dir / self.id
-        base.mkdir(mode=0o711)
+        base.mkdir(mode=0o700)
+        os.chown(base, self.uid, self.uid)  # bwrap (as the sandbox's uid) alone goes through
         mounted = volumes.mount_all(self.box.volumes, self.uid, self.uid)
         try:
             if cgroups.io_limited(self.policy):
