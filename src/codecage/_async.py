@@ -18,6 +18,7 @@ from ._models import Execution
 from ._policy import Policy
 from ._processes import CommandHandle
 from ._sandbox import Sandbox, WatchHandle
+from ._volumes import Volumes
 
 _CALLBACKS = ("on_stdout", "on_stderr", "on_result", "on_error", "on_pty")
 
@@ -85,9 +86,19 @@ class AsyncSandbox(_AsyncProxy):
         *,
         envs: dict[str, str] | None = None,
         approver: Approver | None = None,
+        volumes: dict[str, str] | None = None,
+        volume_store: Volumes | None = None,
     ) -> AsyncSandbox:
-        """`approver` is called in a worker thread, never on the event loop."""
-        sandbox = await _in_thread(Sandbox, policy, envs=envs, approver=approver)
+        """`approver` is called in a worker thread, never on the event loop; `volumes` as
+        Sandbox's (docs/volumes.md)."""
+        sandbox = await _in_thread(
+            Sandbox,
+            policy,
+            envs=envs,
+            approver=approver,
+            volumes=volumes,
+            volume_store=volume_store,
+        )
         return cls(sandbox)
 
     @property

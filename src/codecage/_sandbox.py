@@ -176,8 +176,10 @@ class Sandbox:
         *,
         envs: dict[str, str] | None = None,
         approver: Approver | None = None,
+        volumes: dict[str, str] | None = None,
+        volume_store: Volumes | None = None,
     ) -> Sandbox:
-        return cls(policy, envs=envs, approver=approver)
+        return cls(policy, envs=envs, approver=approver, volumes=volumes, volume_store=volume_store)
 
     @property
     def id(self) -> str:
