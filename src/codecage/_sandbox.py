@@ -145,19 +145,19 @@ class Sandbox:
         if volumes:
             store = volume_store if volume_store is not None else Volumes()
             on_volume = on_volume or store.on_volume
-            detached = (lambda a: on_volume("detach", a)) if on_volume else None
-            attached = store.attach_all(volumes, detached)
+            attached = store.attach_all(volumes)
         try:
             self._jailed: Jailed = jail.create(self.policy, self._envs, attached)
         except BaseException:
             for attachment in attached:  # nothing was mounted, or the sandbox is gone
-                attachment.on_detach.clear()
                 attachment.detach()
             raise
         self.volumes = {a.path: a.name for a in attached}
-        if on_volume is not None:
+        if on_volume is not None:  # told once it runs; its detach follows, whatever ends it
+            report = on_volume
             for attachment in attached:
-                on_volume("attach", attachment)
+                report("attach", attachment)
+                attachment.when_detached(lambda a: report("detach", a))
         self.last_activity = time.monotonic()
         self.paused_at: float | None = None  # time.monotonic() of the pause, while paused
         # Told of each input, signal and stdin close for a process as it is sent (the

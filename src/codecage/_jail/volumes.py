@@ -28,6 +28,7 @@ import re
 import shutil
 import struct
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -407,11 +408,21 @@ class Attachment:
     detach_s: float | None = None
     freed: bool = False
     _done: bool = False
+    _guard: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def when_detached(self, callback: Callable[[Attachment], None]) -> None:
+        """Tell `callback` of the detach (at once, if it has happened already)."""
+        with self._guard:
+            if not self._done:
+                self.on_detach.append(callback)
+                return
+        callback(self)
 
     def detach(self) -> None:
-        if self._done:
-            return
-        self._done = True
+        with self._guard:
+            if self._done:
+                return
+            self._done = True
         started = time.monotonic()
         # If it is not freed in time, the lock goes with the loop device still bound: the
         # store's next attach sees that (attached_loop) and refuses, never mounts it twice.
