@@ -133,6 +133,8 @@ class BwrapJail(HostJail):
         super().close()
         self.spawner.shutdown(wait=True)
         cgroups.remove_owner(self.cgroup_version, self.owner)
+        with contextlib.suppress(OSError):  # empty once its sandboxes have ended
+            self.volume_dir.rmdir()
 
 
 def _static_etc(base: Path) -> Path:
