@@ -36,7 +36,7 @@ from mcp_overhead import mcp_overhead  # noqa: E402
 from packages import package_figures  # noqa: E402
 from regression import BASE, compare  # noqa: E402
 from service import audit_figures, http_figures, service_at_scale  # noqa: E402
-from state import fork_figures, pause_figures  # noqa: E402
+from state import fork_figures, pause_figures, volume_figures  # noqa: E402
 from templates import template_figures  # noqa: E402
 from tools import tool_overhead  # noqa: E402
 
@@ -216,7 +216,7 @@ def main() -> None:
         "--regression-only", action="store_true", help="this tree against the code before it only"
     )
     parser.add_argument(
-        "--state-only", action="store_true", help="pause/resume and fork figures only"
+        "--state-only", action="store_true", help="pause/resume, fork and volume figures only"
     )
     parser.add_argument(
         "--templates-only", action="store_true", help="template build and first create only"
@@ -247,6 +247,7 @@ def main() -> None:
         if args.state_only:
             pause_figures(figures, rates, measure, n)
             fork_figures(figures, rates, measure, n)
+            volume_figures(figures, rates, measure, n)
         else:
             package_figures(figures, rates, measure, n)
         print(json.dumps({"results": figures, "ratios": rates}, indent=2))
@@ -266,6 +267,7 @@ def main() -> None:
     fork_figures(results, ratios, measure, n)
     template_figures(results, ratios, measure, n)
     package_figures(results, ratios, measure, n)
+    volume_figures(results, ratios, measure, n)
     throughput(results, ratios)
     audit_figures(results, ratios)
     service_at_scale(results, ratios, measure, 100 if args.quick else 1000)

@@ -100,3 +100,56 @@ def fork_figures(results: Figures, ratios: dict[str, float], measure: Measure, n
         results["fork_to_new_sandbox"]["p50_ms"]
         / results["baseline_cold_create_plus_tar_16mib"]["p50_ms"]
     )
+
+
+def volume_figures(results: Figures, ratios: dict[str, float], measure: Measure, n: int) -> None:
+    """Volumes (docs/volumes.md): the host's attach (e2fsck -p, a loop device, the mount and
+    its idmap), the detach a sandbox's end waits for (the loop device freed), and a create
+    to its first result with a volume, beside a cold create measured here too."""
+    from codecage._jail.volumes import Mounted, wait_detached
+    from codecage._volumes import Volumes
+
+    print("volume attach / detach, and a create with a volume, against a cold create", flush=True)
+    with tempfile.TemporaryDirectory() as where:
+        store = Volumes(where)
+        store.create("bench", 64)
+        image = store.dir / "bench.img"
+
+        def attach() -> float:
+            started = time.perf_counter()
+            mounted = Mounted(image, 1 << 21, 1 << 21)
+            took = (time.perf_counter() - started) * 1000
+            mounted.close()
+            wait_detached(image)
+            return took
+
+        def detach() -> float:
+            sbx = Sandbox(volumes={"/data": "bench"}, volume_store=store)
+            attachment = sbx._jailed.volumes[0]  # type: ignore[attr-defined]
+            sbx.kill()
+            assert attachment.detach_s is not None  # set by the kill
+            return attachment.detach_s * 1000
+
+        def create_with_volume() -> float:
+            started = time.perf_counter()
+            with Sandbox(volumes={"/data": "bench"}, volume_store=store) as sbx:
+                sbx.run_code("1")
+                return (time.perf_counter() - started) * 1000
+
+        def cold_create() -> float:
+            started = time.perf_counter()
+            with Sandbox() as fresh:
+                fresh.run_code("1")
+                return (time.perf_counter() - started) * 1000
+
+        results["volume_attach_host"] = measure(attach, n)
+        results["volume_detach"] = measure(detach, max(5, n // 2))
+        results["create_with_volume_to_first_result"] = measure(create_with_volume, max(5, n // 2))
+        results["baseline_cold_create_same_run"] = measure(cold_create, max(5, n // 2))
+    ratios["create_with_volume_over_cold_create"] = (
+        results["create_with_volume_to_first_result"]["p50_ms"]
+        / results["baseline_cold_create_same_run"]["p50_ms"]
+    )
+    ratios["volume_attach_over_cold_create"] = (
+        results["volume_attach_host"]["p50_ms"] / results["baseline_cold_create_same_run"]["p50_ms"]
+    )

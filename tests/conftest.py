@@ -130,7 +130,9 @@ def sandbox_cgroups() -> list[str]:
 # another pytest-xdist worker's temporary directories): not this test's.
 _WORKER = re.escape(os.environ.get("PYTEST_XDIST_WORKER", "gw-none")[2:])
 _OTHERS_MOUNTS = re.compile(
-    rf"^(/var/lib/containers/storage/|/tmp/pytest-of-[^/]+/pytest-\d+/popen-gw(?!{_WORKER}/))"
+    rf"^(/var/lib/containers/storage/|/tmp/pytest-of-[^/]+/pytest-\d+/popen-gw(?!{_WORKER}/)"
+    # another worker's bwrap sandboxes' volumes, staged for a moment (docs/volumes.md)
+    rf"|/run/codecage/bwrap-volumes/(?!{os.getpid()}-))"
 )
 
 

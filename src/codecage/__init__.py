@@ -36,6 +36,8 @@ if _typing.TYPE_CHECKING:
         TemplateNotFound,
         TransportError,
         UnsupportedLanguage,
+        VolumeBusy,
+        VolumeNotFound,
     )
     from ._jail.pool import Pool
     from ._models import Execution, ExecutionError, Finding, Logs, Result
@@ -44,6 +46,7 @@ if _typing.TYPE_CHECKING:
     from ._remote import Client, connect
     from ._sandbox import CommandResult, Context, EntryInfo, OutputMessage, Sandbox
     from ._templates import Template
+    from ._volumes import Volumes
     from ._warm import start_pool, stop_pool
 
 __version__ = "0.1.0"
@@ -65,6 +68,9 @@ _EXPORTS = {
     "Template": "_templates",
     "TemplateError": "_errors",
     "TemplateNotFound": "_errors",
+    "VolumeBusy": "_errors",
+    "VolumeNotFound": "_errors",
+    "Volumes": "_volumes",
     "connect": "_remote",
     "AsyncSandbox": "_async",
     "CommandResult": "_sandbox",
@@ -140,6 +146,9 @@ __all__ = [
     "TemplateNotFound",
     "TransportError",
     "UnsupportedLanguage",
+    "VolumeBusy",
+    "VolumeNotFound",
+    "Volumes",
     "analyze",
     "approvals",
     "connect",

@@ -18,6 +18,7 @@ from ._models import Execution
 from ._policy import Policy
 from ._processes import CommandHandle
 from ._sandbox import Sandbox, WatchHandle
+from ._volumes import Volumes
 
 _CALLBACKS = ("on_stdout", "on_stderr", "on_result", "on_error", "on_pty")
 
@@ -86,9 +87,20 @@ class AsyncSandbox(_AsyncProxy):
         envs: dict[str, str] | None = None,
         approver: Approver | None = None,
         template: str | None = None,
+        volumes: dict[str, str] | None = None,
+        volume_store: Volumes | None = None,
     ) -> AsyncSandbox:
-        """`approver` is called in a worker thread, never on the event loop."""
-        sandbox = await _in_thread(Sandbox, policy, envs=envs, approver=approver, template=template)
+        """`approver` is called in a worker thread, never on the event loop; `template` and
+        `volumes` as Sandbox's (docs/templates.md, docs/volumes.md)."""
+        sandbox = await _in_thread(
+            Sandbox,
+            policy,
+            envs=envs,
+            approver=approver,
+            template=template,
+            volumes=volumes,
+            volume_store=volume_store,
+        )
         return cls(sandbox)
 
     @property

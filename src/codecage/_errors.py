@@ -5,6 +5,8 @@ SandboxError
 ├── BackendUnavailable     the isolation backend cannot run on this host
 ├── SandboxNotFound        no such sandbox, or it has ended
 ├── SnapshotNotFound       no snapshot by that id or name (the service's)
+├── VolumeNotFound         no volume by that name (of this tenant)
+├── VolumeBusy             the volume is attached to a sandbox already
 ├── FileNotFoundInSandbox  (also FileNotFoundError) a path inside the sandbox does not exist
 ├── CodeRejected           (also PolicyError) static analysis found what the policy blocks
 ├── ApprovalDenied         a person said no, or nobody answered in time
@@ -56,6 +58,16 @@ class TemplateNotFound(SandboxError):
 class TemplateError(SandboxError, ValueError):
     """A template spec is invalid, or its build failed or was refused (a preload that
     starts threads, an offline build without a wheelhouse): the message says which."""
+
+
+class VolumeNotFound(SandboxError):
+    """No volume of this tenant (or of this store) by that name (HTTP 404): another
+    tenant's volume is the same answer as a missing one."""
+
+
+class VolumeBusy(SandboxError):
+    """The volume is attached to a sandbox already (one attachment at a time), or is being
+    exported, imported or deleted (HTTP 409)."""
 
 
 class FileNotFoundInSandbox(SandboxError, FileNotFoundError):
@@ -148,6 +160,8 @@ WIRE: dict[type[SandboxError], Wire] = {
     SnapshotNotFound: Wire(404, "SnapshotNotFound"),  # likewise
     TemplateNotFound: Wire(404, "TemplateNotFound"),
     TemplateError: Wire(422, "TemplateError"),
+    VolumeNotFound: Wire(404, "VolumeNotFound"),  # likewise
+    VolumeBusy: Wire(409, "VolumeBusy"),
     FileNotFoundInSandbox: Wire(404, "FileNotFound", "no such file or directory: {}"),
     ProcessNotFound: Wire(404, "ProcessNotFound", "no such process: {}"),
     CodeRejected: Wire(422, "CodeRejected"),  # with its `findings`

@@ -38,6 +38,11 @@ class Policy(BaseModel):
     disk_mb: int = Field(256, ge=1, le=1 << 20)
     tmp_mb: int = Field(64, ge=1, le=1 << 20)
     shm_mb: int = Field(64, ge=1, le=1 << 20)
+    # Disk I/O caps on the sandbox's volumes (docs/volumes.md), each per volume device.
+    volume_read_bytes_per_s: int | None = Field(None, ge=4096)
+    volume_write_bytes_per_s: int | None = Field(None, ge=4096)
+    volume_read_iops: int | None = Field(None, ge=1)
+    volume_write_iops: int | None = Field(None, ge=1)
     timeout_s: float | None = Field(30.0, gt=0)
     idle_timeout_s: float | None = Field(600.0, gt=0)
     paused_timeout_s: float | None = Field(86400.0, gt=0)

@@ -8,7 +8,7 @@ import json
 import secrets
 import signal
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal, overload
 from urllib.parse import quote
@@ -92,9 +92,11 @@ class Client:
         envs: dict[str, str] | None = None,
         approver: Approver | None = None,
         snapshot: str | None = None,
+        volumes: dict[str, str] | None = None,
     ) -> RemoteSandbox:
-        """A new sandbox; from `snapshot` (an id or name: `create_snapshot`), its state."""
-        return RemoteSandbox(self, policy, envs, approver, snapshot=snapshot)
+        """A new sandbox; from `snapshot` (an id or name: `create_snapshot`), its state;
+        `volumes`: {mount path: name} of this tenant's volumes (docs/volumes.md)."""
+        return RemoteSandbox(self, policy, envs, approver, snapshot=snapshot, volumes=volumes)
 
     create = Sandbox  # E2B's name
 
@@ -104,6 +106,30 @@ class Client:
 
     def delete_snapshot(self, snapshot_id: str) -> None:
         self.request("DELETE", f"/v1/snapshots/{segment(snapshot_id)}")
+
+    # -- volumes (docs/volumes.md) -------------------------------------------------------
+
+    def create_volume(self, name: str, size_mb: int, inodes: int | None = None) -> dict[str, Any]:
+        body = {"name": name, "size_mb": size_mb, "inodes": inodes}
+        return dict(self.request("POST", "/v1/volumes", json=body).json())
+
+    def volumes(self) -> list[dict[str, Any]]:
+        """This tenant's volumes: name, size_mb, inodes, created_at."""
+        return list(self.request("GET", "/v1/volumes").json())
+
+    def delete_volume(self, name: str) -> None:
+        self.request("DELETE", f"/v1/volumes/{name}")
+
+    def export_volume(self, name: str) -> Iterator[bytes]:
+        """The volume's files as a tar stream."""
+        with self.stream("GET", f"/v1/volumes/{name}/archive") as response:
+            yield from response.iter_bytes()
+
+    def import_volume(self, name: str, archive: bytes | Iterable[bytes]) -> int:
+        """Unpack a tar archive into the volume (checked inside a jail); members unpacked."""
+        headers = {"Content-Type": "application/octet-stream"}
+        reply = self.request("PUT", f"/v1/volumes/{name}/archive", content=archive, headers=headers)
+        return int(reply.json()["members"])
 
     def connect_sandbox(self, sandbox_id: str, *, resume: bool = True) -> RemoteSandbox:
         """A handle on a live sandbox of this tenant (made by another client, or before a
@@ -206,12 +232,18 @@ class RemoteSandbox:
         *,
         attach: dict[str, Any] | None = None,
         snapshot: str | None = None,
+        volumes: dict[str, str] | None = None,
     ) -> None:
         self._client = client
         self._approver = approver
         data = attach
         if data is None:
-            body = {"policy": _overrides(policy), "envs": envs or {}, "snapshot": snapshot}
+            body = {
+                "policy": _overrides(policy),
+                "envs": envs or {},
+                "snapshot": snapshot,
+                "volumes": volumes or {},
+            }
             with client._answering(approver) as headers:
                 data = client.request("POST", "/v1/sandboxes", json=body, headers=headers).json()
         self._id: str = data["id"]

@@ -42,6 +42,7 @@ from ._inside import contexts as _contexts
 from ._inside.messages import CommandRequest, ContextCreateRequest, ReplyRequest
 from ._jail import Jailed, get_jail
 from ._jail.template import Runtime
+from ._jail.volumes import Attachment
 from ._models import Execution, ExecutionError, Finding, KilledBy, Result
 from ._policy import Policy, effective_timeout
 from ._processes import (
@@ -51,6 +52,7 @@ from ._processes import (
     call,
     start_process,
 )
+from ._volumes import Volumes
 from ._wheelhouse import (
     FIND_LINKS,
     REQUIREMENT,
@@ -139,6 +141,9 @@ class Sandbox:
         defaults: Policy | None = None,
         template: str | None = None,
         wheelhouse: str | os.PathLike[str] | None = None,
+        volumes: dict[str, str] | None = None,
+        volume_store: Volumes | None = None,
+        on_volume: Callable[[str, Attachment], None] | None = None,
     ) -> None:
         """`approver(request) -> bool | Decision` answers the approvals the policy asks for
         (see docs/policy.md); without one, requests wait in `codecage.approvals` until
@@ -146,7 +151,10 @@ class Sandbox:
         service's: its broker and tenant, and the limits above which a yes is needed.
         `template`: a built template's name (the policy's `template`; docs/templates.md).
         `wheelhouse`: the directory of wheels a `pip install` inside may take from
-        (default $CODECAGE_WHEELHOUSE, else /var/lib/codecage/wheelhouse; docs/packages.md)."""
+        (default $CODECAGE_WHEELHOUSE, else /var/lib/codecage/wheelhouse; docs/packages.md).
+        `volumes`: `{mount path: volume name}` of `volume_store` (default: the local store,
+        codecage.Volumes()), each attached to this sandbox alone until it ends
+        (docs/volumes.md); `on_volume("attach" | "detach", attachment)` is told of each."""
         self.policy = policy or Policy()
         if template is not None:
             self.policy = Policy(**(self.policy.model_dump() | {"template": template}))
@@ -164,7 +172,23 @@ class Sandbox:
         jail = get_jail(self.policy.isolation)
         self._envs = check_envs(envs)
         self._defaults = defaults
-        self._jailed: Jailed = jail.create(self.policy, self._envs)
+        attached: tuple[Attachment, ...] = ()
+        if volumes:
+            store = volume_store if volume_store is not None else Volumes()
+            on_volume = on_volume or store.on_volume
+            attached = store.attach_all(volumes)
+        try:
+            self._jailed: Jailed = jail.create(self.policy, self._envs, attached)
+        except BaseException:
+            for attachment in attached:  # nothing was mounted, or the sandbox is gone
+                attachment.detach()
+            raise
+        self.volumes = {a.path: a.name for a in attached}
+        if on_volume is not None:  # told once it runs; its detach follows, whatever ends it
+            report = on_volume
+            for attachment in attached:
+                report("attach", attachment)
+                attachment.when_detached(lambda a: report("detach", a))
         self.last_activity = time.monotonic()
         self.paused_at: float | None = None  # time.monotonic() of the pause, while paused
         # Told of each input, signal and stdin close for a process as it is sent (the
@@ -184,8 +208,17 @@ class Sandbox:
         envs: dict[str, str] | None = None,
         approver: Approver | None = None,
         template: str | None = None,
+        volumes: dict[str, str] | None = None,
+        volume_store: Volumes | None = None,
     ) -> Sandbox:
-        return cls(policy, envs=envs, approver=approver, template=template)
+        return cls(
+            policy,
+            envs=envs,
+            approver=approver,
+            template=template,
+            volumes=volumes,
+            volume_store=volume_store,
+        )
 
     @property
     def id(self) -> str:

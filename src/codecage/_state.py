@@ -28,14 +28,16 @@ def bound(policy: Policy) -> int:
     return ((policy.memory_mb or 4096) + policy.disk_mb) << 20
 
 
-def packed(jailed: Jailed, policy: Policy, memory: bool = True) -> Iterator[bytes]:
+def packed(
+    jailed: Jailed, policy: Policy, memory: bool = True, plain: bool = False
+) -> Iterator[bytes]:
     """The sandbox's pack, chunk by chunk (the first request is sent at the first next():
-    what cannot be carried raises there)."""
+    what cannot be carried raises there). `plain`: a tar of the workspace's files only."""
     deadline = time.monotonic() + FORK_S
     limit, carried = bound(policy), 0
     cursor: str | None = None
     while True:
-        args = {"cursor": cursor, "size": CHUNK, "memory": memory}
+        args = {"cursor": cursor, "size": CHUNK, "memory": memory, "plain": plain}
         reply = jailed.request({"op": "pack", "args": args}, STEP_S)
         if reply.get("ev") == "failed":
             raise SandboxError(f"its state cannot be carried: {str(reply.get('message'))[:2000]}")
@@ -55,20 +57,23 @@ def packed(jailed: Jailed, policy: Policy, memory: bool = True) -> Iterator[byte
             return
 
 
-def unpack(jailed: Jailed, chunks: Iterable[bytes]) -> None:
-    """Send a pack's chunks to the sandbox's kernel, which unpacks them in its jail."""
+def unpack(jailed: Jailed, chunks: Iterable[bytes], plain: bool = False) -> int:
+    """Send a pack's chunks to the sandbox's kernel, which unpacks them in its jail (`plain`:
+    a tar of files for its workspace, no state). Returns the files it unpacked."""
     pending: bytes | None = None
     for chunk in chunks:
         if len(chunk) > CHUNK:
             raise TransportError(f"a chunk of a pack is more than {CHUNK} bytes")
         if pending is not None:
-            _send(jailed, pending, last=False)
+            _send(jailed, pending, False, plain)
         pending = chunk
-    _send(jailed, pending or b"", last=True)
+    files = _send(jailed, pending or b"", True, plain).get("files")
+    return files if isinstance(files, int) and not isinstance(files, bool) else 0
 
 
-def _send(jailed: Jailed, data: bytes, last: bool) -> None:
-    args = {"data": base64.b64encode(data).decode(), "last": last}
+def _send(jailed: Jailed, data: bytes, last: bool, plain: bool) -> dict[str, object]:
+    args = {"data": base64.b64encode(data).decode(), "last": last, "plain": plain}
     done = jailed.request({"op": "unpack", "args": args}, STEP_S)
     if done.get("ev") == "failed":
-        raise SandboxError(f"the new sandbox could not unpack: {done.get('message')}")
+        raise SandboxError(f"the sandbox could not unpack: {str(done.get('message'))[:2000]}")
+    return done

@@ -248,6 +248,7 @@ def namespace_spec() -> dict[str, Any]:
         jail=SimpleNamespace(runtime=runtime(), rootless=False),
         template=template,
         tree=SimpleNamespace(procs_files=list, mount_names=[]),
+        box=SimpleNamespace(volumes=()),
     )
     return NamespaceLauncher._spec(sandbox, {})  # type: ignore[arg-type]
 
@@ -256,5 +257,12 @@ def bwrap_spec() -> dict[str, Any]:
     jail = SimpleNamespace(
         runtime=runtime(), landlock=True, preload=("json",), seccomp_program=b"\x00" * 8
     )
-    sandbox = SimpleNamespace(policy=Policy(), id="s", uid=20000, jail=jail, layer=None)
+    sandbox = SimpleNamespace(
+        policy=Policy(),
+        id="s",
+        uid=20000,
+        jail=jail,
+        layer=None,
+        box=SimpleNamespace(volumes=()),
+    )
     return BwrapLauncher._spec(sandbox, {})  # type: ignore[arg-type]

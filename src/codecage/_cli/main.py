@@ -383,6 +383,74 @@ def cmd_sandboxes(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_volume(args: argparse.Namespace) -> int:
+    """Volumes (docs/volumes.md): create, list, delete, export, import, check. Of a running
+    service's tenant with --url/--key (or CODECAGE_URL), else of this host's local store
+    (--dir, CODECAGE_VOLUME_DIR or /var/lib/codecage/volumes), which the SDK uses."""
+    import contextlib
+    import os
+    import sys
+
+    from .._volumes import Volumes
+
+    remote = bool(args.url or os.environ.get("CODECAGE_URL"))
+    if args.action != "list" and not args.name:
+        raise SandboxError(f"volume {args.action}: give the volume's name")
+    if remote:
+        client = _service_client(args)
+    store = None if remote else Volumes(args.dir)
+    if args.action == "create":
+        if args.size_mb is None:
+            raise SandboxError("volume create: give --size-mb")
+        if remote:
+            made = client.create_volume(args.name, args.size_mb, args.inodes)
+        else:
+            assert store is not None
+            made = vars(store.create(args.name, args.size_mb, args.inodes))
+        print(
+            json.dumps(made)
+            if args.json
+            else f"{made['name']}: {made['size_mb']} MiB, {made['inodes']} inodes"
+        )
+    elif args.action == "list":
+        found = client.volumes() if remote else [vars(v) for v in store.list()]  # type: ignore[union-attr]
+        if args.json:
+            print(json.dumps(found, indent=2))
+        elif not found:
+            print("no volumes")
+        for volume in [] if args.json else found:
+            print(clean(f"{volume['name']}  {volume['size_mb']} MiB  {volume['inodes']} inodes"))
+    elif args.action == "delete":
+        client.delete_volume(args.name) if remote else store.delete(args.name)  # type: ignore[union-attr]
+        print(f"{args.name}: deleted")
+    elif args.action == "export":
+        chunks = client.export_volume(args.name) if remote else store.export(args.name)  # type: ignore[union-attr]
+        with contextlib.ExitStack() as stack:
+            to_file = args.file and args.file != "-"
+            out = stack.enter_context(open(args.file, "wb")) if to_file else sys.stdout.buffer
+            for chunk in chunks:
+                out.write(chunk)
+    elif args.action == "import":
+        if not args.file:
+            raise SandboxError("volume import: give --file (a tar archive, or - for stdin)")
+        with contextlib.ExitStack() as stack:
+            from_file = args.file != "-"
+            source = stack.enter_context(open(args.file, "rb")) if from_file else sys.stdin.buffer
+            data = iter(lambda: source.read(4 << 20), b"")
+            if remote:
+                members = client.import_volume(args.name, b"".join(data))
+            else:
+                assert store is not None
+                members = store.import_(args.name, data)
+        print(f"{args.name}: {members} members imported")
+    elif args.action == "check":
+        if remote:
+            raise SandboxError("volume check: on this host's store only (no --url)")
+        assert store is not None
+        print(clean(store.check(args.name)))
+    return 0
+
+
 def cmd_snapshots(args: argparse.Namespace) -> int:
     """A running service's snapshots of the key's tenant: list, delete (docs/fork.md)."""
     with _service_client(args) as client:
@@ -598,6 +666,22 @@ def build_parser() -> argparse.ArgumentParser:
     snaps.add_argument("snapshot_id", nargs="?")
     _service_options(snaps)
     snaps.set_defaults(func=cmd_snapshots)
+
+    vol = sub.add_parser(
+        "volume", help="persistent volumes: create, list, delete, export, import, check"
+    )
+    vol.add_argument("action", choices=["create", "list", "delete", "export", "import", "check"])
+    vol.add_argument("name", nargs="?")
+    vol.add_argument("--size-mb", type=int, help="create: its size (a hard limit)")
+    vol.add_argument("--inodes", type=int, help="create: files at most (default one per 16 KiB)")
+    vol.add_argument("--file", help="export: write the tar here (- stdout); import: read it")
+    vol.add_argument(
+        "--dir",
+        help="the local store (default CODECAGE_VOLUME_DIR or "
+        "/var/lib/codecage/volumes); with --url, the service's",
+    )
+    _service_options(vol)
+    vol.set_defaults(func=cmd_volume)
 
     agent = sub.add_parser("agent", help="the example agents: data analysis, math")
     agent_sub = agent.add_subparsers(dest="agent", required=True)

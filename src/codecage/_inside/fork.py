@@ -107,7 +107,9 @@ class _Sink(io.RawIOBase):
 class Packer:
     """One pack in progress: a thread writes the stream, `take` hands it out in chunks."""
 
-    def __init__(self, state: bytes) -> None:
+    def __init__(self, state: bytes | None) -> None:
+        """`state` None: a plain archive of the workspace (a volume's export), its members
+        named relative to it, no state."""
         self.out: queue.Queue[bytes | BaseException | None] = queue.Queue(QUEUED)
         self.pending = b""
         self.done = False
@@ -117,15 +119,19 @@ class Packer:
         )
         self._thread.start()
 
-    def _write(self, state: bytes) -> None:
+    def _write(self, state: bytes | None) -> None:
         sink = _Sink(self.out, self.cancelled)
         try:
             with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-                info = tarfile.TarInfo(STATE)
-                info.size = len(state)
-                tar.addfile(info, io.BytesIO(state))
+                if state is not None:
+                    info = tarfile.TarInfo(STATE)
+                    info.size = len(state)
+                    tar.addfile(info, io.BytesIO(state))
+                prefix = f"{ROOT}/" if state is not None else ""
                 for entry in sorted(os.listdir(HOME)):
-                    tar.add(os.path.join(HOME, entry), arcname=f"{ROOT}/{entry}", filter=_plain)
+                    if state is None and entry == "lost+found":  # a volume's own
+                        continue
+                    tar.add(os.path.join(HOME, entry), arcname=prefix + entry, filter=_plain)
             sink.finish()
             self.out.put(None)
         except BaseException as exc:  # said to the host at its next take
@@ -166,8 +172,11 @@ def _plain(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
 class Unpacker:
     """One unpack in progress: chunks go down a pipe to a thread that extracts them."""
 
-    def __init__(self) -> None:
+    def __init__(self, plain: bool = False) -> None:
+        """`plain`: an archive of files only (a volume's import), members named relative to
+        the workspace, no state."""
         read_end, self._write_end = os.pipe()
+        self.plain = plain
         self.state: bytes | None = None
         self.error: BaseException | None = None
         self.files = 0
@@ -181,6 +190,14 @@ class Unpacker:
             try:
                 with tarfile.open(fileobj=stream, mode="r|") as tar:
                     for member in tar:
+                        if self.plain:
+                            member.name = member.name.removeprefix("./")
+                            if member.name in ("", "."):
+                                continue  # the archive's own top directory
+                            _check(member)
+                            tar.extract(member, HOME)
+                            self.files += 1
+                            continue
                         if member.name == STATE and member.isfile() and self.state is None:
                             extracted = tar.extractfile(member)
                             self.state = extracted.read() if extracted else b""
@@ -207,7 +224,9 @@ class Unpacker:
         os.close(self._write_end)
         self._thread.join()
         if self.error is not None:
-            raise ValueError(f"the fork's archive could not be unpacked: {self.error}")
+            raise ValueError(f"the archive could not be unpacked: {self.error}")
+        if self.plain:
+            return b"", self.files
         if self.state is None:
             raise ValueError("the fork's archive holds no state")
         return self.state, self.files
@@ -271,12 +290,21 @@ class Forks:
         self.unpacker: Unpacker | None = None
 
     def pack(
-        self, shell: Any, contexts: dict[str, Any], cursor: Any, size: int, memory: bool = True
+        self,
+        shell: Any,
+        contexts: dict[str, Any],
+        cursor: Any,
+        size: int,
+        memory: bool = True,
+        plain: bool = False,
     ) -> dict[str, Any]:
         if cursor is None:
             if self.packer is not None:  # one the host gave up on
                 self.packer[1].cancel()
                 self.packer = None
+            if plain:  # the workspace's files only (a volume's export)
+                self.packer = (secrets.token_hex(8), Packer(None))
+                return self.pack(shell, contexts, self.packer[0], size)
             others = sorted(c for c in contexts if c != DEFAULT)
             if others:
                 raise ValueError(
@@ -298,10 +326,10 @@ class Forks:
         return {"cursor": cid, "data": data, "eof": eof}
 
     def unpack(
-        self, shell: Any, contexts: dict[str, Any], data: bytes, last: bool
+        self, shell: Any, contexts: dict[str, Any], data: bytes, last: bool, plain: bool = False
     ) -> dict[str, Any]:
         if self.unpacker is None:
-            self.unpacker = Unpacker()
+            self.unpacker = Unpacker(plain)
         unpacker = self.unpacker
         try:
             unpacker.feed(data)
@@ -313,4 +341,6 @@ class Forks:
             self.unpacker = None
             raise
         self.unpacker = None
+        if unpacker.plain:
+            return {"names": 0, "files": files}
         return {"names": load_state(shell, contexts[DEFAULT], state), "files": files}

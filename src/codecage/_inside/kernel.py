@@ -398,12 +398,16 @@ class Kernel:
                 size = min(int(args.get("size", files.CHUNK)), files.CHUNK)
                 shell, every = self.session_shell(), self.contexts.all
                 memory = args.get("memory") is not False
-                out = self.forks.pack(shell, every, args.get("cursor"), size, memory)
+                plain = args.get("plain") is True
+                out = self.forks.pack(shell, every, args.get("cursor"), size, memory, plain)
                 reply = {**out, "data": base64.b64encode(out["data"]).decode()}
             else:
                 data = base64.b64decode(str(args.get("data", "")), validate=True)
                 last = bool(args.get("last"))
-                reply = self.forks.unpack(self.session_shell(), self.contexts.all, data, last)
+                plain = args.get("plain") is True
+                reply = self.forks.unpack(
+                    self.session_shell(), self.contexts.all, data, last, plain
+                )
         except Exception as exc:  # a variable that does not pickle, a bad archive
             self.failed(request, exc)
             return

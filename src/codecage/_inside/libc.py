@@ -19,6 +19,9 @@ SYS_seccomp = 317
 SYS_landlock_create_ruleset = 444
 SYS_landlock_add_rule = 445
 SYS_landlock_restrict_self = 446
+SYS_move_mount = 429
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+AT_FDCWD = -100
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWCGROUP = 0x02000000
@@ -93,6 +96,14 @@ def mount(
 
 def umount2(target: str, flags: int) -> None:
     _check(_libc.umount2(target.encode(), flags), f"umount {target}")
+
+
+def move_mount(fd: int, target: str) -> None:
+    """Attach the detached mount `fd` (fsmount's, passed by the host) at `target`."""
+    _check(
+        _libc.syscall(SYS_move_mount, fd, b"", AT_FDCWD, target.encode(), MOVE_MOUNT_F_EMPTY_PATH),
+        f"move_mount {target}",
+    )
 
 
 def pivot_root(new_root: str, put_old: str) -> None:

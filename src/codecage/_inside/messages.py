@@ -147,6 +147,7 @@ class PackArgs(TypedDict):
     cursor: str | None  # None: a new pack
     size: NotRequired[int]  # at most this many bytes (and files.CHUNK) per reply
     memory: NotRequired[bool]  # the variables too (default), else files, env and cwd only
+    plain: NotRequired[bool]  # a tar of the workspace's files only (a volume's export)
 
 
 class PackRequest(TypedDict):
@@ -160,6 +161,7 @@ class PackRequest(TypedDict):
 class UnpackArgs(TypedDict):
     data: str  # base64
     last: bool
+    plain: NotRequired[bool]  # a tar of files only, no state (a volume's import)
 
 
 class UnpackRequest(TypedDict):

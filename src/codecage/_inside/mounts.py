@@ -16,8 +16,9 @@ DEVICES = ("null", "zero", "full", "random", "urandom")
 SAFE = MS_NOSUID | MS_NODEV
 
 
-def build_root(root: str, spec: dict[str, object]) -> None:
-    """Populate the new root at `root` (a host directory used as a mount point only)."""
+def build_root(root: str, spec: dict[str, object], volume_fds: list[int] | None = None) -> None:
+    """Populate the new root at `root` (a host directory used as a mount point only).
+    `volume_fds`: the host's detached volume mounts, one per spec["volumes"] entry."""
     libc.mount("none", "/", None, MS_REC | libc.MS_PRIVATE)
     libc.mount("codecage-root", root, "tmpfs", SAFE, "size=4m,mode=0755")
     binds = spec["ro_binds"]
@@ -31,10 +32,27 @@ def build_root(root: str, spec: dict[str, object]) -> None:
     uid, gid = int(str(spec["uid"])), int(str(spec["gid"]))
     _etc(root, uid, gid)
     _dev(root, int(str(spec["shm_mb"])), uid, gid)
-    _tmpfs(f"{root}/home/user", int(str(spec["workspace_mb"])), uid, gid, mode=0o700)
+    volumes = spec.get("volumes") or []
+    assert isinstance(volumes, list)
+    paths = [str(v["path"]) for v in volumes]
+    if "/home/user" not in paths:
+        _tmpfs(f"{root}/home/user", int(str(spec["workspace_mb"])), uid, gid, mode=0o700)
     _tmpfs(f"{root}/tmp", int(str(spec["tmp_mb"])), uid, gid, mode=0o1777)
+    attach_volumes(root, paths, volume_fds or [])
     _cgroups(root, spec["cgroup_controllers"])
     os.makedirs(f"{root}/proc")
+
+
+def attach_volumes(root: str, paths: list[str], fds: list[int]) -> None:
+    """Move each volume's detached mount (the host made it nosuid,nodev and idmapped) to
+    its path under the new root; the descriptors are closed once it is there."""
+    if len(paths) != len(fds):
+        raise OSError(f"{len(paths)} volumes in the spec but {len(fds)} mounts passed")
+    for path, fd in zip(paths, fds, strict=True):
+        target = root + path
+        os.makedirs(target, mode=0o755, exist_ok=True)
+        libc.move_mount(fd, target)
+        os.close(fd)
 
 
 def _bind_ro(source: str, target: str) -> None:

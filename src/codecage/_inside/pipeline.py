@@ -24,15 +24,18 @@ from . import init, libc, steps
 from .messages import InitEvent, SetupErrorEvent
 
 MAX_SPEC = 1 << 20
+MAX_VOLUMES = 8
 
 
 def setup(supervisor: socket.socket, ctx: dict[str, Any]) -> None:
     """Runs in the forked child of the template; never returns."""
     try:
-        data = supervisor.recv(MAX_SPEC)
+        # the spec, and the host's detached mount of each of its volumes (docs/volumes.md)
+        data, fds, _flags, _addr = socket.recv_fds(supervisor, MAX_SPEC, MAX_VOLUMES)
         if not data:  # the host gave up on this sandbox before sending its spec
             os._exit(0)
         spec: dict[str, Any] = json.loads(data)
+        ctx["volume_fds"] = fds
         steps.run(spec, ctx, [steps.SETUP])
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         pid = os.fork()

@@ -65,7 +65,7 @@ def _check_namespaces(spec: Spec, ctx: Ctx) -> None:
 
 
 def _root(spec: Spec, ctx: Ctx) -> None:
-    mounts.build_root(spec["root_mountpoint"], spec)
+    mounts.build_root(spec["root_mountpoint"], spec, ctx.get("volume_fds"))
 
 
 def _signals(spec: Spec, ctx: Ctx) -> None:
@@ -133,7 +133,7 @@ def _check_preload(spec: Spec, ctx: Ctx) -> None:
 
 def _landlock(spec: Spec, ctx: Ctx) -> None:
     if spec["landlock"]:  # the host's decision (this host's ABI), never a silent skip
-        landlock.restrict()
+        landlock.restrict(tuple(str(v["path"]) for v in spec.get("volumes") or ()))
 
 
 def _seccomp(spec: Spec, ctx: Ctx) -> None:

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from .cgroups import Usage
     from .pool import Pool
     from .procs import ProcessManager
+    from .volumes import Attachment
 
 
 class Jailed(Protocol):
@@ -112,7 +113,12 @@ class Jail(Protocol):
 
     def check(self, policy: Policy) -> None: ...
 
-    def create(self, policy: Policy, envs: dict[str, str] | None = None) -> Jailed: ...
+    def create(
+        self,
+        policy: Policy,
+        envs: dict[str, str] | None = None,
+        volumes: tuple[Attachment, ...] = (),
+    ) -> Jailed: ...
 
     def pool_for(self, policy: Policy) -> Pool | None:
         """The running warm pool that serves exactly this policy, if any."""

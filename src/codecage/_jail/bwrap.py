@@ -31,13 +31,14 @@ from typing import Any
 from .._errors import BackendUnavailable, SandboxError
 from .._inside import landlock, seccomp, steps
 from .._policy import Policy
-from . import cgroups, features, layers, oci
+from . import cgroups, features, layers, oci, volumes
 from .channel import readable
 from .host import HostJail, environment, raise_nofile, uids
 from .host import rlimits as base_rlimits
-from .launcher import BaseLauncher, Launched
+from .launcher import BaseLauncher, Launched, Mounts
 from .sandbox import HostSandbox
 from .template import DEFAULT_PRELOAD, Runtime, package_dir, state_dir
+from .volumes import Attachment
 
 _jail_numbers = itertools.count(1)
 SETPRIV = "/usr/bin/setpriv"
@@ -108,22 +109,33 @@ class BwrapJail(HostJail):
         # template's memory. It holds codecage's source only.
         self.package.parent.chmod(0o755)
         self.etc = _static_etc(state / "bwrap-etc")
+        self.volume_dir = state / "bwrap-volumes" / self.owner  # staged mounts (volumes.py)
+        volumes.sweep_staged(state / "bwrap-volumes", self.owner)
+        self.volume_dir.mkdir(parents=True, exist_ok=True, mode=0o711)
         self.seccomp_program = seccomp.build()  # once; each sandbox gets it through a pipe
         self.landlock = landlock.abi_version() >= 1
-        self.enforces = features.ALL - ({"landlock"} if not self.landlock else set())
         self.why = {} if self.landlock else {"landlock": "this host has no Landlock"}
+        if (why := volumes.tools()) is not None:
+            self.why |= {"volumes": why, "io_limits": why}
+        elif (why := cgroups.io_unavailable(version)) is not None:
+            self.why |= {"io_limits": why}
+        self.enforces = features.ALL - frozenset(self.why)
         # --die-with-parent is PR_SET_PDEATHSIG, which fires when the *thread* that forked
         # bwrap exits: a request's worker thread or the pool's would take its sandboxes with
         # it. So every bwrap is started from this one thread, which lives as long as the jail.
         self.spawner = ThreadPoolExecutor(1, thread_name_prefix="codecage-bwrap-spawner")
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
-        return HostSandbox(policy, lambda box: BwrapLauncher(self, box), envs)
+    def spawn(
+        self, policy: Policy, envs: dict[str, str], volumes: tuple[Attachment, ...] = ()
+    ) -> HostSandbox:
+        return HostSandbox(policy, lambda box: BwrapLauncher(self, box), envs, volumes=volumes)
 
     def close(self) -> None:
         super().close()
         self.spawner.shutdown(wait=True)
         cgroups.remove_owner(self.cgroup_version, self.owner)
+        with contextlib.suppress(OSError):  # empty once its sandboxes have ended
+            self.volume_dir.rmdir()
 
 
 def _static_etc(base: Path) -> Path:
@@ -159,6 +171,8 @@ class BwrapLauncher(BaseLauncher):
         )
         self.process: subprocess.Popen[bytes] | None = None
         self._last_words = ""
+        # the volumes' mounts on the host, for bwrap to bind; gone once its init runs
+        self.staged: dict[str, Path] = {}
 
     # -- launch -------------------------------------------------------------------------
 
@@ -169,7 +183,45 @@ class BwrapLauncher(BaseLauncher):
             return policy
         return policy.model_copy(update={"pids_max": policy.pids_max + 1})
 
+    def _stage_volumes(self) -> None:
+        """Each volume's detached mount, moved to a private host directory that bwrap binds
+        (bwrap takes paths, not mount descriptors); `unstage` detaches them from the host
+        once the sandbox's init runs, so its mount namespace holds the only reference."""
+        if not self.box.volumes:
+            return
+        base = self.jail.volume_dir / self.id
+        base.mkdir(mode=0o700)
+        os.chown(base, self.uid, self.uid)  # bwrap (as the sandbox's uid) alone goes through
+        mounted = volumes.mount_all(self.box.volumes, self.uid, self.uid)
+        try:
+            if cgroups.io_limited(self.policy):
+                for m in mounted:  # bwrap joins the cgroups (JOIN) before it starts
+                    self.tree.limit_io(m.rdev, self.policy)
+            for n, (attachment, m) in enumerate(zip(self.box.volumes, mounted, strict=True)):
+                target = base / str(n)
+                target.mkdir(mode=0o700)
+                volumes.move_mount(m.fd, str(target))
+                self.staged[attachment.path] = target
+        except BaseException:
+            self.unstage()
+            raise
+        finally:
+            for m in mounted:
+                m.close()
+
+    def unstage(self) -> None:
+        for target in self.staged.values():
+            volumes.detach_host_mount(target)
+        self.staged.clear()
+        with contextlib.suppress(OSError):
+            (self.jail.volume_dir / self.id).rmdir()
+
+    def open_mounts(self) -> Mounts:
+        self.unstage()  # init runs: bwrap has bound them
+        return super().open_mounts()
+
     def launch(self, envs: dict[str, str]) -> Launched:
+        self._stage_volumes()
         host_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         data = {
             "seccomp": self.jail.seccomp_program,
@@ -249,8 +301,9 @@ class BwrapLauncher(BaseLauncher):
             *("--ro-bind", str(oci.mask_file()), "/dev/tty"),
             *self._cgroup_views(),
             *_tmpfs("/dev/shm", p.shm_mb, "1777"),
-            *_tmpfs("/home/user", p.disk_mb, "0700"),
+            *(_tmpfs("/home/user", p.disk_mb, "0700") if "/home/user" not in self.staged else ()),
             *_tmpfs("/tmp", p.tmp_mb, "1777"),
+            *(a for path, src in self.staged.items() for a in ("--bind", str(src), path)),
             *("--remount-ro", "/", "--chdir", "/"),
             *("--seccomp", str(pipes["seccomp"]), "--info-fd", str(info_fd)),
             "--",
@@ -311,6 +364,7 @@ class BwrapLauncher(BaseLauncher):
         p = self.policy
         env = environment(self.jail.runtime, p, envs, self.layer)
         rlimits = base_rlimits(p)
+        rlimits["fsize"] = max(rlimits["fsize"], volumes.largest_bytes(self.box.volumes))
         return {
             "id": self.id,
             "uid": self.uid,
@@ -319,6 +373,7 @@ class BwrapLauncher(BaseLauncher):
             "rlimits": rlimits,
             "landlock": self.jail.landlock,
             "preload": list(self.layer.preload if self.layer else self.jail.preload),
+            "volumes": [{"path": v.path} for v in self.box.volumes],
             # the host joined the cgroups (JOIN); bwrap made the namespaces, the root, the
             # identity (--uid, --cap-drop ALL) and loaded the filter (--seccomp) before the
             # entry's first instruction; the entry runs the rest of _inside/steps.py
@@ -345,6 +400,7 @@ class BwrapLauncher(BaseLauncher):
         self.tree.kill(spare=monitor)
 
     def release(self, init_dead: bool) -> None:
+        self.unstage()
         if self.process is not None:
             try:
                 self.process.wait(timeout=5)

@@ -64,6 +64,47 @@ class Usage:
     oom_kills: int
     pids_max_events: int
     cpu_s: float
+    # on the sandbox's volumes' devices (only where I/O caps are set): read and written
+    # bytes and I/Os, for `limits_hit` (docs/volumes.md, "Disk I/O limits")
+    io: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+
+IO_FIELDS = (
+    "volume_read_bytes_per_s",
+    "volume_write_bytes_per_s",
+    "volume_read_iops",
+    "volume_write_iops",
+)
+
+
+def io_limited(policy: Policy) -> bool:
+    return any(getattr(policy, name) is not None for name in IO_FIELDS)
+
+
+def io_throttled(policy: Policy, before: Usage, after: Usage, seconds: float) -> bool:
+    """Whether a run's I/O on its volumes went at 80% or more of a cap, on average over
+    the run: the sign of throttling (neither blkio nor io.max counts throttled I/Os).
+    Runs shorter than 0.2 s are not judged: a burst at their start is allowed."""
+    if seconds < 0.2:
+        return False
+    caps = [getattr(policy, name) for name in IO_FIELDS]
+    done = [a - b for a, b in zip(after.io, before.io, strict=True)]
+    return any(
+        cap is not None and n / seconds >= 0.8 * cap for cap, n in zip(caps, done, strict=True)
+    )
+
+
+def io_unavailable(version: int) -> str | None:
+    """Why this host cannot cap a sandbox's disk I/O (blkio throttling on v1, io.max on
+    v2), None if it can."""
+    if version == 1:
+        if not (ROOT / "blkio" / "blkio.throttle.read_bps_device").exists():
+            return "the cgroup v1 blkio controller (with throttling) is not mounted"
+        return None
+    base = ROOT if (ROOT / "cgroup.controllers").exists() else ROOT / "unified"
+    if "io" not in (base / "cgroup.controllers").read_text().split():
+        return "the cgroup v2 io controller is not available"
+    return None
 
 
 class SandboxCgroups:
@@ -72,8 +113,12 @@ class SandboxCgroups:
     def __init__(self, version: int, sandbox_id: str, owner: str) -> None:
         self.version = version
         self._fds: dict[str, int] = {}
+        self.io_devices: list[str] = []  # major:minor of the volumes I/O caps apply to
         if version == 1:
             self.dirs = {c: ROOT / c / "codecage" / owner / sandbox_id for c in V1_CONTROLLERS}
+            blkio = ROOT / "blkio" / "codecage" / owner / sandbox_id
+            if blkio.exists():  # a sweep's: removed with the rest
+                self.dirs["blkio"] = blkio
         else:
             base = ROOT if (ROOT / "cgroup.controllers").exists() else ROOT / "unified"
             self.dirs = {"unified": base / "codecage" / owner / sandbox_id}
@@ -87,8 +132,10 @@ class SandboxCgroups:
         return [str(d / "cgroup.procs") for d in self.dirs.values()]
 
     def create(self, policy: Policy) -> None:
+        if self.version == 1 and io_limited(policy):
+            self.dirs["blkio"] = ROOT / "blkio" / self.dirs["pids"].relative_to(ROOT / "pids")
         if self.version == 2:
-            _enable_v2_controllers(next(iter(self.dirs.values())))
+            _enable_v2_controllers(next(iter(self.dirs.values())), io=io_limited(policy))
         for d in self.dirs.values():
             d.mkdir(parents=True, exist_ok=True)
         try:
@@ -120,6 +167,49 @@ class SandboxCgroups:
             if policy.cpu_cores is not None:
                 _write(u / "cpu.max", f"{int(policy.cpu_cores * CPU_PERIOD_US)} {CPU_PERIOD_US}")
 
+    def limit_io(self, device: str, policy: Policy) -> None:
+        """Cap the sandbox's I/O on one volume's device (`major:minor`), as the policy says."""
+        rbps, wbps = policy.volume_read_bytes_per_s, policy.volume_write_bytes_per_s
+        riops, wiops = policy.volume_read_iops, policy.volume_write_iops
+        if self.version == 1:
+            d = self.dirs["blkio"]
+            for name, value in (
+                ("read_bps_device", rbps),
+                ("write_bps_device", wbps),
+                ("read_iops_device", riops),
+                ("write_iops_device", wiops),
+            ):
+                if value is not None:
+                    _write(d / f"blkio.throttle.{name}", f"{device} {value}")
+        else:
+            caps = {"rbps": rbps, "wbps": wbps, "riops": riops, "wiops": wiops}
+            text = " ".join(f"{k}={v}" for k, v in caps.items() if v is not None)
+            _write(self.dirs["unified"] / "io.max", f"{device} {text}")
+        self.io_devices.append(device)
+
+    def _io(self) -> tuple[int, int, int, int]:
+        """Bytes read, written, and I/Os read, written, on the capped volumes' devices."""
+        if not self.io_devices:
+            return (0, 0, 0, 0)
+        totals = [0, 0, 0, 0]
+        if self.version == 1:
+            for slot, name in ((0, "io_service_bytes"), (2, "io_serviced")):
+                for line in self._get("blkio", f"blkio.throttle.{name}").splitlines():
+                    parts = line.split()
+                    if len(parts) == 3 and parts[0] in self.io_devices:
+                        if parts[1] == "Read":
+                            totals[slot] += int(parts[2])
+                        elif parts[1] == "Write":
+                            totals[slot + 1] += int(parts[2])
+        else:
+            for line in self._get("unified", "io.stat").splitlines():
+                device, *fields = line.split()
+                if device in self.io_devices:
+                    stat = dict(f.split("=", 1) for f in fields if "=" in f)
+                    for slot, key in enumerate(("rbytes", "wbytes", "rios", "wios")):
+                        totals[slot] += int(stat.get(key, 0))
+        return (totals[0], totals[1], totals[2], totals[3])
+
     def _file(self, controller: str, name: str) -> int:
         """A descriptor kept open on a cgroup file: re-read with pread, no path walk per run."""
         key = f"{controller}/{name}"
@@ -139,6 +229,7 @@ class SandboxCgroups:
                 oom_kills=_keyed(self._get("memory", "memory.oom_control")).get("oom_kill", 0),
                 pids_max_events=_keyed(self._get("pids", "pids.events")).get("max", 0),
                 cpu_s=int(self._get("cpuacct", "cpuacct.usage")) / 1e9,
+                io=self._io(),
             )
         peak = (
             "memory.peak" if (self.dirs["unified"] / "memory.peak").exists() else "memory.current"
@@ -148,6 +239,7 @@ class SandboxCgroups:
             oom_kills=_keyed(self._get("unified", "memory.events")).get("oom_kill", 0),
             pids_max_events=_keyed(self._get("unified", "pids.events")).get("max", 0),
             cpu_s=_keyed(self._get("unified", "cpu.stat")).get("usage_usec", 0) / 1e6,
+            io=self._io(),
         )
 
     def memory_current(self) -> int:
@@ -299,13 +391,14 @@ def _test_pause() -> None:
         time.sleep(3600)
 
 
-def _enable_v2_controllers(leaf: Path) -> None:
-    """Enable memory, pids and cpu for children along the path from the root to `leaf`."""
+def _enable_v2_controllers(leaf: Path, io: bool = False) -> None:
+    """Enable memory, pids and cpu (and io) for children along the path from the root to
+    `leaf`."""
     base = leaf.parents[2]
     for parent in (base.parent, base, leaf.parent.parent, leaf.parent):
         parent.mkdir(exist_ok=True)
         with contextlib.suppress(OSError):
-            _write(parent / "cgroup.subtree_control", "+memory +pids +cpu")
+            _write(parent / "cgroup.subtree_control", "+memory +pids +cpu" + (" +io" if io else ""))
 
 
 def sweep(version: int, keep_owner: str) -> int:
@@ -381,7 +474,8 @@ def remove_owner(version: int, owner: str) -> None:
 
 def _bases(version: int) -> list[Path]:
     if version == 1:
-        return [ROOT / c / "codecage" for c in V1_CONTROLLERS]
+        blkio = [ROOT / "blkio" / "codecage"] if (ROOT / "blkio" / "cgroup.procs").exists() else []
+        return [ROOT / c / "codecage" for c in V1_CONTROLLERS] + blkio
     return [(ROOT if (ROOT / "cgroup.controllers").exists() else ROOT / "unified") / "codecage"]
 
 

@@ -33,6 +33,7 @@ from .host import HostJail, uids
 from .launcher import Launched
 from .sandbox import HostSandbox
 from .template import Runtime, state_dir
+from .volumes import Attachment
 
 DEFAULT_URL = "unix:///run/codecage/podman.sock"
 START_TIMEOUT_S = 30.0
@@ -54,6 +55,9 @@ LACKING = {
     "nosuid_mounts": "the engine mounts the container's root (the image) without "
     "nosuid,nodev; instead the image holds no setuid/setgid file, no file capability and "
     "no device node, and the code runs with no_new_privs and no capabilities",
+    "volumes": "the engine would need a host-side mount of the volume bound into the "
+    "container; not supported yet: use the namespace or bwrap backend",
+    "io_limits": "volumes are not supported on this backend",
 }
 
 
@@ -153,7 +157,9 @@ class ContainerJail(HostJail):
         the namespace jail stages it, staged here too."""
         return oci.staged_package(self.image)
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
+    def spawn(
+        self, policy: Policy, envs: dict[str, str], volumes: tuple[Attachment, ...] = ()
+    ) -> HostSandbox:
         return HostSandbox(policy, lambda box: ContainerLauncher(self, box), envs, START_TIMEOUT_S)
 
     def close(self) -> None:

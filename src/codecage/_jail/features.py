@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from .._errors import PolicyError
 from .._policy import Policy
+from .cgroups import IO_FIELDS
 
 # feature -> the policy field it enforces
 FEATURES: dict[str, str] = {
@@ -33,6 +34,10 @@ FEATURES: dict[str, str] = {
     "nosuid_mounts": "isolation",
     # reaching memory_mb ends the kernel, not the sandbox: the next run gets a fresh kernel
     "kernel_oom": "memory_mb",
+    # persistent volumes (docs/volumes.md): not a policy field but the create's `volumes`
+    "volumes": "volumes",
+    # read/write bandwidth and IOPS caps on the sandbox's volumes (blkio or io.max)
+    "io_limits": "volume_read_bytes_per_s",
 }
 ALL = frozenset(FEATURES)
 
@@ -50,6 +55,8 @@ def needed(policy: Policy) -> set[str]:
     ):
         if getattr(policy, name) is not None:
             out.add(feature)
+    if any(getattr(policy, name) is not None for name in IO_FIELDS):
+        out.add("io_limits")
     return out
 
 

@@ -49,6 +49,7 @@ from .host import HostJail
 from .launcher import NO_MOUNTS, Launched, Mounts
 from .sandbox import HostSandbox
 from .template import Runtime, state_dir
+from .volumes import Attachment
 
 RUNSC_FLAGS = ("--network=none", "--host-uds=open", "--platform=ptrace")
 START_TIMEOUT_S = 30.0
@@ -69,6 +70,9 @@ LACKING = {
     "nosuid_mounts": "this runsc keeps no nosuid/nodev flag on the guest's mounts (its "
     "mountinfo shows none); instead the image holds no setuid/setgid file, no file "
     "capability and no device node, and the code runs with no_new_privs",
+    "volumes": "runsc's gofer would serve the volume's files to the sentry from a host-side "
+    "mount; not supported yet: use the namespace or bwrap backend",
+    "io_limits": "volumes are not supported on this backend",
 }
 
 
@@ -121,7 +125,9 @@ class GvisorJail(HostJail):
         the namespace jail stages it, staged here too."""
         return oci.staged_package(self.image)
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
+    def spawn(
+        self, policy: Policy, envs: dict[str, str], volumes: tuple[Attachment, ...] = ()
+    ) -> HostSandbox:
         return HostSandbox(policy, lambda box: GvisorLauncher(self, box), envs, START_TIMEOUT_S)
 
     def close(self) -> None:

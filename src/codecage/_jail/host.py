@@ -18,6 +18,7 @@ from .._inside.messages import GuardRequest
 from .._inside.packages import FIND_LINKS, PREFIX, site_dir
 from .._policy import Policy
 from . import features
+from .volumes import Attachment, check_paths
 
 if TYPE_CHECKING:
     from .layers import Layer
@@ -142,18 +143,40 @@ class HostJail:
 
             resolve(policy.template)  # TemplateNotFound before anything starts
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
+    def spawn(
+        self, policy: Policy, envs: dict[str, str], volumes: tuple[Attachment, ...] = ()
+    ) -> HostSandbox:
         """Start a sandbox cold (the pool calls this too): a HostSandbox over this backend's
-        launcher."""
+        launcher, with `volumes` mounted in it (docs/volumes.md)."""
         raise NotImplementedError
 
-    def create(self, policy: Policy, envs: dict[str, str] | None = None) -> HostSandbox:
+    def check_volumes(self, volumes: tuple[Attachment, ...]) -> None:
+        """Refuse volumes this backend cannot mount, or mount paths that are not allowed."""
+        if not volumes:
+            return
+        if "volumes" not in self.enforces:
+            why = self.why.get("volumes", "")
+            raise PolicyError(
+                f"backend {self.name!r} cannot mount volumes" + (f" ({why})" if why else "")
+            )
+        check_paths([v.path for v in volumes])
+
+    def create(
+        self,
+        policy: Policy,
+        envs: dict[str, str] | None = None,
+        volumes: tuple[Attachment, ...] = (),
+    ) -> HostSandbox:
         self.check(policy)
-        pool = self.pool_for(policy)
-        pooled = pool.take(policy) if pool is not None else None
-        if pooled is not None and envs:
-            pooled.set_envs(envs)
-        sandbox = pooled or self.spawn(policy, envs or {})
+        self.check_volumes(volumes)
+        if volumes:  # a pool's sandboxes were set up already: a volume is mounted at set-up
+            sandbox = self.spawn(policy, envs or {}, volumes)
+        else:
+            pool = self.pool_for(policy)
+            pooled = pool.take(policy) if pool is not None else None
+            if pooled is not None and envs:
+                pooled.set_envs(envs)
+            sandbox = pooled or self.spawn(policy, envs or {})
         guard = import_guard(policy)
         if guard is not None:
             try:

@@ -20,13 +20,14 @@ from typing import Any
 from .._errors import BackendUnavailable, SandboxError
 from .._inside import steps
 from .._policy import Policy
-from . import cgroups, features, layers
+from . import cgroups, features, layers, volumes
 from .host import UID_BASE, HostJail, environment, raise_nofile, uids
 from .host import rlimits as base_rlimits
 from .launcher import NO_MOUNTS, BaseLauncher, Launched, Mounts
 from .proctree import ProcessTree
 from .sandbox import HostSandbox
 from .template import DEFAULT_PRELOAD, Runtime, Template
+from .volumes import Attachment
 
 __all__ = ["UID_BASE", "NamespaceJail", "NamespaceLauncher"]
 
@@ -88,6 +89,11 @@ class NamespaceJail(HostJail):
             # rlimits stand in for memory_mb, pids_max and cpu_s: weaker, so refused by default
             for f in ("memory", "kernel_oom", "pids", "cpu_quota", "cpu_budget", "own_uid"):
                 lacking[f] = ROOTLESS_WHY
+            lacking["volumes"] = lacking["io_limits"] = "not running as root: no loop devices"
+        elif (why := volumes.tools()) is not None:
+            lacking["volumes"] = lacking["io_limits"] = why
+        elif (why := cgroups.io_unavailable(self.cgroup_version)) is not None:
+            lacking["io_limits"] = why
         self.enforces = features.ALL - frozenset(lacking)
         self.why = lacking
 
@@ -96,8 +102,10 @@ class NamespaceJail(HostJail):
         """The staged codecage package sandboxes see (read-only, at this path)."""
         return self.template.package
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
-        return HostSandbox(policy, lambda box: NamespaceLauncher(self, box), envs)
+    def spawn(
+        self, policy: Policy, envs: dict[str, str], volumes: tuple[Attachment, ...] = ()
+    ) -> HostSandbox:
+        return HostSandbox(policy, lambda box: NamespaceLauncher(self, box), envs, volumes=volumes)
 
     def template_for(self, policy: Policy) -> Template:
         """The template process a sandbox of this policy forks from: the base one, or its
@@ -230,14 +238,23 @@ class NamespaceLauncher(BaseLauncher):
     def launch(self, envs: dict[str, str], timeout_s: float = 30.0) -> Launched:
         """The template forks a bare set-up process; its spec (environment, uid, cgroups)
         goes to it over its own channel, and it answers with a pidfd on init."""
-        supervisor = self.template.spawn(timeout_s)
+        mounted = volumes.mount_all(self.box.volumes, self.uid, self.uid)
         try:
-            supervisor.settimeout(timeout_s)
-            supervisor.send(json.dumps(self._spec(envs)).encode())
-            data, fds, _flags, _addr = socket.recv_fds(supervisor, 65536, 1)
-        except BaseException:
-            supervisor.close()
-            raise
+            if cgroups.io_limited(self.policy) and isinstance(self.tree, cgroups.SandboxCgroups):
+                for m in mounted:  # before any process of the sandbox can touch it
+                    self.tree.limit_io(m.rdev, self.policy)
+            supervisor = self.template.spawn(timeout_s)
+            try:
+                supervisor.settimeout(timeout_s)
+                spec = json.dumps(self._spec(envs)).encode()
+                socket.send_fds(supervisor, [spec], [m.fd for m in mounted])
+                data, fds, _flags, _addr = socket.recv_fds(supervisor, 65536, 1)
+            except BaseException:
+                supervisor.close()
+                raise
+        finally:  # set-up has its own descriptors on the mounts, or has failed (and freed them)
+            for m in mounted:
+                m.close()
         try:
             message = json.loads(data) if data else {"ev": "error", "message": "no report"}
             if not isinstance(message, dict) or message.get("ev") != "init" or len(fds) != 1:
@@ -279,6 +296,7 @@ class NamespaceLauncher(BaseLauncher):
         if layer is not None:
             binds.append(str(layer.path))  # read-only, at the same path (docs/templates.md)
         rlimits = base_rlimits(p)
+        rlimits["fsize"] = max(rlimits["fsize"], volumes.largest_bytes(self.box.volumes))
         if self.jail.rootless:  # no cgroups: per-process rlimits are all there is
             if p.pids_max is not None:
                 rlimits["nproc"] = p.pids_max
@@ -306,4 +324,5 @@ class NamespaceLauncher(BaseLauncher):
             # the one confinement list runs whole, in set-up and init; only the preload is
             # the template's, done once before it forks any sandbox (_inside/steps.py)
             "done": steps.claim("preload"),
+            "volumes": [{"path": v.path} for v in self.box.volumes],
         }

@@ -18,7 +18,7 @@ from .._errors import SandboxNotFound, TransportError
 from .._inside.messages import ExecuteRequest
 from .._inside.protocol import Message
 from .._models import Execution, ExecutionError, KilledBy, Result
-from .cgroups import Usage
+from .cgroups import Usage, io_throttled
 from .channel import POLL_S, RUN_EVENTS
 
 if TYPE_CHECKING:
@@ -284,6 +284,8 @@ class Run:
             ex.limits_hit.append("pids_limit")
         if sbx.workspace_full():
             ex.limits_hit.append("disk_quota")
+        if io_throttled(sbx.policy, before, after, ex.duration_ms / 1000):
+            ex.limits_hit.append("volume_io_limit")
         if ex.truncated:
             ex.limits_hit.append("output_limit")
         if after.memory_peak_bytes is not None:

@@ -38,6 +38,7 @@ from .run import EventCallback, Run, how_died
 
 if TYPE_CHECKING:
     from .procs import ProcessManager
+    from .volumes import Attachment
 
 
 class HostSandbox:
@@ -51,9 +52,13 @@ class HostSandbox:
         make: Callable[[HostSandbox], Launcher],
         envs: dict[str, str],
         timeout_s: float = 30.0,
+        volumes: tuple[Attachment, ...] = (),
     ) -> None:
         self.id = secrets.token_hex(16)
         self.policy = policy
+        self.volumes = volumes  # mounted at set-up; detached when it has ended (volumes.py)
+        for volume in volumes:
+            volume.sandbox_id = self.id
         self._closed = False
         self._dying = False
         self.ended_because = "it was killed"
@@ -420,3 +425,5 @@ class HostSandbox:
             self.launcher.release(dead)
         finally:
             self.launcher.tree.remove()
+            for volume in self.volumes:  # its mount namespace is gone: the loop device frees
+                volume.detach()

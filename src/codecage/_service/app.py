@@ -29,7 +29,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._approvals import operation
-from .._errors import CodeRejected, ProcessNotFound, SandboxError, SnapshotNotFound, wire
+from .._errors import (
+    CodeRejected,
+    PolicyError,
+    ProcessNotFound,
+    SandboxError,
+    SnapshotNotFound,
+    wire,
+)
 from .._jail import cgroups, close_jails
 from .._models import Execution
 from .._processes import PTY_ENVS, PtySize, signal_process
@@ -65,6 +72,27 @@ class CreateSandbox(BaseModel):
     template: str | None = Field(
         None, max_length=64, description="a built template's name (docs/templates.md)"
     )
+    volumes: dict[str, str] = Field(
+        default_factory=dict,
+        description="{mount path: volume name} of the tenant's volumes (docs/volumes.md)",
+    )
+
+
+class VolumeBody(BaseModel):
+    name: str = Field(..., min_length=1, max_length=63)
+    size_mb: int = Field(..., ge=8, le=1 << 20)
+    inodes: int | None = Field(None, ge=16, description="files at most (default: one per 16 KiB)")
+
+
+class VolumeOut(BaseModel):
+    name: str
+    size_mb: int
+    inodes: int
+    created_at: float
+
+
+class ImportOut(BaseModel):
+    members: int
 
 
 class SnapshotBody(BaseModel):
@@ -433,7 +461,8 @@ files = APIRouter()
 processes = APIRouter()  # background commands and ptys
 approvals = APIRouter()
 audit_log = APIRouter()
-ROUTERS = (service, sandboxes, runs, files, processes, approvals, audit_log)
+volumes = APIRouter()  # persistent volumes (docs/volumes.md)
+ROUTERS = (service, sandboxes, volumes, runs, files, processes, approvals, audit_log)
 
 
 @service.get("/healthz", response_model=HealthOut)
@@ -467,9 +496,11 @@ def create_sandbox(
     overrides = body.policy | ({"template": body.template} if body.template else {})
     with operation(client_ref=ref):
         if body.snapshot is not None:
+            if body.volumes:
+                raise PolicyError("a sandbox from a snapshot takes no volumes")
             made = manager.from_snapshot(who, body.snapshot, overrides=overrides, envs=body.envs)
             return sandbox_out(made)
-        return sandbox_out(manager.create(who, overrides, body.envs))
+        return sandbox_out(manager.create(who, overrides, body.envs, volumes=body.volumes))
 
 
 @sandboxes.get("/v1/sandboxes", response_model=list[SandboxOut], responses=ERRORS)
@@ -552,6 +583,83 @@ def delete_snapshot(
     if not manager.delete_snapshot(who, snapshot_id[:64]):
         raise SnapshotNotFound(f"no snapshot {snapshot_id[:64]!r}")
     return Response(status_code=204)
+
+
+def volume_out(volume: Any) -> VolumeOut:
+    return VolumeOut(
+        name=volume.name,
+        size_mb=volume.size_mb,
+        inodes=volume.inodes,
+        created_at=volume.created_at,
+    )
+
+
+@volumes.post("/v1/volumes", response_model=VolumeOut, status_code=201, responses=ERRORS)
+def create_volume(
+    body: VolumeBody, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> VolumeOut:
+    """A new, empty volume: hard limits of `size_mb` and `inodes` (ENOSPC in the sandbox);
+    409 if the name is taken, 429 past quotas.volumes or quotas.volume_mb."""
+    return volume_out(manager.create_volume(who, body.name, body.size_mb, body.inodes))
+
+
+@volumes.get("/v1/volumes", response_model=list[VolumeOut], responses=ERRORS)
+def list_volumes(who: str = Depends(tenant), manager: Manager = MANAGER) -> list[VolumeOut]:
+    return [volume_out(v) for v in manager.volumes(who).list()]
+
+
+@volumes.get("/v1/volumes/{name}", response_model=VolumeOut, responses=ERRORS)
+def get_volume(name: str, who: str = Depends(tenant), manager: Manager = MANAGER) -> VolumeOut:
+    """404 for another tenant's volume, as for a missing one."""
+    return volume_out(manager.volumes(who).get(name[:64]))
+
+
+@volumes.delete("/v1/volumes/{name}", status_code=204, responses=ERRORS)
+def delete_volume(name: str, who: str = Depends(tenant), manager: Manager = MANAGER) -> Response:
+    """Delete it and its files; 409 while it is attached to a sandbox."""
+    manager.delete_volume(who, name[:64])
+    return Response(status_code=204)
+
+
+@volumes.get(
+    "/v1/volumes/{name}/archive",
+    responses={**ERRORS, 200: {"content": {RAW: {}}}},
+    response_class=Response,
+)
+async def export_volume(
+    name: str, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> Response:
+    """The volume's files as a tar stream, packed inside a sandbox that has it attached
+    (409 while it is attached elsewhere)."""
+    chunks = await run_in_threadpool(manager.export_volume, who, name[:64])
+    try:
+        head = await run_in_threadpool(next, chunks, b"")
+    except BaseException:
+        await run_in_threadpool(chunks.close)  # type: ignore[attr-defined]
+        raise
+    return StreamingResponse(_stream(head, chunks), media_type=RAW)  # type: ignore[arg-type]
+
+
+@volumes.put("/v1/volumes/{name}/archive", response_model=ImportOut, responses=ERRORS)
+async def import_volume(
+    name: str, request: Request, who: str = Depends(tenant), manager: Manager = MANAGER
+) -> ImportOut:
+    """Unpack a tar archive (raw body, at most max_upload_bytes) into the volume, inside a
+    sandbox that has it attached: each member checked there (no path out of it, no device,
+    no setuid bit). 409 with the reason for a refused member, or ENOSPC past its quotas."""
+    from .._sandbox import FILE_CHUNK
+
+    pieces = _upload_pieces(request)
+    await anext(pieces)
+    held, chunks = bytearray(), []
+    async for piece in pieces:
+        held += piece
+        while len(held) >= FILE_CHUNK:
+            chunks.append(bytes(held[:FILE_CHUNK]))
+            del held[:FILE_CHUNK]
+    chunks.append(bytes(held))
+    members = await run_in_threadpool(manager.import_volume, who, name[:64], chunks)
+    return ImportOut(members=members)
 
 
 class ForkBody(BaseModel):

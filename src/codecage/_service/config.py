@@ -36,6 +36,9 @@ class Quotas(BaseModel):
     # Snapshots a tenant keeps (docs/fork.md), and their bytes in all. Beyond: 429.
     snapshots: int = Field(16, ge=0)
     snapshot_mb: int = Field(4096, ge=0)
+    # Volumes a tenant keeps (docs/volumes.md), and their sizes in all. Beyond: 429.
+    volumes: int = Field(16, ge=0)
+    volume_mb: int = Field(16384, ge=0)
 
 
 class ServerConfig(BaseModel):
@@ -53,6 +56,8 @@ class ServerConfig(BaseModel):
     # The node's built templates (docs/templates.md; None: CODECAGE_TEMPLATES, default
     # /var/lib/codecage/templates).
     template_dir: str | None = None
+    # Where volumes are kept (None: a `volumes` directory beside the audit log).
+    volume_dir: str | None = None
     # What one run may add to the audit log: its code up to this many bytes (the full length
     # and sha256 are always kept).
     audit_code_bytes: int = Field(64 << 10, ge=0)

@@ -17,7 +17,7 @@ import secrets
 import shlex
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -42,6 +42,7 @@ from .._models import Execution, Finding
 from .._policy import Policy
 from .._processes import PtySize, check_user, start_process
 from .._sandbox import FILE_CHUNK, CommandResult, EntryInfo, Sandbox
+from .._volumes import Volume, Volumes
 from .audit import AuditLog
 from .config import ServerConfig, within
 from .processes import ProcessRecords
@@ -231,10 +232,12 @@ class Manager:
         metadata: dict[str, str] | None = None,
         access_token: str | None = None,
         template: str = "",
+        volumes: dict[str, str] | None = None,
     ) -> Entry:
         """A sandbox for the tenant, within its quota and the ceiling. `lifetime_s`: it
-        is killed that long after (`set_lifetime` moves the end); the rest is kept for
-        E2B's API."""
+        is killed that long after (`set_lifetime` moves the end); `volumes`: {path: name}
+        of the tenant's volumes (docs/volumes.md), each attach and detach in the audit
+        log; the rest is kept for E2B's API."""
         policy = within(self.config.policy, overrides, self.config.ceiling)
         with self._lock:
             self._prune()
@@ -250,6 +253,7 @@ class Manager:
                 gate=gate,
                 defaults=self.config.policy,
                 wheelhouse=self.config.wheelhouse,
+                **self._volume_args(tenant, volumes),
             ),
             metadata=dict(metadata or {}),
             access_token=access_token,
@@ -414,6 +418,54 @@ class Manager:
                 ids = ", ".join(f.sandbox.id for f in forks)
                 self.note(tenant, sandbox_id, "sandbox_fork", f"forked into {ids}")
         return forks
+
+    # -- volumes (docs/volumes.md) ------------------------------------------------------------
+
+    def volumes(self, tenant: str) -> Volumes:
+        """The tenant's volumes, in `volume_dir`, within quotas.volumes and volume_mb."""
+        config, quotas = self.config, self.config.quotas
+        root = Path(config.volume_dir or Path(config.db).parent / "volumes")
+
+        def on_volume(kind: str, attachment: Any) -> None:
+            subject = f"{attachment.name} at {attachment.path}"
+            if kind == "detach" and attachment.detach_s is not None:
+                subject += f" ({attachment.detach_s * 1000:.1f} ms)"
+            self.note(tenant, attachment.sandbox_id, f"volume_{kind}", subject)
+
+        return Volumes(
+            root,
+            owner=tenant,
+            max_count=quotas.volumes,
+            max_mb=quotas.volume_mb,
+            on_volume=on_volume,
+        )
+
+    def _volume_args(self, tenant: str, volumes: dict[str, str] | None) -> dict[str, Any]:
+        if not volumes:
+            return {}
+        return {"volumes": volumes, "volume_store": self.volumes(tenant)}
+
+    def create_volume(self, tenant: str, name: str, size_mb: int, inodes: int | None) -> Volume:
+        volume = self.volumes(tenant).create(name, size_mb, inodes)
+        self.note(tenant, None, "volume_create", f"{name} ({size_mb} MiB, {volume.inodes} inodes)")
+        return volume
+
+    def delete_volume(self, tenant: str, name: str) -> None:
+        self.volumes(tenant).delete(name)
+        self.note(tenant, None, "volume_delete", name)
+
+    def export_volume(self, tenant: str, name: str) -> Iterator[bytes]:
+        store = self.volumes(tenant)
+        store.get(name)
+        self.note(tenant, None, "volume_export", name)
+        return store.export(name)
+
+    def import_volume(self, tenant: str, name: str, chunks: Iterable[bytes]) -> int:
+        store = self.volumes(tenant)
+        store.get(name)
+        files = store.import_(name, chunks)
+        self.note(tenant, None, "volume_import", f"{name} ({files} members)")
+        return files
 
     # -- snapshots (docs/fork.md) ------------------------------------------------------------
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import QuotaExceeded
+from .._volumes import fsync_dir as _fsync_dir
 
 CHUNK = 4 << 20
 _ID = re.compile(r"snap_[0-9a-f]{20}")
@@ -139,11 +140,3 @@ class SnapshotStore:
             meta.unlink()
             (where / f"{snapshot_id}.pack").unlink(missing_ok=True)
         return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -55,6 +55,7 @@ from .._jail.cgroups import Usage
 from .._jail.host import HostJail
 from .._jail.launcher import BaseLauncher, Launched, Mounts
 from .._jail.sandbox import HostSandbox
+from .._jail.volumes import Attachment
 from .._models import KilledBy
 from .._policy import Policy
 
@@ -823,7 +824,9 @@ class FakeJail(HostJail):
 
     name = "fake"
 
-    def spawn(self, policy: Policy, envs: dict[str, str]) -> HostSandbox:
+    def spawn(
+        self, policy: Policy, envs: dict[str, str], volumes: tuple[Attachment, ...] = ()
+    ) -> HostSandbox:
         return HostSandbox(policy, lambda box: FakeLauncher(self, box, envs), envs)
 
     def on(self, op: str, match: Match, *steps: Step | Responder, times: int | None = None) -> None:

@@ -155,6 +155,23 @@ def detail(entry: Entry) -> dict[str, Any]:
     }
 
 
+def _volume_mounts(mounts: list[Any] | None) -> dict[str, str]:
+    """E2B's volumeMounts ([{name, path}]) as {path: name} of the tenant's volumes
+    (docs/volumes.md); the paths and names are checked where they are attached."""
+    out: dict[str, str] = {}
+    for mount in mounts or []:
+        if not (
+            isinstance(mount, dict)
+            and isinstance(mount.get("name"), str)
+            and isinstance(mount.get("path"), str)
+        ):
+            raise E2BError(400, "volumeMounts: each is {name, path}")
+        if mount["path"] in out:
+            raise E2BError(400, f"volumeMounts: {mount['path'][:80]!r} twice")
+        out[mount["path"]] = mount["name"]
+    return out
+
+
 @router.post("/v2/sandboxes", status_code=201)
 @router.post("/sandboxes", status_code=201)
 async def create_sandbox(
@@ -165,8 +182,9 @@ async def create_sandbox(
         snapshot = manager.snapshots.get(who, body.template_id)
         if snapshot is None:
             template = _node_template(body.template_id)
-    if body.volume_mounts:
-        raise E2BError(400, "volumeMounts: this server has no volumes")
+    volumes = _volume_mounts(body.volume_mounts)
+    if volumes and snapshot is not None:
+        raise E2BError(400, "volumeMounts: a sandbox from a snapshot takes no volumes")
     if body.allow_internet_access:
         raise E2BError(400, "allow_internet_access: sandboxes here have no network (policy)")
     _check_text("metadata", body.metadata)
@@ -190,7 +208,7 @@ async def create_sandbox(
                 "template": body.template_id,
             }
             if snapshot is None:
-                entry = manager.create(who, overrides, envs, **common)
+                entry = manager.create(who, overrides, envs, volumes=volumes, **common)
             else:
                 entry = manager.from_snapshot(
                     who, snapshot.id, overrides=overrides, envs=envs, **common
