@@ -33,6 +33,7 @@ if _typing.TYPE_CHECKING:
         SnapshotNotFound,
         TransportError,
         UnsupportedLanguage,
+        WatcherNotFound,
     )
     from ._jail.pool import Pool
     from ._models import Execution, ExecutionError, Finding, Logs, Result
@@ -63,6 +64,7 @@ _EXPORTS = {
     "CommandResult": "_sandbox",
     "Context": "_sandbox",
     "ContextNotFound": "_errors",
+    "WatcherNotFound": "_errors",
     "UnsupportedLanguage": "_errors",
     "EntryInfo": "_sandbox",
     "OutputMessage": "_sandbox",
@@ -128,6 +130,7 @@ __all__ = [
     "SnapshotNotFound",
     "TransportError",
     "UnsupportedLanguage",
+    "WatcherNotFound",
     "analyze",
     "approvals",
     "connect",

@@ -105,6 +105,11 @@ MIGRATIONS = [
     ALTER TABLE runs ADD COLUMN findings_count INTEGER;
     CREATE INDEX runs_time ON runs (started_at);
     """,
+    # 4: a cell's language and code context (NULL for what is not a cell)
+    """
+    ALTER TABLE runs ADD COLUMN language TEXT;
+    ALTER TABLE runs ADD COLUMN context_id TEXT;
+    """,
 ]
 
 
@@ -351,18 +356,21 @@ class AuditLog:
         code: str,
         policy: dict[str, Any],
         findings: list[dict[str, Any]] | None = None,
+        language: str | None = None,
+        context_id: str | None = None,
     ) -> None:
         """Record a run before it starts: refused (AuditUnavailable) while the log's disk is
         below its free-space floor. Code over code_keep_bytes is kept as its first
-        code_keep_bytes, with its full length and its sha256."""
+        code_keep_bytes, with its full length and its sha256. A cell names its language
+        and the code context it runs in."""
         self.check_space()
         raw = code.encode("utf-8", "surrogatepass")
         kept = _cut(code, self.code_keep_bytes)
         findings = findings or []
         self._write(
             "INSERT INTO runs (id, tenant, sandbox_id, kind, started_at, code, code_sha256, policy,"
-            " findings, code_bytes, code_truncated, findings_count)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " findings, code_bytes, code_truncated, findings_count, language, context_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 tenant,
@@ -376,6 +384,8 @@ class AuditLog:
                 len(raw),
                 int(len(raw) > self.code_keep_bytes),
                 len(findings),
+                None if language is None else _cut(language, NAME_KEEP_BYTES),
+                None if context_id is None else _cut(context_id, NAME_KEEP_BYTES),
             ),
         )
 
