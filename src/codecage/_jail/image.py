@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import BackendUnavailable, SandboxError
+from .._inside.mounts import ROOT_HOME_TARGET
 from .template import PACKAGE_SOURCE, Runtime, package_digest, state_dir
 
 SUITE = "bookworm"
@@ -147,6 +148,12 @@ def build(runtime: Runtime | None = None, progress: Progress = print) -> Image:
     # An engine may copy a mount point's mode onto the tmpfs it mounts there (Podman does,
     # and refuses uid=): the workspace must be writable by whichever uid the sandbox gets.
     (scratch / "rootfs" / "home" / "user").chmod(0o1777)
+    # /root is the workspace, as on every backend (mounts.ROOT_HOME_TARGET)
+    root_home = scratch / "rootfs" / "root"
+    if root_home.is_dir() and not root_home.is_symlink():
+        shutil.rmtree(root_home)
+    root_home.unlink(missing_ok=True)
+    root_home.symlink_to(ROOT_HOME_TARGET)
     _write_identity(scratch / "rootfs")
     progress("image: removing setuid/setgid bits, file capabilities and device nodes")
     strip_privileges(scratch / "rootfs")
