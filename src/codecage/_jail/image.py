@@ -42,7 +42,7 @@ MIRROR = os.environ.get("CODECAGE_DEBIAN_MIRROR", "http://deb.debian.org/debian"
 PACKAGES = ("python3.11",)
 EXCLUDE = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
 STAMP = ".codecage-image"
-LAYOUT = 4  # bump when build() lays the image out differently (engines cache by key)
+LAYOUT = 5  # bump when build() lays the image out differently (engines cache by key)
 KEEP = 3  # images of earlier codecage versions kept for sandboxes that may still run on them
 
 Progress = Callable[[str], None]
