@@ -176,6 +176,19 @@ def test_huge_output_is_bounded(sbx: Sandbox) -> None:
     assert sum(seen) == total
 
 
+def test_a_kernel_killed_from_a_command_is_back_for_the_next_cell(sbx: Sandbox) -> None:
+    """What E2B's systemd tests check of their image (its servers restarted after a
+    `kill -9` from inside), as codecage has it: the sandbox's init restarts the kernel."""
+    assert sbx.run_code("x = 41").error is None
+    pid = sbx.run_code("import os; os.getpid()").text
+    assert pid and pid.isdigit()
+    killed = sbx.commands.run(f"kill -9 {pid}; echo sent", user="root")
+    assert killed.stdout == "sent\n"  # the command is no part of the kernel: it lives on
+    after = sbx.run_code("x = 1; x")
+    assert after.text == "1" and after.error is None
+    assert sbx.run_code("x").text == "1"  # the new kernel's state from here on
+
+
 def test_a_context_in_root_works_in_the_workspace(sbx: Sandbox) -> None:
     """E2B's sandboxes run as root in /root: here /root is the one user's workspace."""
     for language, code in (("python", "open('made-in-root', 'w').write('r')"), ("bash", "pwd")):

@@ -31,7 +31,7 @@ from .._inside.protocol import Message
 from .._models import Execution, ExecutionError, KilledBy
 from .._policy import Policy, effective_timeout
 from .cgroups import Usage
-from .channel import KERNEL_EVENTS, POLL_S, REPLY_EVENTS, Channel, readable
+from .channel import KERNEL_EVENTS, POLL_S, REPLY_EVENTS, Channel, UnreadRequest, readable
 from .launcher import NO_MOUNTS, Launcher, Mounts
 from .run import EventCallback, Run
 
@@ -169,8 +169,18 @@ class HostSandbox:
         the policy's grace, kills and restarts the kernel; a dead kernel is restarted. Without
         it (one-shot runs, whose sandbox is destroyed next), the run just stops waiting."""
         self.check_alive()
+        revived = self._revive()
         limit = effective_timeout(self.policy, timeout_s)
-        ex = Run(self, on_event).go(code, mode, limit, envs or {}, recover)
+        try:
+            ex = Run(self, on_event).go(code, mode, limit, envs or {}, recover)
+        except UnreadRequest:
+            # The kernel died as the cell was sent (killed a moment before): it never read
+            # it, so nothing of it ran. A fresh kernel runs it, once.
+            if not recover or not self._revive():
+                raise
+            revived = True
+            ex = Run(self, on_event).go(code, mode, limit, envs or {}, recover)
+        ex.state_lost = ex.state_lost or revived
         if self.channel.init_died and ex.error is not None:
             # The whole sandbox died with the kernel: the error says why it ended.
             value = f"{ex.error.value.split(';')[0]}; {self.ended_because}"
@@ -185,6 +195,7 @@ class HostSandbox:
         If the kernel dies meanwhile it is restarted and TransportError is raised; past the
         deadline the kernel is interrupted, then killed and restarted."""
         self.check_alive()
+        self._revive()
         channel = self.channel
         message = {**message, "id": channel.issue()}  # sent as built, with a fresh id
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
@@ -216,6 +227,20 @@ class HostSandbox:
                     raise TransportError(
                         f"the kernel died during {message.get('op')} ({status}); it was restarted"
                     )
+
+    def _revive(self) -> bool:
+        """Whether the kernel died between calls (killed by a background process, say) and
+        was restarted now, so that this call runs in a fresh kernel rather than fail on the
+        dead one's channel (a kernel gone quietly: its socket at end of file). Init reports
+        nothing else unasked (a restart's sockets come only when asked for), so a report
+        read here is the kernel's exit."""
+        status = self.channel.exit_event()
+        if status is None and self.channel.eof():  # gone, and init's report is on its way
+            status = self.channel.wait_exit_event(time.monotonic() + 2.0)
+        if status is None or status.get("generation") != self.channel.generation:
+            return False
+        self.restart_kernel(time.monotonic() + 30)
+        return True
 
     def prefault(self) -> None:
         """The pool's first, uncounted cell: not the session's CPU either."""
