@@ -336,15 +336,24 @@ def test_runs_and_context_operations_are_audited(sbx: Sandbox, server: Service) 
 
     ctx = sbx.create_code_context()
     sbx.run_code("print('audited')", context=ctx)
+    sbx.run_code("echo audited", language="bash")
+    sbx.run_code("1 + 1")
     time.sleep(0.2)
     conn = sqlite3.connect(Path(server.db))
     rows = conn.execute(
-        "SELECT kind, code, outcome FROM runs WHERE sandbox_id = ? ORDER BY started_at",
+        "SELECT kind, code, outcome, language, context_id FROM runs WHERE sandbox_id = ?"
+        " ORDER BY started_at",
         (sbx.sandbox_id,),
     ).fetchall()
     conn.close()
     kinds = [r[0] for r in rows]
-    assert "context" in kinds and ("execute", "print('audited')", "ok") in rows
+    assert "context" in kinds
+    cells = [r[1:] for r in rows if r[0] == "execute"]
+    assert cells == [
+        ("print('audited')", "ok", "python", ctx.id),
+        ("echo audited", "ok", "bash", "default-bash"),
+        ("1 + 1", "ok", "python", "default"),
+    ]
 
 
 # -- smolagents' E2B executor, unchanged ---------------------------------------------------------
