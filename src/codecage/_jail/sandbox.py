@@ -193,9 +193,20 @@ class HostSandbox:
         """Send a file or command request and wait for its reply ("done" or "failed").
 
         If the kernel dies meanwhile it is restarted and TransportError is raised; past the
-        deadline the kernel is interrupted, then killed and restarted."""
+        deadline the kernel is interrupted, then killed and restarted. One the kernel died
+        without reading is sent once more, to a fresh kernel."""
         self.check_alive()
         self._revive()
+        try:
+            return self._request(message, timeout_s)
+        except UnreadRequest:
+            if not self._revive():
+                raise
+            return self._request(message, timeout_s)
+
+    def _request(
+        self, message: ReplyRequest | Mapping[str, Any], timeout_s: float | None
+    ) -> Message:
         channel = self.channel
         message = {**message, "id": channel.issue()}  # sent as built, with a fresh id
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
