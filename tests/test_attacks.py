@@ -339,6 +339,61 @@ def test_write_usr_etc_and_runtime() -> None:
     assert leftovers == []
 
 
+ROOT_WRITE = (
+    PRELUDE
+    + r"""
+path = "/root/codecage-root-" + TOKEN
+try:
+    with open(path, "w") as f:
+        f.write("written in /root")
+    out = {"write": "ok"}
+except Exception as exc:
+    out = {"write": errname(exc)}
+report(**out)
+"""
+)
+
+ROOT_HOME = (
+    ROOT_WRITE.replace("report(**out)", "")
+    + r"""
+out["real"] = os.path.realpath("/root")
+out["in_workspace"] = open("/home/user/codecage-root-" + TOKEN).read()
+for key, op in (
+    ("rename", lambda: os.rename("/root", "/root-old")),
+    ("unlink", lambda: os.unlink("/root")),
+    ("relink", lambda: os.symlink("/etc", "/root-new")),
+):
+    try:
+        op()
+        out[key] = "ok"
+    except Exception as exc:
+        out[key] = errname(exc)
+os.chdir("/root")
+out["cwd"] = os.getcwd()
+report(**out)
+"""
+)
+
+
+def test_root_is_the_workspace_and_writes_there_stay_inside() -> None:
+    """/root (E2B's home for root, `cwd="/root"`) is a link on the read-only root to the
+    workspace: a write there lands in the sandbox's own workspace, never in the host's
+    /root, and the link itself cannot be moved or replaced."""
+    token = secrets.token_hex(6)
+    host_file = Path(f"/root/codecage-root-{token}")
+    control = on_host(f"TOKEN = {token!r}\n" + ROOT_WRITE)  # the same write, on the host
+    try:
+        assert control["write"] == "ok" and host_file.read_text() == "written in /root"
+    finally:
+        host_file.unlink(missing_ok=True)
+    inside = in_jail(f"TOKEN = {token!r}\n" + ROOT_HOME)
+    assert inside["write"] == "ok" and inside["in_workspace"] == "written in /root"
+    assert inside["real"] == "/home/user" and inside["cwd"] == "/home/user"
+    for key in ("rename", "unlink", "relink"):
+        assert inside[key] in ("EROFS", "EACCES", "EPERM", "EBUSY"), (key, inside[key])
+    assert not host_file.exists()
+
+
 # -- another sandbox's workspace -----------------------------------------------------------
 
 WRITER = r"""

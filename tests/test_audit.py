@@ -126,6 +126,48 @@ def test_code_is_kept_up_to_a_bound_with_its_length_and_digest(tmp_path: Path) -
     assert small["code"] == "1 + 1" and small["code_truncated"] == 0 and small["code_bytes"] == 5
 
 
+def test_a_log_of_the_previous_schema_migrates_and_keeps_its_rows(tmp_path: Path) -> None:
+    """A file written before runs had a language and a context (schema 3) opens, keeps
+    its rows (with NULL for the two) and takes new rows with them."""
+    from codecage._service.audit import MIGRATIONS
+
+    db = tmp_path / "old.db"
+    conn = sqlite3.connect(db)
+    for number, script in enumerate(MIGRATIONS[:3], start=1):
+        conn.executescript(script)
+        conn.execute(f"PRAGMA user_version={number}")
+    conn.execute(
+        "INSERT INTO runs (id, tenant, kind, started_at, code, code_sha256, policy)"
+        " VALUES ('old', 'alice', 'execute', 1.0, 'x = 1', '', '{}')"
+    )
+    conn.commit()
+    conn.close()
+    with contextlib.closing(AuditLog(db)) as log:
+        log.start_run(
+            run_id="new",
+            tenant="alice",
+            sandbox_id="s",
+            kind="execute",
+            code="echo hi",
+            policy={},
+            language="bash",
+            context_id="default-bash",
+        )
+        old, new = log.runs(tenant="alice")
+    assert (old["id"], old["code"], old["language"], old["context_id"]) == (
+        "old",
+        "x = 1",
+        None,
+        None,
+    )
+    assert (new["language"], new["context_id"]) == ("bash", "default-bash")
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
+    conn.close()
+    with contextlib.closing(AuditLog(db)) as log:  # opening a migrated file again: no change
+        assert [r["id"] for r in log.runs()] == ["old", "new"]
+
+
 def test_findings_are_bounded_with_their_count(log: AuditLog) -> None:
     many = [
         {"rule": "r", "severity": "low", "line": i, "col": 0, "message": "m"} for i in range(5000)

@@ -22,7 +22,13 @@ e2b_ci = pytest.importorskip("e2b_code_interpreter")
 from e2b import InvalidArgumentException, NotFoundException, SandboxException  # noqa: E402
 from e2b import TimeoutException as E2BTimeout  # noqa: E402
 from e2b_code_interpreter import Sandbox  # noqa: E402
-from e2b_code_interpreter.charts import BarChart, ChartType, LineChart, SuperChart  # noqa: E402
+from e2b_code_interpreter.charts import (  # noqa: E402
+    BarChart,
+    BoxAndWhiskerChart,
+    ChartType,
+    LineChart,
+    SuperChart,
+)
 
 from .conftest import Service  # noqa: E402
 
@@ -112,6 +118,35 @@ def test_charts_and_dataframes(sbx: Sandbox) -> None:
     assert '"data"' in serialized
 
 
+BOXES = """
+import matplotlib.pyplot as plt
+scores = {"A": [85, 90, 78, 92, 88], "B": [95, 89, 76, 91, 84, 87], "C": [75, 82, 88, 79, 86]}
+fig, ax = plt.subplots()
+ax.set_title("Scores"); ax.set_xlabel("Class"); ax.set_ylabel("Score")
+ax.boxplot(list(scores.values()), {labels}=list(scores.keys()), patch_artist=True)
+plt.show()
+"""
+
+
+@pytest.mark.parametrize("labels", ["tick_labels", "labels"])
+def test_box_and_whisker_charts(sbx: Sandbox, labels: str) -> None:
+    """E2B's BoxAndWhiskerChart: quartiles, whiskers, median and outliers per box. `labels=`
+    is how E2B's code spells it (matplotlib 3.10, which the runtime pins as E2B's image
+    does; 3.11 removed it), `tick_labels=` the newer spelling."""
+    ex = sbx.run_code(BOXES.replace("{labels}", labels))
+    assert ex.error is None, ex.error
+    chart = ex.results[0].chart
+    assert isinstance(chart, BoxAndWhiskerChart) and chart.type == ChartType.BOX_AND_WHISKER
+    assert (chart.title, chart.x_label, chart.y_label) == ("Scores", "Class", "Score")
+    assert [b.label for b in chart.elements] == ["A", "B", "C"]
+    assert [b.outliers for b in chart.elements] == [[], [76], []]
+    assert [b.min for b in chart.elements] == [78, 84, 75]
+    assert [b.first_quartile for b in chart.elements] == [85, 84.75, 79]
+    assert [b.median for b in chart.elements] == [88, 88, 82]
+    assert [b.third_quartile for b in chart.elements] == [90, 90.5, 86]
+    assert [b.max for b in chart.elements] == [92, 95, 88]
+
+
 def test_malformed_rich_results_do_not_break_the_client(sbx: Sandbox) -> None:
     """Code that displays bundles of its own: a chart that is no chart, data that is no
     object, an unknown MIME type. The client still gets a usable execution."""
@@ -139,6 +174,34 @@ def test_huge_output_is_bounded(sbx: Sandbox) -> None:
     total = sum(len(s) for s in ex.logs.stdout)
     assert 0 < total <= 16 << 20  # the policy's output budget, never the 64 MiB written
     assert sum(seen) == total
+
+
+def test_a_kernel_killed_from_a_command_is_back_for_the_next_cell(sbx: Sandbox) -> None:
+    """What E2B's systemd tests check of their image (its servers restarted after a
+    `kill -9` from inside), as codecage has it: the sandbox's init restarts the kernel, and
+    the next cell is told that the state is lost instead of running without it."""
+    assert sbx.run_code("x = 41").error is None
+    pid = sbx.run_code("import os; os.getpid()").text
+    assert pid and pid.isdigit()
+    killed = sbx.commands.run(f"kill -9 {pid}; echo sent", user="root")
+    assert killed.stdout == "sent\n"  # the command is no part of the kernel: it lives on
+    after = sbx.run_code("x = 1; x")  # told the state is gone; this code did not run
+    assert after.error is not None and after.error.name == "KernelDied", after
+    assert "did not run" in after.error.value and after.text is None
+    assert sbx.run_code("x = 1; x").text == "1"  # the new kernel's state from here on
+    assert sbx.run_code("x").text == "1"
+
+
+def test_a_context_in_root_works_in_the_workspace(sbx: Sandbox) -> None:
+    """E2B's sandboxes run as root in /root: here /root is the one user's workspace."""
+    for language, code in (("python", "open('made-in-root', 'w').write('r')"), ("bash", "pwd")):
+        ctx = sbx.create_code_context(cwd="/root", language=language)
+        assert ctx.cwd == "/root" and sbx.list_code_contexts()[-1].cwd == "/root"
+        ex = sbx.run_code(code, context=ctx)
+        assert ex.error is None, ex.error
+    assert sbx.files.read("/home/user/made-in-root") == "r"
+    assert sbx.files.read("/root/made-in-root") == "r"
+    assert sbx.commands.run("cd ~root && pwd -P").stdout.strip() == "/home/user"
 
 
 def test_contexts_are_independent_and_keep_their_cwd(sbx: Sandbox) -> None:
@@ -276,15 +339,24 @@ def test_runs_and_context_operations_are_audited(sbx: Sandbox, server: Service) 
 
     ctx = sbx.create_code_context()
     sbx.run_code("print('audited')", context=ctx)
+    sbx.run_code("echo audited", language="bash")
+    sbx.run_code("1 + 1")
     time.sleep(0.2)
     conn = sqlite3.connect(Path(server.db))
     rows = conn.execute(
-        "SELECT kind, code, outcome FROM runs WHERE sandbox_id = ? ORDER BY started_at",
+        "SELECT kind, code, outcome, language, context_id FROM runs WHERE sandbox_id = ?"
+        " ORDER BY started_at",
         (sbx.sandbox_id,),
     ).fetchall()
     conn.close()
     kinds = [r[0] for r in rows]
-    assert "context" in kinds and ("execute", "print('audited')", "ok") in rows
+    assert "context" in kinds
+    cells = [r[1:] for r in rows if r[0] == "execute"]
+    assert cells == [
+        ("print('audited')", "ok", "python", ctx.id),
+        ("echo audited", "ok", "bash", "default-bash"),
+        ("1 + 1", "ok", "python", "default"),
+    ]
 
 
 # -- smolagents' E2B executor, unchanged ---------------------------------------------------------

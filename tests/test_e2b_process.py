@@ -64,6 +64,35 @@ def test_foreground_commands(e2b_env: dict[str, str]) -> None:
         sbx.kill()
 
 
+def test_sudo_runs_the_command_as_the_same_user_and_gains_nothing(
+    e2b_env: dict[str, str],
+) -> None:
+    """`sudo` is the runtime's shim (runtime/sudo): the command runs, as the sandbox's one
+    unprivileged user. Attack: whatever the user cannot do (write the read-only system, read
+    another uid's memory, raise a capability), `sudo` cannot either; the same command
+    without it fails the same way, and `sudo` of what the user may do works (controls)."""
+    sbx = Sandbox.create(timeout=300)
+    try:
+        run = sbx.commands.run
+        assert run("sudo echo hi").stdout == "hi\n"
+        assert run('FOO=x; sudo echo "$FOO"').stdout == "x\n"
+        same = "id -u; id -g; grep -E '^Cap(Eff|Prm)' /proc/self/status"
+        assert run(f'sudo -u root -E sh -c "{same}"').stdout == run(same).stdout
+        assert run("sudo -i pwd").stdout == "/home/user\n"
+        assert run("sudo -n true").exit_code == 0
+        assert run("sudo -u root touch /home/user/ok && ls ok").stdout == "ok\n"  # control
+        probe = "touch {} 2>/dev/null && echo wrote || echo refused"
+        for target in ("/usr/bin/pwned", "/etc/pwned", "/pwned"):
+            cmd = probe.format(target)
+            assert run(f"sudo sh -c '{cmd}'").stdout == "refused\n"
+            assert run(cmd).stdout == "refused\n"
+        with pytest.raises(CommandExitException) as info:
+            run("sudo")
+        assert "usage: sudo" in info.value.stderr
+    finally:
+        sbx.kill()
+
+
 def test_background_commands_list_connect_kill_stdin(e2b_env: dict[str, str]) -> None:
     sbx = Sandbox.create(timeout=300)
     try:

@@ -58,6 +58,27 @@ def each(backend: str) -> Iterator[Sandbox]:
         yield sandbox
 
 
+def test_a_kernel_killed_by_a_background_command_is_back_for_the_next_cell(
+    each: Sandbox,
+) -> None:
+    """The kernel dies between cells (a command kills it): the next cell is told the state
+    was lost (its code not run), the one after runs in the fresh kernel, and the sandbox
+    goes on (a file request too)."""
+    assert each.run_code("x = 41").error is None
+    pid = each.run_code("import os; os.getpid()").text
+    assert pid and pid.isdigit()
+    assert each.commands.run(f"kill -9 {pid}; echo sent", background=True).wait().stdout == "sent\n"
+    after = each.run_code("x = 1; x")
+    assert after.error is not None and after.error.name == "KernelDied" and after.state_lost
+    assert after.text is None
+    assert each.run_code("x = 1; x").text == "1"
+    assert each.run_code("x").text == "1" and not each.run_code("x").state_lost
+    pid = each.run_code("import os; os.getpid()").text
+    each.commands.run(f"kill -9 {pid}", background=True).wait()
+    each.files.write("after.txt", "ok")  # a request after a quiet death works too
+    assert each.files.read("after.txt") == b"ok"
+
+
 def test_background_commands_and_a_pty_on_every_backend(each: Sandbox, backend: str) -> None:
     quick = each.commands.run("echo out; echo err >&2; exit 3", background=True)
     assert quick.pid > 1

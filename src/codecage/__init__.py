@@ -38,6 +38,7 @@ if _typing.TYPE_CHECKING:
         UnsupportedLanguage,
         VolumeBusy,
         VolumeNotFound,
+        WatcherNotFound,
     )
     from ._jail.pool import Pool
     from ._models import Execution, ExecutionError, Finding, Logs, Result
@@ -76,6 +77,7 @@ _EXPORTS = {
     "CommandResult": "_sandbox",
     "Context": "_sandbox",
     "ContextNotFound": "_errors",
+    "WatcherNotFound": "_errors",
     "UnsupportedLanguage": "_errors",
     "EntryInfo": "_sandbox",
     "OutputMessage": "_sandbox",
@@ -149,6 +151,7 @@ __all__ = [
     "VolumeBusy",
     "VolumeNotFound",
     "Volumes",
+    "WatcherNotFound",
     "analyze",
     "approvals",
     "connect",

@@ -18,6 +18,7 @@ SandboxError
 ├── AuditUnavailable       the audit log cannot be written
 ├── ExecutionTimeout       (also TimeoutError) where a deadline is raised rather than reported
 ├── ContextNotFound        (also LookupError) no code context by that id in the sandbox
+├── WatcherNotFound        (also LookupError) no directory watcher by that id (the service's)
 └── UnsupportedLanguage    (also ValueError) a language other than python and bash
 
 `WIRE` maps each class to its HTTP status and its name on the wire (`{"error": {"type"}}`):
@@ -135,6 +136,10 @@ class ContextNotFound(SandboxError, LookupError):
     """The sandbox has no code context by that id (never created, or removed)."""
 
 
+class WatcherNotFound(SandboxError, LookupError):
+    """The sandbox has no directory watcher by that id (never made, or stopped)."""
+
+
 class UnsupportedLanguage(SandboxError, ValueError):
     """Code in a language the sandbox does not run: python and bash only."""
 
@@ -175,6 +180,7 @@ WIRE: dict[type[SandboxError], Wire] = {
     AuditUnavailable: Wire(503, "AuditUnavailable"),
     ExecutionTimeout: Wire(409, "ExecutionTimeout"),
     ContextNotFound: Wire(404, "ContextNotFound"),
+    WatcherNotFound: Wire(404, "WatcherNotFound"),
     UnsupportedLanguage: Wire(400, "UnsupportedLanguage"),
 }
 # Names on the wire that are not a class's own: the service's 422 for a malformed body.

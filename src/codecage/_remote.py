@@ -4,6 +4,7 @@ Sandbox / AsyncSandbox API, served by `codecage serve` (built on httpx)."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import secrets
 import signal
@@ -17,11 +18,26 @@ import httpx
 
 from ._approvals import ApprovalRequest, Approver, Decision, answer
 from ._async import AsyncSandbox, _in_thread
-from ._errors import CodeRejected, SandboxError, SandboxNotFound, TransportError, from_wire
+from ._errors import (
+    CodeRejected,
+    SandboxError,
+    SandboxNotFound,
+    TransportError,
+    WatcherNotFound,
+    from_wire,
+)
 from ._models import Execution, ExecutionError, Finding, Result
 from ._policy import Policy
 from ._processes import ProcessCommands, Pty, PtySize
-from ._sandbox import CommandResult, Context, EntryInfo, OutputMessage, _context_id, _dispatcher
+from ._sandbox import (
+    CommandResult,
+    Context,
+    EntryInfo,
+    FilesystemEvent,
+    OutputMessage,
+    _context_id,
+    _dispatcher,
+)
 
 NDJSON = "application/x-ndjson"
 
@@ -449,9 +465,32 @@ class RemoteFiles:
         ).json()
         return EntryInfo(**info)
 
-    def list(self, path: str = ".") -> list[EntryInfo]:
-        entries = self._sbx._client.request("GET", self._url("/list"), params={"path": path}).json()
-        return [EntryInfo(**e) for e in entries]
+    def list(self, path: str = ".", depth: int = 1) -> list[EntryInfo]:
+        """A directory's entries, down to `depth` levels (1: its own), sorted by path."""
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError("depth should be at least 1")
+        params = {"path": path, "depth": depth}
+        entries = self._sbx._client.request("GET", self._url("/list"), params=params).json()
+        return [_entry_info(e) for e in entries]
+
+    def get_info(self, path: str) -> EntryInfo:
+        """Everything about one file or directory (FileNotFoundInSandbox if missing)."""
+        info = self._sbx._client.request("GET", self._url("/info"), params={"path": path})
+        return _entry_info(info.json())
+
+    def rename(self, old_path: str, new_path: str) -> EntryInfo:
+        """Move a file or directory (the destination's parents are created)."""
+        body = {"source": old_path, "destination": new_path}
+        return _entry_info(
+            self._sbx._client.request("POST", self._url("/rename"), json=body).json()
+        )
+
+    def watch_dir(self, path: str, recursive: bool = False) -> RemoteWatchHandle:
+        """Watch a directory (and, `recursive`, those under it): `handle.get_new_events()`
+        gives the changes since the last call, `handle.stop()` ends it."""
+        body = {"path": path, "recursive": bool(recursive)}
+        made = self._sbx._client.request("POST", self._url("/watchers"), json=body).json()
+        return RemoteWatchHandle(self, str(made["id"]))
 
     def exists(self, path: str) -> bool:
         return bool(
@@ -469,6 +508,33 @@ class RemoteFiles:
                 "created"
             ]
         )
+
+
+def _entry_info(data: dict[str, Any]) -> EntryInfo:
+    fields: dict[str, Any] = {k: v for k, v in data.items() if k in EntryInfo.__dataclass_fields__}
+    if isinstance(fields.get("modified_time"), str):
+        fields["modified_time"] = datetime.datetime.fromisoformat(fields["modified_time"])
+    return EntryInfo(**fields)
+
+
+class RemoteWatchHandle:
+    """A watcher of a directory in a remote sandbox (`RemoteFiles.watch_dir`): the
+    service keeps it; each `get_new_events` asks for what happened since the last."""
+
+    def __init__(self, files: RemoteFiles, watcher: str) -> None:
+        self._files, self.id = files, watcher
+        self.overflowed = False  # some events were lost (the sandbox's queue was full)
+
+    def get_new_events(self) -> list[FilesystemEvent]:
+        url = self._files._url(f"/watchers/{quote(self.id, safe='')}/events")
+        reply = self._files._sbx._client.request("GET", url).json()
+        self.overflowed = self.overflowed or bool(reply.get("overflowed"))
+        return [FilesystemEvent(str(e["name"]), str(e["type"])) for e in reply["events"]]
+
+    def stop(self) -> None:
+        url = self._files._url(f"/watchers/{quote(self.id, safe='')}")
+        with contextlib.suppress(WatcherNotFound):  # stopped already, or gone with its sandbox
+            self._files._sbx._client.request("DELETE", url)
 
 
 class RemoteCommands(ProcessCommands):

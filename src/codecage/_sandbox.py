@@ -440,6 +440,12 @@ class Sandbox:
             for m in self._jailed.setups
         )
 
+    def _cell_context(self, context: str | None, language: str | None) -> tuple[str, str]:
+        """The language and the code context's id a cell runs in (for its audit record)."""
+        bash = self._is_bash(context, check_language(language))
+        default = _contexts.DEFAULT_BASH if bash else _contexts.DEFAULT
+        return ("bash" if bash else "python"), context or default
+
     def _context_reply(self, reply: dict[str, Any], cid: str | None) -> Context:
         _context_failed(reply, cid)
         return _context(reply)

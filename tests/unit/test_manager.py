@@ -183,9 +183,9 @@ def test_file_operations_go_through_the_manager(manager: Manager) -> None:
     sid, seen = entry.sandbox.id, []
     listing = entry.sandbox.files.list
 
-    def watched(path: str) -> Any:
+    def watched(path: str, depth: int = 1) -> Any:
         seen.append((entry.queued, manager._busy))  # a queue place, and a shutdown waits
-        return listing(path)
+        return listing(path, depth=depth)
 
     entry.sandbox.files.list = watched  # type: ignore[method-assign]
     assert manager.make_dir("alice", sid, "d") is True

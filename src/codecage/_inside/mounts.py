@@ -13,6 +13,9 @@ from . import libc
 from .libc import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_RDONLY, MS_REC, MS_REMOUNT
 
 DEVICES = ("null", "zero", "full", "random", "urandom")
+# /root on every backend: a symlink (on the read-only root) to the workspace, so code written
+# for E2B's root (`cwd="/root"`, `~root`) finds a home it can write, and no new writable place.
+ROOT_HOME_TARGET = "home/user"
 SAFE = MS_NOSUID | MS_NODEV
 
 
@@ -29,6 +32,8 @@ def build_root(root: str, spec: dict[str, object], volume_fds: list[int] | None 
         os.symlink(target, f"{root}/{link}")
     if os.path.isdir("/usr/lib64"):
         os.symlink("usr/lib64", f"{root}/lib64")
+    # root and the sandbox user are one identity here: root's home is the one home
+    os.symlink(ROOT_HOME_TARGET, f"{root}/root")
     uid, gid = int(str(spec["uid"])), int(str(spec["gid"]))
     _etc(root, uid, gid)
     _dev(root, int(str(spec["shm_mb"])), uid, gid)

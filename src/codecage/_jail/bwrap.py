@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import BackendUnavailable, SandboxError
-from .._inside import landlock, seccomp, steps
+from .._inside import landlock, mounts, seccomp, steps
 from .._policy import Policy
 from . import cgroups, features, layers, oci, volumes
 from .channel import readable
@@ -293,6 +293,7 @@ class BwrapLauncher(BaseLauncher):
             *("--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin"),
             *("--symlink", "usr/lib", "/lib"),
             *(("--symlink", "usr/lib64", "/lib64") if os.path.isdir("/usr/lib64") else ()),
+            *("--symlink", mounts.ROOT_HOME_TARGET, "/root"),
             *("--ro-bind", str(jail.etc), "/etc"),
             *("--ro-bind-data", str(pipes["passwd"]), "/etc/passwd"),
             *("--ro-bind-data", str(pipes["group"]), "/etc/group"),

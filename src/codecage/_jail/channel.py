@@ -53,6 +53,12 @@ def readable(
     return {fd for fd, _ in poller.poll(ms)}
 
 
+class UnreadRequest(TransportError):
+    """The kernel's socket was reset before anything came back: the kernel ended with
+    what the host sent still unread, so none of it ran (HostSandbox.execute runs a cell
+    that met this once more, in a fresh kernel)."""
+
+
 class Owner(Protocol):
     """What the channel needs of its sandbox: to end it on a violation, and why it ended."""
 
@@ -300,6 +306,9 @@ class Channel:
             data = self.kernel.recv(1 << 18)
         except BlockingIOError:
             return 0
+        except ConnectionResetError as exc:  # it closed with what was sent still unread
+            error = UnreadRequest if self._received == 0 else TransportError
+            raise error(f"kernel channel: {exc}") from None
         except OSError as exc:
             raise TransportError(f"kernel channel: {exc}") from None
         if not data:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .._errors import BackendUnavailable, SandboxError
+from .._inside.mounts import ROOT_HOME_TARGET
 from .template import PACKAGE_SOURCE, Runtime, package_digest, state_dir
 
 SUITE = "bookworm"
@@ -41,7 +42,7 @@ MIRROR = os.environ.get("CODECAGE_DEBIAN_MIRROR", "http://deb.debian.org/debian"
 PACKAGES = ("python3.11",)
 EXCLUDE = ("/usr/share/doc/*", "/usr/share/man/*", "/usr/share/locale/*", "/usr/share/info/*")
 STAMP = ".codecage-image"
-LAYOUT = 4  # bump when build() lays the image out differently (engines cache by key)
+LAYOUT = 5  # bump when build() lays the image out differently (engines cache by key)
 KEEP = 3  # images of earlier codecage versions kept for sandboxes that may still run on them
 
 Progress = Callable[[str], None]
@@ -147,6 +148,12 @@ def build(runtime: Runtime | None = None, progress: Progress = print) -> Image:
     # An engine may copy a mount point's mode onto the tmpfs it mounts there (Podman does,
     # and refuses uid=): the workspace must be writable by whichever uid the sandbox gets.
     (scratch / "rootfs" / "home" / "user").chmod(0o1777)
+    # /root is the workspace, as on every backend (mounts.ROOT_HOME_TARGET)
+    root_home = scratch / "rootfs" / "root"
+    if root_home.is_dir() and not root_home.is_symlink():
+        shutil.rmtree(root_home)
+    root_home.unlink(missing_ok=True)
+    root_home.symlink_to(ROOT_HOME_TARGET)
     _write_identity(scratch / "rootfs")
     progress("image: removing setuid/setgid bits, file capabilities and device nodes")
     strip_privileges(scratch / "rootfs")

@@ -32,7 +32,7 @@ from .._inside.protocol import Message
 from .._models import Execution, ExecutionError, KilledBy
 from .._policy import Policy, effective_timeout
 from .cgroups import Usage
-from .channel import KERNEL_EVENTS, POLL_S, REPLY_EVENTS, Channel, readable
+from .channel import KERNEL_EVENTS, POLL_S, REPLY_EVENTS, Channel, UnreadRequest, readable
 from .launcher import NO_MOUNTS, Launcher, Mounts
 from .run import EventCallback, Run, how_died
 
@@ -200,14 +200,16 @@ class HostSandbox:
         self.check_alive()
         self._revive()
         if self._lost is not None:  # the state this code may need is gone: it does not run
-            how, self._lost = self._lost, None
-            value = (
-                f"the kernel died after the last run ({how}); it was restarted and its "
-                "variables are lost: this code did not run"
-            )
-            return Execution(error=ExecutionError("KernelDied", value, ""), state_lost=True)
+            return self._lost_execution()
         limit = effective_timeout(self.policy, timeout_s)
-        ex = Run(self, on_event).go(code, mode, limit, envs or {}, recover)
+        try:
+            ex = Run(self, on_event).go(code, mode, limit, envs or {}, recover)
+        except UnreadRequest:
+            # The kernel died as the cell was sent (killed a moment before): it never read
+            # it, so nothing of it ran; a fresh kernel takes the next call.
+            if not recover or not self._revive():
+                raise
+            return self._lost_execution()
         if self.channel.init_died and ex.error is not None:
             # The whole sandbox died with the kernel: the error says why it ended.
             value = f"{ex.error.value.split(';')[0]}; {self.ended_because}"
@@ -221,10 +223,16 @@ class HostSandbox:
 
         If the kernel dies meanwhile it is restarted and TransportError is raised; past the
         deadline the kernel is interrupted, then killed and restarted. A kernel that died
-        since the last call is restarted first (the next run reports the loss)."""
+        since the last call is restarted first (the next run reports the loss); a request
+        the kernel died without reading is sent once more, to the fresh kernel."""
         self.check_alive()
         self._revive()
-        return self._request(message, timeout_s)
+        try:
+            return self._request(message, timeout_s)
+        except UnreadRequest:
+            if not self._revive():
+                raise
+            return self._request(message, timeout_s)
 
     def _request(
         self, message: ReplyRequest | Mapping[str, Any], timeout_s: float | None
@@ -261,18 +269,30 @@ class HostSandbox:
                         f"the kernel died during {message.get('op')} ({status}); it was restarted"
                     )
 
-    def _revive(self) -> None:
+    def _revive(self) -> bool:
         """Restart a kernel that died since the last run or request (code of the user's that
         ends it later: a thread calling os._exit, a process of the sandbox killing it), by
-        init's report of its exit, before anything is sent to it. The next run reports the
-        loss of its state (`execute`); the sandbox ends if init died with it."""
+        init's report of its exit, before anything is sent to it; whether it did. The next
+        run reports the loss of its state (`execute`); the sandbox ends if init died with
+        it."""
         status = self.channel.kernel_exited()
         if status is None:
-            return
+            return False
         self.restart_kernel(time.monotonic() + 30)
         if not self.alive:
             raise self._ended()
         self._lost = how_died(status)
+        return True
+
+    def _lost_execution(self) -> Execution:
+        """The answer to the first run after the kernel died between calls: its code did not
+        run, since the state it may need is gone."""
+        how, self._lost = self._lost, None
+        value = (
+            f"the kernel died after the last run ({how}); it was restarted and its "
+            "variables are lost: this code did not run"
+        )
+        return Execution(error=ExecutionError("KernelDied", value, ""), state_lost=True)
 
     def prefault(self) -> None:
         """The pool's first, uncounted cell: not the session's CPU either."""

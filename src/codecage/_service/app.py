@@ -10,6 +10,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import signal
@@ -317,10 +318,46 @@ class OutputOut(BaseModel):
 
 
 class EntryOut(BaseModel):
+    """A file or directory (the SDK's EntryInfo). Listings, `info` and `rename` fill every
+    field; an upload the first four."""
+
     name: str
     path: str
-    type: str
+    type: str = Field(description='"file", "dir", "symlink" (a broken link) or "other"')
     size: int
+    mode: int | None = Field(None, description="the permission bits")
+    permissions: str | None = Field(None, description='as `ls -l` shows them, "-rw-r--r--"')
+    owner: str | None = None
+    group: str | None = None
+    modified_time: datetime.datetime | None = None
+    symlink_target: str | None = Field(None, description="a symlink's resolved target")
+    metadata: dict[str, str] | None = Field(None, description="E2B's file metadata")
+
+
+class RenameBody(BaseModel):
+    source: str
+    destination: str
+
+
+class WatchBody(BaseModel):
+    path: str
+    recursive: bool = False
+
+
+class WatcherOut(BaseModel):
+    id: str
+
+
+class WatchEventOut(BaseModel):
+    name: str = Field(description="relative to the watched directory")
+    type: str = Field(description='"create", "write", "remove", "rename" or "chmod"')
+
+
+class WatchEventsOut(BaseModel):
+    events: list[WatchEventOut]
+    overflowed: bool = Field(
+        description="some events were lost since the watcher began (its queue was full)"
+    )
 
 
 class ExistsOut(BaseModel):
@@ -364,6 +401,7 @@ PIPELINED_MAX = 16  # HTTP/1.1 requests one connection may send ahead of their a
 SCRAPES = 4  # /metrics requests at once (it is open: no tenant's quota covers it)
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs", "/redoc"})
 RAW = "application/octet-stream"
+MAX_LIST_DEPTH = 1024  # levels a listing goes down at most (E2B's ListDir too)
 MULTIPART = "multipart/form-data"
 UPLOAD_BODY: dict[str, Any] = {
     "requestBody": {
@@ -701,7 +739,9 @@ async def execute(
     _valid_text(body)
 
     def begin() -> Started:  # in a worker thread: analysis is off the event loop
-        return manager.start_execute(who, sandbox_id, body.code)
+        return manager.start_execute(
+            who, sandbox_id, body.code, context=body.context, language=body.language
+        )
 
     def work(started: Started, on_event: Callable[[dict[str, Any]], None] | None) -> Execution:
         with operation(client_ref=ref):
@@ -886,14 +926,85 @@ async def download(
 def list_files(
     sandbox_id: str,
     path: str = Query("."),
+    depth: int = Query(1, ge=1, le=MAX_LIST_DEPTH, description="1: the directory's own"),
     who: str = Depends(tenant),
     manager: Manager = MANAGER,
 ) -> list[EntryOut]:
     _check_path(path)
-    return [
-        EntryOut(name=e.name, path=e.path, type=e.type, size=e.size)
-        for e in manager.list_files(who, sandbox_id, path)
-    ]
+    return [EntryOut(**vars(e)) for e in manager.list_files(who, sandbox_id, path, depth)]
+
+
+@files.get("/v1/sandboxes/{sandbox_id}/files/info", response_model=EntryOut, responses=ERRORS)
+def file_info(
+    sandbox_id: str,
+    path: str = Query(...),
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> EntryOut:
+    """Everything about one file or directory (404 FileNotFound if it is missing)."""
+    _check_path(path)
+    return EntryOut(**vars(manager.get_info(who, sandbox_id, path)))
+
+
+@files.post("/v1/sandboxes/{sandbox_id}/files/rename", response_model=EntryOut, responses=ERRORS)
+def rename(
+    sandbox_id: str,
+    body: RenameBody,
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> EntryOut:
+    """Move a file or directory (the destination's parents are created): where it is now."""
+    _check_path(body.source)
+    _check_path(body.destination)
+    return EntryOut(**vars(manager.rename(who, sandbox_id, body.source, body.destination)))
+
+
+@files.post(
+    "/v1/sandboxes/{sandbox_id}/files/watchers",
+    response_model=WatcherOut,
+    status_code=201,
+    responses=ERRORS,
+)
+def watch_dir(
+    sandbox_id: str,
+    body: WatchBody,
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> WatcherOut:
+    """Start watching a directory; poll its events with GET .../events (docs/service.md)."""
+    _check_path(body.path)
+    return WatcherOut(id=manager.watch_dir(who, sandbox_id, body.path, body.recursive))
+
+
+@files.get(
+    "/v1/sandboxes/{sandbox_id}/files/watchers/{watcher_id}/events",
+    response_model=WatchEventsOut,
+    responses=ERRORS,
+)
+def watch_events(
+    sandbox_id: str,
+    watcher_id: str,
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> WatchEventsOut:
+    """The watcher's events since the last call (each is given once)."""
+    events, overflowed = manager.watch_events(who, sandbox_id, watcher_id)
+    return WatchEventsOut(
+        events=[WatchEventOut(name=e.name, type=e.type) for e in events], overflowed=overflowed
+    )
+
+
+@files.delete(
+    "/v1/sandboxes/{sandbox_id}/files/watchers/{watcher_id}", status_code=204, responses=ERRORS
+)
+def unwatch(
+    sandbox_id: str,
+    watcher_id: str,
+    who: str = Depends(tenant),
+    manager: Manager = MANAGER,
+) -> Response:
+    manager.unwatch(who, sandbox_id, watcher_id)
+    return Response(status_code=204)
 
 
 @files.get("/v1/sandboxes/{sandbox_id}/files/exists", response_model=ExistsOut, responses=ERRORS)

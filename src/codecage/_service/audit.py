@@ -122,6 +122,11 @@ MIGRATIONS = [
     CREATE INDEX packages_sandbox ON packages (sandbox_id);
     CREATE INDEX packages_time ON packages (at);
     """,
+    # 5: a cell's language and code context (NULL for what is not a cell)
+    """
+    ALTER TABLE runs ADD COLUMN language TEXT;
+    ALTER TABLE runs ADD COLUMN context_id TEXT;
+    """,
 ]
 
 
@@ -372,18 +377,21 @@ class AuditLog:
         code: str,
         policy: dict[str, Any],
         findings: list[dict[str, Any]] | None = None,
+        language: str | None = None,
+        context_id: str | None = None,
     ) -> None:
         """Record a run before it starts: refused (AuditUnavailable) while the log's disk is
         below its free-space floor. Code over code_keep_bytes is kept as its first
-        code_keep_bytes, with its full length and its sha256."""
+        code_keep_bytes, with its full length and its sha256. A cell names its language
+        and the code context it runs in."""
         self.check_space()
         raw = code.encode("utf-8", "surrogatepass")
         kept = _cut(code, self.code_keep_bytes)
         findings = findings or []
         self._write(
             "INSERT INTO runs (id, tenant, sandbox_id, kind, started_at, code, code_sha256, policy,"
-            " findings, code_bytes, code_truncated, findings_count)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " findings, code_bytes, code_truncated, findings_count, language, context_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 tenant,
@@ -397,6 +405,8 @@ class AuditLog:
                 len(raw),
                 int(len(raw) > self.code_keep_bytes),
                 len(findings),
+                None if language is None else _cut(language, NAME_KEEP_BYTES),
+                None if context_id is None else _cut(context_id, NAME_KEEP_BYTES),
             ),
         )
 

@@ -35,13 +35,21 @@ from .._errors import (
     SandboxNotFound,
     SandboxPaused,
     SnapshotNotFound,
+    WatcherNotFound,
 )
 from .._jail import get_jail
 from .._jail.pool import Pool
 from .._models import Execution, Finding
 from .._policy import Policy
 from .._processes import PtySize, check_user, start_process
-from .._sandbox import FILE_CHUNK, CommandResult, EntryInfo, Sandbox
+from .._sandbox import (
+    FILE_CHUNK,
+    CommandResult,
+    EntryInfo,
+    FilesystemEvent,
+    Sandbox,
+    WatchHandle,
+)
 from .._volumes import Volume, Volumes
 from .audit import AuditLog
 from .config import ServerConfig, within
@@ -50,6 +58,7 @@ from .snapshots import Snapshot, SnapshotStore
 
 EventCallback = Callable[[dict[str, Any]], None]
 T = TypeVar("T")
+WATCHERS = 16  # directory watchers per sandbox kept by the service (the kernel's own bound)
 
 
 # What a sandbox id is (HostSandbox: 16 random bytes in hex); anything else names none.
@@ -742,9 +751,12 @@ class Manager:
         policy: Policy,
         findings: list[Finding] | None = None,
         admit: bool = True,
+        language: str | None = None,
+        context_id: str | None = None,
     ) -> str:
-        """Admit and durably record a run (with its static-analysis findings) before it
-        starts. Returns the run id. `admit=False`: outside the run quota."""
+        """Admit and durably record a run (with its static-analysis findings, and a cell's
+        language and code context) before it starts. Returns the run id. `admit=False`:
+        outside the run quota."""
         if admit:
             self._admit(tenant)
         run_id = secrets.token_hex(16)
@@ -756,6 +768,8 @@ class Manager:
             code=code,
             policy=policy.model_dump(),
             findings=[dataclasses.asdict(f) for f in findings or []],
+            language=language,
+            context_id=context_id,
         )
         return run_id
 
@@ -814,17 +828,29 @@ class Manager:
                 self.fail(run_id, kind, exc)
                 raise
 
-    def start_execute(self, tenant: str, sandbox_id: str, code: str | bytes) -> Started:
+    def start_execute(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        code: str | bytes,
+        *,
+        context: str | None = None,
+        language: str | None = None,
+    ) -> Started:
         """A cell for the tenant's sandbox, up to its durable start record: the code is
         prepared and size-checked, the sandbox looked up and a place in its queue taken
-        (SandboxBusy), the code analysed, the run admitted (quota) and recorded."""
+        (SandboxBusy), the code analysed (Python only), the run admitted (quota) and
+        recorded with its language and code context (`carry_out` gets the same two)."""
         text = prepare_code(code, self.config.max_code_bytes)
         entry = self.get(tenant, sandbox_id)
         self.enter(entry)  # a place in the sandbox's short queue, or 409
         try:
             policy = entry.sandbox.policy
-            findings = analyze(text)
-            run_id = self.begin(tenant, sandbox_id, "execute", text, policy, findings)
+            lang, cid = entry.sandbox._cell_context(context, language)
+            findings = analyze(text) if lang == "python" else []  # Python's says nothing of bash
+            run_id = self.begin(
+                tenant, sandbox_id, "execute", text, policy, findings, language=lang, context_id=cid
+            )
         except BaseException:
             self.leave(entry)
             raise
@@ -840,7 +866,7 @@ class Manager:
         slot.__enter__()
         try:
             findings = analyze(text)
-            run_id = self.begin(tenant, None, "run", text, policy, findings)
+            run_id = self.begin(tenant, None, "run", text, policy, findings, language="python")
         except BaseException as exc:
             slot.__exit__(type(exc), exc, exc.__traceback__)
             raise
@@ -992,8 +1018,75 @@ class Manager:
         with self.using(tenant, sandbox_id) as entry, self._operation():
             return op(entry.sandbox)
 
-    def list_files(self, tenant: str, sandbox_id: str, path: str) -> list[EntryInfo]:
-        return self._file_op(tenant, sandbox_id, "file_list", path, lambda s: s.files.list(path))
+    def list_files(
+        self, tenant: str, sandbox_id: str, path: str, depth: int = 1
+    ) -> list[EntryInfo]:
+        return self._file_op(
+            tenant, sandbox_id, "file_list", path, lambda s: s.files.list(path, depth=depth)
+        )
+
+    def get_info(self, tenant: str, sandbox_id: str, path: str) -> EntryInfo:
+        return self._file_op(
+            tenant, sandbox_id, "file_stat", path, lambda s: s.files.get_info(path)
+        )
+
+    def rename(self, tenant: str, sandbox_id: str, source: str, destination: str) -> EntryInfo:
+        return self._file_op(
+            tenant,
+            sandbox_id,
+            "file_rename",
+            f"{source} -> {destination}",
+            lambda s: s.files.rename(source, destination),
+        )
+
+    # A directory watcher (E2B's and codecage's own API alike) lives on the sandbox's entry
+    # as (handle, its directory's path, whether its events carry their entry).
+
+    def watch_dir(
+        self,
+        tenant: str,
+        sandbox_id: str,
+        path: str,
+        recursive: bool = False,
+        include_entry: bool = False,
+    ) -> str:
+        """Start watching a directory (a `file_watch` row): the watcher's id. At most
+        WATCHERS per sandbox (QuotaExceeded); they end with the sandbox, or `unwatch`."""
+
+        def work(s: Sandbox) -> tuple[WatchHandle, str]:
+            handle = s.files.watch_dir(path, recursive=recursive)
+            return handle, s.files.get_info(path).path
+
+        entry = self.get(tenant, sandbox_id)
+        if len(entry.watchers) >= WATCHERS:
+            raise QuotaExceeded(f"a sandbox has at most {WATCHERS} directory watchers")
+        handle, root = self._file_op(tenant, sandbox_id, "file_watch", path, work)
+        watcher_id = secrets.token_hex(12)
+        entry.watchers[watcher_id] = (handle, root, include_entry)
+        return watcher_id
+
+    def watcher(self, tenant: str, sandbox_id: str, watcher_id: str) -> tuple[Any, str, bool]:
+        """A watcher of the tenant's sandbox (WatcherNotFound if it has none by that id)."""
+        found = self.get(tenant, sandbox_id).watchers.get(watcher_id)
+        if found is None:
+            raise WatcherNotFound(f"no watcher {watcher_id[:64]!r} in this sandbox")
+        return found  # type: ignore[no-any-return]
+
+    def watch_events(
+        self, tenant: str, sandbox_id: str, watcher_id: str
+    ) -> tuple[list[FilesystemEvent], bool]:
+        """A watcher's events since the last call, and whether some were ever lost (its
+        queue in the sandbox was full). A poll, not a row of the audit log."""
+        handle = self.watcher(tenant, sandbox_id, watcher_id)[0]
+        events = self.file_poll(tenant, sandbox_id, lambda s: handle.get_new_events())
+        return events, bool(handle.overflowed)
+
+    def unwatch(self, tenant: str, sandbox_id: str, watcher_id: str) -> None:
+        """Stop a watcher (WatcherNotFound if it has none by that id)."""
+        handle = self.watcher(tenant, sandbox_id, watcher_id)[0]
+        self.get(tenant, sandbox_id).watchers.pop(watcher_id, None)
+        with contextlib.suppress(SandboxError):  # gone with the kernel: stopped all the same
+            self.file_poll(tenant, sandbox_id, lambda s: handle.stop())
 
     def exists(self, tenant: str, sandbox_id: str, path: str) -> bool:
         return self._file_op(

@@ -6,7 +6,7 @@ and is a row of the audit log (`file_stat`, `file_list`, `file_mkdir`, `file_ren
 
 Watchers: `WatchDir` streams a watcher's events (polled from the kernel's inotify queue
 every POLL_S; keepalives when asked for); `CreateWatcher` / `GetWatcherEvents` /
-`RemoveWatcher` keep one on the sandbox's Manager entry (WATCHERS at most), gone with it.
+`RemoveWatcher` keep one on the sandbox's Manager entry (manager.WATCHERS at most), gone with it.
 `allowNetworkMounts` changes nothing here: a sandbox has no network mounts.
 """
 
@@ -16,22 +16,19 @@ import asyncio
 import contextlib
 import datetime
 import errno
-import secrets
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from starlette.concurrency import run_in_threadpool
 
-from ..._errors import FileNotFoundInSandbox, SandboxError
+from ..._errors import FileNotFoundInSandbox, QuotaExceeded, SandboxError, WatcherNotFound
 from ..._sandbox import EntryInfo, FilesystemEvent, Sandbox, WatchHandle
-from ..app import _check_path
+from ..app import MAX_LIST_DEPTH, _check_path
 from .connect import Call, ConnectError, Service, field
 
 service = Service("filesystem.Filesystem")
 POLL_S = 0.2  # a WatchDir stream asks the kernel for new events this often
-WATCHERS = 16  # CreateWatcher's watchers per sandbox
 ENTRIES_PER_POLL = 100  # events given their entry (includeEntry) per poll
-MAX_DEPTH = 1024
 T = TypeVar("T")
 
 FILE_TYPES = {
@@ -155,7 +152,7 @@ async def move(call: Call, message: dict[str, Any]) -> dict[str, Any]:
 @service.unary("ListDir")
 async def list_dir(call: Call, message: dict[str, Any]) -> dict[str, Any]:
     path = _path(message)
-    depth = min(max(1, field(message, "depth", "int", 1)), MAX_DEPTH)
+    depth = min(max(1, field(message, "depth", "int", 1)), MAX_LIST_DEPTH)
     entries = await _call(call, "file_list", path, lambda sbx: sbx.files.list(path, depth=depth))
     return {"entries": [entry_json(e) for e in entries]}
 
@@ -189,11 +186,16 @@ async def _events(
     return out
 
 
-async def _start(call: Call, message: dict[str, Any]) -> tuple[WatchHandle, str, bool]:
+def _watch_args(message: dict[str, Any]) -> tuple[str, bool, bool]:
     path = _path(message)
     recursive = bool(field(message, "recursive", "bool", False))
     include_entry = bool(field(message, "include_entry", "bool", False))
     field(message, "allow_network_mounts", "bool", False)  # checked; nothing to allow here
+    return path, recursive, include_entry
+
+
+async def _start(call: Call, message: dict[str, Any]) -> tuple[WatchHandle, str, bool]:
+    path, recursive, include_entry = _watch_args(message)
 
     def work(sbx: Sandbox) -> tuple[WatchHandle, str]:
         handle = sbx.files.watch_dir(path, recursive=recursive)
@@ -223,12 +225,21 @@ async def watch_dir(call: Call, message: dict[str, Any]) -> AsyncIterator[dict[s
 
 @service.unary("CreateWatcher")
 async def create_watcher(call: Call, message: dict[str, Any]) -> dict[str, Any]:
-    watchers = call.access.entry.watchers
-    if len(watchers) >= WATCHERS:
-        raise ConnectError("resource_exhausted", f"at most {WATCHERS} watchers per sandbox")
-    handle, root, include_entry = await _start(call, message)
-    watcher_id = secrets.token_hex(12)
-    watchers[watcher_id] = (handle, root, include_entry)
+    path, recursive, include_entry = _watch_args(message)
+    access = call.access
+    try:
+        watcher_id = await run_in_threadpool(
+            access.manager.watch_dir,
+            access.tenant,
+            access.sandbox_id,
+            path,
+            recursive,
+            include_entry,
+        )
+    except QuotaExceeded as exc:
+        raise ConnectError("resource_exhausted", str(exc)) from None
+    except SandboxError as exc:
+        raise _mapped(exc) from None
     return {"watcherId": watcher_id}
 
 
@@ -248,9 +259,12 @@ async def get_watcher_events(call: Call, message: dict[str, Any]) -> dict[str, A
 
 @service.unary("RemoveWatcher")
 async def remove_watcher(call: Call, message: dict[str, Any]) -> dict[str, Any]:
-    watcher_id, (handle, _, _) = _watcher(call, message)
-    call.access.entry.watchers.pop(watcher_id, None)
-    await _stop(call, handle)
+    watcher_id, _ = _watcher(call, message)
+    access = call.access
+    with contextlib.suppress(WatcherNotFound):  # stopped meanwhile by another call
+        await run_in_threadpool(
+            access.manager.unwatch, access.tenant, access.sandbox_id, watcher_id
+        )
     return {}
 
 

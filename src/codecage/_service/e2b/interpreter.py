@@ -160,7 +160,9 @@ async def execute(body: ExecuteBody, access: SandboxAccess = ACCESS) -> Streamin
             known = {c.id for c in manager.get(tenant, sandbox_id).sandbox.list_code_contexts()}
             if context not in known:
                 raise ContextNotFound(f"Context {context} not found")
-        return manager.start_execute(tenant, sandbox_id, body.code)
+        return manager.start_execute(
+            tenant, sandbox_id, body.code, context=context, language=run_language
+        )
 
     try:
         started = await run_in_threadpool(begin)
