@@ -30,11 +30,11 @@ backends: $(STAMP) runtime
 	$(BIN)/codecage image build
 
 # -n 3: three pytest-xdist workers (the suite mostly waits on sandboxes: starts, timeouts,
-# kills); --durations: the slowest tests, for keeping CI in its budget. PYTEST_WORKERS=0
+# kills), each taking work from the others when it runs out (worksteal: no idle tail); --durations: the slowest tests, for keeping CI in its budget. PYTEST_WORKERS=0
 # runs it in one process.
 PYTEST_WORKERS ?= 3
 test: $(STAMP) runtime backends
-	$(BIN)/pytest -n $(PYTEST_WORKERS) --durations=30
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=30
 
 # The unit layer needs no privilege: as root it runs with every capability dropped.
 UNPRIVILEGED := $(if $(filter 0,$(shell id -u)),setpriv --inh-caps=-all --bounding-set=-all,)

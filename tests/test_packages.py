@@ -83,6 +83,7 @@ def test_every_form_of_pip_install_installs_from_the_wheelhouse(backend: str, ho
     assert not (Runtime.default().site_packages / "tinypkg").exists()
 
 
+@pytest.mark.backends("namespace")  # host-side policy: the same on every backend
 def test_packages_the_runtime_has_need_no_wheelhouse_and_no_network(
     backend: str, tmp_path: Path
 ) -> None:
@@ -94,6 +95,7 @@ def test_packages_the_runtime_has_need_no_wheelhouse_and_no_network(
         assert sbx.packages == []
 
 
+@pytest.mark.backends("namespace")  # host-side policy: the same on every backend
 def test_a_package_not_in_the_wheelhouse_is_a_clear_error(backend: str, house: Path) -> None:
     with Sandbox(policy(timeout_s=120), wheelhouse=house) as sbx:
         with pytest.raises(PackageRefused, match="nosuchpkg: not available from the operator"):
@@ -123,6 +125,7 @@ def test_a_package_not_in_the_wheelhouse_is_a_clear_error(backend: str, house: P
         assert sbx.packages == [] and sbx.run_code("1 + 1").text == "2"
 
 
+@pytest.mark.backends("namespace")  # host-side policy: the same on every backend
 def test_the_policy_refuses_packages_it_does_not_allow(backend: str, house: Path) -> None:
     with Sandbox(policy(timeout_s=120, packages_allow=("tinydep",)), wheelhouse=house) as sbx:
         with pytest.raises(PackageRefused, match="tinypkg: not allowed by the policy"):
@@ -137,6 +140,7 @@ def test_the_policy_refuses_packages_it_does_not_allow(backend: str, house: Path
         assert sbx.run_code("!pip install numpy").error is None
 
 
+@pytest.mark.backends("namespace")  # host-side policy: the same on every backend
 def test_an_approval_policy_waits_for_a_yes(backend: str, house: Path) -> None:
     asked: list[ApprovalRequest] = []
 

@@ -337,8 +337,9 @@ def _await_reaped(uid: int, deadline: float) -> None:
     the engine's removal returns once init is dead, while the engine's reaper may still
     hold the zombies of init's children a moment longer (seen on a loaded host)."""
     while time.monotonic() < deadline:
-        if not any(_owned_by(entry, uid) for entry in os.scandir("/proc") if entry.name.isdigit()):
-            return
+        with os.scandir("/proc") as entries:
+            if not any(_owned_by(entry, uid) for entry in entries if entry.name.isdigit()):
+                return
         time.sleep(0.02)
 
 
