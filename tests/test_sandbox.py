@@ -29,12 +29,14 @@ pytestmark = [pytest.mark.requires_root, pytest.mark.usefixtures("backend")]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 Maker = Callable[..., Any]
 
-# gVisor's sandboxes take ~3 s each to start (runsc, then IPython through the gofer): to
-# keep `make test` within budget it runs every attack test but only this representative
+# The other backends' sandboxes take ~3 s each to start (gVisor: runsc, then IPython
+# through the gofer; bwrap and container: the data stack imported for each sandbox): to
+# keep `make test` within budget they run every attack test but only this representative
 # subset of the behaviour tests, the ones that exercise what a backend implements itself
 # (state, output, interrupt and kernel kill, memory kill, files, paths, commands, CPU
-# budget, threads); the rest is host-side code, the same for every backend.
-GVISOR_SUBSET = {
+# budget, threads); the rest is host-side code, the same for every backend, and runs on
+# the default backend.
+SUBSET = {
     "test_state_persists_and_last_expression_is_the_result",
     "test_stdout_and_errors",
     "test_rich_results",
@@ -52,9 +54,9 @@ GVISOR_SUBSET = {
 
 @pytest.fixture(autouse=True)
 def representative_subset(request: pytest.FixtureRequest) -> None:
-    on_gvisor = request.getfixturevalue("backend") == "gvisor"
-    if on_gvisor and request.node.originalname not in GVISOR_SUBSET:
-        pytest.skip("gvisor runs a representative subset of the behaviour tests (suite time)")
+    backend = request.getfixturevalue("backend")
+    if backend != DEFAULT and request.node.originalname not in SUBSET:
+        pytest.skip(f"{backend} runs a representative subset of the behaviour tests (suite time)")
 
 
 @pytest.fixture(params=["local", "remote"])

@@ -6,15 +6,12 @@ per template."""
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,34 +22,9 @@ import codecage
 from codecage import Policy, Sandbox, Template, TemplateError, TemplateNotFound
 from codecage._jail import layers
 from codecage._jail.namespace import NamespaceJail
+from codecage.testing.wheels import make_wheel
 
 from .conftest import Service, cli, start_service, stop_service
-
-
-def make_wheel(
-    house: Path, name: str, version: str, files: dict[str, str], requires: str = ""
-) -> Path:
-    """A pure-Python wheel written by hand (a zip with its dist-info): no build backend, no
-    network."""
-    dist = f"{name}-{version}.dist-info"
-    members = dict(files)
-    members[f"{dist}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + (
-        f"Requires-Dist: {requires}\n" if requires else ""
-    )
-    members[f"{dist}/WHEEL"] = (
-        "Wheel-Version: 1.0\nGenerator: codecage-tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
-    )
-    record = []
-    for path, text in members.items():
-        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=")
-        record.append(f"{path},sha256={digest.decode()},{len(text.encode())}")
-    members[f"{dist}/RECORD"] = "\n".join([*record, f"{dist}/RECORD,,"]) + "\n"
-    wheel = house / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(wheel, "w") as z:
-        for path, text in members.items():
-            z.writestr(path, text)
-    return wheel
-
 
 THREADS = (
     "import threading, time\nthreading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
@@ -67,12 +39,11 @@ def store() -> Iterator[dict[str, Path]]:
     shutil.rmtree(base, ignore_errors=True)
     house = base / "wheelhouse"
     house.mkdir(parents=True)
-    make_wheel(house, "cctiny", "1.0", {"cctiny/__init__.py": "VALUE = 42\n"})
-    make_wheel(house, "ccdep", "2.0", {"ccdep/__init__.py": "NAME = 'dep'\n"})
+    make_wheel(house, "cctiny", "1.0", "VALUE = 42\n")
+    make_wheel(house, "ccdep", "2.0", "NAME = 'dep'\n")
     # ccuses needs ccdep: a dependency the resolver must find in the wheelhouse
-    uses = {"ccuses/__init__.py": "import ccdep\nVALUE = ccdep.NAME\n"}
-    make_wheel(house, "ccuses", "1.0", uses, requires="ccdep>=2")
-    make_wheel(house, "ccthreads", "1.0", {"ccthreads/__init__.py": THREADS})
+    make_wheel(house, "ccuses", "1.0", "import ccdep\nVALUE = ccdep.NAME\n", ("ccdep>=2",))
+    make_wheel(house, "ccthreads", "1.0", THREADS)
     old = os.environ.get("CODECAGE_TEMPLATES")
     os.environ["CODECAGE_TEMPLATES"] = str(base / "store")
     try:
