@@ -211,3 +211,20 @@ def test_a_bash_cell_needs_the_command_approval(fake: FakeJail) -> None:
         with pytest.raises(ApprovalDenied):
             sbx.run_code("rm -rf /tmp/x", language="bash")
     assert asked == ["command"] and "rm -rf /tmp/x" not in fake.ran()
+
+
+def test_the_dropped_note_counts_the_lines_of_the_events_it_dropped() -> None:
+    """An output event may hold many lines (the kernel batches them): the note where they
+    were dropped counts their line ends, not the events; a dropped part of a line is said too."""
+    from codecage._service.e2b.interpreter import _Held, dropped_note
+
+    held = _Held(10)
+    assert held.take(10, True, 5) == ()  # room: nothing dropped before it
+    assert held.take(1, True, 3) is None and held.take(1, True, 4) is None  # no room
+    held.give(10)
+    gap = held.take(1, True, 1)
+    assert gap == (2, 7)
+    assert dropped_note(*gap).split()[1] == "7"
+    assert held.take(100, True, 0) is None
+    held.give(1)
+    assert held.take(0) == (1, 0) and "part of a line" in dropped_note(1, 0)

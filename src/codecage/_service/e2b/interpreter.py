@@ -180,11 +180,12 @@ async def execute(body: ExecuteBody, access: SandboxAccess = ACCESS) -> Streamin
             return
         data = _json(line)
         size = len(data) + LINE_OVERHEAD
-        gap = held.take(size, line["type"] in ("stdout", "stderr"))
+        output = line["type"] in ("stdout", "stderr")
+        gap = held.take(size, output, str(line.get("text", "")).count("\n") if output else 0)
         if gap is None:
             return  # dropped: the client is that far behind
         if gap:  # where the dropped lines were, in order
-            note = _json({"type": "stderr", "text": dropped_note(gap), "timestamp": _stamp()})
+            note = _json({"type": "stderr", "text": dropped_note(*gap), "timestamp": _stamp()})
             loop.call_soon_threadsafe(lines.put_nowait, ("stderr", note, 0))
         loop.call_soon_threadsafe(lines.put_nowait, (str(line["type"]), data, size))
 
@@ -210,7 +211,8 @@ async def execute(body: ExecuteBody, access: SandboxAccess = ACCESS) -> Streamin
                 if item is None:
                     gap = held.take(0)  # dropped at the end, after the last line queued
                     if gap:
-                        note = {"type": "stderr", "text": dropped_note(gap), "timestamp": _stamp()}
+                        text = dropped_note(*gap)
+                        note = {"type": "stderr", "text": text, "timestamp": _stamp()}
                         yield _json(note)
                     break
                 kind, data, size = item
@@ -250,28 +252,34 @@ HELD_BYTES = 16 << 20
 LINE_OVERHEAD = 512
 
 
-def dropped_note(count: int) -> str:
-    return f"\n[codecage: {count} lines of output dropped: the client read them too slowly]\n"
+def dropped_note(events: int, lines: int) -> str:
+    """What the stream says where `events` were dropped, holding `lines` line ends (a line
+    cut between events counts where its end was)."""
+    what = f"{lines} lines" if lines else "part of a line"
+    return f"\n[codecage: {what} of output dropped: the client read them too slowly]\n"
 
 
 class _Held:
     """The bytes a run's stream holds, from the run's thread and the event loop."""
 
     def __init__(self, limit: int) -> None:
-        self.limit, self.size, self.dropped = limit, 0, 0
+        self.limit, self.size, self.dropped, self.lines = limit, 0, 0, 0
         self._lock = threading.Lock()
 
-    def take(self, size: int, output: bool = True) -> int | None:
-        """Room for `size` more: None if there is none (the line is dropped), else how many
-        lines were dropped since the last one that had room. Output (stdout, stderr) has
-        `limit`; the other lines (results, errors, the count of executions: bounded by the
-        results budget, or one a run) have twice that, so they outlast the output."""
+    def take(self, size: int, output: bool = True, lines: int = 0) -> tuple[int, ...] | None:
+        """Room for `size` more (an event holding `lines` line ends): None if there is none
+        (the event is dropped), else the events and line ends dropped since the last one
+        that had room, or () if none was. Output (stdout, stderr) has `limit`; the other
+        lines (results, errors, the count of executions: bounded by the results budget, or
+        one a run) have twice that, so they outlast the output."""
         with self._lock:
             if self.size + size > self.limit * (1 if output else 2):
                 self.dropped += 1
+                self.lines += lines
                 return None
             self.size += size
-            gap, self.dropped = self.dropped, 0
+            gap = (self.dropped, self.lines) if self.dropped else ()
+            self.dropped = self.lines = 0
             return gap
 
     def give(self, size: int) -> None:
