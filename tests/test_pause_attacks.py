@@ -57,8 +57,10 @@ def stuck_in_the_kernel(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for name in ("holds-the-lock", "waits-for-it"):
-            procs.append(subprocess.Popen([sys.executable, "-c", create, str(mnt / name)]))
-            deadline = time.monotonic() + 30
+            # -I -S: a bare interpreter, quick to start on a loaded host
+            command = [sys.executable, "-I", "-S", "-c", create, str(mnt / name)]
+            procs.append(subprocess.Popen(command))
+            deadline = time.monotonic() + 60
             while _state(procs[-1].pid) != "D" and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert _state(procs[-1].pid) == "D", f"{name} never went to sleep in the kernel"
