@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -286,6 +287,19 @@ def _when(value: str | None) -> float | None:
         return datetime.fromisoformat(value).timestamp()
 
 
+def _listing(
+    found: list[dict[str, Any]], as_json: bool, what: str, row: Callable[[dict[str, Any]], str]
+) -> None:
+    """A `list` action's output: the JSON as it came, or a line each (`row`), or "no WHAT"."""
+    if as_json:
+        print(json.dumps(found, indent=2))
+    elif not found:
+        print(f"no {what}")
+    else:
+        for each in found:
+            print(clean(row(each)))
+
+
 def _service_client(args: argparse.Namespace) -> Client:
     """A client of the running service `--url`/`--key` (or CODECAGE_URL, CODECAGE_API_KEY)."""
     import os
@@ -357,12 +371,12 @@ def cmd_sandboxes(args: argparse.Namespace) -> int:
     with _service_client(args) as client:
         if args.action == "list":
             found = client.request("GET", "/v1/sandboxes").json()
-            if args.json:
-                print(json.dumps(found, indent=2))
-            elif not found:
-                print("no sandboxes")
-            for each in [] if args.json else found:
-                print(clean(f"{each['id']}  {each['state']:<8} created {each['created_at']:.0f}"))
+            _listing(
+                found,
+                args.json,
+                "sandboxes",
+                lambda each: f"{each['id']}  {each['state']:<8} created {each['created_at']:.0f}",
+            )
             return 0
         if not args.sandbox_id:
             raise SandboxError(
@@ -414,12 +428,12 @@ def cmd_volume(args: argparse.Namespace) -> int:
         )
     elif args.action == "list":
         found = client.volumes() if remote else [vars(v) for v in store.list()]  # type: ignore[union-attr]
-        if args.json:
-            print(json.dumps(found, indent=2))
-        elif not found:
-            print("no volumes")
-        for volume in [] if args.json else found:
-            print(clean(f"{volume['name']}  {volume['size_mb']} MiB  {volume['inodes']} inodes"))
+        _listing(
+            found,
+            args.json,
+            "volumes",
+            lambda v: f"{v['name']}  {v['size_mb']} MiB  {v['inodes']} inodes",
+        )
     elif args.action == "delete":
         client.delete_volume(args.name) if remote else store.delete(args.name)  # type: ignore[union-attr]
         print(f"{args.name}: deleted")
@@ -455,16 +469,15 @@ def cmd_snapshots(args: argparse.Namespace) -> int:
     """A running service's snapshots of the key's tenant: list, delete (docs/fork.md)."""
     with _service_client(args) as client:
         if args.action == "list":
-            found = client.snapshots()
-            if args.json:
-                print(json.dumps(found, indent=2))
-                return 0
-            if not found:
-                print("no snapshots")
-            for snap in found:
-                names = ",".join(snap["names"]) or "-"
-                line = f"{snap['id']}  {names}  from {snap['sandbox_id']}  {snap['size']} bytes"
-                print(clean(line))
+            _listing(
+                client.snapshots(),
+                args.json,
+                "snapshots",
+                lambda snap: (
+                    f"{snap['id']}  {','.join(snap['names']) or '-'}  "
+                    f"from {snap['sandbox_id']}  {snap['size']} bytes"
+                ),
+            )
             return 0
         if not args.snapshot_id:
             raise SandboxError("snapshots delete: give the snapshot id (see 'snapshots list')")
@@ -551,14 +564,15 @@ def cmd_template(args: argparse.Namespace) -> int:
         print(json.dumps(made, indent=2) if args.json else f"{made['name']} {made['id']}")
         return 0
     if args.template_command == "list":
-        found = layers.listing()
-        if args.json:
-            print(json.dumps(found, indent=2))
-        elif not found:
-            print("no templates")
-        for t in [] if args.json else found:
-            packages = " ".join(t["packages"]) or "-"
-            print(clean(f"{t['name']}  {t['id']}  {(t['bytes'] or 0) >> 20} MiB  {packages}"))
+        _listing(
+            layers.listing(),
+            args.json,
+            "templates",
+            lambda t: (
+                f"{t['name']}  {t['id']}  {(t['bytes'] or 0) >> 20} MiB  "
+                f"{' '.join(t['packages']) or '-'}"
+            ),
+        )
         return 0
     print(f"{args.name}: removed ({layers.remove(args.name)})")
     return 0
