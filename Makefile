@@ -7,7 +7,7 @@ RUNTIME ?= $(or $(CODECAGE_RUNTIME),/var/lib/codecage/runtime)
 export CODECAGE_RUNTIME := $(RUNTIME)
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test check bench runtime backends clean e2b-suite
+.PHONY: all demo test test-full check bench runtime backends clean e2b-suite
 
 all: test
 
@@ -35,6 +35,11 @@ backends: $(STAMP) runtime
 PYTEST_WORKERS ?= 3
 test: $(STAMP) runtime backends
 	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist worksteal --durations=30
+
+# Every case of every conformance test on every backend (`make test` runs one case of each
+# parametrized one on the backends other than the default: tests/conftest.py).
+test-full:
+	CODECAGE_FULL_MATRIX=1 $(MAKE) test
 
 # The unit layer needs no privilege: as root it runs with every capability dropped.
 UNPRIVILEGED := $(if $(filter 0,$(shell id -u)),setpriv --inh-caps=-all --bounding-set=-all,)

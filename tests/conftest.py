@@ -40,7 +40,43 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     engine.stop()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+# CI's budget: a conformance test that has other parameters besides the backend (seven
+# denied syscalls, four output floods, three filesystems, ...) runs every case on the
+# default backend, and one case on each of the other backends (a different one on each,
+# so the three together cover more of them). CODECAGE_FULL_MATRIX=1 (`make test-full`)
+# runs every case on every backend.
+FULL_MATRIX = os.environ.get("CODECAGE_FULL_MATRIX") == "1"
+
+
+def _one_case_per_backend(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:
+    from codecage.testing import DEFAULT
+
+    cases: dict[tuple[str, str, str], list[pytest.Item]] = {}
+    for item in items:
+        spec = getattr(item, "callspec", None)
+        backend = spec.params.get("backend") if spec is not None else None
+        # `make` (tests/test_sandbox.py: local or remote) is a fixture's, not a case
+        cases_of = {k for k in spec.params if k not in ("backend", "make")} if spec else ()
+        if backend and backend != DEFAULT and cases_of:
+            kind = f"{getattr(item, 'originalname', item.name)}/{spec.params.get('make', '')}"
+            key = (str(item.path), kind, backend)
+            cases.setdefault(key, []).append(item)
+    order = sorted({key[2] for key in cases})
+    dropped: set[int] = set()
+    for (_, _, backend), group in cases.items():
+        keep = group[order.index(backend) % len(group)]
+        dropped.update(id(item) for item in group if item is not keep)
+    return (
+        [item for item in items if id(item) not in dropped],
+        [item for item in items if id(item) in dropped],
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not FULL_MATRIX:
+        items[:], deselected = _one_case_per_backend(items)
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
     if os.geteuid() != 0:
         for item in items:
             if item.get_closest_marker("requires_root"):

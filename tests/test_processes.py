@@ -380,8 +380,12 @@ def _remote_processes(alice: Client, bob: Client) -> None:
     [keys] = by_code["/bin/bash -i -l"]["files"]  # type: ignore[misc]
     assert keys["stdin_tail"] == "stty size; exit\n"  # a terminal's keys, as typed
     [killed] = by_code["/bin/bash -l -c 'sleep 300'"]["files"]  # type: ignore[misc]
-    # what was sent, whether or not it still found the process: both kills, the late "x"
-    assert killed["signals"] == [9, 9] and killed["stdin_bytes"] == 1
+    # what was sent until its end record was written (the watcher writes it within
+    # POLL_S of the process's end, so the late kill and "x" may come after it): the kill
+    # that ended it, then in order what came after it and before the record
+    assert killed["signals"] in ([9], [9, 9]) and killed["stdin_bytes"] in (0, 1), killed
+    if killed["stdin_bytes"]:  # the "x" was sent after the second kill
+        assert killed["signals"] == [9, 9], killed
 
 
 def test_remote_bad_input_is_a_clear_error(service: Service) -> None:

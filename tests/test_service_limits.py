@@ -139,8 +139,10 @@ def test_half_sent_headers_and_idle_connections_are_closed(guarded: Service) -> 
 
 def test_a_flood_on_one_sandbox_leaves_others_answered(guarded: Service) -> None:
     """30 concurrent executes of one tenant on one sandbox (16 worker threads): the sandbox
-    queues 2 (one runs), the tenant's cap answers the rest 409 or 429 at once; meanwhile
-    another tenant's one-shot run and /healthz are answered."""
+    queues 2 (one runs), the rest are answered at once: 409 (the sandbox's queue is full)
+    or 429 (the tenant's cap; which of the two depends on how many arrive together, so the
+    429 itself is tested in test_quotas_answer_429); meanwhile another tenant's one-shot
+    run and /healthz are answered."""
     with http(guarded, "alice") as alice, http(guarded, "bob") as bob:
         sid = alice.post("/v1/sandboxes", json={}).json()["id"]
         statuses: list[int] = []
@@ -164,7 +166,7 @@ def test_a_flood_on_one_sandbox_leaves_others_answered(guarded: Service) -> None
         try:
             with done:  # all but the two the sandbox took are answered at once
                 assert done.wait_for(lambda: len(statuses) >= 28, timeout=120), statuses
-            assert sorted(set(statuses)) <= [409, 429] and 409 in statuses and 429 in statuses
+            assert sorted(set(statuses)) <= [409, 429] and 409 in statuses, statuses
             ran = bob.post("/v1/run", json={"code": "print(6 * 7)"})
             assert ran.status_code == 200 and ran.json()["logs"]["stdout"] == ["42\n"]
             assert httpx.get(f"{guarded.url}/healthz", timeout=60).status_code == 200

@@ -160,15 +160,26 @@ class NamespaceJail(HostJail):
         return out
 
     def renew_if_older(self, max_age_s: float) -> bool:
+        """The shared template first; then each custom one on its own, so that one which
+        cannot start again (its layer removed meanwhile) only retires itself."""
         now = time.monotonic()
+        renewed = now - self.template.started > max_age_s
+        if renewed:
+            self.renew_template()
         with self._templates_lock:
             old = [t for t in self.custom.values() if now - t.started > max_age_s]
         for template in old:
-            self._renew_custom(template)
-        if now - self.template.started <= max_age_s:
-            return bool(old)
-        self.renew_template()
-        return True
+            try:
+                self._renew_custom(template)
+            except (OSError, SandboxError):
+                assert template.layer is not None
+                with self._templates_lock:
+                    if self.custom.get(template.layer.id) is template:
+                        del self.custom[template.layer.id]
+                    template.retired = True
+                self.maybe_close(template)
+            renewed = True
+        return renewed
 
     def _renew_custom(self, template: Template) -> None:
         assert template.layer is not None
