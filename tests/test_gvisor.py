@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -190,5 +191,10 @@ def test_memory_limit_ends_the_kernel_and_the_sandbox_goes_on(jail: GvisorJail) 
         assert ex.killed_by == "memory_limit" and ex.state_lost, (ex.killed_by, ex.error)
         assert "oom_kill 0" in oom_control.read_text()  # the host's OOM killer took nothing
         limit = groups.dirs["memory"] / "memory.limit_in_bytes"
-        assert int(limit.read_text()) == 256 << 20  # back from the handler's headroom
+        # back from the handler's headroom once the sentry has given the memory back (the
+        # run's answer does not wait for that)
+        deadline = time.monotonic() + 40
+        while int(limit.read_text()) != 256 << 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert int(limit.read_text()) == 256 << 20
         assert sbx.run_code("1 + 1").text == "2"  # a fresh kernel in the same sandbox

@@ -21,7 +21,8 @@ from . import cgroups
 PIDS_FLOOR = 256  # host tasks: below ~256 in its cgroup, runsc's sentry crashes (measured)
 GUEST_OOM_HEADROOM_MB = 64  # above memory_mb, only while the guest's kernel is being ended
 GUEST_OOM_MARGIN_MB = 32  # the limit comes back once usage is this far below it
-GUEST_OOM_SETTLE_S = 10.0  # for the sentry to give the memory back, else the sandbox ends
+# for the sentry to give the memory back, else the sandbox ends (seconds on a loaded host)
+GUEST_OOM_SETTLE_S = 30.0
 
 
 class FlooredCgroups(cgroups.SandboxCgroups):
