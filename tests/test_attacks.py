@@ -28,6 +28,7 @@ import codecage
 from codecage._jail import BACKENDS, get_jail, guest_oom, oci
 from codecage._jail.host import UID_BASE
 from codecage.testing import (
+    DEFAULT,
     PRELUDE,
     current_backend,
     enforces,
@@ -1494,7 +1495,7 @@ def test_killed_sandbox_is_fully_reaped_when_run_returns() -> None:
     bodies = ["import time\ntime.sleep(10**6)", "os.kill(os.getpid(), 9)", "pass"]
     # a race is looked for: 15 runs on the default backend, 6 (each ending twice) where a
     # one-shot sandbox takes seconds to start
-    for i in range(15 if current_backend() == "namespace" else 6):
+    for i in range(15 if current_backend() == DEFAULT else 6):
         code = "import os\nprint('uid', os.getuid(), flush=True)\n" + bodies[i % 3]
         ex = codecage.run(code, policy(timeout_s=0.3))
         leftovers = [f"run {i}: {p}" for p in processes_of_uid(uid_after("uid", ex))]
