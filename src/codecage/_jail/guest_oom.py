@@ -20,6 +20,9 @@ from . import cgroups
 
 PIDS_FLOOR = 256  # host tasks: below ~256 in its cgroup, runsc's sentry crashes (measured)
 GUEST_OOM_HEADROOM_MB = 64  # above memory_mb, only while the guest's kernel is being ended
+# raised this many times at most, while the kill is on its way (on a loaded host the guest
+# could allocate another GUEST_OOM_HEADROOM_MB before init had ended its kernel)
+GUEST_OOM_STEPS = 3
 GUEST_OOM_MARGIN_MB = 32  # the limit comes back once usage is this far below it
 # for the sentry to give the memory back, else the sandbox ends (seconds on a loaded host)
 GUEST_OOM_SETTLE_S = 30.0
@@ -69,14 +72,19 @@ class GuestOom:
     instead of killing one (it would pick the sentry). The OOM eventfd wakes this thread,
     which raises the limit by GUEST_OOM_HEADROOM_MB (the paused sentry runs again), asks for
     the guest's kernel to be killed (`on_oom(False)`), then brings the limit back as soon as
-    the memory is given back; if it is not within GUEST_OOM_SETTLE_S, or the sandbox reaches
-    the raised limit as well, `on_oom(True)` ends the sandbox."""
+    the memory is given back. If the sandbox reaches the raised limit before the kill has
+    landed, the limit is raised again, up to GUEST_OOM_STEPS times; if the memory is not
+    given back within GUEST_OOM_SETTLE_S, or the last raised limit is reached as well,
+    `on_oom(True)` ends the sandbox."""
 
     def __init__(self, memory_dir: Path, memory_mb: int, on_oom: Callable[[bool], None]) -> None:
         self.dir = memory_dir
         self.limit = memory_mb << 20
         self.on_oom = on_oom
         self.kills = 0
+        # why the sandbox was ended, if it was: the memory was not given back in time
+        # ("slow"), or the guest reached every raised limit before its kernel was ended
+        self.gave_up: str | None = None
         cgroups._write(memory_dir / "memory.oom_control", "1")
         self.event = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
@@ -128,12 +136,14 @@ class GuestOom:
 
     def _handle(self) -> None:
         self.kills += 1
+        steps = 1
         self._set_limit(self.limit + (GUEST_OOM_HEADROOM_MB << 20))  # wakes the paused tasks
         self.on_oom(False)
         # back once the killed kernel's pages are given back: well below the limit (else the
         # sandbox would pause again at once, before the sentry ever ends the kernel)
         settled = self.limit - min(GUEST_OOM_MARGIN_MB << 20, self.limit // 4)
         deadline = time.monotonic() + GUEST_OOM_SETTLE_S
+        self.gave_up = "slow"
         while time.monotonic() < deadline:
             if int((self.dir / "memory.usage_in_bytes").read_text()) <= settled:
                 with contextlib.suppress(OSError):  # EBUSY: more came meanwhile; wait again
@@ -141,8 +151,12 @@ class GuestOom:
                     return
             if not self._wait(0.05):
                 return  # the sandbox is being removed
-            if self._under_oom():
-                break  # the raised limit is reached too
+            if self._under_oom():  # the raised limit is reached too, before the kill landed
+                if steps == GUEST_OOM_STEPS:
+                    self.gave_up = "grew"
+                    break
+                steps += 1
+                self._set_limit(self.limit + steps * (GUEST_OOM_HEADROOM_MB << 20))
         self.on_oom(True)
 
     def stop(self) -> None:

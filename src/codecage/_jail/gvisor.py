@@ -16,7 +16,8 @@ gVisor has no OOM handling of its own (google/gvisor#2520): at the cgroup's limi
 OOM killer would pick the sentry and end the whole sandbox. So the host handles the OOM
 itself (cgroup v1: `oom_kill_disable` and an OOM eventfd, guest_oom.GuestOom): at memory_mb the
 sandbox is paused by the host kernel, the limit is raised by GUEST_OOM_HEADROOM_MB so the
-sentry can run again, the guest's kernel is SIGKILLed through init, and the limit comes
+sentry can run again (up to GUEST_OOM_STEPS times while the kill is on its way), the guest's
+kernel is SIGKILLed through init, and the limit comes
 back once the sentry has given the memory back: the run ends with
 killed_by="memory_limit" and the next run finds a fresh kernel, as on every other level.
 
@@ -41,7 +42,7 @@ from .._errors import BackendUnavailable, SandboxError
 from .._inside.messages import SignalRequest
 from .._models import KilledBy
 from .._policy import Policy
-from . import cgroups, features, oci
+from . import cgroups, features, guest_oom, oci
 from . import image as _image
 from .channel import readable
 from .guest_oom import FlooredCgroups
@@ -53,10 +54,14 @@ from .volumes import Attachment
 
 RUNSC_FLAGS = ("--network=none", "--host-uds=open", "--platform=ptrace")
 START_TIMEOUT_S = 30.0
-SENTRY_OOM_STUCK = (
-    "the sandbox reached its memory limit and its gVisor kernel did not give the memory "
-    "back once the code was killed: the sandbox has ended"
-)
+SENTRY_OOM_STUCK = {
+    "slow": "the sandbox reached its memory limit and its gVisor kernel did not give the "
+    f"memory back within {guest_oom.GUEST_OOM_SETTLE_S:g} s once the code was killed: the "
+    "sandbox has ended",
+    "grew": "the sandbox reached its memory limit and went on allocating "
+    f"{guest_oom.GUEST_OOM_STEPS * guest_oom.GUEST_OOM_HEADROOM_MB} MiB more before its "
+    "gVisor kernel could end the code: the sandbox has ended",
+}
 SENTRY_OOM = (
     "the sandbox reached its memory limit and the host's OOM killer ended its gVisor kernel "
     "(gVisor has no OOM handling of its own): the sandbox has ended"
@@ -234,7 +239,8 @@ class GvisorLauncher(oci.OciLauncher):
         if not give_up and self.box.channel.supervisor is not None:
             self.signal(signal.SIGKILL)
         else:  # a limit ended it: a run in progress returns that as its value
-            self.box.terminate(SENTRY_OOM_STUCK, "memory_limit")
+            why = self.tree.guest_oom.gave_up if self.tree.guest_oom is not None else None
+            self.box.terminate(SENTRY_OOM_STUCK[why or "slow"], "memory_limit")
 
     def signal(self, sig: int) -> None:
         """Through init: the guest's processes are not the host's."""

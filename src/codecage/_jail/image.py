@@ -16,6 +16,7 @@ The host's files are never bound into these sandboxes: what runs inside comes fr
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import json
@@ -305,10 +306,22 @@ def _write_identity(root: Path) -> None:
 
 def ensure_engine_image(client: Any, image: Image, progress: Progress) -> str:
     """The engine's image for `image`: Debian + runtime imported once, the package as a
-    layer on top. Returns its tag."""
+    layer on top. Returns its tag. Processes that start at once (a service's workers, a
+    test run's) wait for the one that builds it instead of each building it again."""
     tag = f"localhost/codecage-sandbox:{image.key}"
     if client.images.list(name=tag):
         return tag
+    lock = os.open(state_dir() / "engine-image.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if client.images.list(name=tag):  # built by another process meanwhile
+            return tag
+        return _build_engine_image(client, image, tag, progress)
+    finally:
+        os.close(lock)
+
+
+def _build_engine_image(client: Any, image: Image, tag: str, progress: Progress) -> str:
     base = f"localhost/codecage-sandbox-base:{runtime_key(image.runtime)}"
     if not client.images.list(name=base):
         progress(f"image: importing {image.root} into the engine as {base} (~35 s, once)")

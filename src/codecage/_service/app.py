@@ -399,6 +399,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 PIPELINED_MAX = 16  # HTTP/1.1 requests one connection may send ahead of their answers
 SCRAPES = 4  # /metrics requests at once (it is open: no tenant's quota covers it)
+# DELETEs a tenant may have in flight beyond quotas.concurrent_requests: a tenant whose places
+# are all held (by runs that go on) can still end what holds them. A delete never waits for a
+# run, so these few places hold a thread each only briefly.
+DELETES_BEYOND_CAP = 4
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs", "/redoc"})
 RAW = "application/octet-stream"
 MAX_LIST_DEPTH = 1024  # levels a listing goes down at most (E2B's ListDir too)
@@ -1779,6 +1783,8 @@ class Admission:
             )
             return
         tenant, cap = who[0], self.config.quotas.concurrent_requests
+        if scope.get("method") == "DELETE":
+            cap += DELETES_BEYOND_CAP
         if self.in_flight.get(tenant, 0) >= cap:
             await self.refuse(
                 send, 429, "QuotaExceeded", f"more than {cap} requests in flight (quota)"
