@@ -43,6 +43,7 @@ pytestmark = [
     pytest.mark.requires_root,
     pytest.mark.skipif(os.geteuid() != 0, reason="the jails need root"),
     pytest.mark.usefixtures("backend"),  # every test runs on every backend (codecage.testing)
+    pytest.mark.every_backend,  # in `make test` too (tests/conftest.py)
 ]
 
 RUNTIME_PYTHON = "/var/lib/codecage/runtime/bin/python"

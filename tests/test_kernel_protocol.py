@@ -21,7 +21,7 @@ from codecage.tools import render
 
 from .conftest import Service
 
-pytestmark = pytest.mark.requires_root
+pytestmark = [pytest.mark.requires_root, pytest.mark.every_backend]
 
 # What any cell can find in its own process: the kernel's channel and the current run id.
 FIND = (

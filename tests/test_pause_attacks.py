@@ -26,7 +26,7 @@ from codecage._jail import cgroups
 from .conftest import Service, start_service, stop_service
 from .test_service import _leftover_cgroups, _server_sandboxes
 
-pytestmark = pytest.mark.requires_root
+pytestmark = [pytest.mark.requires_root, pytest.mark.every_backend]
 
 FREEZE_TIMEOUT_S = 5.0  # cgroups.SandboxCgroups.freeze's: how long a pause waits at most
 

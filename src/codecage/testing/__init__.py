@@ -59,10 +59,17 @@ DEFAULT = "namespace"
 _backend: ContextVar[str] = ContextVar("codecage_backend_under_test", default=DEFAULT)
 
 
+_available: dict[str, str | None] = {}
+
+
 def backends_under_test() -> list[str]:
     """The backends available on this host, optionally narrowed by CODECAGE_TEST_BACKENDS
-    ("namespace,bwrap"). Naming one that is unavailable is an error, not a silent skip."""
-    available = available_backends()
+    ("namespace,bwrap"). Naming one that is unavailable is an error, not a silent skip.
+    Probed once per process (the kit asks for every test module it collects; a probe of
+    the container engine is an HTTP round trip)."""
+    if not _available:
+        _available.update(available_backends())
+    available = _available
     wanted = os.environ.get("CODECAGE_TEST_BACKENDS")
     if not wanted:
         return [name for name, why in available.items() if why is None]
