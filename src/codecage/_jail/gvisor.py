@@ -33,6 +33,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -177,6 +178,7 @@ class GvisorLauncher(oci.OciLauncher):
         self.tree: FlooredCgroups = FlooredCgroups(jail.cgroup_version, self.id, jail.owner)
         self.tree.on_guest_oom = self._guest_oom
         self._started = False
+        self.reaper: subprocess.Popen[bytes] | None = None
 
     def launch(self, envs: dict[str, str]) -> Launched:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -188,10 +190,11 @@ class GvisorLauncher(oci.OciLauncher):
         self._started = True
         # init connects while `runsc run` is still starting it: accept before waiting.
         with tempfile.TemporaryFile() as log:
-            proc = subprocess.Popen(
-                self.jail.command("run", "--detach", f"--bundle={bundle}", self.id),
+            command = self.jail.command("run", "--detach", f"--bundle={bundle}", self.id)
+            self.reaper = proc = subprocess.Popen(
+                [sys.executable, "-I", "-c", REAPER, *command],
                 stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
                 stderr=log,
             )
             try:
@@ -201,7 +204,7 @@ class GvisorLauncher(oci.OciLauncher):
                 if self.policy.pids_max is not None:  # the guest's own count, exactly
                     spec["rlimits"]["nproc"] = self.policy.pids_max
                 supervisor.send(json.dumps(spec).encode())
-                code = proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                code = _exit_status(proc, deadline)
             except BaseException:
                 proc.kill()
                 proc.wait()
@@ -256,9 +259,53 @@ class GvisorLauncher(oci.OciLauncher):
                 subprocess.run(
                     self.jail.command("delete", "--force", self.id), capture_output=True, timeout=30
                 )
+        if self.reaper is not None:  # it ends once the sentry and the gofer are reaped
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.reaper.wait(timeout=10)
+            if self.reaper.returncode is None:
+                self.reaper.kill()
+                self.reaper.wait()
+            if self.reaper.stdout is not None:
+                self.reaper.stdout.close()
         if self.oci_channel is not None:
             self.oci_channel.close()
         shutil.rmtree(state_dir() / "oci" / self.id, ignore_errors=True)
+
+
+# `runsc run --detach` leaves the sandbox (the sentry) and the gofer orphans: the host's PID 1
+# would reap them, and some reap only every second or two (1.5-1.8 s measured here, where
+# PID 1 is a VM's init), which `runsc delete` waits for at every sandbox's end. So it runs
+# under this subreaper, on the host (`python -I -c REAPER runsc ...`): it runs the command
+# with stdout on /dev/null, writes the command's exit status on its own stdout, then reaps
+# every orphan that comes to it, and exits when none is left.
+REAPER = """
+import ctypes, os, sys
+if ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+    sys.exit(125)
+pid = os.fork()
+if pid == 0:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
+    os.execvp(sys.argv[1], sys.argv[1:])
+_, status = os.waitpid(pid, 0)
+os.write(1, b"%d\\n" % os.waitstatus_to_exitcode(status))
+os.close(1)
+while True:
+    try:
+        os.wait()
+    except ChildProcessError:
+        break
+"""
+
+
+def _exit_status(reaper: subprocess.Popen[bytes], deadline: float) -> int:
+    """The exit status of the command the reaper runs (it goes on running, reaping)."""
+    assert reaper.stdout is not None
+    if not readable([reaper.stdout.fileno()], max(0.1, deadline - time.monotonic())):
+        raise TimeoutError("runsc run did not return")
+    line = reaper.stdout.readline()
+    if not line.strip().lstrip(b"-").isdigit():
+        raise SandboxError(f"the subreaper of runsc ended ({reaper.wait()})")
+    return int(line)
 
 
 def _sandbox_pid(jail: GvisorJail, sandbox_id: str) -> int:
