@@ -28,6 +28,7 @@ demo: $(STAMP) runtime
 backends: $(STAMP) runtime
 	scripts/install-backends
 	$(BIN)/codecage image build
+	$(BIN)/python -c 'from tests import engine; engine.start(); engine.stop()'  # the engine's image
 
 # -n 3: three pytest-xdist workers (the suite mostly waits on sandboxes: starts, timeouts,
 # kills), each taking work from the others when it runs out (worksteal: no idle tail); --durations: the slowest tests, for keeping CI in its budget. PYTEST_WORKERS=0

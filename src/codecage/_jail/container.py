@@ -324,12 +324,27 @@ class ContainerLauncher(oci.OciLauncher):
 
     def release(self, init_dead: bool) -> None:
         if self._container is not None:
-            with contextlib.suppress(Exception):
-                self._container.remove(force=True)
+            _remove(self._container)
             _await_reaped(self.uid, time.monotonic() + 5)
         if self.oci_channel is not None:
             self.oci_channel.close()
         uids.give_back(self.uid)
+
+
+def _remove(container: Any) -> None:
+    """Remove the engine's container; a removal refused for a moment (on a loaded host the
+    engine can still be ending the container, seen as a container left listed) is tried
+    again, a few times."""
+    import docker.errors
+
+    for attempt in range(4):
+        try:
+            container.remove(force=True)
+            return
+        except docker.errors.NotFound:
+            return
+        except Exception:  # an engine that went away has nothing to remove
+            time.sleep(0.25 * (attempt + 1))
 
 
 def _await_reaped(uid: int, deadline: float) -> None:
