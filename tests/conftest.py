@@ -118,7 +118,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # The owner in a sandbox's cgroup path: codecage's own tree, or a container engine's.
-_OWNER = re.compile(r"/codecage(?:-engine)?/(\d+-\d+)-")
+_OWNER = re.compile(r"/codecage(?:-engine)?/(\d+-\d+-\d+)-")
 
 
 def _uid_and_parent(pid: int) -> tuple[int, int] | None:

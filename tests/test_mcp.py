@@ -43,8 +43,7 @@ TOOLS = {"run_python_code", "upload_file", "download_file", "list_files", "reset
 
 def owner_of(pid: int) -> str:
     """The cgroup owner name of a process (see cgroups.owner_name)."""
-    start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    return f"{pid}-{start}"
+    return cgroups.owner_name(pid)
 
 
 def mcp_server_pids() -> list[int]:

@@ -52,8 +52,8 @@ else:  # a timeout kills the kernel at once (no grace) or interrupts it first
 
 
 def owner_of(pid: int) -> str:
-    start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    return f"{pid}-{start}"
+    """The cgroup owner name of a process (see cgroups.owner_name)."""
+    return cgroups.owner_name(pid)
 
 
 def cgroup_dirs(owner: str) -> list[Path]:

@@ -100,6 +100,7 @@ class BwrapJail(HostJail):
         assert version is not None
         self.cgroup_version = version
         self.owner = f"{cgroups.owner_name()}-bwrap{next(_jail_numbers)}"
+        cgroups.claim_owner(version, self.owner)
         cgroups.sweep(version, self.owner)
         total = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
         cgroups.cap_owner(version, self.owner, total)

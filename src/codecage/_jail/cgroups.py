@@ -1,21 +1,27 @@
 """Host-side cgroups of a sandbox: limits, the host's own readings, killing, removal.
 
 Layout: <controller>/codecage/<owner>/<sandbox>, where <owner> names the process that
-created it (pid and start time), so a start-up sweep can tell leftovers of a crashed
-process from the live sandboxes of another one. cgroup v1 (memory, pids, cpu, cpuacct,
+created it (pid, start time and PID namespace: unique among live processes, in every
+container on the host). The owner holds a lock on its directory for as long as it lives, so
+a start-up sweep tells leftovers of a dead process from the live sandboxes of another one by
+the lock, never by a pid in its own /proc (processes that share a cgroup tree but not a PID
+namespace, such as pods on one node, would otherwise sweep each other's live sandboxes). cgroup v1 (memory, pids, cpu, cpuacct,
 freezer) as on this machine; cgroup v2 where the host's unified hierarchy has controllers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Container
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._errors import BackendUnavailable
 from .._policy import Policy
 
 ROOT = Path("/sys/fs/cgroup")
@@ -53,9 +59,51 @@ def detect_version() -> int | None:
     return None
 
 
-def owner_name() -> str:
-    start = _read(Path("/proc/self/stat")).rsplit(")", 1)[1].split()[19]
-    return f"{os.getpid()}-{start}"
+def owner_name(pid: int | None = None) -> str:
+    """`<pid>-<start time>-<PID namespace>` of this process (or of `pid`): a pid and its start
+    time alone repeat across PID namespaces (containers started at the same moment)."""
+    proc = Path(f"/proc/{pid or 'self'}")
+    start = _read(proc / "stat").rsplit(")", 1)[1].split()[19]
+    namespace = os.stat(proc / "ns" / "pid").st_ino
+    return f"{pid or os.getpid()}-{start}-{namespace}"
+
+
+_claims: dict[str, int] = {}  # owner -> the descriptor of its locked directory
+_claims_lock = threading.Lock()
+
+
+def claim_owner(version: int, owner: str) -> None:
+    """Create the owner's directory and hold a lock on it while this process lives (the
+    descriptor is close-on-exec: no program this process starts keeps it). What tells every
+    process that shares this cgroup tree, whatever its PID namespace, that the owner's
+    sandboxes are live; a sweep gets the lock only from an owner that is gone."""
+    with _claims_lock:
+        if owner in _claims:
+            return
+        path = _owner_lock_dir(version, owner)
+        while True:
+            path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:  # a sweep may have removed the directory between the mkdir and the lock
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                _claims[owner] = fd
+                return
+            os.close(fd)
+
+
+def _release_owner(owner: str) -> None:
+    with _claims_lock:
+        fd = _claims.pop(owner, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _owner_lock_dir(version: int, owner: str) -> Path:
+    return _bases(version)[0] / owner
 
 
 @dataclass
@@ -393,12 +441,34 @@ def _test_pause() -> None:
 
 def _enable_v2_controllers(leaf: Path, io: bool = False) -> None:
     """Enable memory, pids and cpu (and io) for children along the path from the root to
-    `leaf`."""
+    `leaf`. Where they cannot be (inside a container whose cgroup was not delegated, or
+    whose processes still sit in its root cgroup), a clear error, never sandboxes without
+    limits."""
+    wanted = ["memory", "pids", "cpu", *(["io"] if io else [])]
     base = leaf.parents[2]
     for parent in (base.parent, base, leaf.parent.parent, leaf.parent):
         parent.mkdir(exist_ok=True)
-        with contextlib.suppress(OSError):
-            _write(parent / "cgroup.subtree_control", "+memory +pids +cpu" + (" +io" if io else ""))
+        control = parent / "cgroup.subtree_control"
+        error = None
+        try:
+            _write(control, " ".join(f"+{c}" for c in wanted))
+        except OSError as exc:
+            error = exc
+        try:
+            enabled = {c.lstrip("+") for c in _read(control).split()}
+        except OSError:
+            enabled = set()
+        missing = [c for c in wanted if c not in enabled]
+        if missing:
+            why = f" ({error.strerror or error})" if error is not None else ""
+            raise BackendUnavailable(
+                f"cgroup v2: cannot enable {', '.join(missing)} for the sandboxes in "
+                f"{parent}{why}. In a container, its cgroup must be delegated to it "
+                "(writable, with these controllers), and no process may stay in the "
+                "cgroup whose children get controllers (cgroup v2's no-internal-process "
+                "rule): move this process into a child cgroup first, e.g. "
+                "`mkdir /sys/fs/cgroup/init && echo $$ > /sys/fs/cgroup/init/cgroup.procs`"
+            )
 
 
 def sweep(version: int, keep_owner: str) -> int:
@@ -407,7 +477,7 @@ def sweep(version: int, keep_owner: str) -> int:
     bases = _bases(version)
     owners = {p.name for b in bases if b.exists() for p in b.iterdir() if p.is_dir()}
     for owner in owners:
-        if owner == keep_owner or _alive(owner):
+        if owner == keep_owner or owner_alive(owner, version):
             continue
         sandboxes = {
             s.name
@@ -459,14 +529,55 @@ def default_total_pids() -> int:
 
 
 def default_total_mb() -> int:
-    """80% of the host's memory, for all sandboxes together."""
+    """80% of the memory this process may use, for all sandboxes together: the machine's,
+    or the memory limit of the cgroup it runs in (a node's container, a pod) if smaller."""
     with open("/proc/meminfo") as f:
-        total_kb = int(f.readline().split()[1])
-    return total_kb * 8 // 10 // 1024
+        total = int(f.readline().split()[1]) << 10
+    limit = own_memory_limit()
+    if limit is not None:
+        total = min(total, limit)
+    return total * 8 // 10 >> 20
+
+
+def own_memory_limit(proc_cgroup: str | None = None) -> int | None:
+    """The smallest memory limit on the path from this process's memory cgroup up to the
+    root of the hierarchy as mounted here (/proc/self/cgroup; in a container with its own
+    cgroup namespace the root is the container's, whose limit is read there). None where
+    nothing limits it or it cannot be read."""
+    try:
+        text = proc_cgroup if proc_cgroup is not None else _read(Path("/proc/self/cgroup"))
+    except OSError:
+        return None
+    v1 = v2 = None
+    for line in text.splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            v1 = path
+        elif controllers == "":
+            v2 = path
+    if v1 is not None:
+        top, name = ROOT / "memory", "memory.limit_in_bytes"
+        where = v1
+    elif v2 is not None:
+        top = ROOT if (ROOT / "cgroup.controllers").exists() else ROOT / "unified"
+        name, where = "memory.max", v2
+    else:
+        return None
+    limits = []
+    here = top / where.strip("/")
+    for level in (here, *here.parents):
+        if not level.is_relative_to(top):
+            break
+        with contextlib.suppress(OSError, ValueError):
+            value = _read(level / name).strip()
+            if value != "max":
+                limits.append(int(value))
+    return min(limits) if limits else None
 
 
 def remove_owner(version: int, owner: str) -> None:
     """Remove this owner's (empty) parent cgroups when it closes cleanly."""
+    _release_owner(owner)
     for base in _bases(version):
         with contextlib.suppress(OSError):
             (base / owner).rmdir()
@@ -479,20 +590,37 @@ def _bases(version: int) -> list[Path]:
     return [(ROOT if (ROOT / "cgroup.controllers").exists() else ROOT / "unified") / "codecage"]
 
 
-def owner_alive(owner: str) -> bool:
-    """Whether the process named in an owner string ("<pid>-<start time>[-...]") still runs."""
-    try:
-        return _alive(owner)
-    except (IndexError, ValueError):
+def owner_alive(owner: str, version: int | None = None) -> bool:
+    """Whether the process that created `owner` (a directory name under codecage/, or a
+    container's owner label, "<pid>-<start>-<PID namespace>-<jail>") still holds its lock:
+    ours, or that of any process sharing this cgroup tree. No directory means no one holds
+    it. An owner named by a codecage from before the lock ("<pid>-<start>-<jail>": no
+    namespace) holds none: it is judged by its pid in this /proc, as it was then (so an
+    upgrade never sweeps the live sandboxes of a process still running the old version)."""
+    if owner in _claims:
+        return True
+    if len(owner.split("-")) < 4:
+        return _legacy_alive(owner)
+    found = version or detect_version()
+    if found is None or "/" in owner or owner in ("", ".", ".."):
         return False
+    try:
+        fd = os.open(_owner_lock_dir(found, owner), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # and with it the lock, if it was taken
+    return False
 
 
-def _alive(owner: str) -> bool:
-    """Whether the process that created `owner` ("<pid>-<start time>[-<jail>]") still runs."""
+def _legacy_alive(owner: str) -> bool:
     pid, _, rest = owner.partition("-")
-    start = rest.split("-")[0]
     try:
-        stat = _read(Path(f"/proc/{pid}/stat"))
-    except (FileNotFoundError, ProcessLookupError):
+        stat = _read(Path(f"/proc/{int(pid)}/stat"))
+    except (OSError, ValueError):
         return False
-    return stat.rsplit(")", 1)[1].split()[19] == start
+    return stat.rsplit(")", 1)[1].split()[19] == rest.split("-")[0]

@@ -138,6 +138,7 @@ class ContainerJail(HostJail):
         self.tag = _image.ensure_engine_image(self.client, self.image, print)
         self.cgroup_version = cgroups.detect_version() or 1
         self.owner = f"{cgroups.owner_name()}-container"
+        cgroups.claim_owner(self.cgroup_version, self.owner)  # what its sweeps look at
         self._sweep()
         total = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
         self.total_memory_mb = total
@@ -165,6 +166,7 @@ class ContainerJail(HostJail):
     def close(self) -> None:
         super().close()
         self._remove(lambda owner: owner == self.owner)
+        cgroups.remove_owner(self.cgroup_version, self.owner)
         self.client.close()
 
     def _sweep(self) -> None:

@@ -117,6 +117,7 @@ class GvisorJail(HostJail):
                 "handling of its own)",
             }
         self.owner = f"{cgroups.owner_name()}-gvisor"
+        cgroups.claim_owner(self.cgroup_version, self.owner)
         cgroups.sweep(self.cgroup_version, self.owner)
         total = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
         cgroups.cap_owner(self.cgroup_version, self.owner, total)

@@ -59,9 +59,10 @@ class NamespaceJail(HostJail):
         if version is None and not self.rootless:
             raise BackendUnavailable("no usable cgroups (v1 memory/pids/cpu/cpuacct/freezer or v2)")
         self.cgroup_version = version or 0
-        # Its own parent cgroup (several jails may live in one process): "<pid>-<start>-<n>".
+        # Its own parent cgroup (several jails may live in one process): "<owner>-<n>".
         self.owner = f"{cgroups.owner_name()}-{next(_jail_numbers)}"
         if version is not None:
+            cgroups.claim_owner(version, self.owner)
             cgroups.sweep(version, self.owner)
             total = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
             cgroups.cap_owner(version, self.owner, total)
