@@ -144,3 +144,27 @@ def test_the_total_memory_is_that_of_the_cgroup_the_node_runs_in() -> None:
                 break
             except OSError:
                 time.sleep(0.05)
+
+
+def alive_elsewhere(owner: str) -> bool:
+    """owner_alive as another process sees it."""
+    probe = f"from codecage._jail import cgroups; print(cgroups.owner_alive({owner!r}, 1))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip() == "True"
+
+
+def test_an_owner_two_jails_share_stays_claimed_until_the_last_closes() -> None:
+    """The gvisor and container backends name one owner per process: a second jail closing
+    (a test's own instance) must not release the lock the first still relies on."""
+    owner = f"{cgroups.owner_name()}-test{uuid.uuid4().hex[:8]}"
+    assert not alive_elsewhere(owner)  # control: an owner nobody claimed is gone
+    cgroups.claim_owner(1, owner)
+    cgroups.claim_owner(1, owner)
+    try:
+        assert alive_elsewhere(owner)
+        cgroups.remove_owner(1, owner)
+        assert alive_elsewhere(owner) and (cgroups._bases(1)[0] / owner).is_dir()
+    finally:
+        cgroups.remove_owner(1, owner)
+    assert not alive_elsewhere(owner) and not (cgroups._bases(1)[0] / owner).exists()

@@ -68,7 +68,9 @@ def owner_name(pid: int | None = None) -> str:
     return f"{pid or os.getpid()}-{start}-{namespace}"
 
 
-_claims: dict[str, int] = {}  # owner -> the descriptor of its locked directory
+# owner -> the descriptor of its locked directory, and how many jails of this process claim
+# it (the gvisor and container backends name one owner per process, shared by their jails)
+_claims: dict[str, list[int]] = {}
 _claims_lock = threading.Lock()
 
 
@@ -79,6 +81,7 @@ def claim_owner(version: int, owner: str) -> None:
     sandboxes are live; a sweep gets the lock only from an owner that is gone."""
     with _claims_lock:
         if owner in _claims:
+            _claims[owner][1] += 1
             return
         path = _owner_lock_dir(version, owner)
         while True:
@@ -90,16 +93,23 @@ def claim_owner(version: int, owner: str) -> None:
             except FileNotFoundError:
                 same = False
             if same:
-                _claims[owner] = fd
+                _claims[owner] = [fd, 1]
                 return
             os.close(fd)
 
 
-def _release_owner(owner: str) -> None:
+def _release_owner(owner: str) -> bool:
+    """Give up one claim on `owner`; True once none is left (the lock is released)."""
     with _claims_lock:
-        fd = _claims.pop(owner, None)
-    if fd is not None:
-        os.close(fd)
+        claim = _claims.get(owner)
+        if claim is None:
+            return True
+        claim[1] -= 1
+        if claim[1] > 0:
+            return False
+        del _claims[owner]
+    os.close(claim[0])
+    return True
 
 
 def _owner_lock_dir(version: int, owner: str) -> Path:
@@ -576,8 +586,10 @@ def own_memory_limit(proc_cgroup: str | None = None) -> int | None:
 
 
 def remove_owner(version: int, owner: str) -> None:
-    """Remove this owner's (empty) parent cgroups when it closes cleanly."""
-    _release_owner(owner)
+    """Remove this owner's (empty) parent cgroups when it closes cleanly (and its last
+    claim in this process: another jail of the same owner may still be open)."""
+    if not _release_owner(owner):
+        return
     for base in _bases(version):
         with contextlib.suppress(OSError):
             (base / owner).rmdir()
