@@ -113,8 +113,14 @@ def test_a_preload_that_starts_threads_is_refused_at_build(store: dict[str, Path
 
 
 def test_specs_are_validated() -> None:
-    with pytest.raises(TemplateError, match="is not a requirement"):
-        Template().pip_install("--index-url=http://evil/")
+    # the rule `pip install` in a sandbox uses (_wheelhouse.REQUIREMENT), spaces dropped
+    assert Template().pip_install("numpy >= 1.0", "pandas[excel]>=2, <3").spec.pip == (
+        "numpy>=1.0",
+        "pandas[excel]>=2,<3",
+    )
+    for bad in ("--index-url=http://evil/", "./x.whl", "x @ file:///etc/shadow", "x; cat /y"):
+        with pytest.raises(TemplateError, match="is not a requirement"):
+            Template().pip_install(bad)
     with pytest.raises(TemplateError, match="cannot be a template's variable"):
         Template().env(LD_PRELOAD="/x.so")
     with pytest.raises(TemplateError, match="reserved"):

@@ -32,12 +32,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ._errors import TemplateError
 from ._jail import layers
 from ._jail.template import DEFAULT_PRELOAD, Runtime, _shadowed
-from ._wheelhouse import wheelhouse_dir
+from ._wheelhouse import REQUIREMENT, wheelhouse_dir
 
 _MODULE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
-_REQUIREMENT = re.compile(
-    r"[A-Za-z0-9][A-Za-z0-9._-]*(\[[A-Za-z0-9._,-]+\])?\s*([<>=!~]=?[^;\s]+(\s*,\s*[<>=!~]=?[^;\s,]+)*)?"
-)
 _APT = re.compile(r"[a-z0-9][a-z0-9.+-]{0,99}(=[A-Za-z0-9.+:~-]{1,100})?")
 _ENV = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # Set by the jail for every sandbox, or the template itself: not a template's to change.
@@ -93,10 +90,14 @@ class TemplateSpec(BaseModel):
     @field_validator("pip")
     @classmethod
     def _pip(cls, items: tuple[str, ...]) -> tuple[str, ...]:
-        for item in items:  # requirements only: never an option (`-i`, `--index-url`, a path)
-            if not _REQUIREMENT.fullmatch(item.strip()):
+        # requirements only, in the form `pip install` in a sandbox takes (one rule,
+        # _wheelhouse.REQUIREMENT): never an option (`-i`, `--index-url`), a path or a URL;
+        # spaces around the specifiers are dropped ("numpy >= 2" is "numpy>=2")
+        compact = tuple("".join(item.split()) for item in items)
+        for item, text in zip(items, compact, strict=True):
+            if not REQUIREMENT.fullmatch(text):
                 raise ValueError(f"{item!r} is not a requirement (a name and version specifiers)")
-        return tuple(item.strip() for item in items)
+        return compact
 
     @field_validator("apt")
     @classmethod
