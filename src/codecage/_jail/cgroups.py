@@ -5,8 +5,9 @@ created it (pid, start time and PID namespace: unique among live processes, in e
 container on the host). The owner holds a lock on its directory for as long as it lives, so
 a start-up sweep tells leftovers of a dead process from the live sandboxes of another one by
 the lock, never by a pid in its own /proc (processes that share a cgroup tree but not a PID
-namespace, such as pods on one node, would otherwise sweep each other's live sandboxes). cgroup v1 (memory, pids, cpu, cpuacct,
-freezer) as on this machine; cgroup v2 where the host's unified hierarchy has controllers.
+namespace, such as pods on one node, would otherwise sweep each other's live sandboxes).
+cgroup v1 (memory, pids, cpu, cpuacct, freezer) as on this machine; cgroup v2 where the
+host's unified hierarchy has controllers.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._errors import PolicyError, SandboxError
+from . import cgroups
 
 VOLUME_UID = 1000  # the owner of every file the sandbox makes, as the image stores it
 
@@ -303,13 +304,12 @@ def detach_host_mount(target: Path) -> None:
 
 
 def sweep_staged(base: Path, owner: str) -> None:
-    """The staged mounts a crashed process left (owners other than live ones: its pid
-    and start time are in the name, as for cgroups.sweep), detached from the host."""
+    """The staged mounts a crashed process left (their directory is named by the jail's
+    owner: gone as cgroups.sweep judges it, by the owner's lock), detached from the host."""
     if not base.is_dir():
         return
     for stale in base.iterdir():
-        pid = stale.name.split("-", 1)[0]
-        if stale.name == owner or (pid.isdigit() and _alive(stale.name)):
+        if stale.name == owner or cgroups.owner_alive(stale.name):
             continue
         for sandbox in stale.glob("*"):
             for target in sandbox.glob("*"):
@@ -318,17 +318,6 @@ def sweep_staged(base: Path, owner: str) -> None:
                 sandbox.rmdir()
         with contextlib.suppress(OSError):
             stale.rmdir()
-
-
-def _alive(owner: str) -> bool:
-    """Whether the process an owner name (<pid>-<start>-...) names still runs."""
-    pid, _, rest = owner.partition("-")
-    start = rest.split("-", 1)[0]
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[19] == start
 
 
 def largest_bytes(attachments: tuple[Attachment, ...]) -> int:
