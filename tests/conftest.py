@@ -53,56 +53,66 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 FULL_MATRIX = os.environ.get("CODECAGE_FULL_MATRIX") == "1"
 
 
-def _one_case_per_backend(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:
-    from codecage.testing import DEFAULT
+def _backend(item: pytest.Item) -> str | None:
+    """The backend a conformance test's item runs on (None: not a conformance test)."""
+    spec = getattr(item, "callspec", None)
+    return spec.params.get("backend") if spec is not None else None
 
-    cases: dict[tuple[str, str, str], list[pytest.Item]] = {}
-    for item in items:
-        spec = getattr(item, "callspec", None)
-        backend = spec.params.get("backend") if spec is not None else None
-        # `make` (tests/test_sandbox.py: local or remote) is a fixture's, not a case
-        cases_of = {k for k in spec.params if k not in ("backend", "make")} if spec else ()
-        if backend and backend != DEFAULT and cases_of:
-            kind = f"{getattr(item, 'originalname', item.name)}/{spec.params.get('make', '')}"
-            key = (str(item.path), kind, backend)
-            cases.setdefault(key, []).append(item)
-    order = sorted({key[2] for key in cases})
-    dropped: set[int] = set()
-    for (_, _, backend), group in cases.items():
-        keep = group[order.index(backend) % len(group)]
-        dropped.update(id(item) for item in group if item is not keep)
+
+def _name(item: pytest.Item) -> str:
+    return str(getattr(item, "originalname", item.name))
+
+
+def _split(
+    items: list[pytest.Item], dropped: set[int]
+) -> tuple[list[pytest.Item], list[pytest.Item]]:
     return (
         [item for item in items if id(item) not in dropped],
         [item for item in items if id(item) in dropped],
     )
 
 
+def _one_case_per_backend(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:
+    from codecage.testing import DEFAULT
+
+    cases: dict[tuple[str, str, str], list[pytest.Item]] = {}
+    for item in items:
+        backend, spec = _backend(item), getattr(item, "callspec", None)
+        # `make` (tests/test_sandbox.py: local or remote) is a fixture's, not a case
+        cases_of = {k for k in spec.params if k not in ("backend", "make")} if spec else ()
+        if backend and backend != DEFAULT and cases_of:
+            kind = f"{_name(item)}/{spec.params.get('make', '')}"
+            cases.setdefault((str(item.path), kind, backend), []).append(item)
+    order = sorted({key[2] for key in cases})
+    dropped: set[int] = set()
+    for (_, _, backend), group in cases.items():
+        keep = group[order.index(backend) % len(group)]
+        dropped.update(id(item) for item in group if item is not keep)
+    return _split(items, dropped)
+
+
 def _one_other_backend(items: list[pytest.Item]) -> tuple[list[pytest.Item], list[pytest.Item]]:
     from codecage.testing import DEFAULT
 
+    def other(item: pytest.Item) -> str | None:
+        backend = _backend(item)
+        every = item.get_closest_marker("every_backend")
+        return backend if backend and backend != DEFAULT and not every else None
+
     others: dict[tuple[str, str], set[str]] = {}
     for item in items:
-        spec = getattr(item, "callspec", None)
-        backend = spec.params.get("backend") if spec is not None else None
-        if backend and backend != DEFAULT and not item.get_closest_marker("every_backend"):
+        if (backend := other(item)) is not None:
             others.setdefault((str(item.path), _name(item)), set()).add(backend)
     chosen = {
         key: sorted(names)[zlib.crc32(key[1].encode()) % len(names)]
         for key, names in others.items()
     }
-    dropped = []
-    for item in items:
-        spec = getattr(item, "callspec", None)
-        backend = spec.params.get("backend") if spec is not None else None
-        key = (str(item.path), _name(item))
-        if key in chosen and backend != DEFAULT and backend != chosen[key]:
-            dropped.append(item)
-    ids = {id(item) for item in dropped}
-    return [item for item in items if id(item) not in ids], dropped
-
-
-def _name(item: pytest.Item) -> str:
-    return str(getattr(item, "originalname", item.name))
+    dropped = {
+        id(item)
+        for item in items
+        if (backend := other(item)) is not None and backend != chosen[(str(item.path), _name(item))]
+    }
+    return _split(items, dropped)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
