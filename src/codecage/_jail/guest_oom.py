@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from .._policy import Policy
 from . import cgroups
@@ -26,6 +27,9 @@ GUEST_OOM_STEPS = 3
 GUEST_OOM_MARGIN_MB = 32  # the limit comes back once usage is this far below it
 # for the sentry to give the memory back, else the sandbox ends (seconds on a loaded host)
 GUEST_OOM_SETTLE_S = 30.0
+# why the handler gives up on a sandbox: the memory was not given back in time ("slow"), or
+# the guest reached every raised limit before its kernel could be ended ("grew")
+GiveUp = Literal["slow", "grew"]
 
 
 class FlooredCgroups(cgroups.SandboxCgroups):
@@ -35,7 +39,7 @@ class FlooredCgroups(cgroups.SandboxCgroups):
     With a memory limit on cgroup v1, the OOM is the host's to handle (GuestOom); the kernels
     it ends count as the cgroup's OOM kills."""
 
-    on_guest_oom: Callable[[bool], None] | None = None
+    on_guest_oom: Callable[[GiveUp | None], None] | None = None
     guest_oom: GuestOom | None = None
 
     def create(self, policy: Policy) -> None:
@@ -49,7 +53,7 @@ class FlooredCgroups(cgroups.SandboxCgroups):
                 self.remove()
                 raise
 
-    def _on_oom(self, give_up: bool) -> None:
+    def _on_oom(self, give_up: GiveUp | None) -> None:
         if self.on_guest_oom is not None:
             self.on_guest_oom(give_up)
 
@@ -71,20 +75,19 @@ class GuestOom:
     `oom_kill_disable`: at the limit the host kernel pauses the sandbox's allocating tasks
     instead of killing one (it would pick the sentry). The OOM eventfd wakes this thread,
     which raises the limit by GUEST_OOM_HEADROOM_MB (the paused sentry runs again), asks for
-    the guest's kernel to be killed (`on_oom(False)`), then brings the limit back as soon as
+    the guest's kernel to be killed (`on_oom(None)`), then brings the limit back as soon as
     the memory is given back. If the sandbox reaches the raised limit before the kill has
     landed, the limit is raised again, up to GUEST_OOM_STEPS times; if the memory is not
-    given back within GUEST_OOM_SETTLE_S, or the last raised limit is reached as well,
-    `on_oom(True)` ends the sandbox."""
+    given back within GUEST_OOM_SETTLE_S (`on_oom("slow")`), or the last raised limit is
+    reached as well (`on_oom("grew")`), the sandbox is to be ended."""
 
-    def __init__(self, memory_dir: Path, memory_mb: int, on_oom: Callable[[bool], None]) -> None:
+    def __init__(
+        self, memory_dir: Path, memory_mb: int, on_oom: Callable[[GiveUp | None], None]
+    ) -> None:
         self.dir = memory_dir
         self.limit = memory_mb << 20
         self.on_oom = on_oom
         self.kills = 0
-        # why the sandbox was ended, if it was: the memory was not given back in time
-        # ("slow"), or the guest reached every raised limit before its kernel was ended
-        self.gave_up: str | None = None
         cgroups._write(memory_dir / "memory.oom_control", "1")
         self.event = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
@@ -138,12 +141,11 @@ class GuestOom:
         self.kills += 1
         steps = 1
         self._set_limit(self.limit + (GUEST_OOM_HEADROOM_MB << 20))  # wakes the paused tasks
-        self.on_oom(False)
+        self.on_oom(None)
         # back once the killed kernel's pages are given back: well below the limit (else the
         # sandbox would pause again at once, before the sentry ever ends the kernel)
         settled = self.limit - min(GUEST_OOM_MARGIN_MB << 20, self.limit // 4)
         deadline = time.monotonic() + GUEST_OOM_SETTLE_S
-        self.gave_up = "slow"
         while time.monotonic() < deadline:
             if int((self.dir / "memory.usage_in_bytes").read_text()) <= settled:
                 with contextlib.suppress(OSError):  # EBUSY: more came meanwhile; wait again
@@ -153,11 +155,11 @@ class GuestOom:
                 return  # the sandbox is being removed
             if self._under_oom():  # the raised limit is reached too, before the kill landed
                 if steps == GUEST_OOM_STEPS:
-                    self.gave_up = "grew"
-                    break
+                    self.on_oom("grew")
+                    return
                 steps += 1
                 self._set_limit(self.limit + steps * (GUEST_OOM_HEADROOM_MB << 20))
-        self.on_oom(True)
+        self.on_oom("slow")
 
     def stop(self) -> None:
         if self._stop_w >= 0:

@@ -236,15 +236,13 @@ class GvisorLauncher(oci.OciLauncher):
             return SENTRY_OOM, "memory_limit"
         return "its gVisor kernel (the sentry) died", None
 
-    def _guest_oom(self, give_up: bool) -> None:
-        """From GuestOom's thread: the guest reached memory_mb (give_up=False: end its
-        kernel), or the sentry did not give the memory back (give_up=True: end the
-        sandbox)."""
-        if not give_up and self.box.channel.supervisor is not None:
+    def _guest_oom(self, give_up: guest_oom.GiveUp | None) -> None:
+        """From GuestOom's thread: the guest reached memory_mb (None: end its kernel), or
+        the handler gives up on it (why: end the sandbox)."""
+        if give_up is None and self.box.channel.supervisor is not None:
             self.signal(signal.SIGKILL)
         else:  # a limit ended it: a run in progress returns that as its value
-            why = self.tree.guest_oom.gave_up if self.tree.guest_oom is not None else None
-            self.box.terminate(SENTRY_OOM_STUCK[why or "slow"], "memory_limit")
+            self.box.terminate(SENTRY_OOM_STUCK[give_up or "slow"], "memory_limit")
 
     def signal(self, sig: int) -> None:
         """Through init: the guest's processes are not the host's."""
