@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Iterator
@@ -20,6 +23,7 @@ import pytest
 
 import codecage
 import codecage._jail
+from codecage._cluster import postgres
 from codecage._jail import cgroups
 from codecage._jail.namespace import UID_BASE
 
@@ -248,7 +252,7 @@ def leak_check() -> Iterator[None]:
 @dataclass
 class Service:
     url: str
-    db: Path
+    db: Path | str  # an SQLite file, or a PostgreSQL URL
     keys: dict[str, str]
     process: subprocess.Popen[bytes]
     config: Path | None = None
@@ -274,15 +278,21 @@ def cli(*args: str) -> str:
 
 
 def start_service(
-    db: Path,
+    db: Path | str,
     tenants: tuple[str, ...] = ("alice", "bob"),
     config: Path | None = None,
     env: dict[str, str] | None = None,
+    log_file: Path | None = None,
 ) -> Service:
+    """A real `codecage serve` on loopback; its stderr goes to `log_file` (default: beside
+    an SQLite `db`)."""
     keys = {t: cli("keys", "create", "--tenant", t, "--db", str(db)) for t in tenants}
     port = free_port()
     extra = ["--config", str(config)] if config else []
-    with open(db.with_suffix(".log"), "ab") as log:  # a file, not a pipe nobody reads
+    if log_file is None:
+        assert isinstance(db, Path), "a service on PostgreSQL needs a log_file"
+        log_file = db.with_suffix(".log")
+    with open(log_file, "ab") as log:  # a file, not a pipe nobody reads
         process = subprocess.Popen(
             [
                 sys.executable,
@@ -311,7 +321,7 @@ def start_service(
             break
     process.kill()
     process.wait()
-    raise RuntimeError(f"the service did not start: {db.with_suffix('.log').read_text()[-2000:]}")
+    raise RuntimeError(f"the service did not start: {log_file.read_text()[-2000:]}")
 
 
 def stop_service(service: Service) -> None:
@@ -339,6 +349,36 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         yield svc
     finally:
         stop_service(svc)
+
+
+# -- a real PostgreSQL on loopback -------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[postgres.Server]:
+    """One PostgreSQL server per test process (`make backends` installs it; where it is
+    not installed, its tests skip, saying so)."""
+    try:
+        postgres.binaries()
+    except codecage.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    where = Path(tempfile.mkdtemp(prefix="codecage-pg-"))  # not under pytest's 0700 tmp
+    try:
+        yield postgres.start(where)
+    finally:
+        postgres.stop(where)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: postgres.Server) -> Iterator[str]:
+    """A database of this test's own on the session's server."""
+    name = f"t_{secrets.token_hex(6)}"
+    url = postgres_server.create_database(name)
+    try:
+        yield url
+    finally:
+        postgres_server.drop_database(name)
 
 
 @pytest.fixture

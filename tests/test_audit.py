@@ -1,6 +1,7 @@
 """The audit log against hostile input and growth: text that UTF-8 refuses, a writer that must
 not die, bounded records, a free-space floor, retention, and export/list of more rows than
-any page. Real SQLite files; the service tests run a real service on loopback."""
+any page. Real SQLite files, and a real PostgreSQL on loopback for the tests of the `log`
+fixture (they run on both); the service tests run a real service on loopback."""
 
 from __future__ import annotations
 
@@ -27,16 +28,23 @@ from codecage._service.audit import BATCH, AuditLog, _Write
 from .conftest import Service, cli, start_service, stop_service
 
 
-@pytest.fixture
-def log(tmp_path: Path) -> Iterator[AuditLog]:
-    audit = AuditLog(tmp_path / "audit.db")
+@pytest.fixture(params=["sqlite", "postgres"])
+def log(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[AuditLog]:
+    target = tmp_path / "audit.db"
+    if request.param == "postgres":
+        target = request.getfixturevalue("postgres_url")
+    audit = AuditLog(target)
     try:
         yield audit
     finally:
         audit.close()
 
 
-def rows(db: Path) -> list[dict[str, Any]]:
+def rows(db: Path | AuditLog) -> list[dict[str, Any]]:
+    """The runs as stored (JSON columns as text): read with sqlite3 from a file, or through
+    the log's own database."""
+    if isinstance(db, AuditLog):
+        return [dict(r) for r in db._read("SELECT rowid, * FROM runs ORDER BY rowid")]
     conn = sqlite3.connect(db)
     conn.row_factory = sqlite3.Row
     try:
@@ -78,7 +86,7 @@ def test_lone_surrogates_are_made_valid_at_the_boundary(log: AuditLog) -> None:
         files=[{"path": "\ud800"}],
         claims={"\udfff": 1},
     )
-    (row,) = rows(log.path)
+    (row,) = rows(log)
     assert row["code"] == "print('\ufffd')" and row["error_name"] == "E\ufffd"
     assert row["output"] == "out \U0001f600 \ufffd"
     assert json.loads(row["files"]) == [{"path": "\ufffd"}]
@@ -99,7 +107,7 @@ def test_the_writer_survives_any_exception(log: AuditLog) -> None:
     outcomes = [f.exception(timeout=30) for f in futures]
     assert [o is None for o in outcomes] == [i != 3 for i in range(8)]
     start(log, "after")  # and later writes go through
-    assert [r["id"] for r in rows(log.path)] == ["after"]
+    assert [r["id"] for r in rows(log)] == ["after"]
 
 
 def test_a_dead_writer_is_restarted(log: AuditLog) -> None:
@@ -107,7 +115,7 @@ def test_a_dead_writer_is_restarted(log: AuditLog) -> None:
     log._writer.join(timeout=30)
     assert not log._writer.is_alive()
     start(log, "r1")
-    assert log._writer.is_alive() and rows(log.path)[0]["id"] == "r1"
+    assert log._writer.is_alive() and rows(log)[0]["id"] == "r1"
 
 
 # -- item 11: bounded records, a free-space floor, retention --------------------------------
@@ -175,14 +183,14 @@ def test_findings_are_bounded_with_their_count(log: AuditLog) -> None:
     log.start_run(
         run_id="r", tenant="t", sandbox_id=None, kind="run", code="x", policy={}, findings=many
     )
-    (row,) = rows(log.path)
+    (row,) = rows(log)
     assert row["findings_count"] == 5000 and len(json.loads(row["findings"])) == 256
 
 
 def test_a_huge_policy_is_kept_as_its_length_and_digest(log: AuditLog) -> None:
     policy = {"modules_deny": [f"m{i}" for i in range(50000)]}  # a tenant may add to guards
     log.start_run(run_id="r", tenant="t", sandbox_id=None, kind="run", code="x", policy=policy)
-    (row,) = rows(log.path)
+    (row,) = rows(log)
     kept = json.loads(row["policy"])
     assert kept["truncated"] is True and kept["bytes"] > 64 << 10 and len(kept["sha256"]) == 64
 

@@ -327,11 +327,11 @@ def test_an_unwritable_log_refuses_work(tiny_disk: Path, tmp_path: Path) -> None
         with svc.client() as client, client.Sandbox() as sbx:
             assert sbx.run_code("1 + 1").text == "2"
             filler = tiny_disk / "filler"
-            with open(filler, "wb") as f:  # the log's disk is full
+            # the log's disk is full (unbuffered: no write left over for close to retry)
+            with open(filler, "wb", buffering=0) as f:
                 try:
                     while True:
                         f.write(b"\0" * 65536)
-                        f.flush()
                 except OSError:
                     pass
             try:

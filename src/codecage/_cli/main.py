@@ -124,10 +124,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     require_service()
     from .._service.app import serve
     from .._service.config import ServerConfig
+    from .._service.db import redacted
 
     config = ServerConfig.load(args.config, host=args.host, port=args.port, db=args.db)
     print(
-        f"codecage: serving on http://{config.host}:{config.port} (audit log {config.db})",
+        f"codecage: serving on http://{config.host}:{config.port}"
+        f" (audit log {redacted(config.db)})",
         file=sys.stderr,
     )
     serve(config)
@@ -608,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help="a TOML service config")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    serve.add_argument("--db", help="the audit log (SQLite file)")
+    serve.add_argument("--db", help="the audit log: an SQLite file or a postgresql:// URL")
     serve.set_defaults(func=cmd_serve)
     mcp = sub.add_parser("mcp", help="an MCP server (stdio or streamable HTTP)")
     mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio")

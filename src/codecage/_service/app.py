@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._approvals import operation
 from .._errors import (
+    AuditUnavailable,
     CodeRejected,
     PolicyError,
     ProcessNotFound,
@@ -1769,9 +1770,17 @@ class Admission:
                     self.scrapes -= 1
             return
         try:
-            who = self.identify(scope)
+            audit = self.state.get("audit")
+            if audit is not None and audit.db.local_dir is None:
+                # A database server may take its time: never on the event loop.
+                who = await anyio.to_thread.run_sync(self.identify, scope)
+            else:
+                who = self.identify(scope)
         except Refused as refused:
             await self.refuse(send, refused.status, refused.kind, refused.message)
+            return
+        except AuditUnavailable as exc:  # keys live in the audit log's database
+            await self.refuse(send, 503, "AuditUnavailable", str(exc))
             return
         if who is None:
             await self.refuse(

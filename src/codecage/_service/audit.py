@@ -1,4 +1,4 @@
-"""The audit log: every run, who ran it and what happened (SQLite, WAL, synchronous=FULL).
+"""The audit log: every run, who ran it and what happened (SQLite or PostgreSQL: db.py).
 
 A run is recorded before it starts and completed before its answer is sent; both wait
 until their transaction is durable. One writer thread groups the writes of concurrent
@@ -9,8 +9,12 @@ The writer thread survives any exception: it fails that batch's callers and goes
 dead writer is restarted by the next write). Every text is made valid UTF-8 on its way in
 (a lone surrogate becomes U+FFFD). What one run may add is bounded: code is kept up to
 `code_keep_bytes` with its full length and sha256, output up to OUTPUT_KEEP_BYTES. New runs
-are refused while the log's filesystem has less than `min_free_bytes` free, and runs older
-than `retain_s` (if set) are deleted as the log goes.
+are refused while the log's filesystem has less than `min_free_bytes` free (an SQLite
+file's; a PostgreSQL server keeps its own disk), and runs older than `retain_s` (if set)
+are deleted as the log goes.
+
+Every run and approval names the node that wrote it (`node`): a node's restart, or the
+cluster seeing it dead, marks only that node's unfinished runs `interrupted`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import hashlib
 import json
 import os
 import queue
-import sqlite3
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -31,6 +35,7 @@ from typing import Any
 
 from .._errors import AuditUnavailable
 from .._text import valid, valid_deep
+from .db import Database, open_database
 
 OUTPUT_KEEP_BYTES = 64 * 1024
 CODE_KEEP_BYTES = 64 * 1024  # the default bound on the code kept per run
@@ -40,6 +45,7 @@ NAME_KEEP_BYTES = 1024  # an error's name: the kernel's word (a class can be nam
 BATCH = 512  # writes per commit; also rows per page when reading
 PRUNE_CHUNK = 2000  # rows deleted per transaction, so that writers are not held up
 PRUNE_EVERY_S = 600.0
+IDLE_CHECK_S = 1.0  # a writer's connection idle longer is checked before it is used
 
 MIGRATIONS = [
     # 1: runs and API keys
@@ -127,6 +133,12 @@ MIGRATIONS = [
     ALTER TABLE runs ADD COLUMN language TEXT;
     ALTER TABLE runs ADD COLUMN context_id TEXT;
     """,
+    # 6: the node that wrote a run or an approval (NULL: before clusters)
+    """
+    ALTER TABLE runs ADD COLUMN node TEXT;
+    ALTER TABLE approvals ADD COLUMN node TEXT;
+    CREATE INDEX runs_status ON runs (status);
+    """,
 ]
 
 
@@ -188,23 +200,30 @@ def _policy_json(policy: dict[str, Any]) -> str:
     return json.dumps({"truncated": True, "bytes": len(text), "sha256": digest})
 
 
-def _prune_chunk(conn: sqlite3.Connection, before: float) -> int:
+def _prune_chunk(db: Database, conn: Any, before: float) -> int:
     """Delete up to PRUNE_CHUNK finished runs (and decided approvals) started before
     `before`, in one transaction. Returns the runs deleted."""
-    conn.execute("BEGIN IMMEDIATE")
+    db.begin(conn)
     try:
         cur = conn.execute(
-            "DELETE FROM runs WHERE rowid IN (SELECT rowid FROM runs WHERE started_at < ?"
-            " AND status NOT IN ('started', 'pending_approval') LIMIT ?)",
+            db.sql(
+                "DELETE FROM runs WHERE rowid IN (SELECT rowid FROM runs WHERE started_at < ?"
+                " AND status NOT IN ('started', 'pending_approval') LIMIT ?)"
+            ),
             (before, PRUNE_CHUNK),
         )
         conn.execute(
-            "DELETE FROM approvals WHERE rowid IN (SELECT rowid FROM approvals WHERE"
-            " requested_at < ? AND decided_at IS NOT NULL LIMIT ?)",
+            db.sql(
+                "DELETE FROM approvals WHERE rowid IN (SELECT rowid FROM approvals WHERE"
+                " requested_at < ? AND decided_at IS NOT NULL LIMIT ?)"
+            ),
             (before, PRUNE_CHUNK),
         )
         conn.execute(
-            "DELETE FROM packages WHERE rowid IN (SELECT rowid FROM packages WHERE at < ? LIMIT ?)",
+            db.sql(
+                "DELETE FROM packages WHERE rowid IN"
+                " (SELECT rowid FROM packages WHERE at < ? LIMIT ?)"
+            ),
             (before, PRUNE_CHUNK),
         )
         conn.execute("COMMIT")
@@ -212,34 +231,40 @@ def _prune_chunk(conn: sqlite3.Connection, before: float) -> int:
         with contextlib.suppress(Exception):
             conn.execute("ROLLBACK")
         raise
-    return cur.rowcount
+    return int(cur.rowcount)
 
 
 class AuditLog:
-    """The log in one SQLite file. Writes go through one thread; reads open their own connection."""
+    """The log in an SQLite file or a PostgreSQL database (`target`: a path, or a
+    `postgresql://` URL). Writes go through one thread; reads take a connection of their
+    own. `node` names this node in the rows it writes (default: the host's name)."""
 
     def __init__(
         self,
-        path: str | Path,
+        target: str | Path,
         *,
         code_keep_bytes: int = CODE_KEEP_BYTES,
         min_free_bytes: int = 0,
         retain_s: float | None = None,
+        node: str | None = None,
     ) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = open_database(target)
+        self.path: Path | None = getattr(self.db, "path", None)  # an SQLite file's
+        self.node = node or socket.gethostname()
         self.code_keep_bytes = code_keep_bytes
         self.min_free_bytes = min_free_bytes
         self.retain_s = retain_s
-        conn = self._connect()
-        self._migrate(conn)
-        conn.close()
+        try:
+            self.db.migrate(MIGRATIONS)
+        except self.db.errors as exc:
+            raise AuditUnavailable(
+                f"the audit log ({self.db.label}) cannot be opened: {exc}"
+            ) from None
         self._queue: queue.Queue[_Write | None] = queue.Queue()
         self._writer_lock = threading.Lock()
         self._closed = False
         self._next_prune = 0.0  # monotonic time of the next retention pass (if retain_s)
         self._writer = self._start_writer()
-        self._local = threading.local()
 
     def _start_writer(self) -> threading.Thread:
         writer = threading.Thread(target=self._write_loop, name="codecage-audit", daemon=True)
@@ -254,26 +279,19 @@ class AuditLog:
             if not self._writer.is_alive() and not self._closed:
                 self._writer = self._start_writer()
 
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=FULL")
-        conn.execute("PRAGMA busy_timeout=30000")
-        return conn
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            conn.execute("BEGIN IMMEDIATE")
-            for statement in filter(str.strip, script.split(";")):
-                conn.execute(statement)
-            conn.execute(f"PRAGMA user_version={number}")
-            conn.execute("COMMIT")
+    def _connect(self) -> Any:
+        try:
+            return self.db.connect()
+        except self.db.errors as exc:
+            raise AuditUnavailable(
+                f"the audit log ({self.db.label}) cannot be reached: {exc}"
+            ) from None
 
     # -- writing ---------------------------------------------------------------------------
 
     def _write_loop(self) -> None:
-        conn: sqlite3.Connection | None = None
+        conn: Any = None
+        used = 0.0  # when conn last committed (monotonic)
         while True:
             batch: list[_Write] = []
             try:
@@ -286,8 +304,14 @@ class AuditLog:
                         conn.close()
                 return
             try:
+                idle = conn is not None and time.monotonic() - used > IDLE_CHECK_S
+                if idle and not self.db.alive(conn):  # e.g. the database server restarted
+                    with contextlib.suppress(Exception):
+                        conn.close()
+                    conn = None
                 if conn is None:
                     conn = self._connect()
+                used = time.monotonic()
                 if item is not _IDLE:
                     batch = [item]
                     while len(batch) < BATCH:  # what queued up meanwhile: one commit
@@ -314,14 +338,17 @@ class AuditLog:
             return None
         return max(0.0, min(60.0, self._next_prune - time.monotonic()))
 
-    def _commit(self, conn: sqlite3.Connection, batch: list[_Write]) -> None:
+    def _commit(self, conn: Any, batch: list[_Write]) -> None:
         """One transaction for the batch. If it fails, each write is tried on its own, so
-        that one bad write fails only its own caller."""
+        that one bad write fails only its own caller. A connection lost on the way fails
+        the batch and is replaced (the writer's loop opens another)."""
         error = self._transaction(conn, batch)
         if error is None:
             for write in batch:
                 _resolve(write)
             return
+        if not self.db.usable(conn):
+            raise error
         if len(batch) == 1:
             _fail(batch, error)
             return
@@ -332,28 +359,28 @@ class AuditLog:
             else:
                 _fail([write], alone)
 
-    @staticmethod
-    def _transaction(conn: sqlite3.Connection, batch: list[_Write]) -> Exception | None:
+    def _transaction(self, conn: Any, batch: list[_Write]) -> Exception | None:
+        db = self.db
         try:
-            conn.execute("BEGIN IMMEDIATE")
+            db.begin(conn)
             for write in batch:
-                conn.execute(write.sql, write.params)
+                conn.execute(db.sql(write.sql), tuple(map(db.param, write.params)))
             conn.execute("COMMIT")
-        except Exception as exc:  # sqlite3.Error, and e.g. UnicodeEncodeError on bad text
+        except Exception as exc:  # the database's errors, and e.g. UnicodeEncodeError on bad text
             with contextlib.suppress(Exception):
-                if conn.in_transaction:
+                if db.in_transaction(conn):
                     conn.execute("ROLLBACK")
             return exc
         return None
 
-    def _retention(self, conn: sqlite3.Connection) -> None:
+    def _retention(self, conn: Any) -> None:
         """A chunk of runs older than retain_s, deleted between batches of writes."""
         if self.retain_s is None or time.monotonic() < self._next_prune:
             return
         # The next pass is scheduled first: a pass that fails (a full disk) is not retried in
         # a busy loop.
         self._next_prune = time.monotonic() + min(PRUNE_EVERY_S, max(1.0, self.retain_s / 10))
-        if _prune_chunk(conn, time.time() - self.retain_s) == PRUNE_CHUNK:
+        if _prune_chunk(self.db, conn, time.time() - self.retain_s) == PRUNE_CHUNK:
             self._next_prune = 0.0  # more to delete: the next chunk after the next batch
 
     def _write(self, sql: str, params: tuple[Any, ...], timeout_s: float = 30.0) -> None:
@@ -390,8 +417,8 @@ class AuditLog:
         findings = findings or []
         self._write(
             "INSERT INTO runs (id, tenant, sandbox_id, kind, started_at, code, code_sha256, policy,"
-            " findings, code_bytes, code_truncated, findings_count, language, context_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " findings, code_bytes, code_truncated, findings_count, language, context_id, node)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 run_id,
                 tenant,
@@ -407,15 +434,17 @@ class AuditLog:
                 len(findings),
                 None if language is None else _cut(language, NAME_KEEP_BYTES),
                 None if context_id is None else _cut(context_id, NAME_KEEP_BYTES),
+                self.node,
             ),
         )
 
     def check_space(self) -> None:
-        """AuditUnavailable while the log's filesystem has less than min_free_bytes free."""
-        if self.min_free_bytes <= 0:
+        """AuditUnavailable while the log's filesystem has less than min_free_bytes free
+        (an SQLite file's: a database server's disk is the server's to watch)."""
+        if self.min_free_bytes <= 0 or self.db.local_dir is None:
             return
         try:
-            st = os.statvfs(self.path.parent)
+            st = os.statvfs(self.db.local_dir)
         except OSError as exc:
             raise AuditUnavailable(f"the audit log's disk cannot be read: {exc}") from None
         free = st.f_bavail * st.f_frsize
@@ -502,14 +531,17 @@ class AuditLog:
             sql, params = sql + " AND tenant = ?", [*params, tenant]
         if sandbox_id is not None:
             sql, params = sql + " AND sandbox_id = ?", [*params, sandbox_id]
-        rows = self._reader().execute(sql + " ORDER BY at, rowid", params).fetchall()
-        return [{**dict(r), "requested": bool(r["requested"])} for r in rows]
+        rows = self._read(sql + " ORDER BY at, rowid", params)
+        out = [{**dict(r), "requested": bool(r["requested"])} for r in rows]
+        for r in out:
+            r.pop("rowid", None)  # PostgreSQL's rowid is a column; SQLite's is not in *
+        return out
 
     def approval_requested(self, request: dict[str, Any]) -> None:
         """A request starts waiting; its run (if any) is pending until a decision."""
         self._write(
             "INSERT INTO approvals (id, tenant, sandbox_id, run_id, client_ref, kind, subject,"
-            " reasons, requested_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " reasons, requested_at, expires_at, node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 request["id"],
                 request.get("tenant"),
@@ -521,6 +553,7 @@ class AuditLog:
                 _json(_reasons(request["reasons"])),
                 request["requested_at"],
                 request["expires_at"],
+                self.node,
             ),
         )
         if request.get("run_id"):
@@ -558,30 +591,41 @@ class AuditLog:
         if tenant is not None:
             sql += " AND tenant = ?"
             params.append(tenant)
-        rows = self._reader().execute(sql + " ORDER BY rowid LIMIT ?", (*params, limit))
         out = []
-        for row in rows.fetchall():
+        for row in self._read(sql + " ORDER BY rowid LIMIT ?", (*params, limit)):
             item = dict(row)
             item["reasons"] = json.loads(item["reasons"])
             item["approved"] = None if item["approved"] is None else bool(item["approved"])
             out.append(item)
         return out
 
-    def mark_interrupted(self) -> int:
-        """After a crash: runs that started and never completed are marked interrupted."""
-        conn = self._connect()
+    def mark_interrupted(self, node: str | None = None) -> int:
+        """After a crash: the runs of `node` (this node by default) that started and never
+        completed are marked interrupted, and its undecided approvals refused; so are rows
+        from before nodes were recorded. Other nodes' runs are theirs. Returns the runs."""
+        node = self.node if node is None else node
+        db, conn, now = self.db, self._connect(), time.time()
+        mine = " AND (node = ? OR node IS NULL)"
         try:
+            db.begin(conn)
             cur = conn.execute(
-                "UPDATE runs SET status='interrupted', outcome='interrupted', ended_at=?"
-                " WHERE status IN ('started', 'pending_approval')",
-                (time.time(),),
+                db.sql(
+                    "UPDATE runs SET status='interrupted', outcome='interrupted', ended_at=?"
+                    " WHERE status IN ('started', 'pending_approval')" + mine
+                ),
+                (now, node),
             )
             conn.execute(
-                "UPDATE approvals SET decided_at=?, approved=0, decided_by='service stopped',"
-                " reason='the service stopped before an answer' WHERE decided_at IS NULL",
-                (time.time(),),
+                db.sql(
+                    "UPDATE approvals SET decided_at=?, approved=0, decided_by='service stopped',"
+                    " reason='the service stopped before an answer' WHERE decided_at IS NULL" + mine
+                ),
+                (now, node),
             )
-            return cur.rowcount
+            conn.execute("COMMIT")
+            return int(cur.rowcount)
+        except db.errors as exc:
+            raise AuditUnavailable(f"the audit log ({db.label}) cannot be written: {exc}") from None
         finally:
             conn.close()
 
@@ -600,22 +644,20 @@ class AuditLog:
     def identity(self, key: str) -> tuple[str, str, str] | None:
         """(tenant, role, key id) of an API key; the id is a prefix of its hash, for the log."""
         digest = _key_hash(key)
-        row = (
-            self._reader()
-            .execute("SELECT tenant, role FROM api_keys WHERE key_sha256=?", (digest,))
-            .fetchone()
-        )
-        return None if row is None else (str(row[0]), str(row[1]), digest[:12])
+        rows = self._read("SELECT tenant, role FROM api_keys WHERE key_sha256=?", (digest,))
+        return None if not rows else (str(rows[0]["tenant"]), str(rows[0]["role"]), digest[:12])
 
     # -- reading ---------------------------------------------------------------------------
 
-    def _reader(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = self._connect()
-            conn.row_factory = sqlite3.Row
-            self._local.conn = conn
-        return conn
+    def _read(self, sql: str, params: Any = ()) -> list[Any]:
+        """The rows of a query (they take dict()); AuditUnavailable if the database cannot
+        be reached."""
+        db = self.db
+        try:
+            with db.reading() as conn:
+                return list(conn.execute(db.sql(sql), tuple(map(db.param, params))).fetchall())
+        except db.errors as exc:
+            raise AuditUnavailable(f"the audit log ({db.label}) cannot be read: {exc}") from None
 
     def runs(
         self,
@@ -641,16 +683,15 @@ class AuditLog:
             clauses.append("started_at < ?")
             params.append(until)
         sql = f"SELECT rowid, * FROM runs WHERE {' AND '.join(clauses)} ORDER BY rowid LIMIT ?"
-        rows = self._reader().execute(sql, (*params, limit)).fetchall()
-        return [_row(r) for r in rows]
+        return [_row(r) for r in self._read(sql, (*params, limit))]
 
     def run(self, run_id: str, tenant: str | None = None) -> dict[str, Any] | None:
         sql, params = "SELECT rowid, * FROM runs WHERE id = ?", [run_id]
         if tenant is not None:
             sql += " AND tenant = ?"
             params.append(tenant)
-        row = self._reader().execute(sql, params).fetchone()
-        return None if row is None else _row(row)
+        rows = self._read(sql, params)
+        return _row(rows[0]) if rows else None
 
     def iter_runs(self, **filters: Any) -> Iterator[dict[str, Any]]:
         """Every run that matches `filters` (those of runs()), in order, a page at a time:
@@ -670,7 +711,7 @@ class AuditLog:
         conn = self._connect()
         try:
             total = 0
-            while (deleted := _prune_chunk(conn, before)) > 0:
+            while (deleted := _prune_chunk(self.db, conn, before)) > 0:
                 total += deleted
             return total
         finally:
@@ -687,6 +728,7 @@ class AuditLog:
         self._closed = True
         self._queue.put(None)
         self._writer.join(timeout=30)
+        self.db.close()
 
 
 def _key_hash(key: str) -> str:
@@ -694,7 +736,7 @@ def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _row(row: sqlite3.Row) -> dict[str, Any]:
+def _row(row: Any) -> dict[str, Any]:
     out = dict(row)
     for column in ("policy", "limits_hit", "files", "claims", "findings", "approval"):
         if out.get(column):

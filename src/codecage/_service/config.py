@@ -47,7 +47,12 @@ class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    # The audit log: an SQLite file, or a PostgreSQL database (`postgresql://user@host/db`;
+    # libpq's PG* variables and ~/.pgpass fill what the URL leaves out).
     db: str = "/var/lib/codecage/audit.db"
+    # This node's name in the audit log's rows (None: the host's name): its restart marks
+    # only its own unfinished runs interrupted.
+    node: str | None = Field(None, min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")
     # Where snapshots are kept (None: a `snapshots` directory beside the audit log).
     snapshot_dir: str | None = None
     # The operator's wheelhouse: the wheels a sandbox's `pip install` may take
@@ -102,7 +107,15 @@ class ServerConfig(BaseModel):
             code_keep_bytes=self.audit_code_bytes,
             min_free_bytes=self.audit_min_free_mb << 20,
             retain_s=None if retain is None else retain * 86400,
+            node=self.node,
         )
+
+    def state_dir(self) -> Path:
+        """Where this node keeps its own files by default (volumes, snapshots): beside an
+        SQLite audit log, else /var/lib/codecage."""
+        from .db import is_postgres
+
+        return Path("/var/lib/codecage") if is_postgres(self.db) else Path(self.db).parent
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides: Any) -> ServerConfig:

@@ -433,7 +433,7 @@ class Manager:
     def volumes(self, tenant: str) -> Volumes:
         """The tenant's volumes, in `volume_dir`, within quotas.volumes and volume_mb."""
         config, quotas = self.config, self.config.quotas
-        root = Path(config.volume_dir or Path(config.db).parent / "volumes")
+        root = Path(config.volume_dir or config.state_dir() / "volumes")
 
         def on_volume(kind: str, attachment: Any) -> None:
             subject = f"{attachment.name} at {attachment.path}"
@@ -483,7 +483,7 @@ class Manager:
         """The tenants' snapshots, in `snapshot_dir` (made on first use)."""
         if self._snapshots is None:
             config = self.config
-            root = Path(config.snapshot_dir or Path(config.db).parent / "snapshots")
+            root = Path(config.snapshot_dir or config.state_dir() / "snapshots")
             quotas = config.quotas
             self._snapshots = SnapshotStore(root, quotas.snapshots, quotas.snapshot_mb)
         return self._snapshots
