@@ -13,7 +13,7 @@ all: test
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,service,postgres,bwrap,container]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,service,cluster,bwrap,container]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python -c 'import codecage, pydantic, pytest'
 	touch $@
 
@@ -51,7 +51,7 @@ check: $(STAMP)
 	$(UNPRIVILEGED) $(BIN)/pytest tests/unit -q
 
 bench: $(STAMP) runtime
-	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,service,postgres,bwrap,container,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true
+	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,service,cluster,bwrap,container,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true
 	$(BIN)/python benchmarks/run.py
 
 # E2B's own Python tests against codecage (docs/e2b.md): `make e2b-suite E2B=path/to/checkout`

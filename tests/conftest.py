@@ -325,13 +325,18 @@ def start_service(
 
 
 def stop_service(service: Service) -> None:
-    if service.process.poll() is None:
-        service.process.send_signal(signal.SIGTERM)
+    stop_process(service.process)
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, 30 s to end, then SIGKILL."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
         try:
-            service.process.wait(timeout=30)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            service.process.kill()
-            service.process.wait()
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from mcp.types import CallToolResult, EmbeddedResource, ImageContent, TextConten
 
 from codecage._jail import cgroups
 
-from .conftest import free_port, sandbox_processes
+from .conftest import free_port, sandbox_processes, stop_process
 
 pytestmark = pytest.mark.requires_root
 
@@ -416,12 +416,7 @@ def http_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HttpServer
                 time.sleep(0.1)
         yield server
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
     assert_all_killed(server.owner)
 
 

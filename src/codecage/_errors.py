@@ -16,6 +16,7 @@ SandboxError
 ├── SandboxBusy            the sandbox's queue of operations is full
 ├── SandboxPaused          the sandbox is paused: resume it first
 ├── AuditUnavailable       the audit log cannot be written
+├── NodeLost               the cluster node it ran on was lost (a batch's run, twice)
 ├── ExecutionTimeout       (also TimeoutError) where a deadline is raised rather than reported
 ├── ContextNotFound        (also LookupError) no code context by that id in the sandbox
 ├── WatcherNotFound        (also LookupError) no directory watcher by that id (the service's)
@@ -128,6 +129,11 @@ class AuditUnavailable(SandboxError):
     """The audit log cannot be written: no work may run unrecorded (HTTP 503)."""
 
 
+class NodeLost(SandboxError):
+    """The cluster node a run was on was lost with it (a batch's run whose node was lost
+    twice: docs/cluster.md) (HTTP 503)."""
+
+
 class ExecutionTimeout(SandboxError, TimeoutError):
     """A deadline passed where it is raised rather than reported as a value."""
 
@@ -178,6 +184,7 @@ WIRE: dict[type[SandboxError], Wire] = {
     SandboxBusy: Wire(409, "SandboxBusy"),
     SandboxPaused: Wire(409, "SandboxPaused"),
     AuditUnavailable: Wire(503, "AuditUnavailable"),
+    NodeLost: Wire(503, "NodeLost"),
     ExecutionTimeout: Wire(409, "ExecutionTimeout"),
     ContextNotFound: Wire(404, "ContextNotFound"),
     WatcherNotFound: Wire(404, "WatcherNotFound"),

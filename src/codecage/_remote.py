@@ -216,6 +216,57 @@ class Client:
         body = {"code": code, "policy": _overrides(policy), "envs": envs or {}}
         return Execution.from_dict(self.request("POST", "/v1/run", json=body).json())
 
+    def map(
+        self,
+        codes: Iterable[str],
+        policy: Policy | None = None,
+        *,
+        envs: dict[str, str] | None = None,
+        concurrency: int | None = None,
+        on_result: Callable[[int, Execution | SandboxError], None] | None = None,
+    ) -> list[Execution | SandboxError]:
+        """Many one-shot runs (`POST /v1/batch`), each a fresh sandbox, spread over the
+        service's nodes: the results in the order of `codes`. A run that could not run is
+        the error that refused it, in its place (as `asyncio.gather(...,
+        return_exceptions=True)`); `on_result(index, result)` sees each as it finishes."""
+        items = list(codes)
+        body = {
+            "codes": items,
+            "policy": _overrides(policy),
+            "envs": envs or {},
+            "concurrency": concurrency,
+        }
+        results: list[Execution | SandboxError | None] = [None] * len(items)
+        with self.stream(
+            "POST", "/v1/batch", json=body, headers={"Accept": NDJSON}, timeout=None
+        ) as response:
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                if event.get("ev") == "end":
+                    break
+                if event.get("ev") != "result":
+                    continue
+                index = int(event["index"])
+                error = event.get("error")
+                item: Execution | SandboxError = (
+                    Execution.from_dict(event["execution"])
+                    if error is None
+                    else _error(
+                        str(error.get("type")), str(error.get("message")), error.get("findings")
+                    )
+                )
+                results[index] = item
+                if on_result is not None:
+                    on_result(index, item)
+            else:
+                raise TransportError("the batch's stream ended before its end")
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:
+            raise TransportError(f"the batch's stream has no result for {len(missing)} runs")
+        return [r for r in results if r is not None]
+
     def audit(self, **filters: Any) -> list[dict[str, Any]]:
         """This tenant's audit records."""
         result: list[dict[str, Any]] = self.request("GET", "/v1/audit", params=filters).json()

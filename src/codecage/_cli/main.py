@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -126,13 +127,58 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .._service.config import ServerConfig
     from .._service.db import redacted
 
-    config = ServerConfig.load(args.config, host=args.host, port=args.port, db=args.db)
+    address, db = args.cluster, args.db
+    if address == "local":  # the cluster `codecage cluster up` started on this machine
+        from .._cluster import local
+
+        running = local.load(args.cluster_dir)
+        if running is None:
+            print(
+                f"codecage: no cluster in {args.cluster_dir}: codecage cluster up", file=sys.stderr
+            )
+            return 2
+        os.environ.update(running.env())
+        address, db = running.address, db or running.db
+    config = ServerConfig.load(args.config, host=args.host, port=args.port, db=db)
+    where = f"the cluster at {address}, " if address else ""
     print(
         f"codecage: serving on http://{config.host}:{config.port}"
-        f" (audit log {redacted(config.db)})",
+        f" ({where}audit log {redacted(config.db)})",
         file=sys.stderr,
     )
+    if address:
+        from .._cluster.frontend import serve as serve_front
+
+        serve_front(config, address)
+        return 0
     serve(config)
+    return 0
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    from .._cluster import local
+
+    def say(text: str) -> None:
+        print(f"codecage cluster: {text}", file=sys.stderr)
+
+    if args.cluster_action == "up":
+        running = local.up(args.nodes, args.dir, progress=say)
+        print(json.dumps({"address": running.address, "nodes": running.nodes,
+                          "serve": f"codecage serve --cluster local --cluster-dir {running.directory}"}))  # fmt: skip
+        return 0
+    if args.cluster_action == "down":
+        stopped = local.down(args.dir, progress=say)
+        say("stopped" if stopped else f"no cluster in {args.dir}")
+        return 0
+    found = local.load(args.dir)
+    if found is None:
+        say(f"no cluster in {args.dir}")
+        return 1
+    print(
+        json.dumps(
+            {"address": running.address, "nodes": running.nodes, "raylets": len(local.raylets())}
+        )
+    )
     return 0
 
 
@@ -611,7 +657,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--db", help="the audit log: an SQLite file or a postgresql:// URL")
+    serve.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="a stateless front end of a Ray cluster (docs/cluster.md): auto, ray://HOST:10001,"
+        " HOST:PORT, or local (the one `codecage cluster up` started)",
+    )
+    serve.add_argument(
+        "--cluster-dir", default="/var/lib/codecage/cluster", help="for --cluster local"
+    )
     serve.set_defaults(func=cmd_serve)
+    cluster = sub.add_parser("cluster", help="a cluster on this machine: Ray and PostgreSQL")
+    cluster_sub = cluster.add_subparsers(dest="cluster_action", required=True)
+    for action, text in (("up", "start it"), ("down", "stop it"), ("status", "what runs")):
+        one = cluster_sub.add_parser(action, help=text)
+        one.add_argument("--dir", default="/var/lib/codecage/cluster", help="where it is kept")
+        if action == "up":
+            one.add_argument("--nodes", type=int, default=2, help="sandbox nodes (default 2)")
+    cluster.set_defaults(func=cmd_cluster)
     mcp = sub.add_parser("mcp", help="an MCP server (stdio or streamable HTTP)")
     mcp.add_argument("--transport", choices=["stdio", "http"], default="stdio")
     mcp.add_argument("--host", default="127.0.0.1", help="for --transport http")

@@ -148,6 +148,18 @@ class RunBody(ExecuteBody):
     policy: dict[str, Any] = Field(default_factory=dict)
 
 
+MAX_BATCH = 10_000  # one-shot runs in one batch (the body's size bounds it too)
+
+
+class BatchBody(BaseModel):
+    codes: list[str] = Field(..., min_length=1, max_length=MAX_BATCH)
+    policy: dict[str, Any] = Field(default_factory=dict)
+    envs: dict[str, str] = Field(default_factory=dict)
+    concurrency: int | None = Field(
+        None, ge=1, le=256, description="runs at once (default: two per core of the node)"
+    )
+
+
 class CommandBody(BaseModel):
     cmd: str
     timeout: float | None = Field(None, gt=0)
@@ -826,6 +838,52 @@ async def run(
             return manager.carry_out(started, body.envs, on_event)
 
     return await _answer(request, begin, work)
+
+
+@runs.post("/v1/batch", responses={**ERRORS, 200: {"content": {NDJSON: {}}}})
+async def batch(
+    body: BatchBody,
+    who: str = Depends(tenant),
+    ref: str | None = ref_header,
+    manager: Manager = MANAGER,
+) -> Response:
+    """Many one-shot runs, each a fresh sandbox with its own audit record: NDJSON, a line
+    `{"ev": "result", "index", "execution"}` (or `"error"`: what refused that run) as each
+    finishes, then `{"ev": "end", "count", "ok", "errors"}`. A policy outside the ceiling
+    is a 400 before anything runs."""
+    _valid_text(body)
+    manager.check_policy(body.policy)
+    width = manager.batch_width(who, body.concurrency)
+
+    def one(code: str) -> dict[str, Any]:
+        with operation(client_ref=ref):
+            try:
+                ex = manager.carry_out(manager.start_run(who, code, body.policy), body.envs)
+            except SandboxError as exc:
+                return {"error": _error_body(exc)}
+        return {"execution": _execution_json(ex)}
+
+    async def lines() -> AsyncIterator[bytes]:
+        gate = asyncio.Semaphore(width)
+
+        async def run(index: int, code: str) -> dict[str, Any]:
+            async with gate:
+                return {"ev": "result", "index": index, **await run_in_threadpool(one, code)}
+
+        tasks = [asyncio.ensure_future(run(i, code)) for i, code in enumerate(body.codes)]
+        ok = 0
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                line = await next_done
+                ok += "execution" in line
+                yield json.dumps(line).encode() + b"\n"
+        finally:
+            for task in tasks:  # a client gone: what has not started never does
+                task.cancel()
+        end = {"ev": "end", "count": len(tasks), "ok": ok, "errors": len(tasks) - ok}
+        yield json.dumps(end).encode() + b"\n"
+
+    return StreamingResponse(lines(), media_type=NDJSON)
 
 
 @runs.post("/v1/sandboxes/{sandbox_id}/commands", response_model=CommandOut, responses=ERRORS)
@@ -1895,12 +1953,17 @@ def _protocol(header_timeout_s: float, max_connections: int) -> type:
 
 
 def serve(config: ServerConfig) -> None:
-    import uvicorn
-
     memory = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
     check_fits(config, memory, cgroups.default_total_pids())
+    run_server(create_app(config), config)
+
+
+def run_server(app: ASGIApp, config: ServerConfig) -> None:
+    """uvicorn serving `app` with the config's bounds (headers, connections, keep-alive)."""
+    import uvicorn
+
     uvicorn.run(
-        create_app(config),
+        app,
         host=config.host,
         port=config.port,
         log_level="warning",

@@ -857,6 +857,26 @@ class Manager:
         release = partial(self.leave, entry)
         return Started(run_id, tenant, "execute", text, policy, findings, entry, release)
 
+    def check_policy(self, overrides: dict[str, Any]) -> None:
+        """PolicyError if `overrides` would not be within the ceiling."""
+        within(self.config.policy, overrides, self.config.ceiling)
+
+    def batch_width(self, tenant: str, asked: int | None) -> int:
+        """How many runs of a batch go at once: what was asked (default two per core),
+        within the tenant's live-sandbox quota left (one-shot runs count), at least one."""
+        width = asked or 2 * (os.cpu_count() or 1)
+        with self._lock:
+            self._prune()
+            left = self.config.quotas.live_sandboxes - self._live(tenant)
+        return max(1, min(width, left))
+
+    def live_by_tenant(self) -> dict[str, int]:
+        """Live sandboxes and one-shot runs per tenant (a cluster's quota adds the nodes')."""
+        with self._lock:
+            self._prune()
+            tenants = {e.tenant for e in self._sandboxes.values()} | set(self._oneshots)
+            return {t: self._live(t) for t in tenants if self._live(t)}
+
     def start_run(self, tenant: str, code: str | bytes, overrides: dict[str, Any]) -> Started:
         """A one-shot run up to its durable start record: the code prepared, the policy
         within the ceiling, a place in the live-sandbox quota, the analysis and the record."""

@@ -1,0 +1,300 @@
+"""codecage on a real Ray cluster on this machine (codecage._cluster.local: a head, two
+sandbox nodes, a PostgreSQL, all on loopback, Ray's token authentication on), through
+real front ends (`codecage serve --cluster local`) on loopback: sessions on both nodes
+through either front end, E2B's SDK through one, a front end killed with SIGKILL, a node
+killed with SIGKILL mid-run, and a batch of 2,000 runs with a node killed halfway."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+import codecage
+from codecage._cluster import local, postgres
+from codecage._service.audit import AuditLog
+
+from .conftest import cli, free_port, stop_process
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (make installs it)")
+
+
+@dataclass
+class Running:
+    cluster: local.Cluster
+    key: str
+    fronts: list[subprocess.Popen[bytes]]
+    urls: list[str]
+
+    def client(self, front: int = 0) -> codecage.Client:
+        return codecage.connect(self.urls[front], self.key)
+
+    def audit(self) -> AuditLog:
+        return AuditLog(self.cluster.db)
+
+    def raylet_of(self, sandbox_id: str) -> int:
+        """The raylet of the node a sandbox is on (its node host is that raylet's child)."""
+        prefix = sandbox_id[:8]
+        for pid in local.raylets(self.cluster.directory):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if f"--node_id={prefix}".encode() in argv:
+                return pid
+        raise AssertionError(f"no raylet for node {prefix}")
+
+
+# Room for a batch of 2,000 one-shot runs in well under a minute (the default quota is
+# 600 runs per minute), with a ceiling whose processes fit the quota (check_fits).
+CONFIG = """
+[quotas]
+runs_per_minute = 100000
+live_sandboxes = 32
+[ceiling]
+pids_max = 64
+"""
+
+
+def start_front(cluster: local.Cluster, log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    config = Path(cluster.directory) / "service.toml"
+    config.write_text(CONFIG)
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "codecage", "serve", "--cluster", "local",
+             "--cluster-dir", cluster.directory, "--port", str(port), "--config", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=out,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            answer = httpx.get(f"{url}/healthz", timeout=2)
+            if answer.status_code == 200 and answer.json()["nodes"] == cluster.nodes:
+                return process, url
+        if process.poll() is not None:
+            break
+        time.sleep(0.2)
+    process.kill()
+    process.wait()
+    raise RuntimeError(f"the front end did not start: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture
+def cluster() -> Iterator[Running]:
+    try:
+        postgres.binaries()
+        local.ray_bin()
+    except codecage.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    where = Path(tempfile.mkdtemp(prefix="cc-"))  # short: Ray's socket paths are bounded
+    fronts: list[subprocess.Popen[bytes]] = []
+    try:
+        running = local.up(2, where, cpus_per_node=2)
+        key = cli("keys", "create", "--tenant", "alice", "--db", running.db)
+        urls = []
+        for n in range(2):
+            front, url = start_front(running, where / f"front{n}.log")
+            fronts.append(front)
+            urls.append(url)
+        yield Running(running, key, fronts, urls)
+    finally:
+        for front in fronts:
+            stop_process(front)
+        local.down(where)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def runs_of(audit: AuditLog, **where: Any) -> list[dict[str, Any]]:
+    return [r for r in audit.iter_runs() if all(r[k] == v for k, v in where.items())]
+
+
+def wait_for(predicate: Any, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_sessions_on_both_nodes_through_two_front_ends(cluster: Running) -> None:
+    """Placement spreads sandboxes over both nodes; the second front end reaches every
+    one of them by its id alone (no table shared) with its state; listings are the
+    cluster's; the rows name both nodes; E2B's SDK works through a front end."""
+    with cluster.client(0) as a, cluster.client(1) as b:
+        made = [a.Sandbox() for _ in range(4)]
+        prefixes = {s.sandbox_id[:8] for s in made}
+        assert len(prefixes) == 2  # both nodes
+        for n, sbx in enumerate(made):
+            sbx.run_code(f"x = {n}")
+        for n, sbx in enumerate(made):
+            again = b.connect_sandbox(sbx.sandbox_id)
+            assert again.run_code("x * 10").text == str(n * 10)
+        listed = {s["id"] for s in b.request("GET", "/v1/sandboxes").json()}
+        assert listed == {s.sandbox_id for s in made}
+        made[0].files.write("data.txt", b"over the cluster")
+        assert b.connect_sandbox(made[0].sandbox_id).files.read("data.txt") == b"over the cluster"
+        for sbx in made:
+            sbx.kill()
+        assert b.request("GET", "/v1/sandboxes").json() == []
+    with contextlib.closing(cluster.audit()) as audit:
+        nodes = {r["node"] for r in runs_of(audit, kind="execute")}
+    assert nodes == {f"node-{p}" for p in prefixes}
+
+    from e2b_code_interpreter import Sandbox as E2BSandbox
+
+    env = {"E2B_API_URL": cluster.urls[1], "E2B_SANDBOX_URL": cluster.urls[1],
+           "E2B_API_KEY": cluster.key}  # fmt: skip
+    with _env(env):
+        sbx = E2BSandbox.create(timeout=120)
+        try:
+            assert sbx.run_code("6 * 7").text == "42"
+            sbx.files.write("e2b.txt", "through a front end")
+            assert sbx.files.read("e2b.txt") == "through a front end"
+            assert sbx.sandbox_id[:8] in prefixes
+        finally:
+            sbx.kill()
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def test_a_front_end_killed_with_sigkill_loses_nothing(cluster: Running) -> None:
+    """A run in flight through front end 0 when it is killed: the run goes on on its node
+    and is recorded; every acknowledged run is in the log; the session lives on, whole,
+    through front end 1."""
+    with cluster.client(0) as a, cluster.client(1) as b:
+        sbx = a.Sandbox()
+        for n in range(5):
+            sbx.run_code(f"x = {n}")
+        in_flight = threading.Thread(
+            target=_swallow, args=(sbx.run_code, "import time; time.sleep(2); y = 'done'")
+        )
+        in_flight.start()
+        with contextlib.closing(cluster.audit()) as audit:
+            assert wait_for(lambda: runs_of(audit, status="started"), 10)
+            cluster.fronts[0].send_signal(signal.SIGKILL)
+            cluster.fronts[0].wait()
+            in_flight.join()
+            same = b.connect_sandbox(sbx.sandbox_id)
+            assert wait_for(lambda: same.run_code("y").text == "'done'", 20)
+            assert same.run_code("x").text == "4"
+            records = runs_of(audit, sandbox_id=sbx.sandbox_id)
+        assert [r["status"] for r in records if r["kind"] == "execute"] == ["completed"] * len(
+            [r for r in records if r["kind"] == "execute"]
+        )
+        assert any("time.sleep(2)" in r["code"] for r in records)
+        same.kill()
+
+
+def _swallow(fn: Any, *args: Any) -> None:
+    with contextlib.suppress(Exception):
+        fn(*args)
+
+
+def test_a_node_killed_mid_run_affects_only_its_own(cluster: Running) -> None:
+    """SIGKILL of a node's raylet and every process it started, while a run is in flight
+    on it: that run's caller hears 'lost with its node', its sandboxes answer 404 with the
+    reason, its unfinished run is `interrupted` and its acknowledged ones are kept; the
+    other node's sandboxes go on, and new ones are placed there."""
+    with cluster.client(0) as client:
+        made = [client.Sandbox() for _ in range(4)]
+        doomed = made[0].sandbox_id[:8]
+        theirs = [s for s in made if s.sandbox_id[:8] == doomed]
+        ours = [s for s in made if s.sandbox_id[:8] != doomed]
+        assert theirs and ours
+        for sbx in made:
+            sbx.run_code("state = 'kept'")
+        outcome: dict[str, Any] = {}
+
+        def long_run() -> None:
+            try:
+                outcome["result"] = theirs[0].run_code("import time; time.sleep(30)")
+            except codecage.SandboxError as exc:
+                outcome["result"] = exc
+
+        thread = threading.Thread(target=long_run)
+        thread.start()
+        with contextlib.closing(cluster.audit()) as audit:
+            assert wait_for(lambda: runs_of(audit, status="started"), 10)
+            local.kill_node(cluster.raylet_of(theirs[0].sandbox_id))
+            thread.join(timeout=60)
+            assert isinstance(outcome["result"], codecage.SandboxNotFound)
+            assert "lost with its node" in str(outcome["result"])
+            for sbx in theirs:
+                with pytest.raises(codecage.SandboxNotFound, match="lost with its node"):
+                    sbx.run_code("state")
+            for sbx in ours:
+                assert sbx.run_code("state").text == "'kept'"
+            records = runs_of(audit, node=f"node-{doomed}")
+            assert [r["code"] for r in records if r["status"] == "interrupted"] == [
+                "import time; time.sleep(30)"
+            ]
+            kept = [r for r in records if r["code"] == "state = 'kept'"]
+            assert len(kept) == len(theirs) and {r["status"] for r in kept} == {"completed"}
+        fresh = client.Sandbox()
+        assert fresh.sandbox_id[:8] != doomed
+        for sbx in [*ours, fresh]:
+            sbx.kill()
+    assert local.sweep() >= 0
+
+
+def test_a_batch_of_2000_runs_survives_a_node_killed_halfway(cluster: Running) -> None:
+    """client.map over both nodes; one node is killed with SIGKILL when half the results
+    are in: every run is accounted for, those of the lost node run again on the other
+    (attempt 2), and each attempt is a row of the log."""
+    codes = [f"print({i} * 3)" for i in range(2000)]
+    seen: list[int] = []
+    killed = threading.Event()
+    victim: dict[str, int] = {}
+
+    def on_result(index: int, result: Any) -> None:
+        seen.append(index)
+        if len(seen) == 1000 and not killed.is_set():
+            killed.set()
+            local.kill_node(victim["raylet"])
+
+    with cluster.client(0) as client:
+        probe = client.Sandbox()  # a node to kill: the one this sandbox landed on
+        victim["raylet"] = cluster.raylet_of(probe.sandbox_id)
+        lost = probe.sandbox_id[:8]
+        results = client.map(codes, concurrency=4, on_result=on_result)
+        with contextlib.suppress(codecage.SandboxError):
+            probe.kill()
+    assert killed.is_set()
+    assert len(results) == 2000
+    failed = [i for i, r in enumerate(results) if not isinstance(r, codecage.Execution)]
+    assert failed == [], [results[i] for i in failed[:3]]
+    assert all(r.logs.stdout == [f"{i * 3}\n"] for i, r in enumerate(results))  # type: ignore[union-attr]
+    with contextlib.closing(cluster.audit()) as audit:
+        rows = runs_of(audit, kind="run")
+    done = {r["code"] for r in rows if r["status"] == "completed"}
+    assert done == set(codes)  # every run recorded as completed, once it ran
+    on_lost = [r for r in rows if r["node"] == f"node-{lost}"]
+    assert on_lost and not [r for r in on_lost if r["status"] == "started"]
+    assert local.sweep() >= 0
