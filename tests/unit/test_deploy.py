@@ -6,8 +6,10 @@ KubeRay v1.7.0's and CloudNativePG v1.30.0's APIs, closed the same way), the pod
 inside the RayCluster
 validate as core/v1 pod templates, and the properties that matter hold: the sandbox hosts are
 privileged root pods on the tainted nodes, the head and front ends are not, token
-authentication is on for every Ray container, and the NetworkPolicies, read by a small
-evaluator of their rules, admit exactly the connections docs/cluster.md lists.
+authentication is on for every Ray container, the database's two clients (the front ends and
+the sandbox hosts' NodeHosts, which write the audit rows) take its password and CA from its
+Secrets, and the NetworkPolicies, read by a small evaluator of their rules, admit exactly the
+connections docs/cluster.md lists.
 
 Every check is also run on a copy of the manifests with that property broken, and must
 reject it: a check that looks at nothing fails there."""
@@ -19,6 +21,7 @@ import functools
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -391,9 +394,6 @@ def frontend_problems(docs: list[Doc]) -> list[str]:
         problems.append("--cluster is neither auto nor ray://HOST:10001")
     if option.get("--db") != f"postgresql://codecage@{db}-rw:5432/codecage":
         problems.append("--db is not the database's read-write Service, without a password")
-    password = _env(container).get("PGPASSWORD", {}).get("valueFrom", {}).get("secretKeyRef")
-    if password != {"name": f"{db}-app", "key": "password"}:
-        problems.append("PGPASSWORD is not from the database's app Secret")
     http = {"containerPort": 8000, "name": "http"}
     if option.get("--port") != "8000" or http not in container.get("ports", []):
         problems.append("the front end does not serve on port 8000")
@@ -444,9 +444,6 @@ FRONTEND_BREAKS: dict[str, Callable[[list[Doc]], object]] = {
         5, "postgresql://codecage:pw@codecage-db-rw:5432/codecage"
     ),
     "no cluster address": lambda d: _frontend_args(d).__setitem__(3, "localhost"),
-    "literal password": lambda d: _env(_frontend(one(d, "RayCluster")))["PGPASSWORD"].update(
-        valueFrom={"secretKeyRef": {"name": "other", "key": "password"}}
-    ),
     "service selects every Ray pod": lambda d: one(d, "Service")["spec"]["selector"].pop(
         "app.kubernetes.io/component"
     ),
@@ -467,6 +464,116 @@ def test_front_end_and_database_checks_reject_a_broken_copy(case: str) -> None:
     docs = manifests()
     (FRONTEND_BREAKS | DATABASE_BREAKS)[case](docs)
     assert frontend_problems(docs) + database_problems(docs)
+
+
+# --- the database's clients: the front ends and the sandbox hosts ----------------------------
+
+# The containers that open the audit log, by group: the front end's `codecage serve`, and the
+# sandbox host's Ray container, where the NodeHost writes the rows of its node's runs (with the
+# front end's --db, handed over through Ray; libpq takes the rest from the environment).
+DB_CLIENTS = {"frontend": 1, "sandbox-host": 0}
+
+
+def database_client_problems(docs: list[Doc]) -> list[str]:
+    cluster, db = one(docs, "RayCluster"), one(docs, "Cluster")["metadata"]["name"]
+    problems = []
+    for group, index in DB_CLIENTS.items():
+        spec = pod_spec(cluster, group)
+        container = spec["containers"][index]
+        problems += _libpq_problems(spec, container, f"{group}/{container['name']}", db)
+    return problems
+
+
+def _libpq_problems(spec: Doc, container: Doc, where: str, db: str) -> list[str]:
+    env, problems = _env(container), []
+    password = env.get("PGPASSWORD", {})
+    wanted = {"name": f"{db}-app", "key": "password"}
+    if "value" in password or password.get("valueFrom", {}).get("secretKeyRef") != wanted:
+        problems.append(f"{where}: PGPASSWORD is not the Secret {db}-app's password")
+    plain = [v["name"] for v in container.get("env", []) if _plain_password(v)]
+    plain += [a for a in container.get("command", []) + container.get("args", []) if _url_pw(a)]
+    if plain:
+        problems.append(f"{where}: a password in plain text: {plain}")
+    if env.get("PGSSLMODE", {}).get("value") != "verify-full":
+        problems.append(f"{where}: PGSSLMODE is not verify-full")
+    ca = env.get("PGSSLROOTCERT", {}).get("value", "")
+    if _secret_file(spec, container, ca) != (f"{db}-ca", "ca.crt"):
+        problems.append(f"{where}: PGSSLROOTCERT is not the Secret {db}-ca's ca.crt, mounted")
+    return problems
+
+
+def _plain_password(var: Doc) -> bool:
+    return "value" in var and ("PASSWORD" in var["name"].upper() or _url_pw(var["value"]))
+
+
+def _url_pw(text: str) -> bool:
+    """Whether the text is a URL with a password in it."""
+    return "://" in text and urlsplit(text).password is not None
+
+
+def _secret_file(spec: Doc, container: Doc, path: str) -> tuple[str, str] | None:
+    """The Secret and key a file of the container comes from, if a Secret volume holds it."""
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for mount in container.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        secret = volumes.get(mount["name"], {}).get("secret")
+        if secret is None or not path.startswith(prefix):
+            continue
+        inside = path.removeprefix(prefix)
+        keys = {i["path"]: i["key"] for i in secret.get("items", [{"key": inside, "path": inside}])}
+        if inside in keys:
+            return secret["secretName"], keys[inside]
+    return None
+
+
+def test_database_clients_take_the_password_and_ca_from_the_secrets() -> None:
+    assert database_client_problems(manifests()) == []
+
+
+def _pg_env(d: list[Doc], group: str) -> dict[str, Doc]:
+    return _env(pod_spec(one(d, "RayCluster"), group)["containers"][DB_CLIENTS[group]])
+
+
+def _sandbox_host_env(d: list[Doc]) -> list[Doc]:
+    env: list[Doc] = _sandbox_container(one(d, "RayCluster"))["env"]
+    return env
+
+
+def _plain_text(env: list[Doc]) -> None:
+    env[:] = [v for v in env if v["name"] != "PGPASSWORD"] + [{"name": "PGPASSWORD", "value": "pw"}]
+
+
+DB_CLIENT_BREAKS: dict[str, Callable[[list[Doc]], object]] = {
+    "sandbox host without PGPASSWORD": lambda d: _drop_env(
+        _sandbox_container(one(d, "RayCluster")), "PGPASSWORD"
+    ),
+    "sandbox host's password in plain text": lambda d: _plain_text(_sandbox_host_env(d)),
+    "sandbox host's password in a URL": lambda d: _sandbox_host_env(d).append(
+        {"name": "DATABASE_URL", "value": "postgresql://codecage:pw@codecage-db-rw/codecage"}
+    ),
+    "sandbox host's password from another Secret": lambda d: _pg_env(d, "sandbox-host")[
+        "PGPASSWORD"
+    ]["valueFrom"]["secretKeyRef"].update(name="other"),
+    "sandbox host without TLS": lambda d: _pg_env(d, "sandbox-host")["PGSSLMODE"].update(
+        value="prefer"
+    ),
+    "sandbox host's CA not mounted": lambda d: _sandbox_container(one(d, "RayCluster")).pop(
+        "volumeMounts"
+    ),
+    "sandbox host's CA from another Secret": lambda d: pod_spec(
+        one(d, "RayCluster"), "sandbox-host"
+    )["volumes"][0]["secret"].update(secretName="other"),
+    "front end's password from another Secret": lambda d: _pg_env(d, "frontend")["PGPASSWORD"][
+        "valueFrom"
+    ]["secretKeyRef"].update(name="other"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DB_CLIENT_BREAKS))
+def test_database_client_check_rejects_a_broken_copy(case: str) -> None:
+    docs = manifests()
+    DB_CLIENT_BREAKS[case](docs)
+    assert database_client_problems(docs)
 
 
 # --- NetworkPolicies -------------------------------------------------------------------------
@@ -508,13 +615,14 @@ FLOWS: list[Flow] = [
     *_flows("frontend sandbox-host", "head", RAY_PORTS, True),
     *_flows("head frontend", "sandbox-host", RAY_PORTS, True),
     *_flows("client tenant-here", "frontend", [8000], True),
-    *_flows("frontend standby", "db", [5432], True),
+    *_flows("frontend sandbox-host standby", "db", [5432], True),  # sandbox host: NodeHost's audit
     *_flows("cnpg-operator", "db", [8000], True),
     *_flows("sandbox-host", "dns", [53], True, "UDP"),
     *_flows("tenant-here tenant-pod client", "head", RAY_PORTS, False),
     *_flows("tenant-here client", "sandbox-host frontend", RAY_PORTS, False),
-    *_flows("sandbox-host head tenant-here tenant-pod", "db", [5432], False),
-    *_flows("sandbox-host head frontend", "client", [443], False),
+    *_flows("head tenant-here tenant-pod client", "db", [5432], False),
+    *_flows("sandbox-host frontend", "db", [8000], False),
+    *_flows("sandbox-host head frontend", "client", [443, 5432], False),
     *_flows("sandbox-host", "tenant-here", [8080], False),
     *_flows("sandbox-host", "dns", [80], False),
     *_flows("frontend", "tenant-pod", [8000], False),
@@ -524,8 +632,9 @@ FLOWS: list[Flow] = [
 # Connections each side refuses on its own: the sender's egress and the receiver's ingress
 # (defence in depth: either policy alone, broken, still leaves the other).
 BOTH_SIDES_DENY: list[tuple[str, str, int]] = [
-    ("sandbox-host", "db", 5432),
     ("head", "db", 5432),
+    ("sandbox-host", "db", 8000),
+    ("frontend", "db", 8000),
 ]
 
 
@@ -557,6 +666,12 @@ def _rename_component(docs: list[Doc]) -> None:
     labels["app.kubernetes.io/component"] = "api"
 
 
+def _open_5432(docs: list[Doc]) -> None:
+    """Every pod may send to 5432 and the database takes it from anyone."""
+    _policy(docs, "codecage-ray-peers")["spec"]["egress"].append({"ports": [{"port": 5432}]})
+    _policy(docs, "codecage-db")["spec"]["ingress"][0].pop("from")
+
+
 NETWORK_BREAKS: dict[str, Callable[[list[Doc]], object]] = {
     "ray ports open to all": lambda d: _policy(d, "codecage-ray-peers")["spec"]["ingress"][0].pop(
         "from"
@@ -572,6 +687,28 @@ NETWORK_BREAKS: dict[str, Callable[[list[Doc]], object]] = {
         0
     ].pop("ports"),
     "no database policy": lambda d: d.remove(_policy(d, "codecage-db")),
+    "database open on 5432 to all": lambda d: _policy(d, "codecage-db")["spec"]["ingress"][0].pop(
+        "from"
+    ),
+    "database admits the head": lambda d: _policy(d, "codecage-db")["spec"]["ingress"][0][
+        "from"
+    ].append({"podSelector": {"matchLabels": {"app.kubernetes.io/component": "ray-head"}}}),
+    "everything reaches 5432": _open_5432,
+    "sandbox host's database egress for every Ray pod": lambda d: _policy(
+        d, "codecage-sandbox-host"
+    )["spec"]["podSelector"]["matchLabels"].pop("app.kubernetes.io/component"),
+    "sandbox host without egress to the database": lambda d: d.remove(
+        _policy(d, "codecage-sandbox-host")
+    ),
+    "database refuses the sandbox host": lambda d: _policy(d, "codecage-db")["spec"]["ingress"][0][
+        "from"
+    ].pop(1),
+    "sandbox host's 5432 to any address": lambda d: _policy(d, "codecage-sandbox-host")["spec"][
+        "egress"
+    ][0].pop("to"),
+    "sandbox host's database egress on every port": lambda d: _policy(d, "codecage-sandbox-host")[
+        "spec"
+    ]["egress"][0].pop("ports"),
     "database open to every Ray pod": lambda d: _policy(d, "codecage-db")["spec"]["ingress"][0][
         "from"
     ][0]["podSelector"]["matchLabels"].pop("app.kubernetes.io/component"),
