@@ -30,6 +30,7 @@ from baselines import (  # noqa: E402
     python_c_same_imports,
     timed,
 )
+from cluster import cluster_figures  # noqa: E402
 from density import bwrap_baseline, pool_figures, scaling, throughput  # noqa: E402
 from e2b_sdk import e2b_figures  # noqa: E402
 from mcp_overhead import mcp_overhead  # noqa: E402
@@ -224,8 +225,17 @@ def main() -> None:
     parser.add_argument(
         "--packages-only", action="store_true", help="pip install from the wheelhouse only"
     )
+    parser.add_argument(
+        "--cluster-only", action="store_true", help="batch, front end and PostgreSQL figures only"
+    )
     args = parser.parse_args()
     n = 10 if args.quick else 40
+    if args.cluster_only:
+        figures_c: Figures = {}
+        rates_c: dict[str, float] = {}
+        cluster_figures(figures_c, rates_c, measure, n)
+        print(json.dumps({"results": figures_c, "ratios": rates_c}, indent=2))
+        return
     if args.templates_only:
         figures_t: Figures = {}
         rates_t: dict[str, float] = {}
@@ -270,6 +280,7 @@ def main() -> None:
     volume_figures(results, ratios, measure, n)
     throughput(results, ratios)
     audit_figures(results, ratios)
+    cluster_figures(results, ratios, measure, n)
     service_at_scale(results, ratios, measure, 100 if args.quick else 1000)
     sandbox_memory(memory)
     rows = scaling(HERE, (1, 10, 100) if args.quick else (1, 10, 100, 500, 1000))

@@ -10,6 +10,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,7 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (make installs it)
 class Running:
     cluster: local.Cluster
     key: str
+    other_key: str  # tenant bob's
     fronts: list[subprocess.Popen[bytes]]
     urls: list[str]
 
@@ -104,12 +106,13 @@ def cluster() -> Iterator[Running]:
     try:
         running = local.up(2, where, cpus_per_node=2)
         key = cli("keys", "create", "--tenant", "alice", "--db", running.db)
+        other = cli("keys", "create", "--tenant", "bob", "--db", running.db)
         urls = []
         for n in range(2):
             front, url = start_front(running, where / f"front{n}.log")
             fronts.append(front)
             urls.append(url)
-        yield Running(running, key, fronts, urls)
+        yield Running(running, key, other, fronts, urls)
     finally:
         for front in fronts:
             stop_process(front)
@@ -182,6 +185,58 @@ def _env(values: dict[str, str]) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_the_front_end_admits_before_it_reads(cluster: Running) -> None:
+    """The front end is a new surface: keys, tenants, E2B's tokens and body bounds hold
+    there before a node sees the request. Each refusal has its control that passes."""
+    url = cluster.urls[0]
+    alice = {"Authorization": f"Bearer {cluster.key}"}
+    with cluster.client(0) as client:
+        sbx = client.Sandbox()
+        try:
+            path = f"/v1/sandboxes/{sbx.sandbox_id}/execute"
+            assert httpx.post(url + path, json={"code": "1"}, headers=alice).status_code == 200
+            no_key = httpx.post(url + path, json={"code": "1"})
+            assert no_key.status_code == 401 and no_key.json()["error"]["type"] == "Unauthorized"
+            bad = httpx.post(url + path, json={"code": "1"}, headers={"Authorization": "Bearer x"})
+            assert bad.status_code == 401
+            # another tenant's sandbox is the same 404 as one that never was
+            bob = {"Authorization": f"Bearer {cluster.other_key}"}
+            theirs = httpx.post(url + path, json={"code": "1"}, headers=bob)
+            never = sbx.sandbox_id[:8] + "0" * 24
+            none = httpx.post(
+                url + f"/v1/sandboxes/{never}/execute", json={"code": "1"}, headers=bob
+            )
+            assert theirs.status_code == none.status_code == 404
+            assert (
+                theirs.json()["error"]["type"] == none.json()["error"]["type"] == "SandboxNotFound"
+            )
+            # E2B's control plane: its key header and its error shape
+            e2b = httpx.get(url + "/v2/sandboxes", headers={"X-API-KEY": "nope"})
+            assert e2b.status_code == 401 and e2b.json()["code"] == 401
+            ok = httpx.get(url + "/v2/sandboxes", headers={"X-API-KEY": cluster.key})
+            assert ok.status_code == 200
+            # a sandbox's E2B ports: an unknown id is the proxy's 502, no token a 401
+            ports = {"E2b-Sandbox-Id": never, "E2b-Sandbox-Port": "49983"}
+            assert httpx.get(url + "/health", headers=ports).status_code == 502
+            ports["E2b-Sandbox-Id"] = sbx.sandbox_id  # made through codecage's API: no token
+            assert httpx.get(url + "/health", headers=ports).status_code == 401
+            # a body is never read before its key is checked (no body sent: no wait for it)
+            host, port = url.removeprefix("http://").split(":")
+            with socket.create_connection((host, int(port)), timeout=10) as raw:
+                raw.sendall(
+                    f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {10 << 30}\r\n\r\n".encode()
+                )
+                assert raw.recv(4096).startswith(b"HTTP/1.1 401")
+            # with the key, a body over the limit is a 413 (the control: it is read, and cut)
+            big = {"code": "x" * (11 << 20)}
+            over = httpx.post(url + path, json=big, headers=alice, timeout=60)
+            assert over.status_code == 413
+            assert httpx.get(url + "/v1/volumes", headers=alice).status_code == 501
+        finally:
+            sbx.kill()
 
 
 def test_a_front_end_killed_with_sigkill_loses_nothing(cluster: Running) -> None:
