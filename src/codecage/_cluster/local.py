@@ -37,13 +37,14 @@ from . import postgres
 DEFAULT_DIR = Path("/var/lib/codecage/cluster")
 HOST = "127.0.0.2"
 RESOURCE = "codecage_node"
-# Node liveness for a machine of its own: a node that stops answering is dead in ~3 s
-# (Ray's default, ~30 s, suits a network that drops packets; loopback does not).
+# Node liveness for a machine of its own: a node that stops answering is dead in ~10 s
+# (Ray's default, ~30 s, suits a network that drops packets; loopback does not, but a
+# loaded machine can hold a raylet off the CPU for seconds: five misses of 2 s each).
 HEALTH = {
     "RAY_health_check_initial_delay_ms": "1000",
     "RAY_health_check_period_ms": "1000",
-    "RAY_health_check_timeout_ms": "1000",
-    "RAY_health_check_failure_threshold": "3",
+    "RAY_health_check_timeout_ms": "2000",
+    "RAY_health_check_failure_threshold": "5",
 }
 
 
