@@ -319,6 +319,7 @@ def test_a_node_killed_mid_run_affects_only_its_own(cluster: Running) -> None:
     assert local.sweep() >= 0
 
 
+@pytest.mark.timeout(900)  # 2,000 sandboxes: about a minute here, a slower CI machine more
 def test_a_batch_of_2000_runs_survives_a_node_killed_halfway(cluster: Running) -> None:
     """client.map over both nodes; one node is killed with SIGKILL when half the results
     are in: every run is accounted for, those of the lost node run again on the other
