@@ -240,13 +240,17 @@ async def call(node: Node, scope: Scope, body: bytes) -> Answer:
     )
     iterator = generator.__aiter__()
     try:
-        status, headers = await asyncio.wait_for(_await(await iterator.__anext__()), CALL_TIMEOUT_S)
+        first = await asyncio.wait_for(_await(await iterator.__anext__()), CALL_TIMEOUT_S)
     except _ray_errors() as exc:
         raise NodeLost(str(exc)) from None
     except StopAsyncIteration:
         raise NodeLost("the node answered nothing") from None
+    status, headers, *whole_body = first  # (status, headers[, the whole body])
 
     async def chunks() -> AsyncIterator[bytes]:
+        if whole_body:
+            yield whole_body[0]
+            return
         try:
             async for ref in iterator:
                 yield await ref

@@ -124,7 +124,8 @@ class NodeHost:
         client: tuple[str, int] | None = None,
     ) -> AsyncIterator[Any]:
         """One HTTP request through the node's app: yields (status, headers) first, then
-        the body's chunks as the app sends them."""
+        the body's chunks as the app sends them; an answer whose whole body comes in its
+        first message is one item, (status, headers, body): one hop, not two."""
         if self._lifespan is None:
             await self.start()
         scope = {
@@ -164,14 +165,24 @@ class NodeHost:
 
         task = asyncio.ensure_future(run())
         try:
+            head: tuple[int, list[Any]] | None = None
             while (message := await sent.get()) is not None:
                 if message["type"] == "http.response.start":
-                    yield (int(message["status"]), list(message.get("headers", [])))
-                elif message["type"] == "http.response.body":
+                    head = (int(message["status"]), list(message.get("headers", [])))
+                    continue
+                if head is not None and message["type"] == "http.response.body":
+                    if not message.get("more_body"):
+                        yield (*head, bytes(message.get("body", b"")))
+                        break
+                    yield head
+                    head = None
+                if message["type"] == "http.response.body":
                     if message.get("body"):
                         yield bytes(message["body"])
                     if not message.get("more_body"):
                         break
+            if head is not None:  # a head and no body message: an empty answer
+                yield (*head, b"")
             await task
         finally:
             gone.set()

@@ -46,6 +46,8 @@ BATCH = 512  # writes per commit; also rows per page when reading
 PRUNE_CHUNK = 2000  # rows deleted per transaction, so that writers are not held up
 PRUNE_EVERY_S = 600.0
 IDLE_CHECK_S = 1.0  # a writer's connection idle longer is checked before it is used
+IDENTITY_TTL_S = 5.0  # a key found in a database server is kept this long (identity())
+IDENTITIES_KEPT = 10_000
 
 MIGRATIONS = [
     # 1: runs and API keys
@@ -265,6 +267,7 @@ class AuditLog:
         self._closed = False
         self._next_prune = 0.0  # monotonic time of the next retention pass (if retain_s)
         self._writer = self._start_writer()
+        self._identities: dict[str, tuple[float, tuple[str, str, str]]] = {}
 
     def _start_writer(self) -> threading.Thread:
         writer = threading.Thread(target=self._write_loop, name="codecage-audit", daemon=True)
@@ -642,10 +645,23 @@ class AuditLog:
         return None if found is None else found[0]
 
     def identity(self, key: str) -> tuple[str, str, str] | None:
-        """(tenant, role, key id) of an API key; the id is a prefix of its hash, for the log."""
+        """(tenant, role, key id) of an API key; the id is a prefix of its hash, for the log.
+        From a database server, a key found is kept IDENTITY_TTL_S (every request asks: a
+        cluster's front end and then its node); keys are never revoked, so nothing kept
+        can go stale (one that is not found is asked again)."""
         digest = _key_hash(key)
+        remote = self.db.local_dir is None
+        if remote:
+            kept = self._identities.get(digest)
+            if kept is not None and time.monotonic() - kept[0] < IDENTITY_TTL_S:
+                return kept[1]
         rows = self._read("SELECT tenant, role FROM api_keys WHERE key_sha256=?", (digest,))
-        return None if not rows else (str(rows[0]["tenant"]), str(rows[0]["role"]), digest[:12])
+        found = None if not rows else (str(rows[0]["tenant"]), str(rows[0]["role"]), digest[:12])
+        if remote and found is not None:
+            if len(self._identities) >= IDENTITIES_KEPT:
+                self._identities.clear()
+            self._identities[digest] = (time.monotonic(), found)
+        return found
 
     # -- reading ---------------------------------------------------------------------------
 

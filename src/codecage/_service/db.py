@@ -18,8 +18,10 @@ SQLite's words; a database says how it differs:
 - failing to reach the database is `errors` (the audit log makes it AuditUnavailable:
   a 503, and nothing runs).
 
-Reads take a connection with `reading()`: a connection per thread for SQLite, a small pool
-for PostgreSQL (a front end's threads would otherwise hold a server connection each).
+Reads take a connection with `reading()`: a connection per thread for SQLite; for
+PostgreSQL, at most READERS at once (a front end's threads would otherwise hold a server
+connection each), kept between reads and checked when one has been idle a while (a server
+that restarted closed it), else opened anew: a server that is back is used at once.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import re
 import sqlite3
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,12 +39,12 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import psycopg
-    import psycopg_pool
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 CONNECT_TIMEOUT_S = 5  # a database that does not answer is unavailable, not a hang
 STATEMENT_TIMEOUT_MS = 30_000
-READ_POOL_SIZE = 4
+READERS = 4  # PostgreSQL connections reading at once, per process
+IDLE_CHECK_S = 1.0  # a kept connection idle longer is checked before it is used
 MIGRATION_LOCK = 0x636F6465  # pg_advisory_xact_lock's key for migrations ("code")
 
 
@@ -173,13 +176,13 @@ def postgres_ddl(statement: str) -> str:
 class Postgres(Database):
     def __init__(self, url: str) -> None:
         import psycopg
-        import psycopg_pool
 
         self.url = url
         self.label = redacted(url)
-        self.errors = (psycopg.Error, psycopg_pool.PoolTimeout, OSError)
-        self._pool: psycopg_pool.ConnectionPool | None = None
-        self._pool_lock = threading.Lock()
+        self.errors = (psycopg.Error, OSError)  # TimeoutError (no reader free) is an OSError
+        self._idle: list[tuple[float, psycopg.Connection[Any]]] = []
+        self._idle_lock = threading.Lock()
+        self._readers = threading.BoundedSemaphore(READERS)
 
     def _kwargs(self) -> dict[str, Any]:
         return {
@@ -194,28 +197,38 @@ class Postgres(Database):
 
         return psycopg.connect(self.url, **self._kwargs())
 
-    def _readers(self) -> psycopg_pool.ConnectionPool:
-        with self._pool_lock:
-            if self._pool is None:
-                import psycopg_pool
-                from psycopg.rows import dict_row
-
-                self._pool = psycopg_pool.ConnectionPool(
-                    self.url,
-                    min_size=0,
-                    max_size=READ_POOL_SIZE,
-                    kwargs={**self._kwargs(), "row_factory": dict_row},
-                    timeout=CONNECT_TIMEOUT_S,
-                    check=psycopg_pool.ConnectionPool.check_connection,  # one lost in a restart
-                    name="codecage-audit-readers",
-                    open=True,
-                )
-            return self._pool
-
     @contextlib.contextmanager
     def reading(self) -> Iterator[psycopg.Connection[Any]]:
-        with self._readers().connection() as conn:
-            yield conn
+        from psycopg.rows import dict_row
+
+        if not self._readers.acquire(timeout=CONNECT_TIMEOUT_S):
+            raise TimeoutError(f"all {READERS} readers of the audit log are busy")
+        try:
+            conn = None
+            with self._idle_lock:
+                if self._idle:
+                    used, conn = self._idle.pop()
+            if conn is not None and (
+                not self.usable(conn)
+                or (time.monotonic() - used > IDLE_CHECK_S and not self.alive(conn))
+            ):
+                with contextlib.suppress(Exception):
+                    conn.close()
+                conn = None
+            if conn is None:
+                conn = self.connect()
+                conn.row_factory = dict_row
+            try:
+                yield conn
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    conn.close()
+                raise
+            if self.usable(conn):
+                with self._idle_lock:
+                    self._idle.append((time.monotonic(), conn))
+        finally:
+            self._readers.release()
 
     def sql(self, text: str) -> str:
         return text.replace("rowid, *", "*").replace("?", "%s")
@@ -258,7 +271,8 @@ class Postgres(Database):
             conn.execute("COMMIT")
 
     def close(self) -> None:
-        with self._pool_lock:
-            if self._pool is not None:
-                self._pool.close()
-                self._pool = None
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for _, conn in idle:
+            with contextlib.suppress(Exception):
+                conn.close()
