@@ -168,7 +168,8 @@ def test_a_service_on_postgres_records_every_run(postgres_url: str, tmp_path: Pa
     assert row["code"] == "6 * 7" and row["status"] == "completed"
     assert row["outcome"] == "ok" and row["node"]
     listed = cli("audit", "list", "--db", postgres_url)  # the CLI reads the same log
-    assert row["id"][:8] in listed
+    (line,) = [x for x in listed.splitlines() if row["id"][:12] in x]
+    assert f"{row['language']}/{row['context_id']}" in line and row["node"][:16] in line
 
 
 def test_the_service_answers_503_and_runs_nothing_while_its_database_is_down(

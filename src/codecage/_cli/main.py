@@ -283,9 +283,11 @@ def _list_line(row: dict[str, Any]) -> str:
 
     when = _time.strftime("%Y-%m-%d %H:%M:%S", _time.localtime(row["started_at"]))
     first = (row["code"] or "").splitlines()[0][:60] if row["code"] else ""
+    cell = f"{row.get('language') or '-'}/{row.get('context_id') or '-'}"[:24]
     return (
         f"{when} {row['id'][:12]} {row['tenant']:<12} {row['kind']:<13} {row['status']:<11}"
-        f" {row['outcome'] or '-':<8} {row['killed_by'] or '-':<12} {first}"
+        f" {row['outcome'] or '-':<8} {row['killed_by'] or '-':<12} {cell:<16}"
+        f" {(row.get('node') or '-')[:16]:<16} {first}"
     )
 
 
