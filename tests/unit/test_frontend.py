@@ -223,3 +223,120 @@ def test_a_bad_batch_gets_the_nodes_own_answer(body: bytes) -> None:
     )
     answer = request(cluster, "POST", "/v1/batch", headers=KEY, content=body)
     assert answer.status_code == 422
+
+
+# -- attacks on the front end (tests/test_cluster_attacks.py has the real cluster's) ----------
+
+
+def batch_node(name: str) -> Callable[[str, str, bytes], Reply]:
+    """A node's /v1/batch as the service's: a batch it cannot take is its own 4xx, whole."""
+    from codecage._service.app import MAX_BATCH
+
+    runs = batch_app(name)
+
+    def app(method: str, path: str, body: bytes) -> Reply:
+        try:
+            codes = json.loads(body)["codes"]
+        except (ValueError, RecursionError):
+            return json_reply({"error": {"type": "ValidationError"}}, 422)
+        if not isinstance(codes, list) or not 0 < len(codes) <= MAX_BATCH:
+            return json_reply({"error": {"type": "ValidationError", "count": len(codes)}}, 422)
+        if not all(isinstance(code, str) for code in codes):
+            return json_reply({"error": {"type": "ValidationError"}}, 422)
+        return runs(method, path, body)
+
+    return app
+
+
+def test_a_batch_over_one_nodes_limit_is_refused_whole_not_dealt_out() -> None:
+    from codecage._service.app import MAX_BATCH
+
+    hosts = {A: FakeHost(batch_node("a")), B: FakeHost(batch_node("b"))}
+    cluster = FakeCluster(hosts)
+    # The control: MAX_BATCH codes are dealt over both nodes and all run.
+    lines = _batch(cluster, ["1"] * MAX_BATCH)
+    assert lines[-1] == {"ev": "end", "count": MAX_BATCH, "ok": MAX_BATCH, "errors": 0}
+    assert {r["execution"]["on"] for r in lines[:-1]} == {"a", "b"}
+    # One more: each node's share would pass, the batch must not (it is one batch).
+    over = request(
+        cluster, "POST", "/v1/batch", headers=KEY, json={"codes": ["1"] * (MAX_BATCH + 1)}
+    )
+    assert over.status_code == 422 and over.json()["error"]["count"] == MAX_BATCH + 1
+    # Empty codes (3 bytes each) by the million: one refusal, not a line per code.
+    flood = request(cluster, "POST", "/v1/batch", headers=KEY, json={"codes": [""] * 1_000_000})
+    assert flood.status_code == 422 and len(flood.content) < 1000
+    # Not a list of strings, or JSON nested past Python's recursion: the node's 4xx, no 5xx.
+    for body in (b'{"codes": [1, 2]}', b'{"codes": ' + b"[" * 100_000 + b"}"):
+        answer = request(cluster, "POST", "/v1/batch", headers=KEY, content=body)
+        assert answer.status_code == 422, answer.text
+
+
+def front_request(front: FrontEnd, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=front)
+        async with httpx.AsyncClient(transport=transport, base_url="http://front") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(go())
+
+
+def test_a_credential_or_routing_header_given_twice_is_refused_before_any_node() -> None:
+    host = FakeHost(named("a"))
+    cluster = FakeCluster({A: host})
+    sandbox = A + "0" * 24
+    twice: list[tuple[str, list[tuple[str, str]]]] = [
+        ("/v1/sandboxes", [("Authorization", "Bearer k"), ("Authorization", "Bearer other")]),
+        ("/v2/sandboxes", [("X-API-KEY", "k"), ("X-API-KEY", "other")]),
+        ("/health", [("E2b-Sandbox-Id", sandbox), ("E2b-Sandbox-Id", B + "0" * 24)]),
+        (
+            "/health",
+            [("E2b-Sandbox-Id", sandbox), ("X-Access-Token", "tok"), ("X-Access-Token", "other")],
+        ),
+    ]
+    for path, headers in twice:
+        answer = request(cluster, "GET", path, headers=headers)
+        assert answer.status_code == 400, (path, headers, answer.text)
+        assert "more than once" in answer.text
+    assert host.request.calls == 0 and host.access.calls == 0
+    # The controls: each header once, the request reaches the node.
+    assert request(cluster, "GET", "/v1/sandboxes", headers=KEY).status_code == 200
+    once = {"E2b-Sandbox-Id": sandbox, "X-Access-Token": "tok"}
+    assert request(cluster, "GET", "/health", headers=once).status_code == 200
+    assert host.request.calls == 2
+
+
+def test_an_e2b_sandbox_id_that_is_no_id_asks_no_node_and_is_not_kept() -> None:
+    host = FakeHost(named("a"))
+    cluster = FakeCluster({A: host})
+    front = FrontEnd(cluster.config, cluster)
+    # A node's prefix (ids show it) and anything after it: every one a different id.
+    for n in range(20):
+        junk = A + f"{n}" + "x" * 100_000
+        answer = front_request(front, "GET", "/health", headers={"E2b-Sandbox-Id": junk})
+        assert answer.status_code == 502 and len(answer.content) < 1000
+    assert host.access.calls == 0 and not front._access
+    # The control: a well-formed id of that node is asked about (and kept a while).
+    answer = front_request(
+        front, "GET", "/health", headers={"E2b-Sandbox-Id": A + "0" * 24, "X-Access-Token": "tok"}
+    )
+    assert answer.status_code == 200 and host.access.calls == 1 and len(front._access) == 1
+
+
+def test_an_unreachable_audit_log_is_503_without_its_address() -> None:
+    from codecage._errors import AuditUnavailable
+
+    class Down(FakeAudit):
+        def identity(self, key: str) -> tuple[str, str, str] | None:
+            raise AuditUnavailable(
+                "the audit log (postgresql://codecage:***@10.1.2.3:5432/codecage) cannot be"
+                ' read: connection to server at "10.1.2.3", port 5432 failed'
+            )
+
+    host = FakeHost(named("a"))
+    cluster = FakeCluster({A: host})
+    cluster.audit = Down()  # type: ignore[assignment]
+    for path, headers in (("/v1/sandboxes", KEY), ("/v2/sandboxes", {"X-API-KEY": "k"})):
+        answer = request(cluster, "GET", path, headers=headers)
+        assert answer.status_code == 503, answer.text
+        assert "10.1.2.3" not in answer.text and "postgresql" not in answer.text
+    assert host.request.calls == 0

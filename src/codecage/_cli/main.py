@@ -176,7 +176,11 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         return 1
     print(
         json.dumps(
-            {"address": running.address, "nodes": running.nodes, "raylets": len(local.raylets())}
+            {
+                "address": found.address,
+                "nodes": found.nodes,
+                "raylets": len(local.raylets(args.dir)),
+            }
         )
     )
     return 0

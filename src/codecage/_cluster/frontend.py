@@ -58,6 +58,14 @@ ACCESS_TTL_S = 5.0  # a sandbox's access token, as its node told it, is kept thi
 NODE_START_TIMEOUT_S = 180.0
 CALL_TIMEOUT_S = 30.0  # an answer's head from a node (the body streams without a limit)
 SANDBOX_PATH = re.compile(r"^/(?:v1/|v2/)?sandboxes/([0-9a-f]{32})(?:/|$)")
+SANDBOX_ID = re.compile(r"[0-9a-f]{32}")  # what a node's sandbox ids are (node.py)
+# Headers the front end decides by (who asks, which sandbox) and the node reads again: given
+# twice, the two could read different ones (the node's Bearer check takes the last, the
+# front end the first), so the front end would admit, count and place one tenant while
+# the node acts for another. Each may be given once.
+ONCE = (b"authorization", b"x-api-key", b"e2b-sandbox-id", b"e2b-sandbox-port",
+        b"x-access-token", b"e2b-traffic-access-token", b"host")  # fmt: skip
+ACCESS_KEPT = 10_000  # sandboxes' access answers kept at most (then forgotten at once)
 LISTS = {"/v1/sandboxes", "/v2/sandboxes", "/sandboxes", "/v1/approvals"}
 PLACED = {("POST", "/v1/sandboxes"), ("POST", "/v2/sandboxes"), ("POST", "/v1/run")}
 NODE_LOCAL = ("/v1/volumes", "/v1/snapshots", "/v1/templates", "/snapshots", "/templates")
@@ -303,6 +311,7 @@ class FrontEnd:
             return
         from .._service.e2b import _by_host, _header
 
+        twice = _repeated(scope)
         scope = _by_host(scope)
         sandbox_id = _header(scope, b"e2b-sandbox-id")
         path = scope["path"]
@@ -318,6 +327,8 @@ class FrontEnd:
             await self._json(send, 200, {"status": "ok", "nodes": len(nodes), "cluster": True})
             return
         try:
+            if twice is not None:
+                raise Refusal(400, "BadRequest", f"the {twice} header is given more than once")
             if path in OPEN:
                 await self._relay(send, await self._any(scope, b""))
                 return
@@ -327,6 +338,11 @@ class FrontEnd:
                 raise Refusal(429, "QuotaExceeded", f"more than {cap} requests in flight (quota)")
         except Exception as exc:
             refusal = _refusal(exc)
+            if refusal.kind == "AuditUnavailable":  # asked by anyone: the cause is the log's
+                from .._service.app import AUDIT_DOWN
+
+                log.warning("admission: %s", refusal.message)
+                refusal = Refusal(503, refusal.kind, AUDIT_DOWN)
             await self._error(send, surface, refusal, early=True)
             return
         self.in_flight[tenant] = self.in_flight.get(tenant, 0) + 1
@@ -393,6 +409,8 @@ class FrontEnd:
         return str(who[0])
 
     async def _sandbox_access(self, sandbox_id: str) -> tuple[str, str | None] | None:
+        if SANDBOX_ID.fullmatch(sandbox_id) is None:  # no node has it: none is asked, none kept
+            return None
         now = time.monotonic()
         kept = self._access.get(sandbox_id)
         if kept is not None and now - kept[0] < ACCESS_TTL_S:
@@ -405,7 +423,7 @@ class FrontEnd:
         except _ray_errors():
             await asyncio.to_thread(self.cluster.lose, node.prefix)
             return None
-        if len(self._access) > 10_000:
+        if len(self._access) >= ACCESS_KEPT:
             self._access.clear()
         self._access[sandbox_id] = (now, access)
         return access  # type: ignore[no-any-return]
@@ -542,12 +560,19 @@ class FrontEnd:
     # -- batch ---------------------------------------------------------------------------------
 
     async def _batch(self, scope: Scope, send: Send, body: bytes, tenant: str) -> None:
+        from .._service.app import MAX_BATCH
+
         try:
             request = json.loads(body)
             codes = request["codes"]
-            if not isinstance(codes, list) or not codes:
+            # What one node would refuse is refused whole, as one node refuses it: dealt
+            # out, a batch over MAX_BATCH would pass (each node's share within it), and a
+            # refused share is a line per run (millions, for a body of empty codes).
+            if not isinstance(codes, list) or not 0 < len(codes) <= MAX_BATCH:
                 raise ValueError
-        except (ValueError, KeyError, TypeError):
+            if not all(isinstance(code, str) for code in codes):
+                raise ValueError
+        except (ValueError, KeyError, TypeError, RecursionError):
             await self._relay(send, await self._any(scope, body))  # the node's own 4xx
             return
         nodes = await self.cluster.loads()
@@ -700,6 +725,17 @@ class FrontEnd:
             headers.append((b"www-authenticate", b"Bearer"))
         with contextlib.suppress(Exception):  # an answer already begun cannot be replaced
             await self._send(send, refusal.status, headers, data)
+
+
+def _repeated(scope: Scope) -> str | None:
+    """The first of ONCE that the request gives more than once, if any."""
+    seen: set[bytes] = set()
+    for key, _ in scope.get("headers", []):
+        if key in ONCE:
+            if key in seen:
+                return bytes(key).decode()
+            seen.add(key)
+    return None
 
 
 def _lost(index: int, attempt: int) -> dict[str, Any]:

@@ -131,8 +131,7 @@ def up(
     db = postgres.start(directory / "postgres")
     token = directory / "ray-token"
     if not token.exists():
-        token.write_text(secrets.token_hex(32))
-        token.chmod(0o600)
+        postgres.write_private(token, secrets.token_hex(32))
     cluster = Cluster(str(directory), f"{HOST}:{_free_port()}", db.url(), nodes)
     env = {**cluster.env(), **HEALTH}
     env.pop("RAY_ADDRESS")
@@ -151,8 +150,7 @@ def up(
         say(f"sandbox node {n + 1} of {nodes} ...")
         add_node(cluster, cpus, env, log)
     state = directory / "cluster.json"
-    state.write_text(json.dumps(asdict(cluster)))
-    state.chmod(0o600)
+    postgres.write_private(state, json.dumps(asdict(cluster)))  # the database's password
     return cluster
 
 

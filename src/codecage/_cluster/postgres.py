@@ -111,6 +111,19 @@ def _give(path: Path, owner: tuple[int, int] | None, mode: int) -> None:
         os.chown(path, *owner)
 
 
+def write_private(path: Path, text: str, owner: tuple[int, int] | None = None) -> None:
+    """`text` in `path`, readable by its owner only from the moment it exists (written,
+    then chmod, it could be opened in between: its directory is 0755)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # one that was there already
+        if owner is not None:
+            os.fchown(fd, *owner)
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+
+
 def start(directory: str | Path) -> Server:
     """Make (once) and start the server kept in `directory`; returns it when it answers."""
     directory = Path(directory).resolve()
@@ -133,8 +146,7 @@ def start(directory: str | Path) -> Server:
         _give(data, owner, 0o700)
         password = secrets.token_urlsafe(24)
         pwfile = directory / ".pwfile"  # initdb reads it as the server's user; gone after
-        pwfile.write_text(password + "\n")
-        _give(pwfile, owner, 0o600)
+        write_private(pwfile, password + "\n", owner)
         try:
             _run(
                 [
@@ -150,8 +162,7 @@ def start(directory: str | Path) -> Server:
             )
         finally:
             pwfile.unlink(missing_ok=True)
-        password_file.write_text(password)
-        password_file.chmod(0o600)
+        write_private(password_file, password)
         port_file.write_text(str(_free_port()))
     password = password_file.read_text().strip()
     port = int(port_file.read_text())

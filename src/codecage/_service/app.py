@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import os
 import signal
 import time
@@ -411,6 +412,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     for code in (400, 401, 403, 404, 408, 409, 413, 415, 422, 429, 500, 503)
 }
 PIPELINED_MAX = 16  # HTTP/1.1 requests one connection may send ahead of their answers
+HEAD_MAX_BYTES = 64 << 10  # a request's line and headers (llhttp itself has no limit)
 SCRAPES = 4  # /metrics requests at once (it is open: no tenant's quota covers it)
 # DELETEs a tenant may have in flight beyond quotas.concurrent_requests: a tenant whose places
 # are all held (by runs that go on) can still end what holds them. A delete never waits for a
@@ -1745,6 +1747,10 @@ class Refused(Exception):
         self.status, self.message, self.kind = status, message, kind
 
 
+AUDIT_DOWN = "the audit log cannot be reached (the service's log says why)"
+_log = logging.getLogger("codecage.service")
+
+
 class Admission:
     """In front of everything: the API key is checked from the headers before any body is
     read (401 at once), each tenant's requests in flight are capped (429 at once), and a
@@ -1838,7 +1844,10 @@ class Admission:
             await self.refuse(send, refused.status, refused.kind, refused.message)
             return
         except AuditUnavailable as exc:  # keys live in the audit log's database
-            await self.refuse(send, 503, "AuditUnavailable", str(exc))
+            # Anyone may ask (no key is checked yet): the cause, with the database's
+            # address and its driver's words, is for the service's log only.
+            _log.warning("admission: %s", exc)
+            await self.refuse(send, 503, "AuditUnavailable", AUDIT_DOWN)
             return
         if who is None:
             await self.refuse(
@@ -1903,11 +1912,24 @@ def _protocol(header_timeout_s: float, max_connections: int) -> type:
     disconnected (uvicorn's own keep-alive timeout only covers idle connections). A
     connection beyond `max_connections` is closed at once, so idle ones cannot pile up
     descriptors (uvicorn alone keeps them and answers their requests 503); so is one with
-    more than PIPELINED_MAX requests sent ahead of their answers."""
+    more than PIPELINED_MAX requests sent ahead of their answers, or with a request line and
+    headers over HEAD_MAX_BYTES."""
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
     class HeaderDeadline(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
+        _head_bytes = 0
+
+        def data_received(self, data: bytes) -> None:
+            within = self._deadline is not None  # a request's line and headers under way
+            self._head_bytes = self._head_bytes + len(data) if within else 0
+            super().data_received(data)
+            if self._deadline is not None and self._head_bytes > HEAD_MAX_BYTES:
+                # Still no end of the headers (the body after them is not counted). No key
+                # is needed to send headers and uvicorn keeps them whole: a megabyte of
+                # them on each of max_connections, held until the header deadline.
+                self._disarm()
+                self.transport.close()
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
