@@ -32,7 +32,10 @@ PREFIX = "/console"
 FORM_BYTES = 64 << 10  # a console form's body at most (a key, a reason)
 # Reached without a session: the sign-in page and the files every page needs.
 OPEN = frozenset(
-    {f"{PREFIX}/signin", f"{PREFIX}/static/console.css", f"{PREFIX}/static/console.js"}
+    {
+        f"{PREFIX}/signin",
+        *(f"{PREFIX}/static/{name}" for name in ("console.css", "console.js", "icon.svg")),
+    }
 )
 
 

@@ -32,7 +32,7 @@ from .safety import HEADERS, IMAGE_HEADERS, code_lines, image_type
 from .sessions import Session, Sessions, cookie_header, csrf_ok, is_https
 
 HERE = Path(__file__).parent
-STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
+STATIC = {"console.css": "text/css", "console.js": "text/javascript", "icon.svg": "image/svg+xml"}
 OUTCOMES = ("ok", "error", "killed", "failed", "rejected", "denied", "interrupted")
 PAGE = 50  # runs per page of the audit trail
 RECENT_S = 600  # decisions shown under the pending approvals: those of the last minutes
@@ -114,6 +114,8 @@ def manager_of(request: Request) -> Manager:
 def same_origin(request: Request) -> bool:
     """A state change must come from a page of ours: an Origin (or, without one, a
     Referer) naming another host is refused, whatever the token."""
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        return False
     origin = request.headers.get("origin") or request.headers.get("referer")
     if origin is None or origin == "null":
         return origin is None
