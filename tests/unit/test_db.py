@@ -39,7 +39,7 @@ def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:
 def test_every_table_gets_a_rowid_and_times_are_eight_bytes() -> None:
     ddl = [postgres_ddl(s) for script in MIGRATIONS for s in statements(script)]
     creates = [s for s in ddl if s.startswith("CREATE TABLE")]
-    assert len(creates) == 4
+    assert len(creates) == 5  # runs, api_keys, approvals, packages, run_images
     assert all("(rowid BIGSERIAL NOT NULL UNIQUE, " in s for s in creates)
     assert not any(" REAL" in s for s in ddl)
     assert "started_at DOUBLE PRECISION NOT NULL" in " ".join(ddl)

@@ -101,6 +101,7 @@ SERVICE_MODULES = (
     "uvloop",
     "prometheus_client",
     "python_multipart",
+    "jinja2",
 )
 
 

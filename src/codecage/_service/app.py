@@ -1355,6 +1355,9 @@ def create_app(config: ServerConfig, audit: AuditLog | None = None) -> FastAPI:
     from . import e2b
 
     e2b.install(app, config, state)  # E2B's API, in front of all this (docs/e2b.md)
+    from . import console
+
+    console.install(app, config, state)  # the operator's web console (docs/console.md)
     return app
 
 

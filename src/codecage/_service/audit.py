@@ -19,6 +19,7 @@ cluster seeing it dead, marks only that node's unfinished runs `interrupted`.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -41,6 +42,8 @@ OUTPUT_KEEP_BYTES = 64 * 1024
 CODE_KEEP_BYTES = 64 * 1024  # the default bound on the code kept per run
 POLICY_KEEP_BYTES = 64 * 1024  # a policy's JSON over this is kept as its length and sha256
 FINDINGS_KEEP = 256  # findings kept per run (findings_count has them all)
+IMAGES_KEEP = 8  # PNG/JPEG results kept per run, the first ones
+IMAGE_KEEP_BYTES = 1 << 20  # their bytes together at most (decoded); a larger one is left out
 NAME_KEEP_BYTES = 1024  # an error's name: the kernel's word (a class can be named anything)
 BATCH = 512  # writes per commit; also rows per page when reading
 PRUNE_CHUNK = 2000  # rows deleted per transaction, so that writers are not held up
@@ -141,6 +144,19 @@ MIGRATIONS = [
     ALTER TABLE approvals ADD COLUMN node TEXT;
     CREATE INDEX runs_status ON runs (status);
     """,
+    # 7: the images a run showed (PNG/JPEG results, bounded), for the console's run page
+    """
+    CREATE TABLE run_images (
+        run_id TEXT NOT NULL,
+        at REAL NOT NULL,
+        idx INTEGER NOT NULL,
+        mime TEXT NOT NULL,
+        size INTEGER NOT NULL,
+        sha256 TEXT NOT NULL,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX run_images_run ON run_images (run_id);
+    """,
 ]
 
 
@@ -218,6 +234,13 @@ def _prune_chunk(db: Database, conn: Any, before: float) -> int:
             db.sql(
                 "DELETE FROM approvals WHERE rowid IN (SELECT rowid FROM approvals WHERE"
                 " requested_at < ? AND decided_at IS NOT NULL LIMIT ?)"
+            ),
+            (before, PRUNE_CHUNK),
+        )
+        conn.execute(
+            db.sql(
+                "DELETE FROM run_images WHERE rowid IN"
+                " (SELECT rowid FROM run_images WHERE at < ? LIMIT ?)"
             ),
             (before, PRUNE_CHUNK),
         )
@@ -388,12 +411,21 @@ class AuditLog:
 
     def _write(self, sql: str, params: tuple[Any, ...], timeout_s: float = 30.0) -> None:
         """Queue a write and wait until it is durable."""
-        future: Future[None] = Future()
-        clean = tuple(valid(p) if isinstance(p, str) else p for p in params)
+        self._write_all([(sql, params)], timeout_s)
+
+    def _write_all(
+        self, writes: list[tuple[str, tuple[Any, ...]]], timeout_s: float = 30.0
+    ) -> None:
+        """Queue writes together (one group commit, as a rule) and wait until all are durable."""
+        futures: list[Future[None]] = []
         self._ensure_writer()
-        self._queue.put(_Write(sql, clean, future))
+        for sql, params in writes:
+            futures.append(Future())
+            clean = tuple(valid(p) if isinstance(p, str) else p for p in params)
+            self._queue.put(_Write(sql, clean, futures[-1]))
         try:
-            future.result(timeout=timeout_s)
+            for future in futures:
+                future.result(timeout=timeout_s)
         except TimeoutError:
             raise AuditUnavailable("the audit log did not commit in time") from None
 
@@ -472,10 +504,33 @@ class AuditLog:
         files: list[dict[str, Any]] | None = None,
         claims: dict[str, Any] | None = None,
         status: str = "completed",
+        images: list[tuple[str, bytes]] | None = None,
     ) -> None:
+        """The run's end. `images` are (MIME type, bytes) of the images it showed: the first
+        IMAGES_KEEP of them, within IMAGE_KEEP_BYTES together, are kept (`images()`)."""
         data = valid(output).encode("utf-8")
         kept = _cut(output, OUTPUT_KEEP_BYTES)
-        self._write(
+        self._write_all([*_image_rows(run_id, images or []), self._completion(
+            run_id, status, outcome, error_name, killed_by, limits_hit, duration_ms,
+            peak_memory_mb, kept, output_truncated or len(data) > OUTPUT_KEEP_BYTES, files, claims,
+        )])  # fmt: skip
+
+    @staticmethod
+    def _completion(
+        run_id: str,
+        status: str,
+        outcome: str,
+        error_name: str | None,
+        killed_by: str | None,
+        limits_hit: list[str] | None,
+        duration_ms: float | None,
+        peak_memory_mb: float | None,
+        kept: str,
+        truncated: bool,
+        files: list[dict[str, Any]] | None,
+        claims: dict[str, Any] | None,
+    ) -> tuple[str, tuple[Any, ...]]:
+        return (
             "UPDATE runs SET status=?, ended_at=?, outcome=?, error_name=?, killed_by=?, limits_hit=?,"
             " duration_ms=?, peak_memory_mb=?, output=?, output_truncated=?, files=?, claims=?"
             " WHERE id=?",
@@ -489,12 +544,21 @@ class AuditLog:
                 duration_ms,
                 peak_memory_mb,
                 kept,
-                int(output_truncated or len(data) > OUTPUT_KEEP_BYTES),
+                int(truncated),
                 _json(files or []),
                 _json(claims or {}),
                 run_id,
             ),
         )
+
+    def images(self, run_id: str) -> list[dict[str, Any]]:
+        """The images kept of a run: idx, mime (as the sandbox declared it), size, sha256,
+        data (bytes). What they really are is the reader's to check."""
+        rows = self._read(
+            "SELECT idx, mime, size, sha256, data FROM run_images WHERE run_id=? ORDER BY idx",
+            (run_id,),
+        )
+        return [{**dict(r), "data": base64.b64decode(r["data"])} for r in rows]
 
     def packages_installed(
         self,
@@ -602,6 +666,21 @@ class AuditLog:
             out.append(item)
         return out
 
+    def decided_approvals(
+        self, *, since: float, tenant: str | None = None, limit: int = 20
+    ) -> list[dict[str, Any]]:
+        """Approvals decided since `since`, the latest first (the console's "just decided")."""
+        sql = "SELECT rowid, * FROM approvals WHERE decided_at >= ?"
+        params: list[Any] = [since]
+        if tenant is not None:
+            sql += " AND tenant = ?"
+            params.append(tenant)
+        rows = self._read(sql + " ORDER BY decided_at DESC LIMIT ?", (*params, limit))
+        return [
+            {**dict(r), "reasons": json.loads(r["reasons"]), "approved": bool(r["approved"])}
+            for r in rows
+        ]
+
     def mark_interrupted(self, node: str | None = None) -> int:
         """After a crash: the runs of `node` (this node by default) that started and never
         completed are marked interrupted, and its undecided approvals refused; so are rows
@@ -685,10 +764,23 @@ class AuditLog:
         until: float | None = None,
         after_rowid: int = 0,
         limit: int = 1000,
+        killed_by: str | None = None,
+        before_rowid: int | None = None,
     ) -> list[dict[str, Any]]:
+        """A page of runs, oldest first from `after_rowid`; with `before_rowid`, the page
+        before that row, newest first (the console's order)."""
         clauses: list[str] = ["rowid > ?"]
         params: list[Any] = [after_rowid]
-        for column, value in (("tenant", tenant), ("sandbox_id", sandbox_id), ("outcome", outcome)):
+        if before_rowid is not None:
+            clauses.append("rowid < ?")
+            params.append(before_rowid)
+        filters = (
+            ("tenant", tenant),
+            ("sandbox_id", sandbox_id),
+            ("outcome", outcome),
+            ("killed_by", killed_by),
+        )
+        for column, value in filters:
             if value is not None:
                 clauses.append(f"{column} = ?")
                 params.append(valid(value))  # e.g. an undecodable argv byte: no match, no crash
@@ -698,7 +790,8 @@ class AuditLog:
         if until is not None:
             clauses.append("started_at < ?")
             params.append(until)
-        sql = f"SELECT rowid, * FROM runs WHERE {' AND '.join(clauses)} ORDER BY rowid LIMIT ?"
+        order = "rowid DESC" if before_rowid is not None else "rowid"
+        sql = f"SELECT rowid, * FROM runs WHERE {' AND '.join(clauses)} ORDER BY {order} LIMIT ?"
         return [_row(r) for r in self._read(sql, (*params, limit))]
 
     def run(self, run_id: str, tenant: str | None = None) -> dict[str, Any] | None:
@@ -745,6 +838,28 @@ class AuditLog:
         self._queue.put(None)
         self._writer.join(timeout=30)
         self.db.close()
+
+
+def _image_rows(run_id: str, images: list[tuple[str, bytes]]) -> list[tuple[str, tuple[Any, ...]]]:
+    """The run_images rows of a run's images, within IMAGES_KEEP and IMAGE_KEEP_BYTES."""
+    rows: list[tuple[str, tuple[Any, ...]]] = []
+    budget, now = IMAGE_KEEP_BYTES, time.time()
+    for mime, data in images:
+        if len(rows) == IMAGES_KEEP:
+            break
+        if len(data) > budget:
+            continue
+        budget -= len(data)
+        digest = hashlib.sha256(data).hexdigest()
+        encoded = base64.b64encode(data).decode()
+        rows.append(
+            (
+                "INSERT INTO run_images (run_id, at, idx, mime, size, sha256, data)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, now, len(rows), mime, len(data), digest, encoded),
+            )
+        )
+    return rows
 
 
 def _key_hash(key: str) -> str:

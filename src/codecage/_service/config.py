@@ -41,6 +41,20 @@ class Quotas(BaseModel):
     volume_mb: int = Field(16384, ge=0)
 
 
+class Console(BaseModel):
+    """The operator's web console at /console (docs/console.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = True
+    # A signed-in session ends after this long without a request, and this long after
+    # sign-in whatever happens.
+    idle_timeout_s: float = Field(1800.0, gt=0)
+    max_age_s: float = Field(12 * 3600.0, gt=0)
+    # Behind a TLS proxy: believe its `X-Forwarded-Proto: https` (cookies are then marked
+    # Secure). Off by default: a client talking to the service directly could send it.
+    trust_forwarded_proto: bool = False
+
+
 class ServerConfig(BaseModel):
     """Defaults are safe for one machine on loopback."""
 
@@ -96,6 +110,7 @@ class ServerConfig(BaseModel):
         output_bytes=16 << 20,
     )  # fmt: skip
     quotas: Quotas = Field(default_factory=lambda: Quotas(live_sandboxes=20, runs_per_minute=600))
+    console: Console = Field(default_factory=Console)
 
     def open_audit(self) -> AuditLog:
         """The audit log, with this config's bounds."""

@@ -7,6 +7,7 @@ if it did not exist.
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import dataclasses
@@ -681,10 +682,11 @@ class Manager:
             )
             self.metrics.watch_pool(pool)
 
-    def entries(self, tenant: str) -> list[Entry]:
+    def entries(self, tenant: str | None) -> list[Entry]:
+        """A tenant's live sandboxes (None: every tenant's, for the operator's console)."""
         with self._lock:
             self._prune()
-            return [e for e in self._sandboxes.values() if e.tenant == tenant]
+            return [e for e in self._sandboxes.values() if tenant in (None, e.tenant)]
 
     def delete(self, tenant: str, sandbox_id: str) -> None:
         entry = self.get(tenant, sandbox_id)
@@ -805,6 +807,7 @@ class Manager:
             files=files,
             # What the sandbox itself reported, kept apart from the host's readings.
             claims={"execution_count": ex.execution_count, "exit_code": ex.exit_code},
+            images=_images(ex),
         )
         self.metrics.runs.labels(kind, outcome, ex.killed_by or "").inc()
         self.metrics.latency.labels(kind).observe(ex.duration_ms / 1000)
@@ -1258,6 +1261,18 @@ class Upload:
 
     def record(self) -> dict[str, Any]:
         return _file_record("upload", self._path, self._size, self._digest.hexdigest())
+
+
+def _images(ex: Execution) -> list[tuple[str, bytes]]:
+    """The PNG and JPEG results of a run as the sandbox declared them (what the bytes really
+    are is checked by whoever shows them: the console)."""
+    found = []
+    for result in ex.results:
+        for mime, encoded in (("image/png", result.png), ("image/jpeg", result.jpeg)):
+            if isinstance(encoded, str):
+                with contextlib.suppress(ValueError):
+                    found.append((mime, base64.b64decode(encoded, validate=True)))
+    return found
 
 
 def _file_record(direction: str, path: str, size: int, sha256: str) -> dict[str, Any]:
