@@ -151,11 +151,15 @@ def test_the_clusters_files_and_its_database_going_away(cluster: Running) -> Non
 
     # The database stops: a request is a 503 in seconds (never a hang, never a 500) that
     # names neither the database's address nor its user; the front end's health still
-    # answers; nothing reaches a log with the password.
+    # answers; nothing reaches a log with the password. The key is one no one has used:
+    # a key found in the last 5 s is kept (audit.IDENTITY_TTL_S), alice's would pass.
+    fresh = {
+        "Authorization": f"Bearer {cli('keys', 'create', '--tenant', 'carol', '--db', cluster.cluster.db)}"
+    }
     postgres.stop(directory / "postgres")
     try:
         port = (directory / "postgres" / "port").read_text().strip()
-        for path, headers in (("/v1/sandboxes", alice), ("/v2/sandboxes", {"X-API-KEY": "x"})):
+        for path, headers in (("/v1/sandboxes", fresh), ("/v2/sandboxes", {"X-API-KEY": "x"})):
             began = time.monotonic()
             answer = httpx.get(url + path, headers=headers, timeout=60)
             took = time.monotonic() - began
@@ -172,7 +176,7 @@ def test_the_clusters_files_and_its_database_going_away(cluster: Running) -> Non
     )
     for log in directory.glob("front*.log"):
         assert secrets["the database's password"] not in log.read_text(errors="replace")
-    if wide:  # found by this review, not fixed: which of Ray's ports, and its flag, unknown
+    if wide:  # found by the review, not fixed: Ray takes no address for these (docs/cluster.md)
         pytest.xfail(f"a raylet listens on every address: {wide}")
 
 
