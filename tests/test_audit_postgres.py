@@ -62,7 +62,7 @@ def test_the_schema_is_migrated_once_and_is_the_same(postgres_url: str) -> None:
             "SELECT data_type FROM information_schema.columns"
             " WHERE table_name = 'runs' AND column_name = 'started_at'"
         ).fetchone()
-    assert tables == {"runs", "api_keys", "approvals", "packages", "codecage_schema"}
+    assert tables == {"runs", "api_keys", "approvals", "packages", "run_images", "codecage_schema"}
     assert kind == ("double precision",)  # REAL (4 bytes) would be minutes off
     assert abs(row["started_at"] - time.time()) < 60 and row["started_at"] % 1 != 0
 
