@@ -217,7 +217,9 @@ def _approvals(manager: Manager, session: Session) -> dict[str, Any]:
         {**r.to_dict(), "lines": code_lines(r.subject, r.to_dict()["findings"])} for r in pending
     ]
     decided = manager.audit.decided_approvals(since=time.time() - RECENT_S, tenant=tenant)
-    signature = ",".join([r.id for r in pending] + [str(d["id"]) for d in decided])
+    # A request that moves from pending to decided keeps its id: the signature says which
+    # list each id is in, or the page would keep showing it as pending.
+    signature = ",".join([f"p:{r.id}" for r in pending] + [f"d:{d['id']}" for d in decided])
     return {"pending": shown, "decided": decided, "signature": signature}
 
 
