@@ -227,12 +227,17 @@ def test_no_key_in_a_url(service: Service) -> None:
         assert response.status_code == 401 and "set-cookie" not in response.headers
 
 
-def waiting_run(service: Service) -> tuple[threading.Thread, dict[str, object]]:
-    """A run of alice's that waits for an approval; the dict gets its answer."""
+def waiting_run(
+    service: Service, tenant: str = "alice"
+) -> tuple[threading.Thread, dict[str, object]]:
+    """A run of `tenant`'s that waits for an approval; the dict gets its answer."""
     out: dict[str, object] = {}
 
     def go() -> None:
-        with service.client() as client, client.Sandbox(Policy(approval_findings_at="high")) as sbx:
+        with (
+            service.client(tenant) as client,
+            client.Sandbox(Policy(approval_findings_at="high")) as sbx,
+        ):
             try:
                 out["execution"] = sbx.run_code("import subprocess")
             except ApprovalDenied as exc:

@@ -15,13 +15,13 @@ small body limit. Everything else goes on to the API unchanged.
 
 from __future__ import annotations
 
-from http.cookies import SimpleCookie
 from typing import TYPE_CHECKING, Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..app import Admission, BodyLimit
-from .sessions import Sessions, session_id_of
+from .safety import HEADERS
+from .sessions import Sessions, is_https, session_id_of
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -40,14 +40,24 @@ OPEN = frozenset(
 
 
 def cookies(scope: Scope) -> dict[str, str]:
-    jar: SimpleCookie = SimpleCookie()
+    """A request's cookies, name to value (the last of a name, as http.cookies had it).
+    Parsed leniently, as browsers write them: a cookie of another app on
+    this host (cookies ignore ports) that http.cookies would not parse, JSON or a space in
+    a value, must not hide the session's."""
+    jar: dict[str, str] = {}
     for name, value in scope.get("headers", []):
         if name == b"cookie":
-            try:
-                jar.load(value.decode("latin-1"))
-            except Exception:  # a malformed Cookie header names no session
-                return {}
-    return {k: m.value for k, m in jar.items()}
+            for part in value.decode("latin-1").split(";"):
+                key, eq, val = part.partition("=")
+                if eq and key.strip():
+                    jar[key.strip()] = val.strip()
+    return jar
+
+
+def secure(scope: Scope, config: ServerConfig) -> bool:
+    """Whether the browser talks https to us (directly, or through a trusted TLS proxy)."""
+    headers = dict(scope.get("headers", []))
+    return is_https(scope.get("scheme", "http"), headers, config.console.trust_forwarded_proto)
 
 
 class Front(Admission):
@@ -61,15 +71,18 @@ class Front(Admission):
         super().__init__(app, config, state)
         self.sessions: Sessions = state["console_sessions"]
 
+    def session_id(self, scope: Scope) -> str | None:
+        return session_id_of(cookies(scope), secure(scope, self.config))
+
     def identify(self, scope: Scope) -> tuple[str, str, str] | None:
-        session, why = self.sessions.get(session_id_of(cookies(scope)))
+        session, why = self.sessions.get(self.session_id(scope))
         scope.setdefault("state", {})["console_session"] = session
         scope["state"]["console_why"] = why
         return None if session is None else session.identity()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in self.open_paths:
-            session, why = self.sessions.get(session_id_of(cookies(scope)))
+            session, why = self.sessions.get(self.session_id(scope))
             if session is None:
                 from .pages import signed_out
 
@@ -100,9 +113,28 @@ class Dispatch:
                 self.state["console_sampler"] = Sampler(self.state["manager"].metrics.registry)
             path = scope["path"]
             if path == PREFIX or path.startswith(PREFIX + "/"):
-                await self.console(scope, receive, send)
+                await self.console(scope, receive, with_headers(send))
                 return
         await self.app(scope, receive, send)
+
+
+def with_headers(send: Send) -> Send:
+    """Every console answer carries the console's headers (CSP, nosniff, no framing, no
+    caching): its pages set them, and so do the answers made elsewhere (a 404 or a 422
+    of the framework, the admission's 401, 413 or 429), unless they set their own."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            have = {name.lower() for name, _ in message.get("headers", [])}
+            extra = [
+                (name.lower().encode(), value.encode())
+                for name, value in HEADERS.items()
+                if name.lower().encode() not in have
+            ]
+            message = {**message, "headers": [*message.get("headers", []), *extra]}
+        await send(message)
+
+    return sending
 
 
 def install(app: FastAPI, config: ServerConfig, state: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,13 +24,14 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.types import Scope, Send
 
-from ..._errors import ApprovalNotFound, SandboxError
+from ..._errors import ApprovalNotFound, AuditUnavailable, SandboxError
 from ..._jail import get_jail
+from ..app import AUDIT_DOWN
 from ..config import ServerConfig
 from ..manager import SANDBOX_ID, Manager
 from . import charts
 from .safety import HEADERS, IMAGE_HEADERS, code_lines, image_type
-from .sessions import Session, Sessions, cookie_header, csrf_ok, is_https
+from .sessions import Session, Sessions, cookie_header, csrf_ok, is_https, session_id_of
 
 HERE = Path(__file__).parent
 STATIC = {"console.css": "text/css", "console.js": "text/javascript", "icon.svg": "image/svg+xml"}
@@ -37,6 +39,7 @@ OUTCOMES = ("ok", "error", "killed", "failed", "rejected", "denied", "interrupte
 PAGE = 50  # runs per page of the audit trail
 RECENT_S = 600  # decisions shown under the pending approvals: those of the last minutes
 ROLES = ("operator", "approver", "client")
+_log = logging.getLogger("codecage.service")
 
 templates = Environment(
     loader=FileSystemLoader(HERE / "templates"),
@@ -111,15 +114,26 @@ def manager_of(request: Request) -> Manager:
     return request.app.state.codecage["manager"]  # type: ignore[no-any-return]
 
 
+def _secure(request: Request) -> bool:
+    config: ServerConfig = request.app.state.console_config
+    return is_https(
+        request.url.scheme, dict(request.scope["headers"]), config.console.trust_forwarded_proto
+    )
+
+
 def same_origin(request: Request) -> bool:
     """A state change must come from a page of ours: an Origin (or, without one, a
-    Referer) naming another host is refused, whatever the token."""
+    Referer) naming another host is refused, whatever the token; so is a plain-http one
+    when the console is known to be served over https."""
     if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
         return False
     origin = request.headers.get("origin") or request.headers.get("referer")
     if origin is None or origin == "null":
         return origin is None
-    return urlsplit(origin).netloc == request.headers.get("host", "")
+    parts = urlsplit(origin)
+    if _secure(request) and parts.scheme != "https":
+        return False
+    return parts.netloc == request.headers.get("host", "")
 
 
 async def checked(request: Request, csrf: str = Form("")) -> Session:
@@ -171,11 +185,13 @@ def signin(request: Request, key: str = Form(""), name: str = Form("")) -> Respo
         return render(request, "signin.html", 401, note="That key is not a key of this service.")
     tenant, role, key_id = found
     sessions: Sessions = request.app.state.codecage["console_sessions"]
+    secure = _secure(request)
+    before = session_id_of(dict(request.cookies), secure)
+    if before:  # the session this browser had (if any) ends: a sign-in is a new one only
+        sessions.drop(before)
     session = sessions.create(tenant, role, key_id, (name.strip() or tenant)[:64])
     response = RedirectResponse("/console", status_code=303, headers=HEADERS)
     config: ServerConfig = request.app.state.console_config
-    secure = is_https(request.url.scheme, dict(request.scope["headers"]),
-                      config.console.trust_forwarded_proto)  # fmt: skip
     response.headers["set-cookie"] = cookie_header(session.id, secure, config.console.max_age_s)
     return response
 
@@ -184,10 +200,7 @@ def signin(request: Request, key: str = Form(""), name: str = Form("")) -> Respo
 def signout(request: Request, session: Session = CHECKED) -> Response:
     request.app.state.codecage["console_sessions"].drop(session.id)
     response = RedirectResponse("/console/signin", status_code=303, headers=HEADERS)
-    config: ServerConfig = request.app.state.console_config
-    secure = is_https(request.url.scheme, dict(request.scope["headers"]),
-                      config.console.trust_forwarded_proto)  # fmt: skip
-    response.headers["set-cookie"] = cookie_header("", secure, 0)
+    response.headers["set-cookie"] = cookie_header("", _secure(request), 0)
     return response
 
 
@@ -204,7 +217,9 @@ def _approvals(manager: Manager, session: Session) -> dict[str, Any]:
         {**r.to_dict(), "lines": code_lines(r.subject, r.to_dict()["findings"])} for r in pending
     ]
     decided = manager.audit.decided_approvals(since=time.time() - RECENT_S, tenant=tenant)
-    signature = ",".join([r.id for r in pending] + [str(d["id"]) for d in decided])
+    # A request that moves from pending to decided keeps its id: the signature says which
+    # list each id is in, or the page would keep showing it as pending.
+    signature = ",".join([f"p:{r.id}" for r in pending] + [f"d:{d['id']}" for d in decided])
     return {"pending": shown, "decided": decided, "signature": signature}
 
 
@@ -440,7 +455,11 @@ def console_app(config: ServerConfig, state: dict[str, Any]) -> FastAPI:
 
     @app.exception_handler(SandboxError)
     async def failed(request: Request, exc: SandboxError) -> HTMLResponse:
-        return refused(request, 503 if "audit" in type(exc).__name__.lower() else 409,
-                       type(exc).__name__, str(exc))  # fmt: skip
+        if isinstance(exc, AuditUnavailable):
+            # The sign-in page is open to anyone: the database's address and its driver's
+            # words are for the service's log only (as the API's admission has it).
+            _log.warning("console: %s", exc)
+            return refused(request, 503, "AuditUnavailable", AUDIT_DOWN)
+        return refused(request, 409, type(exc).__name__, str(exc))
 
     return app

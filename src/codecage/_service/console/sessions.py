@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 COOKIE = "codecage_console"
 SECURE_COOKIE = "__Host-codecage_console"  # the browser then insists on Secure, Path=/, no Domain
-MAX_SESSIONS = 10_000  # sessions held at once: the oldest go first beyond this
+MAX_SESSIONS = 10_000  # sessions held at once: the ended, then the oldest go first beyond this
+MAX_PER_KEY = 32  # one key's sessions at once: its own oldest go first beyond this
 
 
 @dataclass
@@ -51,9 +52,20 @@ class Sessions:
         )  # fmt: skip
         with self._lock:
             self._by_id[session.id] = session
+            # One key signing in again and again pushes out its own sessions only, never
+            # another key's (an operator's): the table is bounded per key and in all.
+            mine = [s.id for s in self._by_id.values() if s.key_id == key_id]
+            for old in mine[: max(0, len(mine) - MAX_PER_KEY)]:
+                del self._by_id[old]
+            if len(self._by_id) > MAX_SESSIONS:
+                for old in [s.id for s in self._by_id.values() if self._ended(s, now)]:
+                    del self._by_id[old]
             while len(self._by_id) > MAX_SESSIONS:
                 del self._by_id[next(iter(self._by_id))]
         return session
+
+    def _ended(self, session: Session, now: float) -> bool:
+        return now - session.seen_at > self.idle_s or now - session.created_at > self.max_age_s
 
     def get(self, session_id: str | None) -> tuple[Session | None, str]:
         """(the live session, "") or (None, why: "none", "unknown" or "expired"). A live
@@ -65,7 +77,7 @@ class Sessions:
             session = self._by_id.get(session_id)
             if session is None:
                 return None, "unknown"
-            if now - session.seen_at > self.idle_s or now - session.created_at > self.max_age_s:
+            if self._ended(session, now):
                 del self._by_id[session_id]
                 return None, "expired"
             session.seen_at = now
@@ -103,6 +115,10 @@ def cookie_header(value: str, secure: bool, max_age_s: float | None) -> str:
     return "; ".join(parts)
 
 
-def session_id_of(cookies: dict[str, str]) -> str | None:
-    """The session id from a request's cookies (the __Host- one first)."""
+def session_id_of(cookies: dict[str, str], secure: bool = False) -> str | None:
+    """The session id from a request's cookies: over https the __Host- one only (a plain
+    cookie may have been set by anyone who can write cookies for the host: another port,
+    a sibling domain, a plain-http answer), else the plain one."""
+    if secure:
+        return cookies.get(SECURE_COOKIE)
     return cookies.get(SECURE_COOKIE) or cookies.get(COOKIE)
