@@ -5,8 +5,11 @@ what is tested is the REAL HostSandbox above it."""
 
 from __future__ import annotations
 
+import os
 import signal
 import struct
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -617,3 +620,25 @@ def test_a_frame_of_millions_of_tiny_values_is_refused_before_it_is_parsed() -> 
     assert protocol.decode(json.dumps({"ev": "stdout", "text": text}).encode())["text"] == text
     records = json.dumps({"ev": "result", "data": [{"a": 1}] * 100_000}).encode()
     assert len(protocol.decode(records)["data"]) == 100_000
+
+
+def test_the_kernel_watch_tells_a_reading_that_works_from_one_that_does_not() -> None:
+    """The host drops to taking a run's end on the kernel's word only when it cannot read
+    /proc/PID/syscall at all, never because the kernel is busy (it gave up after 5 s on a
+    loaded host once, and a forged end was taken)."""
+    from codecage._jail.proctree import KernelWatch
+
+    watch = KernelWatch()
+    assert not watch.readable()  # watching nothing
+    child = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # busy: "running"
+    try:
+        watch._syscall_fd = os.open(f"/proc/{child.pid}/syscall", os.O_RDONLY)
+        watch.pid, watch.fd = child.pid, 3
+        assert watch.readable() and watch.waiting() is False
+        child.kill()
+        child.wait()
+        assert not watch.readable()  # the process is gone: nothing to read
+    finally:
+        child.kill()
+        child.wait()
+        watch.stop()

@@ -12,7 +12,8 @@ same functions (tests/test_cluster.py).
 Clusters on one machine keep out of each other's way: each node's Ray files are under the
 cluster's own `<dir>/ray` (Ray's processes name it in their command lines, which is how
 `down` finds exactly this cluster's processes: `ray stop` would stop every Ray on the
-machine), and every port a node listens on is chosen free, none left to Ray's defaults.
+machine), and the ports Ray would take at a fixed default are chosen free (Ray picks the
+others as it binds them); a start that loses a port to another process is tried again.
 """
 
 from __future__ import annotations
@@ -78,12 +79,15 @@ def _free_port() -> int:
 
 
 def _ports(head: bool) -> list[str]:
-    """A node's listening ports, each chosen free (Ray's defaults collide across clusters)."""
-    names = ["node-manager", "object-manager", "metrics-export", "runtime-env-agent",
-             "dashboard-agent-grpc", "dashboard-agent-listen"]  # fmt: skip
+    """The ports Ray would take at a fixed default (two clusters on one machine would meet
+    there), each chosen free; the others Ray picks itself, as it binds them."""
+    names = ["dashboard-agent-listen"]
     if head:
         names += ["dashboard"]
     return [f"--{name}-port={_free_port()}" for name in names]
+
+
+STARTS = 3  # tries of a `ray start`: a port chosen free can be taken before Ray binds it
 
 
 def _ray(args: list[str], env: dict[str, str], log: Path) -> None:
@@ -137,14 +141,22 @@ def up(
     env.pop("RAY_ADDRESS")
     log = directory / "ray.log"
     temp = f"--temp-dir={directory / 'ray'}"
-    say(f"Ray head at {cluster.address} ...")
-    _ray(
-        ["start", "--head", f"--node-ip-address={HOST}", f"--port={cluster.address.split(':')[1]}",
-         "--num-cpus=0", "--include-dashboard=false", "--disable-usage-stats", temp,
-         *_ports(head=True)],
-        env,
-        log,
-    )  # fmt: skip
+    for attempt in range(STARTS):
+        say(f"Ray head at {cluster.address} ...")
+        try:
+            _ray(
+                ["start", "--head", f"--node-ip-address={HOST}",
+                 f"--port={cluster.address.split(':')[1]}", "--num-cpus=0",
+                 "--include-dashboard=false", "--disable-usage-stats", temp, *_ports(head=True)],
+                env,
+                log,
+            )  # fmt: skip
+            break
+        except BackendUnavailable:
+            _kill(directory)  # what the failed start left
+            if attempt == STARTS - 1:
+                raise
+            cluster.address = f"{HOST}:{_free_port()}"
     cpus = cpus_per_node or max(1, (os.cpu_count() or 1))
     for n in range(nodes):
         say(f"sandbox node {n + 1} of {nodes} ...")
@@ -165,14 +177,20 @@ def add_node(
     if env is None:
         env = {**cluster.env(), **HEALTH}
         env.pop("RAY_ADDRESS")
-    _ray(
-        ["start", f"--address={cluster.address}", f"--node-ip-address={HOST}",
-         f"--num-cpus={cpus or max(1, os.cpu_count() or 1)}",
-         f"--resources={json.dumps({RESOURCE: 1})}", "--disable-usage-stats",
-         f"--temp-dir={directory / 'ray'}", *_ports(head=False)],
-        env,
-        log or directory / "ray.log",
-    )  # fmt: skip
+    for attempt in range(STARTS):
+        try:
+            _ray(
+                ["start", f"--address={cluster.address}", f"--node-ip-address={HOST}",
+                 f"--num-cpus={cpus or max(1, os.cpu_count() or 1)}",
+                 f"--resources={json.dumps({RESOURCE: 1})}", "--disable-usage-stats",
+                 f"--temp-dir={directory / 'ray'}", *_ports(head=False)],
+                env,
+                log or directory / "ray.log",
+            )  # fmt: skip
+            return
+        except BackendUnavailable:
+            if attempt == STARTS - 1:
+                raise
 
 
 # Run as a driver of its own (this process stays out of Ray): every node host ends its app,
@@ -211,6 +229,16 @@ def sweep() -> int:
 
     version = cgroups.detect_version()
     return 0 if version is None else cgroups.sweep(version, keep_owner=cgroups.owner_name())
+
+
+def _kill(directory: Path) -> None:
+    """SIGKILL every Ray process of the cluster kept in `directory`, until none is left."""
+    deadline = time.monotonic() + 30
+    while (left := _processes(directory)) and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.1)
 
 
 def _processes(directory: Path) -> list[int]:
@@ -278,13 +306,7 @@ def down(directory: str | Path = DEFAULT_DIR, progress: Any = None) -> bool:
         say("node hosts ...")
         stop_node_hosts(cluster)
     say("Ray ...")
-    directory = directory.resolve()
-    deadline = time.monotonic() + 30
-    while (left := _processes(directory)) and time.monotonic() < deadline:
-        for pid in left:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.1)
+    _kill(directory.resolve())
     sweep()
     say("PostgreSQL ...")
     postgres.stop(directory / "postgres")

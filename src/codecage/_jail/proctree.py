@@ -198,6 +198,18 @@ class KernelWatch:
             return False
         return nr in _WAITING_SYSCALLS and first == self.fd
 
+    def readable(self) -> bool:
+        """Whether the host's reading works: /proc/PID/syscall answers, with `running` or a
+        syscall's line (a kernel that is busy, or slow to get back on its channel under
+        load, is still looked at)."""
+        if self._syscall_fd is None:
+            return False
+        try:
+            fields = os.pread(self._syscall_fd, 256, 0).split()
+        except OSError:
+            return False
+        return bool(fields) and (fields[0] == b"running" or fields[0].lstrip(b"-").isdigit())
+
     def stop(self) -> None:
         """Watch nothing (the kernel is gone, or cannot be looked at)."""
         if self._syscall_fd is not None:
