@@ -306,6 +306,8 @@ def test_metadata_and_signed_urls(e2b_env: dict[str, str], e2b_service: Service)
         # a plain HTTP client, no headers: the signature finds the sandbox
         with urllib.request.urlopen(sbx.download_url("n.txt", use_signature_expiration=60)) as r:
             assert r.read() == b"again"
+            # a tenant's file on the service's origin is bytes, never a script (the console)
+            assert r.headers["X-Content-Type-Options"] == "nosniff"
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(sbx.download_url("n.txt", use_signature_expiration=-60))
         assert refused.value.code == 401

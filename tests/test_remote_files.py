@@ -40,6 +40,19 @@ def wait_events(handle: Any, want: int = 1) -> list[codecage.FilesystemEvent]:
     return events
 
 
+def test_a_download_is_bytes_never_a_page(alice: codecage.Client, service: Service) -> None:
+    """A tenant's file, served on the service's origin (the console's too), is never
+    sniffed into a page or a script; the control: its bytes come back whole."""
+    with alice.Sandbox() as sbx:
+        sbx.files.write("x.html", "<script>alert(1)</script>")
+        answer = alice.request(
+            "GET", f"/v1/sandboxes/{sbx.sandbox_id}/files", params={"path": "x.html"}
+        )
+        assert answer.content == b"<script>alert(1)</script>"
+        assert answer.headers["content-type"] == "application/octet-stream"
+        assert answer.headers["x-content-type-options"] == "nosniff"
+
+
 def test_info_rename_and_deep_listing_match_the_native_sdk(
     alice: codecage.Client, service: Service
 ) -> None:

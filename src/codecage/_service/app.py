@@ -420,6 +420,8 @@ SCRAPES = 4  # /metrics requests at once (it is open: no tenant's quota covers i
 DELETES_BEYOND_CAP = 4
 OPEN_PATHS = frozenset({"/healthz", "/metrics", "/openapi.json", "/docs", "/redoc"})
 RAW = "application/octet-stream"
+# A tenant's file is bytes, never a page or a script of this origin (the console shares it).
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}
 MAX_LIST_DEPTH = 1024  # levels a listing goes down at most (E2B's ListDir too)
 MULTIPART = "multipart/form-data"
 UPLOAD_BODY: dict[str, Any] = {
@@ -694,7 +696,7 @@ async def export_volume(
     except BaseException:
         await run_in_threadpool(chunks.close)  # type: ignore[attr-defined]
         raise
-    return StreamingResponse(_stream(head, chunks), media_type=RAW)  # type: ignore[arg-type]
+    return StreamingResponse(_stream(head, chunks), media_type=RAW, headers=NOSNIFF)  # type: ignore[arg-type]
 
 
 @volumes.put("/v1/volumes/{name}/archive", response_model=ImportOut, responses=ERRORS)
@@ -984,7 +986,7 @@ async def download(
     except BaseException:
         await run_in_threadpool(chunks.close)
         raise
-    return StreamingResponse(_stream(head, chunks), media_type=RAW)
+    return StreamingResponse(_stream(head, chunks), media_type=RAW, headers=NOSNIFF)
 
 
 @files.get("/v1/sandboxes/{sandbox_id}/files/list", response_model=list[EntryOut], responses=ERRORS)

@@ -25,6 +25,7 @@ from .errors import E2BError
 router = APIRouter()
 ACCESS = Depends(sandbox_access)
 RAW = "application/octet-stream"
+NOSNIFF = {"X-Content-Type-Options": "nosniff"}  # a tenant's file: bytes, never a script
 MULTIPART = "multipart/form-data"
 MAX_PARTS = 64  # files in one multipart upload
 
@@ -74,7 +75,7 @@ async def download(
     except BaseException:
         await run_in_threadpool(chunks.close)
         raise
-    return StreamingResponse(_stream(head, chunks), media_type=RAW)
+    return StreamingResponse(_stream(head, chunks), media_type=RAW, headers=NOSNIFF)
 
 
 class _Gunzip:
