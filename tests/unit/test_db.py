@@ -30,6 +30,8 @@ def test_a_url_is_postgres_and_anything_else_a_file(tmp_path: Path) -> None:
         ("postgresql://codecage:s3cr%40t@127.0.0.1:5432/db", "postgresql://codecage:***@127.0.0.1:5432/db"),
         ("postgresql://u@h/db", "postgresql://u@h/db"),
         ("postgresql://h/db?sslmode=require", "postgresql://h/db?sslmode=require"),
+        ("postgresql://h/db?user=u&password=s3cr", "postgresql://h/db?user=u&password=***"),
+        ("postgresql://u:s3cr@h/db?PASSWORD=s3cr", "postgresql://u:***@h/db?PASSWORD=***"),
     ],
 )  # fmt: skip
 def test_a_url_is_shown_without_its_password(url: str, shown: str) -> None:

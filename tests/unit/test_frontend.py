@@ -340,3 +340,22 @@ def test_an_unreachable_audit_log_is_503_without_its_address() -> None:
         assert answer.status_code == 503, answer.text
         assert "10.1.2.3" not in answer.text and "postgresql" not in answer.text
     assert host.request.calls == 0
+
+
+@pytest.mark.parametrize(
+    "line",
+    [b"not json", b"[1]", b'{"ev": "end"}', b'{"ev": "result", "index": -1}',
+     b'{"ev": "result", "index": 5}', b'{"ev": "result", "index": "0"}',
+     b'{"ev": "result", "index": true}'],
+)  # fmt: skip
+def test_a_nodes_batch_line_is_checked_before_it_is_a_result(line: bytes) -> None:
+    """A node's stream is its word: a line that is not a result of its share (a negative
+    index would pick another share's run) is no result; the control: a good one is."""
+    from codecage._cluster.frontend import _node_line
+
+    assert _node_line(line, 3) is None
+    assert _node_line(b'{"ev": "result", "index": 2, "execution": {}}', 3) == {
+        "ev": "result",
+        "index": 2,
+        "execution": {},
+    }

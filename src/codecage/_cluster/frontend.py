@@ -666,10 +666,10 @@ class FrontEnd:
                 for raw in complete:
                     if not raw.strip():
                         continue
-                    event = json.loads(raw)
-                    if event.get("ev") != "result":
+                    event = _node_line(raw, len(mine))
+                    if event is None:  # not a result of this share: a node's word, checked
                         continue
-                    index = mine[int(event["index"])]
+                    index = mine[event["index"]]
                     if index in done:
                         continue
                     done.add(index)
@@ -736,6 +736,21 @@ def _repeated(scope: Scope) -> str | None:
                 return bytes(key).decode()
             seen.add(key)
     return None
+
+
+def _node_line(raw: bytes, share: int) -> dict[str, Any] | None:
+    """A result line of a node's batch stream, or None: what is not JSON, not a result, or
+    names an index outside the node's share (0 <= index < share) is no result."""
+    try:
+        event = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("ev") != "result":
+        return None
+    index = event.get("index")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < share:
+        return None
+    return event
 
 
 def _lost(index: int, attempt: int) -> dict[str, Any]:

@@ -57,13 +57,20 @@ def open_database(target: str | Path) -> Database:
 
 
 def redacted(url: str) -> str:
-    """A database URL as it may be shown: without its password."""
+    """A database URL as it may be shown: without its password (in its user part, or as
+    libpq's `password=` parameter of its query)."""
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")[2]
-    user = urllib.parse.quote(parts.username or "", safe="")
-    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    if parts.query:
+        query = [
+            (k, "***" if k.lower() == "password" else v)
+            for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
+        ]
+        parts = parts._replace(query=urllib.parse.urlencode(query, safe="*"))
+    if parts.password is not None:
+        netloc = parts.netloc.rpartition("@")[2]
+        user = urllib.parse.quote(parts.username or "", safe="")
+        parts = parts._replace(netloc=f"{user}:***@{netloc}")
+    return urllib.parse.urlunsplit(parts)
 
 
 class Database:
