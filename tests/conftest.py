@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -384,6 +385,27 @@ def postgres_url(postgres_server: postgres.Server) -> Iterator[str]:
         yield url
     finally:
         postgres_server.drop_database(name)
+
+
+# -- a real Ray cluster on loopback (tests/cluster_kit.py) ------------------------------------
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Any]:
+    """One cluster per test process: a Ray head, two sandbox nodes, a PostgreSQL, two front
+    ends (Ray and PostgreSQL come with `make`; where they are missing, the tests skip)."""
+    pytest.importorskip("ray", reason="Ray is not installed (make installs it)")
+    from codecage._cluster import local
+
+    from .cluster_kit import running_cluster
+
+    try:
+        postgres.binaries()
+        local.ray_bin()
+    except codecage.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    with running_cluster() as running:
+        yield running
 
 
 @pytest.fixture

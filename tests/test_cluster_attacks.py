@@ -22,13 +22,13 @@ import pytest
 
 from codecage._cluster import local, postgres
 
+from .cluster_kit import Running, wait_for
 from .conftest import cli
-from .test_cluster import Running, cluster, wait_for  # noqa: F401 (the fixture)
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (make installs it)")
 
 
-def test_headers_ids_and_batches_a_node_would_read_otherwise(cluster: Running) -> None:  # noqa: F811
+def test_headers_ids_and_batches_a_node_would_read_otherwise(cluster: Running) -> None:
     url = cluster.urls[0]
     alice = ("Authorization", f"Bearer {cluster.key}")
     bob = ("Authorization", f"Bearer {cluster.other_key}")
@@ -112,7 +112,7 @@ def _secrets(running: Running) -> dict[str, str]:
     }
 
 
-def test_the_clusters_files_and_its_database_going_away(cluster: Running) -> None:  # noqa: F811
+def test_the_clusters_files_and_its_database_going_away(cluster: Running) -> None:
     directory = Path(cluster.cluster.directory)
     url = cluster.urls[0]
     alice = {"Authorization": f"Bearer {cluster.key}"}

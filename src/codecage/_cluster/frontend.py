@@ -56,6 +56,7 @@ RECONCILE_S = 1.0  # how often the front end looks at the cluster's nodes
 LOAD_TTL_S = 0.5  # placement reads the nodes' loads at most this often
 ACCESS_TTL_S = 5.0  # a sandbox's access token, as its node told it, is kept this long
 NODE_START_TIMEOUT_S = 180.0
+LOST_GRACE_S = 60.0  # a node lost by a failed call is not placed on again for this long
 CALL_TIMEOUT_S = 30.0  # an answer's head from a node (the body streams without a limit)
 SANDBOX_PATH = re.compile(r"^/(?:v1/|v2/)?sandboxes/([0-9a-f]{32})(?:/|$)")
 SANDBOX_ID = re.compile(r"[0-9a-f]{32}")  # what a node's sandbox ids are (node.py)
@@ -97,6 +98,7 @@ class Cluster:
         self.config, self.audit, self.address = config, audit, address
         self.nodes: dict[str, Node] = {}
         self.lost: dict[str, float] = {}
+        self._starting: dict[str, tuple[Any, Any, float]] = {}  # node hosts on their way
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._loaded = 0.0
@@ -112,7 +114,13 @@ class Cluster:
                 log_to_driver=False,
                 configure_logging=False,
             )
+        # The nodes there are now, before the first request: each node host's start is
+        # waited for (a node that is dying is given up on, and looked at again later).
+        deadline = time.monotonic() + NODE_START_TIMEOUT_S
         self.reconcile()
+        while self._starting and time.monotonic() < deadline:
+            time.sleep(0.1)
+            self.reconcile()
         self._thread = threading.Thread(target=self._loop, name="codecage-cluster", daemon=True)
         self._thread.start()
 
@@ -129,8 +137,9 @@ class Cluster:
                 log.exception("cluster: looking at the nodes failed")
 
     def reconcile(self) -> None:
-        """Place a NodeHost on every live sandbox node that has none; lose the nodes that
-        are gone."""
+        """Place a NodeHost on every live sandbox node that has none, and take those whose
+        start has answered; lose the nodes that are gone. Never waits for a node: one that
+        is dying (Ray has not declared it dead yet) would hold every other up."""
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -139,10 +148,13 @@ class Cluster:
         alive = {prefix_of(n["NodeID"]): n for n in seen if n.get("Alive")}
         for prefix in [p for p in self.nodes if p not in alive]:
             self.lose(prefix)
+        self._take_started(alive)
         config = self.config.model_dump_json()
         for prefix, info in alive.items():
-            if prefix in self.nodes:
+            if prefix in self.nodes or prefix in self._starting:
                 continue
+            if time.time() - self.lost.get(prefix, 0.0) < LOST_GRACE_S:
+                continue  # lost by a failed call; Ray has not seen it die yet
             host: Any = ray.remote(NodeHost)
             actor = host.options(
                 name=actor_name(prefix),
@@ -156,14 +168,31 @@ class Cluster:
                 scheduling_strategy=NodeAffinitySchedulingStrategy(info["NodeID"], soft=False),
             )
             handle = actor.remote(config, prefix)
-            try:
-                load: dict[str, Any] = ray.get(handle.start.remote(), timeout=NODE_START_TIMEOUT_S)
-            except Exception as exc:
-                log.warning("cluster: node %s did not start: %s", prefix, exc)
-                continue
-            with self._lock:
-                self.nodes[prefix] = Node(prefix, handle, load)
-                self.lost.pop(prefix, None)
+            self._starting[prefix] = (handle, handle.start.remote(), time.monotonic())
+
+    def _take_started(self, alive: dict[str, Any]) -> None:
+        """The node hosts whose start answered join; a failed or overdue start, or one on a
+        node that left, is dropped (the next pass places it again if its node is there)."""
+        import ray
+
+        if not self._starting:
+            return
+        refs = [ref for _, ref, _ in self._starting.values()]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        for prefix, (handle, ref, since) in list(self._starting.items()):
+            if ref in ready:
+                del self._starting[prefix]
+                try:
+                    load: dict[str, Any] = ray.get(ref)
+                except Exception as exc:
+                    log.warning("cluster: node %s did not start: %s", prefix, exc)
+                    continue
+                with self._lock:
+                    self.nodes[prefix] = Node(prefix, handle, load)
+                    self.lost.pop(prefix, None)
+            elif prefix not in alive or time.monotonic() - since > NODE_START_TIMEOUT_S:
+                del self._starting[prefix]
+                log.warning("cluster: node %s did not start in time", prefix)
 
     def lose(self, prefix: str) -> None:
         """The node is gone: its sandboxes are lost; its unfinished runs interrupted."""
