@@ -48,7 +48,7 @@ check: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/mypy
-	$(UNPRIVILEGED) $(BIN)/pytest tests/unit -q
+	$(UNPRIVILEGED) $(BIN)/pytest tests/unit -q -n 2  # two workers: half its time is waiting
 
 bench: $(STAMP) runtime
 	$(BIN)/pip install --quiet --progress-bar off -e '.[dev,service,cluster,bwrap,container,bench]' 2>&1 | grep -v 'is ignored: it is neither' || true
