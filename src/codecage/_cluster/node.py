@@ -76,13 +76,9 @@ class NodeHost:
     async def start(self) -> dict[str, Any]:
         """Start the node's app (its Manager, warm pool and audit writer); its facts."""
         if self._lifespan is None:
-            from .._jail import cgroups
-            from .._service.config import check_fits
+            from .._service.app import check_machine
 
-            memory = (
-                int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
-            )
-            check_fits(self.config, memory, cgroups.default_total_pids())
+            check_machine(self.config)
             lifespan = self.app.router.lifespan_context(self.app)
             await lifespan.__aenter__()
             self._lifespan = lifespan

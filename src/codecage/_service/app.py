@@ -1979,9 +1979,15 @@ def _protocol(header_timeout_s: float, max_connections: int) -> type:
     return HeaderDeadline
 
 
-def serve(config: ServerConfig) -> None:
+def check_machine(config: ServerConfig) -> None:
+    """check_fits against this machine: CODECAGE_TOTAL_MEMORY_MB (else 80% of its memory)
+    and the processes it allows."""
     memory = int(os.environ.get("CODECAGE_TOTAL_MEMORY_MB", 0)) or cgroups.default_total_mb()
     check_fits(config, memory, cgroups.default_total_pids())
+
+
+def serve(config: ServerConfig) -> None:
+    check_machine(config)
     run_server(create_app(config), config)
 
 
