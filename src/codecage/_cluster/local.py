@@ -34,10 +34,10 @@ from typing import Any
 
 from .._errors import BackendUnavailable
 from . import postgres
+from .node import RESOURCE
 
 DEFAULT_DIR = Path("/var/lib/codecage/cluster")
 HOST = "127.0.0.2"
-RESOURCE = "codecage_node"
 # Node liveness for a machine of its own: a node that stops answering is dead in ~10 s
 # (Ray's default, ~30 s, suits a network that drops packets; loopback does not, but a
 # loaded machine can hold a raylet off the CPU for seconds: five misses of 2 s each).
