@@ -318,7 +318,6 @@ def _refusal(exc: BaseException) -> Refusal:
     raise exc
 
 
-CONTROL = ("/sandboxes", "/v2/sandboxes", "/snapshots", "/templates")
 OPEN = {"/openapi.json"}  # served by any node, unauthenticated (as the service serves it)
 
 
@@ -338,7 +337,7 @@ class FrontEnd:
             return
         if scope["type"] != "http":
             return
-        from .._service.e2b import _by_host, _header
+        from .._service.e2b import CONTROL_PREFIXES, _by_host, _header
 
         twice = _repeated(scope)
         scope = _by_host(scope)
@@ -348,7 +347,7 @@ class FrontEnd:
             "sandbox"
             if sandbox_id is not None
             else "control"
-            if any(path == p or path.startswith(p + "/") for p in CONTROL)
+            if any(path == p or path.startswith(p + "/") for p in CONTROL_PREFIXES)
             else "native"
         )
         if path == "/healthz":
