@@ -36,7 +36,7 @@ from typing import Any
 
 from .._errors import AuditUnavailable
 from .._text import valid, valid_deep
-from .db import Database, open_database
+from .db import IDLE_CHECK_S, Database, open_database
 
 OUTPUT_KEEP_BYTES = 64 * 1024
 CODE_KEEP_BYTES = 64 * 1024  # the default bound on the code kept per run
@@ -48,7 +48,6 @@ NAME_KEEP_BYTES = 1024  # an error's name: the kernel's word (a class can be nam
 BATCH = 512  # writes per commit; also rows per page when reading
 PRUNE_CHUNK = 2000  # rows deleted per transaction, so that writers are not held up
 PRUNE_EVERY_S = 600.0
-IDLE_CHECK_S = 1.0  # a writer's connection idle longer is checked before it is used
 IDENTITY_TTL_S = 5.0  # a key found in a database server is kept this long (identity())
 IDENTITIES_KEPT = 10_000
 
