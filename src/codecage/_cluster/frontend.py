@@ -727,11 +727,14 @@ class FrontEnd:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": data})
 
-    async def _json(self, send: Send, status: int, payload: Any) -> None:
+    async def _json(
+        self, send: Send, status: int, payload: Any, *extra: tuple[bytes, bytes]
+    ) -> None:
         data = json.dumps(payload).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(data)).encode()),
+            *extra,
         ]
         await self._send(send, status, headers, data)
 
@@ -742,17 +745,13 @@ class FrontEnd:
             if surface == "native"
             else {"code": refusal.status, "message": refusal.message}
         )
-        data = json.dumps(payload).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(data)).encode()),
-        ]
+        extra = []
         if early:
-            headers.append((b"connection", b"close"))
+            extra.append((b"connection", b"close"))
         if refusal.status == 401 and surface == "native":
-            headers.append((b"www-authenticate", b"Bearer"))
+            extra.append((b"www-authenticate", b"Bearer"))
         with contextlib.suppress(Exception):  # an answer already begun cannot be replaced
-            await self._send(send, refusal.status, headers, data)
+            await self._json(send, refusal.status, payload, *extra)
 
 
 def _repeated(scope: Scope) -> str | None:
