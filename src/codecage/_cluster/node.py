@@ -64,10 +64,8 @@ class NodeHost:
         base = Path(data.get("node_dir") or f"/var/lib/codecage/nodes/{prefix}")
         data.pop("node_dir", None)
         # Two nodes of one machine (a cluster on one machine) keep their own files.
-        data.setdefault("snapshot_dir", None)
-        data.setdefault("volume_dir", None)
-        data["snapshot_dir"] = data["snapshot_dir"] or str(base / "snapshots")
-        data["volume_dir"] = data["volume_dir"] or str(base / "volumes")
+        data["snapshot_dir"] = data.get("snapshot_dir") or str(base / "snapshots")
+        data["volume_dir"] = data.get("volume_dir") or str(base / "volumes")
         self.config = ServerConfig(**data)
         self.prefix = prefix
         self.app = create_app(self.config)
