@@ -21,7 +21,7 @@ node it sees, and serves codecage's API and E2B's on its own port, holding no sa
 - **Everything of all nodes**: a listing (`GET /v1/sandboxes`, `/v2/sandboxes`,
   `/sandboxes`, `/v1/approvals`) is every node's, together; an approval's answer goes to
   the node that holds it.
-- **Batch** (`POST /v1/batch`): the runs are dealt over the nodes by their capacity and
+- **Batch** (`POST /v1/batch`): the runs are dealt round-robin over the live nodes and
   their results relayed as they finish; the runs of a node lost on the way are run again,
   once, on the others (each attempt is its own audit record; a result says its attempt).
 
