@@ -61,10 +61,12 @@ def test_crashed_owner_leaves_no_process_and_the_sweep_removes_its_cgroups() -> 
     while sandbox_processes(owner) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sandbox_processes(owner) == []  # zombies included: the template reaps them
-    # The cgroups remain until a start-up sweep finds their owner dead.
-    assert _owner_dirs(owner)
-    removed = cgroups.sweep(1, cgroups.owner_name())
-    assert removed >= 1 and _owner_dirs(owner) == []
+    # The cgroups remain until a start-up sweep finds their owner dead: this test's, or that
+    # of a jail starting meanwhile in another test process (a service, a cluster's node
+    # host), which is the same property: so this sweep's count is not asserted, only that
+    # none is left after it.
+    cgroups.sweep(1, cgroups.owner_name())
+    assert _owner_dirs(owner) == []
 
 
 def test_sweep_kills_what_a_dead_owner_left_running() -> None:
