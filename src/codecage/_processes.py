@@ -114,10 +114,7 @@ def max_procs(pids_max: int | None) -> int:
 
 
 def manager(sbx: Sandbox) -> ProcessManager:
-    procs = sbx._use().procs
-    if procs is None:
-        raise SandboxError("this sandbox has no process manager (its backend starts none)")
-    return procs
+    return sbx._use().process_manager()
 
 
 def call(

@@ -127,6 +127,9 @@ class Box:
     def _use(self) -> Box:
         return self
 
+    def process_manager(self) -> ProcessManager:
+        return self.procs
+
     def caller(self) -> Caller:
         return lambda message: call(self, message)  # type: ignore[arg-type]
 

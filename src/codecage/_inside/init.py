@@ -1,4 +1,5 @@
-"""PID 1 of a sandbox: starts the kernel, reaps orphans, restarts the kernel on request.
+"""PID 1 of a sandbox: starts the kernel, reaps orphans, restarts the kernel on request,
+starts the process manager when the host first needs it.
 
 Talks to the host over the supervisor channel (SOCK_SEQPACKET, one JSON object per
 message). Each kernel generation gets a fresh stream socket, passed to the host with
@@ -43,7 +44,7 @@ def run(spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any]) ->
     # init's own: the kernel must not inherit them (with the oom_score_adj descriptor, code
     # could give init the kernel's score, or its own a lower one than init's)
     ctx["init_fds"] = (wake_r, wake_w, ctx["oom_fd"])
-    procman = _start_procman(spec, supervisor, ctx)
+    procman = -1  # started when the host first asks for it: most sandboxes never do
     kernel = _start_kernel(spec, supervisor, ctx, generation)
     while True:
         ready, _, _ = select.select([supervisor.fileno(), wake_r], [], [])
@@ -57,14 +58,18 @@ def run(spec: dict[str, Any], supervisor: socket.socket, ctx: dict[str, Any]) ->
             request = json.loads(data)
             if request.get("op") == "signal":  # where the host cannot signal our processes
                 _signal_others(int(request.get("signal", signal.SIGKILL)), procman)
+            if request.get("op") == "start_procman":
+                # the host has none (never asked yet, or code inside killed the last one)
+                if procman > 0:  # one the host lost: it cannot be reached any more
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(procman, signal.SIGKILL)
+                procman = _start_procman(spec, supervisor, ctx)
             if request.get("op") == "restart":
                 # every process but the process manager's tree (the user's background
                 # processes outlive a kernel restart, as the kernel's own never do)
                 procman = _kill_kernel_tree(procman)
                 kernel = -1
                 generation += 1
-                if procman <= 0:  # killed by code in the sandbox: a fresh one, empty
-                    procman = _start_procman(spec, supervisor, ctx)
                 kernel = _start_kernel(spec, supervisor, ctx, generation)
 
 
@@ -162,7 +167,7 @@ def _reap(supervisor: socket.socket, kernel: int, generation: int, procman: int)
         if pid == 0:
             return kernel, procman
         if pid == procman:
-            procman = -1  # a new one comes with the next kernel restart
+            procman = -1  # the host's next request for one starts a new one
         if pid == kernel:
             sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
             code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else None

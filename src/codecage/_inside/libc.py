@@ -49,7 +49,12 @@ PR_SET_CHILD_SUBREAPER = 36
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
 
+MADV_HUGEPAGE = 14
+MADV_COLLAPSE = 25
+
 _libc.syscall.restype = ctypes.c_long
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 _libc.mount.argtypes = [
     ctypes.c_char_p,
     ctypes.c_char_p,
@@ -144,3 +149,18 @@ def raw_syscall(number: int, *args: object) -> tuple[int, int]:
     """Return (result, errno) without raising: for probes that expect failure."""
     result = _libc.syscall(number, *args)
     return result, ctypes.get_errno() if result < 0 else 0
+
+
+def madvise(start: int, length: int, advice: int) -> None:
+    if _libc.madvise(start, length, advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def resident(start: int, length: int) -> float:
+    """The share of the pages of [start, start + length) in memory (mincore), 0 if unknown."""
+    pages = length // os.sysconf("SC_PAGE_SIZE")
+    vec = ctypes.create_string_buffer(pages)
+    if _libc.mincore(start, length, vec) != 0:
+        return 0.0
+    return sum(b & 1 for b in vec.raw) / pages

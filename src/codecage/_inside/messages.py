@@ -503,6 +503,12 @@ class RestartRequest(TypedDict):
     op: Literal["restart"]
 
 
+class StartProcmanRequest(TypedDict):
+    """Start the process manager (the host has none yet, or lost the last one)."""
+
+    op: Literal["start_procman"]
+
+
 class SignalRequest(TypedDict):
     """Where the host cannot signal the sandbox's processes itself (gVisor)."""
 
@@ -729,6 +735,7 @@ EVENTS: dict[str, type[Any]] = {
 SUPERVISOR: dict[str, type[Any]] = {  # by "op" (host -> init) or "ev" (init -> host)
     "restart": RestartRequest,
     "signal": SignalRequest,
+    "start_procman": StartProcmanRequest,
     "kernel": KernelEvent,
     "procman": ProcmanEvent,
     "exit": ExitEvent,

@@ -46,6 +46,40 @@ def preload(modules: list[str]) -> None:
     _warm()
     gc.collect()
     gc.freeze()  # keep copy-on-write pages shared: the collector never touches them again
+    huge_pages()
+
+
+HUGE = 2 << 20  # a transparent huge page (x86_64)
+HUGE_FILLED = 0.5  # a 2 MiB span at least this full is made one huge page
+
+
+def huge_pages() -> int:
+    """Back the template's anonymous memory with huge pages where it is dense (its heap,
+    the preloaded modules' objects): a fork then copies one page-table entry per 2 MiB
+    instead of 512, and an exit drops as few, so every sandbox starts and ends for less
+    CPU. A sandbox's first write to a shared huge page splits it and copies only the 4 KiB
+    page written. Sparse spans are left alone (collapsing would fill them: memory for
+    nothing). Returns the bytes collapsed; where the kernel has no MADV_COLLAPSE (Linux
+    before 6.1) or no transparent huge pages, nothing changes."""
+    done = 0
+    with open("/proc/self/maps") as f:
+        maps = f.read().splitlines()
+    for line in maps:
+        fields = line.split()
+        name = fields[5] if len(fields) > 5 else ""
+        if fields[1] != "rw-p" or name not in ("", "[heap]"):
+            continue
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        for lo in range((start + HUGE - 1) & ~(HUGE - 1), end & ~(HUGE - 1), HUGE):
+            if libc.resident(lo, HUGE) < HUGE_FILLED:
+                continue
+            try:
+                libc.madvise(lo, HUGE, libc.MADV_HUGEPAGE)
+                libc.madvise(lo, HUGE, libc.MADV_COLLAPSE)
+            except OSError:
+                continue  # a span the kernel will not collapse (MADV_NOHUGEPAGE, locked)
+            done += HUGE
+    return done
 
 
 def _warm() -> None:

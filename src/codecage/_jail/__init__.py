@@ -60,7 +60,11 @@ class Jailed(Protocol):
     policy: Policy
     ended_because: str
     ended_limit: KilledBy | None
-    procs: ProcessManager | None  # background processes, once init started their manager
+    procs: ProcessManager | None  # background processes, once their manager was started
+
+    def process_manager(self) -> ProcessManager:
+        """The manager of its background processes, started by init when first needed."""
+        ...
 
     @property
     def alive(self) -> bool: ...

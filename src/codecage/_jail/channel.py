@@ -16,7 +16,7 @@ import select
 import socket
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, Protocol
 
 from .._errors import SandboxError, SandboxNotFound, TransportError
@@ -101,6 +101,7 @@ class Channel:
         self._received = 0  # bytes read from the kernel's channel in this run or request
         self._issued: deque[str] = deque(maxlen=256)  # ids sent to this kernel generation
         self._last_run: str | None = None  # the kernel's output between runs carries it
+        self._exits: deque[Message] = deque()  # exit reports read by await_procman
         self.watch = KernelWatch()  # the host's own look at the kernel, in /proc
 
     def attach(self, supervisor: socket.socket, init_pid: int | None) -> None:
@@ -146,7 +147,29 @@ class Channel:
             raise TransportError(
                 f"bad message from the sandbox's init: {type(exc).__name__}"
             ) from None
-        return message, self.hooks.handover(message, fds)
+        fds = self.hooks.handover(message, fds)
+        if message.get("ev") == "procman" and len(fds) == 1:  # whoever reads it hands it on
+            self.owner.new_procman(socket.socket(fileno=fds[0]))
+            return message, []
+        return message, fds
+
+    def await_procman(self, started: Callable[[], bool], deadline: float) -> None:
+        """Read init's messages until the process manager asked for is handed over (any
+        reader of the channel hands it on: `started` says when it has been); an exit
+        report read meanwhile is kept for the run or request that waits for it."""
+        while not started():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TransportError("the sandbox's init did not start its process manager")
+            if not readable([self._sup], min(left, POLL_S)):
+                continue
+            try:
+                message, fds = self.supervisor_message()
+            except BlockingIOError:
+                continue  # another reader took it
+            _close(fds)
+            if message.get("ev") == "exit":
+                self._exits.append(message)
 
     def tell_init(self, request: Mapping[str, Any]) -> None:
         """A request to init (restart, signal) on the supervisor channel."""
@@ -154,6 +177,8 @@ class Channel:
 
     def exit_event(self) -> Message | None:
         """A kernel-exit report from init, if one is waiting."""
+        if self._exits:
+            return self._exits.popleft()
         try:
             message, fds = self.supervisor_message()
         except BlockingIOError:
@@ -164,7 +189,7 @@ class Channel:
     def wait_exit_event(self, deadline: float) -> Message | None:
         """Wait for init's report that the kernel ended."""
         while time.monotonic() < deadline:
-            if readable([self._sup], deadline - time.monotonic()):
+            if self._exits or readable([self._sup], deadline - time.monotonic()):
                 status = self.exit_event()
                 if status is not None:
                     return status
@@ -175,7 +200,7 @@ class Channel:
         waits on the channel then); None while it lives. Waits for the report only when the
         kernel's channel has hung up and it is not there yet."""
         for _ in range(64):  # init's messages waiting (others are handed over as they come)
-            if not readable([self._sup], 0):
+            if not self._exits and not readable([self._sup], 0):
                 break
             status = self.exit_event()
             if status is not None and status.get("generation") == self.generation:
@@ -199,8 +224,7 @@ class Channel:
                 raise SandboxError(f"sandbox set-up failed: {message.get('message')}")
             if message.get("ev") == "kernel" and len(fds) == 1:
                 break
-            if message.get("ev") == "procman" and len(fds) == 1:  # before a kernel
-                self.owner.new_procman(socket.socket(fileno=fds[0]))
+            if message.get("ev") == "procman":  # handed on by supervisor_message
                 continue
             _close(fds)
         self._sup.setblocking(False)
@@ -290,8 +314,8 @@ class Channel:
     def wait(self, timeout_s: float) -> tuple[bool, bool]:
         """Wait until the kernel or init has something: (kernel readable, init readable)."""
         assert self.kernel is not None
-        ready = readable([self.kernel, self._sup], timeout_s)
-        return self.kernel.fileno() in ready, self._sup.fileno() in ready
+        ready = readable([self.kernel, self._sup], 0 if self._exits else timeout_s)
+        return self.kernel.fileno() in ready, bool(self._exits) or self._sup.fileno() in ready
 
     def eof(self) -> bool:
         assert self.kernel is not None

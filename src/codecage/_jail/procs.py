@@ -1,7 +1,8 @@
 """The host's handle on a sandbox's process manager (`_inside/procman.py`).
 
-Init announces the process manager's channel on the supervisor channel as it announces a
-kernel's ("procman", docs/protocol.md). The channel is request/reply: one request at a
+Init starts it when the host first asks (`start_procman`: most sandboxes never need one) and
+announces its channel on the supervisor channel as it announces a kernel's ("procman",
+docs/protocol.md). The channel is request/reply: one request at a
 time under a lock, answered at once (the host polls output with `proc_read`), so it is
 usable while a cell runs on the kernel's channel. Every reply is the sandbox's claim: a
 frame is size-capped, must carry the id of the request waiting for it and a reply event;
@@ -63,6 +64,29 @@ class ProcessManager:
                 self._sock.close()
             finally:
                 self._lock.release()
+
+    def hung_up(self) -> bool:
+        """Whether the process manager is gone (its channel at end of file; between requests
+        nothing else may be waiting there). A request in flight says it is not."""
+        from .channel import readable
+
+        if not self._lock.acquire(blocking=False):
+            return False
+        try:
+            if self.closed or not readable([self._sock], 0):
+                return self.closed
+            try:
+                gone = self._sock.recv(1, socket.MSG_PEEK) == b""
+            except BlockingIOError:
+                return False
+            except OSError:
+                gone = True
+            if gone:
+                self.closed = True
+                self._sock.close()
+            return gone
+        finally:
+            self._lock.release()
 
     def request(self, message: ProcRequest | dict[str, Any], timeout_s: float = REPLY_S) -> Message:
         """Send one request and return its reply (`done` or `failed`)."""
@@ -143,7 +167,7 @@ class ProcessManager:
         why = f": {exc}" if exc else ""
         raise TransportError(
             "the sandbox's process manager has ended (killed from inside the sandbox?); "
-            f"a kernel restart starts a new one{why}"
+            f"the next request starts a new one{why}"
         )
 
     # -- which host processes are its own -------------------------------------------------

@@ -27,7 +27,13 @@ from .._errors import (
     SandboxPaused,
     TransportError,
 )
-from .._inside.messages import PrefaultRequest, ReplyRequest, RestartRequest, SetenvRequest
+from .._inside.messages import (
+    PrefaultRequest,
+    ReplyRequest,
+    RestartRequest,
+    SetenvRequest,
+    StartProcmanRequest,
+)
 from .._inside.protocol import Message
 from .._models import Execution, ExecutionError, KilledBy
 from .._policy import Policy, effective_timeout
@@ -45,6 +51,7 @@ if TYPE_CHECKING:
 # even number of hex digits): a front end routes a sandbox's calls by its id alone. The id
 # stays 32 hex digits; what is not the prefix is random.
 ID_PREFIX = ""
+PROCMAN_START_S = 10.0  # init forks it at once; past this the sandbox is stuck
 
 
 class HostSandbox:
@@ -78,7 +85,10 @@ class HostSandbox:
         self._setup: list[ReplyRequest] = []
         self._cpu_base = 0.0
         self._full_at_end = False
-        self.procs: ProcessManager | None = None  # background processes (procs.py)
+        # background processes (procs.py): started when first needed (process_manager)
+        self.procs: ProcessManager | None = None
+        self._procs_envs: dict[str, str] = {}  # the session's own environment, for it
+        self._procs_lock = threading.Lock()
         self.paused_at: float | None = None  # time.monotonic() of the pause, while paused
         # A pause's start and a kill's thaw take turns (never for long: a kill never waits
         # for a freeze): a freeze in progress when the sandbox is ended is undone at once.
@@ -308,6 +318,7 @@ class HostSandbox:
     def set_envs(self, envs: dict[str, str]) -> None:
         """A pooled sandbox's own environment, set when it is handed out (no code ran yet)."""
         self.setup(SetenvRequest(op="setenv", envs=envs))
+        self._procs_envs.update(envs)
         if self.procs is not None:
             self.procs.envs.update(envs)
 
@@ -331,17 +342,30 @@ class HostSandbox:
         """No longer send the set-up requests `drop` picks to a restarted kernel."""
         self._setup = [m for m in self._setup if not drop(m)]
 
+    def process_manager(self) -> ProcessManager:
+        """The sandbox's process manager, started now if it has none yet (most sandboxes
+        never need one: a fork less at every start) or its last one is gone (code inside
+        killed it)."""
+        with self._procs_lock:
+            procs = self.procs
+            if procs is not None and not procs.closed and not procs.hung_up():
+                return procs
+            self.check_alive()
+            self.channel.tell_init(StartProcmanRequest(op="start_procman"))
+            self.channel.await_procman(
+                lambda: self.procs is not procs, time.monotonic() + PROCMAN_START_S
+            )
+            assert self.procs is not None
+            return self.procs
+
     def new_procman(self, sock: socket.socket) -> None:
-        """A (new) process manager's channel: init starts one with the sandbox, and again
-        at a kernel restart if code inside killed the last one."""
+        """A process manager's channel, handed over by init when the host asked for one."""
         from .procs import ProcessManager
 
-        envs = {}
         if self.procs is not None:
-            envs = self.procs.envs
             self.procs.close()
         self.procs = ProcessManager(sock, self.terminate, self.init_pid)
-        self.procs.envs = envs
+        self.procs.envs = dict(self._procs_envs)
 
     def spared(self, keep: tuple[int, ...]) -> Container[int]:
         """`keep` (init, a launcher's own processes), and the process manager's tree if there
