@@ -140,6 +140,26 @@ def test_a_process_manager_killed_from_inside_comes_back_with_the_next_request(
 # -- the default backend ----------------------------------------------------------------------
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(p) for p in f.read().split()]
+
+
+def test_the_process_manager_starts_with_the_first_background_command(sbx: Sandbox) -> None:
+    """A sandbox starts none (a fork of the template's image less for every sandbox that
+    never needs one); the first request that needs it has init start it, once."""
+    init = sbx._jailed.init_pid
+    assert init is not None
+    assert sbx.run_code("print(1)").logs.stdout == ["1\n"]
+    assert sbx.commands.run("echo fg").stdout == "fg\n"  # a plain command is the kernel's
+    assert len(_children(init)) == 1 and sbx._jailed.procs is None  # the kernel alone
+    assert sbx.commands.run("echo bg", background=True).wait().stdout == "bg\n"
+    assert len(_children(init)) == 2  # positive control: the kernel and the new manager
+    manager = sbx._jailed.procs
+    assert sbx.commands.run("echo again", background=True).wait().stdout == "again\n"
+    assert sbx._jailed.procs is manager and len(_children(init)) == 2  # the same one
+
+
 def test_foreground_with_callbacks_streams_and_returns_the_exit_code(sbx: Sandbox) -> None:
     seen: list[str] = []
     result = sbx.commands.run(

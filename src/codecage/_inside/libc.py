@@ -20,6 +20,7 @@ SYS_landlock_create_ruleset = 444
 SYS_landlock_add_rule = 445
 SYS_landlock_restrict_self = 446
 SYS_move_mount = 429
+SYS_clone = 56
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 AT_FDCWD = -100
 
@@ -164,3 +165,27 @@ def resident(start: int, length: int) -> float:
     if _libc.mincore(start, length, vec) != 0:
         return 0.0
     return sum(b & 1 for b in vec.raw) / pages
+
+
+# The interpreter's own library, called with the GIL held (a fork must not release it).
+_py = ctypes.PyDLL(None, use_errno=True)
+_py.syscall.restype = ctypes.c_long
+
+
+def fork_new_pid_namespace() -> int:
+    """os.fork(), with the child PID 1 of a new PID namespace (clone(CLONE_NEWPID), which
+    Python 3.11 lacks), the interpreter prepared and restored around it as os.fork does
+    (PyOS_BeforeFork and the after-fork hooks). For a single-threaded caller only. The
+    child's libc still holds the parent's thread id for its main thread (glibc's fork would
+    have set it): it must not use raise() or thread-id-owned mutexes; the processes it forks
+    with os.fork are whole again."""
+    ctypes.pythonapi.PyOS_BeforeFork()
+    pid = _py.syscall(SYS_clone, CLONE_NEWPID | 17, 0, 0, 0, 0)  # 17: SIGCHLD at its exit
+    if pid == 0:
+        ctypes.pythonapi.PyOS_AfterFork_Child()
+        return 0
+    err = ctypes.get_errno()
+    ctypes.pythonapi.PyOS_AfterFork_Parent()
+    if pid < 0:
+        raise OSError(err, f"clone: {os.strerror(err)}")
+    return int(pid)

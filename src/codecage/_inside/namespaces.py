@@ -29,17 +29,19 @@ def join_cgroups(procs_files: list[str]) -> None:
             f.write("0")
 
 
-def enter_namespaces(userns: dict[str, int] | None) -> None:
-    """New mount, PID (for children), network, IPC, UTS and cgroup namespaces; no terminal.
+def enter_namespaces(userns: dict[str, int] | None, pid: bool = True) -> None:
+    """New mount, PID (for children; `pid` False: this process is PID 1 of its own already),
+    network, IPC, UTS and cgroup namespaces; no terminal.
 
     Not root: a new user namespace too, in which the caller's uid and gid become 1000 (the
     only ids it may map) and it holds, inside that namespace only, the capabilities the
     rest of the pipeline needs."""
     os.setsid()
+    flags = SANDBOX_NAMESPACES if pid else SANDBOX_NAMESPACES & ~libc.CLONE_NEWPID
     if userns is None:
-        libc.unshare(SANDBOX_NAMESPACES)
+        libc.unshare(flags)
     else:
-        libc.unshare(SANDBOX_NAMESPACES | libc.CLONE_NEWUSER)
+        libc.unshare(flags | libc.CLONE_NEWUSER)
         _write("/proc/self/setgroups", "deny")
         _write("/proc/self/uid_map", f"1000 {userns['uid']} 1")
         _write("/proc/self/gid_map", f"1000 {userns['gid']} 1")

@@ -6,6 +6,9 @@
 
 `setup` runs on the host side of the new PID namespace and exits once init exists; init
 re-forks the kernel when the host asks for a restart, so the workspace outlives it.
+Where the template may make PID namespaces (as root), it forks the set-up process straight
+into a new one (`ctx["pid_namespace"]`): set-up is then init itself, one fork of the
+template's image less per sandbox; the steps are the same, in the same order.
 
 The spec (the sandbox's environment, uid, cgroups, limits, `done`) reaches `setup` from the
 host over the sandbox's own supervisor channel, after the fork: never through the template,
@@ -37,14 +40,21 @@ def setup(supervisor: socket.socket, ctx: dict[str, Any]) -> None:
         spec: dict[str, Any] = json.loads(data)
         ctx["volume_fds"] = fds
         steps.run(spec, ctx, [steps.SETUP])
-        go_r, go_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
+        if ctx.get("pid_namespace"):  # the template made this process PID 1 already
+            # its pidfd on itself: the host asks the kernel whom it names
+            pidfd = os.pidfd_open(os.getpid())
+            socket.send_fds(supervisor, [init.message(InitEvent(ev="init", pid=1))], [pidfd])
+            os.close(pidfd)
+            pid = -1
+        else:
+            go_r, go_w = os.pipe2(os.O_CLOEXEC)
+            pid = os.fork()
     except BaseException:
         supervisor.send(
             init.message(SetupErrorEvent(ev="error", message=traceback.format_exc()[-4000:]))
         )
         os._exit(1)
-    if pid:
+    if pid > 0:
         try:
             # A pidfd, taken by init's parent before init may exit: the host's handle on it
             # can never name a reused pid. Sent before init says anything (it waits on go).
@@ -53,10 +63,11 @@ def setup(supervisor: socket.socket, ctx: dict[str, Any]) -> None:
             os.write(go_w, b"g")
         finally:
             os._exit(0)
-    os.close(go_w)
-    if os.read(go_r, 1) != b"g":  # set-up could not tell the host: nobody would own us
-        os._exit(1)
-    os.close(go_r)
+    if pid == 0:
+        os.close(go_w)
+        if os.read(go_r, 1) != b"g":  # set-up could not tell the host: nobody would own us
+            os._exit(1)
+        os.close(go_r)
     try:
         confine(spec, ctx)
     except BaseException:

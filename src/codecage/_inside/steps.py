@@ -56,7 +56,7 @@ def _cgroups(spec: Spec, ctx: Ctx) -> None:
 
 
 def _namespaces(spec: Spec, ctx: Ctx) -> None:
-    namespaces.enter_namespaces(spec["userns"])
+    namespaces.enter_namespaces(spec["userns"], pid=not ctx.get("pid_namespace"))
 
 
 def _check_namespaces(spec: Spec, ctx: Ctx) -> None:

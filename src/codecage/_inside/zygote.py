@@ -199,7 +199,8 @@ def _spawn(ctx: dict[str, Any]) -> tuple[list[int], dict[str, Any]]:
     if thread_count() != 1:
         raise RuntimeError("the template has more than one thread; refusing to fork")
     host_end, sandbox_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    pid = os.fork()
+    # As root, straight into a new PID namespace: set-up is then init (pipeline.py)
+    pid = libc.fork_new_pid_namespace() if ctx["pid_namespace"] else os.fork()
     if pid == 0:
         try:
             host_end.close()
@@ -234,6 +235,8 @@ def main() -> None:
         ctx: dict[str, Any] = {
             "seccomp_program": seccomp.build(),
             "landlock_abi": landlock.abi_version(),
+            # rootless, the PID namespace is made with the user namespace, by set-up
+            "pid_namespace": os.geteuid() == 0,
         }
     except BaseException:
         sock.send(json.dumps({"ok": False, "error": traceback.format_exc()}).encode())
