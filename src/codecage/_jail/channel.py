@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, NoReturn, Protocol
 
 from .._errors import SandboxError, SandboxNotFound, TransportError
+from .._inside.messages import StartProcmanRequest
 from .._inside.protocol import FrameReader, Message, ProtocolError, encode
 from .._models import KilledBy
 from .._policy import Policy
@@ -101,7 +102,9 @@ class Channel:
         self._received = 0  # bytes read from the kernel's channel in this run or request
         self._issued: deque[str] = deque(maxlen=256)  # ids sent to this kernel generation
         self._last_run: str | None = None  # the kernel's output between runs carries it
-        self._exits: deque[Message] = deque()  # exit reports read by await_procman
+        # exit reports read by await_procman (init sends one per kernel generation)
+        self._exits: deque[Message] = deque(maxlen=16)
+        self._procman_asked = False
         self.watch = KernelWatch()  # the host's own look at the kernel, in /proc
 
     def attach(self, supervisor: socket.socket, init_pid: int | None) -> None:
@@ -148,10 +151,19 @@ class Channel:
                 f"bad message from the sandbox's init: {type(exc).__name__}"
             ) from None
         fds = self.hooks.handover(message, fds)
-        if message.get("ev") == "procman" and len(fds) == 1:  # whoever reads it hands it on
-            self.owner.new_procman(socket.socket(fileno=fds[0]))
+        if message.get("ev") == "procman":  # whoever reads it hands it on, if it was asked
+            if self._procman_asked and len(fds) == 1:
+                self._procman_asked = False
+                self.owner.new_procman(socket.socket(fileno=fds[0]))
+                return message, []
+            _close(fds)  # one nobody asked for is never taken
             return message, []
         return message, fds
+
+    def ask_procman(self) -> None:
+        """Ask init for a process manager; the next one it hands over is taken, no other."""
+        self._procman_asked = True
+        self.tell_init(StartProcmanRequest(op="start_procman"))
 
     def await_procman(self, started: Callable[[], bool], deadline: float) -> None:
         """Read init's messages until the process manager asked for is handed over (any

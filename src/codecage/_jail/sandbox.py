@@ -32,7 +32,6 @@ from .._inside.messages import (
     ReplyRequest,
     RestartRequest,
     SetenvRequest,
-    StartProcmanRequest,
 )
 from .._inside.protocol import Message
 from .._models import Execution, ExecutionError, KilledBy
@@ -351,7 +350,7 @@ class HostSandbox:
             if procs is not None and not procs.closed and not procs.hung_up():
                 return procs
             self.check_alive()
-            self.channel.tell_init(StartProcmanRequest(op="start_procman"))
+            self.channel.ask_procman()
             self.channel.await_procman(
                 lambda: self.procs is not procs, time.monotonic() + PROCMAN_START_S
             )
