@@ -29,6 +29,8 @@ backends: $(STAMP) runtime
 	scripts/install-backends
 	$(BIN)/codecage image build
 	$(BIN)/python -c 'from tests import engine; engine.start(); engine.stop()'  # the engine's image
+	$(BIN)/codecage vm build  # the full-VM level's guest kernel, initramfs and root
+	$(BIN)/codecage vm probe  # which accelerator its guests get (kept for the doctor)
 
 # -n 3: three pytest-xdist workers (the suite mostly waits on sandboxes: starts, timeouts,
 # kills), each taking work from the others when it runs out (worksteal: no idle tail); --durations: the slowest tests, for keeping CI in its budget. PYTEST_WORKERS=0

@@ -35,6 +35,22 @@ def _capability(bit: int) -> bool:
     return False
 
 
+def _vm() -> Check:
+    """The full-VM level's accelerator: a guest booted once (KVM tried first) and kept."""
+    from .._jail import vmimage
+
+    if vmimage.current() is None:
+        return Check("vm", "missing", "no guest images", "codecage vm build", required=False)
+    found = vmimage.accelerator()
+    if not found.ok:
+        return Check("vm", "missing", f"no guest boots: {found.detail}", required=False)
+    cost = "hardware virtualisation" if found.accel == "kvm" else "emulated (slow: no KVM)"
+    detail = (
+        f"{found.accel.upper()}, {cost}: a guest greets in {found.seconds:.1f} s; {found.detail}"
+    )
+    return Check("vm", "ok", detail, required=False)
+
+
 def checks() -> list[Check]:
     out = []
     root = os.geteuid() == 0
@@ -129,6 +145,7 @@ def checks() -> list[Check]:
             "make runtime (scripts/build-runtime)",
         )
     )
+    out.append(_vm())
     for name, why in available_backends().items():
         out.append(
             Check(

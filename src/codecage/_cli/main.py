@@ -592,6 +592,19 @@ def cmd_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_vm(args: argparse.Namespace) -> int:
+    from .._jail import vmimage
+
+    if args.vm_command == "build":
+        vm = vmimage.build(progress=lambda line: print(clean(line), flush=True))
+        print(f"{vm.kernel}\n{vm.initrd}\n{vm.root}")
+        return 0
+    found = vmimage.accelerator(refresh=args.refresh)
+    state = "boots" if found.ok else "does not boot"
+    print(f"{found.accel}: a guest {state} ({found.seconds:.1f} s): {found.detail}")
+    return 0 if found.ok else 1
+
+
 def cmd_image(args: argparse.Namespace) -> int:
     from .._jail import image as _image
 
@@ -798,6 +811,12 @@ def build_parser() -> argparse.ArgumentParser:
     image_sub = image.add_subparsers(dest="image_command", required=True)
     image_sub.add_parser("build", help="build it (cached: only when its inputs change)")
     image.set_defaults(func=cmd_image)
+    vm = sub.add_parser("vm", help="the full-VM level: its guest images, which accelerator")
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True)
+    vm_sub.add_parser("build", help="the guest kernel, initramfs and root (cached)")
+    probe = vm_sub.add_parser("probe", help="boot a guest: KVM if it really works here, else TCG")
+    probe.add_argument("--refresh", action="store_true", help="boot again (else: kept answer)")
+    vm.set_defaults(func=cmd_vm)
     template = sub.add_parser("template", help="custom templates: build, list, rm")
     template_sub = template.add_subparsers(dest="template_command", required=True)
     tbuild = template_sub.add_parser("build", help="build a template from a TOML or JSON spec")

@@ -23,6 +23,8 @@ a policy asking for more. How a backend plugs in: docs/backends-internals.md.
     oci.py        what gvisor and container share: the bundle, init's entry, the listeners
     image.py      `codecage image build`: the OCI backends' root filesystem, cached by hash
                   (and the container engine's image made from it)
+    vmimage.py    `codecage vm build`: the full-VM level's guest kernel, initramfs and
+                  ext4 root; booting a guest, the accelerator probe (KVM or TCG)
     cgroups.py    the host's cgroups of a sandbox: limits, readings, killing, removal
     proctree.py   rootless stand-in for cgroups: the sandbox's process tree from its init;
                   KernelWatch, the host's /proc/PID/syscall look at the kernel
