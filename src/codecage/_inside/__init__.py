@@ -18,6 +18,7 @@ steps.claim (the spec's `done`).
     entry.py       PID 1 of an exec-based sandbox (bwrap): the list but its `done`, then init
     oci.py         PID 1 of an OCI sandbox (gvisor, container): the host's listeners, then entry
     guest.py       PID 1 of a full-VM guest after its initramfs: greets on its virtio port
+    vmrelay.py     many streams over the guest's one virtio-serial port (guest and host)
     init.py        PID 1's loop: starts the kernel, reaps orphans, restarts it on request
     kernel.py      the kernel: runs code in a persistent namespace, streams frames to the host
     protocol.py    framing of the kernel channel (length + JSON), shared with the host

@@ -1,0 +1,266 @@
+"""The full-VM relay (`_inside/vmrelay.py`): many streams over one port, each side a real
+Mux in a thread, the port a socket pair, the host's listeners real Unix sockets. And what the
+host does with a hostile guest's frames: each broken rule ends the relay, nothing grows
+without a bound."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from codecage._inside import vmrelay
+from codecage._inside.vmrelay import CLOSE, DATA, HEADER, OPEN, Mux, RelayError
+
+
+class Pair:
+    """A guest Mux with listeners `names` and a host Mux connecting to host listeners of
+    the names in `served`, relaying over a socket pair."""
+
+    def __init__(self, tmp: Path, names: tuple[str, ...], served: tuple[str, ...]) -> None:
+        self.guest_port, self.host_port = socket.socketpair()
+        self.guest_listeners = {}
+        for name in names:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(tmp / f"guest-{name}"))
+            listener.listen(8)
+            listener.setblocking(False)
+            self.guest_listeners[name] = listener
+        self.host_listeners = {}
+        for name in served:
+            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener.bind(str(tmp / f"host-{name}"))
+            listener.listen(8)
+            self.host_listeners[name] = listener
+        self.tmp = tmp
+
+        def connect(name: str) -> socket.socket | None:
+            if name not in self.host_listeners:
+                return None
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(tmp / f"host-{name}"))
+            return sock
+
+        self.guest = Mux(self.guest_port.fileno(), listeners=self.guest_listeners)
+        self.host = Mux(self.host_port.fileno(), connect=connect)
+        self.stopping = False
+        self.threads = [
+            threading.Thread(target=m.run, args=(lambda: self.stopping,), daemon=True)
+            for m in (self.guest, self.host)
+        ]
+        for t in self.threads:
+            t.start()
+
+    def dial(self, name: str) -> socket.socket:
+        """What code inside the guest does: connect to a guest listener."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(self.tmp / f"guest-{name}"))
+        sock.settimeout(10)
+        return sock
+
+    def accept(self, name: str) -> socket.socket:
+        self.host_listeners[name].settimeout(10)
+        sock, _ = self.host_listeners[name].accept()
+        sock.settimeout(10)
+        return sock
+
+    def close(self) -> None:
+        self.stopping = True
+        for t in self.threads:
+            t.join(5)
+        for s in (self.guest_port, self.host_port, *self.guest_listeners.values(),
+                  *self.host_listeners.values()):  # fmt: skip
+            s.close()
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[Pair]:
+    p = Pair(tmp_path, ("supervisor.sock", "kernel.sock", "other.sock"),
+             ("supervisor.sock", "kernel.sock"))  # fmt: skip
+    yield p
+    p.close()
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    out = bytearray()
+    while len(out) < size:
+        chunk = sock.recv(size - len(out))
+        assert chunk, "the stream ended early"
+        out += chunk
+    return bytes(out)
+
+
+def test_streams_carry_bytes_both_ways_each_on_its_own(pair: Pair) -> None:
+    a = pair.dial("supervisor.sock")
+    host_a = pair.accept("supervisor.sock")
+    b = pair.dial("kernel.sock")
+    host_b = pair.accept("kernel.sock")
+    a.sendall(b"to the host on a")
+    b.sendall(b"to the host on b")
+    assert _recv_exactly(host_a, 16) == b"to the host on a"
+    assert _recv_exactly(host_b, 16) == b"to the host on b"
+    host_b.sendall(b"back on b")
+    assert _recv_exactly(b, 9) == b"back on b"
+    for s in (a, b, host_a, host_b):
+        s.close()
+
+
+def test_a_large_transfer_arrives_whole_and_in_order(pair: Pair) -> None:
+    payload = os.urandom(5 << 20)  # many chunks, past the per-stream bound
+    guest = pair.dial("kernel.sock")
+    host = pair.accept("kernel.sock")
+    sender = threading.Thread(target=guest.sendall, args=(payload,))
+    sender.start()
+    got = _recv_exactly(host, len(payload))
+    sender.join()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(payload).digest()
+    guest.close()
+    host.close()
+
+
+def test_an_end_on_either_side_ends_the_other(pair: Pair) -> None:
+    guest = pair.dial("kernel.sock")
+    host = pair.accept("kernel.sock")
+    guest.sendall(b"last words")
+    guest.close()
+    assert _recv_exactly(host, 10) == b"last words"
+    assert host.recv(1) == b""  # then end of file
+    host.close()
+    other = pair.dial("supervisor.sock")
+    other_host = pair.accept("supervisor.sock")
+    other_host.close()
+    assert other.recv(1) == b""
+    other.close()
+
+
+def test_a_name_the_host_does_not_serve_is_refused(pair: Pair) -> None:
+    refused = pair.dial("other.sock")
+    assert refused.recv(1) == b""  # closed: nothing on the host was reached
+    refused.close()
+    served = pair.dial("kernel.sock")  # positive control: a served name connects
+    host = pair.accept("kernel.sock")
+    served.sendall(b"x")
+    assert host.recv(1) == b"x"
+    served.close()
+    host.close()
+
+
+# -- a hostile guest: frames written straight to the host's port --------------------------
+
+
+class Host:
+    """A host Mux whose port the test writes to by hand (`feed`); every socket it made is
+    closed by `close`."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+        self.sockets: list[socket.socket] = list(socket.socketpair())
+        self.mux = Mux(self.sockets[0].fileno(), connect=self.connect)
+
+    def connect(self, name: str) -> socket.socket | None:
+        self.asked.append(name)
+        a, b = socket.socketpair()
+        self.sockets += [a, b]
+        return a
+
+    def close(self) -> None:
+        self.mux.close()
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def hostile() -> Iterator[Host]:
+    host = Host()
+    yield host
+    host.close()
+
+
+def frame(sid: int, kind: int, payload: bytes = b"") -> bytes:
+    return HEADER.pack(sid, kind, len(payload)) + payload
+
+
+# well-formed: stream 1 opened, closed, opened again (to another name), then stream 2
+REOPENED = [
+    frame(1, OPEN, b"kernel.sock"),
+    frame(1, CLOSE),
+    frame(1, OPEN, b"k"),
+    frame(1, CLOSE),
+    frame(2, OPEN, b"kernel.sock"),
+]
+
+
+@pytest.mark.parametrize(
+    ("frames", "why"),
+    [
+        ([HEADER.pack(1, DATA, vmrelay.MAX_CHUNK + 1)], "a frame of"),
+        ([frame(1, 9)], "unknown kind"),
+        ([frame(0, OPEN, b"kernel.sock")], "bad open"),
+        ([frame(1, OPEN, b"kernel.sock"), frame(1, OPEN, b"kernel.sock")], "bad open"),
+        ([frame(1, OPEN, b"x" * (vmrelay.MAX_NAME + 1))], "bad open"),
+        ([frame(1, OPEN, "k\u00e9".encode())], "not ASCII"),
+        ([frame(i, OPEN, b"kernel.sock") for i in range(1, vmrelay.MAX_STREAMS + 2)], "more than"),
+        (REOPENED, None),
+    ],
+)
+def test_a_broken_rule_from_the_guest_ends_the_relay(
+    hostile: Host, frames: list[bytes], why: str | None
+) -> None:
+    if why is None:  # positive control: well-formed frames are taken
+        hostile.mux.feed(b"".join(frames))  # an id may be opened again once closed
+        assert set(hostile.mux.streams) == {2}
+        assert hostile.asked == ["kernel.sock", "k", "kernel.sock"]
+        return
+    with pytest.raises(RelayError, match=why):
+        hostile.mux.feed(b"".join(frames))
+
+
+def test_data_for_no_stream_is_dropped_and_a_guest_cannot_open_on_the_guest(
+    hostile: Host,
+) -> None:
+    hostile.mux.feed(frame(7, DATA, b"x" * 1000) * 100)  # no such stream: nothing kept
+    assert hostile.mux.streams == {} and hostile.asked == []
+    hostile.mux.feed(frame(3, OPEN, b"kernel.sock") + frame(3, DATA, b"hello"))
+    assert hostile.asked == ["kernel.sock"] and bytes(hostile.mux.streams[3].out) == b"hello"
+    guest = Mux(hostile.sockets[1].fileno(), listeners={})
+    with pytest.raises(RelayError, match="only the guest opens"):
+        guest.feed(frame(1, OPEN, b"kernel.sock"))
+
+
+def test_a_split_frame_waits_for_its_rest(hostile: Host) -> None:
+    whole = frame(5, OPEN, b"kernel.sock")
+    hostile.mux.feed(whole[:4])
+    hostile.mux.feed(whole[4:10])
+    assert hostile.asked == []
+    hostile.mux.feed(whole[10:])
+    assert hostile.asked == ["kernel.sock"]
+
+
+def test_what_waits_for_a_stream_that_does_not_read_is_bounded(hostile: Host) -> None:
+    """A guest sending faster than the host's listener reads: past MAX_PENDING waiting, the
+    host stops reading the port (the guest is held, nothing is dropped)."""
+    guest_end = hostile.sockets[1]
+    guest_end.setblocking(False)
+    guest_end.sendall(frame(1, OPEN, b"kernel.sock"))
+    hostile.mux.step(1.0)
+    assert 1 in hostile.mux.streams
+    peer = hostile.sockets[-1]  # the host listener's end: never read
+    peer.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    chunk = frame(1, DATA, b"x" * vmrelay.MAX_CHUNK)
+    sent = held = 0
+    for _ in range(400):
+        try:
+            sent += guest_end.send(chunk)
+            held = 0
+        except BlockingIOError:
+            held += 1
+        hostile.mux.step(0.001)
+        waiting = len(hostile.mux.streams[1].out)
+        assert waiting <= vmrelay.MAX_PENDING + vmrelay.MAX_CHUNK + HEADER.size
+    assert sent > vmrelay.MAX_PENDING  # the bound was reached: more was sent than it holds
+    assert held > 100  # and the guest is held: its sends no longer go through
