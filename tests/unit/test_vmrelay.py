@@ -15,7 +15,12 @@ from pathlib import Path
 import pytest
 
 from codecage._inside import vmrelay
-from codecage._inside.vmrelay import CLOSE, DATA, HEADER, OPEN, Mux, RelayError
+from codecage._inside.vmrelay import CLOSE, DATA, HEADER, MORE, OPEN, Mux, RelayError
+
+
+def _kind(name: str) -> int:
+    """As the OCI listeners: the supervisor channel keeps message boundaries."""
+    return socket.SOCK_SEQPACKET if name == "supervisor.sock" else socket.SOCK_STREAM
 
 
 class Pair:
@@ -26,14 +31,14 @@ class Pair:
         self.guest_port, self.host_port = socket.socketpair()
         self.guest_listeners = {}
         for name in names:
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener = socket.socket(socket.AF_UNIX, _kind(name))
             listener.bind(str(tmp / f"guest-{name}"))
             listener.listen(8)
             listener.setblocking(False)
             self.guest_listeners[name] = listener
         self.host_listeners = {}
         for name in served:
-            listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            listener = socket.socket(socket.AF_UNIX, _kind(name))
             listener.bind(str(tmp / f"host-{name}"))
             listener.listen(8)
             self.host_listeners[name] = listener
@@ -42,7 +47,7 @@ class Pair:
         def connect(name: str) -> socket.socket | None:
             if name not in self.host_listeners:
                 return None
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock = socket.socket(socket.AF_UNIX, _kind(name))
             sock.connect(str(tmp / f"host-{name}"))
             return sock
 
@@ -58,7 +63,7 @@ class Pair:
 
     def dial(self, name: str) -> socket.socket:
         """What code inside the guest does: connect to a guest listener."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_UNIX, _kind(name))
         sock.connect(str(self.tmp / f"guest-{name}"))
         sock.settimeout(10)
         return sock
@@ -96,8 +101,10 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytes:
 
 
 def test_streams_carry_bytes_both_ways_each_on_its_own(pair: Pair) -> None:
-    a = pair.dial("supervisor.sock")
-    host_a = pair.accept("supervisor.sock")
+    a = pair.dial("other.sock")
+    a.close()  # refused (below): the next two are on their own
+    a = pair.dial("kernel.sock")
+    host_a = pair.accept("kernel.sock")
     b = pair.dial("kernel.sock")
     host_b = pair.accept("kernel.sock")
     a.sendall(b"to the host on a")
@@ -131,11 +138,27 @@ def test_an_end_on_either_side_ends_the_other(pair: Pair) -> None:
     assert _recv_exactly(host, 10) == b"last words"
     assert host.recv(1) == b""  # then end of file
     host.close()
-    other = pair.dial("supervisor.sock")
-    other_host = pair.accept("supervisor.sock")
+    other = pair.dial("kernel.sock")
+    other_host = pair.accept("kernel.sock")
     other_host.close()
     assert other.recv(1) == b""
     other.close()
+
+
+def test_a_packet_stream_keeps_its_message_boundaries(pair: Pair) -> None:
+    """The supervisor channel: one JSON object per message, a spec of up to 1 MiB."""
+    guest = pair.dial("supervisor.sock")
+    host = pair.accept("supervisor.sock")
+    sizes = [1, 7, vmrelay.MAX_CHUNK - 1, vmrelay.MAX_CHUNK, vmrelay.MAX_CHUNK + 1, 150_000]
+    messages = [os.urandom(n) for n in sizes]
+    for m in messages:
+        guest.send(m)
+    assert [host.recv(vmrelay.MAX_MESSAGE) for _ in messages] == messages  # each whole
+    spec = os.urandom(150_000)  # host to guest, as a spec goes (a datagram of this host)
+    host.send(spec)
+    assert guest.recv(vmrelay.MAX_MESSAGE + 1) == spec
+    guest.close()
+    host.close()
 
 
 def test_a_name_the_host_does_not_serve_is_refused(pair: Pair) -> None:
@@ -164,7 +187,7 @@ class Host:
 
     def connect(self, name: str) -> socket.socket | None:
         self.asked.append(name)
-        a, b = socket.socketpair()
+        a, b = socket.socketpair(socket.AF_UNIX, _kind(name))
         self.sockets += [a, b]
         return a
 
@@ -204,6 +227,14 @@ REOPENED = [
         ([frame(1, OPEN, b"kernel.sock"), frame(1, OPEN, b"kernel.sock")], "bad open"),
         ([frame(1, OPEN, b"x" * (vmrelay.MAX_NAME + 1))], "bad open"),
         ([frame(1, OPEN, "k\u00e9".encode())], "not ASCII"),
+        ([frame(1, OPEN, b"kernel.sock"), frame(1, MORE, b"x")], "fragment on a byte stream"),
+        (
+            [frame(1, OPEN, b"supervisor.sock")]
+            + [frame(1, MORE, b"x" * vmrelay.MAX_CHUNK)]
+            * (vmrelay.MAX_MESSAGE // vmrelay.MAX_CHUNK)
+            + [frame(1, DATA, b"x")],
+            "more than",
+        ),
         ([frame(i, OPEN, b"kernel.sock") for i in range(1, vmrelay.MAX_STREAMS + 2)], "more than"),
         (REOPENED, None),
     ],

@@ -10,7 +10,10 @@ that name, and refuses any other name.
 
 Frames, either way: a 4-byte big-endian stream id, a 1-byte kind, a 4-byte big-endian length,
 then that many bytes (at most MAX_CHUNK). Kinds: OPEN (guest to host only; the payload is
-the listener's name), DATA, CLOSE (either side: that stream's end). Everything the guest
+the listener's name), DATA, MORE, CLOSE (either side: that stream's end). A listener of
+SOCK_SEQPACKET (the supervisor channel: one JSON object per message) keeps its message
+boundaries: a message is its MORE frames, then one DATA frame ending it (at most
+MAX_MESSAGE bytes in all); on a byte stream every frame is DATA. Everything the guest
 sends is hostile input to the host: a frame that breaks these rules ends the relay
 (`violation`), and nothing is kept without a bound (MAX_STREAMS streams, MAX_PENDING bytes
 waiting per stream: past it the port is not read until the stream's socket drains).
@@ -24,12 +27,14 @@ import os
 import select
 import socket
 import struct
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 HEADER = struct.Struct(">IBI")
-OPEN, DATA, CLOSE = 1, 2, 3
+OPEN, DATA, CLOSE, MORE = 1, 2, 3, 4
 MAX_CHUNK = 64 << 10
+MAX_MESSAGE = 1 << 20  # a packet stream's message (a sandbox's spec is at most 1 MiB)
 MAX_STREAMS = 64
 MAX_PENDING = 1 << 20
 MAX_NAME = 64
@@ -42,8 +47,39 @@ class RelayError(Exception):
 @dataclass
 class _Stream:
     sock: socket.socket
-    out: bytearray = field(default_factory=bytearray)  # from the port, for the socket
-    closing: bool = False  # the other side closed: the socket ends once `out` is written
+    out: bytearray = field(default_factory=bytearray)  # from the port, for a byte stream
+    closing: bool = False  # the other side closed: the socket ends once all is written
+    packet: bool = False  # SOCK_SEQPACKET: messages, not bytes
+    partial: bytearray = field(default_factory=bytearray)  # a message's MORE frames so far
+    messages: deque[bytes] = field(default_factory=deque)  # whole ones, for the socket
+
+    @property
+    def waiting(self) -> int:
+        return len(self.out) + sum(map(len, self.messages)) + len(self.partial)
+
+    def take(self, kind: int, payload: bytes) -> None:
+        if not self.packet:
+            if kind == MORE:
+                raise RelayError("a message fragment on a byte stream")
+            self.out += payload
+            return
+        if len(self.partial) + len(payload) > MAX_MESSAGE:
+            raise RelayError(f"a message of more than {MAX_MESSAGE} bytes")
+        self.partial += payload
+        if kind == DATA:
+            self.messages.append(bytes(self.partial))
+            self.partial.clear()
+
+    def flush(self) -> None:
+        """Write what waits for the socket, as far as it takes it now (OSError: gone)."""
+        try:
+            while self.messages:
+                self.sock.send(self.messages[0])
+                self.messages.popleft()
+            if self.out:
+                del self.out[: self.sock.send(self.out)]
+        except BlockingIOError:
+            pass
 
 
 class Mux:
@@ -90,18 +126,18 @@ class Mux:
     def _frame(self, sid: int, kind: int, payload: bytes) -> None:
         if kind == OPEN:
             self._opened(sid, payload)
-        elif kind == DATA:
+        elif kind in (DATA, MORE):
             stream = self.streams.get(sid)
             if stream is None:
                 return  # a stream this side already closed: its late bytes go nowhere
             if stream.closing:
                 raise RelayError(f"data on stream {sid} after its end")
-            stream.out += payload
+            stream.take(kind, payload)
         elif kind == CLOSE:
             stream = self.streams.get(sid)
             if stream is not None:
                 stream.closing = True
-                if not stream.out:
+                if not stream.out and not stream.messages:
                     self._drop(sid, tell=False)
         else:
             raise RelayError(f"a frame of unknown kind {kind}")
@@ -122,7 +158,7 @@ class Mux:
             self._send(sid, CLOSE)  # a name the host does not serve: refused
             return
         sock.setblocking(False)
-        self.streams[sid] = _Stream(sock)
+        self.streams[sid] = _Stream(sock, packet=sock.type == socket.SOCK_SEQPACKET)
 
     def _drop(self, sid: int, tell: bool) -> None:
         stream = self.streams.pop(sid)
@@ -137,7 +173,7 @@ class Mux:
         """One round: accept, read and write whatever is ready (RelayError: the other
         side broke the framing; EOFError: the port closed)."""
         poller = select.poll()
-        held = any(len(s.out) >= MAX_PENDING for s in self.streams.values())
+        held = any(s.waiting >= MAX_PENDING for s in self.streams.values())
         poller.register(
             self.port, (0 if held else select.POLLIN) | (select.POLLOUT if self._outbuf else 0)
         )
@@ -145,7 +181,7 @@ class Mux:
             poller.register(listener, select.POLLIN)
         by_fd: dict[int, int] = {}
         for sid, stream in self.streams.items():
-            events = select.POLLOUT if stream.out else 0
+            events = select.POLLOUT if stream.out or stream.messages else 0
             if not stream.closing:
                 events |= select.POLLIN
             poller.register(stream.sock, events)
@@ -179,34 +215,37 @@ class Mux:
             return
         sid, self._next_id = self._next_id, self._next_id + 1
         sock.setblocking(False)
-        self.streams[sid] = _Stream(sock)
+        self.streams[sid] = _Stream(sock, packet=sock.type == socket.SOCK_SEQPACKET)
         self._send(sid, OPEN, name.encode("ascii"))
 
     def _stream_ready(self, sid: int, events: int) -> None:
         stream = self.streams[sid]
-        if events & select.POLLOUT and stream.out:
+        if events & select.POLLOUT and (stream.out or stream.messages):
             try:
-                written = stream.sock.send(stream.out)
-            except BlockingIOError:
-                written = 0
+                stream.flush()
             except OSError:
                 self._drop(sid, tell=True)
                 return
-            del stream.out[:written]
-            if stream.closing and not stream.out:
+            if stream.closing and not stream.out and not stream.messages:
                 self._drop(sid, tell=False)
                 return
         if events & (select.POLLIN | select.POLLHUP | select.POLLERR) and not stream.closing:
             try:
-                data = stream.sock.recv(MAX_CHUNK)
+                data = stream.sock.recv(MAX_MESSAGE + 1 if stream.packet else MAX_CHUNK)
             except BlockingIOError:
                 return
             except OSError:
                 data = b""
-            if data:
-                self._send(sid, DATA, data)
-            else:
+            if not data:  # a packet stream's empty message is not sent: it reads as its end
                 self._drop(sid, tell=True)
+            elif len(data) > MAX_MESSAGE:
+                self._drop(sid, tell=True)  # a message this relay does not carry
+            elif stream.packet:
+                for at in range(0, len(data), MAX_CHUNK):
+                    last = at + MAX_CHUNK >= len(data)
+                    self._send(sid, DATA if last else MORE, data[at : at + MAX_CHUNK])
+            else:
+                self._send(sid, DATA, data)
 
     def run(self, stop: Callable[[], bool] = lambda: False) -> None:
         """Until the port closes, the other side breaks the framing, or `stop()`."""
