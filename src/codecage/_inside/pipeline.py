@@ -41,10 +41,7 @@ def setup(supervisor: socket.socket, ctx: dict[str, Any]) -> None:
         ctx["volume_fds"] = fds
         steps.run(spec, ctx, [steps.SETUP])
         if ctx.get("pid_namespace"):  # the template made this process PID 1 already
-            # its pidfd on itself: the host asks the kernel whom it names
-            pidfd = os.pidfd_open(os.getpid())
-            socket.send_fds(supervisor, [init.message(InitEvent(ev="init", pid=1))], [pidfd])
-            os.close(pidfd)
+            _announce(supervisor, os.getpid())
             pid = -1
         else:
             go_r, go_w = os.pipe2(os.O_CLOEXEC)
@@ -56,10 +53,7 @@ def setup(supervisor: socket.socket, ctx: dict[str, Any]) -> None:
         os._exit(1)
     if pid > 0:
         try:
-            # A pidfd, taken by init's parent before init may exit: the host's handle on it
-            # can never name a reused pid. Sent before init says anything (it waits on go).
-            pidfd = os.pidfd_open(pid)
-            socket.send_fds(supervisor, [init.message(InitEvent(ev="init", pid=pid))], [pidfd])
+            _announce(supervisor, pid)  # before init says anything: it waits on go
             os.write(go_w, b"g")
         finally:
             os._exit(0)
@@ -76,6 +70,17 @@ def setup(supervisor: socket.socket, ctx: dict[str, Any]) -> None:
         )
         os._exit(1)
     init.run(spec, supervisor, ctx)
+
+
+def _announce(supervisor: socket.socket, pid: int) -> None:
+    """Hand the host a pidfd on init, taken while init cannot have exited (by its parent, or
+    by init itself): the host's handle on it can never name a reused pid, and the host asks
+    the kernel whom it names."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        socket.send_fds(supervisor, [init.message(InitEvent(ev="init", pid=pid))], [pidfd])
+    finally:
+        os.close(pidfd)
 
 
 def confine(spec: dict[str, Any], ctx: dict[str, Any]) -> None:

@@ -187,6 +187,10 @@ class Channel:
         """A request to init (restart, signal) on the supervisor channel."""
         self._sup.send(json.dumps(request).encode())
 
+    def _init_ready(self, timeout_s: float) -> bool:
+        """Whether init's report is there: kept by await_procman, or waiting on the channel."""
+        return bool(self._exits) or bool(readable([self._sup], timeout_s))
+
     def exit_event(self) -> Message | None:
         """A kernel-exit report from init, if one is waiting."""
         if self._exits:
@@ -201,7 +205,7 @@ class Channel:
     def wait_exit_event(self, deadline: float) -> Message | None:
         """Wait for init's report that the kernel ended."""
         while time.monotonic() < deadline:
-            if self._exits or readable([self._sup], deadline - time.monotonic()):
+            if self._init_ready(deadline - time.monotonic()):
                 status = self.exit_event()
                 if status is not None:
                     return status
@@ -212,7 +216,7 @@ class Channel:
         waits on the channel then); None while it lives. Waits for the report only when the
         kernel's channel has hung up and it is not there yet."""
         for _ in range(64):  # init's messages waiting (others are handed over as they come)
-            if not self._exits and not readable([self._sup], 0):
+            if not self._init_ready(0):
                 break
             status = self.exit_event()
             if status is not None and status.get("generation") == self.generation:

@@ -27,12 +27,7 @@ from .._errors import (
     SandboxPaused,
     TransportError,
 )
-from .._inside.messages import (
-    PrefaultRequest,
-    ReplyRequest,
-    RestartRequest,
-    SetenvRequest,
-)
+from .._inside.messages import PrefaultRequest, ReplyRequest, RestartRequest, SetenvRequest
 from .._inside.protocol import Message
 from .._models import Execution, ExecutionError, KilledBy
 from .._policy import Policy, effective_timeout
