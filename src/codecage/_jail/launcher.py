@@ -17,6 +17,7 @@ recovery or restart.
     diagnostics()       what the launcher said when a start failed, for the error
     open_mounts()       the host's own handles on the memory-backed filesystems (Mounts)
     prefault_at_start   run the uncounted first cell at start (its cost is start-up's)
+    procman             whether its init can start a process manager (background processes)
   hooks:
     handover(m, fds)    the kernel socket of init's "kernel" message (a token to accept)
     init_hung_up()      whether init's hang-up is the kernel's death (gVisor's sentry died)
@@ -123,6 +124,9 @@ class Launcher(Protocol):
     @property
     def prefault_at_start(self) -> bool: ...
 
+    @property
+    def procman(self) -> bool: ...
+
     def tree_policy(self, policy: Policy) -> Policy: ...
 
     def launch(self, envs: dict[str, str]) -> Launched: ...
@@ -151,6 +155,7 @@ class BaseLauncher:
 
     tree: Tree
     prefault_at_start = False
+    procman = True
 
     def __init__(self, box: HostSandbox) -> None:
         self.box = box  # the sandbox (id, policy, init_pid, terminate): public members only

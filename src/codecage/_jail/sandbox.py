@@ -345,6 +345,8 @@ class HostSandbox:
             if procs is not None and not procs.closed and not procs.hung_up():
                 return procs
             self.check_alive()
+            if not self.launcher.procman:
+                raise SandboxError("this sandbox has no process manager (its backend starts none)")
             self.channel.ask_procman()
             self.channel.await_procman(
                 lambda: self.procs is not procs, time.monotonic() + PROCMAN_START_S

@@ -470,6 +470,8 @@ class FakeLauncher(BaseLauncher):
     maps paths inside the sandbox to their bytes; `requests` is every request its kernels
     received."""
 
+    procman = False  # its init starts none: background processes are refused at once
+
     def __init__(self, jail: FakeJail, box: HostSandbox, envs: dict[str, str]) -> None:
         super().__init__(box)
         self.id = box.id
