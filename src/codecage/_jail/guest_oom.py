@@ -22,11 +22,11 @@ from . import cgroups
 PIDS_FLOOR = 256  # host tasks: below ~256 in its cgroup, runsc's sentry crashes (measured)
 GUEST_OOM_HEADROOM_MB = 64  # above memory_mb, only while the guest's kernel is being ended
 # raised this many times at most, while the kill is on its way (on a loaded host the guest
-# could allocate another GUEST_OOM_HEADROOM_MB before init had ended its kernel)
-GUEST_OOM_STEPS = 3
-# at a raised limit, how long the allocating tasks are held for the kill to land before the
-# limit is raised again
-GUEST_OOM_HOLD_S = 1.0
+# could allocate another GUEST_OOM_HEADROOM_MB before init had ended its kernel). Raised at
+# once each time: at the limit, a charge outside a page fault (the sentry's own mmap, a
+# socket buffer) fails instead of waiting, and the sentry could die of it. Three were too
+# few under CI's load twice (the sandbox ended instead of its kernel).
+GUEST_OOM_STEPS = 6
 GUEST_OOM_MARGIN_MB = 32  # the limit comes back once usage is this far below it
 # for the sentry to give the memory back, else the sandbox ends (seconds on a loaded host)
 GUEST_OOM_SETTLE_S = 30.0
@@ -156,27 +156,13 @@ class GuestOom:
                     return
             if not self._wait(0.05):
                 return  # the sandbox is being removed
-            if self._under_oom() and not self._lands(settled):
-                # the raised limit is reached too, and the kill did not land while the
-                # allocating tasks were held: more room, for the kill's own way
+            if self._under_oom():  # the raised limit is reached too, before the kill landed
                 if steps == GUEST_OOM_STEPS:
                     self.on_oom("grew")
                     return
                 steps += 1
                 self._set_limit(self.limit + steps * (GUEST_OOM_HEADROOM_MB << 20))
         self.on_oom("slow")
-
-    def _lands(self, settled: int) -> bool:
-        """At a raised limit, before raising it again: whether the kill lands while the
-        allocating tasks are held there (under load the guest's init can take longer to end
-        its kernel than the guest takes to allocate the headroom: held, the guest cannot
-        grow meanwhile, and what ends the kernel rarely needs new memory)."""
-        deadline = time.monotonic() + GUEST_OOM_HOLD_S
-        while time.monotonic() < deadline:
-            if not self._under_oom() or self._usage() <= settled:
-                return True
-            time.sleep(0.02)
-        return False
 
     def _usage(self) -> int:
         return int((self.dir / "memory.usage_in_bytes").read_text())
