@@ -101,7 +101,7 @@ def current() -> VmImage | None:
     target = vm_dir() / key
     if not (target / ".done").exists():
         return None
-    return VmImage(key, _vmlinuz(kernel_dir), target / "initrd.gz", target / "root.ext4")
+    return _made(key, kernel_dir)
 
 
 def require() -> VmImage:
@@ -124,7 +124,7 @@ def build(progress: Progress = print) -> VmImage:
     target = vm_dir() / key
     if (target / ".done").exists():
         progress(f"vm: {target} is up to date")
-        return VmImage(key, _vmlinuz(kernel_dir), target / "initrd.gz", target / "root.ext4")
+        return _made(key, kernel_dir)
     scratch = vm_dir() / f"{key}.new"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
@@ -145,7 +145,7 @@ def build(progress: Progress = print) -> VmImage:
     scratch.rename(target)
     _prune(keep={key})
     progress(f"vm: ready at {target} ({time.monotonic() - started:.1f} s)")
-    return VmImage(key, _vmlinuz(kernel_dir), target / "initrd.gz", target / "root.ext4")
+    return _made(key, kernel_dir)
 
 
 def _kernel(progress: Progress) -> Path:
@@ -188,8 +188,12 @@ def _kernel(progress: Progress) -> Path:
     return target
 
 
-def _vmlinuz(kernel_dir: Path) -> Path:
-    return next(kernel_dir.glob("vmlinuz-*"))
+def _made(key: str, kernel_dir: Path) -> VmImage:
+    """The built image `key` over the kernel in `kernel_dir`."""
+    target = vm_dir() / key
+    return VmImage(
+        key, next(kernel_dir.glob("vmlinuz-*")), target / "initrd.gz", target / "root.ext4"
+    )
 
 
 def _initrd(kernel_dir: Path, image: _image.Image, out: Path) -> None:
