@@ -93,10 +93,12 @@ def _key(image: _image.Image, kernel_version: str) -> str:
 def current() -> VmImage | None:
     """The VM image of this codecage package and runtime, if built."""
     image = _image.current()
-    kernels = sorted(vm_dir().glob("kernel-*/.done")) if vm_dir().is_dir() else []
+    kernels = list(vm_dir().glob("kernel-*/.done")) if vm_dir().is_dir() else []
     if image is None or not kernels:
         return None
-    kernel_dir = kernels[-1].parent
+    # the kernel fetched last: what apt's cloud kernel package named then (names of
+    # versions do not sort: 6.1.0-10 comes before 6.1.0-9)
+    kernel_dir = max(kernels, key=lambda done: done.stat().st_mtime_ns).parent
     key = _key(image, kernel_dir.name.removeprefix("kernel-"))
     target = vm_dir() / key
     if not (target / ".done").exists():
