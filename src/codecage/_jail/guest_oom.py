@@ -22,11 +22,8 @@ from . import cgroups
 PIDS_FLOOR = 256  # host tasks: below ~256 in its cgroup, runsc's sentry crashes (measured)
 GUEST_OOM_HEADROOM_MB = 64  # above memory_mb, only while the guest's kernel is being ended
 # raised this many times at most, while the kill is on its way (on a loaded host the guest
-# could allocate another GUEST_OOM_HEADROOM_MB before init had ended its kernel). Raised at
-# once each time: at the limit, a charge outside a page fault (the sentry's own mmap, a
-# socket buffer) fails instead of waiting, and the sentry could die of it. Three were too
-# few under CI's load twice (the sandbox ended instead of its kernel).
-GUEST_OOM_STEPS = 6
+# could allocate another GUEST_OOM_HEADROOM_MB before init had ended its kernel)
+GUEST_OOM_STEPS = 3
 GUEST_OOM_MARGIN_MB = 32  # the limit comes back once usage is this far below it
 # for the sentry to give the memory back, else the sandbox ends (seconds on a loaded host)
 GUEST_OOM_SETTLE_S = 30.0
@@ -150,7 +147,7 @@ class GuestOom:
         settled = self.limit - min(GUEST_OOM_MARGIN_MB << 20, self.limit // 4)
         deadline = time.monotonic() + GUEST_OOM_SETTLE_S
         while time.monotonic() < deadline:
-            if self._usage() <= settled:
+            if int((self.dir / "memory.usage_in_bytes").read_text()) <= settled:
                 with contextlib.suppress(OSError):  # EBUSY: more came meanwhile; wait again
                     self._set_limit(self.limit)
                     return
@@ -163,9 +160,6 @@ class GuestOom:
                 steps += 1
                 self._set_limit(self.limit + steps * (GUEST_OOM_HEADROOM_MB << 20))
         self.on_oom("slow")
-
-    def _usage(self) -> int:
-        return int((self.dir / "memory.usage_in_bytes").read_text())
 
     def stop(self) -> None:
         if self._stop_w >= 0:

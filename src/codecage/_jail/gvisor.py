@@ -63,8 +63,8 @@ SENTRY_OOM_STUCK = {
     f"{guest_oom.GUEST_OOM_STEPS * guest_oom.GUEST_OOM_HEADROOM_MB} MiB more before its "
     "gVisor kernel could end the code: the sandbox has ended",
 }
-SENTRY_OOM = (
-    "the sandbox reached its memory limit and the host's OOM killer ended its gVisor kernel "
+SENTRY_OOM = (  # cgroup v2: the host's OOM killer picked it; v1: it died at the limit
+    "the sandbox reached its memory limit and its gVisor kernel (the sentry) died there "
     "(gVisor has no OOM handling of its own): the sandbox has ended"
 )
 MASKED_DEVICES = ("/dev/fuse", "/dev/net/tun", "/dev/tty")  # runsc makes them always
