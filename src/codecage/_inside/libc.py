@@ -153,9 +153,7 @@ def raw_syscall(number: int, *args: object) -> tuple[int, int]:
 
 
 def madvise(start: int, length: int, advice: int) -> None:
-    if _libc.madvise(start, length, advice) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _check(_libc.madvise(start, length, advice), f"madvise({advice})")
 
 
 def resident(start: int, length: int) -> float:

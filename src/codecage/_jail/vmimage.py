@@ -164,9 +164,8 @@ def _kernel(progress: Progress) -> Path:
     if (target / ".done").exists():
         return target
     progress(f"vm: downloading the guest kernel {package}")
-    with tempfile.TemporaryDirectory(
-        dir=vm_dir().parent if vm_dir().parent.exists() else None
-    ) as tmp:
+    vm_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=vm_dir()) as tmp:
         subprocess.run(
             ["apt-get", "download", "-q", package], cwd=tmp, check=True, capture_output=True
         )
@@ -259,13 +258,13 @@ def _static(path: Path) -> bool:
 
 
 def _tree_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _dirs, files in os.walk(root):
-        for name in files:
-            st = os.lstat(os.path.join(dirpath, name))
-            if stat.S_ISREG(st.st_mode):
-                total += (st.st_size + 4095) & ~4095
-        total += 4096
+    """The 4 KiB blocks the files and directories under `root` (itself included) take."""
+    total = 4096
+    for _path, st in _image._walk(root):
+        if stat.S_ISREG(st.st_mode):
+            total += (st.st_size + 4095) & ~4095
+        elif stat.S_ISDIR(st.st_mode):
+            total += 4096
     return total
 
 
