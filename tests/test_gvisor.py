@@ -16,7 +16,7 @@ import pytest
 import codecage
 from codecage import Policy, PolicyError
 from codecage._jail import available_backends, get_jail
-from codecage._jail.guest_oom import PIDS_FLOOR
+from codecage._jail.guest_oom import GUEST_OOM_HEADROOM_MB, PIDS_FLOOR
 from codecage._jail.gvisor import GvisorJail
 from codecage._jail.image import package_root
 
@@ -125,7 +125,9 @@ def test_cgroup_limits_on_the_whole_sandbox(jail: GvisorJail) -> None:
     sbx = jail.create(policy)
     try:
         dirs = sbx.launcher.tree.dirs  # type: ignore[attr-defined]
-        assert (dirs["memory"] / "memory.limit_in_bytes").read_text().strip() == str(300 << 20)
+        # the hard limit stands above memory_mb, where the guest's kernel is ended (guest_oom)
+        hard = (300 + GUEST_OOM_HEADROOM_MB) << 20
+        assert (dirs["memory"] / "memory.limit_in_bytes").read_text().strip() == str(hard)
         assert int((dirs["pids"] / "pids.max").read_text()) == PIDS_FLOOR
         assert (dirs["cpu"] / "cpu.cfs_quota_us").read_text().strip() == "50000"
         # the sentry and the gofer are charged to it: the host's cgroup holds runsc's processes
@@ -193,10 +195,11 @@ def test_memory_limit_ends_the_kernel_and_the_sandbox_goes_on(jail: GvisorJail) 
         assert sbx._jailed.alive, (sbx._jailed.ended_because, ex.error)
         assert "oom_kill 0" in oom_control.read_text()  # the host's OOM killer took nothing
         limit = groups.dirs["memory"] / "memory.limit_in_bytes"
-        # back from the handler's headroom once the sentry has given the memory back (the
-        # run's answer does not wait for that)
+        # back from any raised headroom once the sentry has given the memory back (the run's
+        # answer does not wait for that)
+        hard = (256 + GUEST_OOM_HEADROOM_MB) << 20
         deadline = time.monotonic() + 40
-        while int(limit.read_text()) != 256 << 20 and time.monotonic() < deadline:
+        while int(limit.read_text()) != hard and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert int(limit.read_text()) == 256 << 20
+        assert int(limit.read_text()) == hard
         assert sbx.run_code("1 + 1").text == "2"  # a fresh kernel in the same sandbox

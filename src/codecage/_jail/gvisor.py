@@ -14,11 +14,10 @@ sentry on the guest's own tasks.
 
 gVisor has no OOM handling of its own (google/gvisor#2520): at the cgroup's limit the host's
 OOM killer would pick the sentry and end the whole sandbox. So the host handles the OOM
-itself (cgroup v1: `oom_kill_disable` and an OOM eventfd, guest_oom.GuestOom): at memory_mb the
-sandbox is paused by the host kernel, the limit is raised by GUEST_OOM_HEADROOM_MB so the
-sentry can run again (up to GUEST_OOM_STEPS times while the kill is on its way), the guest's
-kernel is SIGKILLed through init, and the limit comes
-back once the sentry has given the memory back: the run ends with
+itself (cgroup v1, guest_oom.GuestOom): a usage threshold at memory_mb wakes the host, which
+has init SIGKILL the guest's kernel; the hard limit stands GUEST_OOM_HEADROOM_MB above, room
+for what the guest allocates while the kill is on its way (`oom_kill_disable`: the host
+kernel pauses the sandbox there instead of killing the sentry). The run ends with
 killed_by="memory_limit" and the next run finds a fresh kernel, as on every other level.
 
 runsc always makes /dev/fuse and /dev/net/tun (and /dev/tty); each is masked by an empty
@@ -59,9 +58,6 @@ SENTRY_OOM_STUCK = {
     "slow": "the sandbox reached its memory limit and its gVisor kernel did not give the "
     f"memory back within {guest_oom.GUEST_OOM_SETTLE_S:g} s once the code was killed: the "
     "sandbox has ended",
-    "grew": "the sandbox reached its memory limit and went on allocating "
-    f"{guest_oom.GUEST_OOM_STEPS * guest_oom.GUEST_OOM_HEADROOM_MB} MiB more before its "
-    "gVisor kernel could end the code: the sandbox has ended",
 }
 SENTRY_OOM = (  # cgroup v2: the host's OOM killer picked it; v1: it died at the limit
     "the sandbox reached its memory limit and its gVisor kernel (the sentry) died there "
