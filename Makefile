@@ -7,7 +7,7 @@ RUNTIME ?= $(or $(CODECAGE_RUNTIME),/var/lib/codecage/runtime)
 export CODECAGE_RUNTIME := $(RUNTIME)
 STAMP := $(VENV)/.installed
 
-.PHONY: all demo test test-full check bench runtime backends clean e2b-suite
+.PHONY: all demo test test-full test-slow check bench runtime backends clean e2b-suite
 
 all: test
 
@@ -43,6 +43,9 @@ test: $(STAMP) runtime backends
 # parametrized one on the backends other than the default: tests/conftest.py).
 test-full:
 	CODECAGE_FULL_MATRIX=1 $(MAKE) test
+
+# The same: the whole conformance kit on the full-VM level too (an hour and more under TCG).
+test-slow: test-full
 
 # The unit layer needs no privilege: as root it runs with every capability dropped.
 UNPRIVILEGED := $(if $(filter 0,$(shell id -u)),setpriv --inh-caps=-all --bounding-set=-all,)

@@ -28,7 +28,7 @@ import select
 import socket
 import struct
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 HEADER = struct.Struct(">IBI")
@@ -84,20 +84,23 @@ class _Stream:
 
 class Mux:
     """One side of the relay over `port` (a descriptor: the virtio-serial port, or a socket
-    standing for it). `listeners`: the guest's, by name; `connect`: the host's, name -> a
-    connected socket (None: the name is refused)."""
+    standing for it). `listeners`: the guest's, by name; `once`: the names among them that
+    accept one connection, their listener closed after it (the supervisor channel's);
+    `connect`: the host's, name -> a connected socket (None: the name is refused)."""
 
     def __init__(
         self,
         port: int,
         *,
         listeners: Mapping[str, socket.socket] | None = None,
+        once: Collection[str] = (),
         connect: Callable[[str], socket.socket | None] | None = None,
     ) -> None:
         if (listeners is None) == (connect is None):
             raise ValueError("a relay side has listeners (the guest) or connect (the host)")
         self.port = port
         self.listeners = dict(listeners or {})
+        self.once = frozenset(once)
         self.connect = connect
         self.streams: dict[int, _Stream] = {}
         self._next_id = 1
@@ -169,9 +172,10 @@ class Mux:
 
     # -- the loop -------------------------------------------------------------------------
 
-    def step(self, timeout_s: float | None) -> None:
+    def step(self, timeout_s: float | None, extra: Iterable[int] = ()) -> list[int]:
         """One round: accept, read and write whatever is ready (RelayError: the other
-        side broke the framing; EOFError: the port closed)."""
+        side broke the framing; EOFError: the port closed). `extra`: the caller's own
+        descriptors, waited on too; those readable (or hung up) are returned."""
         poller = select.poll()
         held = any(s.waiting >= MAX_PENDING for s in self.streams.values())
         poller.register(
@@ -187,13 +191,20 @@ class Mux:
             poller.register(stream.sock, events)
             by_fd[stream.sock.fileno()] = sid
         names = {listener.fileno(): name for name, listener in self.listeners.items()}
+        theirs = set(extra)
+        for fd in theirs:
+            poller.register(fd, select.POLLIN)
+        ready = []
         for fd, events in poller.poll(None if timeout_s is None else timeout_s * 1000):
-            if fd == self.port:
+            if fd in theirs:
+                ready.append(fd)
+            elif fd == self.port:
                 self._port_ready(events)
             elif fd in names:
                 self._accept(names[fd])
             elif fd in by_fd and by_fd[fd] in self.streams:
                 self._stream_ready(by_fd[fd], events)
+        return ready
 
     def _port_ready(self, events: int) -> None:
         if events & select.POLLOUT and self._outbuf:
@@ -210,6 +221,8 @@ class Mux:
             sock, _ = self.listeners[name].accept()
         except BlockingIOError:
             return
+        if name in self.once:
+            self.listeners.pop(name).close()
         if len(self.streams) >= MAX_STREAMS:
             sock.close()
             return

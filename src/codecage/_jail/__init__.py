@@ -23,6 +23,8 @@ a policy asking for more. How a backend plugs in: docs/backends-internals.md.
     oci.py        what gvisor and container share: the bundle, init's entry, the listeners
     image.py      `codecage image build`: the OCI backends' root filesystem, cached by hash
                   (and the container engine's image made from it)
+    vm.py         backend `vm`: a QEMU guest per sandbox (its own kernel); QEMU jailed on
+                  the host, the guest's agent and streams over its one port (HostRelay)
     vmimage.py    `codecage vm build`: the full-VM level's guest kernel, initramfs and
                   ext4 root; booting a guest, the accelerator probe (KVM or TCG)
     cgroups.py    the host's cgroups of a sandbox: limits, readings, killing, removal
@@ -333,5 +335,27 @@ register(
         "a container through the Docker Engine API (docker-py; Podman's service here)",
         _load_container,
         _probe_container,
+    )
+)
+
+
+def _load_vm() -> Jail:
+    from .vm import VmJail
+
+    return VmJail()
+
+
+def _probe_vm() -> str | None:
+    from .vm import probe
+
+    return probe()
+
+
+register(
+    Backend(
+        "vm",
+        "a whole virtual machine per sandbox (QEMU: KVM where it works, TCG otherwise)",
+        _load_vm,
+        _probe_vm,
     )
 )
