@@ -295,3 +295,52 @@ def test_what_waits_for_a_stream_that_does_not_read_is_bounded(hostile: Host) ->
         assert waiting <= vmrelay.MAX_PENDING + vmrelay.MAX_CHUNK + HEADER.size
     assert sent > vmrelay.MAX_PENDING  # the bound was reached: more was sent than it holds
     assert held > 100  # and the guest is held: its sends no longer go through
+
+
+def test_a_once_listener_takes_one_connection_and_closes(tmp_path: Path) -> None:
+    """The supervisor channel's guest listener: init's connection, then nobody's."""
+    port, _other = socket.socketpair()
+    names = {}
+    for name in ("supervisor.sock", "kernel.sock"):
+        listener = socket.socket(socket.AF_UNIX, _kind(name))
+        listener.bind(str(tmp_path / name))
+        listener.listen(8)
+        listener.setblocking(False)
+        names[name] = listener
+    mux = Mux(port.fileno(), listeners=names, once=("supervisor.sock",))
+    try:
+        first = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        first.connect(str(tmp_path / "supervisor.sock"))
+        mux.step(1.0)
+        assert "supervisor.sock" not in mux.listeners and len(mux.streams) == 1
+        late = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with pytest.raises(ConnectionRefusedError):  # its listener is closed
+            late.connect(str(tmp_path / "supervisor.sock"))
+        again = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # positive control
+        again.connect(str(tmp_path / "kernel.sock"))
+        mux.step(1.0)
+        mux.step(0.1)
+        assert "kernel.sock" in mux.listeners and len(mux.streams) == 2
+        for s in (first, late, again):
+            s.close()
+    finally:
+        mux.close()
+        port.close()
+        _other.close()
+        for listener in names.values():
+            listener.close()
+
+
+def test_a_step_also_waits_on_the_callers_descriptors() -> None:
+    port, _other = socket.socketpair()
+    mine, theirs = socket.socketpair()
+    mux = Mux(port.fileno(), listeners={})
+    try:
+        assert mux.step(0.05, extra=(mine.fileno(),)) == []  # nothing ready: nothing returned
+        theirs.sendall(b"x")
+        assert mux.step(1.0, extra=(mine.fileno(),)) == [mine.fileno()]
+        assert mine.recv(1) == b"x"  # the relay left the caller's bytes alone
+    finally:
+        mux.close()
+        for s in (port, _other, mine, theirs):
+            s.close()
